@@ -1,0 +1,74 @@
+"""Argument checks shared by the selection functions.
+
+Each check runs on static (Python) values before any array work, and raises a
+`ValueError` that names the argument, the value given and what is allowed.
+"""
+
+import fractions
+import math
+import numbers
+
+import jax.numpy as jnp
+
+SCORE_METHODS = ("l2", "squared_l2", "entropy", "uniform")
+
+
+def check_activations(a, name: str = "a") -> None:
+  """`a` is a float array of shape [..., F] with at least one token axis."""
+  ndim = getattr(a, "ndim", None)
+  if ndim is None or ndim < 2:
+    shape = getattr(a, "shape", None)
+    raise ValueError(
+        f"{name} must be an array of shape [..., F] with at least 2 dimensions "
+        f"(tokens x latents); got shape {shape}")
+  if not jnp.issubdtype(a.dtype, jnp.floating):
+    raise ValueError(
+        f"{name} must have a floating dtype (float32, bfloat16, ...); "
+        f"got {a.dtype}")
+  if a.shape[-1] < 1:
+    raise ValueError(f"{name} must have at least one latent; got shape {a.shape}")
+
+
+def check_k(k, n_latents: int, name: str = "k") -> int:
+  """`k` is an integer in [1, n_latents]; returns it as a Python int."""
+  if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+    raise ValueError(
+        f"{name} must be an integer in [1, {n_latents}]; got {k!r} "
+        f"({type(k).__name__})")
+  if not 1 <= k <= n_latents:
+    raise ValueError(
+        f"{name} must be an integer in [1, {n_latents}] (the number of latents); "
+        f"got {k}")
+  return int(k)
+
+
+def check_l(l) -> float:
+  """`l` is a finite real number >= 1; returns it as a Python float."""
+  if isinstance(l, bool) or not isinstance(l, numbers.Real):
+    raise ValueError(f"l must be a finite number >= 1; got {l!r} ({type(l).__name__})")
+  if not math.isfinite(l) or l < 1:
+    raise ValueError(f"l must be a finite number >= 1; got {l}")
+  return float(l)
+
+
+def check_score_method(method) -> None:
+  """`method` is one of SCORE_METHODS."""
+  if method not in SCORE_METHODS:
+    raise ValueError(
+        f"score must be one of {', '.join(map(repr, SCORE_METHODS))}; "
+        f"got {method!r}")
+
+
+def check_score(method, key) -> None:
+  """`method` is a known score; "uniform" also needs a PRNG key."""
+  check_score_method(method)
+  if method == "uniform" and key is None:
+    raise ValueError(
+        "score method 'uniform' gives every column the same score, so the pool "
+        "is only meaningful when sampled: pass key=jax.random.key(...)")
+
+
+def pool_size(k: int, l: float, n_latents: int) -> int:
+  """P = min(F, ceil(k * l)), the number of candidate columns."""
+  # l as the decimal the user wrote: ceil(10 * 1.1) is 11, not 12.
+  return min(n_latents, math.ceil(k * fractions.Fraction(repr(float(l)))))

@@ -1,0 +1,215 @@
+"""Selection rules against the NumPy reference, and their exact semantics."""
+
+import math
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sae_jax
+from sae_jax import validation
+from tests import reference
+
+
+def activations(shape, seed, *, zeros=0.5, zero_rows=0, levels=None):
+  """ReLU-like data: a fraction of exact zeros, some all-zero tokens, and,
+  with `levels`, values drawn from that many distinct numbers (many ties)."""
+  rng = np.random.default_rng(seed)
+  if levels is None:
+    a = rng.standard_normal(shape).astype(np.float32)
+  else:
+    a = rng.integers(1, levels + 1, shape).astype(np.float32)
+  a[rng.random(shape) < zeros] = 0.0
+  a[rng.random(shape) < 0.1] *= -1.0  # negatives must be ignored
+  flat = a.reshape(-1, shape[-1])
+  flat[rng.permutation(flat.shape[0])[:zero_rows]] = 0.0
+  return a
+
+
+# (shape, k, l): odd B, F not a multiple of anything, k*l > F, leading axes.
+CASES = [
+    ((7, 37), 3, 2.0),
+    ((13, 29), 5, 1.5),
+    ((2, 5, 23), 4, 8.0),  # k*l > F: the pool is everything
+    ((33, 64), 1, 3.0),
+    ((16, 41), 7, 1.0),
+    ((9, 11), 11, 1.0),  # k = F
+    ((25, 50), 2, 4.3),
+]
+
+
+@pytest.mark.parametrize("shape,k,l", CASES)
+@pytest.mark.parametrize("data", ["dense", "sparse", "ties"])
+def test_rules_match_reference(shape, k, l, data):
+  kwargs = {"dense": dict(zeros=0.1), "sparse": dict(zeros=0.9, zero_rows=3),
+            "ties": dict(zeros=0.3, zero_rows=1, levels=3)}[data]
+  a = activations(shape, seed=zlib.crc32(repr((shape, k, data)).encode()), **kwargs)
+
+  np.testing.assert_array_equal(
+      sae_jax.topk(a, k), reference.apply(a, reference.topk_mask(a, k)))
+  np.testing.assert_array_equal(
+      sae_jax.batch_topk(a, k), reference.apply(a, reference.batch_topk_mask(a, k)))
+
+  for score in ("l2", "entropy"):
+    scores = np.asarray(sae_jax.column_scores(a, score))
+    np.testing.assert_allclose(scores, reference.scores(a, score), rtol=2e-6, atol=1e-6)
+    size = validation.pool_size(k, l, shape[-1])
+    pool = reference.pool(scores, size)
+    np.testing.assert_array_equal(sae_jax.candidate_pool(jnp.asarray(scores), size), pool)
+    want = reference.apply(a, reference.batch_topk_mask(a, k, cols=pool))
+    np.testing.assert_array_equal(sae_jax.sampled_select(a, k, l, score=score), want)
+    compact = sae_jax.sampled_select_pooled(a, k, l, score=score)
+    np.testing.assert_array_equal(compact.pool, pool)
+    np.testing.assert_array_equal(compact.values, want[..., pool])
+
+
+@pytest.mark.parametrize("score", ["l2", "squared_l2", "entropy"])
+def test_selects_exactly_min_of_budget_and_positives(score):
+  for seed, zeros in [(0, 0.2), (1, 0.97), (2, 0.995)]:
+    a = activations((19, 31), seed, zeros=zeros, zero_rows=4)
+    k, l = 3, 2.0
+    sel = sae_jax.sampled_select_pooled(a, k, l, score=score)
+    pooled = np.maximum(reference.tokens(a)[:, np.asarray(sel.pool)], 0)
+    values = np.asarray(sel.values)
+    assert np.all(values >= 0)
+    assert np.all(pooled[values > 0] == values[values > 0])
+    assert (values > 0).sum() == min(19 * k, (pooled > 0).sum())
+    out = np.asarray(sae_jax.batch_topk(a, k))
+    assert (out > 0).sum() == min(19 * k, (reference.tokens(a) > 0).sum())
+    assert np.all(out >= 0)
+
+
+@pytest.mark.parametrize("score", ["l2", "squared_l2", "entropy", "uniform"])
+def test_pool_of_everything_is_batch_topk(score):
+  a = activations((21, 40), seed=3, zeros=0.4, levels=5)
+  k = 3
+  key = jax.random.key(0) if score == "uniform" else None
+  want = sae_jax.batch_topk(a, k)
+  for l in (40 / 3, 14.0, 100.0):
+    got = sae_jax.sampled_select(a, k, l, score=score, key=key)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_l1_uses_at_most_k_latents():
+  a = activations((64, 50), seed=4, zeros=0.2)
+  for k in (1, 4, 9):
+    for key in (None, jax.random.key(k)):
+      out = np.asarray(sae_jax.sampled_select(a, k, 1, key=key))
+      assert len(np.nonzero(out.any(axis=0))[0]) <= k
+
+
+def test_concentrated_token_takes_exact_fallback():
+  # Token 0 outranks every other entry in all 60 columns, so it wants
+  # min(60, B*k) = 40 entries: more than the 2k it offers as candidates. The
+  # certificate fails by construction and the bisection path must be exact.
+  rng = np.random.default_rng(5)
+  a = rng.random((20, 60)).astype(np.float32)
+  a[0] += 10.0
+  for k in (2, 3):
+    np.testing.assert_array_equal(
+        sae_jax.batch_topk(a, k), reference.apply(a, reference.batch_topk_mask(a, k)))
+  with_ties = np.floor(a * 4) / 4
+  np.testing.assert_array_equal(
+      sae_jax.batch_topk(with_ties, 2),
+      reference.apply(with_ties, reference.batch_topk_mask(with_ties, 2)))
+
+
+def test_ties_break_by_position():
+  a = np.ones((6, 8), np.float32)
+  out = np.asarray(sae_jax.batch_topk(a, 3))
+  assert np.array_equal(out.reshape(-1) > 0, np.arange(48) < 18)
+  out = np.asarray(sae_jax.topk(a, 3))
+  assert np.array_equal(out > 0, np.broadcast_to(np.arange(8) < 3, (6, 8)))
+  out = np.asarray(sae_jax.sampled_select(a, 3, 2))
+  assert np.array_equal(out.reshape(-1) > 0,
+                        np.broadcast_to(np.arange(8) < 6, (6, 8)).reshape(-1)
+                        & (np.arange(48) < 24))
+  # Deterministic: repeated calls agree bit for bit.
+  b = activations((17, 23), seed=6, levels=2, zeros=0.3)
+  first = np.asarray(sae_jax.sampled_select(b, 2, 3, score="entropy"))
+  for _ in range(3):
+    np.testing.assert_array_equal(sae_jax.sampled_select(b, 2, 3, score="entropy"), first)
+
+
+def test_gradient_flows_to_selected_entries_only():
+  a = jnp.asarray(activations((12, 30), seed=7, zeros=0.3))
+  g = jnp.asarray(np.random.default_rng(8).standard_normal((12, 30)), jnp.float32)
+  for fn in (lambda x: sae_jax.sampled_select(x, 3, 2.5),
+             lambda x: sae_jax.sampled_select(x, 3, 2.5, key=jax.random.key(1)),
+             lambda x: sae_jax.batch_topk(x, 3),
+             lambda x: sae_jax.topk(x, 3)):
+    grad = jax.grad(lambda x: jnp.sum(fn(x) * g))(a)
+    keep = np.asarray(fn(a)) != 0
+    np.testing.assert_array_equal(grad, np.where(keep, g, 0))
+  pooled = lambda x: sae_jax.sampled_select_pooled(x, 3, 2.5)
+  sel = pooled(a)
+  g_pool = g[:, sel.pool]
+  grad = jax.grad(lambda x: jnp.sum(pooled(x).values * g_pool))(a)
+  want = np.zeros((12, 30), np.float32)
+  want[:, np.asarray(sel.pool)] = np.where(np.asarray(sel.values) != 0, g_pool, 0)
+  np.testing.assert_array_equal(grad, want)
+
+
+def test_bfloat16_input():
+  a = activations((10, 24), seed=9, zeros=0.3).astype(jnp.bfloat16)
+  out = sae_jax.sampled_select(a, 2, 3)
+  assert out.dtype == jnp.bfloat16
+  pool = np.asarray(sae_jax.sampled_select_pooled(a, 2, 3).pool)
+  np.testing.assert_array_equal(
+      np.asarray(out, np.float32),
+      reference.apply(np.asarray(a, np.float32),
+                      reference.batch_topk_mask(np.asarray(a, np.float32), 2, cols=pool)))
+
+
+def test_repeated_calls_do_not_retrace():
+  shape = (11, 19)  # used by no other test
+  fns = [lambda x: sae_jax.sampled_select(x, 2, 3.0),
+         lambda x: sae_jax.sampled_select(x, 2, 3.0, key=jax.random.key(0)),
+         lambda x: sae_jax.batch_topk(x, 2),
+         lambda x: sae_jax.topk(x, 2),
+         lambda x: sae_jax.column_scores(x, "entropy")]
+  jitted = [sae_jax.sampled_select, sae_jax.batch_topk, sae_jax.topk,
+            sae_jax.column_scores]
+  for fn in fns:
+    fn(activations(shape, seed=0))
+  before = [f._cache_size() for f in jitted]
+  for seed in range(1, 4):
+    for fn in fns:
+      fn(activations(shape, seed=seed))
+  assert [f._cache_size() for f in jitted] == before
+
+
+BAD_INPUTS = [
+    (lambda a: sae_jax.batch_topk(a, 0), "k must be an integer in [1, 8]"),
+    (lambda a: sae_jax.batch_topk(a, 9), "got 9"),
+    (lambda a: sae_jax.topk(a, 2.5), "k must be an integer"),
+    (lambda a: sae_jax.sampled_select(a, True, 2), "k must be an integer"),
+    (lambda a: sae_jax.sampled_select(a, 2, 0.5), "l must be a finite number >= 1; got 0.5"),
+    (lambda a: sae_jax.sampled_select(a, 2, math.nan), "got nan"),
+    (lambda a: sae_jax.sampled_select(a, 2, math.inf), "got inf"),
+    (lambda a: sae_jax.sampled_select(a, 2, 2, score="l1"),
+     "score must be one of 'l2', 'squared_l2', 'entropy', 'uniform'; got 'l1'"),
+    (lambda a: sae_jax.column_scores(a, "cosine"), "got 'cosine'"),
+    (lambda a: sae_jax.sampled_select(a, 2, 2, score="uniform"), "pass key="),
+    (lambda a: sae_jax.sampled_select(a[0], 2, 2), "at least 2 dimensions"),
+    (lambda a: sae_jax.batch_topk(a.astype(jnp.int32), 2), "floating dtype"),
+    (lambda a: sae_jax.candidate_pool(a[0], 9), "size must be an integer in [1, 8]"),
+    (lambda a: sae_jax.candidate_pool(a, 2), "1-D float array"),
+]
+
+
+@pytest.mark.parametrize("call,message", BAD_INPUTS)
+def test_bad_input_is_refused_with_a_clear_error(call, message):
+  a = jnp.ones((4, 8))
+  with pytest.raises(ValueError) as info:
+    call(a)
+  assert message in str(info.value)
+
+
+def test_pool_size_reads_l_as_written():
+  assert validation.pool_size(10, 1.1, 100) == 11
+  assert validation.pool_size(64, 8, 65536) == 512
+  assert validation.pool_size(3, 1.5, 4) == 4
+  assert validation.pool_size(5, 1.01, 100) == 6
