@@ -104,7 +104,7 @@ def _nth_largest(a_BxF, k: int, axis_name):
   cand_BxC = lax.top_k(a_BxF, c)[0]
   cand = cand_BxC.reshape(-1)
   if axis_name is not None:
-    cand = lax.all_gather(cand, axis_name, tiled=True)
+    cand = lax.all_gather(cand, axis_name, tiled=True, to="invarying")
   t = jnp.sort(cand)[cand.shape[0] - n]
   if c == n_cols:  # every entry is a candidate
     return t
@@ -125,14 +125,16 @@ def _tie_cut(a_BxF, value, n: int, axis_name) -> Cut:
   n_above = _psum(jnp.minimum(jnp.sum(a_BxF > value, dtype=jnp.int32), n), axis_name)
   n_equal = _psum(jnp.minimum(jnp.sum(a_BxF == value, dtype=jnp.int32), n + 1), axis_name)
   need = n - n_above
-  take_all = (jnp.int32(n_rows_global), jnp.int32(0))
+  # Built from `need` so that, inside shard_map, it varies over devices
+  # exactly when find_cut's result does.
+  take_all = (need * 0 + n_rows_global, need * 0)
 
   def find_cut():
     ties_B = jnp.sum(a_BxF == value, axis=1, dtype=jnp.int32)
     incl_B = jnp.cumsum(ties_B)
     earlier = jnp.int32(0)
     if axis_name is not None:
-      totals_D = lax.all_gather(jnp.minimum(incl_B[-1], n), axis_name)
+      totals_D = lax.all_gather(jnp.minimum(incl_B[-1], n), axis_name, to="invarying")
       earlier = jnp.minimum(jnp.sum(jnp.where(
           jnp.arange(totals_D.shape[0]) < lax.axis_index(axis_name), totals_D, 0)), n)
     # Clipping at n >= need keeps every comparison with need and avoids overflow.
@@ -232,7 +234,7 @@ def _shared_key(key, axis_name):
     return key
   typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
   data = jax.random.key_data(key) if typed else key
-  data = lax.all_gather(data, axis_name)[0]
+  data = lax.all_gather(data, axis_name, to="invarying")[0]
   return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key)) if typed else data
 
 

@@ -1,0 +1,84 @@
+"""Shard invariance: with `axis_name`, 4 devices give the single-device bits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import sae_jax
+from tests import reference
+from tests.test_selection import activations
+
+DEVICES = 4
+AXIS = "data"
+
+
+def run_pmap(fn, a):
+  """fn(local_a) -> tuple of outputs with a leading token or device axis."""
+  shards = a.reshape((DEVICES, -1) + a.shape[1:])
+  return [np.asarray(x).reshape((-1,) + x.shape[2:])
+          for x in jax.pmap(fn, axis_name=AXIS)(shards)]
+
+
+def run_shard_map(fn, a):
+  mesh = jax.make_mesh((DEVICES,), (AXIS,))
+  a = jax.device_put(a, jax.sharding.NamedSharding(mesh, P(AXIS)))
+  out = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))(a)
+  return [np.asarray(x) for x in out]
+
+
+def all_rules(a, k, l, key, axis_name):
+  """Every output the invariance covers; per-device copies get a leading axis."""
+  scores = [sae_jax.column_scores(a, m, axis_name=axis_name)
+            for m in ("l2", "squared_l2", "entropy")]
+  pooled = sae_jax.sampled_select_pooled(a, k, l, key=key, axis_name=axis_name)
+  return (
+      *[s[None] for s in scores],
+      sae_jax.candidate_pool(scores[0], 5)[None],
+      pooled.pool[None],
+      pooled.values,
+      sae_jax.batch_topk(a, k, axis_name=axis_name),
+      sae_jax.sampled_select(a, k, l, key=key, axis_name=axis_name),
+      sae_jax.sampled_select(a, k, l, score="entropy", key=key, axis_name=axis_name),
+  )
+
+
+DATA = {
+    "dense": activations((24, 37), seed=10, zeros=0.3, zero_rows=2),
+    # Ties at the threshold that straddle shard boundaries.
+    "ties": activations((24, 37), seed=11, zeros=0.2, levels=2),
+    # Token 13 (on device 2) outranks everything: the exact fallback path.
+    "concentrated": activations((24, 37), seed=12, zeros=0.1) + 50.0 * (np.arange(24) == 13)[:, None],
+}
+
+
+@pytest.mark.parametrize("runner", [run_pmap, run_shard_map])
+@pytest.mark.parametrize("data", sorted(DATA))
+@pytest.mark.parametrize("sampled", [False, True])
+def test_sharded_equals_single_device_bit_for_bit(runner, data, sampled):
+  a = DATA[data].astype(np.float32)
+  k, l = 3, 2.5
+  # Each device is handed a different key: the first device's must be used.
+  key_for = lambda i: jax.random.fold_in(jax.random.key(7), i) if sampled else None
+  single = all_rules(jnp.asarray(a), k, l, key_for(0), None)
+  sharded = runner(lambda x: all_rules(x, k, l, key_for(jax.lax.axis_index(AXIS)), AXIS), a)
+  for got, want in zip(sharded, single):
+    want = np.asarray(want)
+    if got.shape[0] == DEVICES and want.shape[0] == 1:  # replicated output
+      want = np.broadcast_to(want, got.shape)
+    np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(  # and the single device is right
+      single[-3], reference.apply(a, reference.batch_topk_mask(a, k)))
+
+
+@pytest.mark.parametrize("runner", [run_pmap, run_shard_map])
+def test_without_axis_name_each_shard_selects_alone(runner):
+  a = DATA["dense"].astype(np.float32)
+  k, l = 3, 2.5
+  sharded = runner(lambda x: all_rules(x, k, l, None, None), a)
+  shards = a.reshape(DEVICES, -1, a.shape[1])
+  alone = [all_rules(jnp.asarray(s), k, l, None, None) for s in shards]
+  for i, got in enumerate(sharded):
+    np.testing.assert_array_equal(got, np.concatenate([np.asarray(x[i]) for x in alone]))
+  assert not np.array_equal(sharded[-3], np.asarray(all_rules(jnp.asarray(a), k, l, None, None)[-3]))
