@@ -55,3 +55,17 @@ def test_entropy_edge_cases():
   assert s[0] == -1.0 and s[3] == -1.0
   assert s[1] == 0.0
   np.testing.assert_allclose(s[2], np.log(8), rtol=1e-6)
+
+
+@pytest.mark.parametrize("n_tokens", [1, 7, 8, 45, 64])
+def test_cpu_and_accelerator_reductions_agree_bit_for_bit(n_tokens):
+  # On CPU, reductions over tokens run blockwise; elsewhere in one go. Both
+  # are exact (max, integer sums), so they must agree to the bit.
+  rng = np.random.default_rng(n_tokens)
+  v = jnp.asarray(wide_range((n_tokens, 13), seed=n_tokens))
+  np.testing.assert_array_equal(scoring._fold_max(v), jnp.max(v, axis=0))
+  digits = lambda x: [jnp.sum(jnp.floor(x * 3.0).astype(jnp.int32), axis=0),
+                      jnp.sum((x > 1.0).astype(jnp.int32), axis=0)]
+  v = jnp.asarray(rng.random((n_tokens, 13)).astype(np.float32) * 1000)
+  for got, want in zip(scoring._scan_sums(v, digits), digits(v)):
+    np.testing.assert_array_equal(got, want)

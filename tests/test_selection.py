@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import sae_jax
+from sae_jax import selection
 from sae_jax import validation
 from tests import reference
 
@@ -42,7 +43,7 @@ CASES = [
 
 @pytest.mark.parametrize("shape,k,l", CASES)
 @pytest.mark.parametrize("data", ["dense", "sparse", "ties"])
-def test_rules_match_reference(shape, k, l, data):
+def test_rules_match_reference(shape, k, l, data, threshold_path):
   kwargs = {"dense": dict(zeros=0.1), "sparse": dict(zeros=0.9, zero_rows=3),
             "ties": dict(zeros=0.3, zero_rows=1, levels=3)}[data]
   a = activations(shape, seed=zlib.crc32(repr((shape, k, data)).encode()), **kwargs)
@@ -66,7 +67,7 @@ def test_rules_match_reference(shape, k, l, data):
 
 
 @pytest.mark.parametrize("score", ["l2", "squared_l2", "entropy"])
-def test_selects_exactly_min_of_budget_and_positives(score):
+def test_selects_exactly_min_of_budget_and_positives(score, threshold_path):
   for seed, zeros in [(0, 0.2), (1, 0.97), (2, 0.995)]:
     a = activations((19, 31), seed, zeros=zeros, zero_rows=4)
     k, l = 3, 2.0
@@ -100,13 +101,46 @@ def test_l1_uses_at_most_k_latents():
       assert len(np.nonzero(out.any(axis=0))[0]) <= k
 
 
-def test_concentrated_token_takes_exact_fallback():
-  # Token 0 outranks every other entry in all 60 columns, so it wants
-  # min(60, B*k) = 40 entries: more than the 2k it offers as candidates. The
-  # certificate fails by construction and the bisection path must be exact.
+def offers_certify(a, k):
+  """Runs the offers path alone; returns (value, certified)."""
+  x = jnp.asarray(a, jnp.float32)
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  value, _, certified = selection._threshold_from_offers(
+      x, bits, jnp.max(bits), k, x.shape[0] * k, None)
+  return float(value), bool(certified)
+
+
+def test_offers_certify_unless_a_token_is_too_concentrated():
+  rng = np.random.default_rng(5)
+  k = 2  # every token offers 2k = 4 entries; the 4 widest tokens offer 8k = 16
+
+  def tokens(concentrated, wants):
+    """Each token has 2 entries in [2, 3); `concentrated` ones have `wants`
+    entries in [10, 11) instead; the rest lie in [0, 0.5)."""
+    a = rng.random((64, 60)).astype(np.float32) * 0.5
+    for b in range(64):
+      cols = rng.permutation(60)
+      if b < concentrated:
+        a[b, cols[:wants]] += 10.0
+      else:
+        a[b, cols[:2]] += 2.0
+    return a
+
+  want = lambda x: float(np.sort(x.reshape(-1))[-x.shape[0] * k])
+  a = tokens(2, 10)  # 2 tokens need 10 entries: within 8k
+  assert offers_certify(a, k) == (want(a), True)
+  a = tokens(1, 60)  # 1 token needs all 60: more than 8k
+  assert offers_certify(a, k) == (want(a), False)
+  a = tokens(8, 10)  # 8 tokens need 10: more than the 4 widest can cover
+  assert offers_certify(a, k) == (want(a), False)
+
+
+def test_uncertified_offers_fall_back_to_exact_bisection(monkeypatch):
+  monkeypatch.setattr(selection, "BISECT_ENTRIES", 0)
+  jax.clear_caches()
   rng = np.random.default_rng(5)
   a = rng.random((20, 60)).astype(np.float32)
-  a[0] += 10.0
+  a[0] += 10.0  # token 0 wants min(60, B*k) = 40 or 60 entries: uncertified
   for k in (2, 3):
     np.testing.assert_array_equal(
         sae_jax.batch_topk(a, k), reference.apply(a, reference.batch_topk_mask(a, k)))
@@ -114,6 +148,7 @@ def test_concentrated_token_takes_exact_fallback():
   np.testing.assert_array_equal(
       sae_jax.batch_topk(with_ties, 2),
       reference.apply(with_ties, reference.batch_topk_mask(with_ties, 2)))
+  jax.clear_caches()
 
 
 def test_ties_break_by_position():

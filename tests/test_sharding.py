@@ -56,7 +56,7 @@ DATA = {
 @pytest.mark.parametrize("runner", [run_pmap, run_shard_map])
 @pytest.mark.parametrize("data", sorted(DATA))
 @pytest.mark.parametrize("sampled", [False, True])
-def test_sharded_equals_single_device_bit_for_bit(runner, data, sampled):
+def test_sharded_equals_single_device_bit_for_bit(runner, data, sampled, threshold_path):
   a = DATA[data].astype(np.float32)
   k, l = 3, 2.5
   # Each device is handed a different key: the first device's must be used.
