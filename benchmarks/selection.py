@@ -89,6 +89,14 @@ def main():
       pool = sae_jax.sampled_select_pooled(a_BxF, k, l, score=score).pool
       assert np.array_equal(np.asarray(select(a_BxF)), np.asarray(naive_in_pool(a_BxF, k, pool)))
       rows.append((f"sampled_select l={l} {score}", median_seconds(select, (a_BxF,), args.repeats)))
+  # The compact form a training step uses: no [B, F] output to write.
+  for l in (1, 8):
+    pooled = lambda a, l=l: sae_jax.sampled_select_pooled(a, k, l)
+    sel = pooled(a_BxF)
+    want = np.asarray(naive_in_pool(a_BxF, k, sel.pool))[:, np.asarray(sel.pool)]
+    assert np.array_equal(np.asarray(sel.values), want)
+    rows.append((f"sampled_select_pooled l={l} l2 (compact [B,P] output)",
+                 median_seconds(pooled, (a_BxF,), args.repeats)))
 
   devices = sharding_devices()
   n_dev = len(devices)

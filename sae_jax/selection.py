@@ -375,8 +375,11 @@ def sampled_select(a: jax.Array, k: int, l: float, *, score: str = "l2",
     An array like `a`, zero outside the selection. The gradient flows to the
     selected entries only.
 
+  With l = 1 every token draws from the same k latents (here latent 2, the
+  column with the largest L2 norm):
+
   >>> sampled_select(jnp.array([[1., 3., 2.], [0., -1., 5.]]), 1, 1)
-  Array([[0., 0., 0.],
+  Array([[0., 0., 2.],
          [0., 0., 5.]], dtype=float32)
   """
   a_BxF, pool_P, cut = _sampled_cut(a, k, l, score, key, axis_name)

@@ -1,0 +1,19 @@
+"""The examples in the public docstrings run and print what they show."""
+
+import doctest
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from sae_jax import pool
+from sae_jax import scoring
+from sae_jax import selection
+
+
+@pytest.mark.parametrize("module", [pool, scoring, selection])
+def test_docstring_examples(module):
+  result = doctest.testmod(module, extraglobs={"jax": jax, "jnp": jnp},
+                           optionflags=doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0
+  assert result.failed == 0
