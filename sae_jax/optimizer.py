@@ -1,0 +1,99 @@
+"""The training recipe's optimiser: clip, Adam, warm-up and decay, and the
+unit-norm constraint on decoder rows (SPEC.md, "Training recipe")."""
+
+import math
+import typing
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def default_learning_rate(n_latents: int) -> float:
+  """lr = 2e-4 / sqrt(F / 2^14), the recipe's scaling with dictionary size."""
+  return 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+def learning_rate_schedule(peak: float, total_steps: int, *, warmup_steps: int = 1000,
+                           decay_fraction: float = 0.2) -> optax.Schedule:
+  """Linear warm-up to `peak`, constant, then linear decay to 0 over the last
+  `decay_fraction` of `total_steps`.
+
+  >>> schedule = learning_rate_schedule(1.0, 100, warmup_steps=10, decay_fraction=0.2)
+  >>> [float(schedule(s)) for s in (0, 5, 10, 80, 90, 100)]
+  [0.0, 0.5, 1.0, 1.0, 0.5, 0.0]
+  """
+  if total_steps < 1:
+    raise ValueError(f"total_steps must be >= 1; got {total_steps}")
+  if warmup_steps < 0:
+    raise ValueError(f"warmup_steps must be >= 0; got {warmup_steps}")
+  if not 0 <= decay_fraction <= 1:
+    raise ValueError(f"decay_fraction must be in [0, 1]; got {decay_fraction}")
+  decay_start = total_steps - round(decay_fraction * total_steps)
+  if warmup_steps > decay_start:
+    raise ValueError(
+        f"warmup_steps ({warmup_steps}) must end before the decay starts at step "
+        f"{decay_start} (total_steps={total_steps}, decay_fraction={decay_fraction})")
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = jnp.minimum(1.0, step / warmup_steps) if warmup_steps else 1.0
+    decay_steps = total_steps - decay_start
+    decay = jnp.clip((total_steps - step) / decay_steps, 0.0, 1.0) if decay_steps else 1.0
+    return peak * jnp.minimum(warm, decay)
+
+  return schedule
+
+
+def _rows_unit(w_FxD):
+  return w_FxD / jnp.linalg.norm(w_FxD, axis=-1, keepdims=True)
+
+
+def project_out_parallel(path_name: str = "W_dec") -> optax.GradientTransformation:
+  """Removes the component of each `path_name` row's update along that row.
+
+  For unit-norm rows w and update g: g - (g . w) w, so a step moves rows
+  along their sphere to first order. Needs `params` in `update`.
+  """
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("project_out_parallel needs params: call update(updates, state, params)")
+
+    def project(path, g, w):
+      if jax.tree_util.keystr(path[-1:], simple=True, separator="/") != path_name:
+        return g
+      w_FxD = _rows_unit(w)
+      return g - jnp.sum(g * w_FxD, axis=-1, keepdims=True) * w_FxD
+
+    return jax.tree_util.tree_map_with_path(project, updates, params), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def normalize_rows(params: typing.Any, path_name: str = "W_dec") -> typing.Any:
+  """`params` with every `path_name` row scaled back to unit norm."""
+
+  def normalize(path, w):
+    if jax.tree_util.keystr(path[-1:], simple=True, separator="/") != path_name:
+      return w
+    return _rows_unit(w)
+
+  return jax.tree_util.tree_map_with_path(normalize, params)
+
+
+def make_optimizer(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
+                   b2: float = 0.999, clip_norm: float = 1.0) -> optax.GradientTransformation:
+  """Projection of decoder-row gradients, global-norm clipping, then Adam.
+
+  Projecting first means the clip sees the gradient that will be applied.
+  """
+  return optax.chain(
+      project_out_parallel(),
+      optax.clip_by_global_norm(clip_norm),
+      optax.adam(learning_rate, b1=b1, b2=b2),
+  )
