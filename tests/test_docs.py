@@ -6,13 +6,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from sae_jax import model
 from sae_jax import optimizer
 from sae_jax import pool
 from sae_jax import scoring
 from sae_jax import selection
 
 
-@pytest.mark.parametrize("module", [optimizer, pool, scoring, selection])
+@pytest.mark.parametrize("module", [model, optimizer, pool, scoring, selection])
 def test_docstring_examples(module):
   result = doctest.testmod(module, extraglobs={"jax": jax, "jnp": jnp},
                            optionflags=doctest.NORMALIZE_WHITESPACE)

@@ -1,0 +1,93 @@
+"""The SAE's parameters and its two linear maps (SPEC.md, "The SAE").
+
+    pre_BxF  = (x_BxD - b_dec) @ W_enc_DxF + b_enc
+    xhat_BxD = z_BxF @ W_dec_FxD + b_dec
+
+Selection (what turns pre into z) lives in `selection.py`; losses,
+optimisation and I/O live elsewhere.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+
+
+def _unit_rows(key, shape, dtype=jnp.float32):
+  w = jax.random.normal(key, shape, dtype)
+  return w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+
+
+class SAE(nn.Module):
+  """Parameters W_enc [D, F], b_enc [F], W_dec [F, D] (unit rows), b_dec [D].
+
+  At init W_enc = W_dec^T and both biases are zero; `init_params` also sets
+  b_dec to the geometric median of a data sample.
+  """
+  d_model: int
+  n_latents: int
+
+  def setup(self):
+    D, F = self.d_model, self.n_latents
+    self.W_dec = self.param("W_dec", _unit_rows, (F, D))
+    # Evaluated only at init, when W_dec has just been drawn.
+    self.W_enc = self.param("W_enc", lambda key, shape: self.W_dec.T, (D, F))
+    self.b_enc = self.param("b_enc", nn.initializers.zeros, (F,))
+    self.b_dec = self.param("b_dec", nn.initializers.zeros, (D,))
+
+  def pre(self, x_BxD: jax.Array, compute_dtype=jnp.float32) -> jax.Array:
+    """Encoder pre-activations [B, F], accumulated in float32."""
+    centred_BxD = (x_BxD - self.b_dec[None, :]).astype(compute_dtype)
+    pre_BxF = jnp.matmul(centred_BxD, self.W_enc.astype(compute_dtype),
+                         preferred_element_type=jnp.float32)
+    return pre_BxF + self.b_enc[None, :]
+
+  def decode(self, z_BxF: jax.Array) -> jax.Array:
+    """Reconstruction [B, D] from codes [B, F]."""
+    return z_BxF @ self.W_dec + self.b_dec[None, :]
+
+  def decode_pooled(self, values_BxP: jax.Array, pool_P: jax.Array) -> jax.Array:
+    """Reconstruction [B, D] from a pooled selection: values [B, P] of latents pool_P."""
+    return values_BxP @ self.W_dec[pool_P] + self.b_dec[None, :]
+
+  def __call__(self, x_BxD):  # used by `init` only: touches every parameter
+    return self.decode(self.pre(x_BxD))
+
+
+def geometric_median(x_NxD: jax.Array, n_iter: int = 100, eps: float = 1e-8) -> jax.Array:
+  """The point minimising the sum of Euclidean distances to the rows of x,
+  by Weiszfeld's iteration from the mean.
+
+  Unlike the mean (25.25, 25.25), one far point barely moves it:
+
+  >>> jnp.round(geometric_median(jnp.array([[0., 0.], [1., 0.], [0., 1.], [100., 100.]])), 3)
+  Array([0.5, 0.5], dtype=float32)
+  """
+  x_NxD = x_NxD.astype(jnp.float32)
+
+  def step(_, y_D):
+    weight_N = 1.0 / jnp.maximum(jnp.linalg.norm(x_NxD - y_D[None, :], axis=1), eps)
+    return weight_N @ x_NxD / jnp.sum(weight_N)
+
+  return lax.fori_loop(0, n_iter, step, jnp.mean(x_NxD, axis=0))
+
+
+def init_params(key: jax.Array, d_model: int, n_latents: int, sample_NxD: jax.Array) -> dict:
+  """SAE parameters as the recipe initialises them.
+
+  Args:
+    key: PRNG key for the decoder directions.
+    d_model: D, the activation width.
+    n_latents: F, the dictionary size.
+    sample_NxD: activations (already scaled) whose geometric median is b_dec.
+
+  Returns:
+    A Flax variables dict {"params": {...}} for `SAE(d_model, n_latents)`.
+  """
+  if sample_NxD.ndim != 2 or sample_NxD.shape[1] != d_model:
+    raise ValueError(
+        f"sample_NxD must have shape [N, {d_model}] (N tokens of width d_model); "
+        f"got {sample_NxD.shape}")
+  variables = SAE(d_model, n_latents).init(key, sample_NxD[:1])
+  params = dict(variables["params"], b_dec=geometric_median(sample_NxD))
+  return {"params": params}
