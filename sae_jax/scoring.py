@@ -23,6 +23,8 @@ from sae_jax import validation
 _MIN_EXPONENT = -90
 # Above this many tokens in one (global) batch the int32 digits would overflow.
 MAX_TOKENS = 2**22
+# Tokens per scan step when XLA:CPU sums block by block.
+_CPU_BLOCK = 8
 
 NEVER_FIRED_ENTROPY = -1.0
 
@@ -30,10 +32,6 @@ NEVER_FIRED_ENTROPY = -1.0
 def global_tokens(n_local: int, axis_name) -> int:
   """Tokens in the whole batch: the local count times the axis size."""
   return n_local if axis_name is None else n_local * lax.axis_size(axis_name)
-
-
-# Tokens per scan step when XLA:CPU sums block by block.
-_CPU_BLOCK = 8
 
 
 def _fold_max(x_BxF):
