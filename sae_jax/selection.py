@@ -51,10 +51,6 @@ class PooledSelection(typing.NamedTuple):
   values: jax.Array  # [..., P], zero outside the selection
 
 
-def _axis_size(axis_name) -> int:
-  return 1 if axis_name is None else lax.axis_size(axis_name)
-
-
 def _row_offset(n_rows: int, axis_name):
   """Global index of this shard's first token."""
   return 0 if axis_name is None else lax.axis_index(axis_name) * n_rows
@@ -159,7 +155,7 @@ def _tie_cut(a_BxF, value, n: int, n_above, n_equal, ties_B, axis_name):
   of entries above and at `value`; ties_B is this shard's count per token."""
   n_rows, _ = a_BxF.shape
   need = n - n_above
-  take_all = (_varying_like(n_rows * _axis_size(axis_name), need), _varying_like(0, need))
+  take_all = (_varying_like(scoring.global_tokens(n_rows, axis_name), need), _varying_like(0, need))
 
   def find_cut():
     incl_B = jnp.cumsum(ties_B)
@@ -189,7 +185,7 @@ def batch_topk_cut(a_BxF, k: int, axis_name=None) -> Cut:
     raise ValueError(
         f"a holds {n_rows} x {n_cols} entries per device; at most 2**31 - 1 are "
         "supported (int32 counts): split the batch further")
-  n_rows_global = n_rows * _axis_size(axis_name)
+  n_rows_global = scoring.global_tokens(n_rows, axis_name)
   if k >= n_cols:  # the budget covers everything: keep every positive entry
     return Cut(jnp.float32(0), jnp.int32(n_rows_global), jnp.int32(0))
   n = n_rows_global * k
@@ -320,18 +316,19 @@ def _shared_key(key, axis_name):
 
 
 def _sampled_cut(a, k, l, score, key, axis_name):
-  """Validates, then returns (a_BxF, pool_P, cut in pool positions)."""
+  """Validates, then returns (a_BxF, pool_P, a_BxP = a_BxF[:, pool_P], cut in
+  pool positions)."""
   a_BxF = _tokens_by_latents(a)
   n_latents = a.shape[-1]
   k = validation.check_k(k, n_latents)
   l = validation.check_l(l)
   validation.check_score(score, key)
-  x_BxF = _f32(a_BxF)
-  scores_F = scoring.column_scores(x_BxF, score, axis_name=axis_name)
+  scores_F = scoring.column_scores(_f32(a_BxF), score, axis_name=axis_name)
   pool_P = pool_lib.candidate_pool(
       scores_F, validation.pool_size(k, l, n_latents), key=_shared_key(key, axis_name))
-  cut = batch_topk_cut(jnp.take(x_BxF, pool_P, axis=1), k, axis_name)
-  return a_BxF, pool_P, cut
+  a_BxP = jnp.take(a_BxF, pool_P, axis=1)
+  cut = batch_topk_cut(_f32(a_BxP), k, axis_name)
+  return a_BxF, pool_P, a_BxP, cut
 
 
 @functools.partial(jax.jit, static_argnames=("k", "l", "score", "axis_name"))
@@ -347,8 +344,7 @@ def sampled_select_pooled(a: jax.Array, k: int, l: float, *, score: str = "l2",
   (Array([1, 2], dtype=int32), Array([[3., 0.],
          [0., 5.]], dtype=float32))
   """
-  a_BxF, pool_P, cut = _sampled_cut(a, k, l, score, key, axis_name)
-  a_BxP = jnp.take(a_BxF, pool_P, axis=1)
+  a_BxF, pool_P, a_BxP, cut = _sampled_cut(a, k, l, score, key, axis_name)
   keep_BxP = selected(_f32(a_BxP), cut, _row_offset(a_BxF.shape[0], axis_name))
   values_BxP = jnp.where(keep_BxP, a_BxP, 0)
   return PooledSelection(pool_P, values_BxP.reshape(a.shape[:-1] + pool_P.shape))
@@ -382,7 +378,7 @@ def sampled_select(a: jax.Array, k: int, l: float, *, score: str = "l2",
   Array([[0., 0., 2.],
          [0., 0., 5.]], dtype=float32)
   """
-  a_BxF, pool_P, cut = _sampled_cut(a, k, l, score, key, axis_name)
+  a_BxF, pool_P, _, cut = _sampled_cut(a, k, l, score, key, axis_name)
   # Apply the pooled cut to the dense array: no scatter, columns renamed.
   in_pool_F = jnp.zeros(a.shape[-1], bool).at[pool_P].set(True)
   cut = cut._replace(col=pool_P[cut.col])
