@@ -60,8 +60,8 @@ def column_max(x_BxF):
 def _scan_sums(x_BxF, sums_of_block):
   n = x_BxF.shape[0]
   whole = n - n % _CPU_BLOCK
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                       jax.eval_shape(sums_of_block, x_BxF[:1]))
+  # The sums of no tokens: zeros that vary over shard_map's devices as x does.
+  zeros = sums_of_block(x_BxF[:0])
   total = sums_of_block(x_BxF[whole:]) if whole < n else zeros
   if whole:
     blocks_NxTxF = x_BxF[:whole].reshape(whole // _CPU_BLOCK, _CPU_BLOCK, -1)

@@ -45,7 +45,8 @@ def all_rules(a, k, l, key, axis_name):
 
 
 DATA = {
-    "dense": activations((24, 37), seed=10, zeros=0.3, zero_rows=2),
+    # 12 tokens per device: the CPU column sums scan 8-token blocks plus a rest.
+    "dense": activations((48, 37), seed=10, zeros=0.3, zero_rows=2),
     # Ties at the threshold that straddle shard boundaries.
     "ties": activations((24, 37), seed=11, zeros=0.2, levels=2),
     # Token 13 (on device 2) outranks everything: the exact fallback path.
