@@ -1,7 +1,8 @@
 """Argument checks shared by the selection functions.
 
 Each check runs on static (Python) values before any array work, and raises a
-`ValueError` that names the argument, the value given and what is allowed.
+`ValueError` that names the argument (or config field), the value given and
+what is allowed.
 """
 
 import fractions
@@ -72,3 +73,28 @@ def pool_size(k: int, l: float, n_latents: int) -> int:
   """P = min(F, ceil(k * l)), the number of candidate columns."""
   # l as the decimal the user wrote: ceil(10 * 1.1) is 11, not 12.
   return min(n_latents, math.ceil(k * fractions.Fraction(repr(float(l)))))
+
+
+def check_int_field(owner: str, name: str, value, minimum: int = 1) -> None:
+  """Config field `owner.name` is an integer >= minimum."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    raise ValueError(f"{owner}.{name} must be an integer >= {minimum}; got {value!r}")
+
+
+def check_real_field(owner: str, name: str, value, lo, hi, *, lo_open=False,
+                     hi_open=False) -> None:
+  """Config field `owner.name` is a finite number in the interval from lo to hi."""
+  ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
+        and math.isfinite(value)
+        and (value > lo if lo_open else value >= lo)
+        and (value < hi if hi_open else value <= hi))
+  if not ok:
+    interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    raise ValueError(f"{owner}.{name} must be a number in {interval}; got {value!r}")
+
+
+def check_choice_field(owner: str, name: str, value, allowed) -> None:
+  """Config field `owner.name` is one of `allowed`."""
+  if value not in allowed:
+    raise ValueError(
+        f"{owner}.{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")

@@ -1,0 +1,175 @@
+"""Configs: what an SAE is and how it is trained (defaults from SPEC.md).
+
+Frozen dataclasses, validated on construction, one docstring line per field.
+They are what `config.json` holds; pure array functions never take them.
+"""
+
+import dataclasses
+import math
+import typing
+
+from sae_jax import optimizer
+from sae_jax import validation
+
+SELECTIONS = ("sampled", "batchtopk", "topk")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEConfig:
+  """The SAE and its selection rule."""
+  d_model: int
+  """D, the width of the activations."""
+  n_latents: int = 65536
+  """F, the dictionary size."""
+  k: int = 64
+  """Latents per token (TopK), or on average over the batch (the others)."""
+  selection: str = "sampled"
+  """"sampled" (Sampled-SAE), "batchtopk" or "topk"."""
+  l: float = 8.0
+  """Sampled-SAE pool factor: the pool holds min(F, ceil(k·l)) latents."""
+  score: str = "l2"
+  """Sampled-SAE column score: "l2", "squared_l2", "entropy" or "uniform"."""
+  sample_pool: bool = False
+  """Sampled-SAE: draw the pool ∝ score (key from the step) instead of taking the top scores."""
+  compute_dtype: str = "float32"
+  """Dtype of the encoder matmul ("float32" or "bfloat16"); it accumulates in float32."""
+
+  def __post_init__(self):
+    validation.check_int_field("SAEConfig", "d_model", self.d_model)
+    validation.check_int_field("SAEConfig", "n_latents", self.n_latents)
+    validation.check_k(self.k, self.n_latents, name="SAEConfig.k")
+    validation.check_choice_field("SAEConfig", "selection", self.selection, SELECTIONS)
+    try:
+      validation.check_l(self.l)
+    except ValueError as e:
+      raise ValueError(f"SAEConfig.{e}") from None
+    validation.check_choice_field("SAEConfig", "score", self.score, validation.SCORE_METHODS)
+    if not isinstance(self.sample_pool, bool):
+      raise ValueError(f"SAEConfig.sample_pool must be True or False; got {self.sample_pool!r}")
+    if self.score == "uniform" and not self.sample_pool:
+      raise ValueError(
+          "SAEConfig.score='uniform' gives every latent the same score, so it needs "
+          "sample_pool=True (a random pool); got sample_pool=False")
+    validation.check_choice_field("SAEConfig", "compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+
+  @property
+  def pool_size(self) -> int:
+    """P = min(F, ceil(k·l)) (Sampled-SAE only)."""
+    return validation.pool_size(self.k, self.l, self.n_latents)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training recipe."""
+  sae: SAEConfig
+  """The SAE being trained."""
+  batch_size: int = 4096
+  """Tokens per step, over all devices together."""
+  tokens: int = 100_000_000
+  """Training tokens; the run takes tokens // batch_size steps unless `steps` is set."""
+  steps: typing.Optional[int] = None
+  """Training steps; overrides `tokens` when set."""
+  lr: typing.Optional[float] = None
+  """Peak learning rate; None means 2e-4 / sqrt(F / 2^14)."""
+  b1: float = 0.9
+  """Adam beta1."""
+  b2: float = 0.999
+  """Adam beta2."""
+  clip_norm: float = 1.0
+  """Global gradient-norm clip."""
+  warmup_steps: int = 1000
+  """Linear learning-rate warm-up from 0."""
+  decay_fraction: float = 0.2
+  """Linear decay to 0 over this last fraction of the steps."""
+  dead_tokens: int = 10_000_000
+  """A latent is dead after this many tokens without firing."""
+  auxk_latents: typing.Optional[int] = None
+  """Dead latents the AuxK loss reconstructs the residual from; None means D // 2."""
+  auxk_weight: float = 1 / 32
+  """Weight of the AuxK loss."""
+  threshold_beta: float = 0.999
+  """EMA decay of the inference threshold."""
+  threshold_start: int = 1000
+  """Step at which the threshold EMA starts (earlier selections are still settling)."""
+  max_bad_steps: int = 10
+  """Training stops after this many consecutive steps with non-finite loss or gradients."""
+  seed: int = 0
+  """Seeds the initialisation and the sampled pools."""
+
+  def __post_init__(self):
+    if not isinstance(self.sae, SAEConfig):
+      raise ValueError(f"TrainConfig.sae must be an SAEConfig; got {type(self.sae).__name__}")
+    validation.check_int_field("TrainConfig", "batch_size", self.batch_size)
+    validation.check_int_field("TrainConfig", "tokens", self.tokens)
+    if self.steps is not None:
+      validation.check_int_field("TrainConfig", "steps", self.steps)
+    elif self.tokens < self.batch_size:
+      raise ValueError(
+          f"TrainConfig.tokens ({self.tokens}) must be at least one batch "
+          f"(batch_size={self.batch_size})")
+    if self.lr is not None:
+      validation.check_real_field("TrainConfig", "lr", self.lr, 0, math.inf, lo_open=True)
+    validation.check_real_field("TrainConfig", "b1", self.b1, 0, 1, hi_open=True)
+    validation.check_real_field("TrainConfig", "b2", self.b2, 0, 1, hi_open=True)
+    validation.check_real_field("TrainConfig", "clip_norm", self.clip_norm, 0, math.inf, lo_open=True)
+    validation.check_int_field("TrainConfig", "warmup_steps", self.warmup_steps, minimum=0)
+    validation.check_real_field("TrainConfig", "decay_fraction", self.decay_fraction, 0, 1)
+    decay_start = self.total_steps - round(self.decay_fraction * self.total_steps)
+    if self.warmup_steps > decay_start:
+      raise ValueError(
+          f"TrainConfig.warmup_steps ({self.warmup_steps}) must end before the decay "
+          f"starts at step {decay_start} of {self.total_steps}: shorten the warm-up "
+          f"or train longer")
+    validation.check_int_field("TrainConfig", "dead_tokens", self.dead_tokens)
+    if self.auxk_latents is not None:
+      validation.check_int_field("TrainConfig", "auxk_latents", self.auxk_latents)
+      if self.auxk_latents > self.sae.n_latents:
+        raise ValueError(
+            f"TrainConfig.auxk_latents must be at most n_latents={self.sae.n_latents}; "
+            f"got {self.auxk_latents}")
+    validation.check_real_field("TrainConfig", "auxk_weight", self.auxk_weight, 0, math.inf)
+    validation.check_real_field("TrainConfig", "threshold_beta", self.threshold_beta, 0, 1, hi_open=True)
+    validation.check_int_field("TrainConfig", "threshold_start", self.threshold_start, minimum=0)
+    if self.threshold_start >= self.total_steps:
+      raise ValueError(
+          f"TrainConfig.threshold_start ({self.threshold_start}) must be below the "
+          f"number of steps ({self.total_steps}), or the inference threshold is never learned")
+    validation.check_int_field("TrainConfig", "max_bad_steps", self.max_bad_steps)
+    validation.check_int_field("TrainConfig", "seed", self.seed, minimum=0)
+
+  @property
+  def total_steps(self) -> int:
+    return self.steps if self.steps is not None else self.tokens // self.batch_size
+
+  @property
+  def learning_rate(self) -> float:
+    return self.lr if self.lr is not None else optimizer.default_learning_rate(self.sae.n_latents)
+
+  @property
+  def auxk_k(self) -> int:
+    """Latents per token in the AuxK reconstruction."""
+    if self.auxk_latents is not None:
+      return self.auxk_latents
+    return max(1, min(self.sae.d_model // 2, self.sae.n_latents))
+
+  @property
+  def dead_steps(self) -> int:
+    """Steps without firing after which a latent counts as dead."""
+    return -(-self.dead_tokens // self.batch_size)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "TrainConfig":
+    """The inverse of `to_dict`; unknown keys are an error."""
+    d = dict(d)
+    sae = d.pop("sae", None)
+    if not isinstance(sae, dict):
+      raise ValueError(f"config needs an 'sae' section (a dict); got {sae!r}")
+    for owner, fields, given in (("SAEConfig", SAEConfig, sae), ("TrainConfig", cls, d)):
+      unknown = set(given) - {f.name for f in dataclasses.fields(fields)}
+      if unknown:
+        raise ValueError(f"{owner} has no field(s) {sorted(unknown)}")
+    return cls(sae=SAEConfig(**sae), **d)

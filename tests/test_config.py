@@ -1,0 +1,83 @@
+"""Configs: the recipe's defaults, round trips, and clear errors on bad values."""
+
+import json
+
+import pytest
+
+from sae_jax.config import SAEConfig
+from sae_jax.config import TrainConfig
+
+
+def test_defaults_follow_the_recipe():
+  c = TrainConfig(SAEConfig(d_model=768))
+  assert (c.sae.n_latents, c.sae.k, c.batch_size, c.tokens) == (65536, 64, 4096, 100_000_000)
+  assert c.total_steps == 100_000_000 // 4096
+  assert c.learning_rate == pytest.approx(1e-4)  # 2e-4 / sqrt(2^16 / 2^14)
+  assert (c.b1, c.b2, c.clip_norm, c.warmup_steps, c.decay_fraction) == (0.9, 0.999, 1.0, 1000, 0.2)
+  assert (c.dead_tokens, c.auxk_k, c.auxk_weight) == (10_000_000, 384, 1 / 32)
+  assert c.dead_steps == 2442  # ceil(1e7 / 4096)
+  assert (c.threshold_beta, c.threshold_start) == (0.999, 1000)
+  assert c.sae.pool_size == 512
+  assert TrainConfig(SAEConfig(8, 16, k=2), steps=7, warmup_steps=0,
+                     threshold_start=0).total_steps == 7
+
+
+def test_round_trip_through_json():
+  c = TrainConfig(SAEConfig(16, 64, k=4, selection="batchtopk", score="entropy",
+                            sample_pool=True), batch_size=128, steps=50, lr=3e-3,
+                  warmup_steps=5, threshold_start=10, auxk_latents=8)
+  assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+  with pytest.raises(ValueError, match=r"TrainConfig has no field\(s\) \['colour'\]"):
+    TrainConfig.from_dict(dict(c.to_dict(), colour="red"))
+  with pytest.raises(ValueError, match=r"SAEConfig has no field\(s\) \['width'\]"):
+    TrainConfig.from_dict(dict(c.to_dict(), sae={"width": 3}))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(d_model=0), r"SAEConfig.d_model must be an integer >= 1; got 0"),
+    (dict(d_model=8.0), r"SAEConfig.d_model must be an integer >= 1; got 8.0"),
+    (dict(d_model=8, n_latents=-3), r"SAEConfig.n_latents must be an integer >= 1; got -3"),
+    (dict(d_model=8, n_latents=16, k=17), r"SAEConfig.k must be an integer in \[1, 16\]"),
+    (dict(d_model=8, n_latents=16, k=0), r"SAEConfig.k must be an integer in \[1, 16\]"),
+    (dict(d_model=8, selection="jumprelu"),
+     r"SAEConfig.selection must be one of 'sampled', 'batchtopk', 'topk'; got 'jumprelu'"),
+    (dict(d_model=8, l=0.5), r"SAEConfig.l must be a finite number >= 1; got 0.5"),
+    (dict(d_model=8, l=float("nan")), r"SAEConfig.l must be a finite number >= 1"),
+    (dict(d_model=8, score="l1"), r"SAEConfig.score must be one of 'l2', .*; got 'l1'"),
+    (dict(d_model=8, score="uniform"), r"score='uniform' .* needs sample_pool=True"),
+    (dict(d_model=8, sample_pool=1), r"SAEConfig.sample_pool must be True or False; got 1"),
+    (dict(d_model=8, compute_dtype="float16"),
+     r"SAEConfig.compute_dtype must be one of 'float32', 'bfloat16'; got 'float16'"),
+])
+def test_bad_sae_config(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    SAEConfig(**kwargs)
+
+
+SAE = SAEConfig(8, 16, k=2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sae={"d_model": 8}), r"TrainConfig.sae must be an SAEConfig; got dict"),
+    (dict(batch_size=0), r"TrainConfig.batch_size must be an integer >= 1; got 0"),
+    (dict(tokens=100, batch_size=128), r"TrainConfig.tokens \(100\) must be at least one batch"),
+    (dict(steps=0), r"TrainConfig.steps must be an integer >= 1; got 0"),
+    (dict(lr=0.0), r"TrainConfig.lr must be a number in \(0, inf\]; got 0.0"),
+    (dict(b2=1.0), r"TrainConfig.b2 must be a number in \[0, 1\); got 1.0"),
+    (dict(clip_norm=-1.0), r"TrainConfig.clip_norm must be a number in \(0, inf\]"),
+    (dict(decay_fraction=1.5), r"TrainConfig.decay_fraction must be a number in \[0, 1\]"),
+    (dict(steps=100, warmup_steps=90),
+     r"TrainConfig.warmup_steps \(90\) must end before the decay starts at step 80 of 100"),
+    (dict(dead_tokens=0), r"TrainConfig.dead_tokens must be an integer >= 1; got 0"),
+    (dict(auxk_latents=17), r"TrainConfig.auxk_latents must be at most n_latents=16; got 17"),
+    (dict(auxk_weight=-0.1), r"TrainConfig.auxk_weight must be a number in \[0, inf\]"),
+    (dict(threshold_beta=1.0), r"TrainConfig.threshold_beta must be a number in \[0, 1\)"),
+    (dict(steps=100, warmup_steps=10, threshold_start=100),
+     r"TrainConfig.threshold_start \(100\) must be below the number of steps \(100\)"),
+    (dict(max_bad_steps=0), r"TrainConfig.max_bad_steps must be an integer >= 1; got 0"),
+    (dict(seed=-1), r"TrainConfig.seed must be an integer >= 0; got -1"),
+])
+def test_bad_train_config(kwargs, message):
+  kwargs = {"sae": SAE, **kwargs}
+  with pytest.raises(ValueError, match=message):
+    TrainConfig(**kwargs)
