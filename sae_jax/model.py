@@ -3,14 +3,20 @@
     pre_BxF  = (x_BxD - b_dec) @ W_enc_DxF + b_enc
     xhat_BxD = z_BxF @ W_dec_FxD + b_dec
 
-Selection (what turns pre into z) lives in `selection.py`; losses,
-optimisation and I/O live elsewhere.
+    z_BxF    = select(relu(pre_BxF))      training: batch-dependent (the config's rule)
+             = relu(pre_BxF) > theta       inference: one learned threshold (TopK: per token)
+
+The selection rules themselves live in `selection.py`; losses, optimisation
+and I/O live elsewhere.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
+
+from sae_jax import selection
+from sae_jax.config import SAEConfig
 
 
 def _unit_rows(key, shape, dtype=jnp.float32):
@@ -24,23 +30,52 @@ class SAE(nn.Module):
   At init W_enc = W_dec^T and both biases are zero; `init_params` also sets
   b_dec to the geometric median of a data sample.
   """
-  d_model: int
-  n_latents: int
+  config: SAEConfig
 
   def setup(self):
-    D, F = self.d_model, self.n_latents
+    D, F = self.config.d_model, self.config.n_latents
     self.W_dec = self.param("W_dec", _unit_rows, (F, D))
     # Evaluated only at init, when W_dec has just been drawn.
     self.W_enc = self.param("W_enc", lambda key, shape: self.W_dec.T, (D, F))
     self.b_enc = self.param("b_enc", nn.initializers.zeros, (F,))
     self.b_dec = self.param("b_dec", nn.initializers.zeros, (D,))
 
-  def pre(self, x_BxD: jax.Array, compute_dtype=jnp.float32) -> jax.Array:
+  def pre(self, x_BxD: jax.Array) -> jax.Array:
     """Encoder pre-activations [B, F], accumulated in float32."""
-    centred_BxD = (x_BxD - self.b_dec[None, :]).astype(compute_dtype)
-    pre_BxF = jnp.matmul(centred_BxD, self.W_enc.astype(compute_dtype),
+    dtype = jnp.dtype(self.config.compute_dtype)
+    centred_BxD = (x_BxD - self.b_dec[None, :]).astype(dtype)
+    pre_BxF = jnp.matmul(centred_BxD, self.W_enc.astype(dtype),
                          preferred_element_type=jnp.float32)
     return pre_BxF + self.b_enc[None, :]
+
+  def select(self, a_BxF: jax.Array, *, key=None, axis_name=None) -> jax.Array:
+    """The training selection of non-negative activations [B, F].
+
+    Batch-dependent except for TopK. `key` draws the Sampled-SAE pool (used
+    only with `sample_pool`); `axis_name` makes the batch global.
+    """
+    c = self.config
+    if c.selection == "topk":
+      return selection.topk(a_BxF, c.k)
+    if c.selection == "batchtopk":
+      return selection.batch_topk(a_BxF, c.k, axis_name=axis_name)
+    return selection.sampled_select(a_BxF, c.k, c.l, score=c.score,
+                                    key=key if c.sample_pool else None, axis_name=axis_name)
+
+  def encode(self, x_BxD: jax.Array, *, key=None, axis_name=None) -> jax.Array:
+    """Training-mode codes [B, F]: the config's selection rule on relu(pre)."""
+    return self.select(jax.nn.relu(self.pre(x_BxD)), key=key, axis_name=axis_name)
+
+  def encode_inference(self, x_BxD: jax.Array, threshold: jax.Array) -> jax.Array:
+    """Inference-mode codes [B, F]: a token's code never depends on other tokens.
+
+    BatchTopK and Sampled-SAE keep the entries above the learned `threshold`;
+    TopK keeps each token's k largest (and ignores `threshold`).
+    """
+    a_BxF = jax.nn.relu(self.pre(x_BxD))
+    if self.config.selection == "topk":
+      return selection.topk(a_BxF, self.config.k)
+    return jnp.where(a_BxF > threshold, a_BxF, 0)
 
   def decode(self, z_BxF: jax.Array) -> jax.Array:
     """Reconstruction [B, D] from codes [B, F]."""
@@ -51,7 +86,7 @@ class SAE(nn.Module):
     return values_BxP @ self.W_dec[pool_P] + self.b_dec[None, :]
 
   def __call__(self, x_BxD):  # used by `init` only: touches every parameter
-    return self.decode(self.pre(x_BxD))
+    return self.decode(jax.nn.relu(self.pre(x_BxD)))
 
 
 def geometric_median(x_NxD: jax.Array, n_iter: int = 100, eps: float = 1e-8) -> jax.Array:
@@ -72,22 +107,22 @@ def geometric_median(x_NxD: jax.Array, n_iter: int = 100, eps: float = 1e-8) -> 
   return lax.fori_loop(0, n_iter, step, jnp.mean(x_NxD, axis=0))
 
 
-def init_params(key: jax.Array, d_model: int, n_latents: int, sample_NxD: jax.Array) -> dict:
+def init_params(key: jax.Array, config: SAEConfig, sample_NxD: jax.Array) -> dict:
   """SAE parameters as the recipe initialises them.
 
   Args:
     key: PRNG key for the decoder directions.
-    d_model: D, the activation width.
-    n_latents: F, the dictionary size.
+    config: the SAE's sizes (and rule, which init does not use).
     sample_NxD: activations (already scaled) whose geometric median is b_dec.
 
   Returns:
-    A Flax variables dict {"params": {...}} for `SAE(d_model, n_latents)`.
+    A Flax variables dict {"params": {...}} for `SAE(config)`.
   """
+  d_model = config.d_model
   if sample_NxD.ndim != 2 or sample_NxD.shape[1] != d_model:
     raise ValueError(
         f"sample_NxD must have shape [N, {d_model}] (N tokens of width d_model); "
         f"got {sample_NxD.shape}")
-  variables = SAE(d_model, n_latents).init(key, sample_NxD[:1])
+  variables = SAE(config).init(key, sample_NxD[:1])
   params = dict(variables["params"], b_dec=geometric_median(sample_NxD))
   return {"params": params}
