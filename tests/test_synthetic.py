@@ -1,0 +1,63 @@
+"""The synthetic source: its statistics, determinism and ground truth."""
+
+import numpy as np
+import pytest
+
+from sae_jax import synthetic
+from sae_jax.synthetic import SyntheticConfig
+
+LOTTERY = SyntheticConfig(d_model=16, n_features=40, active=3.0, noise=0.0,
+                          rare_fraction=0.25, rare_rate=0.1, rare_magnitude=5.0, seed=3)
+
+
+def test_rates_magnitudes_and_classes():
+  assert LOTTERY.n_rare == 10
+  np.testing.assert_array_equal(LOTTERY.feature_class(), [1] * 10 + [0] * 30)
+  rates = LOTTERY.firing_rates()
+  assert rates.sum() == pytest.approx(3.0)
+  assert rates[0] == pytest.approx(0.1 * rates[-1])
+  np.testing.assert_allclose(LOTTERY.magnitudes(), [5.0] * 10 + [1.0] * 30)
+
+
+def test_batches_follow_the_process():
+  source = synthetic.SyntheticSource(LOTTERY)
+  np.testing.assert_allclose(np.linalg.norm(source.dictionary, axis=1), 1, rtol=1e-6)
+  x = source.sample(0, 20_000)
+  # E[x] = Σ_i p_i m_i d_i, as E[u] = 1.
+  codes_mean = LOTTERY.firing_rates() * LOTTERY.magnitudes()
+  np.testing.assert_allclose(x.mean(0), codes_mean @ source.dictionary, atol=0.05)
+  # Same step, same batch; another step, another batch; sharded layout for devices.
+  np.testing.assert_array_equal(source.sample(7, 64), source.sample(7, 64))
+  assert not np.array_equal(source.sample(7, 64), source.sample(8, 64))
+  batches = source.batches(64, n_devices=4, start_step=7)
+  first = next(batches)
+  assert first.shape == (4, 16, 16)
+  np.testing.assert_array_equal(first.reshape(64, 16), source.sample(7, 64))
+  np.testing.assert_array_equal(next(batches).reshape(64, 16), source.sample(8, 64))
+
+
+def test_best_cosines():
+  source = synthetic.SyntheticSource(LOTTERY)
+  np.testing.assert_allclose(synthetic.best_cosines(3 * source.dictionary[::-1], source.dictionary),
+                             1, rtol=1e-9)
+  w = np.eye(16)[:2]
+  d = np.array([[1.0, 1.0] + [0.0] * 14])
+  np.testing.assert_allclose(synthetic.best_cosines(w, d), [np.sqrt(0.5)])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(d_model=0), r"SyntheticConfig.d_model must be an integer >= 1; got 0"),
+    (dict(active=-1.0), r"SyntheticConfig.active must be a number in \[0, 512\]; got -1.0"),
+    (dict(spread=2.0), r"SyntheticConfig.spread must be a number in \[0, 1\]; got 2.0"),
+    (dict(n_features=4, active=3.0, rare_fraction=0.5, rare_rate=3.0),
+     r"needs a firing probability above 1"),
+    (dict(seed=-2), r"SyntheticConfig.seed must be an integer >= 0; got -2"),
+])
+def test_bad_config(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    SyntheticConfig(**kwargs)
+
+
+def test_batches_must_split_over_devices():
+  with pytest.raises(ValueError, match="batch_size 10 must be divisible by n_devices=4"):
+    next(synthetic.SyntheticSource(LOTTERY).batches(10, n_devices=4))
