@@ -6,14 +6,16 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from sae_jax import losses
 from sae_jax import model
 from sae_jax import optimizer
 from sae_jax import pool
 from sae_jax import scoring
 from sae_jax import selection
+from sae_jax import train
 
 
-@pytest.mark.parametrize("module", [model, optimizer, pool, scoring, selection])
+@pytest.mark.parametrize("module", [losses, model, optimizer, pool, scoring, selection, train])
 def test_docstring_examples(module):
   result = doctest.testmod(module, extraglobs={"jax": jax, "jnp": jnp},
                            optionflags=doctest.NORMALIZE_WHITESPACE)

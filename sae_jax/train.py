@@ -1,0 +1,293 @@
+"""The training step and loop (SPEC.md, "Training recipe").
+
+`train_step(state, batch)` is a pure function of one device's shard of the
+batch; `p_train_step` maps it over the local devices with the batch split on
+axis "data". Through that axis, BatchTopK and Sampled-SAE select over the
+global batch, gradients are averaged, and the threshold and dead-latent
+counters come out identical on every device.
+"""
+
+import time
+import typing
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from flax import struct
+from jax import lax
+
+from sae_jax import losses
+from sae_jax import model
+from sae_jax import optimizer
+from sae_jax.config import TrainConfig
+
+AXIS = "data"
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a step reads and writes; the config rides along as static data."""
+  step: jax.Array  # int32: steps taken, skipped ones included
+  params: typing.Any
+  opt_state: optax.OptState
+  threshold: jax.Array  # float32 inference threshold theta (scaled units); 0 until learned
+  steps_since_fired_F: jax.Array  # int32 per latent, saturating at config.dead_steps
+  bad_streak: jax.Array  # int32: consecutive skipped steps
+  skipped_steps: jax.Array  # int32: skipped steps in all
+  input_scale: jax.Array  # float32 c with E||c·x||² = D
+  rng: jax.Array  # uint32 key data for the sampled pools
+  config: TrainConfig = struct.field(pytree_node=False)
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def estimate_input_scale(sample_NxD) -> float:
+  """The constant c for which the mean of ||c·x||² over the sample is D."""
+  x_NxD = np.asarray(sample_NxD, np.float64)
+  mean_sq = float(np.mean(np.sum(np.square(x_NxD), axis=1)))
+  if not np.isfinite(mean_sq) or mean_sq <= 0:
+    raise ValueError(
+        f"sample_NxD must be finite and not all zero to estimate the input scale; "
+        f"its mean squared norm is {mean_sq}")
+  return float(np.sqrt(x_NxD.shape[1] / mean_sq))
+
+
+def _optimizer(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+  return optimizer.make_optimizer(learning_rate, b1=config.b1, b2=config.b2,
+                                  clip_norm=config.clip_norm)
+
+
+def _learning_rate(config: TrainConfig, step):
+  return optimizer.learning_rate_schedule(
+      config.learning_rate, config.total_steps, warmup_steps=config.warmup_steps,
+      decay_fraction=config.decay_fraction)(step)
+
+
+def create_train_state(config: TrainConfig, sample_NxD) -> TrainState:
+  """A fresh state (on one device): input scale and b_dec come from `sample_NxD`,
+  raw activations [N, D]."""
+  D = config.sae.d_model
+  sample_NxD = np.asarray(sample_NxD)
+  if sample_NxD.ndim != 2 or sample_NxD.shape[1] != D:
+    raise ValueError(
+        f"sample_NxD must have shape [N, {D}] (N tokens of width d_model); got {sample_NxD.shape}")
+  scale = estimate_input_scale(sample_NxD)
+  init_key, pool_key = jax.random.split(jax.random.key(config.seed))
+  params = model.init_params(init_key, config.sae, jnp.asarray(sample_NxD * scale, jnp.float32))
+  params = params["params"]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=_optimizer(config, 0.0).init(params),
+      threshold=jnp.zeros((), jnp.float32),
+      steps_since_fired_F=jnp.zeros((config.sae.n_latents,), jnp.int32),
+      bad_streak=jnp.zeros((), jnp.int32),
+      skipped_steps=jnp.zeros((), jnp.int32),
+      input_scale=jnp.asarray(scale, jnp.float32),
+      rng=jax.random.key_data(pool_key),
+      config=config)
+
+
+def _varying(tree):
+  """`tree` as values that vary over the devices of AXIS.
+
+  Under shard_map, state passed replicated (P()) is invariant, and autodiff
+  would sum its gradients over devices by itself. Differentiating a varying
+  copy gives this device's gradient under both pmap and shard_map; `pmean`
+  then averages it.
+  """
+
+  def cast(x):
+    try:
+      return lax.pcast(x, AXIS, to="varying")
+    except ValueError:  # it varies already (pmap maps every argument)
+      return x
+
+  return jax.tree.map(cast, tree)
+
+
+def train_step(state: TrainState, x_BxD: jax.Array) -> tuple[TrainState, dict]:
+  """One optimisation step on this device's tokens x_BxD (raw activations).
+
+  Must run where axis "data" is bound: under `p_train_step`, or under
+  `jax.shard_map` with the state replicated and the batch split on "data".
+  A step whose loss or gradient is not finite changes nothing but the step
+  and skip counters.
+  """
+  c = state.config
+  sae = model.SAE(c.sae)
+  x_BxD = x_BxD.astype(jnp.float32) * state.input_scale
+  dead_F = state.steps_since_fired_F >= c.dead_steps
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+  def loss_fn(params):
+    variables = {"params": params}
+    pre_BxF = sae.apply(variables, x_BxD, method=model.SAE.pre)
+    z_BxF = sae.apply(variables, jax.nn.relu(pre_BxF), key=key, axis_name=AXIS,
+                      method=model.SAE.select)
+    xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode)
+    mse = losses.mse(x_BxD, xhat_BxD)
+    auxk = losses.auxk_loss(pre_BxF, dead_F, x_BxD - xhat_BxD, params["W_dec"], c.auxk_k, AXIS)
+    return mse + c.auxk_weight * auxk, (mse, auxk, z_BxF, xhat_BxD)
+
+  (loss, (mse, auxk, z_BxF, xhat_BxD)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(_varying(state.params))
+  grads = lax.pmean(grads, AXIS)
+  loss, mse, auxk = lax.pmean((loss, mse, auxk), AXIS)
+  finite = jnp.isfinite(loss)
+  for g in jax.tree.leaves(grads):
+    finite &= jnp.all(jnp.isfinite(g))
+
+  lr = _learning_rate(c, state.step)
+  updates, opt_state = _optimizer(c, lr).update(grads, state.opt_state, state.params)
+  params = optimizer.normalize_rows(optax.apply_updates(state.params, updates))
+
+  active_BxF = z_BxF > 0
+  fired_F = lax.psum(jnp.any(active_BxF, axis=0).astype(jnp.int32), AXIS) > 0
+  since_F = jnp.where(fired_F, 0, jnp.minimum(state.steps_since_fired_F + 1, c.dead_steps))
+  # theta tracks the smallest selected activation of the global batch.
+  smallest = lax.pmin(jnp.min(jnp.where(active_BxF, z_BxF, jnp.inf)), AXIS)
+  ema = jnp.where(state.threshold > 0,
+                  c.threshold_beta * state.threshold + (1 - c.threshold_beta) * smallest,
+                  smallest)
+  threshold = jnp.where((state.step >= c.threshold_start) & jnp.isfinite(smallest),
+                        ema, state.threshold)
+
+  updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                          threshold=threshold, steps_since_fired_F=since_F,
+                          bad_streak=jnp.zeros_like(state.bad_streak))
+  skipped = state.replace(step=state.step + 1, bad_streak=state.bad_streak + 1,
+                          skipped_steps=state.skipped_steps + 1)
+  state = jax.tree.map(lambda u, s: jnp.where(finite, u, s), updated, skipped)
+
+  n_tokens = x_BxD.shape[0] * lax.axis_size(AXIS)
+  metrics = {
+      "loss": loss,
+      "mse": mse,
+      "fvu": losses.fvu(x_BxD, xhat_BxD, AXIS),
+      "l0": lax.psum(jnp.sum(active_BxF, dtype=jnp.int32), AXIS) / n_tokens,
+      "dead_fraction": jnp.mean(state.steps_since_fired_F >= c.dead_steps),
+      "auxk_loss": auxk,
+      "threshold": state.threshold,
+      "lr": lr,
+      "grad_norm": optax.tree.norm(grads),
+      "skipped_steps": state.skipped_steps,
+      "bad_streak": state.bad_streak,
+  }
+  return state, metrics
+
+
+p_train_step = jax.pmap(train_step, axis_name=AXIS, donate_argnums=0)
+
+
+def _mesh(n_devices: int) -> jax.sharding.Mesh:
+  devices = jax.local_devices()
+  if not 1 <= n_devices <= len(devices):
+    raise ValueError(f"n_devices must be in [1, {len(devices)}] (local devices); got {n_devices}")
+  return jax.sharding.Mesh(np.array(devices[:n_devices]), (AXIS,))
+
+
+def replicate(state: TrainState, n_devices: typing.Optional[int] = None) -> TrainState:
+  """One copy of `state` per device, laid out as `p_train_step` returns it (so
+  the second step does not compile again)."""
+  n_devices = n_devices or jax.local_device_count()
+  sharding = jax.sharding.NamedSharding(_mesh(n_devices), jax.sharding.PartitionSpec(AXIS))
+  stacked = jax.tree.map(lambda x: np.broadcast_to(x, (n_devices,) + np.shape(x)),
+                         jax.device_get(state))
+  return jax.device_put(stacked, sharding)
+
+
+def unreplicate(state: TrainState) -> TrainState:
+  """The first device's copy, on the host."""
+  return jax.tree.map(lambda x: np.asarray(x[0]), state)
+
+
+def shard_batch(x_BxD, n_devices: int) -> np.ndarray:
+  """[B, D] -> [n_devices, B / n_devices, D]."""
+  x_BxD = np.asarray(x_BxD)
+  if x_BxD.ndim != 2 or x_BxD.shape[0] % n_devices:
+    raise ValueError(
+        f"batch must have shape [B, D] with B divisible by {n_devices} devices; "
+        f"got {x_BxD.shape}")
+  return x_BxD.reshape(n_devices, -1, x_BxD.shape[1])
+
+
+def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 100,
+          on_log: typing.Optional[typing.Callable[[int, dict], None]] = None,
+          progress: bool = True) -> TrainState:
+  """Runs `p_train_step` until the config's last step or the end of `batches`.
+
+  Args:
+    state: a replicated state (`replicate`); it is donated.
+    batches: arrays [devices, B / devices, D] of raw activations, starting
+      with the batch for step `state.step`.
+    log_every: steps between calls of `on_log`; the last step is always logged.
+    on_log: called as on_log(step, metrics) with the step's metrics as floats,
+      plus "step" (steps done) and "tokens_per_second" (since the last log).
+    progress: show a tqdm bar (tokens, tokens/s, loss, fvu, l0).
+
+  Returns:
+    The final replicated state.
+
+  Raises:
+    NonFiniteError: after `config.max_bad_steps` consecutive skipped steps.
+
+  >>> from sae_jax import SAEConfig, SyntheticConfig, SyntheticSource
+  >>> source = SyntheticSource(SyntheticConfig(d_model=16, n_features=32))
+  >>> config = TrainConfig(SAEConfig(16, 64, k=4, l=2), batch_size=64, steps=20,
+  ...                      warmup_steps=2, threshold_start=10)
+  >>> state = replicate(create_train_state(config, source.sample(10**6, 256)))
+  >>> state = train_loop(state, source.batches(64, jax.local_device_count()), progress=False)
+  >>> int(unreplicate(state).step), float(unreplicate(state).threshold) > 0
+  (20, True)
+  """
+  c = state.config
+  if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+    raise ValueError(f"log_every must be an integer >= 1; got {log_every!r}")
+  n_devices = state.step.shape[0]
+  want = (n_devices, c.batch_size // n_devices, c.sae.d_model)
+  if c.batch_size % n_devices:
+    raise ValueError(
+        f"batch_size {c.batch_size} must be divisible by the {n_devices} devices")
+  step = int(state.step[0])
+  bar = tqdm.tqdm(total=c.total_steps * c.batch_size, initial=step * c.batch_size,
+                  unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
+  clock = {"time": time.perf_counter(), "step": step}
+
+  def report(done, metrics, last=False):
+    m = {name: float(v[0]) for name, v in jax.device_get(metrics).items()}
+    bar.update(c.batch_size)
+    if m["bad_streak"] >= c.max_bad_steps:
+      raise NonFiniteError(
+          f"training stopped at step {done}: the last {int(m['bad_streak'])} steps had a "
+          f"non-finite loss or gradient and were skipped ({int(m['skipped_steps'])} in all). "
+          f"Check the activations for NaN/inf and the learning rate ({c.learning_rate:g}).")
+    if done % log_every == 0 or last:
+      now = time.perf_counter()
+      rate = (done - clock["step"]) * c.batch_size / max(now - clock["time"], 1e-9)
+      clock.update(time=now, step=done)
+      bar.set_postfix(loss=f"{m['loss']:.4g}", fvu=f"{m['fvu']:.3f}", l0=f"{m['l0']:.1f}")
+      if on_log is not None:
+        on_log(done, dict(m, step=done, tokens_per_second=rate))
+
+  # Metrics are read one step late, so the next step is queued while we wait.
+  pending = None
+  with bar:
+    for batch in batches:
+      if step >= c.total_steps:
+        break
+      if np.shape(batch) != want:
+        raise ValueError(
+            f"batch for step {step} must have shape {want} ([devices, batch_size / devices, "
+            f"d_model]); got {np.shape(batch)}")
+      state, metrics = p_train_step(state, batch)
+      step += 1
+      if pending is not None:
+        report(*pending)
+      pending = (step, metrics)
+    if pending is not None:
+      report(*pending, last=True)
+  return state

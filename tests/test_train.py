@@ -1,0 +1,331 @@
+"""The training step: one step against NumPy, 1 vs 4 devices, the threshold,
+dead latents, non-finite batches, the loop, and learning a known dictionary."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from sae_jax import model
+from sae_jax import synthetic
+from sae_jax import train
+from sae_jax.config import SAEConfig
+from sae_jax.config import TrainConfig
+from tests import reference
+
+B, D, F, K = 32, 8, 24, 3
+N_DEAD = 6  # latents 0..5 start dead, so every step exercises AuxK
+
+
+def config(selection, **sae_kwargs):
+  return TrainConfig(SAEConfig(D, F, k=K, selection=selection, l=2.0, **sae_kwargs),
+                     batch_size=B, steps=50, lr=1e-3, warmup_steps=0, threshold_start=0,
+                     dead_tokens=2 * B, max_bad_steps=3)
+
+
+# Shared by the tests below, so each compiles once.
+RULES = {
+    "topk": config("topk"),
+    "batchtopk": config("batchtopk"),
+    "sampled": config("sampled"),
+    "sampled_drawn": config("sampled", score="entropy", sample_pool=True),
+}
+
+
+def batch(seed, n=B):
+  rng = np.random.default_rng(seed)
+  return (3 * rng.standard_normal((n, D)) + 1).astype(np.float32)
+
+
+def fresh_state(c):
+  """A new state whose first N_DEAD latents count as dead."""
+  state = train.create_train_state(c, batch(100, 4 * B))
+  dead_F = np.arange(F) < N_DEAD
+  return state.replace(steps_since_fired_F=jnp.where(dead_F, c.dead_steps, 0))
+
+
+def tree_equal(a, b):
+  return all(np.array_equal(x, y, equal_nan=True)
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# --- One step against a NumPy float64 reference -------------------------------
+
+def reference_step(state, x_raw, c):
+  """Forward, loss, hand-derived gradients and metrics of one step."""
+  p = {k: np.asarray(v, np.float64) for k, v in state.params.items()}
+  x = np.asarray(x_raw, np.float64) * float(state.input_scale)
+  centred = x - p["b_dec"]
+  a = np.maximum(centred @ p["W_enc"] + p["b_enc"], 0)
+  if c.sae.selection == "topk":
+    mask = reference.topk_mask(a, K)
+  elif c.sae.selection == "batchtopk":
+    mask = reference.batch_topk_mask(a, K)
+  else:
+    pool = reference.pool(reference.scores(a, c.sae.score), c.sae.pool_size)
+    mask = reference.batch_topk_mask(a, K, cols=pool)
+  z = a * mask
+  xhat = z @ p["W_dec"] + p["b_dec"]
+  e = x - xhat
+  dead = np.asarray(state.steps_since_fired_F) >= c.dead_steps
+  a_dead = np.where(dead[None, :], a, 0)
+  aux_mask = reference.topk_mask(a_dead, c.auxk_k)
+  variance = ((e - e.mean(0)) ** 2).sum()
+  e_aux = e - (a_dead * aux_mask) @ p["W_dec"]
+  mse = (e ** 2).mean()
+  auxk = (e_aux ** 2).sum() / variance
+
+  g_xhat = -2 * e / e.size
+  g_ehat = -2 * c.auxk_weight * e_aux / variance
+  g_pre = (g_xhat @ p["W_dec"].T) * mask + (g_ehat @ p["W_dec"].T) * aux_mask
+  grads = {
+      "W_dec": z.T @ g_xhat + (a_dead * aux_mask).T @ g_ehat,
+      "W_enc": centred.T @ g_pre,
+      "b_enc": g_pre.sum(0),
+      "b_dec": g_xhat.sum(0) - (g_pre @ p["W_enc"].T).sum(0),
+  }
+  fired = mask.any(0)
+  since = np.where(fired, 0, np.minimum(np.asarray(state.steps_since_fired_F) + 1, c.dead_steps))
+  metrics = {
+      "loss": mse + c.auxk_weight * auxk, "mse": mse, "auxk_loss": auxk,
+      "fvu": (e ** 2).sum() / ((x - x.mean(0)) ** 2).sum(),
+      "l0": mask.sum() / B, "threshold": z[mask].min(),
+      "grad_norm": np.sqrt(sum((g ** 2).sum() for g in grads.values())),
+      "dead_fraction": (since >= c.dead_steps).mean(), "lr": c.learning_rate,
+  }
+  return grads, since, metrics
+
+
+@pytest.mark.parametrize("rule", ["topk", "batchtopk", "sampled"])
+def test_one_step_matches_numpy(rule):
+  c = RULES[rule]
+  state = fresh_state(c)
+  x = batch(1)
+  grads, since, want = reference_step(state, x, c)
+  new, metrics = train.p_train_step(train.replicate(state, 1), x[None])
+  new, metrics = train.unreplicate(new), {k: float(v[0]) for k, v in metrics.items()}
+
+  for name, value in want.items():
+    np.testing.assert_allclose(metrics[name], value, rtol=2e-5, err_msg=name)
+  assert 0 < metrics["auxk_loss"] and metrics["skipped_steps"] == 0
+  np.testing.assert_array_equal(new.steps_since_fired_F, since)
+  np.testing.assert_allclose(new.threshold, want["threshold"], rtol=1e-6)
+  assert int(new.step) == 1
+
+  # The optimiser saw the gradient with decoder-row components removed, clipped.
+  w = np.asarray(state.params["W_dec"], np.float64)
+  grads["W_dec"] -= (grads["W_dec"] * w).sum(1, keepdims=True) * w
+  norm = np.sqrt(sum((g ** 2).sum() for g in grads.values()))
+  scale = min(1.0, c.clip_norm / norm)
+  mu = optax.tree_utils.tree_get(new.opt_state, "mu")
+  nu = optax.tree_utils.tree_get(new.opt_state, "nu")
+  for name, g in grads.items():
+    np.testing.assert_allclose(mu[name], (1 - c.b1) * scale * g, rtol=1e-4,
+                               atol=1e-6 * scale * norm, err_msg=name)
+    # Adam's first step, then unit decoder rows.
+    step = c.learning_rate * (mu[name] / (1 - c.b1)) / (np.sqrt(nu[name] / (1 - c.b2)) + 1e-8)
+    updated = np.asarray(state.params[name], np.float64) - step
+    if name == "W_dec":
+      updated /= np.linalg.norm(updated, axis=1, keepdims=True)
+    np.testing.assert_allclose(new.params[name], updated, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_threshold_ema_starts_at_threshold_start():
+  c = TrainConfig(RULES["batchtopk"].sae, batch_size=B, steps=50, lr=1e-3, warmup_steps=0,
+                  threshold_start=2, threshold_beta=0.9)
+  state = train.replicate(train.create_train_state(c, batch(100, 4 * B)), 1)
+  sae = model.SAE(c.sae)
+  expected = 0.0
+  for step in range(5):
+    host = train.unreplicate(state)
+    x = batch(10 + step)
+    z = sae.apply({"params": host.params}, jnp.asarray(x) * host.input_scale,
+                  method=model.SAE.encode)
+    smallest = float(np.min(np.asarray(z)[np.asarray(z) > 0]))
+    if step == c.threshold_start:
+      expected = smallest
+    elif step > c.threshold_start:
+      expected = c.threshold_beta * expected + (1 - c.threshold_beta) * smallest
+    state, _ = train.p_train_step(state, x[None])
+    np.testing.assert_allclose(train.unreplicate(state).threshold, expected, rtol=1e-5)
+  assert expected > 0
+
+
+# --- Devices -------------------------------------------------------------------
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_four_devices_equal_one(rule, caplog):
+  c = RULES[rule]
+  state = fresh_state(c)
+  one, four = train.replicate(state, 1), train.replicate(state, 4)
+  for step in range(5):
+    x = batch(20 + step)
+    previous = four
+    one, _ = train.p_train_step(one, x[None])
+    if step == 1:
+      caplog.clear()
+      jax.config.update("jax_log_compiles", True)
+    four, metrics = train.p_train_step(four, train.shard_batch(x, 4))
+    assert previous.params["W_enc"].is_deleted()  # donated
+  jax.config.update("jax_log_compiles", False)
+  assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
+
+  copies = jax.device_get(four)
+  for leaf in jax.tree.leaves(copies):  # every device holds the same state, bit for bit
+    assert all(np.array_equal(leaf[i], leaf[0]) for i in range(4))
+  one, four = train.unreplicate(one), train.unreplicate(four)
+  np.testing.assert_array_equal(four.steps_since_fired_F, one.steps_since_fired_F)
+  np.testing.assert_allclose(four.threshold, one.threshold, rtol=1e-5)
+  for name in one.params:
+    np.testing.assert_allclose(four.params[name], one.params[name], rtol=1e-4, atol=1e-5,
+                               err_msg=name)
+  # The decoder keeps unit rows.
+  np.testing.assert_allclose(np.linalg.norm(four.params["W_dec"], axis=1), 1, rtol=1e-6)
+  assert int(four.step) == 5 and float(np.asarray(metrics["skipped_steps"])[0]) == 0
+
+
+def test_shard_map_step_equals_pmap():
+  """The same train_step runs under shard_map with the state replicated (P())."""
+  c = RULES["sampled_drawn"]
+  mesh = jax.make_mesh((4,), (train.AXIS,))
+  step = jax.jit(jax.shard_map(train.train_step, mesh=mesh, in_specs=(P(), P(train.AXIS)),
+                               out_specs=(P(), P())))
+  state = fresh_state(c)
+  mapped = train.replicate(state, 4)
+  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, P()))
+  for i in range(2):
+    x = batch(60 + i)
+    state, _ = step(state, jax.device_put(x, jax.sharding.NamedSharding(mesh, P(train.AXIS))))
+    mapped, _ = train.p_train_step(mapped, train.shard_batch(x, 4))
+  assert tree_equal(jax.device_get(state), train.unreplicate(mapped))
+
+
+# --- Non-finite steps ------------------------------------------------------------
+
+@pytest.mark.parametrize("rule", ["batchtopk", "sampled"])
+def test_non_finite_batch_is_skipped_and_counted(rule):
+  c = RULES[rule]
+  state = train.replicate(fresh_state(c), 4)
+  before = train.unreplicate(state)
+  x = batch(30)
+  x[5, 2] = np.nan
+  state, metrics = train.p_train_step(state, train.shard_batch(x, 4))
+  after = train.unreplicate(state)
+  assert np.isnan(np.asarray(metrics["loss"])).all()
+  assert (int(after.step), int(after.skipped_steps), int(after.bad_streak)) == (1, 1, 1)
+  assert tree_equal(after.replace(step=before.step, skipped_steps=before.skipped_steps,
+                                  bad_streak=before.bad_streak), before)
+
+  state, metrics = train.p_train_step(state, train.shard_batch(batch(31), 4))
+  after = train.unreplicate(state)
+  assert (int(after.step), int(after.skipped_steps), int(after.bad_streak)) == (2, 1, 0)
+  assert np.isfinite(np.asarray(metrics["loss"])).all()
+  assert not np.array_equal(after.params["W_enc"], before.params["W_enc"])
+
+
+def test_training_stops_after_max_bad_steps():
+  c = RULES["batchtopk"]
+  bad = np.full((4, B // 4, D), np.inf, np.float32)
+  good = train.shard_batch(batch(32), 4)
+  batches = [good, bad, bad, good, bad, bad, bad, good]
+  with pytest.raises(train.NonFiniteError, match=r"at step 7: the last 3 steps .* \(5 in all\)"):
+    train.train_loop(train.replicate(fresh_state(c), 4), batches, progress=False)
+
+
+# --- The loop ----------------------------------------------------------------------
+
+def test_train_logs_and_stops_at_the_end_of_the_batches(capsys):
+  c = RULES["sampled"]
+  logs = []
+  batches = [train.shard_batch(batch(40 + i), 4) for i in range(5)]
+  state = train.train_loop(train.replicate(fresh_state(c), 4), batches, log_every=2,
+                      on_log=lambda step, m: logs.append((step, m)))
+  assert [step for step, _ in logs] == [2, 4, 5]
+  assert set(logs[0][1]) == {"loss", "mse", "fvu", "l0", "dead_fraction", "auxk_loss",
+                             "threshold", "lr", "grad_norm", "skipped_steps", "bad_streak",
+                             "step", "tokens_per_second"}
+  assert all(m["tokens_per_second"] > 0 and m["l0"] == pytest.approx(K) for _, m in logs)
+  assert int(train.unreplicate(state).step) == 5
+  assert "tok/s" in capsys.readouterr().err
+
+  # Resumed from step 5 with a config of 7 steps, it stops after step 7.
+  short = TrainConfig.from_dict(dict(c.to_dict(), steps=7))
+  state = state.replace(config=short)
+  state = train.train_loop(state, batches, progress=False)
+  assert int(train.unreplicate(state).step) == 7
+
+
+def test_train_refuses_a_batch_of_the_wrong_shape():
+  with pytest.raises(ValueError, match=r"batch for step 0 must have shape \(4, 8, 8\)"):
+    train.train_loop(train.replicate(fresh_state(RULES["batchtopk"]), 4),
+                [batch(0).reshape(2, 16, D)], progress=False)
+  with pytest.raises(ValueError, match=r"log_every must be an integer >= 1; got 0"):
+    train.train_loop(train.replicate(fresh_state(RULES["batchtopk"]), 4), [], log_every=0)
+
+
+def test_input_scale_makes_the_mean_squared_norm_d():
+  x = batch(50, 256) * 7
+  state = train.create_train_state(RULES["topk"], x)
+  np.testing.assert_allclose(np.mean(np.sum((x * float(state.input_scale)) ** 2, axis=1)), D,
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match=r"sample_NxD must have shape \[N, 8\]"):
+    train.create_train_state(RULES["topk"], x[:, :5])
+  with pytest.raises(ValueError, match=r"finite and not all zero"):
+    train.create_train_state(RULES["topk"], np.zeros((4, D)))
+
+
+# --- Dead latents --------------------------------------------------------------------
+
+def test_auxk_revives_dead_latents():
+  source = synthetic.SyntheticSource(synthetic.SyntheticConfig(d_model=16, n_features=32, active=3))
+  dead_F = np.arange(32) < 8
+  revived = {}
+  for weight in (1 / 32, 0.0):
+    c = TrainConfig(SAEConfig(16, 32, k=3, selection="batchtopk"), batch_size=128, steps=200,
+                    lr=2e-3, warmup_steps=0, threshold_start=0, dead_tokens=5 * 128,
+                    auxk_weight=weight)
+    state = train.create_train_state(c, source.sample(10**6, 1024))
+    # Latents 0..7 respond weakly, so they never win a place and count as dead.
+    weak = np.where(dead_F, 0.02, 1.0).astype(np.float32)[None, :]
+    state = state.replace(params=dict(state.params, W_enc=state.params["W_enc"] * weak),
+                          steps_since_fired_F=jnp.where(dead_F, c.dead_steps, 0))
+    state = train.train_loop(train.replicate(state, 1), source.batches(128), progress=False)
+    since_F = train.unreplicate(state).steps_since_fired_F
+    revived[weight] = int(np.sum(since_F[dead_F] < c.dead_steps))
+  assert revived[0.0] == 0  # nothing else ever trains them
+  assert revived[1 / 32] >= 6
+
+
+# --- Learning a known dictionary -----------------------------------------------------
+
+@pytest.mark.parametrize("rule, max_fvu", [
+    ("batchtopk", 0.15),
+    ("sampled", 0.15),
+    # TopK keeps exactly k = 4 per token while ~Poisson(4) features fire, so the
+    # tokens with more lose some: its floor here is ~0.16.
+    ("topk", 0.2),
+])
+def test_learns_a_known_dictionary(rule, max_fvu):
+  source = synthetic.SyntheticSource(synthetic.SyntheticConfig(d_model=32, n_features=64, active=4))
+  c = TrainConfig(SAEConfig(32, 128, k=4, selection=rule, l=16.0), batch_size=256, steps=3000,
+                  warmup_steps=100, threshold_start=1500, dead_tokens=256 * 200)
+  state = train.create_train_state(c, source.sample(10**6, 2048))
+  state = train.unreplicate(train.train_loop(train.replicate(state, 1), source.batches(256),
+                                        progress=False))
+  cosines = synthetic.best_cosines(state.params["W_dec"], source.dictionary)
+  assert np.mean(cosines >= 0.9) >= 0.8
+
+  # Held out, in inference mode: a fixed threshold (TopK: per-token top-k).
+  x = jnp.asarray(source.sample(10**6 + 1, 4096)) * state.input_scale
+  sae = model.SAE(c.sae)
+  variables = {"params": state.params}
+  z = sae.apply(variables, x, state.threshold, method=model.SAE.encode_inference)
+  xhat = sae.apply(variables, z, method=model.SAE.decode)
+  fvu = float(jnp.sum((x - xhat) ** 2) / jnp.sum((x - x.mean(0)[None, :]) ** 2))
+  assert fvu < max_fvu
+  l0 = float(jnp.mean(jnp.sum(z > 0, axis=1)))
+  assert abs(l0 - c.sae.k) <= 0.25 * c.sae.k
