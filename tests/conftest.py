@@ -28,3 +28,22 @@ def threshold_path(request):
     jax.clear_caches()  # the path is chosen at trace time
     yield request.param
   jax.clear_caches()
+
+
+@pytest.fixture(scope="session")
+def lm(tmp_path_factory):
+  """A tiny random GPT-NeoX with its tokenizer, and text files, on disk."""
+  from tests import tiny_lm
+  root = tmp_path_factory.mktemp("lm")
+  return {"model": str(tiny_lm.build(root / "model")),
+          "texts": {k: tuple(map(str, v)) for k, v in tiny_lm.write_texts(root / "texts").items()}}
+
+
+@pytest.fixture(scope="session")
+def cache(lm, tmp_path_factory):
+  """A complete 700-row cache of the tiny model (5 shards of 128 rows + 60)."""
+  from sae_jax import export
+  from tests import tiny_lm
+  out = tmp_path_factory.mktemp("cache") / "cache"
+  export.export_activations(tiny_lm.export_config(lm), out, progress=False)
+  return out

@@ -1,0 +1,217 @@
+"""Reading activations for training: a cache directory or a plain .npy file.
+
+No torch here. Batches come shaped for `p_train_step`: [devices, B / devices, D]
+float32. The order is a pure function of (seed, step, process), so a run that
+resumes at step s gets exactly the batches steps s, s+1, ... would have seen,
+without reading anything before them.
+
+How rows are shuffled: the training rows are cut into segments (the cache's
+shards; 65536-row pieces of a .npy file). Each process takes every
+process_count-th segment, so hosts read disjoint rows. Each epoch a process
+permutes its segments, groups them `buffer_segments` at a time, and permutes
+the rows inside each group. The last `eval_rows` rows of the data are held
+out for evaluation and never trained on.
+"""
+
+import pathlib
+import queue
+import threading
+import typing
+
+import jax
+import numpy as np
+
+from sae_jax import export
+
+NPY_SEGMENT_ROWS = 65536
+
+
+def _to_float32(rows: np.ndarray, dtype: str) -> np.ndarray:
+  if dtype == "bfloat16":
+    import ml_dtypes
+    return rows.view(ml_dtypes.bfloat16).astype(np.float32)
+  return rows.astype(np.float32)
+
+
+class Activations:
+  """Activation rows on disk, opened (and checked) before any training starts.
+
+  Args:
+    path: a cache directory written by `export_activations`, or a .npy file
+      [N, D] made by any tool.
+    eval_rows: rows at the end held out for evaluation.
+  """
+
+  def __init__(self, path, *, eval_rows: int = 0):
+    self.path = pathlib.Path(path)
+    self._verified: set = set()
+    if self.path.is_dir():
+      manifest = export.read_manifest(self.path)
+      if manifest is None:
+        raise ValueError(f"{self.path} has no {export.MANIFEST}: not an activation cache")
+      if not manifest.get("complete"):
+        raise ValueError(f"{self.path} is an unfinished export (manifest 'complete' is false); "
+                         f"run the export again to finish it")
+      self.manifest = manifest
+      self.dtype = manifest["dtype"]
+      self.d_model = manifest["d_model"]
+      self._files = []
+      for index, shard in enumerate(manifest["shards"]):
+        name = shard["files"]["acts"]
+        if not (self.path / name).is_file():
+          raise ValueError(f"activation cache {self.path}: shard {index} ({name}) is missing")
+        self._files.append((name, shard["sha256"]["acts"], shard["rows"]))
+    elif self.path.suffix == ".npy" and self.path.is_file():
+      array = np.load(self.path, mmap_mode="r")
+      if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{self.path} must hold a float array [N, D]; got {array.dtype} "
+                         f"{array.shape}")
+      self.manifest = None
+      self.dtype = str(array.dtype)
+      self.d_model = array.shape[1]
+      self._files = [(self.path.name, None, array.shape[0])]
+    else:
+      raise ValueError(f"activations must be a cache directory or a .npy file; got {str(path)!r}")
+    self.n_rows = sum(rows for _, _, rows in self._files)
+    if not isinstance(eval_rows, int) or not 0 <= eval_rows < self.n_rows:
+      raise ValueError(f"eval_rows must be an integer in [0, {self.n_rows}) (rows in "
+                       f"{self.path}); got {eval_rows!r}")
+    self.eval_rows = eval_rows
+    self.segments = self._cut(self.n_rows - eval_rows)
+
+  def _cut(self, train_rows: int) -> list:
+    """(file index, start, stop) pieces covering the first `train_rows` rows."""
+    segments, first = [], 0
+    piece = NPY_SEGMENT_ROWS if self.manifest is None else None
+    for index, (_, _, rows) in enumerate(self._files):
+      stop_in_file = min(rows, train_rows - first)
+      step = piece or rows
+      for start in range(0, max(stop_in_file, 0), step):
+        segments.append((index, start, min(start + step, stop_in_file)))
+      first += rows
+    return segments
+
+  def read(self, file_index: int, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of one file as float32, checking its sha256 the first time."""
+    name, digest, _ = self._files[file_index]
+    path = self.path / name if self.manifest is not None else self.path
+    if digest is not None and file_index not in self._verified:
+      if export.sha256(path) != digest:
+        raise ValueError(f"activation cache {self.path}: shard {file_index} ({name}) is "
+                         f"corrupted (sha256 does not match the manifest)")
+      self._verified.add(file_index)
+    return _to_float32(np.asarray(np.load(path, mmap_mode="r")[start:stop]), self.dtype)
+
+  def eval_batch(self) -> np.ndarray:
+    """The held-out rows [eval_rows, D], float32, in storage order."""
+    parts, first = [], 0
+    begin = self.n_rows - self.eval_rows
+    for index, (_, _, rows) in enumerate(self._files):
+      lo, hi = max(begin - first, 0), rows
+      if lo < hi:
+        parts.append(self.read(index, lo, hi))
+      first += rows
+    return np.concatenate(parts) if parts else np.zeros((0, self.d_model), np.float32)
+
+  def sample(self, n: int, seed: int = 0) -> np.ndarray:
+    """n training rows from the start of a seeded shuffle (for initialisation)."""
+    return next(self.batches(n, 1, seed=seed, prefetch=0))[0]
+
+  def batches(self, batch_size: int, n_devices: typing.Optional[int] = None, *,
+              seed: int = 0, start_step: int = 0, buffer_segments: int = 4,
+              process_index: typing.Optional[int] = None,
+              process_count: typing.Optional[int] = None,
+              prefetch: int = 2) -> typing.Iterator[np.ndarray]:
+    """Endless training batches [n_devices, batch_size / (processes·n_devices), D].
+
+    Args:
+      batch_size: the global batch, over all processes.
+      n_devices: local devices (default: jax.local_device_count()).
+      seed: the shuffle's seed.
+      start_step: the first batch is the one for this step.
+      buffer_segments: segments whose rows are shuffled together.
+      process_index, process_count: this host and the number of hosts
+        (default: from jax).
+      prefetch: batches prepared ahead in a background thread (0: none).
+    """
+    n_devices = n_devices or jax.local_device_count()
+    p = jax.process_index() if process_index is None else process_index
+    n_proc = jax.process_count() if process_count is None else process_count
+    if batch_size % (n_proc * n_devices):
+      raise ValueError(f"batch_size {batch_size} must be divisible by {n_proc} processes x "
+                       f"{n_devices} devices")
+    if not 0 <= p < n_proc or len(self.segments) < n_proc:
+      raise ValueError(f"process {p} of {n_proc} needs a segment of its own; "
+                       f"{self.path} has {len(self.segments)} training segments")
+    mine = self.segments[p::n_proc]
+    local = batch_size // n_proc
+    rows = self._rows(mine, seed, p, start_step * local, buffer_segments)
+    batches = self._batch(rows, local, n_devices)
+    return _prefetched(batches, prefetch) if prefetch else batches
+
+  def _plan(self, segments, seed, process, epoch, buffer_segments):
+    order = np.random.default_rng([seed, process, epoch]).permutation(len(segments))
+    return [[segments[i] for i in order[g:g + buffer_segments]]
+            for g in range(0, len(order), buffer_segments)]
+
+  def _rows(self, segments, seed, process, skip, buffer_segments):
+    """The endless shuffled row stream, from row `skip` on, in chunks."""
+    epoch_rows = sum(stop - start for _, start, stop in segments)
+    epoch, skip = divmod(skip, epoch_rows)
+    while True:
+      for g, group in enumerate(self._plan(segments, seed, process, epoch, buffer_segments)):
+        size = sum(stop - start for _, start, stop in group)
+        if skip >= size:
+          skip -= size
+          continue
+        rows = np.concatenate([self.read(*segment) for segment in group])
+        rows = rows[np.random.default_rng([seed, process, epoch, g]).permutation(size)]
+        yield rows[skip:]
+        skip = 0
+      epoch += 1
+
+  def _batch(self, chunks, local, n_devices):
+    pending, have = [], 0
+    for chunk in chunks:
+      pending.append(chunk)
+      have += len(chunk)
+      while have >= local:
+        flat = np.concatenate(pending)
+        yield flat[:local].reshape(n_devices, local // n_devices, self.d_model)
+        pending, have = [flat[local:]], have - local
+
+
+def _prefetched(iterator, size: int):
+  """`iterator` run ahead by a daemon thread, `size` items at most; errors are
+  re-raised in the consumer."""
+  items: queue.Queue = queue.Queue(maxsize=size)
+  stop = threading.Event()
+  done = object()
+
+  def work():
+    try:
+      for item in iterator:
+        while not stop.is_set():
+          try:
+            items.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if stop.is_set():
+          return
+    except BaseException as error:  # handed to the consumer
+      items.put(error)
+    else:
+      items.put(done)
+
+  threading.Thread(target=work, daemon=True).start()
+  try:
+    while True:
+      item = items.get()
+      if item is done:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()

@@ -1,0 +1,371 @@
+"""Activation export: a language model's residual stream to a sharded disk cache.
+
+The one place torch and transformers are imported (lazily, so the rest of
+the library never needs them). Layout of a cache directory:
+
+    manifest.json             what was exported and how; "complete" is written last
+    acts-00000.npy            [shard_rows, D] activations (bfloat16 stored as uint16 bits)
+    tokens-00000.npy          [shard_rows] int32 token ids
+    positions-00000.npy       [shard_rows] int32 positions in the context
+
+Texts are tokenized and concatenated with `<|endoftext|>` between documents,
+then cut into contexts of `context_length`. Position 0 of every context is
+left out (its activations are huge-norm outliers), and so is any token in
+`exclude_token_ids`. Hook names follow TransformerLens: the output of block N,
+`blocks.N.hook_resid_post`, is transformers' `hidden_states[N + 1]` — except
+for the top block, whose `hidden_states` entry has the final layer norm
+applied; the export reads the block's raw output, so it is right for every N.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+import typing
+
+import numpy as np
+import tqdm
+
+from sae_jax import validation
+
+MANIFEST = "manifest.json"
+DTYPES = ("float32", "float16", "bfloat16")
+_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+# Fields that make two caches different: a resume must agree on all of them.
+IDENTITY = ("model", "revision", "hook", "dataset", "split", "text_field", "context_length",
+            "dtype", "shard_rows", "batch_contexts", "exclude_token_ids")
+
+
+def hook_layer(hook: str) -> int:
+  """N of `blocks.N.hook_resid_post` (the output of block N)."""
+  match = _HOOK.match(hook) if isinstance(hook, str) else None
+  if match is None:
+    raise ValueError(f"hook must look like 'blocks.N.hook_resid_post'; got {hook!r}")
+  return int(match.group(1))
+
+
+def hidden_states_index(hook: str) -> int:
+  """transformers' `hidden_states` index of the hook (N + 1; for the top block
+  that entry is after the final layer norm, which this hook is not)."""
+  return hook_layer(hook) + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  """What to export."""
+  model: str = "EleutherAI/pythia-160m"
+  """A hub model id or a local directory (config.json + weights + tokenizer)."""
+  revision: typing.Optional[str] = None
+  """Hub revision (branch, tag or commit); None is the default branch."""
+  hook: str = "blocks.6.hook_resid_post"
+  """The residual stream after block N."""
+  dataset: typing.Union[str, tuple] = "monology/pile-uncopyrighted"
+  """A hub dataset (streamed), or a tuple of local .txt / .jsonl files."""
+  split: str = "train"
+  """Dataset split (hub datasets)."""
+  text_field: str = "text"
+  """The field holding the text in .jsonl or hub records."""
+  context_length: int = 1024
+  """Tokens per context."""
+  tokens: int = 100_000_000
+  """Activation rows to export (after leaving out position 0 and excluded ids)."""
+  dtype: str = "float32"
+  """Stored dtype: "float32", "float16" or "bfloat16"."""
+  shard_rows: int = 65536
+  """Rows per shard file (the last shard may be shorter)."""
+  batch_contexts: int = 8
+  """Contexts per forward pass. Part of the cache's identity: a batch's numbers
+  can depend on its composition, so a resume recomputes whole batches."""
+  exclude_token_ids: tuple = ()
+  """Token ids whose rows are left out, e.g. (0,) for Pythia's <|endoftext|>."""
+  device: typing.Optional[str] = None
+  """torch device; None picks "cuda" when available, else "cpu"."""
+
+  def __post_init__(self):
+    hook_layer(self.hook)
+    owner = "ExportConfig"
+    for name in ("context_length", "tokens", "shard_rows", "batch_contexts"):
+      validation.check_int_field(owner, name, getattr(self, name),
+                                 minimum=2 if name == "context_length" else 1)
+    validation.check_choice_field(owner, "dtype", self.dtype, DTYPES)
+    if isinstance(self.dataset, list):
+      object.__setattr__(self, "dataset", tuple(self.dataset))
+    if isinstance(self.exclude_token_ids, list):
+      object.__setattr__(self, "exclude_token_ids", tuple(self.exclude_token_ids))
+    for token_id in self.exclude_token_ids:
+      validation.check_int_field(owner, "exclude_token_ids[]", token_id, minimum=0)
+    if isinstance(self.dataset, tuple):
+      for path in self.dataset:
+        if not str(path).endswith((".txt", ".jsonl")):
+          raise ValueError(
+              f"ExportConfig.dataset: local files must end in .txt or .jsonl; got {path!r}")
+        if not os.path.isfile(path):
+          raise ValueError(f"ExportConfig.dataset: no such file {path!r}")
+
+  def identity(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["dataset"] = list(d["dataset"]) if isinstance(d["dataset"], tuple) else d["dataset"]
+    d["exclude_token_ids"] = list(d["exclude_token_ids"])
+    return {name: d[name] for name in IDENTITY}
+
+
+# --- Files -------------------------------------------------------------------
+
+def shard_names(index: int) -> dict:
+  return {kind: f"{kind}-{index:05d}.npy" for kind in ("acts", "tokens", "positions")}
+
+
+def sha256(path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _atomic_write(path: pathlib.Path, write) -> None:
+  """write(file) to a temporary name, then rename: never a half-written file."""
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  with open(tmp, "wb") as f:
+    write(f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
+  _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def write_manifest(out: pathlib.Path, manifest: dict) -> None:
+  _atomic_write(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+
+def read_manifest(out) -> typing.Optional[dict]:
+  path = pathlib.Path(out) / MANIFEST
+  if not path.exists():
+    return None
+  return json.loads(path.read_text())
+
+
+def _stored(acts: np.ndarray, dtype: str) -> np.ndarray:
+  if dtype == "bfloat16":
+    import ml_dtypes
+    return acts.astype(ml_dtypes.bfloat16).view(np.uint16)
+  return acts.astype(dtype)
+
+
+# --- Tokens ------------------------------------------------------------------
+
+def _texts(config: ExportConfig) -> typing.Iterator[str]:
+  import datasets
+  if isinstance(config.dataset, tuple):
+    kind = "text" if str(config.dataset[0]).endswith(".txt") else "json"
+    if any(str(p).endswith(".txt") != (kind == "text") for p in config.dataset):
+      raise ValueError("ExportConfig.dataset: mix of .txt and .jsonl files; use one kind")
+    records = datasets.load_dataset(kind, data_files=list(config.dataset), split="train",
+                                    streaming=True)
+    field = "text" if kind == "text" else config.text_field
+  else:
+    records = datasets.load_dataset(config.dataset, split=config.split, streaming=True)
+    field = config.text_field
+  for record in records:
+    if field not in record:
+      raise ValueError(f"dataset records have no field {field!r} (text_field); "
+                       f"fields: {sorted(record)}")
+    yield record[field]
+
+
+def contexts(config: ExportConfig, tokenizer) -> typing.Iterator[np.ndarray]:
+  """[context_length] int32 token ids: documents joined by end-of-text, cut in order."""
+  eos = tokenizer.eos_token_id
+  stream: list = []
+  for text in _texts(config):
+    stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if eos is not None:  # Pythia's <|endoftext|> is id 0: never test it for truth
+      stream.append(eos)
+    while len(stream) >= config.context_length:
+      yield np.asarray(stream[:config.context_length], np.int32)
+      del stream[:config.context_length]
+
+
+def _batches(config: ExportConfig, tokenizer, start_batch: int):
+  """(batch index, [b, L] ids) from batch `start_batch` on; skipped batches are
+  tokenized but never run through the model."""
+  batch, index = [], 0
+  for context in contexts(config, tokenizer):
+    batch.append(context)
+    if len(batch) == config.batch_contexts:
+      if index >= start_batch:
+        yield index, np.stack(batch)
+      batch, index = [], index + 1
+  if batch and index >= start_batch:
+    yield index, np.stack(batch)
+
+
+# --- The model -----------------------------------------------------------------
+
+class _Stop(Exception):
+  """Raised by the hook: nothing above the hooked block is computed."""
+
+
+def _blocks(model, n_layers: int):
+  import torch
+  for module in model.modules():
+    if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+      return module
+  raise ValueError(f"could not find the {n_layers} transformer blocks of {type(model).__name__}")
+
+
+class HookedModel:
+  """A transformers model run up to the output of block N, and no further."""
+
+  def __init__(self, config: ExportConfig):
+    import torch
+    import transformers
+    self.device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    self.tokenizer = transformers.AutoTokenizer.from_pretrained(config.model,
+                                                                revision=config.revision)
+    # The base model: no LM head. Its load report would list the head's
+    # weights as unexpected, which they are not for us.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+      self.model = transformers.AutoModel.from_pretrained(
+          config.model, revision=config.revision, dtype=torch.float32)
+    finally:
+      transformers.logging.set_verbosity(verbosity)
+    self.model = self.model.to(self.device).eval()
+    n_layers = self.model.config.num_hidden_layers
+    layer = hook_layer(config.hook)
+    if layer >= n_layers:
+      raise ValueError(f"hook {config.hook!r} needs block {layer}, but {config.model!r} has "
+                       f"blocks 0..{n_layers - 1}")
+    self.d_model = self.model.config.hidden_size
+    self._out = None
+    _blocks(self.model, n_layers)[layer].register_forward_hook(self._capture)
+
+  def _capture(self, module, inputs, output):
+    self._out = output[0] if isinstance(output, tuple) else output
+    raise _Stop
+
+  def __call__(self, ids_BxL: np.ndarray) -> np.ndarray:
+    """Float32 [b, L, D] residual stream at the hook."""
+    import torch
+    with torch.inference_mode():
+      try:
+        self.model(input_ids=torch.as_tensor(ids_BxL, device=self.device))
+      except _Stop:
+        pass
+    return self._out.float().cpu().numpy()
+
+
+# --- Export ----------------------------------------------------------------------
+
+def _check_or_start(out: pathlib.Path, config: ExportConfig) -> dict:
+  """The manifest to continue from; refuses a directory holding something else."""
+  manifest = read_manifest(out)
+  if manifest is None:
+    if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
+      raise ValueError(f"{out} is not empty and holds no {MANIFEST}: refusing to write there")
+    return {**config.identity(), "complete": False, "shards": [], "total_tokens": 0}
+  differences = [f"{name}: cache has {manifest.get(name)!r}, asked for {value!r}"
+                 for name, value in config.identity().items() if manifest.get(name) != value]
+  if differences:
+    raise ValueError(f"{out} holds a different export; refusing to overwrite it:\n  "
+                     + "\n  ".join(differences))
+  return manifest
+
+
+def export_activations(config: ExportConfig, out, *, progress: bool = True,
+                       on_shard: typing.Optional[typing.Callable[[dict], None]] = None) -> dict:
+  """Exports `config.tokens` rows into directory `out`, resuming if it holds
+  part of the same export.
+
+  Only full shards are kept when resuming (a short last shard is recomputed),
+  and whole forward batches are recomputed, so a resumed export is byte for
+  byte the uninterrupted one.
+
+  Args:
+    config: what to export.
+    out: the cache directory (created if missing).
+    progress: show a tqdm bar with tokens/s.
+    on_shard: called with the manifest after each shard is written.
+
+  Returns:
+    The final manifest.
+  """
+  out = pathlib.Path(out)
+  manifest = _check_or_start(out, config)
+  shards = [s for s in manifest["shards"] if s["rows"] == config.shard_rows]
+  done = sum(s["rows"] for s in shards)
+  if manifest["complete"] and done + sum(
+      s["rows"] for s in manifest["shards"][len(shards):]) >= config.tokens:
+    return manifest
+  out.mkdir(parents=True, exist_ok=True)
+  for stale in out.glob(".*.tmp-*"):  # left by an interrupted write
+    stale.unlink()
+  model = HookedModel(config)
+  start_batch, skip_rows = (shards[-1]["next_batch"], shards[-1]["skip_rows"]) if shards else (0, 0)
+  manifest.update(shards=shards, complete=False, total_tokens=done, d_model=model.d_model,
+                  hidden_states_index=hidden_states_index(config.hook), prepend_bos=False,
+                  excluded_positions=[0], bfloat16_stored_as="uint16")
+  excluded = np.asarray(config.exclude_token_ids, np.int32)
+  pending = {"acts": [], "tokens": [], "positions": []}
+  n_pending = 0
+
+  def flush(next_batch, rows_into_batch):
+    nonlocal n_pending, done
+    index = len(manifest["shards"])
+    names = shard_names(index)
+    arrays = {kind: np.concatenate(pending[kind])[:config.shard_rows] for kind in pending}
+    for kind, name in names.items():
+      _save_npy(out / name, _stored(arrays[kind], config.dtype) if kind == "acts" else arrays[kind])
+    rows = len(arrays["tokens"])
+    manifest["shards"].append({
+        "rows": rows, "next_batch": next_batch, "skip_rows": rows_into_batch,
+        "files": names, "sha256": {kind: sha256(out / name) for kind, name in names.items()}})
+    done += rows
+    manifest["total_tokens"] = done
+    write_manifest(out, manifest)
+    for kind in pending:
+      rest = np.concatenate(pending[kind])[config.shard_rows:]
+      pending[kind] = [rest]
+    n_pending -= rows
+    if on_shard is not None:
+      on_shard(manifest)
+
+  bar = tqdm.tqdm(total=config.tokens, initial=done, unit="tok", unit_scale=True,
+                  disable=not progress, dynamic_ncols=True)
+  with bar:
+    for batch_index, ids_BxL in _batches(config, model.tokenizer, start_batch):
+      if done + n_pending >= config.tokens:
+        break
+      acts_BxLxD = model(ids_BxL)
+      positions_BxL = np.broadcast_to(np.arange(ids_BxL.shape[1], dtype=np.int32), ids_BxL.shape)
+      keep_BxL = (positions_BxL > 0) & ~np.isin(ids_BxL, excluded)
+      rows = {"acts": acts_BxLxD[keep_BxL], "tokens": ids_BxL[keep_BxL],
+              "positions": positions_BxL[keep_BxL]}
+      if batch_index == start_batch and skip_rows:
+        rows = {kind: v[skip_rows:] for kind, v in rows.items()}
+      batch_start = n_pending  # rows of this batch begin here in `pending`
+      base = skip_rows if batch_index == start_batch else 0
+      for kind, v in rows.items():
+        pending[kind].append(v)
+      n_pending += len(rows["tokens"])
+      bar.update(min(done + n_pending, config.tokens) - bar.n)
+      while n_pending >= config.shard_rows and done + config.shard_rows <= config.tokens:
+        # The next shard starts inside this batch, this many rows in.
+        flush(batch_index, base + config.shard_rows - batch_start)
+        batch_start -= config.shard_rows
+    if n_pending and done < config.tokens:
+      # A short last shard (budget or data exhausted): resumes recompute it.
+      for kind in pending:
+        pending[kind] = [np.concatenate(pending[kind])[:config.tokens - done]]
+      n_pending = len(pending["tokens"][0])
+      flush(-1, -1)
+  manifest["complete"] = True
+  write_manifest(out, manifest)
+  return manifest

@@ -1,0 +1,52 @@
+"""A tiny random GPT-NeoX, a tokenizer built here, and text files written here
+(no hub): the real transformers loading path, at test size."""
+
+import json
+import pathlib
+
+import numpy as np
+
+WORDS = [f"w{i}" for i in range(60)]
+L = 16  # context length of the test exports
+
+
+def write_texts(directory: pathlib.Path, seed: int = 0) -> dict:
+  """Two .txt files (a document per line) and one .jsonl file."""
+  rng = np.random.default_rng(seed)
+  doc = lambda: " ".join(rng.choice(WORDS, size=rng.integers(3, 40)))
+  directory.mkdir(parents=True, exist_ok=True)
+  paths = {"txt": [directory / "a.txt", directory / "b.txt"], "jsonl": [directory / "c.jsonl"]}
+  for path in paths["txt"]:
+    path.write_text("\n".join(doc() for _ in range(40)) + "\n")
+  paths["jsonl"][0].write_text(
+      "\n".join(json.dumps({"body": doc(), "id": i}) for i in range(40)) + "\n")
+  return paths
+
+
+def build(directory: pathlib.Path, *, layers: int = 3, hidden: int = 16, rotary_pct: float = 0.25,
+          parallel_residual: bool = True, seed: int = 0) -> pathlib.Path:
+  """Saves a random GPTNeoXForCausalLM and a word-level tokenizer whose
+  <|endoftext|> is id 0, as Pythia's is."""
+  import tokenizers
+  import torch
+  import transformers
+  vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>").save_pretrained(directory)
+  config = transformers.GPTNeoXConfig(
+      vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+      intermediate_size=2 * hidden, rotary_pct=rotary_pct, max_position_embeddings=128,
+      use_parallel_residual=parallel_residual, bos_token_id=0, eos_token_id=0)
+  torch.manual_seed(seed)
+  transformers.GPTNeoXForCausalLM(config).save_pretrained(directory)
+  return directory
+
+
+def export_config(lm: dict, **kwargs):
+  """A small export of the `lm` fixture: 700 rows of block 1 in 128-row shards."""
+  from sae_jax import export
+  base = dict(model=lm["model"], hook="blocks.1.hook_resid_post", dataset=lm["texts"]["txt"],
+              context_length=L, tokens=700, shard_rows=128, batch_contexts=4)
+  return export.ExportConfig(**{**base, **kwargs})
