@@ -216,8 +216,10 @@ def shard_batch(x_BxD, n_devices: int) -> np.ndarray:
 
 
 def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 100,
-          on_log: typing.Optional[typing.Callable[[int, dict], None]] = None,
-          progress: bool = True) -> TrainState:
+               on_log: typing.Optional[typing.Callable[[int, dict], None]] = None,
+               on_step: typing.Optional[typing.Callable[[int, TrainState], None]] = None,
+               should_stop: typing.Optional[typing.Callable[[], bool]] = None,
+               progress: bool = True) -> TrainState:
   """Runs `p_train_step` until the config's last step or the end of `batches`.
 
   Args:
@@ -227,6 +229,9 @@ def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 
     log_every: steps between calls of `on_log`; the last step is always logged.
     on_log: called as on_log(step, metrics) with the step's metrics as floats,
       plus "step" (steps done) and "tokens_per_second" (since the last log).
+    on_step: called as on_step(step, state) after each step is dispatched
+      (for checkpoints); `state` must not be kept, as the next step donates it.
+    should_stop: checked after each step; True ends the loop there (SIGTERM).
     progress: show a tqdm bar (tokens, tokens/s, loss, fvu, l0).
 
   Returns:
@@ -288,6 +293,10 @@ def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 
       if pending is not None:
         report(*pending)
       pending = (step, metrics)
+      if on_step is not None:
+        on_step(step, state)
+      if should_stop is not None and should_stop():
+        break
     if pending is not None:
       report(*pending, last=True)
   return state

@@ -1,0 +1,83 @@
+"""A trained SAE as a folder SAELens loads: cfg.json + sae_weights.safetensors.
+
+The input scale c is folded into the weights. The SAE saw c·x, so on raw x
+every pre-activation, code and threshold is 1/c of its trained value:
+b_dec / c, b_enc / c, theta / c, with W_enc and W_dec unchanged. Then
+normalize_activations is "none". BatchTopK and Sampled-SAE are saved as
+"jumprelu" with the learned threshold (SAELens: relu(h) * (h > threshold),
+h = (x - b_dec) @ W_enc + b_enc); TopK is saved as "topk" with its k.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import typing
+
+import numpy as np
+
+from sae_jax.config import SAEConfig
+
+SAE_LENS_VERSION = "6.0.0"
+
+
+def folded_weights(params: dict, threshold: float, input_scale: float,
+                   selection: str) -> dict:
+  """float32 arrays W_enc [D,F], W_dec [F,D], b_enc [F], b_dec [D] (and
+  threshold [F] unless TopK) acting on raw activations."""
+  c = float(input_scale)
+  weights = {
+      "W_enc": np.asarray(params["W_enc"], np.float32),
+      "W_dec": np.asarray(params["W_dec"], np.float32),
+      "b_enc": np.asarray(params["b_enc"], np.float32) / np.float32(c),
+      "b_dec": np.asarray(params["b_dec"], np.float32) / np.float32(c),
+  }
+  if selection != "topk":
+    n_latents = weights["b_enc"].shape[0]
+    weights["threshold"] = np.full(n_latents, np.float32(threshold) / np.float32(c), np.float32)
+  return weights
+
+
+def export_saelens(out, params: dict, threshold: float, input_scale: float, config: SAEConfig,
+                   metadata: typing.Mapping[str, typing.Any]) -> pathlib.Path:
+  """Writes the folder `out` (replacing it whole, never leaving half of it).
+
+  Args:
+    out: the folder to write.
+    params: the SAE's parameters (scaled units, as trained).
+    threshold: the learned inference threshold (scaled units).
+    input_scale: the constant c the inputs were multiplied by.
+    config: the SAE's config.
+    metadata: SAELens metadata: model_name, hook_name, context_size,
+      prepend_bos, dataset_path (sae_lens_version is added).
+
+  Returns:
+    The folder's path.
+  """
+  from safetensors.numpy import save_file
+  out = pathlib.Path(out)
+  weights = folded_weights(params, threshold, input_scale, config.selection)
+  cfg = {
+      "architecture": "topk" if config.selection == "topk" else "jumprelu",
+      "d_in": config.d_model,
+      "d_sae": config.n_latents,
+      "dtype": "float32",
+      "device": "cpu",
+      "apply_b_dec_to_input": True,
+      "normalize_activations": "none",
+      "reshape_activations": "none",
+      "metadata": {**metadata, "sae_lens_version": SAE_LENS_VERSION},
+  }
+  if config.selection == "topk":
+    cfg["k"] = config.k
+  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  save_file(weights, str(tmp / "sae_weights.safetensors"))
+  (tmp / "cfg.json").write_text(json.dumps(cfg, indent=1))
+  old = out.with_name(f".{out.name}.old-{os.getpid()}")
+  if out.exists():
+    os.replace(out, old)
+  os.replace(tmp, out)
+  shutil.rmtree(old, ignore_errors=True)
+  return out
