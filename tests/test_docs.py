@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from sae_jax import evaluate
 from sae_jax import losses
 from sae_jax import model
 from sae_jax import optimizer
@@ -15,7 +16,7 @@ from sae_jax import selection
 from sae_jax import train
 
 
-@pytest.mark.parametrize("module", [losses, model, optimizer, pool, scoring, selection, train])
+@pytest.mark.parametrize("module", [evaluate, losses, model, optimizer, pool, scoring, selection, train])
 def test_docstring_examples(module):
   result = doctest.testmod(module, extraglobs={"jax": jax, "jnp": jnp},
                            optionflags=doctest.NORMALIZE_WHITESPACE)

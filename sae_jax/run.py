@@ -1,0 +1,283 @@
+"""The main job: data, state, training loop, checkpoints, evaluation, export.
+
+`experiments/train.py` parses a `RunConfig` and calls `run`. Re-running with
+the same `out` resumes from the latest checkpoint and ends with the same
+parameters as a run that was never interrupted.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import time
+import typing
+
+import jax
+import numpy as np
+
+from sae_jax import checkpoint
+from sae_jax import data
+from sae_jax import evaluate
+from sae_jax import export as export_lib
+from sae_jax import saelens
+from sae_jax import synthetic as synthetic_lib
+from sae_jax import train
+from sae_jax import validation
+from sae_jax.config import SAEConfig
+from sae_jax.config import TrainConfig
+
+# May change between a run and its resume.
+RESUMABLE_FIELDS = ("log_every", "ckpt_every", "keep_checkpoints", "wandb", "tensorboard")
+INIT_SAMPLE = 4096
+# Synthetic batches are indexed by step; these indices are never training steps.
+SYNTHETIC_INIT_STEP, SYNTHETIC_EVAL_STEP = 2**31 - 1, 2**31 - 2
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """A training run: what to train, on which data, and where the outputs go."""
+  train: TrainConfig
+  """The SAE and its recipe."""
+  out: str
+  """Output directory: config.json, metrics.jsonl, checkpoints/, summary.json, saelens/."""
+  data: str = "pythia"
+  """"pythia" (the cache in cache_dir, exported first if missing), "synthetic",
+  a cache directory or a .npy file [N, D]."""
+  cache_dir: str = "cache/pythia-160m"
+  """Where --data pythia keeps its activation cache."""
+  export: export_lib.ExportConfig = export_lib.ExportConfig()
+  """Model, hook and text for --data pythia (its token budget is set by the run)."""
+  synthetic: synthetic_lib.SyntheticConfig = synthetic_lib.SyntheticConfig()
+  """The generating process for --data synthetic."""
+  eval_tokens: int = 65536
+  """Held-out tokens for the final evaluation."""
+  log_every: int = 100
+  """Steps between lines of metrics.jsonl."""
+  ckpt_every: int = 1000
+  """Steps between checkpoints (one is also saved at the end and on SIGTERM)."""
+  keep_checkpoints: int = 3
+  """Checkpoints kept."""
+  wandb: bool = False
+  """Also log metrics to Weights & Biases (needs the wandb package)."""
+  tensorboard: bool = False
+  """Also log metrics for TensorBoard (needs the tensorboardX package)."""
+
+  def __post_init__(self):
+    for name in ("eval_tokens", "log_every", "ckpt_every", "keep_checkpoints"):
+      validation.check_int_field("RunConfig", name, getattr(self, name))
+    if self.data not in ("pythia", "synthetic"):
+      path = pathlib.Path(self.data)
+      if not (path.is_dir() or (path.suffix == ".npy" and path.is_file())):
+        raise ValueError(f"--data must be 'pythia', 'synthetic', a cache directory or a .npy "
+                         f"file; {self.data!r} is none of these")
+    if self.data == "synthetic" and self.synthetic.d_model != self.train.sae.d_model:
+      raise ValueError(f"d_model {self.train.sae.d_model} differs from the synthetic data's "
+                       f"{self.synthetic.d_model}")
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["train"] = self.train.to_dict()
+    d["export"] = self.export.identity() | {"tokens": self.export.tokens,
+                                            "device": self.export.device}
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "RunConfig":
+    d = dict(d)
+    return cls(train=TrainConfig.from_dict(d.pop("train")),
+               export=export_lib.ExportConfig(**d.pop("export")),
+               synthetic=synthetic_lib.SyntheticConfig(**d.pop("synthetic")), **d)
+
+
+def d_model_of(data_arg: str, *, cache_dir: str, model: str, revision=None,
+               synthetic_d_model: int) -> int:
+  """The activation width D of a run's data, found without doing any work."""
+  if data_arg == "synthetic":
+    return synthetic_d_model
+  if data_arg == "pythia":
+    manifest = export_lib.read_manifest(cache_dir)
+    if manifest is not None and "d_model" in manifest:
+      return manifest["d_model"]
+    import transformers  # reads config.json only; no torch
+    return transformers.AutoConfig.from_pretrained(model, revision=revision).hidden_size
+  path = pathlib.Path(data_arg)
+  if path.suffix == ".npy" and path.is_file():
+    shape = np.load(path, mmap_mode="r").shape
+    if len(shape) != 2:
+      raise ValueError(f"{data_arg} must hold activations [N, D] (2 dimensions); got shape {shape}")
+    return shape[1]
+  manifest = export_lib.read_manifest(path) if path.is_dir() else None
+  if manifest is None or "d_model" not in manifest:
+    raise ValueError(f"--data {data_arg!r} is not 'pythia', 'synthetic', an activation cache "
+                     f"directory or a .npy file")
+  return manifest["d_model"]
+
+
+class _Data(typing.NamedTuple):
+  batches: typing.Callable[[int], typing.Iterator[np.ndarray]]  # start step -> batches
+  sample: np.ndarray  # raw rows for the initialisation
+  held_out: typing.Callable[[], np.ndarray]
+  metadata: dict  # for SAELens
+  dictionary: typing.Optional[np.ndarray] = None  # synthetic ground truth
+
+
+def _open_data(config: RunConfig, n_devices: int) -> _Data:
+  c = config.train
+  if config.data == "synthetic":
+    source = synthetic_lib.SyntheticSource(config.synthetic)
+    p, n_proc = jax.process_index(), jax.process_count()
+
+    def batches(start):
+      for step in range(start, 2**31 - 2):
+        rows = source.sample(step, c.batch_size).reshape(n_proc, -1, c.sae.d_model)[p]
+        yield rows.reshape(n_devices, -1, c.sae.d_model)
+
+    return _Data(batches, source.sample(SYNTHETIC_INIT_STEP, INIT_SAMPLE),
+                 lambda: source.sample(SYNTHETIC_EVAL_STEP, config.eval_tokens),
+                 {"model_name": "synthetic", "hook_name": "synthetic", "context_size": None,
+                  "prepend_bos": False, "dataset_path": "synthetic"}, source.dictionary)
+  path = config.data
+  if config.data == "pythia":
+    path = config.cache_dir
+    needed = c.total_steps * c.batch_size + config.eval_tokens
+    export_lib.export_activations(dataclasses.replace(config.export, tokens=needed), path)
+  manifest = export_lib.read_manifest(path) if pathlib.Path(path).is_dir() else None
+  n_rows = data.Activations(path).n_rows
+  eval_rows = min(config.eval_tokens, n_rows // 10)
+  if eval_rows < config.eval_tokens:
+    print(f"holding out {eval_rows} rows for evaluation (a tenth of {n_rows}), "
+          f"not eval_tokens={config.eval_tokens}", flush=True)
+  acts = data.Activations(path, eval_rows=eval_rows)
+  metadata = {"model_name": manifest["model"] if manifest else "unknown",
+              "hook_name": manifest["hook"] if manifest else "unknown",
+              "context_size": manifest["context_length"] if manifest else None,
+              "prepend_bos": False,
+              "dataset_path": manifest["dataset"] if manifest else str(path)}
+  return _Data(lambda start: acts.batches(c.batch_size, n_devices, seed=c.seed, start_step=start),
+               acts.sample(min(INIT_SAMPLE, acts.n_rows - eval_rows), seed=c.seed),
+               acts.eval_batch, metadata)
+
+
+def _write_json(path: pathlib.Path, value) -> None:
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_text(json.dumps(value, indent=1))
+  os.replace(tmp, path)
+
+
+def _check_resume(out: pathlib.Path, config: RunConfig) -> None:
+  path = out / "config.json"
+  new = config.to_dict()
+  if path.exists():
+    old = json.loads(path.read_text())
+    flat = lambda d, prefix="": {k2: v2 for k, v in d.items() for k2, v2 in (
+        flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(f"{prefix}{k}", v)])}
+    before, after = flat(old), flat(new)
+    differences = [f"{k}: saved {before.get(k)!r}, now {after.get(k)!r}"
+                   for k in sorted(set(before) | set(after))
+                   if k not in RESUMABLE_FIELDS and before.get(k) != after.get(k)]
+    if differences:
+      raise ValueError(f"{out} holds a run with another config; refusing to resume it "
+                       f"(use another --out):\n  " + "\n  ".join(differences))
+  _write_json(path, new)
+
+
+def _loggers(config: RunConfig, out: pathlib.Path):
+  """Optional metric sinks, imported only when asked for."""
+  sinks = []
+  if config.wandb:
+    try:
+      import wandb
+    except ImportError:
+      raise ValueError("--wandb needs the wandb package: pip install wandb") from None
+    run = wandb.init(project="sae_jax", dir=str(out), config=config.to_dict(),
+                     id=out.name, resume="allow")
+    sinks.append(lambda step, m: run.log(m, step=step))
+  if config.tensorboard:
+    try:
+      import tensorboardX
+    except ImportError:
+      raise ValueError("--tensorboard needs the tensorboardX package: pip install tensorboardX") \
+          from None
+    writer = tensorboardX.SummaryWriter(str(out / "tensorboard"))
+    sinks.append(lambda step, m: [writer.add_scalar(k, v, step) for k, v in m.items()])
+  return sinks
+
+
+def run(config: RunConfig, *, progress: bool = True) -> typing.Optional[dict]:
+  """Trains (or resumes), then evaluates and exports.
+
+  Returns:
+    The summary, or None if SIGTERM stopped the run (after a checkpoint).
+  """
+  c = config.train
+  n_devices = jax.local_device_count()
+  if c.batch_size % (n_devices * jax.process_count()):
+    raise ValueError(f"--batch-size {c.batch_size} must be divisible by the "
+                     f"{n_devices * jax.process_count()} devices")
+  out = pathlib.Path(config.out)
+  out.mkdir(parents=True, exist_ok=True)
+  _check_resume(out, config)
+  sinks = _loggers(config, out)
+  print(f"devices: {jax.device_count()} ({n_devices} local, {jax.devices()[0].platform}); "
+        f"batch {c.batch_size} tokens, {c.batch_size // jax.device_count()} per device; "
+        f"{c.total_steps} steps", flush=True)
+  print(json.dumps(config.to_dict()), flush=True)
+
+  source = _open_data(config, n_devices)
+  ckpt = checkpoint.Checkpointer(out / "checkpoints", keep=config.keep_checkpoints)
+  state = train.create_train_state(c, source.sample)
+  state = ckpt.restore(state) or state
+  start = int(state.step)
+  if start:
+    print(f"resuming at step {start}", flush=True)
+  metrics_path = out / "metrics.jsonl"
+  kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
+          if json.loads(line)["step"] <= start]
+  metrics_path.write_text("".join(line + "\n" for line in kept))
+
+  stop = {"signal": False}
+  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+  try:
+    with open(metrics_path, "a") as metrics_file:
+      def on_log(step, m):
+        metrics_file.write(json.dumps(m) + "\n")
+        metrics_file.flush()
+        for sink in sinks:
+          sink(step, m)
+
+      def on_step(step, replicated):
+        if step % config.ckpt_every == 0:
+          ckpt.save(train.unreplicate(replicated))
+
+      began = time.perf_counter()
+      replicated = train.train_loop(
+          train.replicate(state), source.batches(start), log_every=config.log_every,
+          on_log=on_log, on_step=on_step, should_stop=lambda: stop["signal"], progress=progress)
+      seconds = time.perf_counter() - began
+    state = train.unreplicate(replicated)
+    ckpt.save(state)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    ckpt.close()
+  if stop["signal"] and int(state.step) < c.total_steps:
+    print(f"stopped by SIGTERM at step {int(state.step)}; checkpoint saved", flush=True)
+    return None
+
+  held_out = source.held_out()
+  z, xhat = evaluate.reconstruct(state.params, state.threshold, state.input_scale, held_out, c.sae)
+  summary = evaluate.reconstruction_metrics(held_out, xhat, z)
+  summary.update(
+      dead_fraction=float(np.mean(state.steps_since_fired_F >= c.dead_steps)),
+      tokens=int(state.step) * c.batch_size, steps=int(state.step),
+      tokens_per_second=(int(state.step) - start) * c.batch_size / max(seconds, 1e-9),
+      skipped_steps=int(state.skipped_steps), threshold=float(state.threshold),
+      input_scale=float(state.input_scale))
+  if source.dictionary is not None:
+    cosines = synthetic_lib.best_cosines(state.params["W_dec"], source.dictionary)
+    summary.update(gt_mmcs=float(cosines.mean()), gt_recovered=float(np.mean(cosines >= 0.9)))
+  _write_json(out / "summary.json", summary)
+  saelens.export_saelens(out / "saelens", state.params, float(state.threshold),
+                         float(state.input_scale), c.sae, source.metadata)
+  print(json.dumps(summary), flush=True)
+  return summary

@@ -1,0 +1,199 @@
+"""experiments/train.py end to end: outputs, exact resume after SIGTERM and
+kill -9, the SAELens export, refusals, and the Pythia path on a tiny model."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from sae_jax import evaluate
+from sae_jax import synthetic
+from sae_jax.run import RunConfig
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "experiments" / "train.py"
+_spec = importlib.util.spec_from_file_location("train_script", SCRIPT)
+train_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_script)
+
+SMALL = ["--synthetic-d-model", "16", "--synthetic-features", "32", "--dict-size", "64",
+         "--k", "4", "--l", "4", "--batch-size", "64", "--warmup-steps", "5",
+         "--threshold-start", "10", "--eval-tokens", "512", "--no-progress"]
+
+
+def cli(*args):
+  return train_script.main([*SMALL, *map(str, args)])
+
+
+def outputs(out):
+  out = pathlib.Path(out)
+  return {"summary": json.loads((out / "summary.json").read_text()),
+          "metrics": [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()],
+          "config": RunConfig.from_dict(json.loads((out / "config.json").read_text())),
+          "weights": load_file(str(out / "saelens" / "sae_weights.safetensors")),
+          "cfg": json.loads((out / "saelens" / "cfg.json").read_text()),
+          "bytes": (out / "saelens" / "sae_weights.safetensors").read_bytes()}
+
+
+def test_synthetic_run_writes_every_output(tmp_path):
+  assert cli("--data", "synthetic", "--steps", 40, "--log-every", 10, "--ckpt-every", 15,
+             "--out", tmp_path / "run") == 0
+  o = outputs(tmp_path / "run")
+  assert {"fvu", "explained_variance", "mse", "l0", "dead_fraction", "tokens", "steps",
+          "tokens_per_second", "gt_mmcs", "gt_recovered"} <= set(o["summary"])
+  assert o["summary"]["steps"] == 40 and o["summary"]["tokens"] == 40 * 64
+  assert o["summary"]["explained_variance"] == pytest.approx(1 - o["summary"]["fvu"])
+  assert [m["step"] for m in o["metrics"]] == [10, 20, 30, 40]
+  assert all(m["tokens_per_second"] > 0 for m in o["metrics"])
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["15", "30", "40"]
+  assert o["config"].train.sae.k == 4 and o["config"].data == "synthetic"
+  assert o["cfg"]["architecture"] == "jumprelu" and o["cfg"]["d_sae"] == 64
+  # Re-running a finished run changes nothing.
+  assert cli("--data", "synthetic", "--steps", 40, "--log-every", 10, "--ckpt-every", 15,
+             "--out", tmp_path / "run") == 0
+  assert outputs(tmp_path / "run")["bytes"] == o["bytes"]
+
+
+def saelens_forward(weights, cfg, x):
+  """SAELens' formulas, from the files alone."""
+  h = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
+  if cfg["architecture"] == "jumprelu":
+    z = np.maximum(h, 0) * (h > weights["threshold"])
+  else:
+    z = np.zeros_like(h)
+    top = np.argsort(-h, axis=1, kind="stable")[:, :cfg["k"]]
+    np.put_along_axis(z, top, np.maximum(np.take_along_axis(h, top, axis=1), 0), axis=1)
+  return z, z @ weights["W_dec"] + weights["b_dec"]
+
+
+@pytest.mark.parametrize("selection", ["sampled", "topk"])
+def test_saelens_export_reproduces_inference(tmp_path, selection):
+  npy = tmp_path / "acts.npy"
+  source = synthetic.SyntheticSource(synthetic.SyntheticConfig(d_model=16, n_features=32))
+  np.save(npy, 5.0 * source.sample(0, 4096) + 1.0)  # a scale for the export to fold
+  assert cli("--data", npy, "--selection", selection, "--steps", 30, "--eval-tokens", 256,
+             "--out", tmp_path / "run") == 0
+  o = outputs(tmp_path / "run")
+  assert o["cfg"]["architecture"] == ("topk" if selection == "topk" else "jumprelu")
+  assert o["cfg"]["normalize_activations"] == "none" and o["cfg"]["apply_b_dec_to_input"]
+  assert o["cfg"]["metadata"]["sae_lens_version"] >= "6.0.0" and o["cfg"]["dtype"] == "float32"
+  if selection == "topk":
+    assert o["cfg"]["k"] == 4 and "threshold" not in o["weights"]
+  x = np.load(npy)[-256:]
+  z, xhat = saelens_forward(o["weights"], o["cfg"], x)
+
+  from sae_jax import checkpoint, train
+  c = o["config"].train
+  state = checkpoint.Checkpointer(tmp_path / "run" / "checkpoints").restore(
+      train.create_train_state(c, x))
+  our_z, our_xhat = evaluate.reconstruct(state.params, state.threshold, state.input_scale, x, c.sae)
+  scale = float(state.input_scale)
+  np.testing.assert_allclose(z, our_z / scale, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(xhat, our_xhat, rtol=1e-4, atol=1e-4)
+  assert np.mean(np.sum(z > 0, axis=1)) > 0
+  assert o["summary"]["fvu"] == pytest.approx(
+      evaluate.reconstruction_metrics(x, our_xhat, our_z)["fvu"], rel=1e-6)
+
+
+def subprocess_run(out, steps, extra=()):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  args = [sys.executable, str(SCRIPT), *SMALL, "--data", "synthetic", "--steps", str(steps),
+          "--log-every", "1", "--out", str(out), *extra]
+  return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def wait_for_step(out, step, process, timeout=120):
+  metrics = pathlib.Path(out) / "metrics.jsonl"
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if process.poll() is not None:
+      raise AssertionError(f"run ended early: {process.communicate()}")
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    if lines and json.loads(lines[-1])["step"] >= step:
+      return
+    time.sleep(0.05)
+  raise AssertionError("run did not reach the step in time")
+
+
+@pytest.mark.parametrize("how", ["sigterm", "kill"])
+def test_interrupted_run_resumes_exactly(tmp_path, how):
+  steps = 600
+  straight = tmp_path / "straight"
+  assert cli("--data", "synthetic", "--steps", steps, "--log-every", 1, "--out", straight) == 0
+
+  resumed = tmp_path / "resumed"
+  process = subprocess_run(resumed, steps, ["--ckpt-every", "50"])
+  wait_for_step(resumed, 120, process)
+  process.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+  stdout, stderr = process.communicate(timeout=120)
+  if how == "sigterm":
+    assert process.returncode == 0, stderr
+    assert "stopped by SIGTERM" in stdout
+    assert not (resumed / "summary.json").exists()
+  else:
+    assert process.returncode == -signal.SIGKILL
+  stopped_at = max(int(p.name) for p in (resumed / "checkpoints").iterdir())
+  assert 50 <= stopped_at < steps
+
+  assert cli("--data", "synthetic", "--steps", steps, "--log-every", 1, "--ckpt-every", 50,
+             "--out", resumed) == 0
+  a, b = outputs(straight), outputs(resumed)
+  assert a["bytes"] == b["bytes"]  # the same final parameters, bit for bit
+  assert [m["step"] for m in b["metrics"]] == list(range(1, steps + 1))
+  for ma, mb in zip(a["metrics"], b["metrics"]):
+    assert ma["loss"] == mb["loss"]
+
+
+def test_resume_with_another_config_is_refused(tmp_path, capsys):
+  assert cli("--data", "synthetic", "--steps", 20, "--out", tmp_path / "run") == 0
+  capsys.readouterr()
+  assert cli("--data", "synthetic", "--steps", 20, "--out", tmp_path / "run", "--k", 3,
+             "--l", 5) == 2
+  err = capsys.readouterr().err
+  assert "refusing to resume" in err
+  assert "train.sae.k: saved 4, now 3" in err and "train.sae.l: saved 4.0, now 5.0" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--k", "65", "--dict-size", "64"], r"SAEConfig.k must be an integer in \[1, 64\]"),
+    (["--l", "0.5"], r"SAEConfig.l must be a finite number >= 1; got 0.5"),
+    (["--data", "missing/acts.npy"], r"--data 'missing/acts.npy' is not 'pythia', 'synthetic'"),
+    (["--data", "RANK3"], r"must hold activations \[N, D\] \(2 dimensions\); got shape \(4, 4, 16\)"),
+    (["--batch-size", "30"], r"--batch-size 30 must be divisible by the 4 devices"),
+])
+def test_bad_input_exits_with_one_clear_line(tmp_path, capsys, args, message):
+  np.save(tmp_path / "rank3.npy", np.zeros((4, 4, 16), np.float32))
+  args = [str(tmp_path / "rank3.npy") if a == "RANK3" else a for a in args]
+  if "--data" not in args:
+    args += ["--data", "synthetic"]
+  out = tmp_path / "run"
+  assert cli(*args, "--steps", 20, "--out", out) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+  import re
+  assert re.search(message, err), err
+  assert not out.exists()  # refused before any work
+
+
+def test_pythia_path_on_a_tiny_model(lm, tmp_path):
+  out, cache = tmp_path / "run", tmp_path / "cache"
+  assert cli("--data", "pythia", "--model", lm["model"], "--dataset", *lm["texts"]["txt"],
+             "--hook", "blocks.1.hook_resid_post", "--context-length", 16, "--cache-dir", cache,
+             "--batch-size", 32, "--steps", 12, "--eval-tokens", 64, "--out", out) == 0
+  manifest = json.loads((cache / "manifest.json").read_text())
+  assert manifest["complete"] and manifest["total_tokens"] == 12 * 32 + 64
+  o = outputs(out)
+  assert o["cfg"]["d_in"] == 16 and o["cfg"]["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+  assert o["cfg"]["metadata"]["model_name"] == lm["model"]
+  assert o["cfg"]["metadata"]["context_size"] == 16 and o["cfg"]["metadata"]["prepend_bos"] is False
+  assert o["summary"]["steps"] == 12
