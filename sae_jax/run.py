@@ -183,8 +183,9 @@ def _check_resume(out: pathlib.Path, config: RunConfig) -> None:
 
 
 def _loggers(config: RunConfig, out: pathlib.Path):
-  """Optional metric sinks, imported only when asked for."""
-  sinks = []
+  """Optional metric sinks, imported only when asked for: (log functions,
+  close functions)."""
+  sinks, closers = [], []
   if config.wandb:
     try:
       import wandb
@@ -193,6 +194,7 @@ def _loggers(config: RunConfig, out: pathlib.Path):
     run = wandb.init(project="sae_jax", dir=str(out), config=config.to_dict(),
                      id=out.name, resume="allow")
     sinks.append(lambda step, m: run.log(m, step=step))
+    closers.append(run.finish)
   if config.tensorboard:
     try:
       import tensorboardX
@@ -201,7 +203,8 @@ def _loggers(config: RunConfig, out: pathlib.Path):
           from None
     writer = tensorboardX.SummaryWriter(str(out / "tensorboard"))
     sinks.append(lambda step, m: [writer.add_scalar(k, v, step) for k, v in m.items()])
-  return sinks
+    closers.append(writer.close)
+  return sinks, closers
 
 
 def run(config: RunConfig, *, progress: bool = True) -> typing.Optional[dict]:
@@ -218,7 +221,7 @@ def run(config: RunConfig, *, progress: bool = True) -> typing.Optional[dict]:
   out = pathlib.Path(config.out)
   out.mkdir(parents=True, exist_ok=True)
   _check_resume(out, config)
-  sinks = _loggers(config, out)
+  sinks, closers = _loggers(config, out)
   print(f"devices: {jax.device_count()} ({n_devices} local, {jax.devices()[0].platform}); "
         f"batch {c.batch_size} tokens, {c.batch_size // jax.device_count()} per device; "
         f"{c.total_steps} steps", flush=True)
@@ -260,6 +263,8 @@ def run(config: RunConfig, *, progress: bool = True) -> typing.Optional[dict]:
   finally:
     signal.signal(signal.SIGTERM, previous)
     ckpt.close()
+    for close in closers:
+      close()
   if stop["signal"] and int(state.step) < c.total_steps:
     print(f"stopped by SIGTERM at step {int(state.step)}; checkpoint saved", flush=True)
     return None

@@ -197,3 +197,15 @@ def test_pythia_path_on_a_tiny_model(lm, tmp_path):
   assert o["cfg"]["metadata"]["model_name"] == lm["model"]
   assert o["cfg"]["metadata"]["context_size"] == 16 and o["cfg"]["metadata"]["prepend_bos"] is False
   assert o["summary"]["steps"] == 12
+
+
+def test_optional_metric_sinks(tmp_path, monkeypatch):
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  out = tmp_path / "run"
+  assert cli("--data", "synthetic", "--steps", 20, "--log-every", 10, "--wandb", "--tensorboard",
+             "--out", out) == 0
+  events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+  assert len(events) == 1 and events[0].read_bytes().count(b"fvu") == 2  # steps 10 and 20
+  runs = list((out / "wandb").glob("offline-run-*"))
+  assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
