@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax import model
+from sae_jax import pool as pool_lib
+from sae_jax import scoring
 from sae_jax.config import SAEConfig
 
 
@@ -35,14 +37,107 @@ def reconstruct(params, threshold, input_scale, x_BxD, config: SAEConfig,
 
 def reconstruction_metrics(x_BxD, xhat_BxD, z_BxF) -> dict:
   """fvu = Σ||x - xhat||² / Σ||x - mean x||², explained_variance = 1 - fvu,
-  mse (per element), l0 (mean nonzero codes per token).
+  mse (per element), l0 (mean nonzero codes per token), cosine (mean over
+  tokens of cos(x, xhat)) and norm_ratio (mean of ||xhat|| / ||x||; below 1
+  is shrinkage).
 
   >>> x = np.array([[1., 0.], [-1., 0.]])
   >>> reconstruction_metrics(x, x, np.array([[1., 0.], [0., 2.]]))
-  {'fvu': 0.0, 'explained_variance': 1.0, 'mse': 0.0, 'l0': 1.0}
+  {'fvu': 0.0, 'explained_variance': 1.0, 'mse': 0.0, 'l0': 1.0, 'cosine': 1.0, 'norm_ratio': 1.0}
   """
   x = np.asarray(x_BxD, np.float64)
-  error = np.square(x - np.asarray(xhat_BxD, np.float64))
+  xhat = np.asarray(xhat_BxD, np.float64)
+  error = np.square(x - xhat)
   fvu = float(error.sum() / np.square(x - x.mean(0)).sum())
+  norm_x, norm_xhat = np.linalg.norm(x, axis=1), np.linalg.norm(xhat, axis=1)
+  cosine = np.sum(x * xhat, axis=1) / np.maximum(norm_x * norm_xhat, 1e-30)
   return {"fvu": fvu, "explained_variance": 1 - fvu, "mse": float(error.mean()),
-          "l0": float(np.mean(np.sum(np.asarray(z_BxF) != 0, axis=1)))}
+          "l0": float(np.mean(np.sum(np.asarray(z_BxF) != 0, axis=1))),
+          "cosine": float(cosine.mean()),
+          "norm_ratio": float(np.mean(norm_xhat / np.maximum(norm_x, 1e-30)))}
+
+
+def sparsity_metrics(z_BxF, *, dense_density: float = 0.1, top_fraction: float = 0.1) -> dict:
+  """How the codes spend their budget, over the tokens of z.
+
+  - l0_std, l0_p10, l0_p50, l0_p90: the spread of nonzero codes per token
+    (BatchTopK and Sampled-SAE give some tokens more than k, others fewer).
+  - density_F: fraction of tokens on which each latent fires.
+  - dead_fraction: latents with density 0; dense_fraction: density > dense_density.
+  - top_share: fraction of all nonzero codes that belong to the top_fraction
+    most frequent latents (top_fraction itself if spread evenly, up to 1).
+
+  >>> m = sparsity_metrics(np.array([[1., 0., 0., 0.], [2., 3., 0., 0.]]), top_fraction=0.25)
+  >>> m["l0_std"], m["dead_fraction"], m["dense_fraction"], m["top_share"]
+  (0.5, 0.5, 0.5, 0.6666666666666666)
+  """
+  active_BxF = np.asarray(z_BxF) != 0
+  l0_B = active_BxF.sum(axis=1)
+  density_F = active_BxF.mean(axis=0)
+  counts_F = np.sort(active_BxF.sum(axis=0))[::-1]
+  n_top = max(1, int(round(top_fraction * len(counts_F))))
+  return {"l0_std": float(l0_B.std()),
+          "l0_p10": float(np.percentile(l0_B, 10)), "l0_p50": float(np.percentile(l0_B, 50)),
+          "l0_p90": float(np.percentile(l0_B, 90)),
+          "dead_fraction": float(np.mean(density_F == 0)),
+          "dense_fraction": float(np.mean(density_F > dense_density)),
+          "top_share": float(counts_F[:n_top].sum() / max(counts_F.sum(), 1)),
+          "density_F": density_F}
+
+
+def density_histogram(density_F, bins=np.arange(-6.0, 0.5, 0.5)) -> tuple[np.ndarray, np.ndarray]:
+  """Counts of latents per log10(density) bin (edges `bins`), and the count
+  of latents that never fire (log10 0 is not a number).
+
+  >>> density_histogram(np.array([0.0, 0.001, 0.002, 0.5]), bins=np.array([-4., -2., 0.]))
+  (array([2, 1]), 1)
+  """
+  density_F = np.asarray(density_F)
+  alive = density_F[density_F > 0]
+  counts, _ = np.histogram(np.log10(alive), bins=bins)
+  return counts, int(np.sum(density_F == 0))
+
+
+def pool_jaccard(pools) -> float:
+  """Mean Jaccard overlap |A ∩ B| / |A ∪ B| of consecutive pools (1: the same
+  latents every batch; near P / F: unrelated random pools).
+
+  >>> pool_jaccard([[0, 1, 2], [1, 2, 3], [1, 2, 3]])
+  0.75
+  """
+  sets = [set(np.asarray(p).tolist()) for p in pools]
+  return float(np.mean([len(a & b) / len(a | b) for a, b in zip(sets, sets[1:])]))
+
+
+def ground_truth_metrics(W_dec_FxD, dictionary_NxD, feature_class_N, *,
+                         threshold: float = 0.9) -> dict:
+  """gt_mmcs (mean over true directions of the best cosine with a decoder row)
+  and gt_recovered (fraction with best cosine >= threshold), overall and per
+  feature class (gt_mmcs_rare, gt_recovered_frequent, ...).
+
+  >>> ground_truth_metrics(np.eye(2), np.array([[1., 0.], [1., 1.]]), np.array([0, 1]))["gt_recovered_rare"]
+  0.0
+  """
+  from sae_jax import synthetic
+  best_N = synthetic.best_cosines(W_dec_FxD, dictionary_NxD)
+  out = {"gt_mmcs": float(best_N.mean()), "gt_recovered": float(np.mean(best_N >= threshold))}
+  for name, value in (("frequent", synthetic.FREQUENT), ("rare", synthetic.RARE)):
+    members = np.asarray(feature_class_N) == value
+    if members.any():
+      out[f"gt_mmcs_{name}"] = float(best_N[members].mean())
+      out[f"gt_recovered_{name}"] = float(np.mean(best_N[members] >= threshold))
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _pool(params, input_scale, x_BxD, config: SAEConfig):
+  a_BxF = jax.nn.relu(model.SAE(config).apply({"params": params}, x_BxD * input_scale,
+                                               method=model.SAE.pre))
+  return pool_lib.candidate_pool(scoring.column_scores(a_BxF, config.score), config.pool_size)
+
+
+def pools(params, input_scale, x_BxD, config: SAEConfig, batch_size: int) -> list:
+  """The Sampled-SAE pool (top scores) of each consecutive batch of x."""
+  return [np.asarray(_pool(params, jnp.float32(input_scale),
+                           jnp.asarray(x_BxD[i:i + batch_size], jnp.float32), config))
+          for i in range(0, len(x_BxD) - batch_size + 1, batch_size)]

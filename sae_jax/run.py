@@ -272,6 +272,14 @@ def run(config: RunConfig, *, progress: bool = True) -> typing.Optional[dict]:
   held_out = source.held_out()
   z, xhat = evaluate.reconstruct(state.params, state.threshold, state.input_scale, held_out, c.sae)
   summary = evaluate.reconstruction_metrics(held_out, xhat, z)
+  sparsity = evaluate.sparsity_metrics(z)
+  counts, never = evaluate.density_histogram(sparsity.pop("density_F"))
+  summary.update({f"eval_{k}" if k == "dead_fraction" else k: v for k, v in sparsity.items()},
+                 density_histogram_log10=counts.tolist(), density_never_fired=never)
+  if c.sae.selection == "sampled":
+    batch = min(c.batch_size, len(held_out) // 2)
+    summary["pool_jaccard"] = evaluate.pool_jaccard(
+        evaluate.pools(state.params, state.input_scale, held_out, c.sae, batch))
   summary.update(
       dead_fraction=float(np.mean(state.steps_since_fired_F >= c.dead_steps)),
       tokens=int(state.step) * c.batch_size, steps=int(state.step),
@@ -279,8 +287,8 @@ def run(config: RunConfig, *, progress: bool = True) -> typing.Optional[dict]:
       skipped_steps=int(state.skipped_steps), threshold=float(state.threshold),
       input_scale=float(state.input_scale))
   if source.dictionary is not None:
-    cosines = synthetic_lib.best_cosines(state.params["W_dec"], source.dictionary)
-    summary.update(gt_mmcs=float(cosines.mean()), gt_recovered=float(np.mean(cosines >= 0.9)))
+    summary.update(evaluate.ground_truth_metrics(state.params["W_dec"], source.dictionary,
+                                                 config.synthetic.feature_class()))
   _write_json(out / "summary.json", summary)
   saelens.export_saelens(out / "saelens", state.params, float(state.threshold),
                          float(state.input_scale), c.sae, source.metadata)

@@ -1,0 +1,94 @@
+"""Evaluation metrics on hand-computable cases, and the downstream loss on the
+tiny GPT-NeoX against a direct computation."""
+
+import numpy as np
+import pytest
+
+from sae_jax import evaluate
+from sae_jax import synthetic
+
+
+def test_reconstruction_metrics_by_hand():
+  x = np.array([[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]])
+  z = np.array([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0], [5.0, 5.0, 5.0]])
+  perfect = evaluate.reconstruction_metrics(x, x, z)
+  assert perfect["fvu"] == 0 and perfect["cosine"] == 1 and perfect["norm_ratio"] == 1
+  assert perfect["l0"] == pytest.approx(5 / 3)  # 2, 0 and 3 nonzero codes
+  half = evaluate.reconstruction_metrics(x, 0.5 * x, z)  # pure shrinkage
+  assert half["norm_ratio"] == pytest.approx(0.5) and half["cosine"] == pytest.approx(1)
+  total = np.square(x - x.mean(0)).sum()
+  assert half["fvu"] == pytest.approx(np.square(0.5 * x).sum() / total)
+  assert half["explained_variance"] == pytest.approx(1 - half["fvu"])
+  assert half["mse"] == pytest.approx(np.square(0.5 * x).mean())
+  turned = evaluate.reconstruction_metrics(x, x[:, ::-1], z)
+  assert turned["cosine"] == pytest.approx(np.mean([24 / 25, 0, 0]))
+
+
+def test_sparsity_metrics_and_density_histogram():
+  z = np.zeros((10, 5))
+  z[:, 0] = 1.0  # latent 0 on every token: dense
+  z[:2, 1] = 1.0  # latent 1 on 2 of 10 tokens
+  z[0, 2] = 1.0  # latent 2 once; latents 3 and 4 never
+  m = evaluate.sparsity_metrics(z, dense_density=0.5, top_fraction=0.2)
+  np.testing.assert_allclose(m["density_F"], [1.0, 0.2, 0.1, 0.0, 0.0])
+  assert (m["dead_fraction"], m["dense_fraction"]) == (0.4, 0.2)
+  assert m["top_share"] == pytest.approx(10 / 13)
+  l0 = np.array([3, 2] + [1] * 8)
+  assert m["l0_std"] == pytest.approx(l0.std()) and m["l0_p50"] == 1 and m["l0_p90"] == pytest.approx(2.1)
+  counts, never = evaluate.density_histogram(m["density_F"], bins=np.array([-2.0, -0.5, 0.5]))
+  assert counts.tolist() == [2, 1] and never == 2
+
+
+def test_pool_jaccard_and_ground_truth():
+  assert evaluate.pool_jaccard([[0, 1], [0, 1], [0, 1]]) == 1
+  assert evaluate.pool_jaccard([[0, 1], [2, 3]]) == 0
+  assert evaluate.pool_jaccard([[0, 1, 2, 3], [2, 3, 4, 5]]) == pytest.approx(2 / 6)
+  dictionary = np.eye(3)
+  w = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])  # finds direction 0 only
+  m = evaluate.ground_truth_metrics(w, dictionary, np.array([synthetic.RARE, synthetic.FREQUENT,
+                                                             synthetic.FREQUENT]))
+  c = np.sqrt(0.5)
+  assert m["gt_mmcs"] == pytest.approx((1 + 2 * c) / 3)
+  assert (m["gt_recovered_rare"], m["gt_recovered_frequent"]) == (1.0, 0.0)
+  assert m["gt_mmcs_frequent"] == pytest.approx(c) and m["gt_recovered"] == pytest.approx(1 / 3)
+
+
+def test_downstream_loss_against_a_direct_computation(lm):
+  import torch
+  import transformers
+  from sae_jax import downstream
+  from sae_jax import export
+  from tests.tiny_lm import export_config
+  tok = transformers.AutoTokenizer.from_pretrained(lm["model"])
+  ids = np.stack([c for c, _ in zip(export.contexts(export_config(lm), tok), range(6))]).astype(np.int64)
+  hook = "blocks.1.hook_resid_post"
+  same = downstream.downstream_loss(lm["model"], hook, ids, lambda h: h, batch_contexts=4)
+  model = transformers.GPTNeoXForCausalLM.from_pretrained(lm["model"]).eval()
+  with torch.no_grad():
+    clean = model(torch.as_tensor(ids), labels=torch.as_tensor(ids))
+  assert same["clean_ce"] == pytest.approx(float(clean.loss), rel=1e-5)
+  assert same["spliced_ce"] == pytest.approx(same["clean_ce"], rel=1e-6)
+  assert abs(same["kl"]) < 1e-6 and same["loss_recovered"] == pytest.approx(1.0, abs=1e-5)
+
+  half = downstream.downstream_loss(lm["model"], hook, ids, lambda h: 0.5 * h, batch_contexts=4)
+  zero = downstream.downstream_loss(lm["model"], hook, ids, lambda h: 0 * h, batch_contexts=4)
+  assert zero["spliced_ce"] == pytest.approx(zero["zero_ce"], rel=1e-6)
+  assert zero["loss_recovered"] == pytest.approx(0.0, abs=1e-5)
+
+  # Directly: halve block 1's output at positions 1.. with our own hook.
+  def halve(module, inputs, output):
+    hidden = output[0] if isinstance(output, tuple) else output
+    hidden = torch.cat([hidden[:, :1], 0.5 * hidden[:, 1:]], dim=1)
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+  handle = model.gpt_neox.layers[1].register_forward_hook(halve)
+  with torch.no_grad():
+    spliced = model(torch.as_tensor(ids), labels=torch.as_tensor(ids))
+  handle.remove()
+  assert half["spliced_ce"] == pytest.approx(float(spliced.loss), rel=1e-5)
+  p = torch.log_softmax(clean.logits[:, :-1], -1)
+  q = torch.log_softmax(spliced.logits[:, :-1], -1)
+  kl = float((p.exp() * (p - q)).sum(-1).mean())
+  assert half["kl"] == pytest.approx(kl, rel=1e-4) and half["kl"] > 0
+  assert half["loss_recovered"] == pytest.approx(
+      (half["zero_ce"] - half["spliced_ce"]) / (half["zero_ce"] - half["clean_ce"]))
