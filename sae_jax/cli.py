@@ -1,0 +1,104 @@
+"""Command-line flags shared by experiments/train.py and experiments/sweep_l.py."""
+
+import argparse
+import dataclasses
+
+from sae_jax import export
+from sae_jax import run as run_lib
+from sae_jax import synthetic
+from sae_jax.config import SAEConfig
+from sae_jax.config import TrainConfig
+from sae_jax.run import RunConfig
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+  """Every flag of a training run; `doc` is the script's docstring."""
+  p = argparse.ArgumentParser(description=doc,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sae = p.add_argument_group("SAE")
+  sae.add_argument("--selection", choices=("sampled", "batchtopk", "topk"), default="sampled")
+  sae.add_argument("--l", type=float, default=8.0, help="Sampled-SAE pool factor: P = ceil(k*l)")
+  sae.add_argument("--k", type=int, default=64, help="latents per token (on average)")
+  sae.add_argument("--score", choices=("l2", "squared_l2", "entropy", "uniform"), default="l2")
+  sae.add_argument("--sample-pool", action="store_true", help="draw the pool in proportion to score")
+  sae.add_argument("--dict-size", type=int, default=65536)
+  sae.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
+  rec = p.add_argument_group("recipe")
+  rec.add_argument("--batch-size", type=int, default=4096, help="tokens per step, all devices")
+  rec.add_argument("--tokens", type=int, default=100_000_000)
+  rec.add_argument("--steps", type=int, default=None, help="overrides --tokens")
+  rec.add_argument("--lr", type=float, default=None, help="default 2e-4 / sqrt(F / 2^14)")
+  rec.add_argument("--warmup-steps", type=int, default=1000)
+  rec.add_argument("--decay-fraction", type=float, default=0.2)
+  rec.add_argument("--clip-norm", type=float, default=1.0)
+  rec.add_argument("--dead-tokens", type=int, default=10_000_000)
+  rec.add_argument("--auxk-weight", type=float, default=1 / 32)
+  rec.add_argument("--threshold-start", type=int, default=1000)
+  rec.add_argument("--threshold-beta", type=float, default=0.999)
+  rec.add_argument("--seed", type=int, default=0)
+  dat = p.add_argument_group("data")
+  dat.add_argument("--data", default="pythia", help="pythia, synthetic, a cache directory or a .npy")
+  dat.add_argument("--cache-dir", default="cache/pythia-160m")
+  dat.add_argument("--model", default=export.ExportConfig.model)
+  dat.add_argument("--revision", default=None)
+  dat.add_argument("--hook", default=export.ExportConfig.hook)
+  dat.add_argument("--dataset", nargs="+", default=[export.ExportConfig.dataset],
+                   help="hub dataset, or local .txt/.jsonl files")
+  dat.add_argument("--text-field", default="text")
+  dat.add_argument("--context-length", type=int, default=1024)
+  dat.add_argument("--eval-tokens", type=int, default=65536)
+  syn = p.add_argument_group("synthetic data (--data synthetic)")
+  defaults = synthetic.SyntheticConfig()
+  syn.add_argument("--synthetic-d-model", type=int, default=defaults.d_model)
+  syn.add_argument("--synthetic-features", type=int, default=defaults.n_features)
+  syn.add_argument("--synthetic-active", type=float, default=defaults.active)
+  syn.add_argument("--synthetic-noise", type=float, default=defaults.noise)
+  syn.add_argument("--rare-fraction", type=float, default=defaults.rare_fraction,
+                   help="> 0: the activation-lottery regime")
+  syn.add_argument("--rare-rate", type=float, default=defaults.rare_rate)
+  syn.add_argument("--rare-magnitude", type=float, default=defaults.rare_magnitude)
+  run = p.add_argument_group("run")
+  run.add_argument("--out", default=None)
+  run.add_argument("--log-every", type=int, default=100)
+  run.add_argument("--ckpt-every", type=int, default=1000)
+  run.add_argument("--wandb", action="store_true")
+  run.add_argument("--tensorboard", action="store_true")
+  run.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
+  run.add_argument("--no-progress", action="store_true")
+  return p
+
+
+def config_from(args) -> RunConfig:
+  """The RunConfig the flags describe; checks all but D before finding D."""
+  local = all(x.endswith((".txt", ".jsonl")) for x in args.dataset)
+  export_config = export.ExportConfig(
+      model=args.model, revision=args.revision, hook=args.hook,
+      dataset=tuple(args.dataset) if local else args.dataset[0], text_field=args.text_field,
+      context_length=args.context_length)
+  synthetic_config = synthetic.SyntheticConfig(
+      d_model=args.synthetic_d_model, n_features=args.synthetic_features,
+      active=args.synthetic_active, noise=args.synthetic_noise, rare_fraction=args.rare_fraction,
+      rare_rate=args.rare_rate, rare_magnitude=args.rare_magnitude, seed=args.seed)
+  # Everything but D is checked first, so a typo never waits for the data.
+  sae_args = dict(n_latents=args.dict_size, k=args.k, selection=args.selection, l=args.l,
+                  score=args.score, sample_pool=args.sample_pool, compute_dtype=args.compute_dtype)
+  SAEConfig(d_model=1, **sae_args)
+  d_model = run_lib.d_model_of(args.data, cache_dir=args.cache_dir, model=args.model,
+                           revision=args.revision, synthetic_d_model=args.synthetic_d_model)
+  train_config = TrainConfig(
+      SAEConfig(d_model=d_model, **sae_args), batch_size=args.batch_size, tokens=args.tokens,
+      steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
+      decay_fraction=args.decay_fraction, clip_norm=args.clip_norm, dead_tokens=args.dead_tokens,
+      auxk_weight=args.auxk_weight, threshold_start=args.threshold_start,
+      threshold_beta=args.threshold_beta, seed=args.seed)
+  out = args.out or f"runs/{args.selection}-l{args.l:g}-k{args.k}"
+  return RunConfig(train=train_config, out=out, data=args.data, cache_dir=args.cache_dir,
+                   export=export_config, synthetic=synthetic_config, eval_tokens=args.eval_tokens,
+                   log_every=args.log_every, ckpt_every=args.ckpt_every, wandb=args.wandb,
+                   tensorboard=args.tensorboard)
+
+
+def check_sampled(base: RunConfig, ls, score: str) -> None:
+  """Every Sampled-SAE variant of a sweep is a valid config (checked up front)."""
+  for l in ls:
+    dataclasses.replace(base.train.sae, selection="sampled", l=float(l), score=score)

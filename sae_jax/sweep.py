@@ -1,0 +1,96 @@
+"""The l-spectrum: TopK, BatchTopK and Sampled-SAE over l and scores, trained
+on the same data, seed and token budget, then tabulated and plotted."""
+
+import csv
+import dataclasses
+import json
+import math
+import pathlib
+import typing
+
+from sae_jax import run as run_lib
+from sae_jax.run import RunConfig
+
+# Columns of results.csv, after variant, selection, score and l.
+METRICS = ("fvu", "cosine", "norm_ratio", "l0", "l0_std", "eval_dead_fraction", "dense_fraction",
+           "top_share", "pool_jaccard", "gt_mmcs", "gt_recovered", "gt_recovered_frequent",
+           "gt_recovered_rare")
+# Plotted against l: higher is better for all but fvu, l0_std and the dead fraction.
+PLOTTED = ("fvu", "cosine", "l0_std", "top_share", "pool_jaccard", "eval_dead_fraction",
+           "gt_recovered", "gt_recovered_frequent", "gt_recovered_rare")
+
+
+def variants(ls: typing.Sequence[float], scores: typing.Sequence[str]) -> list:
+  """(name, selection, score, l): TopK, BatchTopK, then Sampled-SAE per score and l."""
+  out = [("topk", "topk", "", math.nan), ("batchtopk", "batchtopk", "", math.nan)]
+  out += [(f"sampled-{score}-l{l:g}", "sampled", score, float(l)) for score in scores for l in ls]
+  return out
+
+
+def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[str], *,
+          progress: bool = True) -> list:
+  """Trains every variant into base.out/<name> (finished ones are skipped,
+  unfinished ones resume), then writes results.csv, results.md and plots.
+
+  Returns:
+    The result rows (dicts).
+  """
+  out = pathlib.Path(base.out)
+  rows = []
+  for name, selection, score, l in variants(ls, scores):
+    sae = dataclasses.replace(base.train.sae, selection=selection,
+                              score=score or base.train.sae.score,
+                              l=l if selection == "sampled" else base.train.sae.l)
+    config = dataclasses.replace(base, out=str(out / name),
+                                 train=dataclasses.replace(base.train, sae=sae))
+    summary_path = out / name / "summary.json"
+    if not summary_path.exists():
+      print(f"--- {name}", flush=True)
+      run_lib.run(config, progress=progress)
+    summary = json.loads(summary_path.read_text())
+    rows.append({"variant": name, "selection": selection, "score": score, "l": l,
+                 **{m: summary.get(m, math.nan) for m in METRICS}})
+  write_tables(rows, out)
+  plot(rows, out)
+  return rows
+
+
+def write_tables(rows: list, out: pathlib.Path) -> None:
+  columns = list(rows[0])
+  with open(out / "results.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  cell = lambda v: "" if isinstance(v, float) and math.isnan(v) else (
+      f"{v:.3f}" if isinstance(v, float) else str(v))
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+  (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list, out: pathlib.Path) -> None:
+  """plot_<metric>.png: Sampled-SAE against l (one line per score), BatchTopK
+  and TopK as horizontal lines."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  for metric in PLOTTED:
+    values = [r[metric] for r in rows]
+    if all(isinstance(v, float) and math.isnan(v) for v in values):
+      continue
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for score in sorted({r["score"] for r in rows if r["selection"] == "sampled"}):
+      line = sorted((r["l"], r[metric]) for r in rows if r["score"] == score)
+      ax.plot(*zip(*line), marker="o", label=f"Sampled-SAE ({score})")
+    for selection, style in (("batchtopk", "--"), ("topk", ":")):
+      for r in rows:
+        if r["selection"] == selection and not math.isnan(r[metric]):
+          ax.axhline(r[metric], linestyle=style, color="gray" if selection == "topk" else "black",
+                     label="BatchTopK" if selection == "batchtopk" else "TopK")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("l (pool = k·l latents)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"plot_{metric}.png", dpi=120)
+    plt.close(fig)
