@@ -52,6 +52,8 @@ class RunConfig:
   """The generating process for --data synthetic."""
   eval_tokens: int = 65536
   """Held-out tokens for the final evaluation."""
+  downstream_contexts: int = 16
+  """--data pythia: contexts after the exported ones for the spliced-loss evaluation."""
   log_every: int = 100
   """Steps between lines of metrics.jsonl."""
   ckpt_every: int = 1000
@@ -64,7 +66,8 @@ class RunConfig:
   """Also log metrics for TensorBoard (needs the tensorboardX package)."""
 
   def __post_init__(self):
-    for name in ("eval_tokens", "log_every", "ckpt_every", "keep_checkpoints"):
+    for name in ("eval_tokens", "downstream_contexts", "log_every", "ckpt_every",
+                 "keep_checkpoints"):
       validation.check_int_field("RunConfig", name, getattr(self, name))
     if self.data not in ("pythia", "synthetic"):
       path = pathlib.Path(self.data)
@@ -157,6 +160,31 @@ def _open_data(config: RunConfig, n_devices: int) -> _Data:
   return _Data(lambda start: acts.batches(c.batch_size, n_devices, seed=c.seed, start_step=start),
                acts.sample(min(INIT_SAMPLE, acts.n_rows - eval_rows), seed=c.seed),
                acts.eval_batch, metadata)
+
+
+def _downstream(config: RunConfig, state: train.TrainState) -> dict:
+  """Spliced-loss metrics on the contexts that follow the exported ones."""
+  import transformers
+  from sae_jax import downstream
+  e = config.export
+  used = export_lib.read_manifest(config.cache_dir)["total_tokens"]
+  tokenizer = transformers.AutoTokenizer.from_pretrained(e.model, revision=e.revision)
+  excluded, rows, held_out = set(e.exclude_token_ids), 0, []
+  for context in export_lib.contexts(e, tokenizer):
+    if rows < used:  # a training (or evaluation-row) context: skip it
+      rows += sum(int(t) not in excluded for t in context[1:])
+    elif len(held_out) < config.downstream_contexts:
+      held_out.append(context)
+    else:
+      break
+  if not held_out:
+    print("no text left after the exported tokens: downstream loss skipped", flush=True)
+    return {}
+  splice = lambda h: evaluate.reconstruct(state.params, state.threshold, state.input_scale, h,
+                                          config.train.sae)[1]
+  result = downstream.downstream_loss(e.model, e.hook, np.stack(held_out), splice,
+                                      revision=e.revision, device=e.device)
+  return {f"downstream_{k}": v for k, v in result.items()}
 
 
 def _write_json(path: pathlib.Path, value) -> None:
@@ -289,6 +317,8 @@ def run(config: RunConfig, *, progress: bool = True) -> typing.Optional[dict]:
   if source.dictionary is not None:
     summary.update(evaluate.ground_truth_metrics(state.params["W_dec"], source.dictionary,
                                                  config.synthetic.feature_class()))
+  if config.data == "pythia":
+    summary.update(_downstream(config, state))
   _write_json(out / "summary.json", summary)
   saelens.export_saelens(out / "saelens", state.params, float(state.threshold),
                          float(state.input_scale), c.sae, source.metadata)

@@ -197,6 +197,12 @@ def test_pythia_path_on_a_tiny_model(lm, tmp_path):
   assert o["cfg"]["metadata"]["model_name"] == lm["model"]
   assert o["cfg"]["metadata"]["context_size"] == 16 and o["cfg"]["metadata"]["prepend_bos"] is False
   assert o["summary"]["steps"] == 12
+  s = o["summary"]
+  # A random model predicts about uniformly either way; the numbers must still add up.
+  assert s["downstream_kl"] > 0 and s["downstream_clean_ce"] == pytest.approx(np.log(62), rel=0.05)
+  assert s["downstream_loss_recovered"] == pytest.approx(
+      (s["downstream_zero_ce"] - s["downstream_spliced_ce"])
+      / (s["downstream_zero_ce"] - s["downstream_clean_ce"]))
 
 
 def test_optional_metric_sinks(tmp_path, monkeypatch):
