@@ -171,14 +171,19 @@ class Activations:
       epoch += 1
 
   def _batch(self, chunks, local, n_devices):
-    pending, have = [], 0
+    """Batches of `local` rows; each row is copied once (a chunk can be a whole
+    buffer of shards, so it is sliced, never re-joined)."""
+    parts, have = [], 0
     for chunk in chunks:
-      pending.append(chunk)
-      have += len(chunk)
-      while have >= local:
-        flat = np.concatenate(pending)
-        yield flat[:local].reshape(n_devices, local // n_devices, self.d_model)
-        pending, have = [flat[local:]], have - local
+      start = 0
+      while start < len(chunk):
+        take = min(local - have, len(chunk) - start)
+        parts.append(chunk[start:start + take])
+        have, start = have + take, start + take
+        if have == local:
+          flat = np.concatenate(parts) if len(parts) > 1 else parts[0]
+          yield flat.reshape(n_devices, local // n_devices, self.d_model)
+          parts, have = [], 0
 
 
 def _prefetched(iterator, size: int):

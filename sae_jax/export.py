@@ -320,7 +320,8 @@ def export_activations(config: ExportConfig, out, *, progress: bool = True,
     nonlocal n_pending, done
     index = len(manifest["shards"])
     names = shard_names(index)
-    arrays = {kind: np.concatenate(pending[kind])[:config.shard_rows] for kind in pending}
+    joined = {kind: np.concatenate(parts) for kind, parts in pending.items()}
+    arrays = {kind: v[:config.shard_rows] for kind, v in joined.items()}
     for kind, name in names.items():
       _save_npy(out / name, _stored(arrays[kind], config.dtype) if kind == "acts" else arrays[kind])
     rows = len(arrays["tokens"])
@@ -330,9 +331,7 @@ def export_activations(config: ExportConfig, out, *, progress: bool = True,
     done += rows
     manifest["total_tokens"] = done
     write_manifest(out, manifest)
-    for kind in pending:
-      rest = np.concatenate(pending[kind])[config.shard_rows:]
-      pending[kind] = [rest]
+    pending.update({kind: [v[config.shard_rows:]] for kind, v in joined.items()})
     n_pending -= rows
     if on_shard is not None:
       on_shard(manifest)
