@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sae_jax import scoring
 from sae_jax import selection
 
 
@@ -17,13 +18,9 @@ def _psum(x, axis_name):
   return x if axis_name is None else lax.psum(x, axis_name)
 
 
-def _devices(axis_name):
-  return 1 if axis_name is None else lax.axis_size(axis_name)
-
-
 def _total_variance(x_BxD, axis_name):
   """Σ_b ||x_b - mean_b x||² over the global batch."""
-  n_tokens = x_BxD.shape[0] * _devices(axis_name)
+  n_tokens = scoring.global_tokens(x_BxD.shape[0], axis_name)
   mean_D = _psum(jnp.sum(x_BxD, axis=0), axis_name) / n_tokens
   return _psum(jnp.sum(jnp.square(x_BxD - mean_D[None, :])), axis_name)
 
@@ -73,4 +70,5 @@ def auxk_loss(pre_BxF: jax.Array, dead_F: jax.Array, residual_BxD: jax.Array,
   # Skipping the top-k while nothing is dead (most of training) is free. The
   # zero is a sum over no tokens, so under shard_map it varies as the data does.
   error = lax.cond(jnp.any(dead_F), error, lambda: jnp.sum(residual_BxD[:0]))
-  return _devices(axis_name) * error / jnp.maximum(variance, jnp.finfo(jnp.float32).tiny)
+  devices = scoring.global_tokens(1, axis_name)
+  return devices * error / jnp.maximum(variance, jnp.finfo(jnp.float32).tiny)

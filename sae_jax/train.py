@@ -21,6 +21,7 @@ from jax import lax
 from sae_jax import losses
 from sae_jax import model
 from sae_jax import optimizer
+from sae_jax import scoring
 from sae_jax.config import TrainConfig
 
 AXIS = "data"
@@ -163,7 +164,7 @@ def train_step(state: TrainState, x_BxD: jax.Array) -> tuple[TrainState, dict]:
                           skipped_steps=state.skipped_steps + 1)
   state = jax.tree.map(lambda u, s: jnp.where(finite, u, s), updated, skipped)
 
-  n_tokens = x_BxD.shape[0] * lax.axis_size(AXIS)
+  n_tokens = scoring.global_tokens(x_BxD.shape[0], AXIS)
   metrics = {
       "loss": loss,
       "mse": mse,

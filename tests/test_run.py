@@ -1,7 +1,6 @@
 """experiments/train.py end to end: outputs, exact resume after SIGTERM and
 kill -9, the SAELens export, refusals, and the Pythia path on a tiny model."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -17,12 +16,10 @@ from safetensors.numpy import load_file
 from sae_jax import evaluate
 from sae_jax import synthetic
 from sae_jax.run import RunConfig
+from tests import scripts
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "experiments" / "train.py"
-_spec = importlib.util.spec_from_file_location("train_script", SCRIPT)
-train_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_script)
+SCRIPT = scripts.EXPERIMENTS / "train.py"
+train_script = scripts.load("train")
 
 SMALL = ["--synthetic-d-model", "16", "--synthetic-features", "32", "--dict-size", "64",
          "--k", "4", "--l", "4", "--batch-size", "64", "--warmup-steps", "5",

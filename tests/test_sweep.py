@@ -1,13 +1,10 @@
 """A small l-sweep on synthetic data, end to end, and its resume."""
 
 import csv
-import importlib.util
-import pathlib
 
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "sweep_l.py"
-_spec = importlib.util.spec_from_file_location("sweep_script", SCRIPT)
-sweep_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sweep_script)
+from tests import scripts
+
+sweep_script = scripts.load("sweep_l")
 
 ARGS = ["--data", "synthetic", "--synthetic-d-model", "16", "--synthetic-features", "32",
         "--rare-fraction", "0.1", "--dict-size", "64", "--k", "4", "--batch-size", "64",
