@@ -36,6 +36,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
   rec.add_argument("--threshold-start", type=int, default=1000)
   rec.add_argument("--threshold-beta", type=float, default=0.999)
   rec.add_argument("--seed", type=int, default=0)
+  rec.add_argument("--step", choices=("fast", "dense"), default="fast",
+                   help="fast: only the encoder forward is dense; dense: the autodiff reference")
   dat = p.add_argument_group("data")
   dat.add_argument("--data", default="pythia", help="pythia, synthetic, a cache directory or a .npy")
   dat.add_argument("--cache-dir", default="cache/pythia-160m")
@@ -90,7 +92,7 @@ def config_from(args) -> RunConfig:
       steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
       decay_fraction=args.decay_fraction, clip_norm=args.clip_norm, dead_tokens=args.dead_tokens,
       auxk_weight=args.auxk_weight, threshold_start=args.threshold_start,
-      threshold_beta=args.threshold_beta, seed=args.seed)
+      threshold_beta=args.threshold_beta, seed=args.seed, step=args.step)
   out = args.out or f"runs/{args.selection}-l{args.l:g}-k{args.k}"
   return RunConfig(train=train_config, out=out, data=args.data, cache_dir=args.cache_dir,
                    export=export_config, synthetic=synthetic_config, eval_tokens=args.eval_tokens,

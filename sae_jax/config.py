@@ -13,6 +13,7 @@ from sae_jax import validation
 
 SELECTIONS = ("sampled", "batchtopk", "topk")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+STEPS = ("fast", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +97,8 @@ class TrainConfig:
   """Training stops after this many consecutive steps with non-finite loss or gradients."""
   seed: int = 0
   """Seeds the initialisation and the sampled pools."""
+  step: str = "fast"
+  """"fast" (dense encoder forward, the rest on the selected entries) or "dense" (the autodiff reference)."""
 
   def __post_init__(self):
     if not isinstance(self.sae, SAEConfig):
@@ -137,6 +140,7 @@ class TrainConfig:
           f"number of steps ({self.total_steps}), or the inference threshold is never learned")
     validation.check_int_field("TrainConfig", "max_bad_steps", self.max_bad_steps)
     validation.check_int_field("TrainConfig", "seed", self.seed, minimum=0)
+    validation.check_choice_field("TrainConfig", "step", self.step, STEPS)
 
   @property
   def total_steps(self) -> int:

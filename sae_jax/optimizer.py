@@ -97,3 +97,66 @@ def make_optimizer(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
       optax.clip_by_global_norm(clip_norm),
       optax.adam(learning_rate, b1=b1, b2=b2),
   )
+
+
+def _at(name: str, pool_P):
+  """Where a pooled gradient of parameter `name` sits: W_enc columns, rows otherwise."""
+  return (slice(None), pool_P) if name == "W_enc" else pool_P
+
+
+def update(params: dict, grads: dict, opt_state, learning_rate, *, b1: float = 0.9,
+           b2: float = 0.999, clip_norm: float = 1.0, pool_P=None, apply=True,
+           eps: float = 1e-8):
+  """One step of `make_optimizer` followed by `normalize_rows`, written out.
+
+  Args:
+    params: the SAE's parameters {W_enc, b_enc, W_dec, b_dec}.
+    grads: their gradients. With `pool_P`, those of W_enc, b_enc and W_dec
+      are given only at the pool (W_enc [D, P], b_enc [P], W_dec [P, D]) and
+      are zero everywhere else.
+    opt_state: `make_optimizer(...).init(params)`'s state, which this returns
+      updated in the same structure.
+    learning_rate: the step's learning rate.
+    pool_P: distinct latent indices, or None when `grads` are dense.
+    apply: bool scalar; where False, params and state come back unchanged
+      (decided inside the same elementwise passes, at no extra cost).
+
+  Returns:
+    (params, opt_state), as `make_optimizer` and `normalize_rows` give them.
+    Adam still decays the moments and moves every parameter outside the
+    pool; only the gradient terms are restricted to it.
+  """
+  project_state, clip_state, (adam, schedule_state) = opt_state
+  pooled = lambda name: pool_P is not None and name != "b_dec"
+  at = lambda name, x: x[_at(name, pool_P)] if pooled(name) else x
+  grads = dict(grads)
+  w_PxD = _rows_unit(at("W_dec", params["W_dec"]))
+  grads["W_dec"] = grads["W_dec"] - jnp.sum(grads["W_dec"] * w_PxD, -1, keepdims=True) * w_PxD
+  norm = optax.tree.norm(grads)
+  grads = jax.tree.map(lambda g: jnp.where(norm < clip_norm, g, g / norm * clip_norm), grads)
+  count = jnp.where(apply, optax.safe_int32_increment(adam.count), adam.count)
+  correct1 = 1 - b1**count.astype(jnp.float32)
+  correct2 = 1 - b2**count.astype(jnp.float32)
+
+  def adam_step(p, mu, nu, g):
+    new_mu = (1 - b1) * g + b1 * mu
+    new_nu = (1 - b2) * g**2 + b2 * nu
+    new_p = p - learning_rate * ((new_mu / correct1) / (jnp.sqrt(new_nu / correct2) + eps))
+    return (jnp.where(apply, new_p, p), jnp.where(apply, new_mu, mu),
+            jnp.where(apply, new_nu, nu))
+
+  new = {}
+  for name, p in params.items():
+    mu, nu, g = adam.mu[name], adam.nu[name], grads[name]
+    if pooled(name):
+      # Zero gradient everywhere, then the pool's entries from their old values.
+      inside = adam_step(at(name, p), at(name, mu), at(name, nu), g)
+      outside = adam_step(p, mu, nu, 0.0)
+      new[name] = tuple(x.at[_at(name, pool_P)].set(y) for x, y in zip(outside, inside))
+    else:
+      new[name] = adam_step(p, mu, nu, g)
+  params = {name: v[0] for name, v in new.items()}
+  params["W_dec"] = jnp.where(apply, _rows_unit(params["W_dec"]), params["W_dec"])
+  adam = adam._replace(count=count, mu={name: v[1] for name, v in new.items()},
+                       nu={name: v[2] for name, v in new.items()})
+  return params, (project_state, clip_state, (adam, schedule_state))

@@ -74,14 +74,20 @@ def _f32(a_BxF):
   return lax.stop_gradient(a_BxF).astype(jnp.float32)
 
 
+def selected_at(values, rows, cols, cut: Cut):
+  """Whether entries `values` at global (token, latent) positions (`rows`,
+  `cols`) are selected by `cut`; all three broadcast together."""
+  before = (rows < cut.row) | ((rows == cut.row) & (cols <= cut.col))
+  tie = (values == cut.value) & (cut.value > 0) & before
+  return (values > cut.value) | tie
+
+
 def selected(a_BxF, cut: Cut, row_offset, col_F=None):
   """The boolean mask of `cut` on `a_BxF` (columns numbered by `col_F`)."""
   n_rows, n_cols = a_BxF.shape
   row_Bx1 = (row_offset + jnp.arange(n_rows, dtype=jnp.int32))[:, None]
   col_1xF = (jnp.arange(n_cols, dtype=jnp.int32) if col_F is None else col_F)[None, :]
-  before = (row_Bx1 < cut.row) | ((row_Bx1 == cut.row) & (col_1xF <= cut.col))
-  tie = (a_BxF == cut.value) & (cut.value > 0) & before
-  return (a_BxF > cut.value) | tie
+  return selected_at(a_BxF, row_Bx1, col_1xF, cut)
 
 
 def top_k(x, k: int):
@@ -97,29 +103,37 @@ def top_k(x, k: int):
   return lax.optimization_barrier(values), lax.optimization_barrier(indices)
 
 
-def _offers(a_BxF, k: int):
+class Offers(typing.NamedTuple):
+  """The entries each token offers as a candidate for BatchTopK (`_offers`)."""
+  values_U: jax.Array  # the offered values, each entry of `a` at most once
+  rows_U: jax.Array  # int32 local token of each offer
+  cols_U: jax.Array  # int32 latent of each offer
+  floor_B: jax.Array  # per token, an upper bound on every entry it did not offer
+  ties_at: typing.Callable  # value -> [B] per-token count of offers equal to it
+
+
+def _offers(a_BxF, k: int) -> Offers:
   """The entries each token offers as candidates, largest first.
 
   Every token offers its 2k largest entries; the few tokens whose 2k-th entry
   is largest (those most likely to need more) offer their 8k largest.
-
-  Returns:
-    values_U: the offered values, each entry of `a` at most once.
-    floor_B: per token, an upper bound on every entry it did not offer.
-    ties_at: value -> [B] per-token count of offered entries equal to it.
   """
   n_rows, n_cols = a_BxF.shape
   c = min(n_cols, CANDIDATE_FACTOR * k)
-  offers_BxC = top_k(a_BxF, c)[0]
+  offers_BxC, cols_BxC = top_k(a_BxF, c)
+  rows_BxC = jnp.broadcast_to(jnp.arange(n_rows, dtype=jnp.int32)[:, None], (n_rows, c))
   floor_B = offers_BxC[:, -1] if c < n_cols else jnp.zeros(n_rows, jnp.float32)
   c_wide = min(n_cols, WIDE_FACTOR * k)
   n_wide = min(n_rows, max(4, -(-n_rows // 32))) if c_wide > c else 0
   if not n_wide:
-    return (offers_BxC.reshape(-1), floor_B,
-            lambda v: jnp.sum(offers_BxC == v, axis=1, dtype=jnp.int32))
+    return Offers(offers_BxC.reshape(-1), rows_BxC.reshape(-1), cols_BxC.reshape(-1), floor_B,
+                  lambda v: jnp.sum(offers_BxC == v, axis=1, dtype=jnp.int32))
   wide_R = top_k(floor_B, n_wide)[1]
-  wide_RxW = top_k(a_BxF[wide_R], c_wide)[0]  # starts with the same c
+  wide_RxW, wide_cols_RxW = top_k(a_BxF[wide_R], c_wide)  # starts with the same c
   values_U = jnp.concatenate([offers_BxC.reshape(-1), wide_RxW[:, c:].reshape(-1)])
+  rows_U = jnp.concatenate([rows_BxC.reshape(-1),
+                            jnp.repeat(wide_R, c_wide - c, total_repeat_length=n_wide * (c_wide - c))])
+  cols_U = jnp.concatenate([cols_BxC.reshape(-1), wide_cols_RxW[:, c:].reshape(-1)])
   wide_floor_R = wide_RxW[:, -1] if c_wide < n_cols else jnp.zeros(n_wide, jnp.float32)
   floor_B = floor_B.at[wide_R].set(wide_floor_R)
 
@@ -127,7 +141,7 @@ def _offers(a_BxF, k: int):
     ties_B = jnp.sum(offers_BxC == v, axis=1, dtype=jnp.int32)
     return ties_B.at[wide_R].set(jnp.sum(wide_RxW == v, axis=1, dtype=jnp.int32))
 
-  return values_U, floor_B, ties_at
+  return Offers(values_U, rows_U, cols_U, floor_B, ties_at)
 
 
 def _bisect(bits_BxF, n: int, lo, hi, axis_name):
@@ -178,8 +192,9 @@ def _tie_cut(a_BxF, value, n: int, n_above, n_equal, ties_B, axis_name):
   return lax.cond((value > 0) & (n_equal > need), find_cut, lambda: take_all)
 
 
-def batch_topk_cut(a_BxF, k: int, axis_name=None) -> Cut:
-  """The exact cut of BatchTopK on float32 [B, F] (see `batch_topk`)."""
+def batch_topk_cut(a_BxF, k: int, axis_name=None, offers=None) -> Cut:
+  """The exact cut of BatchTopK on float32 [B, F] (see `batch_topk`); reuses
+  `offers` (`_offers(a_BxF, k)`) when given."""
   n_rows, n_cols = a_BxF.shape
   if n_rows * n_cols >= 2**31:
     raise ValueError(
@@ -198,7 +213,7 @@ def batch_topk_cut(a_BxF, k: int, axis_name=None) -> Cut:
     value = _to_float(_bisect(bits_BxF, n, jnp.int32(0), top + 1, axis_name))
     counts = _count_all(a_BxF, value, n, axis_name)
   else:
-    value, counts, _ = _threshold_from_offers(a_BxF, bits_BxF, top, k, n, axis_name)
+    value, counts, _ = _threshold_from_offers(a_BxF, bits_BxF, top, k, n, axis_name, offers)
   row, col = _tie_cut(a_BxF, value, n, *counts, axis_name)
   return Cut(value, row, col)
 
@@ -216,11 +231,12 @@ def _count_all(a_BxF, value, n: int, axis_name):
           jnp.sum(ties_BxF, axis=1, dtype=jnp.int32))
 
 
-def _threshold_from_offers(a_BxF, bits_BxF, top, k: int, n: int, axis_name):
+def _threshold_from_offers(a_BxF, bits_BxF, top, k: int, n: int, axis_name, offers=None):
   """The n-th largest entry (or 0) and `_count_all`'s counts, from the
   tokens' offers; passes over `a` only when the offers cannot certify it
   (the third result says whether they could)."""
-  values_U, floor_B, ties_at = _offers(a_BxF, k)
+  offers = _offers(a_BxF, k) if offers is None else offers
+  values_U, floor_B, ties_at = offers.values_U, offers.floor_B, offers.ties_at
   if axis_name is not None:
     values_U = lax.all_gather(values_U, axis_name, tiled=True, to="invarying")
   union_bits_U = lax.bitcast_convert_type(values_U, jnp.int32)
@@ -242,6 +258,62 @@ def _threshold_from_offers(a_BxF, bits_BxF, top, k: int, n: int, axis_name):
   counts = lax.cond(certified & ~hidden_ties, count_offers,
                     lambda: _count_all(a_BxF, value, n, axis_name))
   return value, counts, certified
+
+
+class Entries(typing.NamedTuple):
+  """A selection on this device's tokens as a list of M entries (a slot with
+  value 0 is unused)."""
+  rows: jax.Array  # [M] int32 local token index
+  cols: jax.Array  # [M] int32 latent index
+  values: jax.Array  # [M] float32 selected value, or 0
+  complete: jax.Array  # bool, the same on every device: the list holds every selected entry
+
+
+def batch_topk_entries(a_BxF: jax.Array, k: int, axis_name=None,
+                       capacity: typing.Optional[int] = None) -> tuple[Cut, Entries]:
+  """BatchTopK's cut and its selected entries as a list, without a pass that
+  compacts all B·F entries.
+
+  The entries come from the tokens' offers (see the module docstring): a
+  token's selected entries are all among its offers unless some entry it did
+  not offer could pass the cut. `complete` is False when that happens on any
+  device, or when this device selects more than `capacity` entries; the
+  caller then uses the cut (`selected`) on the dense array instead.
+
+  Args:
+    a_BxF: [B, F] non-negative activations (this device's tokens).
+    k: latents per token on average.
+    axis_name: mapped axis the tokens are split over, as in `batch_topk`.
+    capacity: list length M. Default: B·k without `axis_name` (always
+      enough); with it, 5/4 of this device's share, since one device may
+      hold more than B·k of the global batch's entries.
+  """
+  n_rows, _ = a_BxF.shape
+  k = validation.check_k(k, a_BxF.shape[-1])
+  x_BxF = _f32(jnp.asarray(a_BxF))
+  offers = _offers(x_BxF, k)
+  n_offers = offers.values_U.shape[0]
+  if capacity is None:
+    capacity = n_rows * k if axis_name is None else -(-5 * n_rows * k // 4)
+  capacity = min(capacity, n_offers)
+  cut = batch_topk_cut(x_BxF, k, axis_name, offers=offers)
+  row_offset = _row_offset(n_rows, axis_name)
+  keep_U = selected_at(offers.values_U, row_offset + offers.rows_U, offers.cols_U, cut)
+  # An entry a token did not offer is at most its floor, so it can pass the
+  # cut only if the floor is positive and above the cut's value, or equal to
+  # it in a token not after the cut's.
+  floor_B = offers.floor_B
+  row_B = row_offset + jnp.arange(n_rows, dtype=jnp.int32)
+  missed = jnp.sum((floor_B > 0) & ((floor_B > cut.value) |
+                                    ((floor_B == cut.value) & (row_B <= cut.row))),
+                   dtype=jnp.int32)
+  missed += jnp.sum(keep_U, dtype=jnp.int32) > capacity
+  (slot_M,) = jnp.nonzero(keep_U, size=capacity, fill_value=0)
+  used_M = jnp.arange(capacity) < jnp.sum(keep_U)
+  entries = Entries(rows=offers.rows_U[slot_M], cols=offers.cols_U[slot_M],
+                    values=jnp.where(used_M, offers.values_U[slot_M], 0),
+                    complete=_psum(missed, axis_name) == 0)
+  return cut, entries
 
 
 def _tokens_by_latents(a):

@@ -18,6 +18,7 @@ import tqdm
 from flax import struct
 from jax import lax
 
+from sae_jax import gradients
 from sae_jax import losses
 from sae_jax import model
 from sae_jax import optimizer
@@ -92,24 +93,6 @@ def create_train_state(config: TrainConfig, sample_NxD) -> TrainState:
       config=config)
 
 
-def _varying(tree):
-  """`tree` as values that vary over the devices of AXIS.
-
-  Under shard_map, state passed replicated (P()) is invariant, and autodiff
-  would sum its gradients over devices by itself. Differentiating a varying
-  copy gives this device's gradient under both pmap and shard_map; `pmean`
-  then averages it.
-  """
-
-  def cast(x):
-    try:
-      return lax.pcast(x, AXIS, to="varying")
-    except ValueError:  # it varies already (pmap maps every argument)
-      return x
-
-  return jax.tree.map(cast, tree)
-
-
 def train_step(state: TrainState, x_BxD: jax.Array) -> tuple[TrainState, dict]:
   """One optimisation step on this device's tokens x_BxD (raw activations).
 
@@ -119,62 +102,68 @@ def train_step(state: TrainState, x_BxD: jax.Array) -> tuple[TrainState, dict]:
   and skip counters.
   """
   c = state.config
-  sae = model.SAE(c.sae)
   x_BxD = x_BxD.astype(jnp.float32) * state.input_scale
   dead_F = state.steps_since_fired_F >= c.dead_steps
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-
-  def loss_fn(params):
-    variables = {"params": params}
-    pre_BxF = sae.apply(variables, x_BxD, method=model.SAE.pre)
-    z_BxF = sae.apply(variables, jax.nn.relu(pre_BxF), key=key, axis_name=AXIS,
-                      method=model.SAE.select)
-    xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode)
-    mse = losses.mse(x_BxD, xhat_BxD)
-    auxk = losses.auxk_loss(pre_BxF, dead_F, x_BxD - xhat_BxD, params["W_dec"], c.auxk_k, AXIS)
-    return mse + c.auxk_weight * auxk, (mse, auxk, z_BxF, xhat_BxD)
-
-  (loss, (mse, auxk, z_BxF, xhat_BxD)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(_varying(state.params))
-  grads = lax.pmean(grads, AXIS)
-  loss, mse, auxk = lax.pmean((loss, mse, auxk), AXIS)
-  finite = jnp.isfinite(loss)
-  for g in jax.tree.leaves(grads):
-    finite &= jnp.all(jnp.isfinite(g))
-
   lr = _learning_rate(c, state.step)
-  updates, opt_state = _optimizer(c, lr).update(grads, state.opt_state, state.params)
-  params = optimizer.normalize_rows(optax.apply_updates(state.params, updates))
 
-  active_BxF = z_BxF > 0
-  fired_F = lax.psum(jnp.any(active_BxF, axis=0).astype(jnp.int32), AXIS) > 0
+  def apply(grads, pool_P, auxk):
+    """pmean, then the optimiser; a non-finite step leaves params and moments as they were."""
+    grads = lax.pmean(grads, AXIS)
+    auxk = lax.pmean(auxk, AXIS)
+    finite = jnp.isfinite(mse + c.auxk_weight * auxk)
+    for g in jax.tree.leaves(grads):
+      finite &= jnp.all(jnp.isfinite(g))
+    params, opt_state = optimizer.update(
+        state.params, grads, state.opt_state, lr, b1=c.b1, b2=c.b2, clip_norm=c.clip_norm,
+        pool_P=pool_P, apply=finite)
+    return params, opt_state, auxk, optax.tree.norm(grads), finite
+
+  if c.step == "dense":
+    grads, out = gradients.dense(state.params, x_BxD, dead_F, key, c, AXIS)
+    mse = lax.pmean(out.mse, AXIS)
+    params, opt_state, auxk, grad_norm, finite = apply(grads, None, out.auxk)
+  else:
+    grads, pool_P, out, with_auxk = gradients.fast(state.params, x_BxD, dead_F, key, c, AXIS)
+    mse = lax.pmean(out.mse, AXIS)
+
+    def dense_with_auxk():
+      dense, auxk = with_auxk(gradients.densify(grads, pool_P, state.params))
+      return apply(dense, None, auxk)
+
+    # AuxK runs only while some latent is dead (the same on every device).
+    params, opt_state, auxk, grad_norm, finite = lax.cond(
+        jnp.any(dead_F), dense_with_auxk, lambda: apply(grads, pool_P, out.auxk))
+  loss = mse + c.auxk_weight * auxk
+
+  fired_F = lax.psum(out.fired_F.astype(jnp.int32), AXIS) > 0
   since_F = jnp.where(fired_F, 0, jnp.minimum(state.steps_since_fired_F + 1, c.dead_steps))
   # theta tracks the smallest selected activation of the global batch.
-  smallest = lax.pmin(jnp.min(jnp.where(active_BxF, z_BxF, jnp.inf)), AXIS)
+  smallest = lax.pmin(out.smallest, AXIS)
   ema = jnp.where(state.threshold > 0,
                   c.threshold_beta * state.threshold + (1 - c.threshold_beta) * smallest,
                   smallest)
   threshold = jnp.where((state.step >= c.threshold_start) & jnp.isfinite(smallest),
                         ema, state.threshold)
 
-  updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                          threshold=threshold, steps_since_fired_F=since_F,
-                          bad_streak=jnp.zeros_like(state.bad_streak))
-  skipped = state.replace(step=state.step + 1, bad_streak=state.bad_streak + 1,
-                          skipped_steps=state.skipped_steps + 1)
-  state = jax.tree.map(lambda u, s: jnp.where(finite, u, s), updated, skipped)
+  state = state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state,
+      threshold=jnp.where(finite, threshold, state.threshold),
+      steps_since_fired_F=jnp.where(finite, since_F, state.steps_since_fired_F),
+      bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
+      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
 
   n_tokens = scoring.global_tokens(x_BxD.shape[0], AXIS)
   metrics = {
       "loss": loss,
       "mse": mse,
-      "fvu": losses.fvu(x_BxD, xhat_BxD, AXIS),
-      "l0": lax.psum(jnp.sum(active_BxF, dtype=jnp.int32), AXIS) / n_tokens,
+      "fvu": losses.fvu(x_BxD, out.xhat_BxD, AXIS),
+      "l0": lax.psum(out.n_active, AXIS) / n_tokens,
       "dead_fraction": jnp.mean(state.steps_since_fired_F >= c.dead_steps),
       "auxk_loss": auxk,
       "threshold": state.threshold,
       "lr": lr,
-      "grad_norm": optax.tree.norm(grads),
+      "grad_norm": grad_norm,
       "skipped_steps": state.skipped_steps,
       "bad_streak": state.bad_streak,
   }

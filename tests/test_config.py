@@ -76,6 +76,7 @@ SAE = SAEConfig(8, 16, k=2)
      r"TrainConfig.threshold_start \(100\) must be below the number of steps \(100\)"),
     (dict(max_bad_steps=0), r"TrainConfig.max_bad_steps must be an integer >= 1; got 0"),
     (dict(seed=-1), r"TrainConfig.seed must be an integer >= 0; got -1"),
+    (dict(step="sparse"), r"TrainConfig.step must be one of 'fast', 'dense'; got 'sparse'"),
 ])
 def test_bad_train_config(kwargs, message):
   kwargs = {"sae": SAE, **kwargs}

@@ -248,3 +248,48 @@ def test_pool_size_reads_l_as_written():
   assert validation.pool_size(64, 8, 65536) == 512
   assert validation.pool_size(3, 1.5, 4) == 4
   assert validation.pool_size(5, 1.01, 100) == 6
+
+
+def entry_set(entries, row_offset=0):
+  """{(global row, col): value} of an Entries list's used slots."""
+  rows, cols, values = (np.asarray(x) for x in entries[:3])
+  return {(int(r) + row_offset, int(c)): float(v) for r, c, v in zip(rows, cols, values) if v > 0}
+
+
+def dense_set(z):
+  return {(int(r), int(c)): float(z[r, c]) for r, c in zip(*np.nonzero(z))}
+
+
+@pytest.mark.parametrize("data", ["dense", "ties"])
+def test_batch_topk_entries_list_exactly_the_selection(data):
+  # 40 tokens x 300 latents, k = 5: tokens offer 10 entries, the widest 40.
+  # With ties, many tokens hold entries equal to the cut beyond their offers.
+  a = np.maximum(activations((40, 300), 30, levels=40 if data == "ties" else None), 0)
+  cut, entries = jax.jit(selection.batch_topk_entries, static_argnums=1)(a, 5)
+  assert bool(entries.complete)
+  assert entries.rows.shape == (40 * 5,)
+  assert entry_set(entries) == dense_set(np.asarray(sae_jax.batch_topk(a, 5)))
+
+
+def test_batch_topk_entries_say_when_the_offers_miss_some():
+  # 8 tokens hold all of the top 40 x 2 entries, 10 each: more than their 4
+  # offers, and only 4 tokens offer 16.
+  a = np.random.default_rng(31).random((40, 60)).astype(np.float32)
+  a[:8, :10] += 10
+  _, entries = selection.batch_topk_entries(a, 2)
+  assert not bool(entries.complete)
+
+
+def test_batch_topk_entries_under_an_axis():
+  from tests.test_sharding import run_shard_map  # noqa: PLC0415
+  a = np.maximum(activations((48, 300), 32), 0)
+
+  def local(a):
+    _, entries = selection.batch_topk_entries(a, 5, axis_name="data")
+    offset = jax.lax.axis_index("data") * a.shape[0]
+    return entries.rows + offset, entries.cols, entries.values, entries.complete[None]
+
+  rows, cols, values, complete = run_shard_map(local, a)
+  assert complete.all()
+  got = {(int(r), int(c)): float(v) for r, c, v in zip(rows, cols, values) if v > 0}
+  assert got == dense_set(np.asarray(sae_jax.batch_topk(a, 5)))

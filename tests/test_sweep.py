@@ -2,6 +2,8 @@
 
 import csv
 
+import numpy as np
+
 from tests import scripts
 
 sweep_script = scripts.load("sweep_l")
@@ -25,8 +27,11 @@ def test_sweep_end_to_end_and_resume(tmp_path, capsys):
                                           "sampled-entropy-l1", "sampled-entropy-l16"]
   assert all(0 <= float(r["fvu"]) and 0 <= float(r["gt_recovered_rare"]) <= 1 for r in rows)
   assert rows[0]["pool_jaccard"] == "nan" and float(rows[2]["pool_jaccard"]) > 0
-  # l = 16 puts all 64 latents in the pool: the same run as BatchTopK.
-  assert rows[3]["fvu"] == rows[1]["fvu"] and rows[3]["gt_mmcs"] == rows[1]["gt_mmcs"]
+  # l = 16 puts all 64 latents in the pool: the same selections as BatchTopK.
+  # The fast step computes the two rules' gradients by different routes (a
+  # pooled matmul, an entry list), so the runs agree to float rounding.
+  for metric in ("fvu", "gt_mmcs", "l0"):
+    np.testing.assert_allclose(float(rows[3][metric]), float(rows[1][metric]), rtol=1e-5)
   table = (out / "results.md").read_text()
   assert table.startswith("| variant | selection |") and "sampled-entropy-l16" in table
   assert "sampled-entropy-l16" in capsys.readouterr().out

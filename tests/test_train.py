@@ -1,6 +1,8 @@
 """The training step: one step against NumPy, 1 vs 4 devices, the threshold,
 dead latents, non-finite batches, the loop, and learning a known dictionary."""
 
+import dataclasses
+import functools
 import logging
 
 import jax
@@ -10,7 +12,9 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from sae_jax import gradients
 from sae_jax import model
+from sae_jax import selection
 from sae_jax import synthetic
 from sae_jax import train
 from sae_jax.config import SAEConfig
@@ -202,6 +206,87 @@ def test_shard_map_step_equals_pmap():
     state, _ = step(state, jax.device_put(x, jax.sharding.NamedSharding(mesh, P(train.AXIS))))
     mapped, _ = train.p_train_step(mapped, train.shard_batch(x, 4))
   assert tree_equal(jax.device_get(state), train.unreplicate(mapped))
+
+
+# --- The fast step against the dense autodiff reference -------------------------
+
+@functools.partial(jax.pmap, axis_name=train.AXIS, in_axes=(None, 0, None, None),
+                   static_broadcasted_argnums=3)
+def fast_and_dense_gradients(params, x_BxD, dead_F, c):
+  """(fast, dense): global gradients, mse, auxk and selection statistics."""
+  key = jax.random.key(3)
+  grads, pool_P, out, with_auxk = gradients.fast(params, x_BxD, dead_F, key, c, train.AXIS)
+  grads = gradients.densify(grads, pool_P, params)
+  grads, auxk = jax.lax.cond(jnp.any(dead_F), with_auxk, lambda g: (g, out.auxk), grads)
+  dense, ref = gradients.dense(params, x_BxD, dead_F, key, c, train.AXIS)
+  stats = lambda o: (jax.lax.psum(o.n_active, train.AXIS),
+                     jax.lax.psum(o.fired_F.astype(jnp.int32), train.AXIS),
+                     jax.lax.pmin(o.smallest, train.AXIS))
+  return (jax.lax.pmean((grads, out.mse, auxk), train.AXIS) + stats(out),
+          jax.lax.pmean((dense, ref.mse, ref.auxk), train.AXIS) + stats(ref))
+
+
+CONCENTRATED = batch(70) * np.where(np.arange(B) < 8, 30.0, 1.0)[:, None].astype(np.float32)
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_fast_gradients_equal_dense_on_four_devices(rule):
+  c = RULES[rule]
+  state = fresh_state(c)
+  x = train.shard_batch(batch(71) * state.input_scale, 4)
+  cases = [(x, np.zeros(F, bool)), (x, np.arange(F) < N_DEAD)]
+  if rule == "batchtopk":  # 8 tokens hold most of the budget: the offers miss entries
+    cut, entries = selection.batch_topk_entries(
+        jax.nn.relu(model.SAE(c.sae).apply({"params": state.params},
+                                           jnp.asarray(CONCENTRATED) * state.input_scale,
+                                           method=model.SAE.pre)), K)
+    assert not bool(entries.complete)
+    cases.append((train.shard_batch(CONCENTRATED * state.input_scale, 4), np.zeros(F, bool)))
+  for x_shards, dead_F in cases:
+    fast, dense = fast_and_dense_gradients(state.params, x_shards, dead_F, c)
+    fast, dense = jax.tree.map(lambda v: np.asarray(v[0]), (fast, dense))
+    (fast_grads, *fast_rest), (dense_grads, *dense_rest) = fast, dense
+    for name in dense_grads:
+      np.testing.assert_allclose(fast_grads[name], dense_grads[name], rtol=1e-5,
+                                 atol=1e-6 * np.abs(dense_grads[name]).max(), err_msg=name)
+    assert (fast_rest[1] > 0) == dead_F.any()  # auxk
+    np.testing.assert_allclose(fast_rest[:2], dense_rest[:2], rtol=1e-5)
+    for got, want in zip(fast_rest[2:], dense_rest[2:]):  # counts, fired, smallest
+      np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_fast_step_equals_dense_step_on_four_devices(rule):
+  """Three steps: the first two with no dead latent (Sampled-SAE's pooled
+  update), the third with N_DEAD latents dead (AuxK)."""
+  fast_config = RULES[rule]
+  dense_config = dataclasses.replace(fast_config, step="dense")
+  start = train.create_train_state(fast_config, batch(100, 4 * B))
+  states = {c.step: train.replicate(start.replace(config=c), 4) for c in (fast_config, dense_config)}
+  for step in range(3):
+    if step == 2:
+      states = {name: train.replicate(train.unreplicate(state).replace(
+          steps_since_fired_F=np.where(np.arange(F) < N_DEAD, fast_config.dead_steps, 0)), 4)
+          for name, state in states.items()}
+    x = train.shard_batch(batch(80 + step), 4)
+    (states["fast"], fast), (states["dense"], dense) = (
+        train.p_train_step(states[name], x) for name in ("fast", "dense"))
+    fast, dense = ({k: float(v[0]) for k, v in m.items()} for m in (fast, dense))
+    for name in ("loss", "mse", "fvu", "auxk_loss", "grad_norm", "threshold"):
+      np.testing.assert_allclose(fast[name], dense[name], rtol=1e-4, err_msg=name)
+    assert fast["l0"] == dense["l0"]
+    assert (fast["auxk_loss"] > 0) == (step == 2)
+  assert fast["dead_fraction"] == dense["dead_fraction"]
+  fast, dense = (train.unreplicate(states[name]) for name in ("fast", "dense"))
+  np.testing.assert_array_equal(fast.steps_since_fired_F, dense.steps_since_fired_F)
+  for name in dense.params:
+    np.testing.assert_allclose(fast.params[name], dense.params[name], rtol=1e-4, atol=1e-5,
+                               err_msg=name)
+  for moment in ("mu", "nu"):
+    got, want = (optax.tree_utils.tree_get(s.opt_state, moment) for s in (fast, dense))
+    for name in want:
+      np.testing.assert_allclose(got[name], want[name], rtol=1e-3,
+                                 atol=1e-5 * np.abs(want[name]).max(), err_msg=name)
 
 
 # --- Non-finite steps ------------------------------------------------------------

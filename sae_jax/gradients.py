@@ -1,0 +1,253 @@
+"""The training loss's gradients, two ways: dense autodiff and the fast path.
+
+A dense SAE step costs five B·D·F matmuls, but only the encoder forward has
+to be dense: every other term touches just the selected entries, about B·K
+of them. The fast path keeps the dense encoder forward and writes the
+backward pass by hand:
+
+* Sampled-SAE: every selected entry lies in the pool of P = K·l columns, so
+  decoder forward and backward and the encoder weight gradient are small
+  dense matmuls over the P gathered rows and columns, scattered back at P
+  distinct indices (no contended scatter).
+* BatchTopK and TopK: a list of the selected entries (from the tokens' top-k
+  offers); the decoder gathers rows, the weight gradients scatter-add them.
+  Should the offers miss a selected entry (a token too concentrated for
+  them), BatchTopK falls back to the dense formulas, so the result is always
+  exact.
+
+AuxK is the same in both: it runs only while some latent is dead, through
+autodiff on the dense activations, and then the fast step's gradients are
+made dense too.
+
+Both return this device's gradient of its share of the loss (`pmean` over
+the devices gives the global one) and the statistics the step reports.
+"""
+
+import typing
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sae_jax import losses
+from sae_jax import model
+from sae_jax import selection
+from sae_jax.config import TrainConfig
+
+
+class Outputs(typing.NamedTuple):
+  """What a step reports besides the gradients (this device's tokens)."""
+  mse: jax.Array  # this device's share of the reconstruction MSE
+  auxk: jax.Array  # this device's share of the AuxK loss
+  xhat_BxD: jax.Array  # the reconstruction
+  n_active: jax.Array  # int32 selected entries
+  fired_F: jax.Array  # bool, latents selected at least once
+  smallest: jax.Array  # smallest selected value (inf when none)
+
+
+def varying(tree, axis_name):
+  """`tree` as values that vary over the devices of `axis_name`.
+
+  Under shard_map, state passed replicated (P()) is invariant, and autodiff
+  would sum its gradients over devices by itself. Differentiating a varying
+  copy gives this device's gradient under both pmap and shard_map; `pmean`
+  then averages it.
+  """
+
+  if axis_name is None:
+    return tree
+
+  def cast(x):
+    try:
+      return lax.pcast(x, axis_name, to="varying")
+    except ValueError:  # it varies already (pmap maps every argument)
+      return x
+
+  return jax.tree.map(cast, tree)
+
+
+def dense(params, x_BxD, dead_F, key, config: TrainConfig, axis_name):
+  """Gradients by autodiff through the SAE as written: the reference."""
+  c = config
+  sae = model.SAE(c.sae)
+
+  def loss_fn(params):
+    variables = {"params": params}
+    pre_BxF = sae.apply(variables, x_BxD, method=model.SAE.pre)
+    z_BxF = sae.apply(variables, jax.nn.relu(pre_BxF), key=key, axis_name=axis_name,
+                      method=model.SAE.select)
+    xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode)
+    mse = losses.mse(x_BxD, xhat_BxD)
+    auxk = losses.auxk_loss(pre_BxF, dead_F, x_BxD - xhat_BxD, params["W_dec"], c.auxk_k,
+                            axis_name)
+    return mse + c.auxk_weight * auxk, (mse, auxk, z_BxF, xhat_BxD)
+
+  (_, (mse, auxk, z_BxF, xhat_BxD)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(varying(params, axis_name))
+  active_BxF = z_BxF > 0
+  return grads, Outputs(
+      mse, auxk, xhat_BxD, jnp.sum(active_BxF, dtype=jnp.int32), jnp.any(active_BxF, axis=0),
+      jnp.min(jnp.where(active_BxF, z_BxF, jnp.inf)))
+
+
+def _encode(params, x_BxD, compute_dtype):
+  """(x - b_dec in the compute dtype, as float32; pre-activations [B, F]),
+  as `SAE.pre` computes them."""
+  dtype = jnp.dtype(compute_dtype)
+  centred_BxD = (x_BxD - params["b_dec"][None, :]).astype(dtype)
+  pre_BxF = jnp.matmul(centred_BxD, params["W_enc"].astype(dtype),
+                       preferred_element_type=jnp.float32) + params["b_enc"][None, :]
+  return centred_BxD.astype(jnp.float32), pre_BxF
+
+
+def _mse_cotangent(x_BxD, xhat_BxD):
+  """(MSE, its gradient with respect to xhat)."""
+  error_BxD = xhat_BxD - x_BxD
+  return jnp.mean(jnp.square(error_BxD)), (2 / error_BxD.size) * error_BxD
+
+
+def _through_codes(x_BxD, centred_BxD, z_BxP, W_enc_DxP, W_dec_PxD, b_dec_D):
+  """The MSE's gradients when the codes z are given on P columns (all of
+  them, or a pool), each selected where it is positive.
+
+  Returns:
+    xhat_BxD, mse, and the gradients (W_enc [D, P], b_enc [P], W_dec [P, D],
+    b_dec [D]) restricted to those columns.
+  """
+  xhat_BxD = z_BxP @ W_dec_PxD + b_dec_D[None, :]
+  mse, dxhat_BxD = _mse_cotangent(x_BxD, xhat_BxD)
+  dpre_BxP = jnp.where(z_BxP > 0, dxhat_BxD @ W_dec_PxD.T, 0)
+  db_enc_P = jnp.sum(dpre_BxP, axis=0)
+  grads = {"W_enc": centred_BxD.T @ dpre_BxP, "b_enc": db_enc_P,
+           "W_dec": z_BxP.T @ dxhat_BxD,
+           "b_dec": jnp.sum(dxhat_BxD, axis=0) - W_enc_DxP @ db_enc_P}
+  return xhat_BxD, mse, grads
+
+
+def _through_entries(x_BxD, centred_BxD, entries: selection.Entries, params, sorted_rows: bool):
+  """The MSE's gradients when the codes are a list of selected entries."""
+  n_rows, _ = x_BxD.shape
+  n_latents = params["W_dec"].shape[0]
+  rows_M, cols_M, values_M = entries.rows, entries.cols, entries.values
+  W_dec_MxD = params["W_dec"].at[cols_M].get(mode="promise_in_bounds")
+  xhat_BxD = jax.ops.segment_sum(values_M[:, None] * W_dec_MxD, rows_M, n_rows,
+                                 indices_are_sorted=sorted_rows) + params["b_dec"][None, :]
+  mse, dxhat_BxD = _mse_cotangent(x_BxD, xhat_BxD)
+  dxhat_MxD = dxhat_BxD.at[rows_M].get(mode="promise_in_bounds")
+  dpre_M = jnp.where(values_M > 0, jnp.sum(dxhat_MxD * W_dec_MxD, axis=1), 0)
+  # One scatter for both weight gradients: rows [dW_dec | dW_enc^T] per latent.
+  updates_Mx2D = jnp.concatenate(
+      [values_M[:, None] * dxhat_MxD,
+       dpre_M[:, None] * centred_BxD.at[rows_M].get(mode="promise_in_bounds")], axis=1)
+  both_Fx2D = jnp.zeros((n_latents, updates_Mx2D.shape[1]), jnp.float32).at[cols_M].add(
+      updates_Mx2D, mode="promise_in_bounds")
+  D = x_BxD.shape[1]
+  db_enc_F = jnp.zeros(n_latents, jnp.float32).at[cols_M].add(dpre_M, mode="promise_in_bounds")
+  grads = {"W_enc": both_Fx2D[:, D:].T, "b_enc": db_enc_F, "W_dec": both_Fx2D[:, :D],
+           "b_dec": jnp.sum(dxhat_BxD, axis=0) - params["W_enc"] @ db_enc_F}
+  active_M = values_M > 0
+  fired_F = jnp.zeros(n_latents, jnp.int32).at[cols_M].add(active_M.astype(jnp.int32)) > 0
+  stats = (jnp.sum(active_M, dtype=jnp.int32), fired_F,
+           jnp.min(jnp.where(active_M, values_M, jnp.inf)))
+  return xhat_BxD, mse, grads, stats
+
+
+def _codes_stats(z_BxF):
+  active_BxF = z_BxF > 0
+  return (jnp.sum(active_BxF, dtype=jnp.int32), jnp.any(active_BxF, axis=0),
+          jnp.min(jnp.where(active_BxF, z_BxF, jnp.inf)))
+
+
+def _sampled(params, x_BxD, centred_BxD, a_BxF, key, config: TrainConfig, axis_name):
+  """Gradients of W_enc, b_enc and W_dec at the pool only (see `densify`)."""
+  s = config.sae
+  pool_P, z_BxP = selection.sampled_select_pooled(
+      a_BxF, s.k, s.l, score=s.score, key=key if s.sample_pool else None, axis_name=axis_name)
+  xhat_BxD, mse, grads = _through_codes(
+      x_BxD, centred_BxD, z_BxP, params["W_enc"][:, pool_P], params["W_dec"][pool_P],
+      params["b_dec"])
+  n_active, fired_P, smallest = _codes_stats(z_BxP)
+  fired_F = jnp.zeros(a_BxF.shape[1], bool).at[pool_P].set(fired_P)
+  return xhat_BxD, mse, grads, pool_P, (n_active, fired_F, smallest)
+
+
+def densify(grads, pool_P, params):
+  """Pooled gradients (W_enc [D, P], b_enc [P], W_dec [P, D]) as dense ones."""
+  if pool_P is None:
+    return grads
+  # The pool's indices are distinct: plain writes, no contended scatter.
+  return {"W_enc": jnp.zeros_like(params["W_enc"]).at[:, pool_P].set(grads["W_enc"]),
+          "b_enc": jnp.zeros_like(params["b_enc"]).at[pool_P].set(grads["b_enc"]),
+          "W_dec": jnp.zeros_like(params["W_dec"]).at[pool_P].set(grads["W_dec"]),
+          "b_dec": grads["b_dec"]}
+
+
+def _topk(params, x_BxD, centred_BxD, a_BxF, config: TrainConfig):
+  n_rows, _ = a_BxF.shape
+  k = config.sae.k
+  values_BxK, cols_BxK = selection.top_k(lax.stop_gradient(a_BxF), k)
+  # lax.top_k breaks ties by the lower index, as `selection.topk` does.
+  rows_BxK = jnp.broadcast_to(jnp.arange(n_rows, dtype=jnp.int32)[:, None], (n_rows, k))
+  entries = selection.Entries(rows_BxK.reshape(-1), cols_BxK.reshape(-1),
+                              jnp.maximum(values_BxK, 0).reshape(-1), jnp.bool_(True))
+  return _through_entries(x_BxD, centred_BxD, entries, params, sorted_rows=True)
+
+
+def _batchtopk(params, x_BxD, centred_BxD, a_BxF, config: TrainConfig, axis_name):
+  n_rows, _ = a_BxF.shape
+  cut, entries = selection.batch_topk_entries(a_BxF, config.sae.k, axis_name)
+
+  def from_entries():
+    return _through_entries(x_BxD, centred_BxD, entries, params, sorted_rows=False)
+
+  def from_dense_codes():
+    offset = 0 if axis_name is None else lax.axis_index(axis_name) * n_rows
+    z_BxF = jnp.where(selection.selected(a_BxF, cut, offset), a_BxF, 0)
+    xhat_BxD, mse, grads = _through_codes(x_BxD, centred_BxD, z_BxF, params["W_enc"],
+                                          params["W_dec"], params["b_dec"])
+    return xhat_BxD, mse, grads, _codes_stats(z_BxF)
+
+  return lax.cond(entries.complete, from_entries, from_dense_codes)
+
+
+def fast(params, x_BxD, dead_F, key, config: TrainConfig, axis_name):
+  """The same gradients and outputs as `dense`, with only the encoder
+  forward dense.
+
+  Returns:
+    (grads, pool_P, outputs, with_auxk). For Sampled-SAE, `grads` of W_enc,
+    b_enc and W_dec are given at the pool `pool_P` only (see `densify`);
+    otherwise pool_P is None. The AuxK loss is not included:
+    `with_auxk(dense_grads)` returns (dense_grads + its gradients, its value),
+    to be called only while some latent is dead.
+  """
+  c = config
+  params = varying(params, axis_name)
+  centred_BxD, pre_BxF = _encode(params, x_BxD, c.sae.compute_dtype)
+  # AuxK, like the rest, only looks at positive pre-activations, and has the
+  # same gradient with respect to a = relu(pre): pre itself is never kept.
+  a_BxF = jax.nn.relu(pre_BxF)
+  pool_P = None
+  if c.sae.selection == "sampled":
+    xhat_BxD, mse, grads, pool_P, stats = _sampled(params, x_BxD, centred_BxD, a_BxF, key, c,
+                                                   axis_name)
+  elif c.sae.selection == "topk":
+    xhat_BxD, mse, grads, stats = _topk(params, x_BxD, centred_BxD, a_BxF, c)
+  else:
+    xhat_BxD, mse, grads, stats = _batchtopk(params, x_BxD, centred_BxD, a_BxF, c, axis_name)
+
+  def with_auxk(grads):
+    aux = lambda a_BxF, W_dec_FxD: losses.auxk_loss(
+        a_BxF, dead_F, x_BxD - xhat_BxD, W_dec_FxD, c.auxk_k, axis_name)
+    auxk, vjp = jax.vjp(aux, a_BxF, params["W_dec"])
+    dpre_BxF, dW_dec_FxD = vjp(varying(jnp.asarray(c.auxk_weight, auxk.dtype), axis_name))
+    db_enc_F = jnp.sum(dpre_BxF, axis=0)
+    grads = {"W_enc": grads["W_enc"] + centred_BxD.T @ dpre_BxF,
+             "b_enc": grads["b_enc"] + db_enc_F,
+             "W_dec": grads["W_dec"] + dW_dec_FxD,
+             "b_dec": grads["b_dec"] - params["W_enc"] @ db_enc_F}
+    return grads, auxk
+
+  # A sum over no tokens: zero, and under shard_map it varies as the data does.
+  no_auxk = jnp.sum(x_BxD[:0])
+  return grads, pool_P, Outputs(mse, no_auxk, xhat_BxD, *stats), with_auxk
