@@ -5,12 +5,12 @@
     python benchmarks/train_step.py --batch 256 --latents 4096 --repeats 3
 
 Prints a Markdown table: median step time, tokens/s, ratio to the encoder
-forward matmul x @ W_enc measured in this run (the floor: the one B·D·F
-matmul a step cannot skip), and speed-up over the dense autodiff step of the
-same rule. Steps run through `p_train_step` on one device, state donated, as
-training runs them; no latent is dead, so AuxK is skipped as in most of
-training (the `+auxk` row has every latent dead). Runs unchanged on CPU, GPU
-and TPU.
+forward matmul x @ W_enc measured just before the row (the floor: the one
+B·D·F matmul a step cannot skip), and speed-up over the dense autodiff step
+of the same rule. Steps run on one device, state donated, as `train_loop` runs
+them: with no latent dead, through `p_train_step_all_alive` (no AuxK, as in
+most of training); the `+auxk` row has every latent dead and runs
+`p_train_step`. Runs unchanged on CPU, GPU and TPU.
 """
 
 import argparse
@@ -43,9 +43,10 @@ def step_seconds(config: TrainConfig, x_1xBxD, repeats: int, dead: bool = False)
     state = state.replace(steps_since_fired_F=jnp.full_like(state.steps_since_fired_F,
                                                             config.dead_steps))
   holder = {"state": train.replicate(state, 1)}
+  step_fn = train.p_train_step if dead else train.p_train_step_all_alive
 
   def one_step():
-    holder["state"], metrics = train.p_train_step(holder["state"], x_1xBxD)
+    holder["state"], metrics = step_fn(holder["state"], x_1xBxD)
     jax.block_until_ready((holder["state"], metrics))
 
   return median_seconds(one_step, repeats)
@@ -68,34 +69,42 @@ def main():
   dtype = jnp.dtype(args.compute_dtype)
   encode = jax.jit(lambda x, w: jnp.matmul(x.astype(dtype), w.astype(dtype),
                                            preferred_element_type=jnp.float32))
-  floor = median_seconds(lambda: jax.block_until_ready(encode(x_1xBxD[0], W_DxF)), args.repeats)
-  del W_DxF
+  # The machine's speed drifts over a run: each row's ratio uses the floor
+  # measured just before it.
+  floor_now = lambda: median_seconds(lambda: jax.block_until_ready(encode(x_1xBxD[0], W_DxF)),
+                                     args.repeats)
 
   base = TrainConfig(SAEConfig(D, F, k=k, compute_dtype=args.compute_dtype), batch_size=B,
                      steps=10**6, warmup_steps=10, threshold_start=1)
   variants = [("topk", None), ("batchtopk", None), ("sampled", 1.0), ("sampled", 8.0),
               ("sampled", 64.0)]
-  rows = [("encoder matmul x @ W_enc (floor)", floor, None)]
+  rows = []  # (name, seconds, selection, floor seconds)
   dense = {}
+
+  def measure(name, selection, config, dead=False):
+    floor = floor_now()
+    rows.append((name, step_seconds(config, x_1xBxD, args.repeats, dead), selection, floor))
+    return rows[-1][1]
+
   for selection, l in variants:
     sae = dataclasses.replace(base.sae, selection=selection, l=l or base.sae.l)
     name = selection if l is None else f"{selection} l={l:g}"
     if l in (None, 8.0):  # the dense reference, per rule
-      config = dataclasses.replace(base, sae=sae, step="dense")
-      dense[selection] = step_seconds(config, x_1xBxD, args.repeats)
-      rows.append((f"dense step, {name}", dense[selection], selection))
+      dense[selection] = measure(f"dense step, {name}", selection,
+                                 dataclasses.replace(base, sae=sae, step="dense"))
     config = dataclasses.replace(base, sae=sae, step="fast")
-    rows.append((f"fast step, {name}", step_seconds(config, x_1xBxD, args.repeats), selection))
+    measure(f"fast step, {name}", selection, config)
     if l == 8.0:
-      rows.append((f"fast step, {name}, +auxk (all dead)",
-                   step_seconds(config, x_1xBxD, args.repeats, dead=True), selection))
+      measure(f"fast step, {name}, +auxk (all dead)", selection, config, dead=True)
+  floor = statistics.median(row[3] for row in rows)
+  rows.insert(0, ("encoder matmul x @ W_enc (floor, median over the run)", floor, None, floor))
 
   print(f"\nB={B} D={D} F={F} k={k} compute_dtype={args.compute_dtype} "
         f"backend={jax.default_backend()} ({jax.local_devices()[0].device_kind}), "
         f"median of {args.repeats}\n")
   print("| step | median ms | tokens/s | x floor | speed-up over dense |")
   print("|---|---:|---:|---:|---:|")
-  for name, seconds, selection in rows:
+  for name, seconds, selection, floor in rows:
     speedup = f"{dense[selection] / seconds:.2f}x" if selection in dense else ""
     print(f"| {name} | {seconds * 1e3:.1f} | {B / seconds:,.0f} | {seconds / floor:.2f} | "
           f"{speedup} |")

@@ -16,6 +16,7 @@ from sae_jax.train import NonFiniteError
 from sae_jax.train import TrainState
 from sae_jax.train import create_train_state
 from sae_jax.train import p_train_step
+from sae_jax.train import p_train_step_all_alive
 from sae_jax.train import replicate
 from sae_jax.train import train_loop
 from sae_jax.train import train_step
@@ -35,6 +36,7 @@ __all__ = [
     "column_scores",
     "create_train_state",
     "p_train_step",
+    "p_train_step_all_alive",
     "replicate",
     "sampled_select",
     "sampled_select_pooled",

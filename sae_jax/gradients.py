@@ -159,7 +159,8 @@ def _codes_stats(z_BxF):
 
 
 def _sampled(params, x_BxD, centred_BxD, a_BxF, key, config: TrainConfig, axis_name):
-  """Gradients of W_enc, b_enc and W_dec at the pool only (see `densify`)."""
+  """Gradients of W_enc, b_enc and W_dec at the pool only (see
+  `optimizer.dense_grads`)."""
   s = config.sae
   pool_P, z_BxP = selection.sampled_select_pooled(
       a_BxF, s.k, s.l, score=s.score, key=key if s.sample_pool else None, axis_name=axis_name)
@@ -169,17 +170,6 @@ def _sampled(params, x_BxD, centred_BxD, a_BxF, key, config: TrainConfig, axis_n
   n_active, fired_P, smallest = _codes_stats(z_BxP)
   fired_F = jnp.zeros(a_BxF.shape[1], bool).at[pool_P].set(fired_P)
   return xhat_BxD, mse, grads, pool_P, (n_active, fired_F, smallest)
-
-
-def densify(grads, pool_P, params):
-  """Pooled gradients (W_enc [D, P], b_enc [P], W_dec [P, D]) as dense ones."""
-  if pool_P is None:
-    return grads
-  # The pool's indices are distinct: plain writes, no contended scatter.
-  return {"W_enc": jnp.zeros_like(params["W_enc"]).at[:, pool_P].set(grads["W_enc"]),
-          "b_enc": jnp.zeros_like(params["b_enc"]).at[pool_P].set(grads["b_enc"]),
-          "W_dec": jnp.zeros_like(params["W_dec"]).at[pool_P].set(grads["W_dec"]),
-          "b_dec": grads["b_dec"]}
 
 
 def _topk(params, x_BxD, centred_BxD, a_BxF, config: TrainConfig):
@@ -216,7 +206,8 @@ def fast(params, x_BxD, dead_F, key, config: TrainConfig, axis_name):
 
   Returns:
     (grads, pool_P, outputs, with_auxk). For Sampled-SAE, `grads` of W_enc,
-    b_enc and W_dec are given at the pool `pool_P` only (see `densify`);
+    b_enc and W_dec are given at the pool `pool_P` only (see
+    `optimizer.dense_grads`);
     otherwise pool_P is None. The AuxK loss is not included:
     `with_auxk(dense_grads)` returns (dense_grads + its gradients, its value),
     to be called only while some latent is dead.

@@ -104,59 +104,68 @@ def _at(name: str, pool_P):
   return (slice(None), pool_P) if name == "W_enc" else pool_P
 
 
+def dense_grads(grads: dict, pool_P, params: dict) -> dict:
+  """Pooled gradients (W_enc [D, P], b_enc [P], W_dec [P, D], b_dec [D]) as
+  dense ones, zero outside the pool; `grads` itself when pool_P is None."""
+  if pool_P is None:
+    return grads
+  # The pool's indices are distinct: plain writes, no contended scatter.
+  return {name: g if name == "b_dec" else
+          jnp.zeros_like(params[name]).at[_at(name, pool_P)].set(g)
+          for name, g in grads.items()}
+
+
 def update(params: dict, grads: dict, opt_state, learning_rate, *, b1: float = 0.9,
            b2: float = 0.999, clip_norm: float = 1.0, pool_P=None, apply=True,
            eps: float = 1e-8):
-  """One step of `make_optimizer` followed by `normalize_rows`, written out.
+  """One step of `make_optimizer` followed by `normalize_rows`, written out
+  as one elementwise pass per parameter.
 
   Args:
     params: the SAE's parameters {W_enc, b_enc, W_dec, b_dec}.
-    grads: their gradients. With `pool_P`, those of W_enc, b_enc and W_dec
-      are given only at the pool (W_enc [D, P], b_enc [P], W_dec [P, D]) and
-      are zero everywhere else.
+    grads: their gradients, or with `pool_P` their pooled gradients (see
+      `dense_grads`): projection and clipping then look at the pool only.
     opt_state: `make_optimizer(...).init(params)`'s state, which this returns
       updated in the same structure.
     learning_rate: the step's learning rate.
     pool_P: distinct latent indices, or None when `grads` are dense.
     apply: bool scalar; where False, params and state come back unchanged
-      (decided inside the same elementwise passes, at no extra cost).
+      (non-finite gradients are ignored).
 
   Returns:
     (params, opt_state), as `make_optimizer` and `normalize_rows` give them.
     Adam still decays the moments and moves every parameter outside the
-    pool; only the gradient terms are restricted to it.
+    pool; only the gradient is zero there.
   """
   project_state, clip_state, (adam, schedule_state) = opt_state
-  pooled = lambda name: pool_P is not None and name != "b_dec"
-  at = lambda name, x: x[_at(name, pool_P)] if pooled(name) else x
   grads = dict(grads)
-  w_PxD = _rows_unit(at("W_dec", params["W_dec"]))
+  w_PxD = _rows_unit(params["W_dec"] if pool_P is None else params["W_dec"][pool_P])
   grads["W_dec"] = grads["W_dec"] - jnp.sum(grads["W_dec"] * w_PxD, -1, keepdims=True) * w_PxD
   norm = optax.tree.norm(grads)
-  grads = jax.tree.map(lambda g: jnp.where(norm < clip_norm, g, g / norm * clip_norm), grads)
-  count = jnp.where(apply, optax.safe_int32_increment(adam.count), adam.count)
+  grads = dense_grads(grads, pool_P, params)
+  count = optax.safe_int32_increment(adam.count)
   correct1 = 1 - b1**count.astype(jnp.float32)
   correct2 = 1 - b2**count.astype(jnp.float32)
+  # A skipped step is the same pass with rates that change nothing: selecting
+  # between old and new values instead would make XLA copy the moments.
+  clip = jnp.where(apply, jnp.minimum(1.0, clip_norm / norm), 0.0)
+  # (1 - b) in float64 first, as optax takes it: 1 - 0.999 in float32 is off by 5e-5.
+  rate1, keep1 = jnp.where(apply, 1 - b1, 0.0), jnp.where(apply, b1, 1.0)
+  rate2, keep2 = jnp.where(apply, 1 - b2, 0.0), jnp.where(apply, b2, 1.0)
+  learning_rate = jnp.where(apply, learning_rate, 0.0)
 
   def adam_step(p, mu, nu, g):
-    new_mu = (1 - b1) * g + b1 * mu
-    new_nu = (1 - b2) * g**2 + b2 * nu
-    new_p = p - learning_rate * ((new_mu / correct1) / (jnp.sqrt(new_nu / correct2) + eps))
-    return (jnp.where(apply, new_p, p), jnp.where(apply, new_mu, mu),
-            jnp.where(apply, new_nu, nu))
+    g = jnp.where(apply, g, 0.0) * clip  # g may be NaN when skipped
+    mu = rate1 * g + keep1 * mu
+    nu = rate2 * g**2 + keep2 * nu
+    return p - learning_rate * ((mu / correct1) / (jnp.sqrt(nu / correct2) + eps)), mu, nu
 
-  new = {}
-  for name, p in params.items():
-    mu, nu, g = adam.mu[name], adam.nu[name], grads[name]
-    if pooled(name):
-      # Zero gradient everywhere, then the pool's entries from their old values.
-      inside = adam_step(at(name, p), at(name, mu), at(name, nu), g)
-      outside = adam_step(p, mu, nu, 0.0)
-      new[name] = tuple(x.at[_at(name, pool_P)].set(y) for x, y in zip(outside, inside))
-    else:
-      new[name] = adam_step(p, mu, nu, g)
+  new = {name: adam_step(p, adam.mu[name], adam.nu[name], grads[name])
+         for name, p in params.items()}
   params = {name: v[0] for name, v in new.items()}
-  params["W_dec"] = jnp.where(apply, _rows_unit(params["W_dec"]), params["W_dec"])
-  adam = adam._replace(count=count, mu={name: v[1] for name, v in new.items()},
+  row_norms = jnp.linalg.norm(params["W_dec"], axis=-1, keepdims=True)
+  params["W_dec"] = params["W_dec"] / jnp.where(apply, row_norms, 1.0)
+  adam = adam._replace(count=jnp.where(apply, count, adam.count),
+                       mu={name: v[1] for name, v in new.items()},
                        nu={name: v[2] for name, v in new.items()})
   return params, (project_state, clip_state, (adam, schedule_state))

@@ -7,6 +7,7 @@ global batch, gradients are averaged, and the threshold and dead-latent
 counters come out identical on every device.
 """
 
+import functools
 import time
 import typing
 
@@ -93,13 +94,19 @@ def create_train_state(config: TrainConfig, sample_NxD) -> TrainState:
       config=config)
 
 
-def train_step(state: TrainState, x_BxD: jax.Array) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, x_BxD: jax.Array,
+               all_alive: bool = False) -> tuple[TrainState, dict]:
   """One optimisation step on this device's tokens x_BxD (raw activations).
 
   Must run where axis "data" is bound: under `p_train_step`, or under
   `jax.shard_map` with the state replicated and the batch split on "data".
   A step whose loss or gradient is not finite changes nothing but the step
   and skip counters.
+
+  `all_alive=True` (static) promises that no latent is dead: the fast step
+  is then compiled without AuxK and without the branch that decides whether
+  to run it, which saves a copy of the parameters and moments. `train_loop`
+  knows when the promise holds; with any latent dead it would skip AuxK.
   """
   c = state.config
   x_BxD = x_BxD.astype(jnp.float32) * state.input_scale
@@ -128,12 +135,14 @@ def train_step(state: TrainState, x_BxD: jax.Array) -> tuple[TrainState, dict]:
     mse = lax.pmean(out.mse, AXIS)
 
     def dense_with_auxk():
-      dense, auxk = with_auxk(gradients.densify(grads, pool_P, state.params))
+      dense, auxk = with_auxk(optimizer.dense_grads(grads, pool_P, state.params))
       return apply(dense, None, auxk)
 
-    # AuxK runs only while some latent is dead (the same on every device).
-    params, opt_state, auxk, grad_norm, finite = lax.cond(
-        jnp.any(dead_F), dense_with_auxk, lambda: apply(grads, pool_P, out.auxk))
+    if all_alive:
+      params, opt_state, auxk, grad_norm, finite = apply(grads, pool_P, out.auxk)
+    else:  # AuxK runs only while some latent is dead (the same on every device).
+      params, opt_state, auxk, grad_norm, finite = lax.cond(
+          jnp.any(dead_F), dense_with_auxk, lambda: apply(grads, pool_P, out.auxk))
   loss = mse + c.auxk_weight * auxk
 
   fired_F = lax.psum(out.fired_F.astype(jnp.int32), AXIS) > 0
@@ -160,6 +169,7 @@ def train_step(state: TrainState, x_BxD: jax.Array) -> tuple[TrainState, dict]:
       "fvu": losses.fvu(x_BxD, out.xhat_BxD, AXIS),
       "l0": lax.psum(out.n_active, AXIS) / n_tokens,
       "dead_fraction": jnp.mean(state.steps_since_fired_F >= c.dead_steps),
+      "most_silent_steps": jnp.max(state.steps_since_fired_F),
       "auxk_loss": auxk,
       "threshold": state.threshold,
       "lr": lr,
@@ -171,6 +181,9 @@ def train_step(state: TrainState, x_BxD: jax.Array) -> tuple[TrainState, dict]:
 
 
 p_train_step = jax.pmap(train_step, axis_name=AXIS, donate_argnums=0)
+# The same step while no latent can be dead (see `train_step`); train_loop picks it.
+p_train_step_all_alive = jax.pmap(functools.partial(train_step, all_alive=True), axis_name=AXIS,
+                                  donate_argnums=0)
 
 
 def _mesh(n_devices: int) -> jax.sharding.Mesh:
@@ -211,6 +224,10 @@ def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 
                should_stop: typing.Optional[typing.Callable[[], bool]] = None,
                progress: bool = True) -> TrainState:
   """Runs `p_train_step` until the config's last step or the end of `batches`.
+
+  While no latent can be dead it runs `p_train_step_all_alive` instead, the
+  same step compiled without AuxK (bounded from the `most_silent_steps`
+  metric, so the choice never needs the device to wait).
 
   Args:
     state: a replicated state (`replicate`); it is donated.
@@ -267,7 +284,12 @@ def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 
       bar.set_postfix(loss=f"{m['loss']:.4g}", fvu=f"{m['fvu']:.3f}", l0=f"{m['l0']:.1f}")
       if on_log is not None:
         on_log(done, dict(m, step=done, tokens_per_second=rate))
+    return m
 
+  # An upper bound on the steps any latent of the current state has gone
+  # without firing; below dead_steps, no latent is dead and the step can
+  # leave AuxK out. It grows by one a step, and each metrics read tightens it.
+  silent = int(np.max(jax.device_get(state.steps_since_fired_F[0])))
   # Metrics are read one step late, so the next step is queued while we wait.
   pending = None
   with bar:
@@ -278,10 +300,12 @@ def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 
         raise ValueError(
             f"batch for step {step} must have shape {want} ([devices, batch_size / devices, "
             f"d_model]); got {np.shape(batch)}")
-      state, metrics = p_train_step(state, batch)
-      step += 1
+      step_fn = p_train_step_all_alive if silent < c.dead_steps else p_train_step
+      state, metrics = step_fn(state, batch)
+      step, silent = step + 1, silent + 1
       if pending is not None:
-        report(*pending)
+        done = pending[0]
+        silent = min(silent, int(report(*pending)["most_silent_steps"]) + step - done)
       pending = (step, metrics)
       if on_step is not None:
         on_step(step, state)

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from sae_jax import gradients
 from sae_jax import model
+from sae_jax import optimizer
 from sae_jax import selection
 from sae_jax import synthetic
 from sae_jax import train
@@ -216,7 +217,7 @@ def fast_and_dense_gradients(params, x_BxD, dead_F, c):
   """(fast, dense): global gradients, mse, auxk and selection statistics."""
   key = jax.random.key(3)
   grads, pool_P, out, with_auxk = gradients.fast(params, x_BxD, dead_F, key, c, train.AXIS)
-  grads = gradients.densify(grads, pool_P, params)
+  grads = optimizer.dense_grads(grads, pool_P, params)
   grads, auxk = jax.lax.cond(jnp.any(dead_F), with_auxk, lambda g: (g, out.auxk), grads)
   dense, ref = gradients.dense(params, x_BxD, dead_F, key, c, train.AXIS)
   stats = lambda o: (jax.lax.psum(o.n_active, train.AXIS),
@@ -289,6 +290,38 @@ def test_fast_step_equals_dense_step_on_four_devices(rule):
                                  atol=1e-5 * np.abs(want[name]).max(), err_msg=name)
 
 
+def test_loop_leaves_auxk_out_only_while_no_latent_can_be_dead(monkeypatch):
+  c = RULES["sampled"]  # dead after 2 silent steps
+  calls = {"all_alive": 0, "general": 0}
+
+  def counted(name, fn):
+    def step(state, x):
+      if name == "all_alive":  # the promise: nothing dead in the state it is given
+        assert np.max(jax.device_get(state.steps_since_fired_F)) < c.dead_steps
+      calls[name] += 1
+      return fn(state, x)
+    return step
+
+  general = train.p_train_step  # the reference: AuxK decided on the device, every step
+  monkeypatch.setattr(train, "p_train_step_all_alive",
+                      counted("all_alive", train.p_train_step_all_alive))
+  monkeypatch.setattr(train, "p_train_step", counted("general", train.p_train_step))
+  start = train.create_train_state(c, batch(100, 4 * B))
+  xs = [batch(90 + i)[None] for i in range(8)]
+  looped = train.train_loop(train.replicate(start, 1), xs, progress=False)
+  stepped = train.replicate(start, 1)
+  auxk = []
+  for x in xs:
+    stepped, metrics = general(stepped, x)
+    auxk.append(float(metrics["auxk_loss"][0]))
+  assert calls["all_alive"] >= 2 and calls["general"] >= 1 and max(auxk) > 0
+  looped, stepped = train.unreplicate(looped), train.unreplicate(stepped)
+  np.testing.assert_array_equal(looped.steps_since_fired_F, stepped.steps_since_fired_F)
+  for name in stepped.params:
+    np.testing.assert_allclose(looped.params[name], stepped.params[name], rtol=1e-5,
+                               atol=1e-6, err_msg=name)
+
+
 # --- Non-finite steps ------------------------------------------------------------
 
 @pytest.mark.parametrize("rule", ["batchtopk", "sampled"])
@@ -330,9 +363,9 @@ def test_train_logs_and_stops_at_the_end_of_the_batches(capsys):
   state = train.train_loop(train.replicate(fresh_state(c), 4), batches, log_every=2,
                       on_log=lambda step, m: logs.append((step, m)))
   assert [step for step, _ in logs] == [2, 4, 5]
-  assert set(logs[0][1]) == {"loss", "mse", "fvu", "l0", "dead_fraction", "auxk_loss",
-                             "threshold", "lr", "grad_norm", "skipped_steps", "bad_streak",
-                             "step", "tokens_per_second"}
+  assert set(logs[0][1]) == {"loss", "mse", "fvu", "l0", "dead_fraction", "most_silent_steps",
+                             "auxk_loss", "threshold", "lr", "grad_norm", "skipped_steps",
+                             "bad_streak", "step", "tokens_per_second"}
   assert all(m["tokens_per_second"] > 0 and m["l0"] == pytest.approx(K) for _, m in logs)
   assert int(train.unreplicate(state).step) == 5
   assert "tok/s" in capsys.readouterr().err
