@@ -5,9 +5,9 @@
     python benchmarks/train_step.py --batch 256 --latents 4096 --repeats 3
 
 Prints a Markdown table: median step time, tokens/s, ratio to the encoder
-forward matmul x @ W_enc measured just before the row (the floor: the one
-B·D·F matmul a step cannot skip), and speed-up over the dense autodiff step
-of the same rule. Steps run on one device, state donated, as `train_loop` runs
+forward matmul x @ W_enc (the floor: the one B·D·F matmul a step cannot
+skip; measured before every row, median over the run), and speed-up over the
+dense autodiff step of the same rule. Steps run on one device, state donated, as `train_loop` runs
 them: with no latent dead, through `p_train_step_all_alive` (no AuxK, as in
 most of training); the `+auxk` row has every latent dead and runs
 `p_train_step`. Runs unchanged on CPU, GPU and TPU.
@@ -69,8 +69,8 @@ def main():
   dtype = jnp.dtype(args.compute_dtype)
   encode = jax.jit(lambda x, w: jnp.matmul(x.astype(dtype), w.astype(dtype),
                                            preferred_element_type=jnp.float32))
-  # The machine's speed drifts over a run: each row's ratio uses the floor
-  # measured just before it.
+  # The machine's speed drifts over a run: the floor is measured before every
+  # row, and the ratios use the median of those measurements.
   floor_now = lambda: median_seconds(lambda: jax.block_until_ready(encode(x_1xBxD[0], W_DxF)),
                                      args.repeats)
 
@@ -104,7 +104,7 @@ def main():
         f"median of {args.repeats}\n")
   print("| step | median ms | tokens/s | x floor | speed-up over dense |")
   print("|---|---:|---:|---:|---:|")
-  for name, seconds, selection, floor in rows:
+  for name, seconds, selection, _ in rows:
     speedup = f"{dense[selection] / seconds:.2f}x" if selection in dense else ""
     print(f"| {name} | {seconds * 1e3:.1f} | {B / seconds:,.0f} | {seconds / floor:.2f} | "
           f"{speedup} |")

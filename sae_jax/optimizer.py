@@ -119,7 +119,7 @@ def update(params: dict, grads: dict, opt_state, learning_rate, *, b1: float = 0
            b2: float = 0.999, clip_norm: float = 1.0, pool_P=None, apply=True,
            eps: float = 1e-8):
   """One step of `make_optimizer` followed by `normalize_rows`, written out
-  as one elementwise pass per parameter.
+  so that XLA updates parameters and moments in place.
 
   Args:
     params: the SAE's parameters {W_enc, b_enc, W_dec, b_dec}.
@@ -142,30 +142,33 @@ def update(params: dict, grads: dict, opt_state, learning_rate, *, b1: float = 0
   w_PxD = _rows_unit(params["W_dec"] if pool_P is None else params["W_dec"][pool_P])
   grads["W_dec"] = grads["W_dec"] - jnp.sum(grads["W_dec"] * w_PxD, -1, keepdims=True) * w_PxD
   norm = optax.tree.norm(grads)
-  grads = dense_grads(grads, pool_P, params)
   count = optax.safe_int32_increment(adam.count)
   correct1 = 1 - b1**count.astype(jnp.float32)
   correct2 = 1 - b2**count.astype(jnp.float32)
-  # A skipped step is the same pass with rates that change nothing: selecting
-  # between old and new values instead would make XLA copy the moments.
+  # A skipped step is the same passes with rates that change nothing:
+  # selecting between old and new values instead would make XLA copy the
+  # moments. (1 - b) is taken in float64 first, as optax does.
   clip = jnp.where(apply, jnp.minimum(1.0, clip_norm / norm), 0.0)
-  # (1 - b) in float64 first, as optax takes it: 1 - 0.999 in float32 is off by 5e-5.
   rate1, keep1 = jnp.where(apply, 1 - b1, 0.0), jnp.where(apply, b1, 1.0)
   rate2, keep2 = jnp.where(apply, 1 - b2, 0.0), jnp.where(apply, b2, 1.0)
   learning_rate = jnp.where(apply, learning_rate, 0.0)
 
-  def adam_step(p, mu, nu, g):
-    g = jnp.where(apply, g, 0.0) * clip  # g may be NaN when skipped
-    mu = rate1 * g + keep1 * mu
-    nu = rate2 * g**2 + keep2 * nu
-    return p - learning_rate * ((mu / correct1) / (jnp.sqrt(nu / correct2) + eps)), mu, nu
+  def moment(name, m, rate, keep, g):
+    if pool_P is None or name == "b_dec":
+      return rate * g + keep * m
+    # Zero gradient outside the pool: decay everything, then add the pool's
+    # term in place at its distinct indices (no [F, D] gradient is written).
+    return (keep * m).at[_at(name, pool_P)].add(rate * g, unique_indices=True)
 
-  new = {name: adam_step(p, adam.mu[name], adam.nu[name], grads[name])
-         for name, p in params.items()}
-  params = {name: v[0] for name, v in new.items()}
-  row_norms = jnp.linalg.norm(params["W_dec"], axis=-1, keepdims=True)
-  params["W_dec"] = params["W_dec"] / jnp.where(apply, row_norms, 1.0)
-  adam = adam._replace(count=jnp.where(apply, count, adam.count),
-                       mu={name: v[1] for name, v in new.items()},
-                       nu={name: v[2] for name, v in new.items()})
+  mu, nu, new = {}, {}, {}
+  for name, p in params.items():
+    g = jnp.where(apply, grads[name], 0.0) * clip  # g may be NaN when skipped
+    mu[name] = moment(name, adam.mu[name], rate1, keep1, g)
+    nu[name] = moment(name, adam.nu[name], rate2, keep2, g**2)
+    new[name] = p - learning_rate * ((mu[name] / correct1) /
+                                     (jnp.sqrt(nu[name] / correct2) + eps))
+  row_norms = jnp.linalg.norm(new["W_dec"], axis=-1, keepdims=True)
+  new["W_dec"] = new["W_dec"] / jnp.where(apply, row_norms, 1.0)
+  adam = adam._replace(count=jnp.where(apply, count, adam.count), mu=mu, nu=nu)
+  params = new
   return params, (project_state, clip_state, (adam, schedule_state))

@@ -131,8 +131,8 @@ def _offers(a_BxF, k: int) -> Offers:
   wide_R = top_k(floor_B, n_wide)[1]
   wide_RxW, wide_cols_RxW = top_k(a_BxF[wide_R], c_wide)  # starts with the same c
   values_U = jnp.concatenate([offers_BxC.reshape(-1), wide_RxW[:, c:].reshape(-1)])
-  rows_U = jnp.concatenate([rows_BxC.reshape(-1),
-                            jnp.repeat(wide_R, c_wide - c, total_repeat_length=n_wide * (c_wide - c))])
+  wide_rows = jnp.broadcast_to(wide_R[:, None], (n_wide, c_wide - c)).astype(jnp.int32)
+  rows_U = jnp.concatenate([rows_BxC.reshape(-1), wide_rows.reshape(-1)])
   cols_U = jnp.concatenate([cols_BxC.reshape(-1), wide_cols_RxW[:, c:].reshape(-1)])
   wide_floor_R = wide_RxW[:, -1] if c_wide < n_cols else jnp.zeros(n_wide, jnp.float32)
   floor_B = floor_B.at[wide_R].set(wide_floor_R)

@@ -1,10 +1,11 @@
 """The training step and loop (SPEC.md, "Training recipe").
 
 `train_step(state, batch)` is a pure function of one device's shard of the
-batch; `p_train_step` maps it over the local devices with the batch split on
-axis "data". Through that axis, BatchTopK and Sampled-SAE select over the
-global batch, gradients are averaged, and the threshold and dead-latent
-counters come out identical on every device.
+batch; `p_train_step` maps it over the devices with `jax.shard_map`, the
+state replicated and the batch split on axis "data" (under `jax.pmap` the
+same function runs unchanged). Through that axis, BatchTopK and Sampled-SAE
+select over the global batch, gradients are averaged, and the threshold and
+dead-latent counters come out identical on every device.
 """
 
 import functools
@@ -98,8 +99,8 @@ def train_step(state: TrainState, x_BxD: jax.Array,
                all_alive: bool = False) -> tuple[TrainState, dict]:
   """One optimisation step on this device's tokens x_BxD (raw activations).
 
-  Must run where axis "data" is bound: under `p_train_step`, or under
-  `jax.shard_map` with the state replicated and the batch split on "data".
+  Must run where axis "data" is bound: under `p_train_step` (shard_map,
+  the state replicated and the batch split on "data"), or under `jax.pmap`.
   A step whose loss or gradient is not finite changes nothing but the step
   and skip counters.
 
@@ -180,32 +181,79 @@ def train_step(state: TrainState, x_BxD: jax.Array,
   return state, metrics
 
 
-p_train_step = jax.pmap(train_step, axis_name=AXIS, donate_argnums=0)
-# The same step while no latent can be dead (see `train_step`); train_loop picks it.
-p_train_step_all_alive = jax.pmap(functools.partial(train_step, all_alive=True), axis_name=AXIS,
-                                  donate_argnums=0)
+@functools.lru_cache(maxsize=None)
+def _mapped_step(mesh: jax.sharding.Mesh, all_alive: bool):
+  """train_step over `mesh`: the state replicated, the batch split on AXIS."""
+
+  def local(state, x_1xbxD):
+    return train_step(state, x_1xbxD[0], all_alive)
+
+  spec = jax.sharding.PartitionSpec
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec(), spec(AXIS)),
+                               out_specs=(spec(), spec())), donate_argnums=0)
 
 
-def _mesh(n_devices: int) -> jax.sharding.Mesh:
+def _global_batch(batch, mesh: jax.sharding.Mesh) -> jax.Array:
+  """This process's [local devices, b, D] as the global [devices, b, D] array."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+  if isinstance(batch, jax.Array) and batch.sharding == sharding:
+    return batch
+  batch = np.asarray(batch)
+  return jax.make_array_from_process_local_data(sharding, batch,
+                                                (mesh.size,) + batch.shape[1:])
+
+
+def p_train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+  """`train_step` on every device of the state's mesh (see `replicate`).
+
+  Args:
+    state: a replicated state; it is donated.
+    batch: this process's tokens, [local devices, B / devices, D].
+
+  Returns:
+    The new replicated state and the step's metrics (replicated scalars).
+  """
+  mesh = state.step.sharding.mesh
+  return _mapped_step(mesh, False)(state, _global_batch(batch, mesh))
+
+
+def p_train_step_all_alive(state: TrainState, batch) -> tuple[TrainState, dict]:
+  """`p_train_step` while no latent can be dead (see `train_step`);
+  `train_loop` picks it when it may."""
+  mesh = state.step.sharding.mesh
+  return _mapped_step(mesh, True)(state, _global_batch(batch, mesh))
+
+
+def _mesh(n_devices: typing.Optional[int]) -> jax.sharding.Mesh:
+  if n_devices is None:
+    return jax.sharding.Mesh(np.array(jax.devices()), (AXIS,))
   devices = jax.local_devices()
-  if not 1 <= n_devices <= len(devices):
-    raise ValueError(f"n_devices must be in [1, {len(devices)}] (local devices); got {n_devices}")
+  if jax.process_count() > 1 or not 1 <= n_devices <= len(devices):
+    raise ValueError(f"n_devices must be in [1, {len(devices)}] (local devices) on a "
+                     f"single process, or None (all devices); got {n_devices}")
   return jax.sharding.Mesh(np.array(devices[:n_devices]), (AXIS,))
 
 
 def replicate(state: TrainState, n_devices: typing.Optional[int] = None) -> TrainState:
-  """One copy of `state` per device, laid out as `p_train_step` returns it (so
-  the second step does not compile again)."""
-  n_devices = n_devices or jax.local_device_count()
-  sharding = jax.sharding.NamedSharding(_mesh(n_devices), jax.sharding.PartitionSpec(AXIS))
-  stacked = jax.tree.map(lambda x: np.broadcast_to(x, (n_devices,) + np.shape(x)),
-                         jax.device_get(state))
-  return jax.device_put(stacked, sharding)
+  """`state` on every device of a mesh (all devices, or the first `n_devices`
+  local ones), laid out as `p_train_step` returns it."""
+  sharding = jax.sharding.NamedSharding(_mesh(n_devices), jax.sharding.PartitionSpec())
+
+  def put(x):  # every process passes the same value (works across hosts)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(put, jax.device_get(state))
+
+
+def _host(x) -> np.ndarray:
+  """A replicated array's value, read from this process's first copy."""
+  return np.asarray(x.addressable_data(0))
 
 
 def unreplicate(state: TrainState) -> TrainState:
-  """The first device's copy, on the host."""
-  return jax.tree.map(lambda x: np.asarray(x[0]), state)
+  """A replicated state's value, on the host."""
+  return jax.tree.map(_host, state)
 
 
 def shard_batch(x_BxD, n_devices: int) -> np.ndarray:
@@ -231,8 +279,8 @@ def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 
 
   Args:
     state: a replicated state (`replicate`); it is donated.
-    batches: arrays [devices, B / devices, D] of raw activations, starting
-      with the batch for step `state.step`.
+    batches: this process's arrays [local devices, B / devices, D] of raw
+      activations, starting with the batch for step `state.step`.
     log_every: steps between calls of `on_log`; the last step is always logged.
     on_log: called as on_log(step, metrics) with the step's metrics as floats,
       plus "step" (steps done) and "tokens_per_second" (since the last log).
@@ -259,18 +307,18 @@ def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 
   c = state.config
   if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
     raise ValueError(f"log_every must be an integer >= 1; got {log_every!r}")
-  n_devices = state.step.shape[0]
-  want = (n_devices, c.batch_size // n_devices, c.sae.d_model)
-  if c.batch_size % n_devices:
+  mesh = state.step.sharding.mesh
+  want = (len(mesh.local_devices), c.batch_size // mesh.size, c.sae.d_model)
+  if c.batch_size % mesh.size:
     raise ValueError(
-        f"batch_size {c.batch_size} must be divisible by the {n_devices} devices")
-  step = int(state.step[0])
+        f"batch_size {c.batch_size} must be divisible by the {mesh.size} devices")
+  step = int(_host(state.step))
   bar = tqdm.tqdm(total=c.total_steps * c.batch_size, initial=step * c.batch_size,
                   unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
   clock = {"time": time.perf_counter(), "step": step}
 
   def report(done, metrics, last=False):
-    m = {name: float(v[0]) for name, v in jax.device_get(metrics).items()}
+    m = {name: float(_host(v)) for name, v in metrics.items()}
     bar.update(c.batch_size)
     if m["bad_streak"] >= c.max_bad_steps:
       raise NonFiniteError(
@@ -289,7 +337,7 @@ def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 
   # An upper bound on the steps any latent of the current state has gone
   # without firing; below dead_steps, no latent is dead and the step can
   # leave AuxK out. It grows by one a step, and each metrics read tightens it.
-  silent = int(np.max(jax.device_get(state.steps_since_fired_F[0])))
+  silent = int(np.max(_host(state.steps_since_fired_F)))
   # Metrics are read one step late, so the next step is queued while we wait.
   pending = None
   with bar:
