@@ -82,3 +82,13 @@ def test_bad_train_config(kwargs, message):
   kwargs = {"sae": SAE, **kwargs}
   with pytest.raises(ValueError, match=message):
     TrainConfig(**kwargs)
+
+
+def test_step_flag_reaches_the_config():
+  from sae_jax import cli  # noqa: PLC0415
+  parser = cli.parser("test")
+  for flags, want in (([], "fast"), (["--step", "dense"], "dense")):
+    args = parser.parse_args(["--data", "synthetic", *flags])
+    assert cli.config_from(args).train.step == want
+  with pytest.raises(SystemExit):
+    parser.parse_args(["--step", "sparse"])
