@@ -33,6 +33,9 @@ def parse(argv=None) -> tuple[export.ExportConfig, str]:
   p.add_argument("--exclude-token-ids", type=int, nargs="*", default=[],
                  help="token ids whose rows are left out (Pythia's <|endoftext|> is 0)")
   p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+  p.add_argument("--backend", choices=export.BACKENDS, default=None,
+                 help="run the model in jax or torch (default: jax where JAX sees an "
+                      "accelerator, else torch)")
   p.add_argument("--out", required=True, help="the cache directory")
   args = p.parse_args(argv)
   local = all(os.path.isfile(x) or x.endswith((".txt", ".jsonl")) for x in args.dataset)

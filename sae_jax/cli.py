@@ -48,6 +48,9 @@ def parser(doc: str) -> argparse.ArgumentParser:
                    help="hub dataset, or local .txt/.jsonl files")
   dat.add_argument("--text-field", default="text")
   dat.add_argument("--context-length", type=int, default=1024)
+  dat.add_argument("--backend", choices=export.BACKENDS, default=None,
+                   help="--data pythia: run the model in jax or torch (default: jax on an "
+                        "accelerator, else torch)")
   dat.add_argument("--eval-tokens", type=int, default=65536)
   syn = p.add_argument_group("synthetic data (--data synthetic)")
   defaults = synthetic.SyntheticConfig()
@@ -76,7 +79,7 @@ def config_from(args) -> RunConfig:
   export_config = export.ExportConfig(
       model=args.model, revision=args.revision, hook=args.hook,
       dataset=tuple(args.dataset) if local else args.dataset[0], text_field=args.text_field,
-      context_length=args.context_length)
+      context_length=args.context_length, backend=args.backend)
   synthetic_config = synthetic.SyntheticConfig(
       d_model=args.synthetic_d_model, n_features=args.synthetic_features,
       active=args.synthetic_active, noise=args.synthetic_noise, rare_fraction=args.rare_fraction,

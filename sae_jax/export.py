@@ -1,7 +1,8 @@
 """Activation export: a language model's residual stream to a sharded disk cache.
 
-The one place torch and transformers are imported (lazily, so the rest of
-the library never needs them). Layout of a cache directory:
+The model runs in torch (transformers) or in JAX (`sae_jax.neox`); torch and
+transformers are imported lazily, so the rest of the library never needs
+them. Layout of a cache directory:
 
     manifest.json             what was exported and how; "complete" is written last
     acts-00000.npy            [shard_rows, D] activations (bfloat16 stored as uint16 bits)
@@ -32,10 +33,13 @@ from sae_jax import validation
 
 MANIFEST = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16")
+BACKENDS = ("jax", "torch")
 _HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 # Fields that make two caches different: a resume must agree on all of them.
 IDENTITY = ("model", "revision", "hook", "dataset", "split", "text_field", "context_length",
-            "dtype", "shard_rows", "batch_contexts", "exclude_token_ids")
+            "dtype", "shard_rows", "batch_contexts", "exclude_token_ids", "backend")
+# What a manifest written before a field existed meant by it.
+_LEGACY = {"backend": "torch"}
 
 
 def hook_layer(hook: str) -> int:
@@ -44,6 +48,12 @@ def hook_layer(hook: str) -> int:
   if match is None:
     raise ValueError(f"hook must look like 'blocks.N.hook_resid_post'; got {hook!r}")
   return int(match.group(1))
+
+
+def default_backend() -> str:
+  """"jax" where JAX sees an accelerator (a TPU VM's only one), else "torch"."""
+  import jax  # noqa: PLC0415
+  return "torch" if jax.default_backend() == "cpu" else "jax"
 
 
 def hidden_states_index(hook: str) -> int:
@@ -82,6 +92,10 @@ class ExportConfig:
   """Token ids whose rows are left out, e.g. (0,) for Pythia's <|endoftext|>."""
   device: typing.Optional[str] = None
   """torch device; None picks "cuda" when available, else "cpu"."""
+  backend: typing.Optional[str] = None
+  """Runs the model: "jax" (sae_jax.neox, on JAX's default device) or "torch"
+  (transformers); None means `default_backend()`. The two agree to float
+  rounding, so a cache is resumed only with the backend that started it."""
 
   def __post_init__(self):
     hook_layer(self.hook)
@@ -90,6 +104,9 @@ class ExportConfig:
       validation.check_int_field(owner, name, getattr(self, name),
                                  minimum=2 if name == "context_length" else 1)
     validation.check_choice_field(owner, "dtype", self.dtype, DTYPES)
+    if self.backend is None:
+      object.__setattr__(self, "backend", default_backend())
+    validation.check_choice_field(owner, "backend", self.backend, BACKENDS)
     if isinstance(self.dataset, list):
       object.__setattr__(self, "dataset", tuple(self.dataset))
     if isinstance(self.exclude_token_ids, list):
@@ -262,6 +279,30 @@ class HookedModel:
     return self._out.float().cpu().numpy()
 
 
+class JaxHookedModel:
+  """The same as `HookedModel` with the model in JAX (`sae_jax.neox`): weights
+  from safetensors, only the blocks up to the hook, on JAX's default device."""
+
+  def __init__(self, config: ExportConfig):
+    import transformers  # noqa: PLC0415 (the tokenizer)
+    from sae_jax import neox  # noqa: PLC0415
+    self.tokenizer = transformers.AutoTokenizer.from_pretrained(config.model,
+                                                                revision=config.revision)
+    self.config, self.params = neox.load(config.model, config.revision)
+    self.layer = hook_layer(config.hook)
+    if self.layer >= self.config.n_layers:
+      raise ValueError(f"hook {config.hook!r} needs block {self.layer}, but {config.model!r} "
+                       f"has blocks 0..{self.config.n_layers - 1}")
+    self.d_model = self.config.hidden_size
+    import jax  # noqa: PLC0415
+    self.params = jax.device_put(self.params)
+
+  def __call__(self, ids_BxL: np.ndarray) -> np.ndarray:
+    """Float32 [b, L, D] residual stream at the hook."""
+    from sae_jax import neox  # noqa: PLC0415
+    return np.asarray(neox.resid_at(self.params, self.config, ids_BxL, self.layer))
+
+
 # --- Export ----------------------------------------------------------------------
 
 def _check_or_start(out: pathlib.Path, config: ExportConfig) -> dict:
@@ -271,8 +312,9 @@ def _check_or_start(out: pathlib.Path, config: ExportConfig) -> dict:
     if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
       raise ValueError(f"{out} is not empty and holds no {MANIFEST}: refusing to write there")
     return {**config.identity(), "complete": False, "shards": [], "total_tokens": 0}
-  differences = [f"{name}: cache has {manifest.get(name)!r}, asked for {value!r}"
-                 for name, value in config.identity().items() if manifest.get(name) != value]
+  saved = lambda name: manifest.get(name, _LEGACY.get(name))
+  differences = [f"{name}: cache has {saved(name)!r}, asked for {value!r}"
+                 for name, value in config.identity().items() if saved(name) != value]
   if differences:
     raise ValueError(f"{out} holds a different export; refusing to overwrite it:\n  "
                      + "\n  ".join(differences))
@@ -307,7 +349,7 @@ def export_activations(config: ExportConfig, out, *, progress: bool = True,
   out.mkdir(parents=True, exist_ok=True)
   for stale in out.glob(".*.tmp-*"):  # left by an interrupted write
     stale.unlink()
-  model = HookedModel(config)
+  model = (JaxHookedModel if config.backend == "jax" else HookedModel)(config)
   start_batch, skip_rows = (shards[-1]["next_batch"], shards[-1]["skip_rows"]) if shards else (0, 0)
   manifest.update(shards=shards, complete=False, total_tokens=done, d_model=model.d_model,
                   hidden_states_index=hidden_states_index(config.hook), prepend_bos=False,

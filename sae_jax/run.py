@@ -28,10 +28,10 @@ from sae_jax.config import SAEConfig
 from sae_jax.config import TrainConfig
 
 # May change between a run and its resume.
-# Fields a run may change when it resumes; train.step only changes how the
-# same gradients are computed.
+# Fields a run may change when it resumes: train.step only changes how the
+# same gradients are computed, and the cache's manifest guards its backend.
 RESUMABLE_FIELDS = ("log_every", "ckpt_every", "keep_checkpoints", "wandb", "tensorboard",
-                    "train.step")
+                    "train.step", "export.backend")
 INIT_SAMPLE = 4096
 # Synthetic batches are indexed by step; these indices are never training steps.
 SYNTHETIC_INIT_STEP, SYNTHETIC_EVAL_STEP = 2**31 - 1, 2**31 - 2

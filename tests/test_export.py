@@ -170,3 +170,27 @@ def test_command_line(lm, tmp_path, capsys):
   export.export_activations(config(lm, tokens=200), tmp_path / "api", progress=False)
   files = lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir())}
   assert files(tmp_path / "cli") == files(tmp_path / "api")
+
+
+def test_jax_backend_writes_the_same_cache(lm, cache, tmp_path):
+  """`cache` (the session fixture) ran the model in torch; the JAX model
+  gives the same rows to float rounding, in the same files and manifest."""
+  c = config(lm, backend="jax")
+  manifest = export.export_activations(c, tmp_path / "jax", progress=False)
+  want_manifest, want_acts, want_tokens, want_positions = read_cache(cache)
+  manifest, acts, tokens, positions = read_cache(tmp_path / "jax")
+  assert (want_manifest["backend"], manifest["backend"]) == ("torch", "jax")
+  assert [s["rows"] for s in manifest["shards"]] == [s["rows"] for s in want_manifest["shards"]]
+  np.testing.assert_array_equal(tokens, want_tokens)
+  np.testing.assert_array_equal(positions, want_positions)
+  np.testing.assert_allclose(acts, want_acts, rtol=1e-4, atol=1e-4 * np.abs(want_acts).max())
+  # A cache is resumed only by the backend that started it.
+  with pytest.raises(ValueError, match="backend: cache has 'jax', asked for 'torch'"):
+    export.export_activations(config(lm, backend="torch", tokens=900), tmp_path / "jax",
+                              progress=False)
+
+
+def test_backend_is_checked_and_defaults_by_platform():
+  assert export.ExportConfig().backend == export.default_backend() == "torch"  # a CPU here
+  with pytest.raises(ValueError, match="ExportConfig.backend must be one of 'jax', 'torch'"):
+    export.ExportConfig(backend="tf")
