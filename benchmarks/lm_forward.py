@@ -14,30 +14,19 @@ Runs unchanged on CPU, GPU (torch on CUDA) and TPU (torch on the host CPU).
 
 import argparse
 import pathlib
-import statistics
 import sys
 import tempfile
-import time
 
 import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from sae_jax import neox  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 
 class _Stop(Exception):
   pass
-
-
-def median_seconds(fn, repeats):
-  fn()  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def main():
@@ -95,11 +84,11 @@ def main():
   if error > 1e-3:
     raise SystemExit(f"JAX and torch disagree: max error {error:.2e} of the largest value")
 
-  rows = [("transformers (torch, " + device + ")", median_seconds(torch_forward, args.repeats)),
+  rows = [(f"transformers (torch, {device})", median_seconds(torch_forward, repeats=args.repeats)),
           (f"sae_jax.neox float32 ({jax.default_backend()})",
-           median_seconds(jax_forward("float32"), args.repeats)),
+           median_seconds(jax_forward("float32"), repeats=args.repeats)),
           (f"sae_jax.neox bfloat16 ({jax.default_backend()})",
-           median_seconds(jax_forward("bfloat16"), args.repeats))]
+           median_seconds(jax_forward("bfloat16"), repeats=args.repeats))]
   print(f"\nblocks 0..{args.layer} of a {args.layers}-block D={args.width} GPT-NeoX, "
         f"{args.contexts} x {args.context} tokens, median of {args.repeats}; "
         f"float32 max difference {error:.1e} of the largest value\n")

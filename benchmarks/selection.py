@@ -16,8 +16,6 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -25,18 +23,9 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import sae_jax  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 AXIS = "batch"
-
-
-def median_seconds(fn, args, repeats):
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 @jax.jit
@@ -78,17 +67,20 @@ def main():
   reference = np.asarray(naive_batch_topk(a_BxF, budget))
 
   rows = []  # (name, seconds)
-  rows.append(("encoder matmul [B,D]@[D,F]", median_seconds(encode, (x_BxD, W_DxF), args.repeats)))
+  rows.append(("encoder matmul [B,D]@[D,F]",
+               median_seconds(encode, x_BxD, W_DxF, repeats=args.repeats)))
   rows.append(("naive BatchTopK (flattened top_k)",
-               median_seconds(naive_batch_topk, (a_BxF, budget), args.repeats)))
+               median_seconds(naive_batch_topk, a_BxF, budget, repeats=args.repeats)))
   assert np.array_equal(np.asarray(sae_jax.batch_topk(a_BxF, k)), reference)
-  rows.append(("batch_topk", median_seconds(lambda a: sae_jax.batch_topk(a, k), (a_BxF,), args.repeats)))
+  rows.append(("batch_topk", median_seconds(lambda a: sae_jax.batch_topk(a, k), a_BxF,
+                                            repeats=args.repeats)))
   for score in ("l2", "entropy"):
     for l in (1, 8, 64):
       select = lambda a, l=l, score=score: sae_jax.sampled_select(a, k, l, score=score)
       pool = sae_jax.sampled_select_pooled(a_BxF, k, l, score=score).pool
       assert np.array_equal(np.asarray(select(a_BxF)), np.asarray(naive_in_pool(a_BxF, k, pool)))
-      rows.append((f"sampled_select l={l} {score}", median_seconds(select, (a_BxF,), args.repeats)))
+      rows.append((f"sampled_select l={l} {score}",
+                   median_seconds(select, a_BxF, repeats=args.repeats)))
   # The compact form a training step uses: no [B, F] output to write.
   for l in (1, 8):
     pooled = lambda a, l=l: sae_jax.sampled_select_pooled(a, k, l)
@@ -96,7 +88,7 @@ def main():
     want = np.asarray(naive_in_pool(a_BxF, k, sel.pool))[:, np.asarray(sel.pool)]
     assert np.array_equal(np.asarray(sel.values), want)
     rows.append((f"sampled_select_pooled l={l} l2 (compact [B,P] output)",
-                 median_seconds(pooled, (a_BxF,), args.repeats)))
+                 median_seconds(pooled, a_BxF, repeats=args.repeats)))
 
   devices = sharding_devices()
   n_dev = len(devices)
@@ -111,7 +103,8 @@ def main():
   for name, fn, want in sharded:
     mapped = jax.pmap(fn, axis_name=AXIS, devices=devices)
     assert np.array_equal(np.asarray(mapped(shards)).reshape(B, F), want), name
-    rows.append((f"{name}, axis_name over {where}", median_seconds(mapped, (shards,), args.repeats)))
+    rows.append((f"{name}, axis_name over {where}",
+                 median_seconds(mapped, shards, repeats=args.repeats)))
 
   matmul, naive = rows[0][1], rows[1][1]
   print(f"\nB={B} D={D} F={F} k={k} on {jax.devices()[0].device_kind} "

@@ -16,7 +16,6 @@ most of training); the `+auxk` row has every latent dead and runs
 import argparse
 import dataclasses
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,16 +24,7 @@ import numpy as np
 from sae_jax import train
 from sae_jax.config import SAEConfig
 from sae_jax.config import TrainConfig
-
-
-def median_seconds(fn, repeats):
-  fn()  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+from timing import median_seconds
 
 
 def step_seconds(config: TrainConfig, x_1xBxD, repeats: int, dead: bool = False) -> float:
@@ -49,7 +39,7 @@ def step_seconds(config: TrainConfig, x_1xBxD, repeats: int, dead: bool = False)
     holder["state"], metrics = step_fn(holder["state"], x_1xBxD)
     jax.block_until_ready((holder["state"], metrics))
 
-  return median_seconds(one_step, repeats)
+  return median_seconds(one_step, repeats=repeats)
 
 
 def main():
@@ -71,8 +61,7 @@ def main():
                                            preferred_element_type=jnp.float32))
   # The machine's speed drifts over a run: the floor is measured before every
   # row, and the ratios use the median of those measurements.
-  floor_now = lambda: median_seconds(lambda: jax.block_until_ready(encode(x_1xBxD[0], W_DxF)),
-                                     args.repeats)
+  floor_now = lambda: median_seconds(encode, x_1xBxD[0], W_DxF, repeats=args.repeats)
 
   base = TrainConfig(SAEConfig(D, F, k=k, compute_dtype=args.compute_dtype), batch_size=B,
                      steps=10**6, warmup_steps=10, threshold_start=1)

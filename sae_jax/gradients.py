@@ -53,7 +53,6 @@ def varying(tree, axis_name):
   copy gives this device's gradient under both pmap and shard_map; `pmean`
   then averages it.
   """
-
   if axis_name is None:
     return tree
 
