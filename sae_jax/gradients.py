@@ -83,20 +83,7 @@ def dense(params, x_BxD, dead_F, key, config: TrainConfig, axis_name):
 
   (_, (mse, auxk, z_BxF, xhat_BxD)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(varying(params, axis_name))
-  active_BxF = z_BxF > 0
-  return grads, Outputs(
-      mse, auxk, xhat_BxD, jnp.sum(active_BxF, dtype=jnp.int32), jnp.any(active_BxF, axis=0),
-      jnp.min(jnp.where(active_BxF, z_BxF, jnp.inf)))
-
-
-def _encode(params, x_BxD, compute_dtype):
-  """(x - b_dec in the compute dtype, as float32; pre-activations [B, F]),
-  as `SAE.pre` computes them."""
-  dtype = jnp.dtype(compute_dtype)
-  centred_BxD = (x_BxD - params["b_dec"][None, :]).astype(dtype)
-  pre_BxF = jnp.matmul(centred_BxD, params["W_enc"].astype(dtype),
-                       preferred_element_type=jnp.float32) + params["b_enc"][None, :]
-  return centred_BxD.astype(jnp.float32), pre_BxF
+  return grads, Outputs(mse, auxk, xhat_BxD, *_codes_stats(z_BxF))
 
 
 def _mse_cotangent(x_BxD, xhat_BxD):
@@ -213,7 +200,8 @@ def fast(params, x_BxD, dead_F, key, config: TrainConfig, axis_name):
   """
   c = config
   params = varying(params, axis_name)
-  centred_BxD, pre_BxF = _encode(params, x_BxD, c.sae.compute_dtype)
+  centred_BxD, pre_BxF = model.encoder(params, x_BxD, c.sae.compute_dtype)
+  centred_BxD = centred_BxD.astype(jnp.float32)
   # AuxK, like the rest, only looks at positive pre-activations, and has the
   # same gradient with respect to a = relu(pre): pre itself is never kept.
   a_BxF = jax.nn.relu(pre_BxF)

@@ -24,6 +24,16 @@ def _unit_rows(key, shape, dtype=jnp.float32):
   return w / jnp.linalg.norm(w, axis=-1, keepdims=True)
 
 
+def encoder(params: dict, x_BxD: jax.Array, compute_dtype: str) -> tuple[jax.Array, jax.Array]:
+  """(x - b_dec in the compute dtype, pre-activations [B, F] accumulated in
+  float32) from parameters {W_enc, b_enc, b_dec}."""
+  dtype = jnp.dtype(compute_dtype)
+  centred_BxD = (x_BxD - params["b_dec"][None, :]).astype(dtype)
+  pre_BxF = jnp.matmul(centred_BxD, params["W_enc"].astype(dtype),
+                       preferred_element_type=jnp.float32)
+  return centred_BxD, pre_BxF + params["b_enc"][None, :]
+
+
 class SAE(nn.Module):
   """Parameters W_enc [D, F], b_enc [F], W_dec [F, D] (unit rows), b_dec [D].
 
@@ -42,11 +52,8 @@ class SAE(nn.Module):
 
   def pre(self, x_BxD: jax.Array) -> jax.Array:
     """Encoder pre-activations [B, F], accumulated in float32."""
-    dtype = jnp.dtype(self.config.compute_dtype)
-    centred_BxD = (x_BxD - self.b_dec[None, :]).astype(dtype)
-    pre_BxF = jnp.matmul(centred_BxD, self.W_enc.astype(dtype),
-                         preferred_element_type=jnp.float32)
-    return pre_BxF + self.b_enc[None, :]
+    params = {"W_enc": self.W_enc, "b_enc": self.b_enc, "b_dec": self.b_dec}
+    return encoder(params, x_BxD, self.config.compute_dtype)[1]
 
   def select(self, a_BxF: jax.Array, *, key=None, axis_name=None) -> jax.Array:
     """The training selection of non-negative activations [B, F].
