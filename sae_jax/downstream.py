@@ -1,5 +1,6 @@
 """Downstream loss: the language model's next-token loss with the SAE's
-reconstruction spliced in at the hook (torch and transformers, imported lazily).
+reconstruction spliced in at the hook, with the model in torch (transformers,
+imported lazily) or in JAX (`sae_jax.neox`, through its splice entry point).
 
 For contexts [b, L]: the output of block N at positions 1..L-1 is replaced by
 splice(output) (position 0 is left alone: the SAE never trained on it), and the
@@ -11,6 +12,7 @@ model runs on. Reported, as means over the L - 1 predicted positions:
 - kl: KL(clean || spliced) of the next-token distributions.
 """
 
+import functools
 import typing
 
 import numpy as np
@@ -78,7 +80,86 @@ def downstream_loss(model: str, hook: str, ids_BxL: np.ndarray,
         n += ids[:, 1:].numel()
   finally:
     handle.remove()
+  return _summary(sums, n)
+
+
+def _summary(sums: dict, n: int) -> dict:
+  """Means over the n predicted positions, and the loss recovered."""
   out = {name: value / n for name, value in sums.items()}
   out["loss_recovered"] = ((out["zero_ce"] - out["spliced_ce"])
                            / (out["zero_ce"] - out["clean_ce"]))
   return out
+
+
+def _zero_after_first(x_BxLxD):
+  return x_BxLxD.at[:, 1:].set(0)
+
+
+def _splice_after_first(x_BxLxD, *args, splice):
+  rest = x_BxLxD[:, 1:]
+  new = splice(rest.reshape(-1, rest.shape[-1]), *args).reshape(rest.shape)
+  return x_BxLxD.at[:, 1:].set(new.astype(x_BxLxD.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _after_first(splice):
+  """The same hashable function for the same splice, so its compilation is reused."""
+  return functools.partial(_splice_after_first, splice=splice)
+
+
+@functools.lru_cache(maxsize=None)
+def _sums_fn():
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from sae_jax import neox  # noqa: PLC0415
+
+  @functools.partial(jax.jit, static_argnames=("config", "layer", "fn"))
+  def sums(params, config, ids_BxL, layer, fn, fn_args):
+    target_BxL = ids_BxL[:, 1:]
+    logp = lambda logits: jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    clean = logp(neox.logits(params, config, ids_BxL))
+    spliced = logp(neox.logits_with(params, config, ids_BxL, layer, fn, fn_args))
+    zero = logp(neox.logits_with(params, config, ids_BxL, layer, _zero_after_first))
+    nll = lambda lp: -jnp.sum(jnp.take_along_axis(lp, target_BxL[..., None], axis=-1))
+    return {"clean_ce": nll(clean), "spliced_ce": nll(spliced), "zero_ce": nll(zero),
+            "kl": jnp.sum(jnp.exp(clean) * (clean - spliced))}
+
+  return sums
+
+
+def downstream_loss_jax(params, config, hook: str, ids_BxL: np.ndarray,
+                        splice: typing.Callable, splice_args: tuple = (), *,
+                        batch_contexts: int = 8) -> dict:
+  """`downstream_loss` with the model in JAX: `sae_jax.neox` params and config
+  (`neox.load`), spliced through `neox.logits_with`. No torch.
+
+  Args:
+    params, config: the GPT-NeoX (`neox.load(model)`).
+    hook: `blocks.N.hook_resid_post`.
+    ids_BxL: int token ids.
+    splice: a JAX function (h [n, D], *splice_args) -> [n, D] replacements
+      (raw units). It is static: pass the same function each time, and its
+      arrays (an SAE's parameters) in `splice_args`.
+    batch_contexts: contexts per forward pass.
+
+  Returns:
+    clean_ce, spliced_ce, zero_ce, loss_recovered, kl (floats).
+
+  For example, `downstream_loss_jax(*neox.load("EleutherAI/pythia-160m"),
+  "blocks.6.hook_resid_post", ids, identity)` has kl 0 and spliced_ce = clean_ce.
+  """
+  layer = export.hook_layer(hook)
+  if layer >= config.n_layers:
+    raise ValueError(f"hook {hook!r} needs block {layer}; the model has blocks "
+                     f"0..{config.n_layers - 1}")
+  ids_BxL = np.asarray(ids_BxL)
+  if ids_BxL.ndim != 2 or ids_BxL.shape[1] < 2 or not np.issubdtype(ids_BxL.dtype, np.integer):
+    raise ValueError(f"ids_BxL must be int token ids [contexts, length >= 2]; got "
+                     f"{ids_BxL.dtype} {ids_BxL.shape}")
+  sums_fn, fn = _sums_fn(), _after_first(splice)
+  sums = {"clean_ce": 0.0, "spliced_ce": 0.0, "zero_ce": 0.0, "kl": 0.0}
+  for start in range(0, len(ids_BxL), batch_contexts):
+    ids = ids_BxL[start:start + batch_contexts].astype(np.int32)
+    for name, value in sums_fn(params, config, ids, layer, fn, tuple(splice_args)).items():
+      sums[name] += float(value)
+  return _summary(sums, ids_BxL.shape[0] * (ids_BxL.shape[1] - 1))

@@ -35,6 +35,20 @@ def reconstruct(params, threshold, input_scale, x_BxD, config: SAEConfig,
   return np.concatenate(codes), np.concatenate(recon)
 
 
+@functools.lru_cache(maxsize=None)
+def splice(config: SAEConfig, chunk: int = 2048):
+  """The SAE as a JAX splice for `downstream.downstream_loss_jax`:
+  (x [n, D] raw, params, threshold, input_scale) -> inference-mode
+  reconstructions [n, D] (raw units), `chunk` rows at a time. The same config
+  gives the same function, so compilations are reused."""
+
+  def reconstruction(x_NxD, params, threshold, input_scale):
+    one = lambda x_D: _reconstruct(params, threshold, input_scale, x_D[None], config)[1][0]
+    return jax.lax.map(one, x_NxD, batch_size=chunk)
+
+  return reconstruction
+
+
 def reconstruction_metrics(x_BxD, xhat_BxD, z_BxF) -> dict:
   """fvu = Σ||x - xhat||² / Σ||x - mean x||², explained_variance = 1 - fvu,
   mse (per element), l0 (mean nonzero codes per token), cosine (mean over

@@ -7,7 +7,7 @@ entry points, all jit-compatible and batched over contexts:
 
     resid_at(params, config, tokens_BxL, layer)   # output of block `layer`
     logits(params, config, tokens_BxL)
-    logits_with(params, config, tokens_BxL, layer, fn)   # block output -> fn(it)
+    logits_with(params, config, tokens_BxL, layer, fn, fn_args)   # block output -> fn(it, *fn_args)
 
 `layer` follows `blocks.N.hook_resid_post` (`export.hook_layer`): the raw
 output of block N, before the final layer norm even for the top block; only
@@ -75,13 +75,20 @@ class NeoXConfig:
                gelu_approximate=_GELU_APPROXIMATE[act])
 
 
-def _model_dir(model: str, revision: typing.Optional[str]) -> pathlib.Path:
+def _model_dir(model: str, revision: typing.Optional[str], patterns=("*.json", "*.safetensors")
+               ) -> pathlib.Path:
   path = pathlib.Path(model)
   if path.is_dir():
     return path
   import huggingface_hub  # noqa: PLC0415 (only for hub ids)
   return pathlib.Path(huggingface_hub.snapshot_download(
-      model, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
+      model, revision=revision, allow_patterns=list(patterns)))
+
+
+def load_config(model: str, revision: typing.Optional[str] = None) -> NeoXConfig:
+  """The config of a GPT-NeoX from a directory or hub id (config.json only)."""
+  directory = _model_dir(model, revision, ("config.json",))
+  return NeoXConfig.from_json(json.loads((directory / "config.json").read_text()))
 
 
 def load(model: str, revision: typing.Optional[str] = None) -> tuple[NeoXConfig, dict]:
@@ -90,7 +97,7 @@ def load(model: str, revision: typing.Optional[str] = None) -> tuple[NeoXConfig,
   import safetensors.numpy  # noqa: PLC0415
   directory = _model_dir(model, revision)
   # config.json is read directly: transformers' AutoConfig imports torch.
-  config = NeoXConfig.from_json(json.loads((directory / "config.json").read_text()))
+  config = load_config(str(directory))
   files = sorted(directory.glob("*.safetensors"))
   if not files:
     raise FileNotFoundError(f"{directory} holds no *.safetensors weights (save the model with "
@@ -238,10 +245,12 @@ def logits(params, config: NeoXConfig, tokens_BxL, dtype="float32"):
 
 @functools.partial(jax.jit, static_argnames=("config", "layer", "fn", "dtype"))
 def logits_with(params, config: NeoXConfig, tokens_BxL, layer: int,
-                fn: typing.Callable[[jax.Array], jax.Array], dtype="float32"):
-  """Logits with the residual after block `layer` replaced by fn(it) ([B, L, D]
-  -> [B, L, D]; e.g. an SAE's reconstruction). `fn` must be hashable."""
+                fn: typing.Callable[..., jax.Array], fn_args=(), dtype="float32"):
+  """Logits with the residual after block `layer` replaced by fn(it, *fn_args)
+  ([B, L, D] -> [B, L, D]; e.g. an SAE's reconstruction). `fn` is static, so
+  it must be hashable and is best kept the same between calls; arrays it
+  needs (an SAE's parameters) go in `fn_args`, which are traced."""
   _check(config, tokens_BxL, layer, dtype)
   x = _blocks(params, config, tokens_BxL, layer, jnp.dtype(dtype))[-1]
-  return _head(params, config, fn(x), layer + 1, tokens_BxL, jnp.dtype(dtype))
+  return _head(params, config, fn(x, *fn_args), layer + 1, tokens_BxL, jnp.dtype(dtype))
 

@@ -92,3 +92,44 @@ def test_downstream_loss_against_a_direct_computation(lm):
   assert half["kl"] == pytest.approx(kl, rel=1e-4) and half["kl"] > 0
   assert half["loss_recovered"] == pytest.approx(
       (half["zero_ce"] - half["spliced_ce"]) / (half["zero_ce"] - half["clean_ce"]))
+
+
+def test_downstream_loss_in_jax_equals_torch(lm):
+  """The JAX path (neox.logits_with) gives the torch path's numbers, for the
+  identity and for a real SAE's reconstruction."""
+  import transformers
+  from sae_jax import downstream
+  from sae_jax import export
+  from sae_jax import neox
+  from sae_jax import train
+  from sae_jax.config import SAEConfig
+  from sae_jax.config import TrainConfig
+  from tests.tiny_lm import export_config
+  tok = transformers.AutoTokenizer.from_pretrained(lm["model"])
+  ids = np.stack([c for c, _ in zip(export.contexts(export_config(lm), tok), range(6))])
+  hook = "blocks.1.hook_resid_post"
+  config, params = neox.load(lm["model"])
+  sae_config = SAEConfig(d_model=16, n_latents=32, k=3, selection="batchtopk")
+  sample = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+  state = train.create_train_state(TrainConfig(sae_config, batch_size=8, steps=4, warmup_steps=0,
+                                               threshold_start=0), sample)
+  threshold = np.float32(0.05)  # low enough that some codes fire
+  numpy_splice = lambda h: evaluate.reconstruct(state.params, threshold, state.input_scale, h,
+                                                sae_config)[1]
+  identity = lambda h: h
+  for torch_splice, jax_splice, args in (
+      (identity, identity, ()),
+      (numpy_splice, evaluate.splice(sae_config), (state.params, threshold, state.input_scale))):
+    want = downstream.downstream_loss(lm["model"], hook, ids, torch_splice, batch_contexts=4)
+    got = downstream.downstream_loss_jax(params, config, hook, ids, jax_splice, args,
+                                         batch_contexts=4)
+    assert set(got) == set(want)
+    for name in ("clean_ce", "spliced_ce", "zero_ce", "kl"):
+      assert got[name] == pytest.approx(want[name], rel=1e-4, abs=1e-6), name
+    # A ratio of differences of the above: their rounding grows in it.
+    assert got["loss_recovered"] == pytest.approx(want["loss_recovered"], rel=1e-3)
+  assert want["kl"] > 1e-4  # the SAE's splice changed the predictions
+  with pytest.raises(ValueError, match=r"hook 'blocks.3.hook_resid_post' needs block 3"):
+    downstream.downstream_loss_jax(params, config, "blocks.3.hook_resid_post", ids, identity)
+  with pytest.raises(ValueError, match=r"ids_BxL must be int token ids"):
+    downstream.downstream_loss_jax(params, config, hook, ids[0], identity)
