@@ -3,6 +3,9 @@
     python experiments/train.py --l 8 --k 64
         Pythia-160M block 6 on the Pile: the activation cache is exported to
         --cache-dir first if it is missing (needs hub access).
+    python experiments/train.py --l 8 --k 64 --stream
+        The same with no cache: the JAX model makes the activations on the
+        training devices as it trains (for TPU VMs and GPUs).
     python experiments/train.py --data synthetic --l 8 --k 64 --dict-size 4096 --steps 2000
         Offline, on synthetic activations with a known dictionary.
     python experiments/train.py --data acts.npy --l 8 --k 64

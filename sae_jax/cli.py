@@ -51,7 +51,14 @@ def parser(doc: str) -> argparse.ArgumentParser:
   dat.add_argument("--backend", choices=export.BACKENDS, default=None,
                    help="--data pythia: run the model in jax or torch (default: jax on an "
                         "accelerator, else torch)")
+  dat.add_argument("--stream", action="store_true",
+                   help="--data pythia: make activations on the fly with the JAX model on the "
+                        "training devices (no cache)")
+  dat.add_argument("--stream-contexts", type=int, default=RunConfig.stream_contexts,
+                   help="--stream: contexts shuffled together on the devices")
   dat.add_argument("--eval-tokens", type=int, default=65536)
+  dat.add_argument("--downstream-contexts", type=int, default=RunConfig.downstream_contexts,
+                   help="--data pythia: contexts for the spliced-loss evaluation")
   syn = p.add_argument_group("synthetic data (--data synthetic)")
   defaults = synthetic.SyntheticConfig()
   syn.add_argument("--synthetic-d-model", type=int, default=defaults.d_model)
@@ -75,11 +82,13 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 def config_from(args) -> RunConfig:
   """The RunConfig the flags describe; checks all but D before finding D."""
+  run_lib.check_stream(args.stream, args.data, args.backend or "jax")
   local = all(x.endswith((".txt", ".jsonl")) for x in args.dataset)
   export_config = export.ExportConfig(
       model=args.model, revision=args.revision, hook=args.hook,
       dataset=tuple(args.dataset) if local else args.dataset[0], text_field=args.text_field,
-      context_length=args.context_length, backend=args.backend)
+      context_length=args.context_length,
+      backend="jax" if args.stream and args.backend is None else args.backend)
   synthetic_config = synthetic.SyntheticConfig(
       d_model=args.synthetic_d_model, n_features=args.synthetic_features,
       active=args.synthetic_active, noise=args.synthetic_noise, rare_fraction=args.rare_fraction,
@@ -89,7 +98,8 @@ def config_from(args) -> RunConfig:
                   score=args.score, sample_pool=args.sample_pool, compute_dtype=args.compute_dtype)
   SAEConfig(d_model=1, **sae_args)
   d_model = run_lib.d_model_of(args.data, cache_dir=args.cache_dir, model=args.model,
-                           revision=args.revision, synthetic_d_model=args.synthetic_d_model)
+                           revision=args.revision, synthetic_d_model=args.synthetic_d_model,
+                           stream=args.stream)
   train_config = TrainConfig(
       SAEConfig(d_model=d_model, **sae_args), batch_size=args.batch_size, tokens=args.tokens,
       steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
@@ -99,6 +109,8 @@ def config_from(args) -> RunConfig:
   out = args.out or f"runs/{args.selection}-l{args.l:g}-k{args.k}"
   return RunConfig(train=train_config, out=out, data=args.data, cache_dir=args.cache_dir,
                    export=export_config, synthetic=synthetic_config, eval_tokens=args.eval_tokens,
+                   downstream_contexts=args.downstream_contexts, stream=args.stream,
+                   stream_contexts=args.stream_contexts,
                    log_every=args.log_every, ckpt_every=args.ckpt_every, wandb=args.wandb,
                    tensorboard=args.tensorboard)
 

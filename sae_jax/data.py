@@ -147,7 +147,7 @@ class Activations:
     local = batch_size // n_proc
     rows = self._rows(mine, seed, p, start_step * local, buffer_segments)
     batches = self._batch(rows, local, n_devices)
-    return _prefetched(batches, prefetch) if prefetch else batches
+    return prefetched(batches, prefetch) if prefetch else batches
 
   def _plan(self, segments, seed, process, epoch, buffer_segments):
     order = np.random.default_rng([seed, process, epoch]).permutation(len(segments))
@@ -186,30 +186,35 @@ class Activations:
           parts, have = [], 0
 
 
-def _prefetched(iterator, size: int):
+def prefetched(iterator, size: int):
   """`iterator` run ahead by a daemon thread, `size` items at most; errors are
-  re-raised in the consumer."""
+  re-raised in the consumer. Closing the generator stops the thread and waits
+  for it, so no work is left running behind it."""
   items: queue.Queue = queue.Queue(maxsize=size)
   stop = threading.Event()
   done = object()
 
+  def put(item) -> bool:
+    while not stop.is_set():
+      try:
+        items.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
   def work():
     try:
       for item in iterator:
-        while not stop.is_set():
-          try:
-            items.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if stop.is_set():
+        if not put(item):
           return
     except BaseException as error:  # handed to the consumer
-      items.put(error)
+      put(error)
     else:
-      items.put(done)
+      put(done)
 
-  threading.Thread(target=work, daemon=True).start()
+  thread = threading.Thread(target=work, daemon=True)
+  thread.start()
   try:
     while True:
       item = items.get()
@@ -220,3 +225,4 @@ def _prefetched(iterator, size: int):
       yield item
   finally:
     stop.set()
+    thread.join()

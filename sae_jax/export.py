@@ -18,8 +18,10 @@ for the top block, whose `hidden_states` entry has the final layer norm
 applied; the export reads the block's raw output, so it is right for every N.
 """
 
+import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import pathlib
@@ -197,15 +199,43 @@ def _texts(config: ExportConfig) -> typing.Iterator[str]:
 
 def contexts(config: ExportConfig, tokenizer) -> typing.Iterator[np.ndarray]:
   """[context_length] int32 token ids: documents joined by end-of-text, cut in order."""
+  for context, _ in located_contexts(config, tokenizer):
+    yield context
+
+
+def located_contexts(config: ExportConfig, tokenizer, start: tuple = (0, 0)
+                     ) -> typing.Iterator[tuple[np.ndarray, tuple]]:
+  """`contexts` from a position in the text, each with the position after it.
+
+  A position is (record, offset): the next context starts `offset` tokens
+  into the record-th document (its tokens and end-of-text). Resuming from the
+  position after a context gives the contexts that followed it, and only one
+  document is tokenized again.
+  """
   eos = tokenizer.eos_token_id
-  stream: list = []
-  for text in _texts(config):
-    stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+  record, offset = start
+  # Documents not yet cut into contexts: [record index, tokens, tokens used].
+  pending: collections.deque = collections.deque()
+  have = 0
+  for index, text in enumerate(itertools.islice(_texts(config), record, None), start=record):
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
     if eos is not None:  # Pythia's <|endoftext|> is id 0: never test it for truth
-      stream.append(eos)
-    while len(stream) >= config.context_length:
-      yield np.asarray(stream[:config.context_length], np.int32)
-      del stream[:config.context_length]
+      tokens.append(eos)
+    used = offset if index == record else 0
+    pending.append([index, tokens, used])
+    have += len(tokens) - used
+    while have >= config.context_length:
+      context = []
+      while len(context) < config.context_length:
+        document = pending[0]
+        take = min(config.context_length - len(context), len(document[1]) - document[2])
+        context.extend(document[1][document[2]:document[2] + take])
+        document[2] += take
+        if document[2] == len(document[1]):
+          pending.popleft()
+      have -= config.context_length
+      after = (pending[0][0], pending[0][2]) if pending else (index + 1, 0)
+      yield np.asarray(context, np.int32), after
 
 
 def _batches(config: ExportConfig, tokenizer, start_batch: int):

@@ -32,6 +32,8 @@ from sae_jax.config import TrainConfig
 # same gradients are computed, and the cache's manifest guards its backend.
 RESUMABLE_FIELDS = ("log_every", "ckpt_every", "keep_checkpoints", "wandb", "tensorboard",
                     "train.step", "export.backend")
+# Fields added after runs were saved without them: what those runs meant.
+_ADDED_FIELDS = {"stream": False, "stream_contexts": 512}
 INIT_SAMPLE = 4096
 # Synthetic batches are indexed by step; these indices are never training steps.
 SYNTHETIC_INIT_STEP, SYNTHETIC_EVAL_STEP = 2**31 - 1, 2**31 - 2
@@ -57,6 +59,11 @@ class RunConfig:
   """Held-out tokens for the final evaluation."""
   downstream_contexts: int = 16
   """--data pythia: contexts after the exported ones for the spliced-loss evaluation."""
+  stream: bool = False
+  """--data pythia: make the activations on the fly with the JAX model on the
+  training devices, through an on-device shuffle buffer (no cache)."""
+  stream_contexts: int = 512
+  """--stream: contexts whose rows are shuffled together (over all devices)."""
   log_every: int = 100
   """Steps between lines of metrics.jsonl."""
   ckpt_every: int = 1000
@@ -69,9 +76,14 @@ class RunConfig:
   """Also log metrics for TensorBoard (needs the tensorboardX package)."""
 
   def __post_init__(self):
-    for name in ("eval_tokens", "downstream_contexts", "log_every", "ckpt_every",
-                 "keep_checkpoints"):
+    for name in ("eval_tokens", "log_every", "ckpt_every", "keep_checkpoints",
+                 "stream_contexts"):
       validation.check_int_field("RunConfig", name, getattr(self, name))
+    validation.check_int_field("RunConfig", "downstream_contexts", self.downstream_contexts,
+                               minimum=0)
+    if not isinstance(self.stream, bool):
+      raise ValueError(f"RunConfig.stream must be True or False; got {self.stream!r}")
+    check_stream(self.stream, self.data, self.export.backend)
     if self.data not in ("pythia", "synthetic"):
       path = pathlib.Path(self.data)
       if not (path.is_dir() or (path.suffix == ".npy" and path.is_file())):
@@ -96,16 +108,28 @@ class RunConfig:
                synthetic=synthetic_lib.SyntheticConfig(**d.pop("synthetic")), **d)
 
 
+def check_stream(stream: bool, data_arg: str, backend: str) -> None:
+  """--stream needs --data pythia and the JAX model."""
+  if stream and data_arg != "pythia":
+    raise ValueError(f"--stream makes activations with the language model: it needs "
+                     f"--data pythia; got --data {data_arg!r}")
+  if stream and backend != "jax":
+    raise ValueError(f"--stream runs the model in JAX; got --backend {backend!r}")
+
+
 def d_model_of(data_arg: str, *, cache_dir: str, model: str, revision=None,
-               synthetic_d_model: int) -> int:
+               synthetic_d_model: int, stream: bool = False) -> int:
   """The activation width D of a run's data, found without doing any work."""
   if data_arg == "synthetic":
     return synthetic_d_model
   if data_arg == "pythia":
-    manifest = export_lib.read_manifest(cache_dir)
+    manifest = None if stream else export_lib.read_manifest(cache_dir)
     if manifest is not None and "d_model" in manifest:
       return manifest["d_model"]
-    import transformers  # reads config.json only; no torch
+    if stream:
+      from sae_jax import neox  # noqa: PLC0415
+      return neox.load_config(model, revision).hidden_size
+    import transformers
     return transformers.AutoConfig.from_pretrained(model, revision=revision).hidden_size
   path = pathlib.Path(data_arg)
   if path.suffix == ".npy" and path.is_file():
@@ -121,11 +145,14 @@ def d_model_of(data_arg: str, *, cache_dir: str, model: str, revision=None,
 
 
 class _Data(typing.NamedTuple):
-  batches: typing.Callable[[int], typing.Iterator[np.ndarray]]  # start step -> batches
+  # (start step, saved position or None) -> batches
+  batches: typing.Callable[[int, typing.Optional[dict]], typing.Iterator]
   sample: np.ndarray  # raw rows for the initialisation
   held_out: typing.Callable[[], np.ndarray]
   metadata: dict  # for SAELens
   dictionary: typing.Optional[np.ndarray] = None  # synthetic ground truth
+  position: typing.Callable[[int], typing.Optional[dict]] = lambda step: None  # to save
+  downstream: typing.Optional[typing.Callable[[train.TrainState], dict]] = None
 
 
 def _open_data(config: RunConfig, n_devices: int) -> _Data:
@@ -134,7 +161,7 @@ def _open_data(config: RunConfig, n_devices: int) -> _Data:
     source = synthetic_lib.SyntheticSource(config.synthetic)
     p, n_proc = jax.process_index(), jax.process_count()
 
-    def batches(start):
+    def batches(start, position):
       for step in range(start, 2**31 - 2):
         rows = source.sample(step, c.batch_size).reshape(n_proc, -1, c.sae.d_model)[p]
         yield rows.reshape(n_devices, -1, c.sae.d_model)
@@ -143,6 +170,8 @@ def _open_data(config: RunConfig, n_devices: int) -> _Data:
                  lambda: source.sample(SYNTHETIC_EVAL_STEP, config.eval_tokens),
                  {"model_name": "synthetic", "hook_name": "synthetic", "context_size": None,
                   "prepend_bos": False, "dataset_path": "synthetic"}, source.dictionary)
+  if config.stream:
+    return _open_stream(config)
   path = config.data
   if config.data == "pythia":
     path = config.cache_dir
@@ -160,9 +189,46 @@ def _open_data(config: RunConfig, n_devices: int) -> _Data:
               "context_size": manifest["context_length"] if manifest else None,
               "prepend_bos": False,
               "dataset_path": manifest["dataset"] if manifest else str(path)}
-  return _Data(lambda start: acts.batches(c.batch_size, n_devices, seed=c.seed, start_step=start),
-               acts.sample(min(INIT_SAMPLE, acts.n_rows - eval_rows), seed=c.seed),
-               acts.eval_batch, metadata)
+  return _Data(
+      lambda start, position: acts.batches(c.batch_size, n_devices, seed=c.seed,
+                                           start_step=start),
+      acts.sample(min(INIT_SAMPLE, acts.n_rows - eval_rows), seed=c.seed),
+      acts.eval_batch, metadata,
+      downstream=(lambda state: _downstream(config, state)) if config.data == "pythia" else None)
+
+
+def _pythia_metadata(e: export_lib.ExportConfig) -> dict:
+  return {"model_name": e.model, "hook_name": e.hook, "context_size": e.context_length,
+          "prepend_bos": False,
+          "dataset_path": list(e.dataset) if isinstance(e.dataset, tuple) else e.dataset}
+
+
+def _open_stream(config: RunConfig) -> _Data:
+  from sae_jax import stream as stream_lib  # noqa: PLC0415
+  c = config.train
+  source = stream_lib.Stream(
+      config.export, train.make_mesh(), batch_size=c.batch_size,
+      round_contexts=config.stream_contexts, eval_tokens=config.eval_tokens,
+      downstream_contexts=config.downstream_contexts, seed=c.seed)
+
+  def downstream(state):
+    return _downstream_jax(config, state, source.lm_params, source.lm_config,
+                           source.downstream_contexts)
+
+  return _Data(source.batches, source.sample(INIT_SAMPLE), source.held_out,
+               _pythia_metadata(config.export), position=source.position, downstream=downstream)
+
+
+def _downstream_jax(config: RunConfig, state: train.TrainState, lm_params, lm_config,
+                    ids_BxL: np.ndarray) -> dict:
+  from sae_jax import downstream  # noqa: PLC0415
+  if not len(ids_BxL):
+    print("no contexts for the downstream loss: skipped", flush=True)
+    return {}
+  result = downstream.downstream_loss_jax(
+      lm_params, lm_config, config.export.hook, ids_BxL, evaluate.splice(config.train.sae),
+      (state.params, np.float32(state.threshold), np.float32(state.input_scale)))
+  return {f"downstream_{k}": v for k, v in result.items()}
 
 
 def _downstream(config: RunConfig, state: train.TrainState) -> dict:
@@ -183,6 +249,10 @@ def _downstream(config: RunConfig, state: train.TrainState) -> dict:
   if not held_out:
     print("no text left after the exported tokens: downstream loss skipped", flush=True)
     return {}
+  if e.backend == "jax":
+    from sae_jax import neox  # noqa: PLC0415
+    lm_config, lm_params = neox.load(e.model, e.revision)
+    return _downstream_jax(config, state, lm_params, lm_config, np.stack(held_out))
   splice = lambda h: evaluate.reconstruct(state.params, state.threshold, state.input_scale, h,
                                           config.train.sae)[1]
   result = downstream.downstream_loss(e.model, e.hook, np.stack(held_out), splice,
@@ -203,7 +273,7 @@ def _check_resume(out: pathlib.Path, config: RunConfig) -> None:
     old = json.loads(path.read_text())
     flat = lambda d, prefix="": {k2: v2 for k, v in d.items() for k2, v2 in (
         flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(f"{prefix}{k}", v)])}
-    before, after = flat(old), flat(new)
+    before, after = _ADDED_FIELDS | flat(old), flat(new)
     differences = [f"{k}: saved {before.get(k)!r}, now {after.get(k)!r}"
                    for k in sorted(set(before) | set(after))
                    if k not in RESUMABLE_FIELDS and before.get(k) != after.get(k)]
@@ -263,6 +333,7 @@ def run(config: RunConfig, *, progress: bool = True) -> typing.Optional[dict]:
   state = train.create_train_state(c, source.sample)
   state = ckpt.restore(state) or state
   start = int(state.step)
+  position = ckpt.data_position(start) if start else None
   if start:
     print(f"resuming at step {start}", flush=True)
   metrics_path = out / "metrics.jsonl"
@@ -282,15 +353,15 @@ def run(config: RunConfig, *, progress: bool = True) -> typing.Optional[dict]:
 
       def on_step(step, replicated):
         if step % config.ckpt_every == 0:
-          ckpt.save(train.unreplicate(replicated))
+          ckpt.save(train.unreplicate(replicated), source.position(step))
 
       began = time.perf_counter()
       replicated = train.train_loop(
-          train.replicate(state), source.batches(start), log_every=config.log_every,
+          train.replicate(state), source.batches(start, position), log_every=config.log_every,
           on_log=on_log, on_step=on_step, should_stop=lambda: stop["signal"], progress=progress)
       seconds = time.perf_counter() - began
     state = train.unreplicate(replicated)
-    ckpt.save(state)
+    ckpt.save(state, source.position(int(state.step)))
   finally:
     signal.signal(signal.SIGTERM, previous)
     ckpt.close()
@@ -320,8 +391,8 @@ def run(config: RunConfig, *, progress: bool = True) -> typing.Optional[dict]:
   if source.dictionary is not None:
     summary.update(evaluate.ground_truth_metrics(state.params["W_dec"], source.dictionary,
                                                  config.synthetic.feature_class()))
-  if config.data == "pythia":
-    summary.update(_downstream(config, state))
+  if source.downstream is not None:
+    summary.update(source.downstream(state))
   _write_json(out / "summary.json", summary)
   saelens.export_saelens(out / "saelens", state.params, float(state.threshold),
                          float(state.input_scale), c.sae, source.metadata)

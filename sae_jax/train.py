@@ -224,7 +224,8 @@ def p_train_step_all_alive(state: TrainState, batch) -> tuple[TrainState, dict]:
   return _mapped_step(mesh, True)(state, _global_batch(batch, mesh))
 
 
-def _mesh(n_devices: typing.Optional[int]) -> jax.sharding.Mesh:
+def make_mesh(n_devices: typing.Optional[int] = None) -> jax.sharding.Mesh:
+  """The 1-D mesh over axis "data": all devices, or the first `n_devices` local ones."""
   if n_devices is None:
     return jax.sharding.Mesh(np.array(jax.devices()), (AXIS,))
   devices = jax.local_devices()
@@ -237,7 +238,7 @@ def _mesh(n_devices: typing.Optional[int]) -> jax.sharding.Mesh:
 def replicate(state: TrainState, n_devices: typing.Optional[int] = None) -> TrainState:
   """`state` on every device of a mesh (all devices, or the first `n_devices`
   local ones), laid out as `p_train_step` returns it."""
-  sharding = jax.sharding.NamedSharding(_mesh(n_devices), jax.sharding.PartitionSpec())
+  sharding = jax.sharding.NamedSharding(make_mesh(n_devices), jax.sharding.PartitionSpec())
 
   def put(x):  # every process passes the same value (works across hosts)
     x = np.asarray(x)
@@ -280,7 +281,9 @@ def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 
   Args:
     state: a replicated state (`replicate`); it is donated.
     batches: this process's arrays [local devices, B / devices, D] of raw
-      activations, starting with the batch for step `state.step`.
+      activations, or global arrays [devices, B / devices, D] already laid
+      out on the state's mesh, starting with the batch for step `state.step`.
+      Nothing is drawn from it after the last step.
     log_every: steps between calls of `on_log`; the last step is always logged.
     on_log: called as on_log(step, metrics) with the step's metrics as floats,
       plus "step" (steps done) and "tokens_per_second" (since the last log).
@@ -340,14 +343,21 @@ def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 
   silent = int(np.max(_host(state.steps_since_fired_F)))
   # Metrics are read one step late, so the next step is queued while we wait.
   pending = None
+  on_mesh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+  batches = iter(batches)
   with bar:
-    for batch in batches:
-      if step >= c.total_steps:
+    while step < c.total_steps:
+      batch = next(batches, None)
+      if batch is None:
         break
-      if np.shape(batch) != want:
+      if isinstance(batch, jax.Array) and batch.sharding == on_mesh:
+        shape, expected = batch.shape, (mesh.size,) + want[1:]
+      else:
+        shape, expected = np.shape(batch), want
+      if shape != expected:
         raise ValueError(
-            f"batch for step {step} must have shape {want} ([devices, batch_size / devices, "
-            f"d_model]); got {np.shape(batch)}")
+            f"batch for step {step} must have shape {expected} ([devices, batch_size / devices, "
+            f"d_model]); got {shape}")
       step_fn = p_train_step_all_alive if silent < c.dead_steps else p_train_step
       state, metrics = step_fn(state, batch)
       step, silent = step + 1, silent + 1

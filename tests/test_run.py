@@ -161,12 +161,26 @@ def test_resume_with_another_config_is_refused(tmp_path, capsys):
   assert "train.sae.k: saved 4, now 3" in err and "train.sae.l: saved 4.0, now 5.0" in err
 
 
+def test_runs_saved_before_streaming_existed_still_resume(tmp_path):
+  out = tmp_path / "run"
+  assert cli("--data", "synthetic", "--steps", 20, "--out", out) == 0
+  saved = json.loads((out / "config.json").read_text())
+  del saved["stream"], saved["stream_contexts"]  # as an older version wrote it
+  (out / "config.json").write_text(json.dumps(saved))
+  assert cli("--data", "synthetic", "--steps", 20, "--out", out) == 0
+  assert cli("--data", "synthetic", "--steps", 20, "--out", out, "--stream-contexts", 8) == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["--k", "65", "--dict-size", "64"], r"SAEConfig.k must be an integer in \[1, 64\]"),
     (["--l", "0.5"], r"SAEConfig.l must be a finite number >= 1; got 0.5"),
     (["--data", "missing/acts.npy"], r"--data 'missing/acts.npy' is not 'pythia', 'synthetic'"),
     (["--data", "RANK3"], r"must hold activations \[N, D\] \(2 dimensions\); got shape \(4, 4, 16\)"),
     (["--batch-size", "30"], r"--batch-size 30 must be divisible by the 4 devices"),
+    (["--stream"], r"--stream makes activations with the language model: it needs --data "
+                   r"pythia; got --data 'synthetic'"),
+    (["--stream", "--data", "pythia", "--backend", "torch"],
+     r"--stream runs the model in JAX; got --backend 'torch'"),
 ])
 def test_bad_input_exits_with_one_clear_line(tmp_path, capsys, args, message):
   np.save(tmp_path / "rank3.npy", np.zeros((4, 4, 16), np.float32))
@@ -212,3 +226,41 @@ def test_optional_metric_sinks(tmp_path, monkeypatch):
   assert len(events) == 1 and events[0].read_bytes().count(b"fvu") == 2  # steps 10 and 20
   runs = list((out / "wandb").glob("offline-run-*"))
   assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_streaming_run_resumes_exactly_after_sigterm(lm, tmp_path):
+  """--stream: activations from the JAX model through the on-device shuffle
+  buffer; a run stopped by SIGTERM mid-round resumes to the same parameters."""
+  from tests import tiny_lm
+  rng = np.random.default_rng(1)
+  text = tmp_path / "long.txt"
+  text.write_text("\n".join(" ".join(rng.choice(tiny_lm.WORDS, size=rng.integers(3, 40)))
+                            for _ in range(800)) + "\n")
+  steps = 300
+  args = ["--data", "pythia", "--stream", "--model", lm["model"], "--dataset", str(text),
+          "--hook", "blocks.1.hook_resid_post", "--context-length", "16", "--batch-size", "32",
+          "--stream-contexts", "16", "--eval-tokens", "64", "--downstream-contexts", "4",
+          "--ckpt-every", "10", "--cache-dir", str(tmp_path / "cache")]
+  straight = tmp_path / "straight"
+  assert cli(*args, "--steps", steps, "--log-every", 1, "--out", straight) == 0
+  resumed = tmp_path / "resumed"
+  process = subprocess_run(resumed, steps, args)
+  wait_for_step(resumed, 60, process)
+  process.send_signal(signal.SIGTERM)
+  stdout, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, stderr
+  assert "stopped by SIGTERM" in stdout
+  saved = sorted(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit())
+  assert 60 <= saved[-1] < steps
+  position = json.loads((resumed / "checkpoints" / f"{saved[-1]}.data.json").read_text())
+  assert position["step"] <= saved[-1] and position["round"] >= 1
+
+  assert cli(*args, "--steps", steps, "--log-every", 1, "--out", resumed) == 0
+  a, b = outputs(straight), outputs(resumed)
+  assert a["bytes"] == b["bytes"]
+  assert [m["step"] for m in b["metrics"]] == list(range(1, steps + 1))
+  assert [m["loss"] for m in a["metrics"]] == [m["loss"] for m in b["metrics"]]
+  assert a["summary"]["downstream_kl"] == b["summary"]["downstream_kl"] > 0
+  assert a["summary"]["fvu"] == b["summary"]["fvu"]
+  assert a["config"].stream and a["config"].export.backend == "jax"
+  assert not (tmp_path / "cache").exists()  # nothing written to disk but the run
