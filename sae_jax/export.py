@@ -311,26 +311,38 @@ class HookedModel:
 
 class JaxHookedModel:
   """The same as `HookedModel` with the model in JAX (`sae_jax.neox`): weights
-  from safetensors, only the blocks up to the hook, on JAX's default device."""
+  from safetensors, only the blocks up to the hook. Each forward batch is
+  split over this process's devices when `batch_contexts` divides evenly
+  among them (a TPU VM's chips), else it runs on JAX's default device."""
 
   def __init__(self, config: ExportConfig):
+    import jax  # noqa: PLC0415
     import transformers  # noqa: PLC0415 (the tokenizer)
     from sae_jax import neox  # noqa: PLC0415
     self.tokenizer = transformers.AutoTokenizer.from_pretrained(config.model,
                                                                 revision=config.revision)
-    self.config, self.params = neox.load(config.model, config.revision)
+    self.config, params = neox.load(config.model, config.revision)
     self.layer = hook_layer(config.hook)
     if self.layer >= self.config.n_layers:
       raise ValueError(f"hook {config.hook!r} needs block {self.layer}, but {config.model!r} "
                        f"has blocks 0..{self.config.n_layers - 1}")
     self.d_model = self.config.hidden_size
-    import jax  # noqa: PLC0415
-    self.params = jax.device_put(self.params)
+    devices = jax.local_devices()
+    n = len(devices) if config.batch_contexts % len(devices) == 0 else 1
+    self.mesh = jax.sharding.Mesh(np.array(devices[:n]), ("contexts",))
+    spec = jax.sharding.PartitionSpec
+    self.params = jax.device_put(params, jax.sharding.NamedSharding(self.mesh, spec()))
+    self._split = jax.sharding.NamedSharding(self.mesh, spec("contexts"))
 
   def __call__(self, ids_BxL: np.ndarray) -> np.ndarray:
     """Float32 [b, L, D] residual stream at the hook."""
+    import jax  # noqa: PLC0415
     from sae_jax import neox  # noqa: PLC0415
-    return np.asarray(neox.resid_at(self.params, self.config, ids_BxL, self.layer))
+    b = len(ids_BxL)
+    padded = np.pad(ids_BxL, ((0, -b % self.mesh.size), (0, 0)))  # a short last batch
+    acts = neox.resid_at(self.params, self.config, jax.device_put(padded, self._split),
+                         self.layer)
+    return np.asarray(acts)[:b]
 
 
 # --- Export ----------------------------------------------------------------------

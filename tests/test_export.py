@@ -11,6 +11,7 @@ import transformers
 
 from sae_jax import data
 from sae_jax import export
+from sae_jax import neox
 from tests.tiny_lm import L
 from tests.tiny_lm import export_config as config
 
@@ -176,6 +177,12 @@ def test_jax_backend_writes_the_same_cache(lm, cache, tmp_path):
   """`cache` (the session fixture) ran the model in torch; the JAX model
   gives the same rows to float rounding, in the same files and manifest."""
   c = config(lm, backend="jax")
+  model = export.JaxHookedModel(c)
+  assert model.mesh.size == 4  # each batch split over the 4 devices
+  ids = expected_contexts(lm, c.dataset)[:7]  # not a multiple of 4: padded, then cut back
+  lm_config, params = neox.load(c.model)
+  np.testing.assert_allclose(model(ids), neox.resid_at(params, lm_config, ids, 1),
+                             rtol=1e-5, atol=1e-5)
   manifest = export.export_activations(c, tmp_path / "jax", progress=False)
   want_manifest, want_acts, want_tokens, want_positions = read_cache(cache)
   manifest, acts, tokens, positions = read_cache(tmp_path / "jax")
