@@ -204,7 +204,12 @@ class Stream:
         raise ValueError(f"resuming a --stream run at step {start_step} needs the stream "
                          f"position saved with its checkpoint, and there is none")
       position = {"round": 0, "step": 0, "record": self.train_start[0],
-                  "offset": self.train_start[1], "key": self.key}
+                  "offset": self.train_start[1], "key": self.key, "devices": self.mesh.size}
+    if position.get("devices") != self.mesh.size:
+      raise ValueError(f"this --stream run was saved on {position.get('devices')} devices and "
+                       f"is resuming on {self.mesh.size}: each device shuffles its own share of "
+                       f"a round, so the batches depend on the device count; resume it on "
+                       f"{position.get('devices')} devices")
     if start_step < position["step"]:
       raise ValueError(f"stream position {position} does not hold step {start_step}")
     key = jnp.asarray(np.asarray(position["key"], np.uint32))
@@ -231,9 +236,11 @@ class Stream:
     """Where the stream is at `step` (a JSON-able dict to save with a checkpoint)."""
     for r in reversed(self._rounds):
       if r["step"] <= step < r["step"] + r["steps"]:
-        return {"round": r["round"], "step": r["step"], "record": r["start"][0],
-                "offset": r["start"][1], "key": r["key"]}
-      if step == r["step"] + r["steps"]:
-        return {"round": r["round"] + 1, "step": step, "record": r["after"][0],
-                "offset": r["after"][1], "key": r["key"]}
+        index, first, (record, offset) = r["round"], r["step"], r["start"]
+      elif step == r["step"] + r["steps"]:  # the next round starts here
+        index, first, (record, offset) = r["round"] + 1, step, r["after"]
+      else:
+        continue
+      return {"round": index, "step": first, "record": record, "offset": offset,
+              "key": r["key"], "devices": self.mesh.size}
     return None

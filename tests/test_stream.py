@@ -107,6 +107,8 @@ def test_resuming_at_a_position_gives_the_same_batches(lm):
   straight.close()
   with pytest.raises(ValueError, match="needs the stream position saved with its checkpoint"):
     next(s.batches(5, None))
+  with pytest.raises(ValueError, match="saved on 8 devices and is resuming on 4"):
+    next(s.batches(10, dict(s.position(10), devices=8)))
 
 
 @pytest.mark.parametrize("kwargs, message", [
