@@ -8,8 +8,11 @@ vocab 50304, rotary 0.25, parallel residual) is saved as safetensors; the
 JAX side loads it with `sae_jax.neox.load` and runs `resid_at`, the torch
 side runs transformers' model until the block's forward hook stops it (as
 the torch export does). Both see the same tokens; the outputs are checked
-equal before timing. Prints tokens/s and the ratio, measured side by side.
-Runs unchanged on CPU, GPU (torch on CUDA) and TPU (torch on the host CPU).
+equal before timing. The last row is a round of `train.py --stream` on the
+same contexts (one device): the forward pass into the on-device buffer, its
+shuffle, and every batch of --batch rows taken from it. Prints tokens/s and
+the ratio, measured side by side. Runs unchanged on CPU, GPU (torch on CUDA)
+and TPU (torch on the host CPU).
 """
 
 import argparse
@@ -22,6 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from sae_jax import neox  # noqa: E402
+from sae_jax import stream  # noqa: E402
+from sae_jax import train  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 
@@ -38,6 +43,7 @@ def main():
   parser.add_argument("--context", type=int, default=1024)
   parser.add_argument("--contexts", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--batch", type=int, default=1024, help="--stream: rows per training step")
   args = parser.parse_args()
 
   import torch  # noqa: PLC0415 (the reference only)
@@ -78,17 +84,38 @@ def main():
     return lambda: np.asarray(jax.block_until_ready(
         neox.resid_at(params, config, tokens, args.layer, dtype=dtype)))
 
+  mesh = train.make_mesh(1)
+  fill, take = stream.device_functions(
+      mesh, config, args.layer, contexts_per_device=args.contexts, context_length=args.context,
+      batch_contexts=args.contexts, excluded=np.zeros(0, np.int32), rows_per_step=args.batch)
+  stream_params = jax.device_put(params, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))
+  key = jax.random.key_data(jax.random.key(0))
+  steps = args.contexts * (args.context - 1) // args.batch
+
+  def stream_round():
+    acts, order = fill(stream_params, tokens[None].astype(np.int32), key, np.int32(0))
+    return [take(acts, order, np.int32(j)) for j in range(steps)]
+
   want = torch_forward()
   got = jax_forward("float32")()
   error = float(np.abs(got - want).max() / np.abs(want).max())
   if error > 1e-3:
     raise SystemExit(f"JAX and torch disagree: max error {error:.2e} of the largest value")
+  served = np.concatenate([np.asarray(batch)[0] for batch in stream_round()])
+  acts, order = fill(stream_params, tokens[None].astype(np.int32), key, np.int32(0))
+  rows = np.asarray(order)[0, :len(served)]
+  if np.any(rows % args.context == 0) or len(set(rows.tolist())) < len(rows) or not np.allclose(
+      served, got.reshape(-1, got.shape[-1])[rows], rtol=1e-4, atol=1e-4 * np.abs(got).max()):
+    raise SystemExit("the --stream round did not serve the forward pass's rows once each")
 
   rows = [(f"transformers (torch, {device})", median_seconds(torch_forward, repeats=args.repeats)),
           (f"sae_jax.neox float32 ({jax.default_backend()})",
            median_seconds(jax_forward("float32"), repeats=args.repeats)),
           (f"sae_jax.neox bfloat16 ({jax.default_backend()})",
-           median_seconds(jax_forward("bfloat16"), repeats=args.repeats))]
+           median_seconds(jax_forward("bfloat16"), repeats=args.repeats)),
+          (f"--stream round, float32 ({jax.default_backend()}): forward, shuffle, "
+           f"{steps} batches of {args.batch}", median_seconds(stream_round, repeats=args.repeats))]
   print(f"\nblocks 0..{args.layer} of a {args.layers}-block D={args.width} GPT-NeoX, "
         f"{args.contexts} x {args.context} tokens, median of {args.repeats}; "
         f"float32 max difference {error:.1e} of the largest value\n")

@@ -46,6 +46,43 @@ def _valid_rows(tokens_CxL: np.ndarray, excluded: np.ndarray) -> np.ndarray:
   return valid
 
 
+def device_functions(mesh: jax.sharding.Mesh, lm_config: neox.NeoXConfig, layer: int, *,
+                     contexts_per_device: int, context_length: int, batch_contexts: int,
+                     excluded: np.ndarray, rows_per_step: int):
+  """The shuffle buffer's two jitted functions over `mesh` (axis "data"):
+
+    fill(lm_params, tokens [devices, R, L], key_data, round) -> (acts, order):
+      each device runs the model on its R contexts, `batch_contexts` at a
+      time, and keeps acts [R·L, D] and a shuffled order of its rows, the
+      drawable ones (not position 0, not `excluded`) first;
+    take(acts, order, j) -> [devices, rows_per_step, D]: batch j of the round.
+  """
+  R, L, b = contexts_per_device, context_length, rows_per_step
+  chunk = max(c for c in range(1, min(batch_contexts, R) + 1) if R % c == 0)
+
+  def fill(lm_params, tokens_1xRxL, key_data, round_index):
+    tokens_RxL = tokens_1xRxL[0]
+    acts = lax.map(lambda ids: neox.resid_at(lm_params, lm_config, ids, layer),
+                   tokens_RxL.reshape(R // chunk, chunk, L))
+    acts_NxD = acts.reshape(R * L, -1)
+    valid_RxL = (~jnp.isin(tokens_RxL, excluded)) & (jnp.arange(L) > 0)[None, :]
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key_data),
+                                                round_index), lax.axis_index(AXIS))
+    perm_N = jax.random.permutation(key, R * L)
+    # A uniform shuffle of the valid rows, then the rest.
+    order_N = perm_N[jnp.argsort(~valid_RxL.reshape(-1)[perm_N], stable=True)]
+    return acts_NxD[None], order_N[None]
+
+  def take(acts_1xNxD, order_1xN, j):
+    return acts_1xNxD[0][lax.dynamic_slice_in_dim(order_1xN[0], j * b, b)][None]
+
+  fill = jax.jit(jax.shard_map(fill, mesh=mesh, in_specs=(P(), P(AXIS), P(), P()),
+                               out_specs=(P(AXIS), P(AXIS))))
+  take = jax.jit(jax.shard_map(take, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P()),
+                               out_specs=P(AXIS)))
+  return fill, take
+
+
 class Stream:
   """Training batches made by the language model on the mesh's devices.
 
@@ -103,7 +140,10 @@ class Stream:
         np.zeros((0, config.context_length), np.int32)
     self.train_start = downstream[-1][1] if downstream else after
     self._rounds: list = []  # recent rounds: for `position`
-    self._fill, self._take = self._device_functions()
+    self._fill, self._take = device_functions(
+        mesh, self.lm_config, self.layer, contexts_per_device=per_device,
+        context_length=config.context_length, batch_contexts=config.batch_contexts,
+        excluded=self.excluded, rows_per_step=b)
 
   def _next(self, located, what):
     item = next(located, None)
@@ -139,33 +179,6 @@ class Stream:
     return self.rows(np.stack(contexts))[:n]
 
   # --- The shuffle buffer on the devices ---------------------------------------
-
-  def _device_functions(self):
-    R, L, b = self.per_device, self.config.context_length, self.b
-    chunk = max(c for c in range(1, min(self.config.batch_contexts, R) + 1) if R % c == 0)
-    lm_config, layer, excluded = self.lm_config, self.layer, self.excluded
-
-    def fill(lm_params, tokens_1xRxL, key_data, round_index):
-      tokens_RxL = tokens_1xRxL[0]
-      acts = lax.map(lambda ids: neox.resid_at(lm_params, lm_config, ids, layer),
-                     tokens_RxL.reshape(R // chunk, chunk, L))
-      acts_NxD = acts.reshape(R * L, -1)
-      valid_RxL = (~jnp.isin(tokens_RxL, excluded)) & (jnp.arange(L) > 0)[None, :]
-      key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key_data),
-                                                  round_index), lax.axis_index(AXIS))
-      perm_N = jax.random.permutation(key, R * L)
-      # A uniform shuffle of the valid rows, then the rest.
-      order_N = perm_N[jnp.argsort(~valid_RxL.reshape(-1)[perm_N], stable=True)]
-      return acts_NxD[None], order_N[None]
-
-    def take(acts_1xNxD, order_1xN, j):
-      return acts_1xNxD[0][lax.dynamic_slice_in_dim(order_1xN[0], j * b, b)][None]
-
-    fill = jax.jit(jax.shard_map(fill, mesh=self.mesh, in_specs=(P(), P(AXIS), P(), P()),
-                                 out_specs=(P(AXIS), P(AXIS))))
-    take = jax.jit(jax.shard_map(take, mesh=self.mesh, in_specs=(P(AXIS), P(AXIS), P()),
-                                 out_specs=P(AXIS)))
-    return fill, take
 
   def _token_rounds(self, index: int, start: tuple):
     """(round index, [round_contexts, L] ids, start position, position after)."""
