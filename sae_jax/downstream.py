@@ -148,10 +148,7 @@ def downstream_loss_jax(params, config, hook: str, ids_BxL: np.ndarray,
   For example, `downstream_loss_jax(*neox.load("EleutherAI/pythia-160m"),
   "blocks.6.hook_resid_post", ids, identity)` has kl 0 and spliced_ce = clean_ce.
   """
-  layer = export.hook_layer(hook)
-  if layer >= config.n_layers:
-    raise ValueError(f"hook {hook!r} needs block {layer}; the model has blocks "
-                     f"0..{config.n_layers - 1}")
+  layer = export.model_layer(hook, "the model", config.n_layers)
   ids_BxL = np.asarray(ids_BxL)
   if ids_BxL.ndim != 2 or ids_BxL.shape[1] < 2 or not np.issubdtype(ids_BxL.dtype, np.integer):
     raise ValueError(f"ids_BxL must be int token ids [contexts, length >= 2]; got "

@@ -52,6 +52,15 @@ def hook_layer(hook: str) -> int:
   return int(match.group(1))
 
 
+def model_layer(hook: str, model: str, n_layers: int) -> int:
+  """N of the hook, checked against the model's blocks 0..n_layers - 1."""
+  layer = hook_layer(hook)
+  if layer >= n_layers:
+    raise ValueError(f"hook {hook!r} needs block {layer}, but {model!r} has "
+                     f"blocks 0..{n_layers - 1}")
+  return layer
+
+
 def default_backend() -> str:
   """"jax" where JAX sees an accelerator (a TPU VM's only one), else "torch"."""
   import jax  # noqa: PLC0415
@@ -286,10 +295,7 @@ class HookedModel:
       transformers.logging.set_verbosity(verbosity)
     self.model = self.model.to(self.device).eval()
     n_layers = self.model.config.num_hidden_layers
-    layer = hook_layer(config.hook)
-    if layer >= n_layers:
-      raise ValueError(f"hook {config.hook!r} needs block {layer}, but {config.model!r} has "
-                       f"blocks 0..{n_layers - 1}")
+    layer = model_layer(config.hook, config.model, n_layers)
     self.d_model = self.model.config.hidden_size
     self._out = None
     _blocks(self.model, n_layers)[layer].register_forward_hook(self._capture)
@@ -322,10 +328,7 @@ class JaxHookedModel:
     self.tokenizer = transformers.AutoTokenizer.from_pretrained(config.model,
                                                                 revision=config.revision)
     self.config, params = neox.load(config.model, config.revision)
-    self.layer = hook_layer(config.hook)
-    if self.layer >= self.config.n_layers:
-      raise ValueError(f"hook {config.hook!r} needs block {self.layer}, but {config.model!r} "
-                       f"has blocks 0..{self.config.n_layers - 1}")
+    self.layer = model_layer(config.hook, config.model, self.config.n_layers)
     self.d_model = self.config.hidden_size
     devices = jax.local_devices()
     n = len(devices) if config.batch_contexts % len(devices) == 0 else 1

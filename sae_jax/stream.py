@@ -34,8 +34,7 @@ from jax.sharding import PartitionSpec as P
 from sae_jax import data
 from sae_jax import export
 from sae_jax import neox
-
-AXIS = "data"  # the training step's batch axis (train.AXIS)
+from sae_jax.train import AXIS  # the training step's batch axis
 _KEY_SALT = 0x5354  # keeps the shuffle key apart from the SAE's own keys
 
 
@@ -116,10 +115,7 @@ class Stream:
     self.tokenizer = transformers.AutoTokenizer.from_pretrained(config.model,
                                                                 revision=config.revision)
     self.lm_config, params = neox.load(config.model, config.revision)
-    self.layer = export.hook_layer(config.hook)
-    if self.layer >= self.lm_config.n_layers:
-      raise ValueError(f"hook {config.hook!r} needs block {self.layer}, but {config.model!r} "
-                       f"has blocks 0..{self.lm_config.n_layers - 1}")
+    self.layer = export.model_layer(config.hook, config.model, self.lm_config.n_layers)
     self.d_model = self.lm_config.hidden_size
     self.lm_params = jax.device_put(params, NamedSharding(mesh, P()))
     self.excluded = np.asarray(config.exclude_token_ids, np.int32)
