@@ -124,12 +124,8 @@ class Stream:
 
     # The reserved contexts at the start of the text.
     located = export.located_contexts(config, self.tokenizer)
-    self.eval_tokens, eval_contexts, rows, after = eval_tokens, [], 0, (0, 0)
-    while rows < eval_tokens:
-      context, after = self._next(located, "the evaluation rows")
-      eval_contexts.append(context)
-      rows += int(_valid_rows(context[None], self.excluded).sum())
-    self.eval_contexts = np.stack(eval_contexts)
+    self.eval_tokens = eval_tokens
+    self.eval_contexts, after = self._contexts_for(located, eval_tokens, "the evaluation rows")
     downstream = [self._next(located, "the downstream contexts")
                   for _ in range(downstream_contexts)]
     self.downstream_contexts = np.stack([c for c, _ in downstream]) if downstream else \
@@ -147,6 +143,16 @@ class Stream:
       raise ValueError(f"the text ran out before {what}: use more text "
                        f"({self.config.dataset!r})")
     return item
+
+  def _contexts_for(self, located, n: int, what: str, limit: typing.Optional[int] = None):
+    """The next contexts until they hold n drawable rows (or `limit` contexts),
+    and the position after them."""
+    contexts, rows, after = [], 0, (0, 0)
+    while rows < n and (limit is None or len(contexts) < limit):
+      context, after = self._next(located, what)
+      contexts.append(context)
+      rows += int(_valid_rows(context[None], self.excluded).sum())
+    return np.stack(contexts), after
 
   # --- Rows on the host's view (evaluation, initialisation) ------------------
 
@@ -167,12 +173,9 @@ class Stream:
     """The first n rows of the training contexts, in text order, or all rows
     of the first round if it has fewer (for the initialisation)."""
     located = export.located_contexts(self.config, self.tokenizer, self.train_start)
-    contexts, rows = [], 0
-    while rows < n and len(contexts) < self.round_contexts:
-      context, _ = self._next(located, "the first round of training contexts")
-      contexts.append(context)
-      rows += int(_valid_rows(context[None], self.excluded).sum())
-    return self.rows(np.stack(contexts))[:n]
+    contexts, _ = self._contexts_for(located, n, "the first round of training contexts",
+                                     limit=self.round_contexts)
+    return self.rows(contexts)[:n]
 
   # --- The shuffle buffer on the devices ---------------------------------------
 
