@@ -14,6 +14,8 @@ from sae_jax import validation
 SELECTIONS = ("sampled", "batchtopk", "topk")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 STEPS = ("fast", "dense")
+# The recipe's warm-up and threshold start; shorter runs take 10% of their steps.
+DEFAULT_WARMUP_STEPS = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +80,10 @@ class TrainConfig:
   b2: float = 0.999
   """Adam beta2."""
   clip_norm: float = 1.0
-  """Global gradient-norm clip."""
-  warmup_steps: int = 1000
-  """Linear learning-rate warm-up from 0."""
+  """Global gradient-norm clip (of the gradient of `loss`, summed over D as in
+  dictionary_learning and SAELens)."""
+  warmup_steps: typing.Optional[int] = None
+  """Linear learning-rate warm-up from 0; None means min(1000, 10% of the steps)."""
   decay_fraction: float = 0.2
   """Linear decay to 0 over this last fraction of the steps."""
   dead_tokens: int = 10_000_000
@@ -91,8 +94,10 @@ class TrainConfig:
   """Weight of the AuxK loss."""
   threshold_beta: float = 0.999
   """EMA decay of the inference threshold."""
-  threshold_start: int = 1000
-  """Step at which the threshold EMA starts (earlier selections are still settling)."""
+  threshold_start: typing.Optional[int] = None
+  """The threshold EMA updates on the steps after this one (0-based, as
+  dictionary_learning's `step > threshold_start_step`; earlier selections are
+  still settling); None means min(1000, 10% of the steps)."""
   max_bad_steps: int = 10
   """Training stops after this many consecutive steps with non-finite loss or gradients."""
   seed: int = 0
@@ -116,9 +121,16 @@ class TrainConfig:
     validation.check_real_field("TrainConfig", "b1", self.b1, 0, 1, hi_open=True)
     validation.check_real_field("TrainConfig", "b2", self.b2, 0, 1, hi_open=True)
     validation.check_real_field("TrainConfig", "clip_norm", self.clip_norm, 0, math.inf, lo_open=True)
-    validation.check_int_field("TrainConfig", "warmup_steps", self.warmup_steps, minimum=0)
     validation.check_real_field("TrainConfig", "decay_fraction", self.decay_fraction, 0, 1)
     decay_start = self.total_steps - round(self.decay_fraction * self.total_steps)
+    # Not given: scaled to the run, so that a short first run is not refused.
+    # Resolved here, so config.json records the value the run used.
+    scaled = min(DEFAULT_WARMUP_STEPS, self.total_steps // 10)
+    if self.warmup_steps is None:
+      object.__setattr__(self, "warmup_steps", min(scaled, decay_start))
+    if self.threshold_start is None:
+      object.__setattr__(self, "threshold_start", scaled)
+    validation.check_int_field("TrainConfig", "warmup_steps", self.warmup_steps, minimum=0)
     if self.warmup_steps > decay_start:
       raise ValueError(
           f"TrainConfig.warmup_steps ({self.warmup_steps}) must end before the decay "
@@ -134,10 +146,11 @@ class TrainConfig:
     validation.check_real_field("TrainConfig", "auxk_weight", self.auxk_weight, 0, math.inf)
     validation.check_real_field("TrainConfig", "threshold_beta", self.threshold_beta, 0, 1, hi_open=True)
     validation.check_int_field("TrainConfig", "threshold_start", self.threshold_start, minimum=0)
-    if self.threshold_start >= self.total_steps:
+    if self.threshold_start >= self.total_steps - 1:
       raise ValueError(
-          f"TrainConfig.threshold_start ({self.threshold_start}) must be below the "
-          f"number of steps ({self.total_steps}), or the inference threshold is never learned")
+          f"TrainConfig.threshold_start ({self.threshold_start}) must be below the last "
+          f"step ({self.total_steps - 1}; the EMA updates on the steps after it), or the "
+          f"inference threshold is never learned")
     validation.check_int_field("TrainConfig", "max_bad_steps", self.max_bad_steps)
     validation.check_int_field("TrainConfig", "seed", self.seed, minimum=0)
     validation.check_choice_field("TrainConfig", "step", self.step, STEPS)

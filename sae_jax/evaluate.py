@@ -51,7 +51,8 @@ def splice(config: SAEConfig, chunk: int = 2048):
 
 def reconstruction_metrics(x_BxD, xhat_BxD, z_BxF) -> dict:
   """fvu = Σ||x - xhat||² / Σ||x - mean x||², explained_variance = 1 - fvu,
-  mse (per element), l0 (mean nonzero codes per token), cosine (mean over
+  mse (mean over tokens of ||x - xhat||², summed over D as SAELens' evals
+  sum it), l0 (mean nonzero codes per token), cosine (mean over
   tokens of cos(x, xhat)) and norm_ratio (mean of ||xhat|| / ||x||; below 1
   is shrinkage).
 
@@ -65,7 +66,7 @@ def reconstruction_metrics(x_BxD, xhat_BxD, z_BxF) -> dict:
   fvu = float(error.sum() / np.square(x - x.mean(0)).sum())
   norm_x, norm_xhat = np.linalg.norm(x, axis=1), np.linalg.norm(xhat, axis=1)
   cosine = np.sum(x * xhat, axis=1) / np.maximum(norm_x * norm_xhat, 1e-30)
-  return {"fvu": fvu, "explained_variance": 1 - fvu, "mse": float(error.mean()),
+  return {"fvu": fvu, "explained_variance": 1 - fvu, "mse": float(error.sum(1).mean()),
           "l0": float(np.mean(np.sum(np.asarray(z_BxF) != 0, axis=1))),
           "cosine": float(cosine.mean()),
           "norm_ratio": float(np.mean(norm_xhat / np.maximum(norm_x, 1e-30)))}

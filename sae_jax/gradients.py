@@ -17,7 +17,8 @@ backward pass by hand:
 
 AuxK is the same in both: it runs only while some latent is dead, through
 autodiff on the dense activations, and then the fast step's gradients are
-made dense too.
+made dense too. Which latents are dead is decided after this step's
+selection (`losses.dead_latents`), as dictionary_learning decides it.
 
 Both return this device's gradient of its share of the loss (`pmean` over
 the devices gives the global one) and the statistics the step reports.
@@ -37,12 +38,13 @@ from sae_jax.config import TrainConfig
 
 class Outputs(typing.NamedTuple):
   """What a step reports besides the gradients (this device's tokens)."""
-  mse: jax.Array  # this device's share of the reconstruction MSE
+  mse: jax.Array  # this device's share of the reconstruction loss (`losses.mse`)
   auxk: jax.Array  # this device's share of the AuxK loss
   xhat_BxD: jax.Array  # the reconstruction
   n_active: jax.Array  # int32 selected entries
-  fired_F: jax.Array  # bool, latents selected at least once
-  smallest: jax.Array  # smallest selected value (inf when none)
+  fired_F: jax.Array  # bool, latents selected at least once on this device
+  token_min_B: jax.Array  # each token's smallest selected value (inf when none)
+  dead_F: jax.Array  # bool, the latents AuxK treated as dead (global)
 
 
 def varying(tree, axis_name):
@@ -65,8 +67,17 @@ def varying(tree, axis_name):
   return jax.tree.map(cast, tree)
 
 
-def dense(params, x_BxD, dead_F, key, config: TrainConfig, axis_name):
-  """Gradients by autodiff through the SAE as written: the reference."""
+def _dead(silent_F, fired_F, config: TrainConfig, axis_name):
+  """The step's dead latents (global), from this device's fired latents."""
+  fired_F = fired_F if axis_name is None else lax.psum(fired_F.astype(jnp.int32), axis_name) > 0
+  return losses.dead_latents(silent_F, fired_F, config.dead_steps)
+
+
+def dense(params, x_BxD, silent_F, key, config: TrainConfig, axis_name):
+  """Gradients by autodiff through the SAE as written: the reference.
+
+  `silent_F` holds the steps each latent went without firing before this one.
+  """
   c = config
   sae = model.SAE(c.sae)
 
@@ -77,19 +88,21 @@ def dense(params, x_BxD, dead_F, key, config: TrainConfig, axis_name):
                       method=model.SAE.select)
     xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode)
     mse = losses.mse(x_BxD, xhat_BxD)
+    dead_F = _dead(silent_F, jnp.any(z_BxF > 0, axis=0), c, axis_name)
     auxk = losses.auxk_loss(pre_BxF, dead_F, x_BxD - xhat_BxD, params["W_dec"], c.auxk_k,
                             axis_name)
-    return mse + c.auxk_weight * auxk, (mse, auxk, z_BxF, xhat_BxD)
+    return mse + c.auxk_weight * auxk, (mse, auxk, z_BxF, xhat_BxD, dead_F)
 
-  (_, (mse, auxk, z_BxF, xhat_BxD)), grads = jax.value_and_grad(
+  (_, (mse, auxk, z_BxF, xhat_BxD, dead_F)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(varying(params, axis_name))
-  return grads, Outputs(mse, auxk, xhat_BxD, *_codes_stats(z_BxF))
+  return grads, Outputs(mse, auxk, xhat_BxD, *_codes_stats(z_BxF), dead_F)
 
 
 def _mse_cotangent(x_BxD, xhat_BxD):
-  """(MSE, its gradient with respect to xhat)."""
+  """(`losses.mse`, its gradient with respect to xhat)."""
   error_BxD = xhat_BxD - x_BxD
-  return jnp.mean(jnp.square(error_BxD)), (2 / error_BxD.size) * error_BxD
+  n_tokens = error_BxD.shape[0]
+  return jnp.sum(jnp.square(error_BxD)) / n_tokens, (2 / n_tokens) * error_BxD
 
 
 def _through_codes(x_BxD, centred_BxD, z_BxP, W_enc_DxP, W_dec_PxD, b_dec_D):
@@ -133,15 +146,17 @@ def _through_entries(x_BxD, centred_BxD, entries: selection.Entries, params, sor
            "b_dec": jnp.sum(dxhat_BxD, axis=0) - params["W_enc"] @ db_enc_F}
   active_M = values_M > 0
   fired_F = jnp.zeros(n_latents, jnp.int32).at[cols_M].add(active_M.astype(jnp.int32)) > 0
-  stats = (jnp.sum(active_M, dtype=jnp.int32), fired_F,
-           jnp.min(jnp.where(active_M, values_M, jnp.inf)))
+  token_min_B = jax.ops.segment_min(jnp.where(active_M, values_M, jnp.inf), rows_M, n_rows,
+                                    indices_are_sorted=sorted_rows)
+  stats = (jnp.sum(active_M, dtype=jnp.int32), fired_F, token_min_B)
   return xhat_BxD, mse, grads, stats
 
 
 def _codes_stats(z_BxF):
+  """(selected entries, latents that fired, each token's smallest selected value)."""
   active_BxF = z_BxF > 0
   return (jnp.sum(active_BxF, dtype=jnp.int32), jnp.any(active_BxF, axis=0),
-          jnp.min(jnp.where(active_BxF, z_BxF, jnp.inf)))
+          jnp.min(jnp.where(active_BxF, z_BxF, jnp.inf), axis=1))
 
 
 def _sampled(params, x_BxD, centred_BxD, a_BxF, key, config: TrainConfig, axis_name):
@@ -153,9 +168,9 @@ def _sampled(params, x_BxD, centred_BxD, a_BxF, key, config: TrainConfig, axis_n
   xhat_BxD, mse, grads = _through_codes(
       x_BxD, centred_BxD, z_BxP, params["W_enc"][:, pool_P], params["W_dec"][pool_P],
       params["b_dec"])
-  n_active, fired_P, smallest = _codes_stats(z_BxP)
+  n_active, fired_P, token_min_B = _codes_stats(z_BxP)
   fired_F = jnp.zeros(a_BxF.shape[1], bool).at[pool_P].set(fired_P)
-  return xhat_BxD, mse, grads, pool_P, (n_active, fired_F, smallest)
+  return xhat_BxD, mse, grads, pool_P, (n_active, fired_F, token_min_B)
 
 
 def _topk(params, x_BxD, centred_BxD, a_BxF, config: TrainConfig):
@@ -186,7 +201,7 @@ def _batchtopk(params, x_BxD, centred_BxD, a_BxF, config: TrainConfig, axis_name
   return lax.cond(entries.complete, from_entries, from_dense_codes)
 
 
-def fast(params, x_BxD, dead_F, key, config: TrainConfig, axis_name):
+def fast(params, x_BxD, silent_F, key, config: TrainConfig, axis_name):
   """The same gradients and outputs as `dense`, with only the encoder
   forward dense.
 
@@ -196,7 +211,7 @@ def fast(params, x_BxD, dead_F, key, config: TrainConfig, axis_name):
     `optimizer.dense_grads`);
     otherwise pool_P is None. The AuxK loss is not included:
     `with_auxk(dense_grads)` returns (dense_grads + its gradients, its value),
-    to be called only while some latent is dead.
+    to be called only while `outputs.dead_F` holds a latent.
   """
   c = config
   params = varying(params, axis_name)
@@ -213,6 +228,7 @@ def fast(params, x_BxD, dead_F, key, config: TrainConfig, axis_name):
     xhat_BxD, mse, grads, stats = _topk(params, x_BxD, centred_BxD, a_BxF, c)
   else:
     xhat_BxD, mse, grads, stats = _batchtopk(params, x_BxD, centred_BxD, a_BxF, c, axis_name)
+  dead_F = _dead(silent_F, stats[1], c, axis_name)
 
   def with_auxk(grads):
     aux = lambda a_BxF, W_dec_FxD: losses.auxk_loss(
@@ -228,4 +244,4 @@ def fast(params, x_BxD, dead_F, key, config: TrainConfig, axis_name):
 
   # A sum over no tokens: zero, and under shard_map it varies as the data does.
   no_auxk = jnp.sum(x_BxD[:0])
-  return grads, pool_P, Outputs(mse, no_auxk, xhat_BxD, *stats), with_auxk
+  return grads, pool_P, Outputs(mse, no_auxk, xhat_BxD, *stats, dead_F), with_auxk

@@ -1,5 +1,10 @@
 """Losses and reconstruction metrics, global over a batch split on `axis_name`.
 
+The scale is dictionary_learning's and SAELens': the reconstruction loss is
+the squared error summed over the D dimensions and averaged over tokens, so
+that a global-norm clip of 1.0 binds as it does in those trainers. AuxK is a
+ratio of two such sums, so it has no scale.
+
 Each device returns its share of the global value, so that the mean over
 devices of the values (and of their gradients, as `lax.pmean` takes it) is
 the value on the concatenated batch. Shards must be the same size, as under
@@ -26,8 +31,26 @@ def _total_variance(x_BxD, axis_name):
 
 
 def mse(x_BxD: jax.Array, xhat_BxD: jax.Array) -> jax.Array:
-  """Mean squared error per element (this device's tokens)."""
-  return jnp.mean(jnp.square(x_BxD - xhat_BxD))
+  """Squared error summed over D, averaged over this device's tokens:
+  mean_b ||x_b - xhat_b||² (dictionary_learning's `l2_loss`, SAELens' `mse_loss`).
+
+  >>> float(mse(jnp.array([[1., 2.], [0., 0.]]), jnp.zeros((2, 2))))
+  2.5
+  """
+  return jnp.sum(jnp.square(x_BxD - xhat_BxD)) / x_BxD.shape[0]
+
+
+def dead_latents(silent_F: jax.Array, fired_F: jax.Array, dead_steps: int) -> jax.Array:
+  """The latents that count as dead on a step, as dictionary_learning counts
+  them: silent for `dead_steps` steps, this one included, so a latent that
+  fires in this batch is never dead in it.
+
+  Args:
+    silent_F: int, steps each latent went without firing before this step.
+    fired_F: bool, the latents this step's global batch selected.
+    dead_steps: steps without firing after which a latent is dead.
+  """
+  return ~fired_F & (silent_F + 1 >= dead_steps)
 
 
 def fvu(x_BxD: jax.Array, xhat_BxD: jax.Array, axis_name=None) -> jax.Array:

@@ -95,6 +95,18 @@ def create_train_state(config: TrainConfig, sample_NxD) -> TrainState:
       config=config)
 
 
+def _batch_threshold(token_min_B: jax.Array, selection: str) -> jax.Array:
+  """The value this step's threshold EMA moves towards (inf: none), as
+  dictionary_learning computes it: the smallest selected activation of the
+  global batch; for TopK the mean over tokens of each token's smallest."""
+  if selection != "topk":
+    return lax.pmin(jnp.min(token_min_B), AXIS)
+  found_B = jnp.isfinite(token_min_B)
+  total = lax.psum(jnp.sum(jnp.where(found_B, token_min_B, 0)), AXIS)
+  count = lax.psum(jnp.sum(found_B, dtype=jnp.int32), AXIS)
+  return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.inf)
+
+
 def train_step(state: TrainState, x_BxD: jax.Array,
                all_alive: bool = False) -> tuple[TrainState, dict]:
   """One optimisation step on this device's tokens x_BxD (raw activations).
@@ -104,14 +116,28 @@ def train_step(state: TrainState, x_BxD: jax.Array,
   A step whose loss or gradient is not finite changes nothing but the step
   and skip counters.
 
-  `all_alive=True` (static) promises that no latent is dead: the fast step
+  The metrics (replicated scalars; "scaled units" are those of c·x, with
+  E||c·x||² = D):
+    mse: mean over the global batch's tokens of ||c·x - xhat||², summed over
+      D (dictionary_learning's l2_loss, SAELens' mse_loss).
+    auxk_loss: Σ||e - ê||² / Σ||e - mean(e)||² over the batch, e = c·x - xhat
+      the residual and ê its reconstruction from each token's top auxk_k dead
+      latents (0 while none is dead); dictionary_learning's normalised AuxK.
+    loss: mse + auxk_weight · auxk_loss, the value that is differentiated.
+    fvu: Σ||c·x - xhat||² / Σ||c·x - mean(c·x)||² (no unit; 1 - explained variance).
+    l0: selected entries per token. grad_norm: the gradient's global norm
+      before projection and clip. threshold: θ after the step. dead_fraction:
+      latents dead after the step. most_silent_steps, lr, skipped_steps, bad_streak.
+
+  `all_alive=True` (static) promises that no latent can be dead on this
+  step (every latent fired within the last dead_steps - 1): the fast step
   is then compiled without AuxK and without the branch that decides whether
   to run it, which saves a copy of the parameters and moments. `train_loop`
   knows when the promise holds; with any latent dead it would skip AuxK.
   """
   c = state.config
   x_BxD = x_BxD.astype(jnp.float32) * state.input_scale
-  dead_F = state.steps_since_fired_F >= c.dead_steps
+  silent_F = state.steps_since_fired_F
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   lr = _learning_rate(c, state.step)
 
@@ -128,11 +154,11 @@ def train_step(state: TrainState, x_BxD: jax.Array,
     return params, opt_state, auxk, optax.tree.norm(grads), finite
 
   if c.step == "dense":
-    grads, out = gradients.dense(state.params, x_BxD, dead_F, key, c, AXIS)
+    grads, out = gradients.dense(state.params, x_BxD, silent_F, key, c, AXIS)
     mse = lax.pmean(out.mse, AXIS)
     params, opt_state, auxk, grad_norm, finite = apply(grads, None, out.auxk)
   else:
-    grads, pool_P, out, with_auxk = gradients.fast(state.params, x_BxD, dead_F, key, c, AXIS)
+    grads, pool_P, out, with_auxk = gradients.fast(state.params, x_BxD, silent_F, key, c, AXIS)
     mse = lax.pmean(out.mse, AXIS)
 
     def dense_with_auxk():
@@ -143,17 +169,16 @@ def train_step(state: TrainState, x_BxD: jax.Array,
       params, opt_state, auxk, grad_norm, finite = apply(grads, pool_P, out.auxk)
     else:  # AuxK runs only while some latent is dead (the same on every device).
       params, opt_state, auxk, grad_norm, finite = lax.cond(
-          jnp.any(dead_F), dense_with_auxk, lambda: apply(grads, pool_P, out.auxk))
+          jnp.any(out.dead_F), dense_with_auxk, lambda: apply(grads, pool_P, out.auxk))
   loss = mse + c.auxk_weight * auxk
 
   fired_F = lax.psum(out.fired_F.astype(jnp.int32), AXIS) > 0
-  since_F = jnp.where(fired_F, 0, jnp.minimum(state.steps_since_fired_F + 1, c.dead_steps))
-  # theta tracks the smallest selected activation of the global batch.
-  smallest = lax.pmin(out.smallest, AXIS)
+  since_F = jnp.where(fired_F, 0, jnp.minimum(silent_F + 1, c.dead_steps))
+  batch_theta = _batch_threshold(out.token_min_B, c.sae.selection)
   ema = jnp.where(state.threshold > 0,
-                  c.threshold_beta * state.threshold + (1 - c.threshold_beta) * smallest,
-                  smallest)
-  threshold = jnp.where((state.step >= c.threshold_start) & jnp.isfinite(smallest),
+                  c.threshold_beta * state.threshold + (1 - c.threshold_beta) * batch_theta,
+                  batch_theta)
+  threshold = jnp.where((state.step > c.threshold_start) & jnp.isfinite(batch_theta),
                         ema, state.threshold)
 
   state = state.replace(
@@ -338,8 +363,9 @@ def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 
     return m
 
   # An upper bound on the steps any latent of the current state has gone
-  # without firing; below dead_steps, no latent is dead and the step can
-  # leave AuxK out. It grows by one a step, and each metrics read tightens it.
+  # without firing; while it is below dead_steps - 1, no latent can be dead
+  # on the next step (`losses.dead_latents`) and the step can leave AuxK
+  # out. It grows by one a step, and each metrics read tightens it.
   silent = int(np.max(_host(state.steps_since_fired_F)))
   # Metrics are read one step late, so the next step is queued while we wait.
   pending = None
@@ -358,7 +384,7 @@ def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 
         raise ValueError(
             f"batch for step {step} must have shape {expected} ([devices, batch_size / devices, "
             f"d_model]); got {shape}")
-      step_fn = p_train_step_all_alive if silent < c.dead_steps else p_train_step
+      step_fn = p_train_step_all_alive if silent + 1 < c.dead_steps else p_train_step
       state, metrics = step_fn(state, batch)
       step, silent = step + 1, silent + 1
       if pending is not None:

@@ -22,6 +22,24 @@ def test_defaults_follow_the_recipe():
                      threshold_start=0).total_steps == 7
 
 
+def test_short_runs_scale_the_warmup_and_threshold_start():
+  """Not given, both are min(1000, 10% of the steps); given, they are checked."""
+  for steps, want in ((80, 8), (5000, 500), (10_000, 1000), (50_000, 1000), (2, 0)):
+    c = TrainConfig(SAEConfig(8, 16, k=2), steps=steps)
+    assert (c.warmup_steps, c.threshold_start) == (want, want)
+  assert TrainConfig(SAEConfig(8, 16, k=2), batch_size=64, tokens=64 * 300).warmup_steps == 30
+  c = TrainConfig(SAEConfig(8, 16, k=2), steps=80, warmup_steps=3, threshold_start=50)
+  assert (c.warmup_steps, c.threshold_start) == (3, 50)
+  # The decay may leave less room than 10%: the warm-up ends where it starts.
+  assert TrainConfig(SAEConfig(8, 16, k=2), steps=100, decay_fraction=0.95).warmup_steps == 5
+  # The resolved values are what config.json records, and what a resume compares.
+  c = TrainConfig(SAEConfig(8, 16, k=2), steps=80)
+  assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+  assert c.to_dict()["warmup_steps"] == 8
+  with pytest.raises(ValueError, match=r"TrainConfig.warmup_steps \(1000\) must end before"):
+    TrainConfig(SAEConfig(8, 16, k=2), steps=80, warmup_steps=1000)
+
+
 def test_round_trip_through_json():
   c = TrainConfig(SAEConfig(16, 64, k=4, selection="batchtopk", score="entropy",
                             sample_pool=True), batch_size=128, steps=50, lr=3e-3,
@@ -72,8 +90,9 @@ SAE = SAEConfig(8, 16, k=2)
     (dict(auxk_latents=17), r"TrainConfig.auxk_latents must be at most n_latents=16; got 17"),
     (dict(auxk_weight=-0.1), r"TrainConfig.auxk_weight must be a number in \[0, inf\]"),
     (dict(threshold_beta=1.0), r"TrainConfig.threshold_beta must be a number in \[0, 1\)"),
-    (dict(steps=100, warmup_steps=10, threshold_start=100),
-     r"TrainConfig.threshold_start \(100\) must be below the number of steps \(100\)"),
+    (dict(steps=100, warmup_steps=10, threshold_start=99),
+     r"TrainConfig.threshold_start \(99\) must be below the last step \(99; the EMA updates"),
+    (dict(steps=1), r"TrainConfig.threshold_start \(0\) must be below the last step \(0;"),
     (dict(max_bad_steps=0), r"TrainConfig.max_bad_steps must be an integer >= 1; got 0"),
     (dict(seed=-1), r"TrainConfig.seed must be an integer >= 0; got -1"),
     (dict(step="sparse"), r"TrainConfig.step must be one of 'fast', 'dense'; got 'sparse'"),

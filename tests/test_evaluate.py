@@ -19,7 +19,7 @@ def test_reconstruction_metrics_by_hand():
   total = np.square(x - x.mean(0)).sum()
   assert half["fvu"] == pytest.approx(np.square(0.5 * x).sum() / total)
   assert half["explained_variance"] == pytest.approx(1 - half["fvu"])
-  assert half["mse"] == pytest.approx(np.square(0.5 * x).mean())
+  assert half["mse"] == pytest.approx(np.square(0.5 * x).sum(1).mean())  # summed over D
   turned = evaluate.reconstruction_metrics(x, x[:, ::-1], z)
   assert turned["cosine"] == pytest.approx(np.mean([24 / 25, 0, 0]))
 

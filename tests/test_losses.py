@@ -49,7 +49,8 @@ def test_fvu_and_mse():
   np.testing.assert_allclose(losses.fvu(x, xhat),
                              ((x64 - xhat64) ** 2).sum() / ((x64 - x64.mean(0)) ** 2).sum(),
                              rtol=1e-5)
-  np.testing.assert_allclose(losses.mse(x, xhat), ((x64 - xhat64) ** 2).mean(), rtol=1e-5)
+  # Summed over D, averaged over tokens, as dictionary_learning's and SAELens' losses.
+  np.testing.assert_allclose(losses.mse(x, xhat), ((x64 - xhat64) ** 2).sum(1).mean(), rtol=1e-5)
   assert losses.fvu(x, x) == 0
 
 
@@ -75,3 +76,12 @@ def test_device_shares_average_to_the_global_value():
   np.testing.assert_allclose(np.asarray(grad).reshape(B, F) / 4,
                              jax.grad(losses.auxk_loss)(pre, dead, residual, w, K_AUX),
                              rtol=1e-5, atol=1e-7)
+
+
+def test_dead_latents_count_this_step_as_dictionary_learning_does():
+  dead_steps = 3
+  silent = np.array([0, 1, 2, 2, 3, 3])
+  fired = np.array([False, False, False, True, False, True])
+  # Silent 2 steps before and not firing now: the third silent step, dead.
+  np.testing.assert_array_equal(losses.dead_latents(silent, fired, dead_steps),
+                                [False, False, True, False, True, False])

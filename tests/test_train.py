@@ -46,10 +46,13 @@ def batch(seed, n=B):
 
 
 def fresh_state(c):
-  """A new state whose first N_DEAD latents count as dead."""
+  """A new state whose first N_DEAD latents count as dead: silent for
+  dead_steps, and with weak encoder columns so that they rarely fire now."""
   state = train.create_train_state(c, batch(100, 4 * B))
   dead_F = np.arange(F) < N_DEAD
-  return state.replace(steps_since_fired_F=jnp.where(dead_F, c.dead_steps, 0))
+  weak = np.where(dead_F, 0.05, 1.0).astype(np.float32)[None, :]
+  return state.replace(params=dict(state.params, W_enc=state.params["W_enc"] * weak),
+                       steps_since_fired_F=jnp.where(dead_F, c.dead_steps, 0))
 
 
 def tree_equal(a, b):
@@ -75,15 +78,18 @@ def reference_step(state, x_raw, c):
   z = a * mask
   xhat = z @ p["W_dec"] + p["b_dec"]
   e = x - xhat
-  dead = np.asarray(state.steps_since_fired_F) >= c.dead_steps
+  fired = mask.any(0)
+  # Dead as dictionary_learning counts it: silent dead_steps steps, this one included.
+  silent = np.asarray(state.steps_since_fired_F)
+  dead = (silent + 1 >= c.dead_steps) & ~fired
   a_dead = np.where(dead[None, :], a, 0)
   aux_mask = reference.topk_mask(a_dead, c.auxk_k)
   variance = ((e - e.mean(0)) ** 2).sum()
   e_aux = e - (a_dead * aux_mask) @ p["W_dec"]
-  mse = (e ** 2).mean()
+  mse = (e ** 2).sum() / len(e)  # summed over D, averaged over tokens
   auxk = (e_aux ** 2).sum() / variance
 
-  g_xhat = -2 * e / e.size
+  g_xhat = -2 * e / len(e)
   g_ehat = -2 * c.auxk_weight * e_aux / variance
   g_pre = (g_xhat @ p["W_dec"].T) * mask + (g_ehat @ p["W_dec"].T) * aux_mask
   grads = {
@@ -92,24 +98,28 @@ def reference_step(state, x_raw, c):
       "b_enc": g_pre.sum(0),
       "b_dec": g_xhat.sum(0) - (g_pre @ p["W_enc"].T).sum(0),
   }
-  fired = mask.any(0)
-  since = np.where(fired, 0, np.minimum(np.asarray(state.steps_since_fired_F) + 1, c.dead_steps))
+  since = np.where(fired, 0, np.minimum(silent + 1, c.dead_steps))
+  # The threshold's target: the smallest selected value (TopK: of each token, averaged).
+  z_min = np.where(mask, z, np.inf)
+  theta = z_min.min(1).mean() if c.sae.selection == "topk" else z_min.min()
   metrics = {
       "loss": mse + c.auxk_weight * auxk, "mse": mse, "auxk_loss": auxk,
       "fvu": (e ** 2).sum() / ((x - x.mean(0)) ** 2).sum(),
-      "l0": mask.sum() / B, "threshold": z[mask].min(),
+      "l0": mask.sum() / B, "threshold": theta,
       "grad_norm": np.sqrt(sum((g ** 2).sum() for g in grads.values())),
       "dead_fraction": (since >= c.dead_steps).mean(), "lr": c.learning_rate,
   }
-  return grads, since, metrics
+  return grads, since, dead, metrics
 
 
 @pytest.mark.parametrize("rule", ["topk", "batchtopk", "sampled"])
 def test_one_step_matches_numpy(rule):
   c = RULES[rule]
-  state = fresh_state(c)
+  # Step 1, the first after threshold_start = 0: the threshold EMA starts here.
+  state = fresh_state(c).replace(step=jnp.int32(1))
   x = batch(1)
-  grads, since, want = reference_step(state, x, c)
+  grads, since, dead, want = reference_step(state, x, c)
+  assert dead.any() and not dead.all()
   new, metrics = train.p_train_step(train.replicate(state, 1), x[None])
   new, metrics = train.unreplicate(new), {k: float(v) for k, v in metrics.items()}
 
@@ -117,8 +127,8 @@ def test_one_step_matches_numpy(rule):
     np.testing.assert_allclose(metrics[name], value, rtol=2e-5, err_msg=name)
   assert 0 < metrics["auxk_loss"] and metrics["skipped_steps"] == 0
   np.testing.assert_array_equal(new.steps_since_fired_F, since)
-  np.testing.assert_allclose(new.threshold, want["threshold"], rtol=1e-6)
-  assert int(new.step) == 1
+  np.testing.assert_allclose(new.threshold, want["threshold"], rtol=1e-5)
+  assert int(new.step) == 2
 
   # The optimiser saw the gradient with decoder-row components removed, clipped.
   w = np.asarray(state.params["W_dec"], np.float64)
@@ -138,7 +148,7 @@ def test_one_step_matches_numpy(rule):
     np.testing.assert_allclose(new.params[name], updated, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_threshold_ema_starts_at_threshold_start():
+def test_threshold_ema_starts_after_threshold_start():
   c = TrainConfig(RULES["batchtopk"].sae, batch_size=B, steps=50, lr=1e-3, warmup_steps=0,
                   threshold_start=2, threshold_beta=0.9)
   state = train.replicate(train.create_train_state(c, batch(100, 4 * B)), 1)
@@ -150,9 +160,9 @@ def test_threshold_ema_starts_at_threshold_start():
     z = sae.apply({"params": host.params}, jnp.asarray(x) * host.input_scale,
                   method=model.SAE.encode)
     smallest = float(np.min(np.asarray(z)[np.asarray(z) > 0]))
-    if step == c.threshold_start:
+    if step == c.threshold_start + 1:  # dictionary_learning: step > threshold_start_step
       expected = smallest
-    elif step > c.threshold_start:
+    elif step > c.threshold_start + 1:
       expected = c.threshold_beta * expected + (1 - c.threshold_beta) * smallest
     state, _ = train.p_train_step(state, x[None])
     np.testing.assert_allclose(train.unreplicate(state).threshold, expected, rtol=1e-5)
@@ -210,16 +220,16 @@ def test_pmap_runs_the_same_step():
 
 @functools.partial(jax.pmap, axis_name=train.AXIS, in_axes=(None, 0, None, None),
                    static_broadcasted_argnums=3)
-def fast_and_dense_gradients(params, x_BxD, dead_F, c):
+def fast_and_dense_gradients(params, x_BxD, silent_F, c):
   """(fast, dense): global gradients, mse, auxk and selection statistics."""
   key = jax.random.key(3)
-  grads, pool_P, out, with_auxk = gradients.fast(params, x_BxD, dead_F, key, c, train.AXIS)
+  grads, pool_P, out, with_auxk = gradients.fast(params, x_BxD, silent_F, key, c, train.AXIS)
   grads = optimizer.dense_grads(grads, pool_P, params)
-  grads, auxk = jax.lax.cond(jnp.any(dead_F), with_auxk, lambda g: (g, out.auxk), grads)
-  dense, ref = gradients.dense(params, x_BxD, dead_F, key, c, train.AXIS)
+  grads, auxk = jax.lax.cond(jnp.any(out.dead_F), with_auxk, lambda g: (g, out.auxk), grads)
+  dense, ref = gradients.dense(params, x_BxD, silent_F, key, c, train.AXIS)
   stats = lambda o: (jax.lax.psum(o.n_active, train.AXIS),
                      jax.lax.psum(o.fired_F.astype(jnp.int32), train.AXIS),
-                     jax.lax.pmin(o.smallest, train.AXIS))
+                     o.token_min_B, o.dead_F)
   return (jax.lax.pmean((grads, out.mse, auxk), train.AXIS) + stats(out),
           jax.lax.pmean((dense, ref.mse, ref.auxk), train.AXIS) + stats(ref))
 
@@ -232,24 +242,27 @@ def test_fast_gradients_equal_dense_on_four_devices(rule):
   c = RULES[rule]
   state = fresh_state(c)
   x = train.shard_batch(batch(71) * state.input_scale, 4)
-  cases = [(x, np.zeros(F, bool)), (x, np.arange(F) < N_DEAD)]
+  silent = np.where(np.arange(F) < N_DEAD, c.dead_steps, 0).astype(np.int32)
+  cases = [(x, np.zeros(F, np.int32)), (x, silent)]
   if rule == "batchtopk":  # 8 tokens hold most of the budget: the offers miss entries
     cut, entries = selection.batch_topk_entries(
         jax.nn.relu(model.SAE(c.sae).apply({"params": state.params},
                                            jnp.asarray(CONCENTRATED) * state.input_scale,
                                            method=model.SAE.pre)), K)
     assert not bool(entries.complete)
-    cases.append((train.shard_batch(CONCENTRATED * state.input_scale, 4), np.zeros(F, bool)))
-  for x_shards, dead_F in cases:
-    fast, dense = fast_and_dense_gradients(state.params, x_shards, dead_F, c)
+    cases.append((train.shard_batch(CONCENTRATED * state.input_scale, 4), np.zeros(F, np.int32)))
+  for x_shards, silent_F in cases:
+    fast, dense = fast_and_dense_gradients(state.params, x_shards, silent_F, c)
     fast, dense = jax.tree.map(lambda v: np.asarray(v[0]), (fast, dense))
     (fast_grads, *fast_rest), (dense_grads, *dense_rest) = fast, dense
     for name in dense_grads:
       np.testing.assert_allclose(fast_grads[name], dense_grads[name], rtol=1e-5,
                                  atol=1e-6 * np.abs(dense_grads[name]).max(), err_msg=name)
+    dead_F = dense_rest[-1]
+    assert dead_F.any() == silent_F.any() and not (dead_F & ~(silent_F > 0)).any()
     assert (fast_rest[1] > 0) == dead_F.any()  # auxk
     np.testing.assert_allclose(fast_rest[:2], dense_rest[:2], rtol=1e-5)
-    for got, want in zip(fast_rest[2:], dense_rest[2:]):  # counts, fired, smallest
+    for got, want in zip(fast_rest[2:], dense_rest[2:]):  # counts, fired, token minima, dead
       np.testing.assert_array_equal(got, want)
 
 
@@ -259,13 +272,12 @@ def test_fast_step_equals_dense_step_on_four_devices(rule):
   update), the third with N_DEAD latents dead (AuxK)."""
   fast_config = RULES[rule]
   dense_config = dataclasses.replace(fast_config, step="dense")
-  start = train.create_train_state(fast_config, batch(100, 4 * B))
+  start = fresh_state(fast_config)
   states = {c.step: train.replicate(start.replace(config=c), 4) for c in (fast_config, dense_config)}
   for step in range(3):
-    if step == 2:
-      states = {name: train.replicate(train.unreplicate(state).replace(
-          steps_since_fired_F=np.where(np.arange(F) < N_DEAD, fast_config.dead_steps, 0)), 4)
-          for name, state in states.items()}
+    silent_F = np.where((np.arange(F) < N_DEAD) & (step == 2), fast_config.dead_steps, 0)
+    states = {name: train.replicate(train.unreplicate(state).replace(
+        steps_since_fired_F=silent_F.astype(np.int32)), 4) for name, state in states.items()}
     x = train.shard_batch(batch(80 + step), 4)
     (states["fast"], fast), (states["dense"], dense) = (
         train.p_train_step(states[name], x) for name in ("fast", "dense"))
@@ -288,13 +300,13 @@ def test_fast_step_equals_dense_step_on_four_devices(rule):
 
 
 def test_loop_leaves_auxk_out_only_while_no_latent_can_be_dead(monkeypatch):
-  c = RULES["sampled"]  # dead after 2 silent steps
+  c = dataclasses.replace(RULES["sampled"], dead_tokens=4 * B)  # dead after 4 silent steps
   calls = {"all_alive": 0, "general": 0}
 
   def counted(name, fn):
     def step(state, x):
-      if name == "all_alive":  # the promise: nothing dead in the state it is given
-        assert np.max(jax.device_get(state.steps_since_fired_F)) < c.dead_steps
+      if name == "all_alive":  # the promise: nothing can be dead on this step
+        assert np.max(jax.device_get(state.steps_since_fired_F)) + 1 < c.dead_steps
       calls[name] += 1
       return fn(state, x)
     return step
