@@ -28,12 +28,17 @@ def parser(doc: str) -> argparse.ArgumentParser:
   rec.add_argument("--tokens", type=int, default=100_000_000)
   rec.add_argument("--steps", type=int, default=None, help="overrides --tokens")
   rec.add_argument("--lr", type=float, default=None, help="default 2e-4 / sqrt(F / 2^14)")
-  rec.add_argument("--warmup-steps", type=int, default=1000)
+  rec.add_argument("--warmup-steps", type=int, default=None,
+                   help="default min(1000, 10%% of the steps)")
   rec.add_argument("--decay-fraction", type=float, default=0.2)
-  rec.add_argument("--clip-norm", type=float, default=1.0)
+  rec.add_argument("--clip-norm", type=float, default=1.0,
+                   help="global gradient-norm clip of the loss summed over D (as in "
+                        "dictionary_learning and SAELens)")
   rec.add_argument("--dead-tokens", type=int, default=10_000_000)
   rec.add_argument("--auxk-weight", type=float, default=1 / 32)
-  rec.add_argument("--threshold-start", type=int, default=1000)
+  rec.add_argument("--threshold-start", type=int, default=None,
+                   help="the threshold EMA updates on the steps after this one; "
+                        "default min(1000, 10%% of the steps)")
   rec.add_argument("--threshold-beta", type=float, default=0.999)
   rec.add_argument("--seed", type=int, default=0)
   rec.add_argument("--step", choices=("fast", "dense"), default="fast",

@@ -75,8 +75,11 @@ class NeoXConfig:
                gelu_approximate=_GELU_APPROXIMATE[act])
 
 
-def _model_dir(model: str, revision: typing.Optional[str], patterns=("*.json", "*.safetensors")
-               ) -> pathlib.Path:
+def model_dir(model: str, revision: typing.Optional[str] = None,
+              patterns=("*.json", "*.safetensors")) -> pathlib.Path:
+  """`model` itself if it is a directory; else the hub id's files matching
+  `patterns`, downloaded or found in the Hugging Face cache (HF_HUB_OFFLINE=1:
+  the cache only). Raises OSError when neither has them."""
   path = pathlib.Path(model)
   if path.is_dir():
     return path
@@ -87,7 +90,7 @@ def _model_dir(model: str, revision: typing.Optional[str], patterns=("*.json", "
 
 def load_config(model: str, revision: typing.Optional[str] = None) -> NeoXConfig:
   """The config of a GPT-NeoX from a directory or hub id (config.json only)."""
-  directory = _model_dir(model, revision, ("config.json",))
+  directory = model_dir(model, revision, ("config.json",))
   return NeoXConfig.from_json(json.loads((directory / "config.json").read_text()))
 
 
@@ -95,7 +98,7 @@ def load(model: str, revision: typing.Optional[str] = None) -> tuple[NeoXConfig,
   """(config, params) of a GPT-NeoX from a directory or hub id, as float32
   NumPy arrays; linear weights are stored [in, out]."""
   import safetensors.numpy  # noqa: PLC0415
-  directory = _model_dir(model, revision)
+  directory = model_dir(model, revision)
   # config.json is read directly: transformers' AutoConfig imports torch.
   config = load_config(str(directory))
   files = sorted(directory.glob("*.safetensors"))

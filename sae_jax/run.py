@@ -117,6 +117,25 @@ def check_stream(stream: bool, data_arg: str, backend: str) -> None:
     raise ValueError(f"--stream runs the model in JAX; got --backend {backend!r}")
 
 
+def reachable_model(model: str, revision=None) -> pathlib.Path:
+  """The directory holding `model`'s config.json (a local directory, or the
+  hub's copy, downloaded or cached); one line saying what to do instead when
+  there is none. The hub is asked once, so an offline machine fails fast."""
+  from sae_jax import neox  # noqa: PLC0415
+  if model.startswith(("/", "./", "../", "~")) and not pathlib.Path(model).is_dir():
+    raise ValueError(f"--model {model!r}: there is no such directory (a local model is a "
+                     f"directory with config.json and *.safetensors)")
+  try:
+    return neox.model_dir(model, revision, ("config.json",))
+  except (OSError, ValueError) as error:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    raise ValueError(
+        f"could not reach the model {model!r} ({reason}): it is not a local directory, and "
+        f"neither the Hugging Face hub nor its local cache has it. Pass a local copy with "
+        f"--model DIR, or set HF_HUB_OFFLINE=1 with the model (and --dataset) in the "
+        f"Hugging Face cache, or train offline on --data synthetic") from None
+
+
 def d_model_of(data_arg: str, *, cache_dir: str, model: str, revision=None,
                synthetic_d_model: int, stream: bool = False) -> int:
   """The activation width D of a run's data, found without doing any work."""
@@ -126,11 +145,12 @@ def d_model_of(data_arg: str, *, cache_dir: str, model: str, revision=None,
     manifest = None if stream else export_lib.read_manifest(cache_dir)
     if manifest is not None and "d_model" in manifest:
       return manifest["d_model"]
+    directory = reachable_model(model, revision)
     if stream:
       from sae_jax import neox  # noqa: PLC0415
-      return neox.load_config(model, revision).hidden_size
+      return neox.load_config(str(directory)).hidden_size
     import transformers
-    return transformers.AutoConfig.from_pretrained(model, revision=revision).hidden_size
+    return transformers.AutoConfig.from_pretrained(directory).hidden_size
   path = pathlib.Path(data_arg)
   if path.suffix == ".npy" and path.is_file():
     shape = np.load(path, mmap_mode="r").shape

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -194,6 +195,52 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, capsys, args, message):
   import re
   assert re.search(message, err), err
   assert not out.exists()  # refused before any work
+
+
+def test_a_short_first_run_scales_its_warmup(tmp_path):
+  """No --warmup-steps or --threshold-start: both are 10% of an 80-step run."""
+  small = [a for a in SMALL if a not in ("--warmup-steps", "5", "--threshold-start", "10")]
+  assert train_script.main([*small, "--data", "synthetic", "--steps", "80",
+                            "--out", str(tmp_path / "run")]) == 0
+  o = outputs(tmp_path / "run")
+  assert (o["config"].train.warmup_steps, o["config"].train.threshold_start) == (8, 8)
+  assert o["summary"]["threshold"] > 0 and o["metrics"][-1]["step"] == 80
+
+
+def without_hub(tmp_path):
+  """The environment of a machine with no hub access and an empty cache."""
+  env = dict(os.environ, HF_HOME=str(tmp_path / "hf-home"), JAX_PLATFORMS="cpu")
+  env.pop("HF_HUB_OFFLINE", None)
+  with socket.socket() as s:  # a local port nothing listens on: the hub refuses at once
+    s.bind(("127.0.0.1", 0))
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{s.getsockname()[1]}"
+  return env
+
+
+@pytest.mark.parametrize("extra, offline", [([], False), (["--stream"], True)])
+def test_the_main_command_without_hub_access_says_what_to_do(tmp_path, extra, offline):
+  env = without_hub(tmp_path)
+  if offline:
+    env["HF_HUB_OFFLINE"] = "1"
+  work = tmp_path / "work"
+  work.mkdir()
+  done = subprocess.run([sys.executable, str(SCRIPT), "--l", "8", "--k", "64", *extra],
+                        cwd=work, env=env, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1, done.stderr
+  assert lines[0].startswith("error: could not reach the model 'EleutherAI/pythia-160m'")
+  for way_out in ("--model DIR", "HF_HUB_OFFLINE=1", "--data synthetic"):
+    assert way_out in lines[0]
+  assert list(work.iterdir()) == []  # no runs/, no cache/
+
+
+def test_a_missing_local_model_is_named(tmp_path, capsys):
+  out = tmp_path / "run"
+  assert cli("--data", "pythia", "--model", str(tmp_path / "no-model"), "--out", out) == 2
+  err = capsys.readouterr().err
+  assert len(err.strip().splitlines()) == 1 and "there is no such directory" in err
+  assert not out.exists()
 
 
 def test_pythia_path_on_a_tiny_model(lm, tmp_path):
