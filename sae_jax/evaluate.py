@@ -1,7 +1,10 @@
-"""Held-out evaluation in inference mode (a token's code never depends on the
-other tokens): reconstruction and sparsity on raw activations."""
+"""Held-out evaluation: reconstruction and sparsity on raw activations, in
+inference mode (a token's code never depends on the other tokens: what a
+saved SAE computes in SAELens) and in batch mode (the training rule itself,
+over whole batches)."""
 
 import functools
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +14,9 @@ from sae_jax import model
 from sae_jax import pool as pool_lib
 from sae_jax import scoring
 from sae_jax.config import SAEConfig
+
+MODES = ("inference", "batch")
+BATCH_MODE_KEY = 0xBA7C  # draws the pools of `sample_pool` SAEs in batch mode
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -22,14 +28,45 @@ def _reconstruct(params, threshold, input_scale, x_BxD, config: SAEConfig):
   return z_BxF, xhat_BxD
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
+def _reconstruct_batch(params, input_scale, x_BxD, key, config: SAEConfig):
+  sae = model.SAE(config)
+  variables = {"params": params}
+  z_BxF = sae.apply(variables, x_BxD * input_scale, key=key, method=model.SAE.encode)
+  return z_BxF, sae.apply(variables, z_BxF, method=model.SAE.decode) / input_scale
+
+
 def reconstruct(params, threshold, input_scale, x_BxD, config: SAEConfig,
-                chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-  """Inference-mode codes [B, F] (scaled units) and reconstructions [B, D]
-  (raw units) of raw activations, `chunk` tokens at a time."""
+                chunk: int = 4096, *, mode: str = "inference",
+                batch_size: typing.Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+  """Codes [B, F] (scaled units) and reconstructions [B, D] (raw units) of
+  raw activations.
+
+  Args:
+    threshold: θ, one per latent [F] or one for all (inference mode only).
+    mode: "inference": token by token, a_j > θ_j (TopK: each token's top k),
+      `chunk` tokens at a time; what the saved SAE does in SAELens, and what
+      splicing, probing or reading single tokens needs. "batch": the training
+      rule over consecutive batches of `batch_size` tokens (a shorter last
+      one is a batch of its own); the codes training would have given, for
+      evaluating on whole batches like the training ones.
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
+  if mode == "batch" and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                          or batch_size < 1):
+    raise ValueError(f"mode='batch' needs batch_size, an integer >= 1; got {batch_size!r}")
+  step = chunk if mode == "inference" else batch_size
+  key = jax.random.key(BATCH_MODE_KEY)
   codes, recon = [], []
-  for start in range(0, len(x_BxD), chunk):
-    z, xhat = _reconstruct(params, jnp.float32(threshold), jnp.float32(input_scale),
-                           jnp.asarray(x_BxD[start:start + chunk], jnp.float32), config)
+  for i, start in enumerate(range(0, len(x_BxD), step)):
+    x = jnp.asarray(x_BxD[start:start + step], jnp.float32)
+    if mode == "inference":
+      z, xhat = _reconstruct(params, jnp.asarray(threshold, jnp.float32),
+                             jnp.float32(input_scale), x, config)
+    else:
+      z, xhat = _reconstruct_batch(params, jnp.float32(input_scale), x,
+                                   jax.random.fold_in(key, i), config)
     codes.append(np.asarray(z))
     recon.append(np.asarray(xhat))
   return np.concatenate(codes), np.concatenate(recon)

@@ -4,7 +4,7 @@
     xhat_BxD = z_BxF @ W_dec_FxD + b_dec
 
     z_BxF    = select(relu(pre_BxF))      training: batch-dependent (the config's rule)
-             = relu(pre_BxF) > theta       inference: one learned threshold (TopK: per token)
+             = relu(pre_BxF) > theta_F     inference: a threshold per latent (TopK: per token)
 
 The selection rules themselves live in `selection.py`; losses, optimisation
 and I/O live elsewhere.
@@ -76,13 +76,15 @@ class SAE(nn.Module):
   def encode_inference(self, x_BxD: jax.Array, threshold: jax.Array) -> jax.Array:
     """Inference-mode codes [B, F]: a token's code never depends on other tokens.
 
-    BatchTopK and Sampled-SAE keep the entries above the learned `threshold`;
-    TopK keeps each token's k largest (and ignores `threshold`).
+    BatchTopK and Sampled-SAE keep the entries above `threshold`, one per
+    latent [F] (`thresholds.calibrate`) or one for all; TopK keeps each
+    token's k largest (and ignores `threshold`).
     """
     a_BxF = jax.nn.relu(self.pre(x_BxD))
     if self.config.selection == "topk":
       return selection.topk(a_BxF, self.config.k)
-    return jnp.where(a_BxF > threshold, a_BxF, 0)
+    threshold_F = jnp.broadcast_to(threshold, a_BxF.shape[-1:])
+    return jnp.where(a_BxF > threshold_F[None, :], a_BxF, 0)
 
   def decode(self, z_BxF: jax.Array) -> jax.Array:
     """Reconstruction [B, D] from codes [B, F]."""

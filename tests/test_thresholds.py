@@ -1,0 +1,142 @@
+"""Per-latent inference thresholds: the calibration against NumPy, firing
+rates on fresh tokens, latents that must never fire, and the batch mode."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sae_jax import evaluate
+from sae_jax import model
+from sae_jax import saelens
+from sae_jax import synthetic
+from sae_jax import thresholds
+from sae_jax.config import SAEConfig
+from tests import reference
+
+D, F, K, B = 16, 48, 3, 64
+SOURCE = synthetic.SyntheticSource(synthetic.SyntheticConfig(d_model=D, n_features=32))
+N_WEAK = 6  # latents 0..5 have weak encoder columns: no rule ever selects them
+
+
+def sae(selection, **kwargs):
+  return SAEConfig(D, F, k=K, selection=selection, l=2.0, **kwargs)
+
+
+def params_for(config, seed=0):
+  x = jnp.asarray(SOURCE.sample(10**6, 512))
+  params = model.init_params(jax.random.key(seed), config, x)["params"]
+  weak_F = np.arange(F) < N_WEAK  # tiny encoder columns and a negative bias
+  scale_1xF = np.where(weak_F, 1e-3, 1.0).astype(np.float32)[None, :]
+  return dict(params, W_enc=params["W_enc"] * scale_1xF,
+              b_enc=params["b_enc"] - np.where(weak_F, 0.5, 0.0).astype(np.float32))
+
+
+def reference_calibration(params, x_NxD, config):
+  """Counts by the NumPy rules, and θ_j = the (n_j + 1)-th largest activation."""
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  a = np.maximum((np.asarray(x_NxD, np.float64) - p["b_dec"]) @ p["W_enc"] + p["b_enc"], 0)
+  counts = np.zeros(F, np.int64)
+  for batch in a.reshape(-1, B, F):
+    if config.selection == "batchtopk":
+      mask = reference.batch_topk_mask(batch, K)
+    else:
+      cols = reference.pool(reference.scores(batch, config.score), config.pool_size)
+      mask = reference.batch_topk_mask(batch, K, cols=cols)
+    counts += mask.sum(0)
+  ranked = -np.sort(-a, axis=0)  # each column in descending order
+  theta = np.array([ranked[n, j] if n < len(a) else 0.0 for j, n in enumerate(counts)])
+  return counts, np.where(counts > 0, theta, thresholds.NEVER), a
+
+
+@pytest.mark.parametrize("selection", ["batchtopk", "sampled"])
+def test_calibration_matches_numpy_and_the_training_rule_on_its_tokens(selection):
+  config = sae(selection)
+  params = params_for(config)
+  x = SOURCE.sample(7, 8 * B)
+  got = thresholds.calibrate(params, x, config, batch_size=B)
+  counts, theta, a = reference_calibration(params, x, config)
+  np.testing.assert_array_equal(got.counts_F, counts)
+  np.testing.assert_allclose(got.threshold_F, theta, rtol=1e-5)
+  assert got.tokens == 8 * B and np.all(got.threshold_F[:N_WEAK] == thresholds.NEVER)
+  # On the calibration tokens inference fires every latent exactly as often
+  # as the training rule (the activations are continuous: no ties).
+  z = model.SAE(config).apply({"params": params}, jnp.asarray(x), got.threshold_F,
+                              method=model.SAE.encode_inference)
+  np.testing.assert_array_equal(np.sum(np.asarray(z) > 0, axis=0), counts)
+
+
+def test_fresh_tokens_fire_each_latent_as_the_training_rule_does():
+  """On tokens the calibration never saw, each latent's inference firing
+  count n' is within sampling error of the training rule's count n on the
+  same tokens. Whether a latent is in a batch's pool is decided per batch,
+  so n varies from batch to batch much more than a binomial count would:
+  with s_j the spread of latent j's count over the fresh batches (nb of them,
+  N tokens) and nb_cal calibration batches, Var(n) ≈ nb s², the error of θ_j
+  adds about nb² s² / nb_cal, and n' itself varies like a binomial count,
+  N p (1 - p). Five standard deviations of the sum, plus 3 for ties at
+  small counts, bound |n' - n|."""
+  config = sae("sampled")
+  params = params_for(config, seed=1)
+  nb_cal, nb = 64, 32
+  x_cal, x = SOURCE.sample(8, nb_cal * B), SOURCE.sample(9, nb * B)
+  got = thresholds.calibrate(params, x_cal, config, batch_size=B)
+  z_inference, _ = evaluate.reconstruct(params, got.threshold_F, 1.0, x, config)
+
+  def per_batch(x):  # the training rule's count of each latent in each batch
+    z, _ = evaluate.reconstruct(params, 0.0, 1.0, x, config, mode="batch", batch_size=B)
+    return np.sum(z.reshape(-1, B, F) > 0, axis=1)
+
+  counts = per_batch(x)
+  fired, expected = np.sum(z_inference > 0, axis=0), counts.sum(0)
+  np.testing.assert_array_equal(per_batch(x_cal).sum(0), got.counts_F)
+  # The spread over all the batches, calibration ones included.
+  p, s2 = expected / (nb * B), np.concatenate([counts, per_batch(x_cal)]).var(0, ddof=1)
+  bound = 5 * np.sqrt(nb * s2 + nb**2 * s2 / nb_cal + nb * B * p * (1 - p)) + 3
+  assert np.all(np.abs(fired - expected) <= bound), (fired, expected, bound)
+  assert abs(fired.sum() / expected.sum() - 1) < 0.05  # L0
+  assert np.all(fired[:N_WEAK] == 0) and expected.sum() > 0.9 * K * nb * B
+
+
+def test_global_rule_counts_only_and_topk_needs_no_thresholds():
+  for config in (sae("sampled"), sae("topk")):
+    params = params_for(config)
+    got = thresholds.calibrate(params, SOURCE.sample(7, 2 * B), config, batch_size=B,
+                               per_latent=config.selection != "sampled")
+    assert got.counts_F.sum() > 0 and np.all(got.threshold_F == 0)
+  with pytest.raises(ValueError, match=r"needs at least one batch of 64 tokens; got 63"):
+    thresholds.calibrate(params, SOURCE.sample(7, B - 1), config, batch_size=B)
+
+
+def test_never_firing_latents_stay_silent_in_the_saved_sae():
+  """θ = the largest float32 survives the fold by the input scale (dividing
+  it by c < 1 would overflow) and, in SAELens' formula relu(h)·(h > θ),
+  leaves those latents at 0 however large h gets."""
+  config = sae("batchtopk")
+  params = params_for(config)
+  got = thresholds.calibrate(params, SOURCE.sample(7, 4 * B), config, batch_size=B)
+  weights = saelens.folded_weights(params, got.threshold_F, 0.5, "batchtopk")
+  never = weights["threshold"] == thresholds.NEVER
+  assert never[:N_WEAK].all() and np.isfinite(weights["threshold"]).all()
+  np.testing.assert_allclose(weights["threshold"][~never], got.threshold_F[~never] / 0.5)
+  x = 1e6 * SOURCE.sample(11, 256)  # huge inputs: h is far above every real threshold
+  h = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
+  z = np.maximum(h, 0) * (h > weights["threshold"])
+  assert np.all(z[:, never] == 0) and np.any(z[:, ~never] > 0)
+  assert np.all(thresholds.log10_density(got.counts_F, got.tokens)[:N_WEAK] == -10)
+
+
+def test_batch_mode_is_the_training_rule_and_refuses_a_missing_batch_size():
+  config = sae("batchtopk")
+  params = params_for(config)
+  x = SOURCE.sample(12, 2 * B + 10)  # two whole batches and a short one
+  z, xhat = evaluate.reconstruct(params, 0.0, 1.0, x, config, mode="batch", batch_size=B)
+  for lo, hi in ((0, B), (B, 2 * B), (2 * B, 2 * B + 10)):
+    a = np.asarray(jax.nn.relu(model.SAE(config).apply({"params": params}, jnp.asarray(x[lo:hi]),
+                                                        method=model.SAE.pre)))
+    np.testing.assert_array_equal(z[lo:hi] > 0, reference.batch_topk_mask(a, K))
+  assert xhat.shape == x.shape
+  with pytest.raises(ValueError, match=r"mode='batch' needs batch_size, an integer >= 1; got None"):
+    evaluate.reconstruct(params, 0.0, 1.0, x, config, mode="batch")
+  with pytest.raises(ValueError, match=r"mode must be one of 'inference', 'batch'; got 'train'"):
+    evaluate.reconstruct(params, 0.0, 1.0, x, config, mode="train")
