@@ -64,6 +64,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
   dat.add_argument("--eval-tokens", type=int, default=65536)
   dat.add_argument("--downstream-contexts", type=int, default=RunConfig.downstream_contexts,
                    help="--data pythia: contexts for the spliced-loss evaluation")
+  inf = p.add_argument_group("inference (the saved SAE)")
+  inf.add_argument("--inference", choices=run_lib.INFERENCE_RULES, default=RunConfig.inference,
+                   help="BatchTopK, Sampled-SAE: a threshold per latent, calibrated to fire "
+                        "each as often as training did, or one global EMA threshold")
+  inf.add_argument("--calibration-tokens", type=int, default=RunConfig.calibration_tokens,
+                   help="training tokens the per-latent thresholds are calibrated on")
   syn = p.add_argument_group("synthetic data (--data synthetic)")
   defaults = synthetic.SyntheticConfig()
   syn.add_argument("--synthetic-d-model", type=int, default=defaults.d_model)
@@ -114,7 +120,8 @@ def config_from(args) -> RunConfig:
   out = args.out or f"runs/{args.selection}-l{args.l:g}-k{args.k}"
   return RunConfig(train=train_config, out=out, data=args.data, cache_dir=args.cache_dir,
                    export=export_config, synthetic=synthetic_config, eval_tokens=args.eval_tokens,
-                   downstream_contexts=args.downstream_contexts, stream=args.stream,
+                   downstream_contexts=args.downstream_contexts, inference=args.inference,
+                   calibration_tokens=args.calibration_tokens, stream=args.stream,
                    stream_contexts=args.stream_contexts,
                    log_every=args.log_every, ckpt_every=args.ckpt_every, wandb=args.wandb,
                    tensorboard=args.tensorboard)

@@ -22,6 +22,7 @@ from sae_jax import evaluate
 from sae_jax import export as export_lib
 from sae_jax import saelens
 from sae_jax import synthetic as synthetic_lib
+from sae_jax import thresholds
 from sae_jax import train
 from sae_jax import validation
 from sae_jax.config import SAEConfig
@@ -30,13 +31,18 @@ from sae_jax.config import TrainConfig
 # May change between a run and its resume.
 # Fields a run may change when it resumes: train.step only changes how the
 # same gradients are computed, and the cache's manifest guards its backend.
+# inference and calibration_tokens only change what is done after training.
 RESUMABLE_FIELDS = ("log_every", "ckpt_every", "keep_checkpoints", "wandb", "tensorboard",
-                    "train.step", "export.backend")
+                    "train.step", "export.backend", "inference", "calibration_tokens")
 # Fields added after runs were saved without them: what those runs meant.
 _ADDED_FIELDS = {"stream": False, "stream_contexts": 512}
 INIT_SAMPLE = 4096
 # Synthetic batches are indexed by step; these indices are never training steps.
-SYNTHETIC_INIT_STEP, SYNTHETIC_EVAL_STEP = 2**31 - 1, 2**31 - 2
+SYNTHETIC_INIT_STEP, SYNTHETIC_EVAL_STEP, SYNTHETIC_CALIBRATION_STEP = (
+    2**31 - 1, 2**31 - 2, 2**31 - 3)
+INFERENCE_RULES = ("per-latent", "global")
+# The SAE saw raw transformers hidden states, not TransformerLens' centred ones.
+MODEL_KWARGS = {"model_from_pretrained_kwargs": {"center_writing_weights": False}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +63,13 @@ class RunConfig:
   """The generating process for --data synthetic."""
   eval_tokens: int = 65536
   """Held-out tokens for the final evaluation."""
+  inference: str = "per-latent"
+  """The saved SAE's rule (BatchTopK, Sampled-SAE): "per-latent", a threshold
+  per latent calibrated to fire it as often as training did, or "global",
+  the EMA of the batch's smallest selected activation for every latent."""
+  calibration_tokens: int = 65536
+  """Training tokens the per-latent thresholds are calibrated on (whole
+  batches; fewer if the data hold fewer)."""
   downstream_contexts: int = 16
   """--data pythia: contexts after the exported ones for the spliced-loss evaluation."""
   stream: bool = False
@@ -79,6 +92,12 @@ class RunConfig:
     for name in ("eval_tokens", "log_every", "ckpt_every", "keep_checkpoints",
                  "stream_contexts"):
       validation.check_int_field("RunConfig", name, getattr(self, name))
+    validation.check_choice_field("RunConfig", "inference", self.inference, INFERENCE_RULES)
+    validation.check_int_field("RunConfig", "calibration_tokens", self.calibration_tokens)
+    if self.calibration_tokens < self.train.batch_size:
+      raise ValueError(f"RunConfig.calibration_tokens ({self.calibration_tokens}) must be at "
+                       f"least one batch ({self.train.batch_size} tokens): the training rule "
+                       f"is calibrated on whole batches")
     validation.check_int_field("RunConfig", "downstream_contexts", self.downstream_contexts,
                                minimum=0)
     if not isinstance(self.stream, bool):
@@ -170,9 +189,11 @@ class _Data(typing.NamedTuple):
   sample: np.ndarray  # raw rows for the initialisation
   held_out: typing.Callable[[], np.ndarray]
   metadata: dict  # for SAELens
+  calibration: typing.Callable[[int], np.ndarray]  # n -> raw training rows
   dictionary: typing.Optional[np.ndarray] = None  # synthetic ground truth
   position: typing.Callable[[int], typing.Optional[dict]] = lambda step: None  # to save
-  downstream: typing.Optional[typing.Callable[[train.TrainState], dict]] = None
+  # (final state, thresholds θ_F) -> the spliced-loss metrics
+  downstream: typing.Optional[typing.Callable[[train.TrainState, np.ndarray], dict]] = None
 
 
 def _open_data(config: RunConfig, n_devices: int) -> _Data:
@@ -189,7 +210,8 @@ def _open_data(config: RunConfig, n_devices: int) -> _Data:
     return _Data(batches, source.sample(SYNTHETIC_INIT_STEP, INIT_SAMPLE),
                  lambda: source.sample(SYNTHETIC_EVAL_STEP, config.eval_tokens),
                  {"model_name": "synthetic", "hook_name": "synthetic", "context_size": None,
-                  "prepend_bos": False, "dataset_path": "synthetic"}, source.dictionary)
+                  "prepend_bos": False, "dataset_path": "synthetic"},
+                 lambda n: source.sample(SYNTHETIC_CALIBRATION_STEP, n), source.dictionary)
   if config.stream:
     return _open_stream(config)
   path = config.data
@@ -208,19 +230,23 @@ def _open_data(config: RunConfig, n_devices: int) -> _Data:
               "hook_name": manifest["hook"] if manifest else "unknown",
               "context_size": manifest["context_length"] if manifest else None,
               "prepend_bos": False,
-              "dataset_path": manifest["dataset"] if manifest else str(path)}
+              "dataset_path": manifest["dataset"] if manifest else str(path),
+              **(MODEL_KWARGS if manifest else {})}
+  train_rows = acts.n_rows - eval_rows
   return _Data(
       lambda start, position: acts.batches(c.batch_size, n_devices, seed=c.seed,
                                            start_step=start),
-      acts.sample(min(INIT_SAMPLE, acts.n_rows - eval_rows), seed=c.seed),
-      acts.eval_batch, metadata,
-      downstream=(lambda state: _downstream(config, state)) if config.data == "pythia" else None)
+      acts.sample(min(INIT_SAMPLE, train_rows), seed=c.seed),
+      acts.eval_batch, metadata, lambda n: acts.sample(min(n, train_rows), seed=c.seed + 1),
+      downstream=((lambda state, theta: _downstream(config, state, theta))
+                  if config.data == "pythia" else None))
 
 
 def _pythia_metadata(e: export_lib.ExportConfig) -> dict:
   return {"model_name": e.model, "hook_name": e.hook, "context_size": e.context_length,
           "prepend_bos": False,
-          "dataset_path": list(e.dataset) if isinstance(e.dataset, tuple) else e.dataset}
+          "dataset_path": list(e.dataset) if isinstance(e.dataset, tuple) else e.dataset,
+          **MODEL_KWARGS}
 
 
 def _open_stream(config: RunConfig) -> _Data:
@@ -231,27 +257,28 @@ def _open_stream(config: RunConfig) -> _Data:
       round_contexts=config.stream_contexts, eval_tokens=config.eval_tokens,
       downstream_contexts=config.downstream_contexts, seed=c.seed)
 
-  def downstream(state):
-    return _downstream_jax(config, state, source.lm_params, source.lm_config,
+  def downstream(state, theta_F):
+    return _downstream_jax(config, state, theta_F, source.lm_params, source.lm_config,
                            source.downstream_contexts)
 
   return _Data(source.batches, source.sample(INIT_SAMPLE), source.held_out,
-               _pythia_metadata(config.export), position=source.position, downstream=downstream)
+               _pythia_metadata(config.export), source.sample, position=source.position,
+               downstream=downstream)
 
 
-def _downstream_jax(config: RunConfig, state: train.TrainState, lm_params, lm_config,
-                    ids_BxL: np.ndarray) -> dict:
+def _downstream_jax(config: RunConfig, state: train.TrainState, theta_F, lm_params,
+                    lm_config, ids_BxL: np.ndarray) -> dict:
   from sae_jax import downstream  # noqa: PLC0415
   if not len(ids_BxL):
     print("no contexts for the downstream loss: skipped", flush=True)
     return {}
   result = downstream.downstream_loss_jax(
       lm_params, lm_config, config.export.hook, ids_BxL, evaluate.splice(config.train.sae),
-      (state.params, np.float32(state.threshold), np.float32(state.input_scale)))
+      (state.params, np.asarray(theta_F, np.float32), np.float32(state.input_scale)))
   return {f"downstream_{k}": v for k, v in result.items()}
 
 
-def _downstream(config: RunConfig, state: train.TrainState) -> dict:
+def _downstream(config: RunConfig, state: train.TrainState, theta_F) -> dict:
   """Spliced-loss metrics on the contexts that follow the exported ones."""
   import transformers
   from sae_jax import downstream
@@ -272,8 +299,8 @@ def _downstream(config: RunConfig, state: train.TrainState) -> dict:
   if e.backend == "jax":
     from sae_jax import neox  # noqa: PLC0415
     lm_config, lm_params = neox.load(e.model, e.revision)
-    return _downstream_jax(config, state, lm_params, lm_config, np.stack(held_out))
-  splice = lambda h: evaluate.reconstruct(state.params, state.threshold, state.input_scale, h,
+    return _downstream_jax(config, state, theta_F, lm_params, lm_config, np.stack(held_out))
+  splice = lambda h: evaluate.reconstruct(state.params, theta_F, state.input_scale, h,
                                           config.train.sae)[1]
   result = downstream.downstream_loss(e.model, e.hook, np.stack(held_out), splice,
                                       revision=e.revision, device=e.device)
@@ -391,30 +418,65 @@ def run(config: RunConfig, *, progress: bool = True) -> typing.Optional[dict]:
     print(f"stopped by SIGTERM at step {int(state.step)}; checkpoint saved", flush=True)
     return None
 
+  calibration, theta_F = _thresholds(config, state, source)
+  summary = _evaluate(config, state, source, theta_F, calibration)
+  summary.update(tokens=int(state.step) * c.batch_size, steps=int(state.step),
+                 tokens_per_second=(int(state.step) - start) * c.batch_size / max(seconds, 1e-9))
+  _write_json(out / "summary.json", summary)
+  saelens.export_saelens(
+      out / "saelens", state.params, theta_F, float(state.input_scale), c.sae, source.metadata,
+      log10_density=thresholds.log10_density(calibration.counts_F, calibration.tokens))
+  print(json.dumps(summary), flush=True)
+  return summary
+
+
+def _thresholds(config: RunConfig, state: train.TrainState, source: _Data):
+  """The calibration pass over training rows (shuffled, whole batches) and
+  the inference thresholds θ_F it gives, or the global θ for every latent."""
+  c = config.train
+  rows = source.calibration(config.calibration_tokens)
+  rows = rows[np.random.default_rng(c.seed).permutation(len(rows))]
+  calibration = thresholds.calibrate(
+      state.params, rows * np.float32(state.input_scale), c.sae, batch_size=c.batch_size,
+      per_latent=config.inference == "per-latent")
+  if config.inference == "per-latent" and c.sae.selection != "topk":
+    return calibration, calibration.threshold_F
+  return calibration, np.full(c.sae.n_latents, np.float32(state.threshold))
+
+
+def _evaluate(config: RunConfig, state: train.TrainState, source: _Data, theta_F,
+              calibration: thresholds.Calibration) -> dict:
+  """summary.json: the held-out tokens in inference mode (the saved SAE) and
+  in batch mode (the training rule on shuffled batches of the same tokens)."""
+  c = config.train
   held_out = source.held_out()
-  z, xhat = evaluate.reconstruct(state.params, state.threshold, state.input_scale, held_out, c.sae)
+  z, xhat = evaluate.reconstruct(state.params, theta_F, state.input_scale, held_out, c.sae)
   summary = evaluate.reconstruction_metrics(held_out, xhat, z)
   sparsity = evaluate.sparsity_metrics(z)
   counts, never = evaluate.density_histogram(sparsity.pop("density_F"))
   summary.update({f"eval_{k}" if k == "dead_fraction" else k: v for k, v in sparsity.items()},
                  density_histogram_log10=counts.tolist(), density_never_fired=never)
+  shuffled = held_out[np.random.default_rng(c.seed).permutation(len(held_out))]
+  z, xhat = evaluate.reconstruct(state.params, theta_F, state.input_scale, shuffled, c.sae,
+                                 mode="batch", batch_size=c.batch_size)
+  batch = evaluate.reconstruction_metrics(shuffled, xhat, z)
+  summary.update(batch_fvu=batch["fvu"], batch_l0=batch["l0"])
   if c.sae.selection == "sampled":
-    batch = min(c.batch_size, len(held_out) // 2)
+    size = min(c.batch_size, len(held_out) // 2)
     summary["pool_jaccard"] = evaluate.pool_jaccard(
-        evaluate.pools(state.params, state.input_scale, held_out, c.sae, batch))
+        evaluate.pools(state.params, state.input_scale, held_out, c.sae, size))
   summary.update(
       dead_fraction=float(np.mean(state.steps_since_fired_F >= c.dead_steps)),
-      tokens=int(state.step) * c.batch_size, steps=int(state.step),
-      tokens_per_second=(int(state.step) - start) * c.batch_size / max(seconds, 1e-9),
       skipped_steps=int(state.skipped_steps), threshold=float(state.threshold),
-      input_scale=float(state.input_scale))
+      input_scale=float(state.input_scale), calibration_tokens=calibration.tokens)
+  if c.sae.selection != "topk":
+    can_fire_F = theta_F < thresholds.NEVER
+    summary.update(
+        inference=config.inference, never_fire_fraction=float(np.mean(~can_fire_F)),
+        threshold_median=float(np.median(theta_F[can_fire_F])) if can_fire_F.any() else None)
   if source.dictionary is not None:
     summary.update(evaluate.ground_truth_metrics(state.params["W_dec"], source.dictionary,
                                                  config.synthetic.feature_class()))
   if source.downstream is not None:
-    summary.update(source.downstream(state))
-  _write_json(out / "summary.json", summary)
-  saelens.export_saelens(out / "saelens", state.params, float(state.threshold),
-                         float(state.input_scale), c.sae, source.metadata)
-  print(json.dumps(summary), flush=True)
+    summary.update(source.downstream(state, theta_F))
   return summary

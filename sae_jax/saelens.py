@@ -1,13 +1,20 @@
-"""A trained SAE as a folder SAELens loads: cfg.json + sae_weights.safetensors.
+"""A trained SAE as a folder SAELens loads: cfg.json, sae_weights.safetensors
+and sparsity.safetensors.
 
 The input scale c is folded into the weights. The SAE saw c·x, so on raw x
 every pre-activation, code and threshold is 1/c of its trained value:
-b_dec / c, b_enc / c, theta / c, with W_enc and W_dec unchanged. Then
+b_dec / c, b_enc / c, θ_j / c, with W_enc and W_dec unchanged. Then
 normalize_activations is "none". BatchTopK and Sampled-SAE are saved as
-"jumprelu" with the learned threshold (SAELens: relu(h) * (h > threshold),
-h = (x - b_dec) @ W_enc + b_enc); TopK is saved as "topk" with its k.
+"jumprelu" with a threshold per latent (SAELens: relu(h) * (h > threshold),
+h = (x - b_dec) @ W_enc + b_enc); a latent that must never fire keeps the
+largest float32. TopK is saved as "topk" with its k.
+
+The metadata say who trained the SAE: `sae_lens_training_version` is null
+(SAELens would otherwise fill in, and save back, its own version) and
+`sae_jax_version` is ours.
 """
 
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -16,15 +23,16 @@ import typing
 
 import numpy as np
 
+from sae_jax import thresholds
 from sae_jax.config import SAEConfig
 
 SAE_LENS_VERSION = "6.0.0"
 
 
-def folded_weights(params: dict, threshold: float, input_scale: float,
-                   selection: str) -> dict:
+def folded_weights(params: dict, threshold, input_scale: float, selection: str) -> dict:
   """float32 arrays W_enc [D,F], W_dec [F,D], b_enc [F], b_dec [D] (and
-  threshold [F] unless TopK) acting on raw activations."""
+  threshold [F] unless TopK) acting on raw activations; `threshold` is one
+  per latent or one for all (scaled units)."""
   c = float(input_scale)
   weights = {
       "W_enc": np.asarray(params["W_enc"], np.float32),
@@ -33,23 +41,29 @@ def folded_weights(params: dict, threshold: float, input_scale: float,
       "b_dec": np.asarray(params["b_dec"], np.float32) / np.float32(c),
   }
   if selection != "topk":
-    n_latents = weights["b_enc"].shape[0]
-    weights["threshold"] = np.full(n_latents, np.float32(threshold) / np.float32(c), np.float32)
+    theta_F = np.broadcast_to(np.asarray(threshold, np.float32), weights["b_enc"].shape)
+    never_F = theta_F == np.float32(thresholds.NEVER)  # stays the largest float: never fires
+    weights["threshold"] = np.divide(theta_F, np.float32(c), where=~never_F,
+                                     out=np.full_like(theta_F, thresholds.NEVER))
   return weights
 
 
-def export_saelens(out, params: dict, threshold: float, input_scale: float, config: SAEConfig,
-                   metadata: typing.Mapping[str, typing.Any]) -> pathlib.Path:
+def export_saelens(out, params: dict, threshold, input_scale: float, config: SAEConfig,
+                   metadata: typing.Mapping[str, typing.Any], *,
+                   log10_density=None) -> pathlib.Path:
   """Writes the folder `out` (replacing it whole, never leaving half of it).
 
   Args:
     out: the folder to write.
     params: the SAE's parameters (scaled units, as trained).
-    threshold: the learned inference threshold (scaled units).
+    threshold: the inference thresholds θ_j [F], or one for all (scaled units).
     input_scale: the constant c the inputs were multiplied by.
     config: the SAE's config.
     metadata: SAELens metadata: model_name, hook_name, context_size,
-      prepend_bos, dataset_path (sae_lens_version is added).
+      prepend_bos, dataset_path and, for activations of a transformers
+      model, model_from_pretrained_kwargs (the version fields are added).
+    log10_density: log10 firing frequency per latent [F], written as
+      sparsity.safetensors (key "sparsity"), or None for no such file.
 
   Returns:
     The folder's path.
@@ -66,7 +80,9 @@ def export_saelens(out, params: dict, threshold: float, input_scale: float, conf
       "apply_b_dec_to_input": True,
       "normalize_activations": "none",
       "reshape_activations": "none",
-      "metadata": {**metadata, "sae_lens_version": SAE_LENS_VERSION},
+      "metadata": {**metadata, "sae_lens_version": SAE_LENS_VERSION,
+                   "sae_lens_training_version": None,
+                   "sae_jax_version": importlib.metadata.version("sae_jax")},
   }
   if config.selection == "topk":
     cfg["k"] = config.k
@@ -74,6 +90,9 @@ def export_saelens(out, params: dict, threshold: float, input_scale: float, conf
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
   save_file(weights, str(tmp / "sae_weights.safetensors"))
+  if log10_density is not None:
+    save_file({"sparsity": np.asarray(log10_density, np.float32)},
+              str(tmp / "sparsity.safetensors"))
   (tmp / "cfg.json").write_text(json.dumps(cfg, indent=1))
   old = out.with_name(f".{out.name}.old-{os.getpid()}")
   if out.exists():

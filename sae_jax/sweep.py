@@ -11,13 +11,16 @@ import typing
 from sae_jax import run as run_lib
 from sae_jax.run import RunConfig
 
-# Columns of results.csv, after variant, selection, score and l.
-METRICS = ("fvu", "cosine", "norm_ratio", "l0", "l0_std", "eval_dead_fraction", "dense_fraction",
-           "top_share", "pool_jaccard", "gt_mmcs", "gt_recovered", "gt_recovered_frequent",
-           "gt_recovered_rare")
-# Plotted against l: higher is better for all but fvu, l0_std and the dead fraction.
-PLOTTED = ("fvu", "cosine", "l0_std", "top_share", "pool_jaccard", "eval_dead_fraction",
+# Columns of results.csv, after variant, selection, score and l: fvu and l0
+# are the saved SAE's (inference mode), batch_fvu and batch_l0 the training
+# rule's on the same held-out tokens.
+METRICS = ("fvu", "batch_fvu", "cosine", "norm_ratio", "l0", "batch_l0", "l0_std",
+           "eval_dead_fraction", "dense_fraction", "top_share", "pool_jaccard", "gt_mmcs",
            "gt_recovered", "gt_recovered_frequent", "gt_recovered_rare")
+# Plotted against l: higher is better for all but the fvus, l0_std and the dead fraction.
+PLOTTED = ("fvu", "batch_fvu", "l0", "batch_l0", "cosine", "l0_std", "top_share",
+           "pool_jaccard", "eval_dead_fraction", "gt_recovered", "gt_recovered_frequent",
+           "gt_recovered_rare")
 
 
 def variants(ls: typing.Sequence[float], scores: typing.Sequence[str]) -> list:

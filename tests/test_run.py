@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 
 from sae_jax import evaluate
 from sae_jax import synthetic
+from sae_jax import thresholds
 from sae_jax.run import RunConfig
 from tests import scripts
 
@@ -24,7 +25,8 @@ train_script = scripts.load("train")
 
 SMALL = ["--synthetic-d-model", "16", "--synthetic-features", "32", "--dict-size", "64",
          "--k", "4", "--l", "4", "--batch-size", "64", "--warmup-steps", "5",
-         "--threshold-start", "10", "--eval-tokens", "512", "--no-progress"]
+         "--threshold-start", "10", "--eval-tokens", "512", "--calibration-tokens", "1024",
+         "--no-progress"]
 
 
 def cli(*args):
@@ -92,8 +94,14 @@ def test_saelens_export_reproduces_inference(tmp_path, selection):
   c = o["config"].train
   state = checkpoint.Checkpointer(tmp_path / "run" / "checkpoints").restore(
       train.create_train_state(c, x))
-  our_z, our_xhat = evaluate.reconstruct(state.params, state.threshold, state.input_scale, x, c.sae)
   scale = float(state.input_scale)
+  theta = state.threshold
+  if selection != "topk":  # one threshold per latent, folded by the input scale
+    theta_raw = o["weights"]["threshold"]
+    never = theta_raw == thresholds.NEVER
+    assert len(np.unique(theta_raw[~never])) > 1 and o["summary"]["inference"] == "per-latent"
+    theta = np.where(never, thresholds.NEVER, theta_raw * np.float32(scale))
+  our_z, our_xhat = evaluate.reconstruct(state.params, theta, state.input_scale, x, c.sae)
   np.testing.assert_allclose(z, our_z / scale, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(xhat, our_xhat, rtol=1e-4, atol=1e-4)
   assert np.mean(np.sum(z > 0, axis=1)) > 0
@@ -147,6 +155,9 @@ def test_interrupted_run_resumes_exactly(tmp_path, how):
              "--out", resumed) == 0
   a, b = outputs(straight), outputs(resumed)
   assert a["bytes"] == b["bytes"]  # the same final parameters, bit for bit
+  # ... and the same per-latent thresholds, calibrated after training.
+  assert len(np.unique(b["weights"]["threshold"])) > 1
+  np.testing.assert_array_equal(a["weights"]["threshold"], b["weights"]["threshold"])
   assert [m["step"] for m in b["metrics"]] == list(range(1, steps + 1))
   for ma, mb in zip(a["metrics"], b["metrics"]):
     assert ma["loss"] == mb["loss"]
@@ -178,6 +189,8 @@ def test_runs_saved_before_streaming_existed_still_resume(tmp_path):
     (["--data", "missing/acts.npy"], r"--data 'missing/acts.npy' is not 'pythia', 'synthetic'"),
     (["--data", "RANK3"], r"must hold activations \[N, D\] \(2 dimensions\); got shape \(4, 4, 16\)"),
     (["--batch-size", "30"], r"--batch-size 30 must be divisible by the 4 devices"),
+    (["--calibration-tokens", "10"],
+     r"RunConfig.calibration_tokens \(10\) must be at least one batch \(64 tokens\)"),
     (["--stream"], r"--stream makes activations with the language model: it needs --data "
                    r"pythia; got --data 'synthetic'"),
     (["--stream", "--data", "pythia", "--backend", "torch"],

@@ -11,6 +11,7 @@ sweep_script = scripts.load("sweep_l")
 ARGS = ["--data", "synthetic", "--synthetic-d-model", "16", "--synthetic-features", "32",
         "--rare-fraction", "0.1", "--dict-size", "64", "--k", "4", "--batch-size", "64",
         "--steps", "30", "--warmup-steps", "5", "--threshold-start", "10", "--eval-tokens", "512",
+        "--calibration-tokens", "1024",
         "--ls", "1", "16", "--scores", "l2", "entropy", "--no-progress"]
 
 
@@ -35,7 +36,9 @@ def test_sweep_end_to_end_and_resume(tmp_path, capsys):
   table = (out / "results.md").read_text()
   assert table.startswith("| variant | selection |") and "sampled-entropy-l16" in table
   assert "sampled-entropy-l16" in capsys.readouterr().out
-  for metric in ("fvu", "gt_recovered_rare", "pool_jaccard"):
+  # Both modes of the same held-out tokens: the saved SAE's and the training rule's.
+  assert all(float(r["batch_l0"]) > 0 and float(r["batch_fvu"]) > 0 for r in rows)
+  for metric in ("fvu", "batch_fvu", "l0", "batch_l0", "gt_recovered_rare", "pool_jaccard"):
     assert (out / f"plot_{metric}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
   # A second call trains nothing: finished runs are skipped.

@@ -1,0 +1,114 @@
+"""The saved SAE in the real SAELens package: each architecture loads and
+encodes and decodes held-out tokens as our inference does, per-latent
+thresholds included, with the metadata SAELens and SAEBench read."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from sae_jax import checkpoint
+from sae_jax import evaluate
+from sae_jax import synthetic
+from sae_jax import thresholds
+from sae_jax import train
+from sae_jax.run import RunConfig
+from tests import scripts
+
+train_script = scripts.load("train")
+ARGS = ["--dict-size", "64", "--k", "4", "--batch-size", "64", "--steps", "60",
+        "--warmup-steps", "5", "--threshold-start", "10", "--eval-tokens", "512",
+        "--calibration-tokens", "2048", "--no-progress"]
+
+
+def sae_lens():
+  with warnings.catch_warnings():  # transformer_lens warns about its own modules on import
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import sae_lens as module  # noqa: PLC0415
+  return module
+
+
+def load(folder, *, expect_kwargs_warning=False):
+  """SAE.load_from_disk, asserting which warnings it gives."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    sae = sae_lens().SAE.load_from_disk(str(folder), device="cpu")
+  messages = [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
+  if expect_kwargs_warning:  # SAELens asks for the model to be loaded with those kwargs
+    assert len(messages) == 1 and "model_from_pretrained_kwargs" in messages[0], messages
+  else:
+    assert not messages, messages
+  return sae
+
+
+def ours(run, x):
+  """Our inference codes and reconstruction of raw x, from the checkpoint and
+  the thresholds saved in saelens/."""
+  config = RunConfig.from_dict(json.loads((run / "config.json").read_text())).train
+  state = checkpoint.Checkpointer(run / "checkpoints").restore(
+      train.create_train_state(config, x))
+  scale = np.float32(state.input_scale)
+  theta = state.threshold
+  if config.sae.selection != "topk":
+    raw = load_file(str(run / "saelens" / "sae_weights.safetensors"))["threshold"]
+    theta = np.where(raw == thresholds.NEVER, thresholds.NEVER, raw * scale)
+  z, xhat = evaluate.reconstruct(state.params, theta, state.input_scale, x, config.sae)
+  return z / scale, xhat
+
+
+@pytest.mark.parametrize("selection, l", [("topk", 4), ("batchtopk", 4), ("sampled", 2)])
+def test_each_architecture_loads_and_matches_our_inference(tmp_path, selection, l):
+  npy = tmp_path / "acts.npy"
+  source = synthetic.SyntheticSource(synthetic.SyntheticConfig(d_model=16, n_features=32))
+  np.save(npy, 3.0 * source.sample(0, 8192) + 0.5)  # an input scale for the export to fold
+  run = tmp_path / "run"
+  assert train_script.main([*ARGS, "--data", str(npy), "--selection", selection, "--l", str(l),
+                            "--out", str(run)]) == 0
+  sae = load(run / "saelens")
+  assert type(sae).__name__ == ("TopKSAE" if selection == "topk" else "JumpReLUSAE")
+  x = np.load(npy)[-512:]
+  with torch.no_grad():
+    z = sae.encode(torch.tensor(x)).numpy()
+    xhat = sae.decode(torch.tensor(z)).numpy()
+  our_z, our_xhat = ours(run, x)
+  assert np.array_equal(z > 0, our_z > 0)  # no latent fires differently
+  np.testing.assert_allclose(z, our_z, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(xhat, our_xhat, rtol=1e-4, atol=1e-4)
+
+  log10 = load_file(str(run / "saelens" / "sparsity.safetensors"))["sparsity"]
+  assert log10.shape == (64,) and log10.dtype == np.float32 and np.all(log10 <= 0)
+  if selection != "topk":  # a vector of thresholds, and latents that never fire
+    theta = sae.threshold.detach().numpy()
+    assert len(np.unique(theta)) > 10
+    never = theta == thresholds.NEVER
+    np.testing.assert_array_equal(never, log10 == -10)  # never selected in calibration
+    assert never.any() == (selection == "sampled")  # a pool of 8 leaves latents out
+    with torch.no_grad():
+      huge = sae.encode(torch.tensor(100 * x)).numpy()
+    assert np.all(huge[:, never] == 0) and np.any(huge[:, ~never] > 0)
+
+  # Who trained it: SAELens keeps our null (it would fill in its own version)
+  # and writes it back when it saves.
+  assert sae.cfg.metadata.sae_lens_training_version is None
+  assert sae.cfg.metadata.sae_jax_version == "0.1.0"
+  sae.save_model(tmp_path / "resaved")
+  resaved = json.loads((tmp_path / "resaved" / "cfg.json").read_text())
+  assert resaved["metadata"]["sae_lens_training_version"] is None
+
+
+def test_model_activations_say_they_are_not_centred(cache, tmp_path):
+  """An SAE on a transformers model's hidden states tells HookedSAETransformer
+  (and SAEBench, through SAELens' cfg) to load the model without centring
+  the writing weights; SAELens warns, as it does for every SAE with such kwargs."""
+  run = tmp_path / "run"
+  assert train_script.main([*ARGS, "--data", str(cache), "--batch-size", "32", "--steps", "12",
+                            "--eval-tokens", "64", "--calibration-tokens", "256",
+                            "--out", str(run)]) == 0
+  cfg = json.loads((run / "saelens" / "cfg.json").read_text())
+  assert cfg["metadata"]["model_from_pretrained_kwargs"] == {"center_writing_weights": False}
+  assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+  sae = load(run / "saelens", expect_kwargs_warning=True)
+  assert sae.cfg.metadata.model_from_pretrained_kwargs == {"center_writing_weights": False}
