@@ -14,7 +14,8 @@ synthetic with a known dictionary (D=32, 128 directions, 13 rare ones firing
 last --eval-tokens rows are held out and the rest drawn in a seeded order.
 
 Prints a Markdown table per seed and the mean over seeds: held-out FVU and
-L0 in inference mode (BatchTopK by its threshold, TopK per token), recovered
+L0 in inference mode (BatchTopK by the global EMA threshold on both sides,
+dictionary_learning's rule, not train.py's per-latent one; TopK per token), recovered
 true directions (best decoder cosine >= 0.9; overall, frequent, rare) where
 the dictionary is known, and steady-state tokens/s (median over the windows
 of the second half of each run). Needs `pip install --no-deps

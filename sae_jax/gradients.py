@@ -42,7 +42,7 @@ class Outputs(typing.NamedTuple):
   auxk: jax.Array  # this device's share of the AuxK loss
   xhat_BxD: jax.Array  # the reconstruction
   n_active: jax.Array  # int32 selected entries
-  fired_F: jax.Array  # bool, latents selected at least once on this device
+  fired_F: jax.Array  # bool, latents the global batch selected at least once
   token_min_B: jax.Array  # each token's smallest selected value (inf when none)
   dead_F: jax.Array  # bool, the latents AuxK treated as dead (global)
 
@@ -67,10 +67,11 @@ def varying(tree, axis_name):
   return jax.tree.map(cast, tree)
 
 
-def _dead(silent_F, fired_F, config: TrainConfig, axis_name):
-  """The step's dead latents (global), from this device's fired latents."""
+def _fired_and_dead(silent_F, fired_F, config: TrainConfig, axis_name):
+  """(latents the global batch selected, the step's dead latents), from
+  this device's fired latents."""
   fired_F = fired_F if axis_name is None else lax.psum(fired_F.astype(jnp.int32), axis_name) > 0
-  return losses.dead_latents(silent_F, fired_F, config.dead_steps)
+  return fired_F, losses.dead_latents(silent_F, fired_F, config.dead_steps)
 
 
 def dense(params, x_BxD, silent_F, key, config: TrainConfig, axis_name):
@@ -88,14 +89,15 @@ def dense(params, x_BxD, silent_F, key, config: TrainConfig, axis_name):
                       method=model.SAE.select)
     xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode)
     mse = losses.mse(x_BxD, xhat_BxD)
-    dead_F = _dead(silent_F, jnp.any(z_BxF > 0, axis=0), c, axis_name)
+    n_active, fired_F, token_min_B = _codes_stats(z_BxF)
+    fired_F, dead_F = _fired_and_dead(silent_F, fired_F, c, axis_name)
     auxk = losses.auxk_loss(pre_BxF, dead_F, x_BxD - xhat_BxD, params["W_dec"], c.auxk_k,
                             axis_name)
-    return mse + c.auxk_weight * auxk, (mse, auxk, z_BxF, xhat_BxD, dead_F)
+    return mse + c.auxk_weight * auxk, Outputs(mse, auxk, xhat_BxD, n_active, fired_F,
+                                               token_min_B, dead_F)
 
-  (_, (mse, auxk, z_BxF, xhat_BxD, dead_F)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(varying(params, axis_name))
-  return grads, Outputs(mse, auxk, xhat_BxD, *_codes_stats(z_BxF), dead_F)
+  (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(varying(params, axis_name))
+  return grads, out
 
 
 def _mse_cotangent(x_BxD, xhat_BxD):
@@ -228,7 +230,8 @@ def fast(params, x_BxD, silent_F, key, config: TrainConfig, axis_name):
     xhat_BxD, mse, grads, stats = _topk(params, x_BxD, centred_BxD, a_BxF, c)
   else:
     xhat_BxD, mse, grads, stats = _batchtopk(params, x_BxD, centred_BxD, a_BxF, c, axis_name)
-  dead_F = _dead(silent_F, stats[1], c, axis_name)
+  n_active, fired_F, token_min_B = stats
+  fired_F, dead_F = _fired_and_dead(silent_F, fired_F, c, axis_name)
 
   def with_auxk(grads):
     aux = lambda a_BxF, W_dec_FxD: losses.auxk_loss(
@@ -244,4 +247,5 @@ def fast(params, x_BxD, silent_F, key, config: TrainConfig, axis_name):
 
   # A sum over no tokens: zero, and under shard_map it varies as the data does.
   no_auxk = jnp.sum(x_BxD[:0])
-  return grads, pool_P, Outputs(mse, no_auxk, xhat_BxD, *stats, dead_F), with_auxk
+  return (grads, pool_P,
+          Outputs(mse, no_auxk, xhat_BxD, n_active, fired_F, token_min_B, dead_F), with_auxk)

@@ -172,8 +172,7 @@ def train_step(state: TrainState, x_BxD: jax.Array,
           jnp.any(out.dead_F), dense_with_auxk, lambda: apply(grads, pool_P, out.auxk))
   loss = mse + c.auxk_weight * auxk
 
-  fired_F = lax.psum(out.fired_F.astype(jnp.int32), AXIS) > 0
-  since_F = jnp.where(fired_F, 0, jnp.minimum(silent_F + 1, c.dead_steps))
+  since_F = jnp.where(out.fired_F, 0, jnp.minimum(silent_F + 1, c.dead_steps))
   batch_theta = _batch_threshold(out.token_min_B, c.sae.selection)
   ema = jnp.where(state.threshold > 0,
                   c.threshold_beta * state.threshold + (1 - c.threshold_beta) * batch_theta,
