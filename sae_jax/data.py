@@ -26,6 +26,16 @@ from sae_jax import export
 NPY_SEGMENT_ROWS = 65536
 
 
+def open_npy(path) -> np.ndarray:
+  """A .npy file memory-mapped, or one line naming it and what is wrong."""
+  try:
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+  except (ValueError, OSError, EOFError) as error:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    raise ValueError(f"{path} is not a readable .npy array ({reason}); it may be truncated, "
+                     f"or not a NumPy file") from None
+
+
 def _to_float32(rows: np.ndarray, dtype: str) -> np.ndarray:
   if dtype == "bfloat16":
     import ml_dtypes
@@ -36,13 +46,18 @@ def _to_float32(rows: np.ndarray, dtype: str) -> np.ndarray:
 class Activations:
   """Activation rows on disk, opened (and checked) before any training starts.
 
+  Every file is opened when the data are: its header, shape and byte size
+  must agree with the manifest. A cache's sha256s are checked as each shard
+  is first read, or all up front with `verify=True`.
+
   Args:
     path: a cache directory written by `export_activations`, or a .npy file
       [N, D] made by any tool.
     eval_rows: rows at the end held out for evaluation.
+    verify: check every shard's sha256 now (a full read of the cache).
   """
 
-  def __init__(self, path, *, eval_rows: int = 0):
+  def __init__(self, path, *, eval_rows: int = 0, verify: bool = False):
     self.path = pathlib.Path(path)
     self._verified: set = set()
     if self.path.is_dir():
@@ -58,11 +73,10 @@ class Activations:
       self._files = []
       for index, shard in enumerate(manifest["shards"]):
         name = shard["files"]["acts"]
-        if not (self.path / name).is_file():
-          raise ValueError(f"activation cache {self.path}: shard {index} ({name}) is missing")
+        self._check_shard(index, name, shard["rows"])
         self._files.append((name, shard["sha256"]["acts"], shard["rows"]))
     elif self.path.suffix == ".npy" and self.path.is_file():
-      array = np.load(self.path, mmap_mode="r")
+      array = open_npy(self.path)
       if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{self.path} must hold a float array [N, D]; got {array.dtype} "
                          f"{array.shape}")
@@ -78,6 +92,33 @@ class Activations:
                        f"{self.path}); got {eval_rows!r}")
     self.eval_rows = eval_rows
     self.segments = self._cut(self.n_rows - eval_rows)
+    if verify:
+      for index in range(len(self._files)):
+        self._verify(index)
+
+  def _check_shard(self, index: int, name: str, rows: int) -> None:
+    """Shard `index` exists and holds the [rows, D] the manifest says, in full."""
+    where = f"activation cache {self.path}: shard {index} ({name})"
+    path = self.path / name
+    if not path.is_file():
+      raise ValueError(f"{where} is missing")
+    array = open_npy(path)
+    want = (rows, self.d_model)
+    if array.shape != want:
+      raise ValueError(f"{where} holds shape {array.shape}; the manifest says {want}")
+    if array.offset + array.nbytes != path.stat().st_size:
+      raise ValueError(f"{where} is {path.stat().st_size} bytes; its header says "
+                       f"{array.offset + array.nbytes}")
+
+  def _verify(self, file_index: int) -> None:
+    """Shard `file_index`'s sha256 against the manifest (once)."""
+    name, digest, _ = self._files[file_index]
+    if digest is None or file_index in self._verified:
+      return
+    if export.sha256(self.path / name) != digest:
+      raise ValueError(f"activation cache {self.path}: shard {file_index} ({name}) is "
+                       f"corrupted (sha256 does not match the manifest)")
+    self._verified.add(file_index)
 
   def _cut(self, train_rows: int) -> list:
     """(file index, start, stop) pieces covering the first `train_rows` rows."""
@@ -93,13 +134,9 @@ class Activations:
 
   def read(self, file_index: int, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of one file as float32, checking its sha256 the first time."""
-    name, digest, _ = self._files[file_index]
+    name, _, _ = self._files[file_index]
     path = self.path / name if self.manifest is not None else self.path
-    if digest is not None and file_index not in self._verified:
-      if export.sha256(path) != digest:
-        raise ValueError(f"activation cache {self.path}: shard {file_index} ({name}) is "
-                         f"corrupted (sha256 does not match the manifest)")
-      self._verified.add(file_index)
+    self._verify(file_index)
     return _to_float32(np.asarray(np.load(path, mmap_mode="r")[start:stop]), self.dtype)
 
   def eval_batch(self) -> np.ndarray:

@@ -156,11 +156,14 @@ def sha256(path) -> str:
 def _atomic_write(path: pathlib.Path, write) -> None:
   """write(file) to a temporary name, then rename: never a half-written file."""
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  with open(tmp, "wb") as f:
-    write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "wb") as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:  # a failed write (a full disk) leaves nothing behind
+    tmp.unlink(missing_ok=True)
 
 
 def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
@@ -171,11 +174,24 @@ def write_manifest(out: pathlib.Path, manifest: dict) -> None:
   _atomic_write(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 
+def read_json_object(path: pathlib.Path, kind: str, remedy: str) -> dict:
+  """The JSON object in `path`, or one line naming the file, what it should
+  be (`kind`) and what to do (`remedy`)."""
+  try:
+    value = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise ValueError(f"{path} is not a readable {kind} ({error}): {remedy}") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{path} is not a {kind} (a JSON object): {remedy}")
+  return value
+
+
 def read_manifest(out) -> typing.Optional[dict]:
   path = pathlib.Path(out) / MANIFEST
   if not path.exists():
     return None
-  return json.loads(path.read_text())
+  return read_json_object(path, "manifest", "the cache is damaged; export it again into an "
+                                            "empty directory")
 
 
 def _stored(acts: np.ndarray, dtype: str) -> np.ndarray:

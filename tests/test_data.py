@@ -115,3 +115,29 @@ def test_bad_arguments(cache, tmp_path):
   export.write_manifest(unfinished, dict(manifest, complete=False))
   with pytest.raises(ValueError, match=r"unfinished export"):
     data.Activations(unfinished)
+
+
+def test_every_shard_is_checked_when_the_cache_opens(cache, tmp_path):
+  """Shape and size at once (a truncated last shard is not found only after
+  training), and every sha256 up front with verify=True."""
+  broken = tmp_path / "broken"
+  shutil.copytree(cache, broken)
+  last = broken / "acts-00005.npy"
+  last.write_bytes(last.read_bytes()[:-64])
+  with pytest.raises(ValueError, match=r"acts-00005.npy is not a readable .npy array"):
+    data.Activations(broken)
+  shutil.copy(cache / "acts-00005.npy", last)
+  manifest = export.read_manifest(broken)
+  shards = [dict(s) for s in manifest["shards"]]
+  shards[2]["rows"] += 1
+  export.write_manifest(broken, dict(manifest, shards=shards))
+  with pytest.raises(ValueError, match=r"shard 2 \(acts-00002.npy\) holds shape \(128, 16\); "
+                                       r"the manifest says \(129, 16\)"):
+    data.Activations(broken)
+  export.write_manifest(broken, manifest)
+  raw = bytearray(last.read_bytes())
+  raw[-1] ^= 0xFF
+  last.write_bytes(bytes(raw))
+  data.Activations(broken)  # lazily: found on the shard's first read
+  with pytest.raises(ValueError, match=r"shard 5 \(acts-00005.npy\) is corrupted"):
+    data.Activations(broken, verify=True)
