@@ -53,7 +53,8 @@ def test_synthetic_run_writes_every_output(tmp_path):
   assert o["summary"]["explained_variance"] == pytest.approx(1 - o["summary"]["fvu"])
   assert [m["step"] for m in o["metrics"]] == [10, 20, 30, 40]
   assert all(m["tokens_per_second"] > 0 for m in o["metrics"])
-  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["15", "30", "40"]
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+      "15", "15.meta.json", "30", "30.meta.json", "40", "40.meta.json"]
   assert o["config"].train.sae.k == 4 and o["config"].data == "synthetic"
   assert o["cfg"]["architecture"] == "jumprelu" and o["cfg"]["d_sae"] == 64
   # Re-running a finished run changes nothing.
@@ -148,7 +149,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, how):
     assert not (resumed / "summary.json").exists()
   else:
     assert process.returncode == -signal.SIGKILL
-  stopped_at = max(int(p.name) for p in (resumed / "checkpoints").iterdir())
+  stopped_at = max(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit())
   assert 50 <= stopped_at < steps
 
   assert cli("--data", "synthetic", "--steps", steps, "--log-every", 1, "--ckpt-every", 50,
@@ -312,7 +313,8 @@ def test_streaming_run_resumes_exactly_after_sigterm(lm, tmp_path):
   assert "stopped by SIGTERM" in stdout
   saved = sorted(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit())
   assert 60 <= saved[-1] < steps
-  position = json.loads((resumed / "checkpoints" / f"{saved[-1]}.data.json").read_text())
+  meta = json.loads((resumed / "checkpoints" / f"{saved[-1]}.meta.json").read_text())
+  position = meta["data_position"]
   assert position["step"] <= saved[-1] and position["round"] >= 1
 
   assert cli(*args, "--steps", steps, "--log-every", 1, "--out", resumed) == 0
