@@ -11,7 +11,9 @@ SPEC.md: Pythia-160M, block 6, the Pile (streamed), context 1024.
 import argparse
 import dataclasses
 import os
+import sys
 
+from sae_jax import cli
 from sae_jax import export
 
 
@@ -48,12 +50,15 @@ def parse(argv=None) -> tuple[export.ExportConfig, str]:
   return export.ExportConfig(**values), args.out
 
 
-def main(argv=None):
-  config, out = parse(argv)
-  manifest = export.export_activations(config, out)
-  print(f"{out}: {manifest['total_tokens']} rows of {config.hook} "
-        f"(D={manifest['d_model']}, {config.dtype}) in {len(manifest['shards'])} shards")
+def main(argv=None) -> int:
+  def work():
+    config, out = parse(argv)
+    manifest = export.export_activations(config, out)
+    print(f"{out}: {manifest['total_tokens']} rows of {config.hook} "
+          f"(D={manifest['d_model']}, {config.dtype}) in {len(manifest['shards'])} shards")
+
+  return cli.guarded(work)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

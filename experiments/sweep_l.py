@@ -5,7 +5,8 @@ the same data, seed and token budget.
     python experiments/sweep_l.py --data acts.npy --ls 1 4 16 --scores l2 --out runs/sweep-npy
 
 Takes every flag of train.py. Writes <out>/<variant>/ (a full run each),
-results.csv, results.md and plot_<metric>.png. Re-running skips finished runs.
+results.csv, results.md and plot_<metric>.png. Re-running skips finished runs
+and resumes the rest; SIGTERM or Ctrl-C stops the sweep after a checkpoint.
 """
 
 import pathlib
@@ -22,16 +23,16 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.out is None:
     args.out = "runs/sweep"
-  try:
+
+  def work():
     base = cli.config_from(args)
     for score in args.scores:
       cli.check_sampled(base, args.ls, score)
-    sweep.sweep(base, args.ls, args.scores, progress=not args.no_progress)
-  except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
-  print((pathlib.Path(args.out) / "results.md").read_text())
-  return 0
+    if sweep.sweep(base, args.ls, args.scores, progress=not args.no_progress,
+                   verify=args.verify) is not None:
+      print((pathlib.Path(args.out) / "results.md").read_text())
+
+  return cli.guarded(work, distributed=args.distributed)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@
 
 Outputs in --out (default runs/<selection>-l<l>-k<k>): config.json, metrics.jsonl,
 checkpoints/, summary.json and saelens/ (cfg.json + sae_weights.safetensors).
-Re-running the same command resumes; SIGTERM saves a checkpoint and exits.
-On several hosts, add --distributed.
+Re-running the same command resumes. SIGTERM, or Ctrl-C, saves a checkpoint
+and exits; a second Ctrl-C exits at once. On several hosts, add --distributed.
 """
 
 import sys
@@ -25,15 +25,8 @@ from sae_jax import run
 
 def main(argv=None) -> int:
   args = cli.parser(__doc__).parse_args(argv)
-  try:
-    if args.distributed:
-      import jax
-      jax.distributed.initialize()
-    run.run(cli.config_from(args), progress=not args.no_progress)
-  except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
-  return 0
+  return cli.guarded(lambda: run.run(cli.config_from(args), progress=not args.no_progress,
+                                     verify=args.verify), distributed=args.distributed)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 import argparse
 import dataclasses
+import sys
+import typing
 
 from sae_jax import export
 from sae_jax import run as run_lib
@@ -88,6 +90,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
   run.add_argument("--tensorboard", action="store_true")
   run.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
   run.add_argument("--no-progress", action="store_true")
+  run.add_argument("--verify", action="store_true",
+                   help="check every cache shard's sha256 before training (a full read)")
   return p
 
 
@@ -131,3 +135,50 @@ def check_sampled(base: RunConfig, ls, score: str) -> None:
   """Every Sampled-SAE variant of a sweep is a valid config (checked up front)."""
   for l in ls:
     dataclasses.replace(base.train.sae, selection="sampled", l=float(l), score=score)
+
+
+def guarded(work: typing.Callable[[], typing.Any], *, distributed: bool = False) -> int:
+  """Runs `work` as a script's main: what stops it is one line on stderr and
+  an exit status, never a traceback. Bad input (ValueError) exits 2; a
+  training that cannot go on (non-finite steps) or an operating-system error
+  exits 1; Ctrl-C exits 130."""
+  from sae_jax import train  # noqa: PLC0415
+  _quiet_orbax_failures()
+  try:
+    if distributed:
+      import jax  # noqa: PLC0415
+      jax.distributed.initialize()
+    work()
+  except ValueError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  except (train.NonFiniteError, OSError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("interrupted: re-run the same command to resume", file=sys.stderr)
+    return 130
+  return 0
+
+
+def _quiet_orbax_failures() -> None:
+  """When a read or write fails inside orbax (a damaged checkpoint, a full
+  disk), tensorstore's callbacks still post to orbax's event loop after it
+  has closed, printing 'Event loop is closed' tracebacks as unraisable
+  exceptions, and asyncio logs the futures nobody read. The failure itself
+  reaches the main thread and is said in one line; these are not shown."""
+  hook = sys.unraisablehook
+
+  def unraisable(info):
+    if not (isinstance(info.exc_value, RuntimeError)
+            and str(info.exc_value) == "Event loop is closed"):
+      hook(info)
+
+  sys.unraisablehook = unraisable
+  import logging  # noqa: PLC0415
+
+  class Unread(logging.Filter):
+    def filter(self, record):
+      return not str(record.msg).startswith("Future exception was never retrieved")
+
+  logging.getLogger("asyncio").addFilter(Unread())

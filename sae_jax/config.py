@@ -16,6 +16,9 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 STEPS = ("fast", "dense")
 # The recipe's warm-up and threshold start; shorter runs take 10% of their steps.
 DEFAULT_WARMUP_STEPS = 1000
+# The step counter is int32, and synthetic data keep the top indices for
+# their initialisation, evaluation and calibration batches.
+MAX_STEPS = 2**31 - 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +119,10 @@ class TrainConfig:
       raise ValueError(
           f"TrainConfig.tokens ({self.tokens}) must be at least one batch "
           f"(batch_size={self.batch_size})")
+    if self.total_steps > MAX_STEPS:
+      raise ValueError(
+          f"TrainConfig: {self.total_steps} steps is more than the step counter holds "
+          f"(int32: at most {MAX_STEPS} steps); give fewer --steps or --tokens")
     if self.lr is not None:
       validation.check_real_field("TrainConfig", "lr", self.lr, 0, math.inf, lo_open=True)
     validation.check_real_field("TrainConfig", "b1", self.b1, 0, 1, hi_open=True)

@@ -5,16 +5,22 @@ the same `out` resumes from the latest checkpoint and ends with the same
 parameters as a run that was never interrupted.
 """
 
+import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import json
+import math
 import os
 import pathlib
+import shutil
 import signal
 import time
 import typing
 
 import jax
 import numpy as np
+import safetensors
 
 from sae_jax import checkpoint
 from sae_jax import data
@@ -32,8 +38,10 @@ from sae_jax.config import TrainConfig
 # Fields a run may change when it resumes: train.step only changes how the
 # same gradients are computed, and the cache's manifest guards its backend.
 # inference and calibration_tokens only change what is done after training.
+# out is where the run is, not what it is: a run found under another spelling
+# of its path (or moved) resumes.
 RESUMABLE_FIELDS = ("log_every", "ckpt_every", "keep_checkpoints", "wandb", "tensorboard",
-                    "train.step", "export.backend", "inference", "calibration_tokens")
+                    "train.step", "export.backend", "inference", "calibration_tokens", "out")
 # Fields added after runs were saved without them: what those runs meant.
 _ADDED_FIELDS = {"stream": False, "stream_contexts": 512}
 INIT_SAMPLE = 4096
@@ -41,6 +49,9 @@ INIT_SAMPLE = 4096
 SYNTHETIC_INIT_STEP, SYNTHETIC_EVAL_STEP, SYNTHETIC_CALIBRATION_STEP = (
     2**31 - 1, 2**31 - 2, 2**31 - 3)
 INFERENCE_RULES = ("per-latent", "global")
+# config.json's record of the data a run trains on (not part of the config).
+FINGERPRINT = "data_fingerprint"
+_ENDS = 1 << 20  # bytes at each end of a .npy that its fingerprint hashes
 # The SAE saw raw transformers hidden states, not TransformerLens' centred ones.
 MODEL_KWARGS = {"model_from_pretrained_kwargs": {"center_writing_weights": False}}
 
@@ -122,6 +133,7 @@ class RunConfig:
   @classmethod
   def from_dict(cls, d: dict) -> "RunConfig":
     d = dict(d)
+    d.pop(FINGERPRINT, None)
     return cls(train=TrainConfig.from_dict(d.pop("train")),
                export=export_lib.ExportConfig(**d.pop("export")),
                synthetic=synthetic_lib.SyntheticConfig(**d.pop("synthetic")), **d)
@@ -172,7 +184,7 @@ def d_model_of(data_arg: str, *, cache_dir: str, model: str, revision=None,
     return transformers.AutoConfig.from_pretrained(directory).hidden_size
   path = pathlib.Path(data_arg)
   if path.suffix == ".npy" and path.is_file():
-    shape = np.load(path, mmap_mode="r").shape
+    shape = data.open_npy(path).shape
     if len(shape) != 2:
       raise ValueError(f"{data_arg} must hold activations [N, D] (2 dimensions); got shape {shape}")
     return shape[1]
@@ -196,7 +208,7 @@ class _Data(typing.NamedTuple):
   downstream: typing.Optional[typing.Callable[[train.TrainState, np.ndarray], dict]] = None
 
 
-def _open_data(config: RunConfig, n_devices: int) -> _Data:
+def _open_data(config: RunConfig, n_devices: int, *, verify: bool = False) -> _Data:
   c = config.train
   if config.data == "synthetic":
     source = synthetic_lib.SyntheticSource(config.synthetic)
@@ -225,7 +237,9 @@ def _open_data(config: RunConfig, n_devices: int) -> _Data:
   if eval_rows < config.eval_tokens:
     print(f"holding out {eval_rows} rows for evaluation (a tenth of {n_rows}), "
           f"not eval_tokens={config.eval_tokens}", flush=True)
-  acts = data.Activations(path, eval_rows=eval_rows)
+  if verify:
+    print(f"verifying every shard of {path} against its sha256", flush=True)
+  acts = data.Activations(path, eval_rows=eval_rows, verify=verify)
   metadata = {"model_name": manifest["model"] if manifest else "unknown",
               "hook_name": manifest["hook"] if manifest else "unknown",
               "context_size": manifest["context_length"] if manifest else None,
@@ -307,17 +321,47 @@ def _downstream(config: RunConfig, state: train.TrainState, theta_F) -> dict:
   return {f"downstream_{k}": v for k, v in result.items()}
 
 
-def _write_json(path: pathlib.Path, value) -> None:
+def _strict(value):
+  """`value` with every non-finite float replaced by None (strict JSON)."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _strict(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_strict(v) for v in value]
+  return value
+
+
+def _write_text(path: pathlib.Path, text: str, then: str) -> None:
+  """`text` under a temporary name, then renamed; a failed write (a full
+  disk) leaves nothing behind and is one line naming the file and `then`."""
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(json.dumps(value, indent=1))
-  os.replace(tmp, path)
+  try:
+    tmp.write_text(text)
+    os.replace(tmp, path)
+  except OSError as error:
+    raise ValueError(f"could not write {path} ({error.strerror}); nothing was left "
+                     f"half-written: free space and re-run to {then}") from None
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: pathlib.Path, value) -> None:
+  """Strict JSON (NaN and inf as null), written whole or not at all."""
+  _write_text(path, json.dumps(_strict(value), indent=1, allow_nan=False), "continue")
+
+
+def _read_json(path: pathlib.Path) -> dict:
+  return export_lib.read_json_object(path, "run config", "it was damaged outside sae_jax; "
+                                                         "restore it, or use another --out")
 
 
 def _check_resume(out: pathlib.Path, config: RunConfig) -> None:
   path = out / "config.json"
   new = config.to_dict()
   if path.exists():
-    old = json.loads(path.read_text())
+    saved = _read_json(path)
+    old = {k: v for k, v in saved.items() if k != FINGERPRINT}
     flat = lambda d, prefix="": {k2: v2 for k, v in d.items() for k2, v2 in (
         flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(f"{prefix}{k}", v)])}
     before, after = _ADDED_FIELDS | flat(old), flat(new)
@@ -327,7 +371,169 @@ def _check_resume(out: pathlib.Path, config: RunConfig) -> None:
     if differences:
       raise ValueError(f"{out} holds a run with another config; refusing to resume it "
                        f"(use another --out):\n  " + "\n  ".join(differences))
+    if old == new:
+      return  # unchanged: nothing to write (so a full disk cannot stop a finished run here)
+    if FINGERPRINT in saved:
+      new[FINGERPRINT] = saved[FINGERPRINT]
   _write_json(path, new)
+
+
+def data_fingerprint(config: RunConfig) -> typing.Optional[dict]:
+  """What identifies the run's data on disk: a cache by its shards' sha256s
+  (from the manifest), a .npy by its size, mtime and a sha256 of its first
+  and last MiB. None for data made from the config (synthetic, --stream)."""
+  if config.data == "synthetic" or config.stream:
+    return None
+  path = pathlib.Path(config.cache_dir if config.data == "pythia" else config.data)
+  if path.is_dir():
+    manifest = export_lib.read_manifest(path) or {}
+    shards = "".join(shard["sha256"]["acts"] for shard in manifest.get("shards", []))
+    return {"kind": "cache", "rows": manifest.get("total_tokens"),
+            "sha256": hashlib.sha256(shards.encode()).hexdigest()}
+  size = path.stat().st_size
+  ends = hashlib.sha256()
+  with open(path, "rb") as f:
+    ends.update(f.read(_ENDS))
+    f.seek(max(size - _ENDS, 0))
+    ends.update(f.read(_ENDS))
+  return {"kind": "npy", "bytes": size, "mtime": path.stat().st_mtime,
+          "sha256_ends": ends.hexdigest()}
+
+
+def _check_data(out: pathlib.Path, config: RunConfig, resuming: bool) -> None:
+  """Refuses to resume on data other than the run's; records them otherwise."""
+  path = out / "config.json"
+  saved = _read_json(path)
+  old, new = saved.get(FINGERPRINT), data_fingerprint(config)
+  if resuming and old is not None and new is not None:
+    changed = [f"{k} {old.get(k)!r} then, {new.get(k)!r} now"
+               for k in ("kind", "rows", "bytes", "sha256", "sha256_ends")
+               if old.get(k) != new.get(k)]
+    if changed:
+      raise ValueError(f"--data {config.data}: the data differ from those this run was "
+                       f"checkpointed on ({'; '.join(changed)}); refusing to resume on other "
+                       f"data: restore them, or use another --out")
+    if old.get("mtime") != new.get("mtime"):
+      print(f"--data {config.data} was modified since the run began, but its size and first "
+            f"and last MiB are the same: resuming", flush=True)
+  if new is not None and (old != new or not resuming):
+    _write_json(path, saved | {FINGERPRINT: new})
+
+
+LOCK = ".lock"
+
+
+def _claim(out: pathlib.Path) -> typing.Optional[int]:
+  """Creates `out` and takes its lock: an advisory lock on out/.lock holding
+  our pid, released when the descriptor closes or the process dies. Only
+  process 0 of a multi-host run takes it. Stale temporary files (a run killed
+  while writing) are removed once it is held."""
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"--out {str(out)!r} is a file, not a directory")
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index():
+      return None
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as error:
+    raise ValueError(f"--out {str(out)!r}: cannot write there ({error.strerror})") from None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    os.close(fd)
+    raise ValueError(f"--out {out} is in use by another run (pid {holder}): wait for it to "
+                     f"end, or use another --out") from None
+  try:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+  except OSError as error:
+    os.close(fd)
+    raise ValueError(f"could not write {out / LOCK} ({error.strerror}); free space and "
+                     f"re-run") from None
+  for stale in [*out.glob(".*.tmp-*"), *out.glob(".*.old-*"),
+                *out.glob("checkpoints/.*.tmp-*")]:
+    shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+  return fd
+
+
+def _resume_metrics(path: pathlib.Path, step: int) -> None:
+  """Cuts metrics.jsonl back to its lines up to `step` (the checkpoint's).
+  A line that does not parse (cut short by a full disk or kill -9, or
+  garbage) is dropped, and named with its file and line number."""
+  if not path.exists():
+    return
+  kept, bad = [], []
+  text = path.read_text(errors="replace")
+  lines = text.splitlines()
+  for number, line in enumerate(lines, 1):
+    try:
+      logged = json.loads(line)["step"]
+      if isinstance(logged, bool) or not isinstance(logged, int):
+        raise ValueError(f"step is {logged!r}")
+    except (ValueError, KeyError, TypeError) as error:
+      bad.append(f"{path}:{number}: unreadable metrics line dropped ({error})")
+      continue
+    if logged <= step:
+      kept.append(line)
+  for line in bad[:3] + ([f"{path}: {len(bad) - 3} more unreadable lines dropped"]
+                         if len(bad) > 3 else []):
+    print(line, flush=True)
+  if not bad and len(kept) == len(lines) and text.endswith("\n") == bool(lines):
+    return  # already cut at the step
+  _write_text(path, "".join(line + "\n" for line in kept), "resume")
+
+
+def _finite(rows: np.ndarray, what: str) -> tuple:
+  """The finite rows of `rows` and how many were dropped (said in a line)."""
+  keep = np.isfinite(rows).all(axis=1)
+  dropped = int(len(rows) - np.count_nonzero(keep))
+  if dropped:
+    print(f"{what}: dropped {dropped} of {len(rows)} rows that are not finite", flush=True)
+    rows = rows[keep]
+  if not len(rows):
+    raise ValueError(f"{what}: all {dropped} rows are NaN or infinite; check the activations")
+  return rows, dropped
+
+
+def check_memory(c: TrainConfig, n_devices: int) -> None:
+  """Refuses an SAE that cannot fit, before anything is allocated. The bound
+  is a floor: parameters, two Adam moments and a gradient (4 copies), and
+  two [B / devices, F] float32 encoder arrays."""
+  D, F = c.sae.d_model, c.sae.n_latents
+  state = 4 * 4 * (2 * D * F + F + D)
+  tokens = max(c.batch_size // n_devices, 1)
+  activations = 2 * 4 * tokens * F
+  device = jax.local_devices()[0]
+  try:
+    have = (device.memory_stats() or {}).get("bytes_limit")
+  except Exception:  # noqa: BLE001  (not every backend reports)
+    have = None
+  if have is None:  # the host's memory, shared by its (CPU) devices
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+  if state + activations > have:
+    gib = lambda n: f"{n / 2**30:,.1f} GiB"
+    raise ValueError(
+        f"--dict-size {F} and --batch-size {c.batch_size} need at least "
+        f"{gib(state + activations)} on each device ({gib(state)} of parameters, Adam moments "
+        f"and gradients, {gib(activations)} of encoder activations for {tokens} tokens); each "
+        f"of the {jax.local_device_count()} {device.platform} devices has {gib(have)}")
+
+
+def check_data_size(config: RunConfig) -> None:
+  """Disk data must hold one batch of training rows and a held-out row."""
+  if config.data in ("pythia", "synthetic"):
+    return
+  n_rows = data.Activations(config.data).n_rows
+  held_out = lambda n: min(config.eval_tokens, n // 10)
+  if held_out(n_rows) < 1 or n_rows - held_out(n_rows) < config.train.batch_size:
+    need = max(10, config.train.batch_size)
+    while need - held_out(need) < config.train.batch_size:
+      need += 1
+    raise ValueError(
+        f"--data {config.data} holds {n_rows} rows: a run needs one batch "
+        f"(--batch-size {config.train.batch_size}) of training rows plus held-out rows (a "
+        f"tenth of the data, at most --eval-tokens), so at least {need} rows")
 
 
 def _loggers(config: RunConfig, out: pathlib.Path):
@@ -355,46 +561,89 @@ def _loggers(config: RunConfig, out: pathlib.Path):
   return sinks, closers
 
 
-def run(config: RunConfig, *, progress: bool = True) -> typing.Optional[dict]:
+def run(config: RunConfig, *, progress: bool = True,
+        verify: bool = False) -> typing.Optional[dict]:
   """Trains (or resumes), then evaluates and exports.
+
+  SIGTERM and a first Ctrl-C (SIGINT) finish the step in flight, save a
+  checkpoint and stop; a second Ctrl-C exits at once (exit status 130),
+  leaving the last finished checkpoint to resume from.
+
+  Args:
+    verify: check every cache shard's sha256 before training.
 
   Returns:
     The summary, or None if SIGTERM stopped the run (after a checkpoint).
+
+  Raises:
+    KeyboardInterrupt: Ctrl-C stopped the run (after a checkpoint).
   """
   c = config.train
   n_devices = jax.local_device_count()
   if c.batch_size % (n_devices * jax.process_count()):
     raise ValueError(f"--batch-size {c.batch_size} must be divisible by the "
                      f"{n_devices * jax.process_count()} devices")
+  check_memory(c, jax.device_count())
+  check_data_size(config)
   out = pathlib.Path(config.out)
-  out.mkdir(parents=True, exist_ok=True)
-  _check_resume(out, config)
-  sinks, closers = _loggers(config, out)
-  print(f"devices: {jax.device_count()} ({n_devices} local, {jax.devices()[0].platform}); "
-        f"batch {c.batch_size} tokens, {c.batch_size // jax.device_count()} per device; "
-        f"{c.total_steps} steps", flush=True)
-  print(json.dumps(config.to_dict()), flush=True)
-
-  source = _open_data(config, n_devices)
-  ckpt = checkpoint.Checkpointer(out / "checkpoints", keep=config.keep_checkpoints)
-  state = train.create_train_state(c, source.sample)
-  state = ckpt.restore(state) or state
-  start = int(state.step)
-  position = ckpt.data_position(start) if start else None
-  if start:
-    print(f"resuming at step {start}", flush=True)
-  metrics_path = out / "metrics.jsonl"
-  kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-          if json.loads(line)["step"] <= start]
-  metrics_path.write_text("".join(line + "\n" for line in kept))
-
-  stop = {"signal": False}
-  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+  lock = _claim(out)
   try:
-    with open(metrics_path, "a") as metrics_file:
+    return _run(config, out, progress=progress, verify=verify)
+  finally:
+    if lock is not None:
+      os.close(lock)
+
+
+def _run(config: RunConfig, out: pathlib.Path, *, progress: bool, verify: bool):
+  c = config.train
+  n_devices = jax.local_device_count()
+  _check_resume(out, config)
+  ckpt = checkpoint.Checkpointer(out / "checkpoints", keep=config.keep_checkpoints)
+  stop = {"signal": None}
+
+  def on_signal(number, frame):
+    if number == signal.SIGINT and stop["signal"] == "SIGINT":  # the second Ctrl-C
+      os.write(2, b"\nsecond Ctrl-C: exiting now; re-run to resume from the last checkpoint\n")
+      os._exit(130)
+    stop["signal"] = signal.Signals(number).name
+    if number == signal.SIGINT:
+      os.write(2, b"\nCtrl-C: finishing the step and saving a checkpoint "
+                  b"(Ctrl-C again exits at once)\n")
+
+  previous = {}
+  closers = []
+  try:
+    sinks, closers = _loggers(config, out)
+    print(f"devices: {jax.device_count()} ({n_devices} local, {jax.devices()[0].platform}); "
+          f"batch {c.batch_size} tokens, {c.batch_size // jax.device_count()} per device; "
+          f"{c.total_steps} steps", flush=True)
+    print(json.dumps(config.to_dict()), flush=True)
+    source = _open_data(config, n_devices, verify=verify)  # Ctrl-C here: an export resumes
+    # From here on a signal never interrupts a write (orbax's above all): it
+    # is noted, and the loop stops after the step in flight.
+    previous = {n: signal.signal(n, on_signal) for n in (signal.SIGTERM, signal.SIGINT)}
+    sample, _ = _finite(source.sample, "the initialisation sample")
+    state = train.create_train_state(c, sample)
+    state = ckpt.restore(state) or state
+    start = int(state.step)
+    _check_data(out, config, resuming=start > 0)
+    position = ckpt.data_position(start) if start else None
+    if start:
+      print(f"resuming at step {start}", flush=True)
+    metrics_path = out / "metrics.jsonl"
+    _resume_metrics(metrics_path, start)
+    # Unbuffered: each line is one write, so a failed one leaves nothing
+    # pending for close() to fail on again.
+    with open(metrics_path, "ab", buffering=0) as metrics_file:
       def on_log(step, m):
-        metrics_file.write(json.dumps(m) + "\n")
-        metrics_file.flush()
+        try:
+          line = (json.dumps(_strict(m)) + "\n").encode()
+          while line:  # a raw write may take only part of it
+            line = line[metrics_file.write(line):]
+        except OSError as error:
+          raise ValueError(f"could not write {metrics_path} at step {step} "
+                           f"({error.strerror}); free space and re-run to resume from the "
+                           f"last checkpoint") from None
         for sink in sinks:
           sink(step, m)
 
@@ -405,36 +654,57 @@ def run(config: RunConfig, *, progress: bool = True) -> typing.Optional[dict]:
       began = time.perf_counter()
       replicated = train.train_loop(
           train.replicate(state), source.batches(start, position), log_every=config.log_every,
-          on_log=on_log, on_step=on_step, should_stop=lambda: stop["signal"], progress=progress)
+          on_log=on_log, on_step=on_step, should_stop=lambda: stop["signal"] is not None,
+          progress=progress)
       seconds = time.perf_counter() - began
     state = train.unreplicate(replicated)
     ckpt.save(state, source.position(int(state.step)))
-  finally:
-    signal.signal(signal.SIGTERM, previous)
     ckpt.close()
+  finally:
+    for number, handler in previous.items():
+      signal.signal(number, handler)
+    with contextlib.suppress(Exception):  # closed already, or closing after an error
+      ckpt.close()
     for close in closers:
       close()
   if stop["signal"] and int(state.step) < c.total_steps:
-    print(f"stopped by SIGTERM at step {int(state.step)}; checkpoint saved", flush=True)
+    print(f"stopped by {stop['signal']} at step {int(state.step)}; checkpoint saved: re-run "
+          f"the same command to resume", flush=True)
+    if stop["signal"] == "SIGINT":
+      raise KeyboardInterrupt
     return None
 
   calibration, theta_F = _thresholds(config, state, source)
   summary = _evaluate(config, state, source, theta_F, calibration)
   summary.update(tokens=int(state.step) * c.batch_size, steps=int(state.step),
                  tokens_per_second=(int(state.step) - start) * c.batch_size / max(seconds, 1e-9))
-  _write_json(out / "summary.json", summary)
-  saelens.export_saelens(
-      out / "saelens", state.params, theta_F, float(state.input_scale), c.sae, source.metadata,
-      log10_density=thresholds.log10_density(calibration.counts_F, calibration.tokens))
-  print(json.dumps(summary), flush=True)
+  try:
+    saelens.export_saelens(
+        out / "saelens", state.params, theta_F, float(state.input_scale), c.sae,
+        source.metadata,
+        log10_density=thresholds.log10_density(calibration.counts_F, calibration.tokens))
+  except (OSError, safetensors.SafetensorError) as error:
+    reason = getattr(error, "strerror", None) or str(error)
+    raise ValueError(f"could not write {out / 'saelens'} ({reason}); nothing was left "
+                     f"half-written, and a saelens/ written before is as it was: free space "
+                     f"and re-run to finish") from None
+  _write_json(out / "summary.json", summary)  # last: the run is finished once it exists
+  print(json.dumps(_strict(summary)), flush=True)
   return summary
+
+
+def finished(out) -> bool:
+  """Whether the run in `out` has written every output (summary.json last)."""
+  out = pathlib.Path(out)
+  return all((out / name).is_file() for name in (
+      "summary.json", "saelens/cfg.json", "saelens/sae_weights.safetensors"))
 
 
 def _thresholds(config: RunConfig, state: train.TrainState, source: _Data):
   """The calibration pass over training rows (shuffled, whole batches) and
   the inference thresholds θ_F it gives, or the global θ for every latent."""
   c = config.train
-  rows = source.calibration(config.calibration_tokens)
+  rows, _ = _finite(source.calibration(config.calibration_tokens), "the calibration rows")
   rows = rows[np.random.default_rng(c.seed).permutation(len(rows))]
   calibration = thresholds.calibrate(
       state.params, rows * np.float32(state.input_scale), c.sae, batch_size=c.batch_size,
@@ -449,7 +719,7 @@ def _evaluate(config: RunConfig, state: train.TrainState, source: _Data, theta_F
   """summary.json: the held-out tokens in inference mode (the saved SAE) and
   in batch mode (the training rule on shuffled batches of the same tokens)."""
   c = config.train
-  held_out = source.held_out()
+  held_out, dropped = _finite(source.held_out(), "the held-out rows")
   z, xhat = evaluate.reconstruct(state.params, theta_F, state.input_scale, held_out, c.sae)
   summary = evaluate.reconstruction_metrics(held_out, xhat, z)
   sparsity = evaluate.sparsity_metrics(z)
@@ -468,7 +738,8 @@ def _evaluate(config: RunConfig, state: train.TrainState, source: _Data, theta_F
   summary.update(
       dead_fraction=float(np.mean(state.steps_since_fired_F >= c.dead_steps)),
       skipped_steps=int(state.skipped_steps), threshold=float(state.threshold),
-      input_scale=float(state.input_scale), calibration_tokens=calibration.tokens)
+      input_scale=float(state.input_scale), calibration_tokens=calibration.tokens,
+      eval_rows=len(held_out), eval_rows_dropped=dropped)
   if c.sae.selection != "topk":
     can_fire_F = theta_F < thresholds.NEVER
     summary.update(

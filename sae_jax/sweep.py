@@ -31,12 +31,19 @@ def variants(ls: typing.Sequence[float], scores: typing.Sequence[str]) -> list:
 
 
 def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[str], *,
-          progress: bool = True) -> list:
-  """Trains every variant into base.out/<name> (finished ones are skipped,
-  unfinished ones resume), then writes results.csv, results.md and plots.
+          progress: bool = True, verify: bool = False) -> typing.Optional[list]:
+  """Trains every variant into base.out/<name> (finished ones, with every
+  output written, are skipped; unfinished ones resume), then writes
+  results.csv, results.md and plots.
+
+  Args:
+    verify: check every cache shard's sha256 before each variant trains.
 
   Returns:
-    The result rows (dicts).
+    The result rows (dicts), or None if SIGTERM stopped a variant.
+
+  Raises:
+    KeyboardInterrupt: Ctrl-C stopped a variant (after a checkpoint).
   """
   out = pathlib.Path(base.out)
   rows = []
@@ -46,13 +53,15 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
                               l=l if selection == "sampled" else base.train.sae.l)
     config = dataclasses.replace(base, out=str(out / name),
                                  train=dataclasses.replace(base.train, sae=sae))
-    summary_path = out / name / "summary.json"
-    if not summary_path.exists():
+    if not run_lib.finished(config.out):
       print(f"--- {name}", flush=True)
-      run_lib.run(config, progress=progress)
-    summary = json.loads(summary_path.read_text())
+      if run_lib.run(config, progress=progress, verify=verify) is None:
+        print(f"sweep stopped by SIGTERM in {name}: re-run the same command to continue",
+              flush=True)
+        return None
+    summary = json.loads((out / name / "summary.json").read_text())
     rows.append({"variant": name, "selection": selection, "score": score, "l": l,
-                 **{m: summary.get(m, math.nan) for m in METRICS}})
+                 **{m: math.nan if summary.get(m) is None else summary[m] for m in METRICS}})
   write_tables(rows, out)
   plot(rows, out)
   return rows

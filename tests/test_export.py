@@ -155,18 +155,11 @@ def test_bad_export_config(lm, tmp_path, kwargs, message):
 
 
 def test_command_line(lm, tmp_path, capsys):
-  import runpy
-  import sys
-  script = pathlib.Path(__file__).parent.parent / "experiments" / "export_activations.py"
-  argv = ["export_activations.py", "--model", lm["model"], "--dataset", *lm["texts"]["txt"],
+  from tests import scripts
+  argv = ["--model", lm["model"], "--dataset", *lm["texts"]["txt"],
           "--hook", "blocks.1.hook_resid_post", "--context-length", str(L), "--tokens", "200",
           "--shard-rows", "128", "--batch-contexts", "4", "--out", str(tmp_path / "cli")]
-  old = sys.argv
-  try:
-    sys.argv = argv
-    runpy.run_path(str(script), run_name="__main__")
-  finally:
-    sys.argv = old
+  assert scripts.load("export_activations").main(argv) == 0
   assert "200 rows of blocks.1.hook_resid_post (D=16, float32) in 2 shards" in capsys.readouterr().out
   export.export_activations(config(lm, tokens=200), tmp_path / "api", progress=False)
   files = lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir())}

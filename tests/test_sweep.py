@@ -1,6 +1,7 @@
 """A small l-sweep on synthetic data, end to end, and its resume."""
 
 import csv
+import shutil
 
 import numpy as np
 
@@ -50,3 +51,14 @@ def test_sweep_end_to_end_and_resume(tmp_path, capsys):
       assert path.stat().st_mtime_ns == stamp
   assert (out / "batchtopk" / "summary.json").exists()
   assert read_rows(out)[1]["fvu"] == rows[1]["fvu"]
+
+  # A variant is finished only with every output: summary.json is written
+  # last, and one without saelens/ (a kill -9 between the two, when
+  # summary.json came first) is exported again, not skipped for ever.
+  for variant in out.glob("*/summary.json"):
+    assert variant.stat().st_mtime_ns >= (
+        variant.parent / "saelens" / "cfg.json").stat().st_mtime_ns
+  weights = (out / "topk" / "saelens" / "sae_weights.safetensors").read_bytes()
+  shutil.rmtree(out / "topk" / "saelens")
+  assert sweep_script.main([*ARGS, "--out", str(out)]) == 0
+  assert (out / "topk" / "saelens" / "sae_weights.safetensors").read_bytes() == weights
