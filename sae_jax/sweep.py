@@ -37,7 +37,7 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
   results.csv, results.md and plots.
 
   Args:
-    verify: check every cache shard's sha256 before each variant trains.
+    verify: check every cache shard's sha256 before the first variant trains.
 
   Returns:
     The result rows (dicts), or None if SIGTERM stopped a variant.
@@ -55,7 +55,9 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
                                  train=dataclasses.replace(base.train, sae=sae))
     if not run_lib.finished(config.out):
       print(f"--- {name}", flush=True)
-      if run_lib.run(config, progress=progress, verify=verify) is None:
+      stopped = run_lib.run(config, progress=progress, verify=verify) is None
+      verify = False  # the variants share the data: once is enough
+      if stopped:
         print(f"sweep stopped by SIGTERM in {name}: re-run the same command to continue",
               flush=True)
         return None

@@ -430,6 +430,21 @@ def test_bad_input_is_one_line(tmp_path, cache, capsys, case):
   assert message in line, line
 
 
+def test_out_on_a_read_only_filesystem_is_one_line(tmp_path):
+  """A real read-only mount: a tmpfs remounted ro in a user and mount
+  namespace (`unshare -rm`)."""
+  disk = tmp_path / "ro"
+  disk.mkdir()
+  train_py = " ".join([sys.executable, str(scripts.EXPERIMENTS / "train.py"), *SMALL,
+                       "--data", "synthetic", "--steps", "20", "--out", str(disk / "run")])
+  done = subprocess.run(["unshare", "-rm", "sh", "-c",
+                         f"mount -t tmpfs tmpfs {disk} && mount -o remount,ro {disk} && "
+                         f"{train_py}"], env=env(), capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2
+  assert error_lines(done.stderr) == [
+      f"error: --out '{disk / 'run'}': cannot write there (Read-only file system)"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--dict-size", "100000000000"], "need at least"),
     (["--batch-size", "1000000000000", "--calibration-tokens", "1000000000000"], "need at least"),
