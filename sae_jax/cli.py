@@ -165,8 +165,9 @@ def _quiet_orbax_failures() -> None:
   """When a read or write fails inside orbax (a damaged checkpoint, a full
   disk), tensorstore's callbacks still post to orbax's event loop after it
   has closed, printing 'Event loop is closed' tracebacks as unraisable
-  exceptions, and asyncio logs the futures nobody read. The failure itself
-  reaches the main thread and is said in one line; these are not shown."""
+  exceptions, and asyncio logs the futures and tasks nobody read. The
+  failure itself reaches the main thread and is said in one line; these
+  are not shown."""
   hook = sys.unraisablehook
 
   def unraisable(info):
@@ -179,6 +180,6 @@ def _quiet_orbax_failures() -> None:
 
   class Unread(logging.Filter):
     def filter(self, record):
-      return not str(record.msg).startswith("Future exception was never retrieved")
+      return "exception was never retrieved" not in str(record.msg)  # a Future's or a Task's
 
   logging.getLogger("asyncio").addFilter(Unread())

@@ -158,6 +158,23 @@ def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_step(tmp_path, two
   again.close()
 
 
+def test_an_intact_checkpoint_of_another_layout_is_refused_not_moved(tmp_path, two_states):
+  """Files that match their record but do not restore into this state (a
+  later version's TrainState, say) are not damage: nothing is moved aside."""
+  like, saved = two_states
+  directory = tmp_path / "checkpoints"
+  ckpt = checkpoint.Checkpointer(directory)
+  ckpt.save(saved[10])
+  ckpt.close()
+  other = like.replace(params=dict(like.params, b_extra=np.zeros(3, np.float32)))
+  ckpt = checkpoint.Checkpointer(directory)
+  with pytest.raises(ValueError, match=r"checkpoints/10 is intact but does not restore into "
+                                       r"this version's training state"):
+    ckpt.restore(other)
+  ckpt.close()
+  assert (directory / "10").is_dir() and not (tmp_path / "checkpoints-damaged").exists()
+
+
 def test_a_checkpoint_saved_before_checksums_restores_unverified(tmp_path, two_states,
                                                                  capsys):
   like, saved = two_states
