@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import pathlib
 import shutil
 import typing
@@ -63,12 +62,7 @@ def digest(state: TrainState) -> str:
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
-    tmp.write_text(text)
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
+  export.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 class Checkpointer:

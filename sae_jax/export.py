@@ -153,7 +153,7 @@ def sha256(path) -> str:
   return digest.hexdigest()
 
 
-def _atomic_write(path: pathlib.Path, write) -> None:
+def atomic_write(path: pathlib.Path, write) -> None:
   """write(file) to a temporary name, then rename: never a half-written file."""
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   try:
@@ -167,11 +167,11 @@ def _atomic_write(path: pathlib.Path, write) -> None:
 
 
 def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
-  _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+  atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def write_manifest(out: pathlib.Path, manifest: dict) -> None:
-  _atomic_write(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+  atomic_write(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 
 def read_json_object(path: pathlib.Path, kind: str, remedy: str) -> dict:

@@ -335,15 +335,11 @@ def _strict(value):
 def _write_text(path: pathlib.Path, text: str, then: str) -> None:
   """`text` under a temporary name, then renamed; a failed write (a full
   disk) leaves nothing behind and is one line naming the file and `then`."""
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   try:
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    export_lib.atomic_write(path, lambda f: f.write(text.encode()))
   except OSError as error:
     raise ValueError(f"could not write {path} ({error.strerror}); nothing was left "
                      f"half-written: free space and re-run to {then}") from None
-  finally:
-    tmp.unlink(missing_ok=True)
 
 
 def _write_json(path: pathlib.Path, value) -> None:
