@@ -23,9 +23,11 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import sae_jax  # noqa: E402
+from sae_jax import scoring as sae_jax_scoring  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 AXIS = "batch"
+SKETCH = 256  # rows of the leverage score's CountSketch
 
 
 @jax.jit
@@ -41,6 +43,12 @@ def naive_in_pool(a_BxF, k, pool):
   in_pool = np.zeros(a_BxF.shape[1], bool)
   in_pool[np.asarray(pool)] = True
   return naive_batch_topk(jnp.where(jnp.asarray(in_pool)[None, :], a_BxF, 0), jnp.zeros(a_BxF.shape[0] * k))
+
+
+def reference_leverage(r_MxF):
+  """Ridge leverage scores of r's columns in float64 NumPy (λ = 0.01)."""
+  r = np.asarray(r_MxF, np.float64)
+  return np.sum(r * np.linalg.solve(r @ r.T + 0.01 * np.eye(len(r)), r), axis=0)
 
 
 def sharding_devices():
@@ -81,6 +89,27 @@ def main():
       assert np.array_equal(np.asarray(select(a_BxF)), np.asarray(naive_in_pool(a_BxF, k, pool)))
       rows.append((f"sampled_select l={l} {score}",
                    median_seconds(select, a_BxF, repeats=args.repeats)))
+  # The authors' default score: exact ridge leverage through the B×B side,
+  # and its CountSketch estimate (one exact pass over a, then m×m).
+  exact = np.asarray(sae_jax.column_scores(a_BxF, "leverage"))
+  want = reference_leverage(np.maximum(np.asarray(a_BxF), 0))
+  assert np.allclose(exact, want, rtol=1e-4, atol=1e-5 * want.max()), "leverage"
+  rows.append(("column_scores leverage (exact, B×B Cholesky)",
+               median_seconds(lambda a: sae_jax.column_scores(a, "leverage"), a_BxF,
+                              repeats=args.repeats)))
+  for m in (SKETCH, 4 * SKETCH):
+    sketched = np.asarray(sae_jax.column_scores(a_BxF, "leverage", sketch=m))
+    want = reference_leverage(np.asarray(sae_jax_scoring.count_sketch(
+        jnp.maximum(a_BxF, 0), m, jax.random.key(0))))
+    assert np.allclose(sketched, want, rtol=1e-4, atol=1e-5 * want.max()), m
+    rows.append((f"column_scores leverage, sketch m={m}",
+                 median_seconds(lambda a, m=m: sae_jax.column_scores(a, "leverage", sketch=m),
+                                a_BxF, repeats=args.repeats)))
+  select = lambda a: sae_jax.sampled_select(a, k, 8, score="leverage", sketch=SKETCH)
+  pool = sae_jax.sampled_select_pooled(a_BxF, k, 8, score="leverage", sketch=SKETCH).pool
+  assert np.array_equal(np.asarray(select(a_BxF)), np.asarray(naive_in_pool(a_BxF, k, pool)))
+  rows.append((f"sampled_select l=8 leverage, sketch m={SKETCH}",
+               median_seconds(select, a_BxF, repeats=args.repeats)))
   # The compact form a training step uses: no [B, F] output to write.
   for l in (1, 8):
     pooled = lambda a, l=l: sae_jax.sampled_select_pooled(a, k, l)
@@ -100,6 +129,11 @@ def main():
     sharded.append((f"sampled_select l={l} l2",
                     lambda a, l=l: sae_jax.sampled_select(a, k, l, axis_name=AXIS),
                     np.asarray(naive_in_pool(a_BxF, k, pool))))
+  pool = sae_jax.sampled_select_pooled(a_BxF, k, 8, score="leverage", sketch=SKETCH).pool
+  sharded.append((f"sampled_select l=8 leverage sketch m={SKETCH}",
+                  lambda a: sae_jax.sampled_select(a, k, 8, score="leverage", sketch=SKETCH,
+                                                   axis_name=AXIS),
+                  np.asarray(naive_in_pool(a_BxF, k, pool))))
   for name, fn, want in sharded:
     mapped = jax.pmap(fn, axis_name=AXIS, devices=devices)
     assert np.array_equal(np.asarray(mapped(shards)).reshape(B, F), want), name

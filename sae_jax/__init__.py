@@ -7,6 +7,7 @@ from sae_jax.pool import candidate_pool
 from sae_jax.scoring import column_scores
 from sae_jax.selection import PooledSelection
 from sae_jax.selection import batch_topk
+from sae_jax.selection import sampled_pool
 from sae_jax.selection import sampled_select
 from sae_jax.selection import sampled_select_pooled
 from sae_jax.selection import topk
@@ -38,6 +39,7 @@ __all__ = [
     "p_train_step",
     "p_train_step_all_alive",
     "replicate",
+    "sampled_pool",
     "sampled_select",
     "sampled_select_pooled",
     "topk",

@@ -8,6 +8,7 @@ import typing
 from sae_jax import export
 from sae_jax import run as run_lib
 from sae_jax import synthetic
+from sae_jax import validation
 from sae_jax.config import SAEConfig
 from sae_jax.config import TrainConfig
 from sae_jax.run import RunConfig
@@ -21,8 +22,15 @@ def parser(doc: str) -> argparse.ArgumentParser:
   sae.add_argument("--selection", choices=("sampled", "batchtopk", "topk"), default="sampled")
   sae.add_argument("--l", type=float, default=8.0, help="Sampled-SAE pool factor: P = ceil(k*l)")
   sae.add_argument("--k", type=int, default=64, help="latents per token (on average)")
-  sae.add_argument("--score", choices=("l2", "squared_l2", "entropy", "uniform"), default="l2")
+  sae.add_argument("--score", choices=validation.SCORE_METHODS, default="l2")
   sae.add_argument("--sample-pool", action="store_true", help="draw the pool in proportion to score")
+  sae.add_argument("--ridge", type=float, default=SAEConfig.ridge,
+                   help="--score leverage: the ridge lambda")
+  sae.add_argument("--sketch", type=int, default=None,
+                   help="--score leverage: rows of a CountSketch of the batch's tokens (default: "
+                        "exact scores)")
+  sae.add_argument("--pool-every", type=int, default=SAEConfig.pool_every,
+                   help="choose the Sampled-SAE pool every n steps and keep it in between")
   sae.add_argument("--dict-size", type=int, default=65536)
   sae.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
   rec = p.add_argument_group("recipe")
@@ -110,7 +118,9 @@ def config_from(args) -> RunConfig:
       rare_rate=args.rare_rate, rare_magnitude=args.rare_magnitude, seed=args.seed)
   # Everything but D is checked first, so a typo never waits for the data.
   sae_args = dict(n_latents=args.dict_size, k=args.k, selection=args.selection, l=args.l,
-                  score=args.score, sample_pool=args.sample_pool, compute_dtype=args.compute_dtype)
+                  score=args.score, sample_pool=args.sample_pool, ridge=args.ridge,
+                  sketch=args.sketch, pool_every=args.pool_every,
+                  compute_dtype=args.compute_dtype)
   SAEConfig(d_model=1, **sae_args)
   d_model = run_lib.d_model_of(args.data, cache_dir=args.cache_dir, model=args.model,
                            revision=args.revision, synthetic_d_model=args.synthetic_d_model,

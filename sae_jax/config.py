@@ -35,9 +35,17 @@ class SAEConfig:
   l: float = 8.0
   """Sampled-SAE pool factor: the pool holds min(F, ceil(k·l)) latents."""
   score: str = "l2"
-  """Sampled-SAE column score: "l2", "squared_l2", "entropy" or "uniform"."""
+  """Sampled-SAE column score: "l2", "squared_l2", "entropy", "uniform" or "leverage"."""
   sample_pool: bool = False
   """Sampled-SAE: draw the pool ∝ score (key from the step) instead of taking the top scores."""
+  ridge: float = 0.01
+  """score="leverage": the ridge λ of the leverage scores (the authors' ridge_lambda)."""
+  sketch: typing.Optional[int] = None
+  """score="leverage": rows of the CountSketch of the tokens (the authors'
+  sketching_size; drawn from the step's key); None for exact scores."""
+  pool_every: int = 1
+  """Sampled-SAE: choose the pool on every pool_every-th step and keep it in
+  between (the authors' sampling_update_freq); 1 chooses it on every batch."""
   compute_dtype: str = "float32"
   """Dtype of the encoder matmul ("float32" or "bfloat16"); it accumulates in float32."""
 
@@ -58,11 +66,18 @@ class SAEConfig:
           "SAEConfig.score='uniform' gives every latent the same score, so it needs "
           "sample_pool=True (a random pool); got sample_pool=False")
     validation.check_choice_field("SAEConfig", "compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+    validation.check_leverage(self.ridge, self.sketch, prefix="SAEConfig.")
+    validation.check_int_field("SAEConfig", "pool_every", self.pool_every)
 
   @property
   def pool_size(self) -> int:
     """P = min(F, ceil(k·l)) (Sampled-SAE only)."""
     return validation.pool_size(self.k, self.l, self.n_latents)
+
+  @property
+  def keeps_pool(self) -> bool:
+    """Whether a Sampled-SAE pool is kept between batches (pool_every > 1)."""
+    return self.selection == "sampled" and self.pool_every > 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax import model
-from sae_jax import pool as pool_lib
-from sae_jax import scoring
+from sae_jax import selection
 from sae_jax.config import SAEConfig
 
 MODES = ("inference", "batch")
@@ -29,10 +28,11 @@ def _reconstruct(params, threshold, input_scale, x_BxD, config: SAEConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _reconstruct_batch(params, input_scale, x_BxD, key, config: SAEConfig):
+def _reconstruct_batch(params, input_scale, x_BxD, key, config: SAEConfig, pool_P=None):
   sae = model.SAE(config)
   variables = {"params": params}
-  z_BxF = sae.apply(variables, x_BxD * input_scale, key=key, method=model.SAE.encode)
+  z_BxF = sae.apply(variables, x_BxD * input_scale, key=key, pool=pool_P,
+                    method=model.SAE.encode)
   return z_BxF, sae.apply(variables, z_BxF, method=model.SAE.decode) / input_scale
 
 
@@ -48,7 +48,8 @@ def reconstruct(params, threshold, input_scale, x_BxD, config: SAEConfig,
       `chunk` tokens at a time; what the saved SAE does in SAELens, and what
       splicing, probing or reading single tokens needs. "batch": the training
       rule over consecutive batches of `batch_size` tokens (a shorter last
-      one is a batch of its own); the codes training would have given, for
+      one is a batch of its own; a kept pool, `pool_every`, is renewed on
+      every pool_every-th batch); the codes training would have given, for
       evaluating on whole batches like the training ones.
   """
   if mode not in MODES:
@@ -65,8 +66,11 @@ def reconstruct(params, threshold, input_scale, x_BxD, config: SAEConfig,
       z, xhat = _reconstruct(params, jnp.asarray(threshold, jnp.float32),
                              jnp.float32(input_scale), x, config)
     else:
-      z, xhat = _reconstruct_batch(params, jnp.float32(input_scale), x,
-                                   jax.random.fold_in(key, i), config)
+      key_i = jax.random.fold_in(key, i)
+      if config.keeps_pool and i % config.pool_every == 0:
+        pool_P = _pool(params, jnp.float32(input_scale), x, key_i, config)
+      z, xhat = _reconstruct_batch(params, jnp.float32(input_scale), x, key_i, config,
+                                   pool_P if config.keeps_pool else None)
     codes.append(np.asarray(z))
     recon.append(np.asarray(xhat))
   return np.concatenate(codes), np.concatenate(recon)
@@ -181,15 +185,20 @@ def ground_truth_metrics(W_dec_FxD, dictionary_NxD, feature_class_N, *,
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _pool(params, input_scale, x_BxD, config: SAEConfig):
+@functools.partial(jax.jit, static_argnames=("config", "top"))
+def _pool(params, input_scale, x_BxD, key, config: SAEConfig, top: bool = False):
+  """The Sampled-SAE pool of x as `select` chooses it, or with `top` the
+  top scores even for a `sample_pool` SAE."""
   a_BxF = jax.nn.relu(model.SAE(config).apply({"params": params}, x_BxD * input_scale,
                                                method=model.SAE.pre))
-  return pool_lib.candidate_pool(scoring.column_scores(a_BxF, config.score), config.pool_size)
+  options = model.sampled_options(config, key) | ({"key": None} if top else {})
+  return selection.sampled_pool(a_BxF, config.k, config.l, **options)
 
 
 def pools(params, input_scale, x_BxD, config: SAEConfig, batch_size: int) -> list:
   """The Sampled-SAE pool (top scores) of each consecutive batch of x."""
+  key = jax.random.key(BATCH_MODE_KEY)
   return [np.asarray(_pool(params, jnp.float32(input_scale),
-                           jnp.asarray(x_BxD[i:i + batch_size], jnp.float32), config))
-          for i in range(0, len(x_BxD) - batch_size + 1, batch_size)]
+                           jnp.asarray(x_BxD[start:start + batch_size], jnp.float32),
+                           jax.random.fold_in(key, i), config, top=True))
+          for i, start in enumerate(range(0, len(x_BxD) - batch_size + 1, batch_size))]

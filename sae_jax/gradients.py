@@ -45,6 +45,7 @@ class Outputs(typing.NamedTuple):
   fired_F: jax.Array  # bool, latents the global batch selected at least once
   token_min_B: jax.Array  # each token's smallest selected value (inf when none)
   dead_F: jax.Array  # bool, the latents AuxK treated as dead (global)
+  pool_P: typing.Optional[jax.Array] = None  # the kept Sampled-SAE pool after the step (`step_pool`)
 
 
 def varying(tree, axis_name):
@@ -74,10 +75,24 @@ def _fired_and_dead(silent_F, fired_F, config: TrainConfig, axis_name):
   return fired_F, losses.dead_latents(silent_F, fired_F, config.dead_steps)
 
 
-def dense(params, x_BxD, silent_F, key, config: TrainConfig, axis_name):
+def step_pool(a_BxF, key, config: TrainConfig, axis_name, kept):
+  """The pool a Sampled-SAE step selects in: None (chosen on the batch by the
+  selection itself) unless the config keeps pools; then `kept` = (the pool
+  kept from earlier steps [P], whether this step chooses a new one)."""
+  if kept is None:
+    return None
+  kept_P, refresh = kept
+  s = config.sae
+  fresh = lambda: selection.sampled_pool(a_BxF, s.k, s.l, axis_name=axis_name,
+                                         **model.sampled_options(s, key))
+  return lax.cond(refresh, fresh, lambda: kept_P)
+
+
+def dense(params, x_BxD, silent_F, key, config: TrainConfig, axis_name, kept=None):
   """Gradients by autodiff through the SAE as written: the reference.
 
-  `silent_F` holds the steps each latent went without firing before this one.
+  `silent_F` holds the steps each latent went without firing before this
+  one; `kept` is a kept Sampled-SAE pool and whether to renew it (`step_pool`).
   """
   c = config
   sae = model.SAE(c.sae)
@@ -85,8 +100,9 @@ def dense(params, x_BxD, silent_F, key, config: TrainConfig, axis_name):
   def loss_fn(params):
     variables = {"params": params}
     pre_BxF = sae.apply(variables, x_BxD, method=model.SAE.pre)
+    pool_P = step_pool(jax.nn.relu(pre_BxF), key, c, axis_name, kept)
     z_BxF = sae.apply(variables, jax.nn.relu(pre_BxF), key=key, axis_name=axis_name,
-                      method=model.SAE.select)
+                      pool=pool_P, method=model.SAE.select)
     xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode)
     mse = losses.mse(x_BxD, xhat_BxD)
     n_active, fired_F, token_min_B = _codes_stats(z_BxF)
@@ -94,7 +110,7 @@ def dense(params, x_BxD, silent_F, key, config: TrainConfig, axis_name):
     auxk = losses.auxk_loss(pre_BxF, dead_F, x_BxD - xhat_BxD, params["W_dec"], c.auxk_k,
                             axis_name)
     return mse + c.auxk_weight * auxk, Outputs(mse, auxk, xhat_BxD, n_active, fired_F,
-                                               token_min_B, dead_F)
+                                               token_min_B, dead_F, pool_P)
 
   (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(varying(params, axis_name))
   return grads, out
@@ -161,12 +177,13 @@ def _codes_stats(z_BxF):
           jnp.min(jnp.where(active_BxF, z_BxF, jnp.inf), axis=1))
 
 
-def _sampled(params, x_BxD, centred_BxD, a_BxF, key, config: TrainConfig, axis_name):
+def _sampled(params, x_BxD, centred_BxD, a_BxF, key, config: TrainConfig, axis_name, kept):
   """Gradients of W_enc, b_enc and W_dec at the pool only (see
   `optimizer.dense_grads`)."""
   s = config.sae
   pool_P, z_BxP = selection.sampled_select_pooled(
-      a_BxF, s.k, s.l, score=s.score, key=key if s.sample_pool else None, axis_name=axis_name)
+      a_BxF, s.k, s.l, axis_name=axis_name, pool=step_pool(a_BxF, key, config, axis_name, kept),
+      **model.sampled_options(s, key))
   xhat_BxD, mse, grads = _through_codes(
       x_BxD, centred_BxD, z_BxP, params["W_enc"][:, pool_P], params["W_dec"][pool_P],
       params["b_dec"])
@@ -203,7 +220,7 @@ def _batchtopk(params, x_BxD, centred_BxD, a_BxF, config: TrainConfig, axis_name
   return lax.cond(entries.complete, from_entries, from_dense_codes)
 
 
-def fast(params, x_BxD, silent_F, key, config: TrainConfig, axis_name):
+def fast(params, x_BxD, silent_F, key, config: TrainConfig, axis_name, kept=None):
   """The same gradients and outputs as `dense`, with only the encoder
   forward dense.
 
@@ -225,7 +242,7 @@ def fast(params, x_BxD, silent_F, key, config: TrainConfig, axis_name):
   pool_P = None
   if c.sae.selection == "sampled":
     xhat_BxD, mse, grads, pool_P, stats = _sampled(params, x_BxD, centred_BxD, a_BxF, key, c,
-                                                   axis_name)
+                                                   axis_name, kept)
   elif c.sae.selection == "topk":
     xhat_BxD, mse, grads, stats = _topk(params, x_BxD, centred_BxD, a_BxF, c)
   else:
@@ -248,4 +265,5 @@ def fast(params, x_BxD, silent_F, key, config: TrainConfig, axis_name):
   # A sum over no tokens: zero, and under shard_map it varies as the data does.
   no_auxk = jnp.sum(x_BxD[:0])
   return (grads, pool_P,
-          Outputs(mse, no_auxk, xhat_BxD, n_active, fired_F, token_min_B, dead_F), with_auxk)
+          Outputs(mse, no_auxk, xhat_BxD, n_active, fired_F, token_min_B, dead_F,
+                  None if kept is None else pool_P), with_auxk)

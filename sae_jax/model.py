@@ -18,6 +18,8 @@ from jax import lax
 from sae_jax import selection
 from sae_jax.config import SAEConfig
 
+SKETCH_STREAM = 0x5CE7  # folded into a step's key for the leverage sketch
+
 
 def _unit_rows(key, shape, dtype=jnp.float32):
   w = jax.random.normal(key, shape, dtype)
@@ -55,23 +57,30 @@ class SAE(nn.Module):
     params = {"W_enc": self.W_enc, "b_enc": self.b_enc, "b_dec": self.b_dec}
     return encoder(params, x_BxD, self.config.compute_dtype)[1]
 
-  def select(self, a_BxF: jax.Array, *, key=None, axis_name=None) -> jax.Array:
+  def select(self, a_BxF: jax.Array, *, key=None, axis_name=None, pool=None) -> jax.Array:
     """The training selection of non-negative activations [B, F].
 
-    Batch-dependent except for TopK. `key` draws the Sampled-SAE pool (used
-    only with `sample_pool`); `axis_name` makes the batch global.
+    Batch-dependent except for TopK. `key` is the step's: it draws the
+    Sampled-SAE pool (with `sample_pool`) and the leverage sketch;
+    `axis_name` makes the batch global; `pool` [P] is a kept Sampled-SAE
+    pool to select in (`pool_every`), None to choose one on this batch.
     """
     c = self.config
     if c.selection == "topk":
       return selection.topk(a_BxF, c.k)
     if c.selection == "batchtopk":
       return selection.batch_topk(a_BxF, c.k, axis_name=axis_name)
-    return selection.sampled_select(a_BxF, c.k, c.l, score=c.score,
-                                    key=key if c.sample_pool else None, axis_name=axis_name)
+    return selection.sampled_select(a_BxF, c.k, c.l, axis_name=axis_name, pool=pool,
+                                    **sampled_options(c, key))
 
-  def encode(self, x_BxD: jax.Array, *, key=None, axis_name=None) -> jax.Array:
+  def pool(self, a_BxF: jax.Array, *, key=None, axis_name=None) -> jax.Array:
+    """The Sampled-SAE pool [P] that `select` would choose on this batch."""
+    return selection.sampled_pool(a_BxF, self.config.k, self.config.l, axis_name=axis_name,
+                                  **sampled_options(self.config, key))
+
+  def encode(self, x_BxD: jax.Array, *, key=None, axis_name=None, pool=None) -> jax.Array:
     """Training-mode codes [B, F]: the config's selection rule on relu(pre)."""
-    return self.select(jax.nn.relu(self.pre(x_BxD)), key=key, axis_name=axis_name)
+    return self.select(jax.nn.relu(self.pre(x_BxD)), key=key, axis_name=axis_name, pool=pool)
 
   def encode_inference(self, x_BxD: jax.Array, threshold: jax.Array) -> jax.Array:
     """Inference-mode codes [B, F]: a token's code never depends on other tokens.
@@ -96,6 +105,15 @@ class SAE(nn.Module):
 
   def __call__(self, x_BxD):  # used by `init` only: touches every parameter
     return self.decode(jax.nn.relu(self.pre(x_BxD)))
+
+
+def sampled_options(config: SAEConfig, key) -> dict:
+  """The score and pool arguments of `selection.sampled_select` for `config`,
+  given the step's PRNG key (or None): the key draws the pool only with
+  `sample_pool`, and the leverage sketch from a stream of its own."""
+  return dict(score=config.score, key=key if config.sample_pool else None, ridge=config.ridge,
+              sketch=config.sketch,
+              sketch_key=None if key is None else jax.random.fold_in(key, SKETCH_STREAM))
 
 
 def geometric_median(x_NxD: jax.Array, n_iter: int = 100, eps: float = 1e-8) -> jax.Array:

@@ -43,7 +43,8 @@ from sae_jax.config import TrainConfig
 RESUMABLE_FIELDS = ("log_every", "ckpt_every", "keep_checkpoints", "wandb", "tensorboard",
                     "train.step", "export.backend", "inference", "calibration_tokens", "out")
 # Fields added after runs were saved without them: what those runs meant.
-_ADDED_FIELDS = {"stream": False, "stream_contexts": 512}
+_ADDED_FIELDS = {"stream": False, "stream_contexts": 512, "train.sae.ridge": 0.01,
+                 "train.sae.sketch": None, "train.sae.pool_every": 1}
 INIT_SAMPLE = 4096
 # Synthetic batches are indexed by step; these indices are never training steps.
 SYNTHETIC_INIT_STEP, SYNTHETIC_EVAL_STEP, SYNTHETIC_CALIBRATION_STEP = (

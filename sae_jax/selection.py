@@ -377,35 +377,65 @@ def batch_topk(a: jax.Array, k: int, *, axis_name=None) -> jax.Array:
   return jnp.where(keep_BxF, a_BxF, 0).reshape(a.shape)
 
 
-def _shared_key(key, axis_name):
-  """Under `axis_name`, every device uses the first device's key."""
-  if key is None or axis_name is None:
-    return key
-  typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-  data = jax.random.key_data(key) if typed else key
-  data = lax.all_gather(data, axis_name, to="invarying")[0]
-  return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key)) if typed else data
+def _pool(a_BxF, k: int, l: float, score, key, axis_name, ridge, sketch, sketch_key):
+  """The Sampled-SAE pool [P] of a validated [B, F] (see `sampled_pool`)."""
+  scores_F = scoring.column_scores(_f32(a_BxF), score, axis_name=axis_name, ridge=ridge,
+                                   sketch=sketch, key=sketch_key)
+  return pool_lib.candidate_pool(scores_F, validation.pool_size(k, l, a_BxF.shape[-1]),
+                                 key=scoring.shared_key(key, axis_name))
 
 
-def _sampled_cut(a, k, l, score, key, axis_name):
-  """Validates, then returns (a_BxF, pool_P, a_BxP = a_BxF[:, pool_P], cut in
-  pool positions)."""
+def _check_sampled(a, k, l, score, key):
   a_BxF = _tokens_by_latents(a)
-  n_latents = a.shape[-1]
-  k = validation.check_k(k, n_latents)
+  k = validation.check_k(k, a.shape[-1])
   l = validation.check_l(l)
   validation.check_score(score, key)
-  scores_F = scoring.column_scores(_f32(a_BxF), score, axis_name=axis_name)
-  pool_P = pool_lib.candidate_pool(
-      scores_F, validation.pool_size(k, l, n_latents), key=_shared_key(key, axis_name))
+  return a_BxF, k, l
+
+
+@functools.partial(jax.jit, static_argnames=("k", "l", "score", "axis_name", "ridge", "sketch"))
+def sampled_pool(a: jax.Array, k: int, l: float, *, score: str = "l2", key=None,
+                 axis_name=None, ridge: float = scoring.LEVERAGE_RIDGE,
+                 sketch: typing.Optional[int] = None, sketch_key=None) -> jax.Array:
+  """The Sampled-SAE candidate pool alone: [P] int32 latents, increasing.
+
+  The arguments are `sampled_select`'s. Pass the result as `pool=` to
+  select in it on later batches without scoring them (the authors'
+  `sampling_update_freq`).
+
+  >>> sampled_pool(jnp.array([[1., 3., 2.], [0., -1., 5.]]), 1, 2)
+  Array([1, 2], dtype=int32)
+  """
+  a_BxF, k, l = _check_sampled(a, k, l, score, key)
+  return _pool(a_BxF, k, l, score, key, axis_name, ridge, sketch, sketch_key)
+
+
+def _sampled_cut(a, k, l, score, key, axis_name, ridge, sketch, sketch_key, pool):
+  """Validates, then returns (a_BxF, pool_P, a_BxP = a_BxF[:, pool_P], cut in
+  pool positions)."""
+  a_BxF, k, l = _check_sampled(a, k, l, score, key)
+  size = validation.pool_size(k, l, a.shape[-1])
+  if pool is None:
+    pool_P = _pool(a_BxF, k, l, score, key, axis_name, ridge, sketch, sketch_key)
+  else:
+    if getattr(pool, "shape", None) != (size,) or not jnp.issubdtype(pool.dtype, jnp.integer):
+      raise ValueError(f"pool must be an int array of shape ({size},) (P = min(F, ceil(k·l))); "
+                       f"got shape {getattr(pool, 'shape', None)}, dtype "
+                       f"{getattr(pool, 'dtype', None)}")
+    pool_P = jnp.sort(pool.astype(jnp.int32))  # in column order: ties break as batch_topk's
   a_BxP = jnp.take(a_BxF, pool_P, axis=1)
   cut = batch_topk_cut(_f32(a_BxP), k, axis_name)
   return a_BxF, pool_P, a_BxP, cut
 
 
-@functools.partial(jax.jit, static_argnames=("k", "l", "score", "axis_name"))
+_SAMPLED_STATIC = ("k", "l", "score", "axis_name", "ridge", "sketch")
+
+
+@functools.partial(jax.jit, static_argnames=_SAMPLED_STATIC)
 def sampled_select_pooled(a: jax.Array, k: int, l: float, *, score: str = "l2",
-                          key=None, axis_name=None) -> PooledSelection:
+                          key=None, axis_name=None, ridge: float = scoring.LEVERAGE_RIDGE,
+                          sketch: typing.Optional[int] = None, sketch_key=None,
+                          pool=None) -> PooledSelection:
   """Sampled-SAE in compact form: the pool and the [..., P] selected values.
 
   Same selection as `sampled_select`, without scattering into [..., F]: a
@@ -416,15 +446,18 @@ def sampled_select_pooled(a: jax.Array, k: int, l: float, *, score: str = "l2",
   (Array([1, 2], dtype=int32), Array([[3., 0.],
          [0., 5.]], dtype=float32))
   """
-  a_BxF, pool_P, a_BxP, cut = _sampled_cut(a, k, l, score, key, axis_name)
+  a_BxF, pool_P, a_BxP, cut = _sampled_cut(a, k, l, score, key, axis_name, ridge, sketch,
+                                           sketch_key, pool)
   keep_BxP = selected(_f32(a_BxP), cut, _row_offset(a_BxF.shape[0], axis_name))
   values_BxP = jnp.where(keep_BxP, a_BxP, 0)
   return PooledSelection(pool_P, values_BxP.reshape(a.shape[:-1] + pool_P.shape))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "l", "score", "axis_name"))
+@functools.partial(jax.jit, static_argnames=_SAMPLED_STATIC)
 def sampled_select(a: jax.Array, k: int, l: float, *, score: str = "l2",
-                   key=None, axis_name=None) -> jax.Array:
+                   key=None, axis_name=None, ridge: float = scoring.LEVERAGE_RIDGE,
+                   sketch: typing.Optional[int] = None, sketch_key=None,
+                   pool=None) -> jax.Array:
   """Sampled-SAE: score columns, pool P = min(F, ceil(k·l)), BatchTopK inside.
 
   Args:
@@ -432,12 +465,17 @@ def sampled_select(a: jax.Array, k: int, l: float, *, score: str = "l2",
     k: latents per token on average, an int in [1, F].
     l: pool size factor, a finite float >= 1. l = 1: the pool is k columns;
       l >= F / k: the pool is everything and this is `batch_topk`.
-    score: column score, one of "l2", "squared_l2", "entropy", "uniform".
+    score: column score, one of "l2", "squared_l2", "entropy", "uniform",
+      "leverage" (see `column_scores`).
     key: PRNG key. Without it the pool is the P top-scoring columns; with it
       P columns are drawn without replacement with probability proportional
       to score. Under `axis_name` the first device's key is used everywhere.
     axis_name: mapped axis the tokens are split over; with it, scores, pool
       and budget span the whole (concatenated) batch.
+    ridge, sketch, sketch_key: the "leverage" score's ridge λ, CountSketch
+      rows (None: exact) and the key that draws the sketch (`column_scores`).
+    pool: [P] latents to select in (from `sampled_pool`, e.g. of an earlier
+      batch) instead of scoring this batch; the score arguments are unused.
 
   Returns:
     An array like `a`, zero outside the selection. The gradient flows to the
@@ -450,7 +488,8 @@ def sampled_select(a: jax.Array, k: int, l: float, *, score: str = "l2",
   Array([[0., 0., 2.],
          [0., 0., 5.]], dtype=float32)
   """
-  a_BxF, pool_P, _, cut = _sampled_cut(a, k, l, score, key, axis_name)
+  a_BxF, pool_P, _, cut = _sampled_cut(a, k, l, score, key, axis_name, ridge, sketch,
+                                       sketch_key, pool)
   # Apply the pooled cut to the dense array: no scatter, columns renamed.
   in_pool_F = jnp.zeros(a.shape[-1], bool).at[pool_P].set(True)
   cut = cut._replace(col=pool_P[cut.col])

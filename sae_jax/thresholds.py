@@ -57,22 +57,27 @@ def _calibrate(params, x_NxBxD, config: SAEConfig, per_latent: bool):
   key = jax.random.key(CALIBRATION_KEY)
   acts = lambda i: jax.nn.relu(sae.apply(variables, x_NxBxD[i], method=model.SAE.pre))
 
-  def sum_over_batches(count_BxF):
-    return lax.fori_loop(0, n_batches, lambda i, total: total + count_BxF(i),
-                         jnp.zeros(config.n_latents, jnp.int32))
+  def count_selected(i, carry):
+    """The counts with batch i's, and the pool kept for the next (`pool_every`)."""
+    total_F, pool_P = carry
+    a_BxF, key_i = acts(i), jax.random.fold_in(key, i)
+    if pool_P is not None:  # renewed on every pool_every-th batch, as in training
+      pool_P = lax.cond(i % config.pool_every == 0,
+                        lambda: sae.apply(variables, a_BxF, key=key_i, method=model.SAE.pool),
+                        lambda: pool_P)
+    z_BxF = sae.apply(variables, a_BxF, key=key_i, pool=pool_P, method=model.SAE.select)
+    return total_F + jnp.sum(z_BxF > 0, axis=0, dtype=jnp.int32), pool_P
 
-  def selected(i):
-    z_BxF = sae.apply(variables, acts(i), key=jax.random.fold_in(key, i), method=model.SAE.select)
-    return jnp.sum(z_BxF > 0, axis=0, dtype=jnp.int32)
-
-  counts_F = sum_over_batches(selected)
+  kept_P = jnp.zeros(config.pool_size, jnp.int32) if config.keeps_pool else None
+  counts_F, _ = lax.fori_loop(0, n_batches, count_selected,
+                              (jnp.zeros(config.n_latents, jnp.int32), kept_P))
   if not per_latent:
     return counts_F, jnp.zeros(config.n_latents, jnp.float32)
 
   def above(bits_F):
     theta_F = lax.bitcast_convert_type(bits_F, jnp.float32)
-    return sum_over_batches(lambda i: jnp.sum(acts(i) > theta_F[None, :], axis=0,
-                                              dtype=jnp.int32))
+    return lax.fori_loop(0, n_batches, lambda i, total: total + jnp.sum(
+        acts(i) > theta_F[None, :], axis=0, dtype=jnp.int32), jnp.zeros(config.n_latents, jnp.int32))
 
   # The smallest non-negative float θ_j with at most n_j activations above
   # it, bisected on its bits (which order as the floats do): hi always

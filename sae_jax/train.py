@@ -42,6 +42,9 @@ class TrainState(struct.PyTreeNode):
   input_scale: jax.Array  # float32 c with E||c·x||² = D
   rng: jax.Array  # uint32 key data for the sampled pools
   config: TrainConfig = struct.field(pytree_node=False)
+  # int32 [P]: the Sampled-SAE pool kept between renewals; None unless the
+  # config keeps pools (sae.pool_every > 1), so other states are unchanged.
+  pool_P: typing.Optional[jax.Array] = None
 
 
 class NonFiniteError(RuntimeError):
@@ -92,7 +95,8 @@ def create_train_state(config: TrainConfig, sample_NxD) -> TrainState:
       skipped_steps=jnp.zeros((), jnp.int32),
       input_scale=jnp.asarray(scale, jnp.float32),
       rng=jax.random.key_data(pool_key),
-      config=config)
+      config=config,
+      pool_P=jnp.zeros(config.sae.pool_size, jnp.int32) if config.sae.keeps_pool else None)
 
 
 def _batch_threshold(token_min_B: jax.Array, selection: str) -> jax.Array:
@@ -140,6 +144,7 @@ def train_step(state: TrainState, x_BxD: jax.Array,
   silent_F = state.steps_since_fired_F
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   lr = _learning_rate(c, state.step)
+  kept = (state.pool_P, state.step % c.sae.pool_every == 0) if c.sae.keeps_pool else None
 
   def apply(grads, pool_P, auxk):
     """pmean, then the optimiser; a non-finite step leaves params and moments as they were."""
@@ -154,11 +159,12 @@ def train_step(state: TrainState, x_BxD: jax.Array,
     return params, opt_state, auxk, optax.tree.norm(grads), finite
 
   if c.step == "dense":
-    grads, out = gradients.dense(state.params, x_BxD, silent_F, key, c, AXIS)
+    grads, out = gradients.dense(state.params, x_BxD, silent_F, key, c, AXIS, kept)
     mse = lax.pmean(out.mse, AXIS)
     params, opt_state, auxk, grad_norm, finite = apply(grads, None, out.auxk)
   else:
-    grads, pool_P, out, with_auxk = gradients.fast(state.params, x_BxD, silent_F, key, c, AXIS)
+    grads, pool_P, out, with_auxk = gradients.fast(state.params, x_BxD, silent_F, key, c, AXIS,
+                                                   kept)
     mse = lax.pmean(out.mse, AXIS)
 
     def dense_with_auxk():
@@ -185,7 +191,8 @@ def train_step(state: TrainState, x_BxD: jax.Array,
       threshold=jnp.where(finite, threshold, state.threshold),
       steps_since_fired_F=jnp.where(finite, since_F, state.steps_since_fired_F),
       bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
-      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+      pool_P=None if kept is None else jnp.where(finite, out.pool_P, state.pool_P))
 
   n_tokens = scoring.global_tokens(x_BxD.shape[0], AXIS)
   metrics = {

@@ -11,7 +11,7 @@ import numbers
 
 import jax.numpy as jnp
 
-SCORE_METHODS = ("l2", "squared_l2", "entropy", "uniform")
+SCORE_METHODS = ("l2", "squared_l2", "entropy", "uniform", "leverage")
 
 
 def check_activations(a, name: str = "a") -> None:
@@ -67,6 +67,17 @@ def check_score(method, key) -> None:
     raise ValueError(
         "score method 'uniform' gives every column the same score, so the pool "
         "is only meaningful when sampled: pass key=jax.random.key(...)")
+
+
+def check_leverage(ridge, sketch, prefix: str = "") -> None:
+  """The leverage score's ridge is a finite number > 0; its sketch None or an int >= 1."""
+  if (isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) or not math.isfinite(ridge)
+      or ridge <= 0):
+    raise ValueError(f"{prefix}ridge must be a finite number > 0; got {ridge!r}")
+  if sketch is not None and (isinstance(sketch, bool) or not isinstance(sketch, numbers.Integral)
+                             or sketch < 1):
+    raise ValueError(f"{prefix}sketch must be None (exact leverage scores) or an integer >= 1 "
+                     f"(rows of the token sketch); got {sketch!r}")
 
 
 def pool_size(k: int, l: float, n_latents: int) -> int:

@@ -8,10 +8,18 @@ def tokens(a):
   return a.reshape(-1, a.shape[-1])
 
 
+def leverage(r, ridge=0.01):
+  """Ridge leverage scores r_jᵀ (r rᵀ + ridge I)⁻¹ r_j of r's columns, by a solve."""
+  r = np.asarray(r, np.float64)
+  return np.sum(r * np.linalg.solve(r @ r.T + ridge * np.eye(len(r)), r), axis=0)
+
+
 def scores(a, method):
   a = np.maximum(tokens(a), 0.0)
   if method == "uniform":
     return np.ones(a.shape[1])
+  if method == "leverage":
+    return leverage(a)
   if method == "squared_l2":
     return (a * a).sum(0)
   if method == "l2":

@@ -179,13 +179,32 @@ def test_runs_saved_before_streaming_existed_still_resume(tmp_path):
   assert cli("--data", "synthetic", "--steps", 20, "--out", out) == 0
   saved = json.loads((out / "config.json").read_text())
   del saved["stream"], saved["stream_contexts"]  # as an older version wrote it
+  for name in ("ridge", "sketch", "pool_every"):
+    del saved["train"]["sae"][name]
   (out / "config.json").write_text(json.dumps(saved))
   assert cli("--data", "synthetic", "--steps", 20, "--out", out) == 0
   assert cli("--data", "synthetic", "--steps", 20, "--out", out, "--stream-contexts", 8) == 2
 
 
+def test_a_kept_pool_resumes_exactly(tmp_path):
+  """--pool-every keeps the pool in the checkpoint: a run resumed between
+  renewals ends with the uninterrupted run's parameters."""
+  args = ["--data", "synthetic", "--steps", 20, "--score", "leverage", "--sketch", 8,
+          "--pool-every", 3, "--ckpt-every", 7]
+  assert cli(*args, "--out", tmp_path / "straight") == 0
+  resumed = tmp_path / "resumed"
+  assert cli(*args, "--out", resumed) == 0
+  for stale in ("summary.json", "saelens", "checkpoints/20", "checkpoints/20.meta.json"):
+    path = resumed / stale
+    subprocess.run(["rm", "-r", str(path)], check=True)
+  assert cli(*args, "--out", resumed) == 0  # from step 14: the pool of step 12 is kept
+  assert outputs(tmp_path / "straight")["bytes"] == outputs(resumed)["bytes"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--k", "65", "--dict-size", "64"], r"SAEConfig.k must be an integer in \[1, 64\]"),
+    (["--pool-every", "0"], r"SAEConfig.pool_every must be an integer >= 1; got 0"),
+    (["--score", "leverage", "--sketch", "0"], r"SAEConfig.sketch must be None"),
     (["--l", "0.5"], r"SAEConfig.l must be a finite number >= 1; got 0.5"),
     (["--data", "missing/acts.npy"], r"--data 'missing/acts.npy' is not 'pythia', 'synthetic'"),
     (["--data", "RANK3"], r"must hold activations \[N, D\] \(2 dimensions\); got shape \(4, 4, 16\)"),

@@ -69,3 +69,44 @@ def test_cpu_and_accelerator_reductions_agree_bit_for_bit(n_tokens):
   v = jnp.asarray(rng.random((n_tokens, 13)).astype(np.float32) * 1000)
   for got, want in zip(scoring._scan_sums(v, digits), digits(v)):
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 45), (64, 300)])
+def test_leverage_equals_float64_reference(shape):
+  rng = np.random.default_rng(2)
+  a = (3 * rng.standard_normal(shape)).astype(np.float32)
+  a[rng.random(a.shape) < 0.8] = 0
+  a[..., :3] = 0  # never fires: exactly 0, below every column that does
+  a[..., 3] = -1.0
+  got = np.asarray(sae_jax.column_scores(a, "leverage"))
+  want = reference.scores(a, "leverage")
+  assert got.shape == (shape[-1],) and got.dtype == np.float32
+  assert np.all(got[:4] == 0) and np.all(got[4:][want[4:] > 0] > 0)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * want.max())
+  ridge = np.asarray(sae_jax.column_scores(a, "leverage", ridge=3.0))
+  np.testing.assert_allclose(ridge, reference.leverage(np.maximum(a.reshape(-1, shape[-1]), 0),
+                                                       3.0), rtol=1e-5, atol=1e-7)
+
+
+def test_sketched_leverage_is_that_of_an_exact_count_sketch():
+  rng = np.random.default_rng(3)
+  a = np.maximum(rng.standard_normal((96, 50)), 0).astype(np.float32) * wide_range((96, 1), 4)
+  m, key = 16, jax.random.key(5)
+  # The sketch's rows and signs as count_sketch draws them, summed in float64.
+  bucket_key, sign_key = jax.random.split(key)
+  bucket = np.asarray(jax.random.randint(bucket_key, (96,), 0, m))
+  sign = np.asarray(jax.random.rademacher(sign_key, (96,), jnp.float32), np.float64)
+  want = np.zeros((m, 50))
+  np.add.at(want, bucket, sign[:, None] * a)
+  got = np.asarray(scoring.count_sketch(jnp.asarray(a), m, key))
+  # Each value rounded to 2^-(30 - 7) of its column's maximum (B = 96), then summed exactly.
+  unit = 2.0 ** (np.frexp(np.abs(a).max(0))[1] - 23)
+  assert np.all(np.abs(got - want) <= np.bincount(bucket, minlength=m)[:, None] * unit / 2)
+  np.testing.assert_array_equal(  # which is the exact sum of the rounded values
+      got, np.stack([np.round(sign[bucket == i, None] * a[bucket == i] / unit).sum(0) * unit
+                     for i in range(m)]))
+  scores = np.asarray(sae_jax.column_scores(a, "leverage", sketch=m, key=key))
+  np.testing.assert_allclose(scores, reference.leverage(got), rtol=1e-5, atol=1e-7)
+  default = sae_jax.column_scores(a, "leverage", sketch=m)  # key 0 when none is given
+  np.testing.assert_array_equal(default, sae_jax.column_scores(a, "leverage", sketch=m,
+                                                               key=jax.random.key(0)))

@@ -83,3 +83,27 @@ def test_without_axis_name_each_shard_selects_alone(runner):
   for i, got in enumerate(sharded):
     np.testing.assert_array_equal(got, np.concatenate([np.asarray(x[i]) for x in alone]))
   assert not np.array_equal(sharded[-3], np.asarray(all_rules(jnp.asarray(a), k, l, None, None)[-3]))
+
+
+@pytest.mark.parametrize("runner", [run_pmap, run_shard_map])
+@pytest.mark.parametrize("sketch", [None, 8])
+def test_leverage_scores_and_pools_are_shard_invariant(runner, sketch):
+  # Exact scores gather the batch on every device; the sketch is summed
+  # exactly. Either way every device computes the single-device bits.
+  a = DATA["dense"].astype(np.float32)
+  key_for = lambda i: jax.random.fold_in(jax.random.key(3), i)
+
+  def rules(x, key, axis_name):
+    options = dict(score="leverage", sketch=sketch, sketch_key=key, axis_name=axis_name)
+    return (sae_jax.column_scores(x, "leverage", sketch=sketch, key=key, axis_name=axis_name)[None],
+            sae_jax.sampled_pool(x, 3, 2.5, **options)[None],
+            sae_jax.sampled_select(x, 3, 2.5, **options))
+
+  single = rules(jnp.asarray(a), key_for(0), None)
+  sharded = runner(lambda x: rules(x, key_for(jax.lax.axis_index(AXIS)), AXIS), a)
+  for got, want in zip(sharded, single):
+    want = np.asarray(want)
+    np.testing.assert_array_equal(got, np.broadcast_to(want, got.shape))
+  if sketch is None:
+    np.testing.assert_allclose(single[0][0], reference.scores(a, "leverage"), rtol=1e-5,
+                               atol=1e-7)

@@ -38,6 +38,11 @@ RULES = {
     "sampled": config("sampled"),
     "sampled_drawn": config("sampled", score="entropy", sample_pool=True),
 }
+# Leverage scores: exact, and sketched with the pool kept for 2 steps.
+LEVERAGE = {
+    "sampled_leverage": config("sampled", score="leverage"),
+    "sampled_kept": config("sampled", score="leverage", sketch=8, pool_every=2),
+}
 
 
 def batch(seed, n=B):
@@ -112,9 +117,9 @@ def reference_step(state, x_raw, c):
   return grads, since, dead, metrics
 
 
-@pytest.mark.parametrize("rule", ["topk", "batchtopk", "sampled"])
+@pytest.mark.parametrize("rule", ["topk", "batchtopk", "sampled", "sampled_leverage"])
 def test_one_step_matches_numpy(rule):
-  c = RULES[rule]
+  c = (RULES | LEVERAGE)[rule]
   # Step 1, the first after threshold_start = 0: the threshold EMA starts here.
   state = fresh_state(c).replace(step=jnp.int32(1))
   x = batch(1)
@@ -171,9 +176,9 @@ def test_threshold_ema_starts_after_threshold_start():
 
 # --- Devices -------------------------------------------------------------------
 
-@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("rule", list(RULES) + ["sampled_kept"])
 def test_four_devices_equal_one(rule, caplog):
-  c = RULES[rule]
+  c = (RULES | LEVERAGE)[rule]
   state = fresh_state(c)
   one, four = train.replicate(state, 1), train.replicate(state, 4)
   for step in range(5):
@@ -266,11 +271,11 @@ def test_fast_gradients_equal_dense_on_four_devices(rule):
       np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("rule", list(RULES) + ["sampled_kept"])
 def test_fast_step_equals_dense_step_on_four_devices(rule):
   """Three steps: the first two with no dead latent (Sampled-SAE's pooled
   update), the third with N_DEAD latents dead (AuxK)."""
-  fast_config = RULES[rule]
+  fast_config = (RULES | LEVERAGE)[rule]
   dense_config = dataclasses.replace(fast_config, step="dense")
   start = fresh_state(fast_config)
   states = {c.step: train.replicate(start.replace(config=c), 4) for c in (fast_config, dense_config)}
@@ -297,6 +302,27 @@ def test_fast_step_equals_dense_step_on_four_devices(rule):
     for name in want:
       np.testing.assert_allclose(got[name], want[name], rtol=1e-3,
                                  atol=1e-5 * np.abs(want[name]).max(), err_msg=name)
+
+
+def test_a_kept_pool_is_renewed_every_pool_every_steps():
+  c = LEVERAGE["sampled_kept"]
+  state = train.replicate(fresh_state(c), 4)
+  sae = model.SAE(c.sae)
+  for step in range(4):
+    before = train.unreplicate(state)
+    x = batch(90 + step)
+    state, _ = train.p_train_step(state, train.shard_batch(x, 4))
+    pool_P = train.unreplicate(state).pool_P
+    if step % 2:  # kept
+      np.testing.assert_array_equal(pool_P, before.pool_P)
+    else:  # chosen on this batch, with this step's key, before the update
+      a = jax.nn.relu(sae.apply({"params": before.params}, x * before.input_scale,
+                                method=model.SAE.pre))
+      key = jax.random.fold_in(jax.random.wrap_key_data(before.rng), step)
+      np.testing.assert_array_equal(pool_P, sae.apply({"params": before.params}, a, key=key,
+                                                      method=model.SAE.pool))
+      assert step == 0 or not np.array_equal(pool_P, before.pool_P)
+  assert fresh_state(RULES["sampled"]).pool_P is None  # states without kept pools are as before
 
 
 def test_loop_leaves_auxk_out_only_while_no_latent_can_be_dead(monkeypatch):
