@@ -90,6 +90,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
                    help="> 0: the activation-lottery regime")
   syn.add_argument("--rare-rate", type=float, default=defaults.rare_rate)
   syn.add_argument("--rare-magnitude", type=float, default=defaults.rare_magnitude)
+  syn.add_argument("--parents", type=int, default=defaults.parents,
+                   help="> 0: a hierarchy, parents with children that fire only with them "
+                        "(feature absorption)")
+  syn.add_argument("--children", type=int, default=defaults.children, help="children per parent")
+  syn.add_argument("--child-given-parent", type=float, default=defaults.child_given_parent,
+                   help="when a parent fires, the probability that one of its children does")
   run = p.add_argument_group("run")
   run.add_argument("--out", default=None)
   run.add_argument("--log-every", type=int, default=100)
@@ -115,7 +121,8 @@ def config_from(args) -> RunConfig:
   synthetic_config = synthetic.SyntheticConfig(
       d_model=args.synthetic_d_model, n_features=args.synthetic_features,
       active=args.synthetic_active, noise=args.synthetic_noise, rare_fraction=args.rare_fraction,
-      rare_rate=args.rare_rate, rare_magnitude=args.rare_magnitude, seed=args.seed)
+      rare_rate=args.rare_rate, rare_magnitude=args.rare_magnitude, parents=args.parents,
+      children=args.children, child_given_parent=args.child_given_parent, seed=args.seed)
   # Everything but D is checked first, so a typo never waits for the data.
   sae_args = dict(n_latents=args.dict_size, k=args.k, selection=args.selection, l=args.l,
                   score=args.score, sample_pool=args.sample_pool, ridge=args.ridge,

@@ -139,16 +139,38 @@ class Activations:
     self._verify(file_index)
     return _to_float32(np.asarray(np.load(path, mmap_mode="r")[start:stop]), self.dtype)
 
-  def eval_batch(self) -> np.ndarray:
-    """The held-out rows [eval_rows, D], float32, in storage order."""
+  def _held_out(self, read) -> list:
+    """read(file index, start, stop) over the held-out rows, in storage order."""
     parts, first = [], 0
     begin = self.n_rows - self.eval_rows
     for index, (_, _, rows) in enumerate(self._files):
       lo, hi = max(begin - first, 0), rows
       if lo < hi:
-        parts.append(self.read(index, lo, hi))
+        parts.append(read(index, lo, hi))
       first += rows
+    return parts
+
+  def eval_batch(self) -> np.ndarray:
+    """The held-out rows [eval_rows, D], float32, in storage order."""
+    parts = self._held_out(self.read)
     return np.concatenate(parts) if parts else np.zeros((0, self.d_model), np.float32)
+
+  def eval_tokens(self) -> typing.Optional[np.ndarray]:
+    """The token ids [eval_rows] of the held-out rows (a cache's
+    tokens-*.npy, checked against its sha256), or None for a .npy file."""
+    if self.manifest is None:
+      return None
+
+    def read(index, start, stop):
+      shard = self.manifest["shards"][index]
+      path = self.path / shard["files"]["tokens"]
+      if export.sha256(path) != shard["sha256"]["tokens"]:
+        raise ValueError(f"activation cache {self.path}: {path.name} is corrupted (sha256 does "
+                         f"not match the manifest)")
+      return np.asarray(open_npy(path)[start:stop])
+
+    parts = self._held_out(read)
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
   def sample(self, n: int, seed: int = 0) -> np.ndarray:
     """n training rows from the start of a seeded shuffle (for initialisation)."""

@@ -169,7 +169,7 @@ def ground_truth_metrics(W_dec_FxD, dictionary_NxD, feature_class_N, *,
                          threshold: float = 0.9) -> dict:
   """gt_mmcs (mean over true directions of the best cosine with a decoder row)
   and gt_recovered (fraction with best cosine >= threshold), overall and per
-  feature class (gt_mmcs_rare, gt_recovered_frequent, ...).
+  feature class (gt_mmcs_rare, gt_recovered_frequent, gt_recovered_parent, ...).
 
   >>> ground_truth_metrics(np.eye(2), np.array([[1., 0.], [1., 1.]]), np.array([0, 1]))["gt_recovered_rare"]
   0.0
@@ -177,7 +177,7 @@ def ground_truth_metrics(W_dec_FxD, dictionary_NxD, feature_class_N, *,
   from sae_jax import synthetic
   best_N = synthetic.best_cosines(W_dec_FxD, dictionary_NxD)
   out = {"gt_mmcs": float(best_N.mean()), "gt_recovered": float(np.mean(best_N >= threshold))}
-  for name, value in (("frequent", synthetic.FREQUENT), ("rare", synthetic.RARE)):
+  for value, name in synthetic.CLASS_NAMES.items():
     members = np.asarray(feature_class_N) == value
     if members.any():
       out[f"gt_mmcs_{name}"] = float(best_N[members].mean())

@@ -27,6 +27,7 @@ from sae_jax import data
 from sae_jax import evaluate
 from sae_jax import export as export_lib
 from sae_jax import saelens
+from sae_jax import spelling
 from sae_jax import synthetic as synthetic_lib
 from sae_jax import thresholds
 from sae_jax import train
@@ -44,7 +45,8 @@ RESUMABLE_FIELDS = ("log_every", "ckpt_every", "keep_checkpoints", "wandb", "ten
                     "train.step", "export.backend", "inference", "calibration_tokens", "out")
 # Fields added after runs were saved without them: what those runs meant.
 _ADDED_FIELDS = {"stream": False, "stream_contexts": 512, "train.sae.ridge": 0.01,
-                 "train.sae.sketch": None, "train.sae.pool_every": 1}
+                 "train.sae.sketch": None, "train.sae.pool_every": 1, "synthetic.parents": 0,
+                 "synthetic.children": 4, "synthetic.child_given_parent": 0.5}
 INIT_SAMPLE = 4096
 # Synthetic batches are indexed by step; these indices are never training steps.
 SYNTHETIC_INIT_STEP, SYNTHETIC_EVAL_STEP, SYNTHETIC_CALIBRATION_STEP = (
@@ -207,6 +209,11 @@ class _Data(typing.NamedTuple):
   position: typing.Callable[[int], typing.Optional[dict]] = lambda step: None  # to save
   # (final state, thresholds θ_F) -> the spliced-loss metrics
   downstream: typing.Optional[typing.Callable[[train.TrainState, np.ndarray], dict]] = None
+  # The held-out rows' true coefficients [N, M] (synthetic data).
+  true_codes: typing.Optional[typing.Callable[[], np.ndarray]] = None
+  # The held-out rows' (token ids [N], first letters [N]) (a cache whose
+  # model's tokenizer loads), or None.
+  letters: typing.Optional[typing.Callable[[], typing.Optional[tuple]]] = None
 
 
 def _open_data(config: RunConfig, n_devices: int, *, verify: bool = False) -> _Data:
@@ -224,7 +231,9 @@ def _open_data(config: RunConfig, n_devices: int, *, verify: bool = False) -> _D
                  lambda: source.sample(SYNTHETIC_EVAL_STEP, config.eval_tokens),
                  {"model_name": "synthetic", "hook_name": "synthetic", "context_size": None,
                   "prepend_bos": False, "dataset_path": "synthetic"},
-                 lambda n: source.sample(SYNTHETIC_CALIBRATION_STEP, n), source.dictionary)
+                 lambda n: source.sample(SYNTHETIC_CALIBRATION_STEP, n), source.dictionary,
+                 true_codes=lambda: source.sample_with_codes(SYNTHETIC_EVAL_STEP,
+                                                             config.eval_tokens)[1])
   if config.stream:
     return _open_stream(config)
   path = config.data
@@ -248,13 +257,22 @@ def _open_data(config: RunConfig, n_devices: int, *, verify: bool = False) -> _D
               "dataset_path": manifest["dataset"] if manifest else str(path),
               **(MODEL_KWARGS if manifest else {})}
   train_rows = acts.n_rows - eval_rows
+
+  def letters():
+    tokenizer = spelling.load_tokenizer(manifest["model"], manifest.get("revision"))
+    if tokenizer is None:
+      return None
+    tokens = acts.eval_tokens()
+    return tokens, spelling.token_letters(tokenizer, tokens)
+
   return _Data(
       lambda start, position: acts.batches(c.batch_size, n_devices, seed=c.seed,
                                            start_step=start),
       acts.sample(min(INIT_SAMPLE, train_rows), seed=c.seed),
       acts.eval_batch, metadata, lambda n: acts.sample(min(n, train_rows), seed=c.seed + 1),
       downstream=((lambda state, theta: _downstream(config, state, theta))
-                  if config.data == "pythia" else None))
+                  if config.data == "pythia" else None),
+      letters=letters if manifest else None)
 
 
 def _pythia_metadata(e: export_lib.ExportConfig) -> dict:
@@ -343,7 +361,7 @@ def _write_text(path: pathlib.Path, text: str, then: str) -> None:
                      f"half-written: free space and re-run to {then}") from None
 
 
-def _write_json(path: pathlib.Path, value) -> None:
+def write_json(path: pathlib.Path, value) -> None:
   """Strict JSON (NaN and inf as null), written whole or not at all."""
   _write_text(path, json.dumps(_strict(value), indent=1, allow_nan=False), "continue")
 
@@ -372,7 +390,7 @@ def _check_resume(out: pathlib.Path, config: RunConfig) -> None:
       return  # unchanged: nothing to write (so a full disk cannot stop a finished run here)
     if FINGERPRINT in saved:
       new[FINGERPRINT] = saved[FINGERPRINT]
-  _write_json(path, new)
+  write_json(path, new)
 
 
 def data_fingerprint(config: RunConfig) -> typing.Optional[dict]:
@@ -414,7 +432,7 @@ def _check_data(out: pathlib.Path, config: RunConfig, resuming: bool) -> None:
       print(f"--data {config.data} was modified since the run began, but its size and first "
             f"and last MiB are the same: resuming", flush=True)
   if new is not None and (old != new or not resuming):
-    _write_json(path, saved | {FINGERPRINT: new})
+    write_json(path, saved | {FINGERPRINT: new})
 
 
 LOCK = ".lock"
@@ -685,7 +703,7 @@ def _run(config: RunConfig, out: pathlib.Path, *, progress: bool, verify: bool):
     raise ValueError(f"could not write {out / 'saelens'} ({reason}); nothing was left "
                      f"half-written, and a saelens/ written before is as it was: free space "
                      f"and re-run to finish") from None
-  _write_json(out / "summary.json", summary)  # last: the run is finished once it exists
+  write_json(out / "summary.json", summary)  # last: the run is finished once it exists
   print(json.dumps(_strict(summary)), flush=True)
   return summary
 
@@ -716,8 +734,10 @@ def _evaluate(config: RunConfig, state: train.TrainState, source: _Data, theta_F
   """summary.json: the held-out tokens in inference mode (the saved SAE) and
   in batch mode (the training rule on shuffled batches of the same tokens)."""
   c = config.train
-  held_out, dropped = _finite(source.held_out(), "the held-out rows")
+  raw = source.held_out()
+  held_out, dropped = _finite(raw, "the held-out rows")
   z, xhat = evaluate.reconstruct(state.params, theta_F, state.input_scale, held_out, c.sae)
+  concepts = _concepts(config, state, source, held_out, z, np.isfinite(raw).all(axis=1))
   summary = evaluate.reconstruction_metrics(held_out, xhat, z)
   sparsity = evaluate.sparsity_metrics(z)
   counts, never = evaluate.density_histogram(sparsity.pop("density_F"))
@@ -745,6 +765,37 @@ def _evaluate(config: RunConfig, state: train.TrainState, source: _Data, theta_F
   if source.dictionary is not None:
     summary.update(evaluate.ground_truth_metrics(state.params["W_dec"], source.dictionary,
                                                  config.synthetic.feature_class()))
+  summary.update(concepts)
   if source.downstream is not None:
     summary.update(source.downstream(state, theta_F))
   return summary
+
+
+def _concepts(config: RunConfig, state: train.TrainState, source: _Data, x_NxD, z_NxF,
+              kept_N) -> dict:
+  """Sparse probing and absorption (`probing.py`) of the held-out rows x
+  (the finite ones, `kept_N`, of those the data gave) from their inference
+  codes z: of every true feature, and each parent of a hierarchy, on
+  synthetic data; of first letters on a cache's tokens."""
+  from sae_jax import probing  # noqa: PLC0415
+  scale = np.float32(state.input_scale)  # codes / scale: the SAE's input units, as in SAELens
+  W_dec = np.asarray(state.params["W_dec"])
+  drop = lambda result, key: {k: v for k, v in result.items() if k != key}
+  if source.true_codes is not None:
+    truth = source.true_codes()[kept_N]
+    codes = z_NxF / scale
+    out = drop(probing.sparse_probing(codes, truth > 0, dense_NxD=x_NxD), "per_task")
+    if config.synthetic.parents:
+      out |= drop(probing.ground_truth_absorption(x_NxD, codes, W_dec, truth, source.dictionary,
+                                                  config.synthetic.parent_of()), "per_parent")
+    return out
+  found = source.letters() if source.letters is not None else None
+  if found is None:
+    return {}
+  tokens, letter = found[0][kept_N], found[1][kept_N]
+  words = letter >= 0
+  codes, x_NxD, tokens, letter = z_NxF[words] / scale, x_NxD[words], tokens[words], letter[words]
+  out = drop(probing.sparse_probing(
+      codes, letter[:, None] == np.arange(len(spelling.LETTERS))[None, :], dense_NxD=x_NxD),
+      "per_task")
+  return out | drop(probing.letter_absorption(x_NxD, codes, W_dec, letter, tokens), "per_letter")

@@ -103,3 +103,28 @@ def export_saelens(out, params: dict, threshold, input_scale: float, config: SAE
   finally:  # a failed write (a full disk) leaves no partial folder behind
     shutil.rmtree(tmp, ignore_errors=True)
   return out
+
+
+def load(folder) -> tuple[dict, dict]:
+  """(weights, cfg) of a saved SAE folder, or one line saying what is missing."""
+  from safetensors.numpy import load_file
+  folder = pathlib.Path(folder)
+  paths = [folder / "cfg.json", folder / "sae_weights.safetensors"]
+  missing = [path.name for path in paths if not path.is_file()]
+  if missing:
+    raise ValueError(f"{folder} holds no saved SAE ({' and '.join(missing)} missing): is the "
+                     f"run finished?")
+  return load_file(str(paths[1])), json.loads(paths[0].read_text())
+
+
+def encode(weights: dict, cfg: dict, x_NxD) -> np.ndarray:
+  """Codes [N, F] of raw activations by SAELens' formulas for the saved
+  architectures: h = (x - b_dec) @ W_enc + b_enc, then relu(h) * (h > θ)
+  ("jumprelu") or each row's k largest of relu(h) ("topk")."""
+  h = (np.asarray(x_NxD, np.float32) - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
+  if cfg["architecture"] == "jumprelu":
+    return np.maximum(h, 0) * (h > weights["threshold"])
+  z = np.zeros_like(h)
+  top = np.argpartition(-h, cfg["k"] - 1, axis=1)[:, :cfg["k"]]
+  np.put_along_axis(z, top, np.maximum(np.take_along_axis(h, top, axis=1), 0), axis=1)
+  return z

@@ -6,6 +6,14 @@ Feature i fires independently with probability p_i. Frequent features share
 one rate and magnitude; with `rare_fraction > 0`, the first features are rare
 and strong instead — the "activation lottery" regime, where under BatchTopK
 the few large activations crowd out the many small ones.
+
+With `parents > 0`, features after the rare ones form a hierarchy (Chanin et
+al. 2024, "A is for Absorption"): each parent fires at the frequent rate and
+has `children` children; when it fires, one of them fires with it with
+probability `child_given_parent` (each child equally likely), and otherwise
+it fires alone. A child never fires without its parent. This is where feature
+absorption appears: a latent for a child can take in its parent's direction,
+and the parent's latent then stays silent whenever a child fires.
 """
 
 import dataclasses
@@ -19,7 +27,9 @@ import numpy as np
 
 from sae_jax import validation
 
-FREQUENT, RARE = 0, 1
+FREQUENT, RARE, PARENT, CHILD = 0, 1, 2, 3
+CLASS_NAMES = {FREQUENT: "frequent", RARE: "rare", PARENT: "parent", CHILD: "child"}
+NO_PARENT = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +53,12 @@ class SyntheticConfig:
   """A rare feature fires this many times as often as a frequent one."""
   rare_magnitude: float = 8.0
   """... with this many times the coefficient."""
+  parents: int = 0
+  """Features that have children (0: no hierarchy); they follow the rare ones."""
+  children: int = 4
+  """Children per parent; they follow the parents, grouped by parent."""
+  child_given_parent: float = 0.5
+  """When a parent fires, the probability that one of its children fires too."""
   seed: int = 0
   """Seeds the dictionary and every batch."""
 
@@ -55,6 +71,14 @@ class SyntheticConfig:
                      ("rare_fraction", 1), ("rare_rate", math.inf),
                      ("rare_magnitude", math.inf)):
       validation.check_real_field(owner, name, getattr(self, name), 0, hi)
+    validation.check_int_field(owner, "parents", self.parents, minimum=0)
+    validation.check_int_field(owner, "children", self.children)
+    validation.check_real_field(owner, "child_given_parent", self.child_given_parent, 0, 1)
+    if self.n_rare + self.parents * (1 + self.children) > self.n_features:
+      raise ValueError(
+          f"SyntheticConfig: {self.n_rare} rare features and {self.parents} parents with "
+          f"{self.children} children each need {self.n_rare + self.parents * (1 + self.children)} "
+          f"features; n_features is {self.n_features}")
     validation.check_int_field(owner, "seed", self.seed, minimum=0)
     if self.firing_rates().max() > 1:
       raise ValueError(
@@ -66,13 +90,27 @@ class SyntheticConfig:
     return round(self.rare_fraction * self.n_features)
 
   def feature_class(self) -> np.ndarray:
-    """[n_features] int: RARE for the first n_rare features, FREQUENT after."""
-    return np.where(np.arange(self.n_features) < self.n_rare, RARE, FREQUENT)
+    """[n_features] int: RARE for the first n_rare features, then PARENT and
+    CHILD for the hierarchy's, FREQUENT after."""
+    i = np.arange(self.n_features)
+    first_child = self.n_rare + self.parents
+    return np.select([i < self.n_rare, i < first_child,
+                      i < first_child + self.parents * self.children],
+                     [RARE, PARENT, CHILD], FREQUENT)
+
+  def parent_of(self) -> np.ndarray:
+    """[n_features] int: each child's parent feature, NO_PARENT for the others."""
+    i = np.arange(self.n_features)
+    first_child = self.n_rare + self.parents
+    return np.where(self.feature_class() == CHILD,
+                    self.n_rare + (i - first_child) // self.children, NO_PARENT)
 
   def firing_rates(self) -> np.ndarray:
-    """[n_features] probability that each feature fires in a token."""
-    rare = self.feature_class() == RARE
-    relative = np.where(rare, self.rare_rate, 1.0)
+    """[n_features] probability that each feature fires in a token (a
+    child's: its parent's rate times child_given_parent / children)."""
+    kind = self.feature_class()
+    relative = np.select([kind == RARE, kind == CHILD],
+                         [self.rare_rate, self.child_given_parent / self.children], 1.0)
     return relative * (self.active / relative.sum()) if relative.sum() else relative
 
   def magnitudes(self) -> np.ndarray:
@@ -82,14 +120,25 @@ class SyntheticConfig:
 
 
 @functools.partial(jax.jit, static_argnames=("n_tokens",))
-def _sample(key, n_tokens: int, dictionary_NxD, rate_N, magnitude_N, spread, noise):
+def _sample(key, n_tokens: int, dictionary_NxD, rate_N, magnitude_N, spread, noise,
+            hierarchy=None):
+  """(activations [T, D], true coefficients [T, N]) of one batch."""
   fire_key, size_key, noise_key = jax.random.split(key, 3)
   n_features, d_model = dictionary_NxD.shape
   fires_TxN = jax.random.bernoulli(fire_key, rate_N[None, :], (n_tokens, n_features))
+  if hierarchy is not None:  # a child fires when its parent's draw lands in its slot
+    parent_N, low_N, high_N = hierarchy
+    parent_at_N = jnp.maximum(parent_N, 0)
+    draw_TxN = jax.random.uniform(jax.random.fold_in(key, 3), (n_tokens, n_features))
+    draw_TxN = draw_TxN[:, parent_at_N]
+    child_TxN = (fires_TxN[:, parent_at_N] & (draw_TxN >= low_N[None, :])
+                 & (draw_TxN < high_N[None, :]))
+    fires_TxN = jnp.where(parent_N[None, :] >= 0, child_TxN, fires_TxN)
   u_TxN = jax.random.uniform(size_key, (n_tokens, n_features), minval=1 - spread,
                              maxval=1 + spread)
   codes_TxN = jnp.where(fires_TxN, magnitude_N[None, :] * u_TxN, 0.0)
-  return codes_TxN @ dictionary_NxD + noise * jax.random.normal(noise_key, (n_tokens, d_model))
+  x_TxD = codes_TxN @ dictionary_NxD + noise * jax.random.normal(noise_key, (n_tokens, d_model))
+  return x_TxD, codes_TxN
 
 
 class SyntheticSource:
@@ -101,15 +150,32 @@ class SyntheticSource:
     directions = np.asarray(jax.random.normal(dictionary_key, (config.n_features, config.d_model)))
     self.dictionary = directions / np.linalg.norm(directions, axis=1, keepdims=True)
     self.feature_class = config.feature_class()
-    self._arrays = (jnp.asarray(self.dictionary, jnp.float32),
-                    jnp.asarray(config.firing_rates(), jnp.float32),
+    self.parent_of = config.parent_of()
+    rates = config.firing_rates()
+    hierarchy = None
+    if config.parents:  # children draw from their parent's firing, not on their own
+      child = self.parent_of != NO_PARENT
+      slot = np.where(child, (np.arange(config.n_features) - config.n_rare - config.parents)
+                      % config.children, 0)
+      width = config.child_given_parent / config.children
+      hierarchy = (jnp.asarray(self.parent_of, jnp.int32), jnp.asarray(slot * width, jnp.float32),
+                   jnp.asarray((slot + 1) * width, jnp.float32))
+      rates = np.where(child, 0.0, rates)
+    self._arrays = (jnp.asarray(self.dictionary, jnp.float32), jnp.asarray(rates, jnp.float32),
                     jnp.asarray(config.magnitudes(), jnp.float32))
+    self._hierarchy = hierarchy
+
+  def sample_with_codes(self, step: int, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens [n_tokens, D] of batch `step`, and their true coefficients
+    [n_tokens, n_features] (a feature is present where its coefficient is > 0)."""
+    key = jax.random.fold_in(self._key, step)
+    x, codes = _sample(key, n_tokens, *self._arrays, self.config.spread, self.config.noise,
+                       self._hierarchy)
+    return np.asarray(x), np.asarray(codes)
 
   def sample(self, step: int, n_tokens: int) -> np.ndarray:
     """Tokens [n_tokens, D] of batch `step`."""
-    key = jax.random.fold_in(self._key, step)
-    return np.asarray(_sample(key, n_tokens, *self._arrays, self.config.spread,
-                              self.config.noise))
+    return self.sample_with_codes(step, n_tokens)[0]
 
   def batches(self, batch_size: int, n_devices: int = 1,
               start_step: int = 0) -> typing.Iterator[np.ndarray]:

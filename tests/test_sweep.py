@@ -10,10 +10,10 @@ from tests import scripts
 sweep_script = scripts.load("sweep_l")
 
 ARGS = ["--data", "synthetic", "--synthetic-d-model", "16", "--synthetic-features", "32",
-        "--rare-fraction", "0.1", "--dict-size", "64", "--k", "4", "--batch-size", "64",
-        "--steps", "30", "--warmup-steps", "5", "--threshold-start", "10", "--eval-tokens", "512",
-        "--calibration-tokens", "1024",
-        "--ls", "1", "16", "--scores", "l2", "entropy", "--no-progress"]
+        "--rare-fraction", "0.1", "--parents", "2", "--children", "3", "--dict-size", "64",
+        "--k", "4", "--batch-size", "64", "--steps", "30", "--warmup-steps", "5",
+        "--threshold-start", "10", "--eval-tokens", "512", "--calibration-tokens", "1024",
+        "--ls", "1", "16", "--scores", "l2", "leverage", "--sketch", "16", "--no-progress"]
 
 
 def read_rows(out):
@@ -26,8 +26,13 @@ def test_sweep_end_to_end_and_resume(tmp_path, capsys):
   assert sweep_script.main([*ARGS, "--out", str(out)]) == 0
   rows = read_rows(out)
   assert [r["variant"] for r in rows] == ["topk", "batchtopk", "sampled-l2-l1", "sampled-l2-l16",
-                                          "sampled-entropy-l1", "sampled-entropy-l16"]
+                                          "sampled-leverage-l1", "sampled-leverage-l16"]
   assert all(0 <= float(r["fvu"]) and 0 <= float(r["gt_recovered_rare"]) <= 1 for r in rows)
+  # Probing of the 32 true features and absorption of the 2 parents, per variant.
+  for r in rows:
+    assert 0.5 <= float(r["probe_acc_k1"]) <= float(r["probe_acc_dense"]) + 0.1
+    assert 0 <= float(r["absorption"]) <= 1 and 0 <= float(r["absorption_fraction"]) <= 1
+    assert 0 <= float(r["gt_recovered_parent"]) <= 1 and r["absorption_letters"] == "nan"
   assert rows[0]["pool_jaccard"] == "nan" and float(rows[2]["pool_jaccard"]) > 0
   # l = 16 puts all 64 latents in the pool: the same selections as BatchTopK.
   # The fast step computes the two rules' gradients by different routes (a
@@ -35,11 +40,12 @@ def test_sweep_end_to_end_and_resume(tmp_path, capsys):
   for metric in ("fvu", "gt_mmcs", "l0"):
     np.testing.assert_allclose(float(rows[3][metric]), float(rows[1][metric]), rtol=1e-5)
   table = (out / "results.md").read_text()
-  assert table.startswith("| variant | selection |") and "sampled-entropy-l16" in table
-  assert "sampled-entropy-l16" in capsys.readouterr().out
+  assert table.startswith("| variant | selection |") and "sampled-leverage-l16" in table
+  assert "| absorption |" in table and "sampled-leverage-l16" in capsys.readouterr().out
   # Both modes of the same held-out tokens: the saved SAE's and the training rule's.
   assert all(float(r["batch_l0"]) > 0 and float(r["batch_fvu"]) > 0 for r in rows)
-  for metric in ("fvu", "batch_fvu", "l0", "batch_l0", "gt_recovered_rare", "pool_jaccard"):
+  for metric in ("fvu", "batch_fvu", "l0", "batch_l0", "gt_recovered_rare", "pool_jaccard",
+                 "probe_f1_k1", "absorption"):
     assert (out / f"plot_{metric}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
   # A second call trains nothing: finished runs are skipped.

@@ -36,6 +36,36 @@ def test_batches_follow_the_process():
   np.testing.assert_array_equal(next(batches).reshape(64, 16), source.sample(8, 64))
 
 
+HIERARCHY = SyntheticConfig(d_model=16, n_features=40, active=3.0, noise=0.0, rare_fraction=0.1,
+                            parents=3, children=4, child_given_parent=0.6, seed=4)
+
+
+def test_hierarchy_children_fire_only_with_their_parent():
+  c = HIERARCHY
+  kind, parent_of = c.feature_class(), c.parent_of()
+  np.testing.assert_array_equal(kind, [synthetic.RARE] * 4 + [synthetic.PARENT] * 3
+                                + [synthetic.CHILD] * 12 + [synthetic.FREQUENT] * 21)
+  np.testing.assert_array_equal(parent_of[7:19], np.repeat([4, 5, 6], 4))
+  assert np.all(parent_of[kind != synthetic.CHILD] == synthetic.NO_PARENT)
+  source = synthetic.SyntheticSource(c)
+  x, codes = source.sample_with_codes(0, 40_000)
+  np.testing.assert_array_equal(x, source.sample(0, 40_000))
+  np.testing.assert_allclose(codes @ source.dictionary, x, rtol=1e-5, atol=1e-5)  # noise 0
+  fires = codes > 0
+  rates = c.firing_rates()
+  assert rates.sum() == pytest.approx(3.0)
+  np.testing.assert_allclose(fires.mean(0), rates, atol=0.01)
+  for parent in (4, 5, 6):
+    kids = fires[:, parent_of == parent]
+    assert not (kids.any(1) & ~fires[:, parent]).any()  # never without the parent
+    assert kids.sum(1).max() == 1  # at most one child at a time
+    # With the parent: a child 60% of the time, each child equally often.
+    np.testing.assert_allclose(kids[fires[:, parent]].mean(0), 0.15, atol=0.02)
+  rest = kind != synthetic.CHILD  # the others fire independently, as before
+  np.testing.assert_allclose(np.corrcoef(fires[:, rest].T)[np.triu_indices(rest.sum(), 1)], 0,
+                             atol=0.03)
+
+
 def test_best_cosines():
   source = synthetic.SyntheticSource(LOTTERY)
   np.testing.assert_allclose(synthetic.best_cosines(3 * source.dictionary[::-1], source.dictionary),
@@ -52,6 +82,9 @@ def test_best_cosines():
     (dict(n_features=4, active=3.0, rare_fraction=0.5, rare_rate=3.0),
      r"needs a firing probability above 1"),
     (dict(seed=-2), r"SyntheticConfig.seed must be an integer >= 0; got -2"),
+    (dict(n_features=9, active=2.0, parents=2, children=4),
+     r"0 rare features and 2 parents with 4 children each need 10 features; n_features is 9"),
+    (dict(child_given_parent=1.5), r"SyntheticConfig.child_given_parent must be a number in"),
 ])
 def test_bad_config(kwargs, message):
   with pytest.raises(ValueError, match=message):

@@ -6,7 +6,10 @@ import pathlib
 
 import numpy as np
 
-WORDS = [f"w{i}" for i in range(60)]
+# Words of letters only, 10 for each of 6 first letters (SAEBench's
+# first-letter metrics need words).
+WORDS = [first + rest for first in "abcdef"
+         for rest in ("ab", "ot", "un", "er", "il", "ix", "om", "ud", "ey", "ak")]
 L = 16  # context length of the test exports
 
 
@@ -24,9 +27,11 @@ def write_texts(directory: pathlib.Path, seed: int = 0) -> dict:
 
 
 def build(directory: pathlib.Path, *, layers: int = 3, hidden: int = 16, rotary_pct: float = 0.25,
-          parallel_residual: bool = True, seed: int = 0) -> pathlib.Path:
+          parallel_residual: bool = True, letters: float = 0.0, seed: int = 0) -> pathlib.Path:
   """Saves a random GPTNeoXForCausalLM and a word-level tokenizer whose
-  <|endoftext|> is id 0, as Pythia's is."""
+  <|endoftext|> is id 0, as Pythia's is. With `letters` > 0, each word's
+  embedding also carries a direction of that norm for its first letter, for
+  a first-letter probe to find."""
   import tokenizers
   import torch
   import transformers
@@ -40,7 +45,12 @@ def build(directory: pathlib.Path, *, layers: int = 3, hidden: int = 16, rotary_
       intermediate_size=2 * hidden, rotary_pct=rotary_pct, max_position_embeddings=128,
       use_parallel_residual=parallel_residual, bos_token_id=0, eos_token_id=0)
   torch.manual_seed(seed)
-  transformers.GPTNeoXForCausalLM(config).save_pretrained(directory)
+  model = transformers.GPTNeoXForCausalLM(config)
+  with torch.no_grad():
+    letter_dirs = letters * torch.nn.functional.normalize(torch.randn(26, hidden), dim=1)
+    for word in WORDS:
+      model.gpt_neox.embed_in.weight[vocab[word]] += letter_dirs[ord(word[0]) - ord("a")]
+  model.save_pretrained(directory)
   return directory
 
 
