@@ -32,9 +32,9 @@ SILENT = 1e-8
 # k-sparse probes grow k while the held-out F1 improves by more than this
 # (SAEBench's feature-splitting rule), up to MAX_MAIN_LATENTS latents.
 F1_JUMP = 0.03
-_CHUNK = 1024  # examples per [chunk, F] float64 block of `absorption`
 MAX_MAIN_LATENTS = 10
 PROBE_KS = (1, 2, 5)
+_CHUNK = 1024  # examples per [chunk, F] float64 block of `absorption`
 
 
 def logistic_regression(x_NxK, y_N, *, C: float = 1.0, max_iter: int = 100,
@@ -79,11 +79,10 @@ def logistic_regression(x_NxK, y_N, *, C: float = 1.0, max_iter: int = 100,
     if decrease <= tol * max(1.0, abs(value)):
       break
     t = 1.0
-    while t > 1e-10:
-      candidate = objective(theta - t * step)
-      if candidate <= value - 0.25 * t * decrease:
-        break
+    while (candidate := objective(theta - t * step)) > value - 0.25 * t * decrease:
       t *= 0.5
+      if t < 1e-10:  # no decrease left at float64 precision: at the optimum
+        return theta[:k], float(theta[k])
     theta, value = theta - t * step, candidate
   return theta[:k], float(theta[k])
 
@@ -282,19 +281,22 @@ def _absorption(p, z, along_F, cosine_F, main):
 
 
 def ground_truth_absorption(x_NxD, codes_NxF, W_dec_FxD, true_NxM, dictionary_MxD,
-                            parent_of_M) -> dict:
+                            parent_of_M, *, min_cosine: float = 0.9) -> dict:
   """Absorption of each parent of a synthetic hierarchy (`synthetic.py`).
 
   A parent's main latent is the latent whose decoder row has the largest
-  cosine with the parent's true direction; its examples are the tokens on
-  which the parent is present. `absorption` runs on those with the true
-  direction as u.
+  cosine with the parent's true direction; a parent without one at cosine
+  >= `min_cosine` (not recovered, as `gt_recovered` counts it) is skipped,
+  as SAEBench skips a letter its probe cannot find: there is no latent of
+  its own to be absorbed from. Its examples are the tokens on which the
+  parent is present; `absorption` runs on those with the true direction as u.
 
   Returns:
-    {"absorption": mean over parents of the full-absorption rate,
-    "absorption_fraction": mean over parents of the mean absorption
-    fraction, "absorption_child": the full-absorption rate over the tokens
-    where a child fires too, "per_parent": {parent: (rate, fraction)}}.
+    {"absorption": mean over the parents evaluated of the full-absorption
+    rate, "absorption_fraction": of the mean absorption fraction,
+    "absorption_child": the full-absorption rate over their tokens where a
+    child fires too, "absorption_parents": parents evaluated,
+    "per_parent": {parent: (rate, fraction)}}.
   """
   parent_of = np.asarray(parent_of_M)
   parents = np.unique(parent_of[parent_of >= 0])
@@ -306,7 +308,7 @@ def ground_truth_absorption(x_NxD, codes_NxF, W_dec_FxD, true_NxM, dictionary_Mx
   per_parent, with_child = {}, []
   for parent in parents:
     on = present[:, parent]
-    if not on.any():
+    if not on.any() or cos_MxF[parent].max() < min_cosine:
       continue
     fraction, full = absorption(np.asarray(x_NxD)[on], np.asarray(codes_NxF)[on], W, d[parent],
                                 [int(np.argmax(cos_MxF[parent]))])
@@ -316,12 +318,12 @@ def ground_truth_absorption(x_NxD, codes_NxF, W_dec_FxD, true_NxM, dictionary_Mx
   if not per_parent:
     nan = float("nan")
     return {"absorption": nan, "absorption_fraction": nan, "absorption_child": nan,
-            "per_parent": {}}
+            "absorption_parents": 0, "per_parent": {}}
   rates = np.array(list(per_parent.values()))
   child = np.concatenate(with_child)
   return {"absorption": float(rates[:, 0].mean()), "absorption_fraction": float(rates[:, 1].mean()),
           "absorption_child": float(child.mean()) if len(child) else float("nan"),
-          "per_parent": per_parent}
+          "absorption_parents": len(per_parent), "per_parent": per_parent}
 
 
 def main_latents(codes_NxF, y_N, *, rows=None, test_fraction: float = 0.5, seed: int = 0,

@@ -21,7 +21,8 @@ METRICS = ("fvu", "batch_fvu", "cosine", "norm_ratio", "l0", "batch_l0", "l0_std
            "gt_recovered", "gt_recovered_frequent", "gt_recovered_rare", "gt_recovered_parent",
            "gt_recovered_child", "probe_acc_k1", "probe_f1_k1", "probe_acc_k2", "probe_f1_k2",
            "probe_acc_k5", "probe_f1_k5", "probe_acc_dense", "probe_f1_dense", "absorption",
-           "absorption_fraction", "absorption_child", "absorption_letters", "split_latents")
+           "absorption_fraction", "absorption_child", "absorption_parents", "absorption_letters",
+           "split_latents")
 # Plotted against l: higher is better for all but the fvus, l0_std, the dead
 # fraction and absorption.
 PLOTTED = ("fvu", "batch_fvu", "l0", "batch_l0", "cosine", "l0_std", "top_share",

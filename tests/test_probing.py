@@ -84,7 +84,13 @@ def test_a_perfect_sae_absorbs_nothing_and_probes_perfectly():
   result = probing.ground_truth_absorption(x, codes, dictionary, codes, dictionary,
                                            config.parent_of())
   assert result["absorption"] == 0 and result["absorption_fraction"] == 0
-  assert sorted(result["per_parent"]) == [0, 1]
+  assert sorted(result["per_parent"]) == [0, 1] and result["absorption_parents"] == 2
+  # A parent with no latent of its own (best cosine below 0.9) is not evaluated.
+  blurred = dictionary.copy()
+  blurred[0] = (dictionary[0] + dictionary[8]) / np.sqrt(2)
+  partial = probing.ground_truth_absorption(x, codes, blurred, codes, dictionary,
+                                            config.parent_of())
+  assert sorted(partial["per_parent"]) == [1] and partial["absorption_parents"] == 1
   probes = probing.sparse_probing(codes, codes > 0, dense_NxD=x)
   assert probes["probe_tasks"] == 24
   for k in (1, 2, 5):

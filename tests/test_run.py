@@ -135,7 +135,7 @@ def wait_for_step(out, step, process, timeout=120):
 
 @pytest.mark.parametrize("how", ["sigterm", "kill"])
 def test_interrupted_run_resumes_exactly(tmp_path, how):
-  steps = 600
+  steps = 300
   straight = tmp_path / "straight"
   assert cli("--data", "synthetic", "--steps", steps, "--log-every", 1, "--out", straight) == 0
 
