@@ -45,7 +45,7 @@ class Outputs(typing.NamedTuple):
   fired_F: jax.Array  # bool, latents the global batch selected at least once
   token_min_B: jax.Array  # each token's smallest selected value (inf when none)
   dead_F: jax.Array  # bool, the latents AuxK treated as dead (global)
-  pool_P: typing.Optional[jax.Array] = None  # the kept Sampled-SAE pool after the step (`step_pool`)
+  pool_P: typing.Optional[jax.Array] = None  # the kept Sampled-SAE pool after the step
 
 
 def varying(tree, axis_name):
@@ -75,24 +75,12 @@ def _fired_and_dead(silent_F, fired_F, config: TrainConfig, axis_name):
   return fired_F, losses.dead_latents(silent_F, fired_F, config.dead_steps)
 
 
-def step_pool(a_BxF, key, config: TrainConfig, axis_name, kept):
-  """The pool a Sampled-SAE step selects in: None (chosen on the batch by the
-  selection itself) unless the config keeps pools; then `kept` = (the pool
-  kept from earlier steps [P], whether this step chooses a new one)."""
-  if kept is None:
-    return None
-  kept_P, refresh = kept
-  s = config.sae
-  fresh = lambda: selection.sampled_pool(a_BxF, s.k, s.l, axis_name=axis_name,
-                                         **model.sampled_options(s, key))
-  return lax.cond(refresh, fresh, lambda: kept_P)
-
-
 def dense(params, x_BxD, silent_F, key, config: TrainConfig, axis_name, kept=None):
   """Gradients by autodiff through the SAE as written: the reference.
 
   `silent_F` holds the steps each latent went without firing before this
-  one; `kept` is a kept Sampled-SAE pool and whether to renew it (`step_pool`).
+  one; `kept` is a kept Sampled-SAE pool and whether to renew it
+  (`model.step_pool`).
   """
   c = config
   sae = model.SAE(c.sae)
@@ -100,7 +88,7 @@ def dense(params, x_BxD, silent_F, key, config: TrainConfig, axis_name, kept=Non
   def loss_fn(params):
     variables = {"params": params}
     pre_BxF = sae.apply(variables, x_BxD, method=model.SAE.pre)
-    pool_P = step_pool(jax.nn.relu(pre_BxF), key, c, axis_name, kept)
+    pool_P = model.step_pool(jax.nn.relu(pre_BxF), key, c.sae, axis_name, kept)
     z_BxF = sae.apply(variables, jax.nn.relu(pre_BxF), key=key, axis_name=axis_name,
                       pool=pool_P, method=model.SAE.select)
     xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode)
@@ -182,7 +170,7 @@ def _sampled(params, x_BxD, centred_BxD, a_BxF, key, config: TrainConfig, axis_n
   `optimizer.dense_grads`)."""
   s = config.sae
   pool_P, z_BxP = selection.sampled_select_pooled(
-      a_BxF, s.k, s.l, axis_name=axis_name, pool=step_pool(a_BxF, key, config, axis_name, kept),
+      a_BxF, s.k, s.l, axis_name=axis_name, pool=model.step_pool(a_BxF, key, s, axis_name, kept),
       **model.sampled_options(s, key))
   xhat_BxD, mse, grads = _through_codes(
       x_BxD, centred_BxD, z_BxP, params["W_enc"][:, pool_P], params["W_dec"][pool_P],

@@ -73,11 +73,6 @@ class SAE(nn.Module):
     return selection.sampled_select(a_BxF, c.k, c.l, axis_name=axis_name, pool=pool,
                                     **sampled_options(c, key))
 
-  def pool(self, a_BxF: jax.Array, *, key=None, axis_name=None) -> jax.Array:
-    """The Sampled-SAE pool [P] that `select` would choose on this batch."""
-    return selection.sampled_pool(a_BxF, self.config.k, self.config.l, axis_name=axis_name,
-                                  **sampled_options(self.config, key))
-
   def encode(self, x_BxD: jax.Array, *, key=None, axis_name=None, pool=None) -> jax.Array:
     """Training-mode codes [B, F]: the config's selection rule on relu(pre)."""
     return self.select(jax.nn.relu(self.pre(x_BxD)), key=key, axis_name=axis_name, pool=pool)
@@ -114,6 +109,18 @@ def sampled_options(config: SAEConfig, key) -> dict:
   return dict(score=config.score, key=key if config.sample_pool else None, ridge=config.ridge,
               sketch=config.sketch,
               sketch_key=None if key is None else jax.random.fold_in(key, SKETCH_STREAM))
+
+
+def step_pool(a_BxF, key, config: SAEConfig, axis_name, kept):
+  """The pool a Sampled-SAE batch selects in: None (chosen on the batch by
+  the selection itself) unless the config keeps pools; then `kept` is (the
+  pool kept from earlier batches [P], whether this batch chooses a new one)."""
+  if kept is None:
+    return None
+  kept_P, renew = kept
+  fresh = lambda: selection.sampled_pool(a_BxF, config.k, config.l, axis_name=axis_name,
+                                         **sampled_options(config, key))
+  return lax.cond(renew, fresh, lambda: kept_P)
 
 
 def geometric_median(x_NxD: jax.Array, n_iter: int = 100, eps: float = 1e-8) -> jax.Array:

@@ -319,8 +319,8 @@ def test_a_kept_pool_is_renewed_every_pool_every_steps():
       a = jax.nn.relu(sae.apply({"params": before.params}, x * before.input_scale,
                                 method=model.SAE.pre))
       key = jax.random.fold_in(jax.random.wrap_key_data(before.rng), step)
-      np.testing.assert_array_equal(pool_P, sae.apply({"params": before.params}, a, key=key,
-                                                      method=model.SAE.pool))
+      np.testing.assert_array_equal(pool_P, selection.sampled_pool(
+          a, K, c.sae.l, **model.sampled_options(c.sae, key)))
       assert step == 0 or not np.array_equal(pool_P, before.pool_P)
   assert fresh_state(RULES["sampled"]).pool_P is None  # states without kept pools are as before
 
