@@ -9,8 +9,10 @@ forward matmul x @ W_enc (the floor: the one B·D·F matmul a step cannot
 skip; measured before every row, median over the run), and speed-up over the
 dense autodiff step of the same rule. Steps run on one device, state donated, as `train_loop` runs
 them: with no latent dead, through `p_train_step_all_alive` (no AuxK, as in
-most of training); the `+auxk` row has every latent dead and runs
-`p_train_step`. Runs unchanged on CPU, GPU and TPU.
+most of training); the `+auxk` rows have every latent dead and run
+`p_train_step`, once per AuxK layout (`gradients.AUXK_LAYOUT`: entries,
+codes). `--quick` measures only the fast steps, 3 repeats. Runs unchanged
+on CPU, GPU and TPU.
 """
 
 import argparse
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sae_jax import gradients
 from sae_jax import train
 from sae_jax.config import SAEConfig
 from sae_jax.config import TrainConfig
@@ -49,8 +52,11 @@ def main():
   parser.add_argument("--latents", type=int, default=24576)
   parser.add_argument("--k", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--quick", action="store_true", help="fast steps only, 3 repeats")
   parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
   args = parser.parse_args()
+  if args.quick:
+    args.repeats = min(args.repeats, 3)
   B, D, F, k = args.batch, args.width, args.latents, args.k
 
   keys = jax.random.split(jax.random.key(0), 2)
@@ -78,13 +84,19 @@ def main():
   for selection, l in variants:
     sae = dataclasses.replace(base.sae, selection=selection, l=l or base.sae.l)
     name = selection if l is None else f"{selection} l={l:g}"
-    if l in (None, 8.0):  # the dense reference, per rule
+    if args.quick and l not in (None, 8.0):
+      continue
+    if l in (None, 8.0) and not args.quick:  # the dense reference, per rule
       dense[selection] = measure(f"dense step, {name}", selection,
                                  dataclasses.replace(base, sae=sae, step="dense"))
     config = dataclasses.replace(base, sae=sae, step="fast")
     measure(f"fast step, {name}", selection, config)
     if l == 8.0:
-      measure(f"fast step, {name}, +auxk (all dead)", selection, config, dead=True)
+      for seed, layout in enumerate(("entries", "codes")):  # a new config is a new trace
+        gradients.AUXK_LAYOUT = layout
+        measure(f"fast step, {name}, +auxk by {layout} (all dead)", selection,
+                dataclasses.replace(config, seed=seed + 1), dead=True)
+      gradients.AUXK_LAYOUT = "auto"
   floor = statistics.median(row[3] for row in rows)
   rows.insert(0, ("encoder matmul x @ W_enc (floor, median over the run)", floor, None, floor))
 

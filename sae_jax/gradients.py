@@ -15,10 +15,12 @@ backward pass by hand:
   them), BatchTopK falls back to the dense formulas, so the result is always
   exact.
 
-AuxK is the same in both: it runs only while some latent is dead, through
-autodiff on the dense activations, and then the fast step's gradients are
-made dense too. Which latents are dead is decided after this step's
-selection (`losses.dead_latents`), as dictionary_learning decides it.
+AuxK is the same in both: it runs only while some latent is dead, from its
+own selection (each token's top k_aux dead latents, B·k_aux entries), by
+entries or as dense codes (`AUXK_LAYOUT`), and then the fast step's
+gradients are made dense. Which
+latents are dead is decided after this step's selection
+(`losses.dead_latents`), as dictionary_learning decides it.
 
 Both return this device's gradient of its share of the loss (`pmean` over
 the devices gives the global one) and the statistics the step reports.
@@ -129,6 +131,22 @@ def _through_codes(x_BxD, centred_BxD, z_BxP, W_enc_DxP, W_dec_PxD, b_dec_D):
   return xhat_BxD, mse, grads
 
 
+def _entry_grads(rows_M, cols_M, values_M, dxhat_BxD, dpre_M, centred_BxD, n_latents):
+  """The weight gradients of codes given as entries (token rows_M, latent
+  cols_M, value values_M), from the reconstruction's cotangent dxhat and the
+  entries' pre-activation cotangents dpre_M: W_enc [D, F], b_enc [F] and
+  W_dec [F, D] (b_dec's encoder term is the caller's)."""
+  D = dxhat_BxD.shape[1]
+  # One scatter for both weight gradients: rows [dW_dec | dW_enc^T] per latent.
+  updates_Mx2D = jnp.concatenate(
+      [values_M[:, None] * dxhat_BxD.at[rows_M].get(mode="promise_in_bounds"),
+       dpre_M[:, None] * centred_BxD.at[rows_M].get(mode="promise_in_bounds")], axis=1)
+  both_Fx2D = jnp.zeros((n_latents, 2 * D), jnp.float32).at[cols_M].add(
+      updates_Mx2D, mode="promise_in_bounds")
+  db_enc_F = jnp.zeros(n_latents, jnp.float32).at[cols_M].add(dpre_M, mode="promise_in_bounds")
+  return {"W_enc": both_Fx2D[:, D:].T, "b_enc": db_enc_F, "W_dec": both_Fx2D[:, :D]}
+
+
 def _through_entries(x_BxD, centred_BxD, entries: selection.Entries, params, sorted_rows: bool):
   """The MSE's gradients when the codes are a list of selected entries."""
   n_rows, _ = x_BxD.shape
@@ -140,22 +158,78 @@ def _through_entries(x_BxD, centred_BxD, entries: selection.Entries, params, sor
   mse, dxhat_BxD = _mse_cotangent(x_BxD, xhat_BxD)
   dxhat_MxD = dxhat_BxD.at[rows_M].get(mode="promise_in_bounds")
   dpre_M = jnp.where(values_M > 0, jnp.sum(dxhat_MxD * W_dec_MxD, axis=1), 0)
-  # One scatter for both weight gradients: rows [dW_dec | dW_enc^T] per latent.
-  updates_Mx2D = jnp.concatenate(
-      [values_M[:, None] * dxhat_MxD,
-       dpre_M[:, None] * centred_BxD.at[rows_M].get(mode="promise_in_bounds")], axis=1)
-  both_Fx2D = jnp.zeros((n_latents, updates_Mx2D.shape[1]), jnp.float32).at[cols_M].add(
-      updates_Mx2D, mode="promise_in_bounds")
-  D = x_BxD.shape[1]
-  db_enc_F = jnp.zeros(n_latents, jnp.float32).at[cols_M].add(dpre_M, mode="promise_in_bounds")
-  grads = {"W_enc": both_Fx2D[:, D:].T, "b_enc": db_enc_F, "W_dec": both_Fx2D[:, :D],
-           "b_dec": jnp.sum(dxhat_BxD, axis=0) - params["W_enc"] @ db_enc_F}
+  grads = _entry_grads(rows_M, cols_M, values_M, dxhat_BxD, dpre_M, centred_BxD, n_latents)
+  grads["b_dec"] = jnp.sum(dxhat_BxD, axis=0) - params["W_enc"] @ grads["b_enc"]
   active_M = values_M > 0
   fired_F = jnp.zeros(n_latents, jnp.int32).at[cols_M].add(active_M.astype(jnp.int32)) > 0
   token_min_B = jax.ops.segment_min(jnp.where(active_M, values_M, jnp.inf), rows_M, n_rows,
                                     indices_are_sorted=sorted_rows)
   stats = (jnp.sum(active_M, dtype=jnp.int32), fired_F, token_min_B)
   return xhat_BxD, mse, grads, stats
+
+
+def auxk_entries(a_BxF, dead_F, k_aux: int):
+  """AuxK's selection as entries: each token's k_aux largest positive
+  activations among the dead latents, (values [B, k_aux], latents [B, k_aux]),
+  a slot with value 0 unused. lax.top_k takes equal values lower index
+  first, as `selection.topk` (the dense AuxK's selection) does."""
+  values_BxK, cols_BxK = selection.top_k(
+      jnp.where(dead_F[None, :], lax.stop_gradient(a_BxF), 0), min(k_aux, a_BxF.shape[1]))
+  return jnp.maximum(values_BxK, 0), cols_BxK
+
+
+# How AuxK's gradients are computed: "entries" (gathers and scatters over the
+# B·k_aux selected entries, work independent of F), "codes" (the selection
+# as a dense [B, F] array and four B·F·D matmuls), or "auto": codes on CPU,
+# where XLA's gathers and scatters run 30 to 150x below its matmuls per flop (measured at
+# B=1024, D=768, F=24576, k_aux=384: a step with AuxK took 3.95 s by
+# entries, 1.46 s by codes), entries elsewhere when F >= 16·k_aux. The
+# accelerator choice is not measured yet: benchmarks/train_step.py prints
+# both on any backend. Read at trace time.
+AUXK_LAYOUT = "auto"
+
+
+def auxk_layout(n_latents: int, k_aux: int) -> str:
+  """The AuxK layout `AUXK_LAYOUT` picks on the default backend."""
+  if AUXK_LAYOUT != "auto":
+    return AUXK_LAYOUT
+  if jax.default_backend() == "cpu" or n_latents < 16 * k_aux:
+    return "codes"
+  return "entries"
+
+
+def _auxk(params, centred_BxD, residual_BxD, a_BxF, dead_F, config: TrainConfig, axis_name):
+  """AuxK's value (this device's share, `losses.auxk_loss`) and the
+  gradients of auxk_weight times it, from its selection (`auxk_entries`)."""
+  n_rows, n_latents = a_BxF.shape
+  residual_BxD = lax.stop_gradient(residual_BxD)
+  scale = losses.auxk_scale(residual_BxD, axis_name)
+  values_BxK, cols_BxK = auxk_entries(a_BxF, dead_F, config.auxk_k)
+  k_aux = values_BxK.shape[1]
+  if auxk_layout(n_latents, k_aux) == "codes":
+    # The same entries as a dense [B, F] array (lax.top_k's ties: lower index first).
+    kth_Bx1, kth_col_Bx1 = values_BxK[:, -1:], cols_BxK[:, -1:]
+    a_dead_BxF = jnp.where(dead_F[None, :], lax.stop_gradient(a_BxF), 0)
+    col_1xF = jnp.arange(n_latents, dtype=jnp.int32)[None, :]
+    keep_BxF = ((a_dead_BxF > kth_Bx1) | ((a_dead_BxF == kth_Bx1) & (col_1xF <= kth_col_Bx1)))
+    z_BxF = jnp.where(keep_BxF & (a_dead_BxF > 0), a_dead_BxF, 0)
+    error_BxD = residual_BxD - z_BxF @ params["W_dec"]
+    dehat_BxD = (-2 * config.auxk_weight * scale) * error_BxD
+    dpre_BxF = jnp.where(z_BxF > 0, dehat_BxD @ params["W_dec"].T, 0)
+    grads = {"W_enc": centred_BxD.T @ dpre_BxF, "b_enc": jnp.sum(dpre_BxF, axis=0),
+             "W_dec": z_BxF.T @ dehat_BxD}
+  else:
+    # Gathered rows feed reductions only, which XLA may fuse with the gather.
+    W_dec_BxKxD = params["W_dec"].at[cols_BxK].get(mode="promise_in_bounds")
+    error_BxD = residual_BxD - jnp.sum(values_BxK[:, :, None] * W_dec_BxKxD, axis=1)
+    dehat_BxD = (-2 * config.auxk_weight * scale) * error_BxD
+    dpre_BxK = jnp.where(values_BxK > 0,
+                         jnp.sum(dehat_BxD[:, None, :] * W_dec_BxKxD, axis=2), 0)
+    rows_M = jnp.repeat(jnp.arange(n_rows, dtype=jnp.int32), k_aux)
+    grads = _entry_grads(rows_M, cols_BxK.reshape(-1), values_BxK.reshape(-1), dehat_BxD,
+                         dpre_BxK.reshape(-1), centred_BxD, n_latents)
+  grads["b_dec"] = -params["W_enc"] @ grads["b_enc"]
+  return grads, scale * jnp.sum(jnp.square(error_BxD))
 
 
 def _codes_stats(z_BxF):
@@ -239,16 +313,8 @@ def fast(params, x_BxD, silent_F, key, config: TrainConfig, axis_name, kept=None
   fired_F, dead_F = _fired_and_dead(silent_F, fired_F, c, axis_name)
 
   def with_auxk(grads):
-    aux = lambda a_BxF, W_dec_FxD: losses.auxk_loss(
-        a_BxF, dead_F, x_BxD - xhat_BxD, W_dec_FxD, c.auxk_k, axis_name)
-    auxk, vjp = jax.vjp(aux, a_BxF, params["W_dec"])
-    dpre_BxF, dW_dec_FxD = vjp(varying(jnp.asarray(c.auxk_weight, auxk.dtype), axis_name))
-    db_enc_F = jnp.sum(dpre_BxF, axis=0)
-    grads = {"W_enc": grads["W_enc"] + centred_BxD.T @ dpre_BxF,
-             "b_enc": grads["b_enc"] + db_enc_F,
-             "W_dec": grads["W_dec"] + dW_dec_FxD,
-             "b_dec": grads["b_dec"] - params["W_enc"] @ db_enc_F}
-    return grads, auxk
+    aux_grads, auxk = _auxk(params, centred_BxD, x_BxD - xhat_BxD, a_BxF, dead_F, c, axis_name)
+    return jax.tree.map(jnp.add, grads, aux_grads), auxk
 
   # A sum over no tokens: zero, and under shard_map it varies as the data does.
   no_auxk = jnp.sum(x_BxD[:0])

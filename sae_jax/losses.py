@@ -83,7 +83,6 @@ def auxk_loss(pre_BxF: jax.Array, dead_F: jax.Array, residual_BxD: jax.Array,
     batch; 0 when no latent is dead.
   """
   residual_BxD = lax.stop_gradient(residual_BxD)
-  variance = _total_variance(residual_BxD, axis_name)
 
   def error():
     a_dead_BxF = jnp.where(dead_F[None, :], jax.nn.relu(pre_BxF), 0)
@@ -93,5 +92,12 @@ def auxk_loss(pre_BxF: jax.Array, dead_F: jax.Array, residual_BxD: jax.Array,
   # Skipping the top-k while nothing is dead (most of training) is free. The
   # zero is a sum over no tokens, so under shard_map it varies as the data does.
   error = lax.cond(jnp.any(dead_F), error, lambda: jnp.sum(residual_BxD[:0]))
+  return auxk_scale(residual_BxD, axis_name) * error
+
+
+def auxk_scale(residual_BxD: jax.Array, axis_name=None) -> jax.Array:
+  """What turns this device's Σ||e - ê||² into its share of `auxk_loss`:
+  devices / Σ||e - mean(e)||² over the global batch."""
   devices = scoring.global_tokens(1, axis_name)
-  return devices * error / jnp.maximum(variance, jnp.finfo(jnp.float32).tiny)
+  variance = _total_variance(residual_BxD, axis_name)
+  return devices / jnp.maximum(variance, jnp.finfo(jnp.float32).tiny)

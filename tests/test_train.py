@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from sae_jax import gradients
+from sae_jax import losses
 from sae_jax import model
 from sae_jax import optimizer
 from sae_jax import selection
@@ -256,8 +257,17 @@ def test_fast_gradients_equal_dense_on_four_devices(rule):
                                            method=model.SAE.pre)), K)
     assert not bool(entries.complete)
     cases.append((train.shard_batch(CONCENTRATED * state.input_scale, 4), np.zeros(F, np.int32)))
-  for x_shards, silent_F in cases:
-    fast, dense = fast_and_dense_gradients(state.params, x_shards, silent_F, c)
+  # Dead latents 0-2 and 3-5 as two triples of equal encoder columns: each
+  # token's top auxk_k = 4 dead activations end inside a tie.
+  tied_W_enc = state.params["W_enc"].at[:, :6].set(state.params["W_enc"][:, [0, 0, 0, 3, 3, 3]])
+  tied = dict(state.params, W_enc=tied_W_enc)
+  a_tied = jax.nn.relu(model.SAE(c.sae).apply({"params": tied}, jnp.asarray(x).reshape(B, D),
+                                              method=model.SAE.pre))[:, :6]
+  fourth, fifth = -np.sort(-np.asarray(a_tied), axis=1)[:, 3:5].T
+  assert c.auxk_k == 4 and np.any((fourth == fifth) & (fifth > 0))
+  cases = [(state.params, *case) for case in cases] + [(tied, x, silent)]
+  for params, x_shards, silent_F in cases:
+    fast, dense = fast_and_dense_gradients(params, x_shards, silent_F, c)
     fast, dense = jax.tree.map(lambda v: np.asarray(v[0]), (fast, dense))
     (fast_grads, *fast_rest), (dense_grads, *dense_rest) = fast, dense
     for name in dense_grads:
@@ -269,6 +279,41 @@ def test_fast_gradients_equal_dense_on_four_devices(rule):
     np.testing.assert_allclose(fast_rest[:2], dense_rest[:2], rtol=1e-5)
     for got, want in zip(fast_rest[2:], dense_rest[2:]):  # counts, fired, token minima, dead
       np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("layout", ["entries", "codes"])
+def test_auxk_layouts_equal_autodiff_on_four_devices(layout, monkeypatch):
+  """AuxK's value and gradients by entries and by dense codes equal autodiff
+  through `losses.auxk_loss`, with ties at each token's k_aux-th dead latent."""
+  monkeypatch.setattr(gradients, "AUXK_LAYOUT", layout)
+  c = RULES["batchtopk"]
+  params = fresh_state(c).params
+  params = dict(params, W_enc=params["W_enc"].at[:, :6].set(params["W_enc"][:, [0, 0, 0, 3, 3, 3]]))
+  dead_F = jnp.arange(F) < N_DEAD
+
+  @functools.partial(jax.pmap, axis_name=train.AXIS, in_axes=(None, 0, 0))
+  def both(params, x_BxD, residual_BxD):
+    params = gradients.varying(params, train.AXIS)
+    centred_BxD, pre_BxF = model.encoder(params, x_BxD, "float32")
+    got = gradients._auxk(params, centred_BxD, residual_BxD, jax.nn.relu(pre_BxF), dead_F, c,
+                          train.AXIS)
+
+    def loss(params):
+      pre_BxF = model.encoder(params, x_BxD, "float32")[1]
+      return c.auxk_weight * losses.auxk_loss(pre_BxF, dead_F, residual_BxD, params["W_dec"],
+                                              c.auxk_k, train.AXIS)
+
+    value, want = jax.value_and_grad(loss)(params)
+    return jax.lax.pmean((got, (want, value / c.auxk_weight)), train.AXIS)
+
+  x, residual = (train.shard_batch(batch(seed), 4) for seed in (90, 91))
+  (got, got_value), (want, want_value) = jax.tree.map(lambda v: np.asarray(v[0]),
+                                                      both(params, x, residual))
+  assert want_value > 0
+  np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5,
+                               atol=1e-6 * np.abs(want[name]).max(), err_msg=name)
 
 
 @pytest.mark.parametrize("rule", list(RULES) + ["sampled_kept"])
