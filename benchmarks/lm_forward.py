@@ -2,6 +2,7 @@
 
     python benchmarks/lm_forward.py                 # Pythia-160M-shaped, block 6, 4 x 1024 tokens
     python benchmarks/lm_forward.py --contexts 2 --context 256 --repeats 2
+    python benchmarks/lm_forward.py --quick         # 2 contexts, 2 repeats
 
 A randomly initialised Pythia-160M-shaped model (12 blocks, D=768, 12 heads,
 vocab 50304, rotary 0.25, parallel residual) is saved as safetensors; the
@@ -44,7 +45,10 @@ def main():
   parser.add_argument("--contexts", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--batch", type=int, default=1024, help="--stream: rows per training step")
+  parser.add_argument("--quick", action="store_true", help="2 contexts, 2 repeats")
   args = parser.parse_args()
+  if args.quick:
+    args.contexts, args.repeats = min(args.contexts, 2), min(args.repeats, 2)
 
   import torch  # noqa: PLC0415 (the reference only)
   import transformers  # noqa: PLC0415
@@ -117,7 +121,8 @@ def main():
           (f"--stream round, float32 ({jax.default_backend()}): forward, shuffle, "
            f"{steps} batches of {args.batch}", median_seconds(stream_round, repeats=args.repeats))]
   print(f"\nblocks 0..{args.layer} of a {args.layers}-block D={args.width} GPT-NeoX, "
-        f"{args.contexts} x {args.context} tokens, median of {args.repeats}; "
+        f"{args.contexts} x {args.context} tokens, on {jax.devices()[0].platform} "
+        f"({jax.devices()[0].device_kind}), median of {args.repeats}; "
         f"float32 max difference {error:.1e} of the largest value\n")
   print("| forward | median s | tokens/s | vs torch |")
   print("|---|---:|---:|---:|")

@@ -63,7 +63,12 @@ def main():
   parser.add_argument("--latents", type=int, default=24576)
   parser.add_argument("--k", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--quick", action="store_true",
+                      help="3 repeats; l2 at l=1, 8 and leverage sketch m=256 only, the leverage "
+                           "scores unchecked by NumPy, no sharded rows")
   args = parser.parse_args()
+  if args.quick:
+    args.repeats = min(args.repeats, 3)
   B, D, F, k = args.batch, args.width, args.latents, args.k
 
   keys = jax.random.split(jax.random.key(0), 2)
@@ -82,8 +87,8 @@ def main():
   assert np.array_equal(np.asarray(sae_jax.batch_topk(a_BxF, k)), reference)
   rows.append(("batch_topk", median_seconds(lambda a: sae_jax.batch_topk(a, k), a_BxF,
                                             repeats=args.repeats)))
-  for score in ("l2", "entropy"):
-    for l in (1, 8, 64):
+  for score in ("l2",) if args.quick else ("l2", "entropy"):
+    for l in (1, 8) if args.quick else (1, 8, 64):
       select = lambda a, l=l, score=score: sae_jax.sampled_select(a, k, l, score=score)
       pool = sae_jax.sampled_select_pooled(a_BxF, k, l, score=score).pool
       assert np.array_equal(np.asarray(select(a_BxF)), np.asarray(naive_in_pool(a_BxF, k, pool)))
@@ -91,20 +96,21 @@ def main():
                    median_seconds(select, a_BxF, repeats=args.repeats)))
   # The authors' default score: exact ridge leverage through the B×B side,
   # and its CountSketch estimate (one exact pass over a, then m×m).
-  exact = np.asarray(sae_jax.column_scores(a_BxF, "leverage"))
-  want = reference_leverage(np.maximum(np.asarray(a_BxF), 0))
-  assert np.allclose(exact, want, rtol=1e-4, atol=1e-5 * want.max()), "leverage"
-  rows.append(("column_scores leverage (exact, B×B Cholesky)",
-               median_seconds(lambda a: sae_jax.column_scores(a, "leverage"), a_BxF,
-                              repeats=args.repeats)))
-  for m in (SKETCH, 4 * SKETCH):
-    sketched = np.asarray(sae_jax.column_scores(a_BxF, "leverage", sketch=m))
-    want = reference_leverage(np.asarray(sae_jax_scoring.count_sketch(
-        jnp.maximum(a_BxF, 0), m, jax.random.key(0))))
-    assert np.allclose(sketched, want, rtol=1e-4, atol=1e-5 * want.max()), m
-    rows.append((f"column_scores leverage, sketch m={m}",
-                 median_seconds(lambda a, m=m: sae_jax.column_scores(a, "leverage", sketch=m),
-                                a_BxF, repeats=args.repeats)))
+  if not args.quick:
+    exact = np.asarray(sae_jax.column_scores(a_BxF, "leverage"))
+    want = reference_leverage(np.maximum(np.asarray(a_BxF), 0))
+    assert np.allclose(exact, want, rtol=1e-4, atol=1e-5 * want.max()), "leverage"
+    rows.append(("column_scores leverage (exact, B×B Cholesky)",
+                 median_seconds(lambda a: sae_jax.column_scores(a, "leverage"), a_BxF,
+                                repeats=args.repeats)))
+    for m in (SKETCH, 4 * SKETCH):
+      sketched = np.asarray(sae_jax.column_scores(a_BxF, "leverage", sketch=m))
+      want = reference_leverage(np.asarray(sae_jax_scoring.count_sketch(
+          jnp.maximum(a_BxF, 0), m, jax.random.key(0))))
+      assert np.allclose(sketched, want, rtol=1e-4, atol=1e-5 * want.max()), m
+      rows.append((f"column_scores leverage, sketch m={m}",
+                   median_seconds(lambda a, m=m: sae_jax.column_scores(a, "leverage", sketch=m),
+                                  a_BxF, repeats=args.repeats)))
   select = lambda a: sae_jax.sampled_select(a, k, 8, score="leverage", sketch=SKETCH)
   pool = sae_jax.sampled_select_pooled(a_BxF, k, 8, score="leverage", sketch=SKETCH).pool
   assert np.array_equal(np.asarray(select(a_BxF)), np.asarray(naive_in_pool(a_BxF, k, pool)))
@@ -119,6 +125,14 @@ def main():
     rows.append((f"sampled_select_pooled l={l} l2 (compact [B,P] output)",
                  median_seconds(pooled, a_BxF, repeats=args.repeats)))
 
+  if not args.quick:
+    sharded_rows(args, a_BxF, reference, rows)
+  report(args, rows)
+
+
+def sharded_rows(args, a_BxF, reference, rows):
+  """The selections with axis_name over 4 devices (fake CPU ones where fewer)."""
+  (B, F), k = a_BxF.shape, args.k
   devices = sharding_devices()
   n_dev = len(devices)
   shards = jax.pmap(lambda s: s, devices=devices)(np.asarray(a_BxF).reshape(n_dev, B // n_dev, F))
@@ -140,9 +154,15 @@ def main():
     rows.append((f"{name}, axis_name over {where}",
                  median_seconds(mapped, shards, repeats=args.repeats)))
 
+
+
+def report(args, rows):
+  B, D, F, k = args.batch, args.width, args.latents, args.k
   matmul, naive = rows[0][1], rows[1][1]
-  print(f"\nB={B} D={D} F={F} k={k} on {jax.devices()[0].device_kind} "
-        f"(jax {jax.__version__}), median of {args.repeats}; all outputs equal the reference\n")
+  print(f"\nB={B} D={D} F={F} k={k}, float32, on {jax.devices()[0].platform} "
+        f"({jax.devices()[0].device_kind}) "
+        f"(jax {jax.__version__}), median of {args.repeats}; all outputs equal the reference"
+        f"{' (the leverage scores unchecked: --quick)' if args.quick else ''}\n")
   print("| operation | median ms | vs naive BatchTopK | vs encoder matmul |")
   print("|---|---:|---:|---:|")
   for name, seconds in rows:

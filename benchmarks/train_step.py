@@ -11,8 +11,9 @@ dense autodiff step of the same rule. Steps run on one device, state donated, as
 them: with no latent dead, through `p_train_step_all_alive` (no AuxK, as in
 most of training); the `+auxk` rows have every latent dead and run
 `p_train_step`, once per AuxK layout (`gradients.AUXK_LAYOUT`: entries,
-codes). `--quick` measures only the fast steps, 3 repeats. Runs unchanged
-on CPU, GPU and TPU.
+codes). `--quick` measures only the fast steps, 3 repeats;
+`--compute-dtype both` prints a table for float32 and one for bfloat16.
+Runs unchanged on CPU, GPU and TPU.
 """
 
 import argparse
@@ -53,7 +54,8 @@ def main():
   parser.add_argument("--k", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--quick", action="store_true", help="fast steps only, 3 repeats")
-  parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--compute-dtype", choices=("float32", "bfloat16", "both"),
+                      default="float32")
   args = parser.parse_args()
   if args.quick:
     args.repeats = min(args.repeats, 3)
@@ -62,14 +64,22 @@ def main():
   keys = jax.random.split(jax.random.key(0), 2)
   x_1xBxD = jax.device_put(jax.random.normal(keys[0], (1, B, D)), jax.local_devices()[0])
   W_DxF = jax.random.normal(keys[1], (D, F)) / np.sqrt(D)
-  dtype = jnp.dtype(args.compute_dtype)
+  dtypes = ("float32", "bfloat16") if args.compute_dtype == "both" else (args.compute_dtype,)
+  for compute_dtype in dtypes:
+    table(args, compute_dtype, x_1xBxD, W_DxF)
+
+
+def table(args, compute_dtype: str, x_1xBxD, W_DxF):
+  """Measures and prints the table for one compute dtype."""
+  B, D, F, k = args.batch, args.width, args.latents, args.k
+  dtype = jnp.dtype(compute_dtype)
   encode = jax.jit(lambda x, w: jnp.matmul(x.astype(dtype), w.astype(dtype),
                                            preferred_element_type=jnp.float32))
   # The machine's speed drifts over a run: the floor is measured before every
   # row, and the ratios use the median of those measurements.
   floor_now = lambda: median_seconds(encode, x_1xBxD[0], W_DxF, repeats=args.repeats)
 
-  base = TrainConfig(SAEConfig(D, F, k=k, compute_dtype=args.compute_dtype), batch_size=B,
+  base = TrainConfig(SAEConfig(D, F, k=k, compute_dtype=compute_dtype), batch_size=B,
                      steps=10**6, warmup_steps=10, threshold_start=1)
   variants = [("topk", None), ("batchtopk", None), ("sampled", 1.0), ("sampled", 8.0),
               ("sampled", 64.0)]
@@ -100,7 +110,7 @@ def main():
   floor = statistics.median(row[3] for row in rows)
   rows.insert(0, ("encoder matmul x @ W_enc (floor, median over the run)", floor, None, floor))
 
-  print(f"\nB={B} D={D} F={F} k={k} compute_dtype={args.compute_dtype} "
+  print(f"\nB={B} D={D} F={F} k={k} compute_dtype={compute_dtype} "
         f"backend={jax.default_backend()} ({jax.local_devices()[0].device_kind}), "
         f"median of {args.repeats}\n")
   print("| step | median ms | tokens/s | x floor | speed-up over dense |")
@@ -109,7 +119,6 @@ def main():
     speedup = f"{dense[selection] / seconds:.2f}x" if selection in dense else ""
     print(f"| {name} | {seconds * 1e3:.1f} | {B / seconds:,.0f} | {seconds / floor:.2f} | "
           f"{speedup} |")
-
 
 if __name__ == "__main__":
   main()
