@@ -10,8 +10,8 @@ skip; measured before every row, median over the run), and speed-up over the
 dense autodiff step of the same rule. Steps run on one device, state donated, as `train_loop` runs
 them: with no latent dead, through `p_train_step_all_alive` (no AuxK, as in
 most of training); the `+auxk` rows have every latent dead and run
-`p_train_step`, once per AuxK layout (`gradients.AUXK_LAYOUT`: entries,
-codes). `--quick` measures only the fast steps, 3 repeats;
+`p_train_step`. TopK, BatchTopK and AuxK run once per layout of their
+entries' gradients (`gradients.LAYOUT`: entries, codes). `--quick` measures only the fast steps, 3 repeats;
 `--compute-dtype both` prints a table for float32 and one for bfloat16.
 Runs unchanged on CPU, GPU and TPU.
 """
@@ -100,13 +100,19 @@ def table(args, compute_dtype: str, x_1xBxD, W_DxF):
       dense[selection] = measure(f"dense step, {name}", selection,
                                  dataclasses.replace(base, sae=sae, step="dense"))
     config = dataclasses.replace(base, sae=sae, step="fast")
-    measure(f"fast step, {name}", selection, config)
-    if l == 8.0:
-      for seed, layout in enumerate(("entries", "codes")):  # a new config is a new trace
-        gradients.AUXK_LAYOUT = layout
+    # TopK's and BatchTopK's entries, and AuxK's, in each layout; a new
+    # config (seed) is a new trace.
+    for seed, layout in enumerate(("entries", "codes")):
+      gradients.LAYOUT = layout
+      if l is None:
+        measure(f"fast step, {name}, by {layout}", selection,
+                dataclasses.replace(config, seed=seed + 1))
+      elif l == 8.0:
         measure(f"fast step, {name}, +auxk by {layout} (all dead)", selection,
                 dataclasses.replace(config, seed=seed + 1), dead=True)
-      gradients.AUXK_LAYOUT = "auto"
+    gradients.LAYOUT = "auto"
+    if l is not None:
+      measure(f"fast step, {name}", selection, config)
   floor = statistics.median(row[3] for row in rows)
   rows.insert(0, ("encoder matmul x @ W_enc (floor, median over the run)", floor, None, floor))
 

@@ -17,7 +17,7 @@ backward pass by hand:
 
 AuxK is the same in both: it runs only while some latent is dead, from its
 own selection (each token's top k_aux dead latents, B·k_aux entries), by
-entries or as dense codes (`AUXK_LAYOUT`), and then the fast step's
+entries or as dense codes (`LAYOUT`), and then the fast step's
 gradients are made dense. Which
 latents are dead is decided after this step's selection
 (`losses.dead_latents`), as dictionary_learning decides it.
@@ -178,22 +178,24 @@ def auxk_entries(a_BxF, dead_F, k_aux: int):
   return jnp.maximum(values_BxK, 0), cols_BxK
 
 
-# How AuxK's gradients are computed: "entries" (gathers and scatters over the
-# B·k_aux selected entries, work independent of F), "codes" (the selection
-# as a dense [B, F] array and four B·F·D matmuls), or "auto": codes on CPU,
-# where XLA's gathers and scatters run 30 to 150x below its matmuls per flop (measured at
-# B=1024, D=768, F=24576, k_aux=384: a step with AuxK took 3.95 s by
-# entries, 1.46 s by codes), entries elsewhere when F >= 16·k_aux. The
+# How the gradients of a selection given as entries (TopK's, BatchTopK's,
+# AuxK's) are computed: "entries" (gathers and scatters over the selected
+# entries, work independent of F), "codes" (the selection as a dense [B, F]
+# array and B·F·D matmuls), or "auto": codes on CPU, where XLA's gathers and
+# scatters run 30 to 150x below its matmuls per flop (measured at B=1024,
+# D=768, F=24576: a Sampled-SAE step with AuxK took 3.95 s by entries, 1.46 s
+# by codes), entries elsewhere when F >= 16 entries per token. The
 # accelerator choice is not measured yet: benchmarks/train_step.py prints
 # both on any backend. Read at trace time.
-AUXK_LAYOUT = "auto"
+LAYOUT = "auto"
 
 
-def auxk_layout(n_latents: int, k_aux: int) -> str:
-  """The AuxK layout `AUXK_LAYOUT` picks on the default backend."""
-  if AUXK_LAYOUT != "auto":
-    return AUXK_LAYOUT
-  if jax.default_backend() == "cpu" or n_latents < 16 * k_aux:
+def layout(n_latents: int, per_token: int) -> str:
+  """The layout `LAYOUT` picks on the default backend for a selection of
+  `per_token` entries per token (on average) among `n_latents`."""
+  if LAYOUT != "auto":
+    return LAYOUT
+  if jax.default_backend() == "cpu" or n_latents < 16 * per_token:
     return "codes"
   return "entries"
 
@@ -206,7 +208,7 @@ def _auxk(params, centred_BxD, residual_BxD, a_BxF, dead_F, config: TrainConfig,
   scale = losses.auxk_scale(residual_BxD, axis_name)
   values_BxK, cols_BxK = auxk_entries(a_BxF, dead_F, config.auxk_k)
   k_aux = values_BxK.shape[1]
-  if auxk_layout(n_latents, k_aux) == "codes":
+  if layout(n_latents, k_aux) == "codes":
     # The same entries as a dense [B, F] array (lax.top_k's ties: lower index first).
     kth_Bx1, kth_col_Bx1 = values_BxK[:, -1:], cols_BxK[:, -1:]
     a_dead_BxF = jnp.where(dead_F[None, :], lax.stop_gradient(a_BxF), 0)
@@ -255,8 +257,13 @@ def _sampled(params, x_BxD, centred_BxD, a_BxF, key, config: TrainConfig, axis_n
 
 
 def _topk(params, x_BxD, centred_BxD, a_BxF, config: TrainConfig):
-  n_rows, _ = a_BxF.shape
+  n_rows, n_latents = a_BxF.shape
   k = config.sae.k
+  if layout(n_latents, k) == "codes":
+    z_BxF = selection.topk(a_BxF, k)
+    xhat_BxD, mse, grads = _through_codes(x_BxD, centred_BxD, z_BxF, params["W_enc"],
+                                          params["W_dec"], params["b_dec"])
+    return xhat_BxD, mse, grads, _codes_stats(z_BxF)
   values_BxK, cols_BxK = selection.top_k(lax.stop_gradient(a_BxF), k)
   # lax.top_k breaks ties by the lower index, as `selection.topk` does.
   rows_BxK = jnp.broadcast_to(jnp.arange(n_rows, dtype=jnp.int32)[:, None], (n_rows, k))
@@ -266,20 +273,24 @@ def _topk(params, x_BxD, centred_BxD, a_BxF, config: TrainConfig):
 
 
 def _batchtopk(params, x_BxD, centred_BxD, a_BxF, config: TrainConfig, axis_name):
-  n_rows, _ = a_BxF.shape
-  cut, entries = selection.batch_topk_entries(a_BxF, config.sae.k, axis_name)
+  n_rows, n_latents = a_BxF.shape
 
-  def from_entries():
-    return _through_entries(x_BxD, centred_BxD, entries, params, sorted_rows=False)
-
-  def from_dense_codes():
+  def from_dense_codes(cut):
     offset = 0 if axis_name is None else lax.axis_index(axis_name) * n_rows
     z_BxF = jnp.where(selection.selected(a_BxF, cut, offset), a_BxF, 0)
     xhat_BxD, mse, grads = _through_codes(x_BxD, centred_BxD, z_BxF, params["W_enc"],
                                           params["W_dec"], params["b_dec"])
     return xhat_BxD, mse, grads, _codes_stats(z_BxF)
 
-  return lax.cond(entries.complete, from_entries, from_dense_codes)
+  if layout(n_latents, config.sae.k) == "codes":
+    return from_dense_codes(selection.batch_topk_cut(lax.stop_gradient(a_BxF), config.sae.k,
+                                                     axis_name))
+  cut, entries = selection.batch_topk_entries(a_BxF, config.sae.k, axis_name)
+
+  def from_entries():
+    return _through_entries(x_BxD, centred_BxD, entries, params, sorted_rows=False)
+
+  return lax.cond(entries.complete, from_entries, lambda: from_dense_codes(cut))
 
 
 def fast(params, x_BxD, silent_F, key, config: TrainConfig, axis_name, kept=None):

@@ -243,9 +243,16 @@ def fast_and_dense_gradients(params, x_BxD, silent_F, c):
 CONCENTRATED = batch(70) * np.where(np.arange(B) < 8, 30.0, 1.0)[:, None].astype(np.float32)
 
 
-@pytest.mark.parametrize("rule", list(RULES))
-def test_fast_gradients_equal_dense_on_four_devices(rule):
-  c = RULES[rule]
+@pytest.mark.parametrize("rule", list(RULES) + ["topk_entries", "batchtopk_entries"])
+def test_fast_gradients_equal_dense_on_four_devices(rule, monkeypatch):
+  """TopK's and BatchTopK's gradients in both layouts (`gradients.LAYOUT`;
+  on CPU "auto" is codes): a new seed makes a new trace."""
+  if rule.endswith("_entries"):
+    monkeypatch.setattr(gradients, "LAYOUT", "entries")
+    rule = rule.removesuffix("_entries")
+    c = dataclasses.replace(RULES[rule], seed=1)
+  else:
+    c = RULES[rule]
   state = fresh_state(c)
   x = train.shard_batch(batch(71) * state.input_scale, 4)
   silent = np.where(np.arange(F) < N_DEAD, c.dead_steps, 0).astype(np.int32)
@@ -285,7 +292,7 @@ def test_fast_gradients_equal_dense_on_four_devices(rule):
 def test_auxk_layouts_equal_autodiff_on_four_devices(layout, monkeypatch):
   """AuxK's value and gradients by entries and by dense codes equal autodiff
   through `losses.auxk_loss`, with ties at each token's k_aux-th dead latent."""
-  monkeypatch.setattr(gradients, "AUXK_LAYOUT", layout)
+  monkeypatch.setattr(gradients, "LAYOUT", layout)
   c = RULES["batchtopk"]
   params = fresh_state(c).params
   params = dict(params, W_enc=params["W_enc"].at[:, :6].set(params["W_enc"][:, [0, 0, 0, 3, 3, 3]]))
