@@ -11,8 +11,9 @@ dense autodiff step of the same rule. Steps run on one device, state donated, as
 them: with no latent dead, through `p_train_step_all_alive` (no AuxK, as in
 most of training); the `+auxk` rows have every latent dead and run
 `p_train_step`. TopK, BatchTopK and AuxK run once per layout of their
-entries' gradients (`gradients.LAYOUT`: entries, codes). `--quick` measures only the fast steps, 3 repeats;
-`--compute-dtype both` prints a table for float32 and one for bfloat16.
+entries' gradients (`gradients.LAYOUT`: entries, codes). `--quick` measures
+only the fast steps, 3 repeats; `--compute-dtype both` prints a table for
+float32 and one for bfloat16.
 Runs unchanged on CPU, GPU and TPU.
 """
 
@@ -59,8 +60,7 @@ def main():
   args = parser.parse_args()
   if args.quick:
     args.repeats = min(args.repeats, 3)
-  B, D, F, k = args.batch, args.width, args.latents, args.k
-
+  B, D, F = args.batch, args.width, args.latents
   keys = jax.random.split(jax.random.key(0), 2)
   x_1xBxD = jax.device_put(jax.random.normal(keys[0], (1, B, D)), jax.local_devices()[0])
   W_DxF = jax.random.normal(keys[1], (D, F)) / np.sqrt(D)
@@ -125,6 +125,7 @@ def table(args, compute_dtype: str, x_1xBxD, W_DxF):
     speedup = f"{dense[selection] / seconds:.2f}x" if selection in dense else ""
     print(f"| {name} | {seconds * 1e3:.1f} | {B / seconds:,.0f} | {seconds / floor:.2f} | "
           f"{speedup} |")
+
 
 if __name__ == "__main__":
   main()

@@ -17,10 +17,9 @@ backward pass by hand:
 
 AuxK is the same in both: it runs only while some latent is dead, from its
 own selection (each token's top k_aux dead latents, B·k_aux entries), by
-entries or as dense codes (`LAYOUT`), and then the fast step's
-gradients are made dense. Which
-latents are dead is decided after this step's selection
-(`losses.dead_latents`), as dictionary_learning decides it.
+entries or as dense codes (`LAYOUT`), and then the fast step's gradients
+are made dense. Which latents are dead is decided after this step's
+selection (`losses.dead_latents`), as dictionary_learning decides it.
 
 Both return this device's gradient of its share of the loss (`pmean` over
 the devices gives the global one) and the statistics the step reports.
@@ -202,25 +201,22 @@ def layout(n_latents: int, per_token: int) -> str:
 
 def _auxk(params, centred_BxD, residual_BxD, a_BxF, dead_F, config: TrainConfig, axis_name):
   """AuxK's value (this device's share, `losses.auxk_loss`) and the
-  gradients of auxk_weight times it, from its selection (`auxk_entries`)."""
+  gradients of auxk_weight times it, from its selection: `auxk_entries`, or
+  the same as dense codes (`selection.topk`)."""
   n_rows, n_latents = a_BxF.shape
   residual_BxD = lax.stop_gradient(residual_BxD)
   scale = losses.auxk_scale(residual_BxD, axis_name)
-  values_BxK, cols_BxK = auxk_entries(a_BxF, dead_F, config.auxk_k)
-  k_aux = values_BxK.shape[1]
+  k_aux = min(config.auxk_k, n_latents)
   if layout(n_latents, k_aux) == "codes":
-    # The same entries as a dense [B, F] array (lax.top_k's ties: lower index first).
-    kth_Bx1, kth_col_Bx1 = values_BxK[:, -1:], cols_BxK[:, -1:]
-    a_dead_BxF = jnp.where(dead_F[None, :], lax.stop_gradient(a_BxF), 0)
-    col_1xF = jnp.arange(n_latents, dtype=jnp.int32)[None, :]
-    keep_BxF = ((a_dead_BxF > kth_Bx1) | ((a_dead_BxF == kth_Bx1) & (col_1xF <= kth_col_Bx1)))
-    z_BxF = jnp.where(keep_BxF & (a_dead_BxF > 0), a_dead_BxF, 0)
+    # The same selection as a dense [B, F] array.
+    z_BxF = selection.topk(jnp.where(dead_F[None, :], lax.stop_gradient(a_BxF), 0), k_aux)
     error_BxD = residual_BxD - z_BxF @ params["W_dec"]
     dehat_BxD = (-2 * config.auxk_weight * scale) * error_BxD
     dpre_BxF = jnp.where(z_BxF > 0, dehat_BxD @ params["W_dec"].T, 0)
     grads = {"W_enc": centred_BxD.T @ dpre_BxF, "b_enc": jnp.sum(dpre_BxF, axis=0),
              "W_dec": z_BxF.T @ dehat_BxD}
   else:
+    values_BxK, cols_BxK = auxk_entries(a_BxF, dead_F, k_aux)
     # Gathered rows feed reductions only, which XLA may fuse with the gather.
     W_dec_BxKxD = params["W_dec"].at[cols_BxK].get(mode="promise_in_bounds")
     error_BxD = residual_BxD - jnp.sum(values_BxK[:, :, None] * W_dec_BxKxD, axis=1)
