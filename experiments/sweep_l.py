@@ -4,9 +4,13 @@ the same data, seed and token budget.
     python experiments/sweep_l.py --data synthetic --rare-fraction 0.1 --out runs/sweep
     python experiments/sweep_l.py --data acts.npy --ls 1 4 16 --scores l2 --out runs/sweep-npy
 
-Takes every flag of train.py. Writes <out>/<variant>/ (a full run each),
-results.csv, results.md and plot_<metric>.png. Re-running skips finished runs
-and resumes the rest; SIGTERM or Ctrl-C stops the sweep after a checkpoint.
+Takes every flag of train.py. All variants train in one pass over the data
+(`--one-pass`, the default: each batch is read, or made by the model, once
+and given to every variant's step), with one checkpoint of the whole sweep in
+<out>/checkpoints; `--sequential` trains them one after another. Writes
+<out>/<variant>/ (a full run each, but its checkpoints), results.csv,
+results.md and plot_<metric>.png. Re-running resumes; SIGTERM or Ctrl-C stops
+the sweep after a checkpoint.
 """
 
 import pathlib
@@ -20,6 +24,11 @@ def main(argv=None) -> int:
   p = cli.parser(__doc__)
   p.add_argument("--ls", type=float, nargs="+", default=[1, 2, 4, 8, 16, 32])
   p.add_argument("--scores", nargs="+", default=["l2", "entropy"])
+  mode = p.add_mutually_exclusive_group()
+  mode.add_argument("--one-pass", dest="one_pass", action="store_true", default=True,
+                    help="train every variant together on one pass over the data (default)")
+  mode.add_argument("--sequential", dest="one_pass", action="store_false",
+                    help="train the variants one after another, each re-reading the data")
   args = p.parse_args(argv)
   if args.out is None:
     args.out = "runs/sweep"
@@ -29,7 +38,7 @@ def main(argv=None) -> int:
     for score in args.scores:
       cli.check_sampled(base, args.ls, score)
     if sweep.sweep(base, args.ls, args.scores, progress=not args.no_progress,
-                   verify=args.verify) is not None:
+                   verify=args.verify, one_pass=args.one_pass) is not None:
       print((pathlib.Path(args.out) / "results.md").read_text())
 
   return cli.guarded(work, distributed=args.distributed)

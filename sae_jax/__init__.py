@@ -20,6 +20,7 @@ from sae_jax.train import p_train_step
 from sae_jax.train import p_train_step_all_alive
 from sae_jax.train import replicate
 from sae_jax.train import train_loop
+from sae_jax.train import train_many
 from sae_jax.train import train_step
 from sae_jax.train import unreplicate
 
@@ -44,6 +45,7 @@ __all__ = [
     "sampled_select_pooled",
     "topk",
     "train_loop",
+    "train_many",
     "train_step",
     "unreplicate",
 ]

@@ -61,6 +61,11 @@ def digest(state: TrainState) -> str:
   return h.hexdigest()
 
 
+def _step(saved) -> int:
+  """The step of a saved TrainState, or of a list of them (all at one step)."""
+  return int((saved[0] if isinstance(saved, (list, tuple)) else saved).step)
+
+
 def _write_atomic(path: pathlib.Path, text: str) -> None:
   export.atomic_write(path, lambda f: f.write(text.encode()))
 
@@ -85,14 +90,16 @@ class Checkpointer:
   def latest_step(self) -> typing.Optional[int]:
     return self._manager.latest_step()
 
-  def save(self, state: TrainState, data_position: typing.Optional[dict] = None) -> None:
-    """Saves an unreplicated (host) state at its step; writes in the background.
+  def save(self, state: typing.Union[TrainState, list],
+           data_position: typing.Optional[dict] = None) -> None:
+    """Saves an unreplicated (host) state, or a list of states at one step
+    (`run.run_many`), at its step; writes in the background.
 
     The sidecar (digest and `data_position`, JSON-able) is written first, so
     a step orbax has finished always has it.
     """
     host = jax.tree.map(np.asarray, state)
-    step = int(host.step)
+    step = _step(host)
     with self._failing(f"save step {step}"):
       if self._manager.latest_step() == step:
         return
@@ -148,8 +155,10 @@ class Checkpointer:
     legacy = self.directory / _LEGACY_DATA.format(step=step)
     return {"data_position": json.loads(legacy.read_text())} if legacy.exists() else None
 
-  def restore(self, like: TrainState) -> typing.Optional[TrainState]:
-    """The newest intact saved state (host arrays, with `like`'s config), or None.
+  def restore(self, like: typing.Union[TrainState, list]
+              ) -> typing.Optional[typing.Union[TrainState, list]]:
+    """The newest intact saved state, or list of states (host arrays, with
+    `like`'s configs), or None.
 
     Damaged steps are moved aside, each said in a line, and the next newest
     is tried. A step saved before checksums existed is restored unverified.
@@ -187,7 +196,7 @@ class Checkpointer:
       break
     for step, reason in damaged:
       moved = self._move_aside(step)
-      newest = f"falling back to step {int(restored.step)}" if restored is not None else (
+      newest = f"falling back to step {_step(restored)}" if restored is not None else (
           "no intact step is left: starting from step 0")
       print(f"checkpoint {self.directory / str(step)} is damaged ({reason}); moved to "
             f"{moved}; {newest}", flush=True)

@@ -306,7 +306,7 @@ def _downstream_jax(config: RunConfig, state: train.TrainState, theta_F, lm_para
     print("no contexts for the downstream loss: skipped", flush=True)
     return {}
   result = downstream.downstream_loss_jax(
-      lm_params, lm_config, config.export.hook, ids_BxL, evaluate.splice(config.train.sae),
+      lm_params, lm_config, config.export.hook, ids_BxL, evaluate.splice(state.config.sae),
       (state.params, np.asarray(theta_F, np.float32), np.float32(state.input_scale)))
   return {f"downstream_{k}": v for k, v in result.items()}
 
@@ -334,7 +334,7 @@ def _downstream(config: RunConfig, state: train.TrainState, theta_F) -> dict:
     lm_config, lm_params = neox.load(e.model, e.revision)
     return _downstream_jax(config, state, theta_F, lm_params, lm_config, np.stack(held_out))
   splice = lambda h: evaluate.reconstruct(state.params, theta_F, state.input_scale, h,
-                                          config.train.sae)[1]
+                                          state.config.sae)[1]
   result = downstream.downstream_loss(e.model, e.hook, np.stack(held_out), splice,
                                       revision=e.revision, device=e.device)
   return {f"downstream_{k}": v for k, v in result.items()}
@@ -377,9 +377,7 @@ def _check_resume(out: pathlib.Path, config: RunConfig) -> None:
   if path.exists():
     saved = _read_json(path)
     old = {k: v for k, v in saved.items() if k != FINGERPRINT}
-    flat = lambda d, prefix="": {k2: v2 for k, v in d.items() for k2, v2 in (
-        flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(f"{prefix}{k}", v)])}
-    before, after = _ADDED_FIELDS | flat(old), flat(new)
+    before, after = _ADDED_FIELDS | _flat(old), _flat(new)
     differences = [f"{k}: saved {before.get(k)!r}, now {after.get(k)!r}"
                    for k in sorted(set(before) | set(after))
                    if k not in RESUMABLE_FIELDS and before.get(k) != after.get(k)]
@@ -466,10 +464,15 @@ def _claim(out: pathlib.Path) -> typing.Optional[int]:
     os.close(fd)
     raise ValueError(f"could not write {out / LOCK} ({error.strerror}); free space and "
                      f"re-run") from None
+  _remove_stale(out)
+  return fd
+
+
+def _remove_stale(out: pathlib.Path) -> None:
+  """Removes temporary files a run killed while writing left in `out`."""
   for stale in [*out.glob(".*.tmp-*"), *out.glob(".*.old-*"),
                 *out.glob("checkpoints/.*.tmp-*")]:
     shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
-  return fd
 
 
 def _resume_metrics(path: pathlib.Path, step: int) -> None:
@@ -511,28 +514,71 @@ def _finite(rows: np.ndarray, what: str) -> tuple:
   return rows, dropped
 
 
-def check_memory(c: TrainConfig, n_devices: int) -> None:
-  """Refuses an SAE that cannot fit, before anything is allocated. The bound
-  is a floor: parameters, two Adam moments and a gradient (4 copies), and
-  two [B / devices, F] float32 encoder arrays."""
-  D, F = c.sae.d_model, c.sae.n_latents
-  state = 4 * 4 * (2 * D * F + F + D)
-  tokens = max(c.batch_size // n_devices, 1)
-  activations = 2 * 4 * tokens * F
+def _device_memory() -> int:
+  """Bytes each local device has: what JAX reports, or the host's memory
+  shared by its (CPU) devices."""
   device = jax.local_devices()[0]
   try:
     have = (device.memory_stats() or {}).get("bytes_limit")
   except Exception:  # noqa: BLE001  (not every backend reports)
     have = None
-  if have is None:  # the host's memory, shared by its (CPU) devices
+  if have is None:
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
-  if state + activations > have:
-    gib = lambda n: f"{n / 2**30:,.1f} GiB"
+  return have
+
+
+def memory_per_device(trains: typing.Sequence[TrainConfig], n_devices: int,
+                      stream_rows: int = 0) -> dict:
+  """A floor on the bytes each device needs to train SAEs together:
+  "state", every SAE's parameters, two Adam moments and a gradient (4
+  copies); "activations", two [B / devices, F] float32 encoder arrays of the
+  widest SAE (the steps run one at a time); "stream", a --stream shuffle
+  buffer of `stream_rows` rows a device (the rows and their order)."""
+  state = sum(16 * (2 * c.sae.d_model * c.sae.n_latents + c.sae.n_latents + c.sae.d_model)
+              for c in trains)
+  tokens = max(trains[0].batch_size // n_devices, 1)
+  activations = max(2 * 4 * tokens * c.sae.n_latents for c in trains)
+  return {"state": state, "activations": activations,
+          "stream": stream_rows * 4 * (trains[0].sae.d_model + 1)}
+
+
+def _gib(n: int) -> str:
+  return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def check_memory(c: TrainConfig, n_devices: int) -> None:
+  """Refuses an SAE that cannot fit, before anything is allocated (the floor
+  of `memory_per_device`)."""
+  need = memory_per_device([c], n_devices)
+  have = _device_memory()
+  if need["state"] + need["activations"] > have:
+    tokens = max(c.batch_size // n_devices, 1)
     raise ValueError(
-        f"--dict-size {F} and --batch-size {c.batch_size} need at least "
-        f"{gib(state + activations)} on each device ({gib(state)} of parameters, Adam moments "
-        f"and gradients, {gib(activations)} of encoder activations for {tokens} tokens); each "
-        f"of the {jax.local_device_count()} {device.platform} devices has {gib(have)}")
+        f"--dict-size {c.sae.n_latents} and --batch-size {c.batch_size} need at least "
+        f"{_gib(need['state'] + need['activations'])} on each device ({_gib(need['state'])} of "
+        f"parameters, Adam moments and gradients, {_gib(need['activations'])} of encoder "
+        f"activations for {tokens} tokens); each of the {jax.local_device_count()} "
+        f"{jax.local_devices()[0].platform} devices has {_gib(have)}")
+
+
+def check_memory_many(configs: typing.Sequence[RunConfig], n_devices: int) -> None:
+  """Says what training `configs` together needs on each device, and refuses
+  it, before anything is allocated, when that is more than a device has."""
+  first = configs[0]
+  rows = (math.ceil(first.stream_contexts / n_devices) * first.export.context_length
+          if first.stream else 0)
+  need = memory_per_device([config.train for config in configs], n_devices, rows)
+  have = _device_memory()
+  total = sum(need.values())
+  what = (f"{_gib(total)} on each device: {_gib(need['state'])} of parameters, Adam moments and "
+          f"gradients of {len(configs)} SAEs, {_gib(need['activations'])} of encoder "
+          f"activations" + (f", {_gib(need['stream'])} of stream buffer and the language "
+                            f"model's weights" if first.stream else ""))
+  if total > have:
+    raise ValueError(f"the {len(configs)} SAEs trained in one pass need at least {what}; each of "
+                     f"the {jax.local_device_count()} {jax.local_devices()[0].platform} devices "
+                     f"has {_gib(have)}: train fewer at once, or sequentially")
+  print(f"memory: the one pass needs at least {what} (of {_gib(have)})", flush=True)
 
 
 def check_data_size(config: RunConfig) -> None:
@@ -603,17 +649,117 @@ def run(config: RunConfig, *, progress: bool = True,
   out = pathlib.Path(config.out)
   lock = _claim(out)
   try:
-    return _run(config, out, progress=progress, verify=verify)
+    summaries = _run([config], out, progress=progress, verify=verify)
+    return None if summaries is None else summaries[0]
   finally:
     if lock is not None:
       os.close(lock)
 
 
-def _run(config: RunConfig, out: pathlib.Path, *, progress: bool, verify: bool):
-  c = config.train
+# What run_many's runs may set each their own way: the SAE (but its width)
+# and the recipe; everything that decides the batches is shared.
+_OWN_FIELDS = ("out", "train.sae", "train.learning_rate", "train.b1", "train.b2",
+               "train.clip_norm", "train.warmup_steps", "train.decay_fraction",
+               "train.auxk_weight", "train.dead_tokens", "train.threshold_beta",
+               "train.threshold_start", "train.max_bad_steps", "train.step")
+SWEEP_FILE = "sweep.json"  # run_many's record of its runs' names
+
+
+def run_many(configs: typing.Sequence[RunConfig], out, *, progress: bool = True,
+             verify: bool = False) -> typing.Optional[list]:
+  """Trains several runs in one pass over one stream of batches (each batch
+  is read, or made by the model, once), then evaluates and exports each.
+
+  Each run writes what `run` writes into its own `config.out`, except the
+  checkpoints: one, of every run's state, in `out/checkpoints`. Each run
+  ends with the same parameters, bit for bit, as when trained alone by
+  `run`; re-running resumes them all, and a changed list of runs is refused.
+  A run already finished (every output written) is not exported again.
+
+  Args:
+    configs: runs that differ only in their SAE (not its width) and recipe,
+      each with its own `out`.
+    out: the sweep's directory (the lock, sweep.json, checkpoints/).
+    verify: check every cache shard's sha256 before training.
+
+  Returns:
+    The summaries, in order, or None if SIGTERM stopped the pass.
+
+  Raises:
+    KeyboardInterrupt: Ctrl-C stopped the pass (after a checkpoint).
+  """
+  configs, out = list(configs), pathlib.Path(out)
+  flat = lambda config: _flat(config.to_dict())
+  first = flat(configs[0])
+  for config in configs[1:]:
+    differ = [k for k in sorted(set(first) | set(flat(config)))
+              if not k.startswith(_OWN_FIELDS) and first.get(k) != flat(config).get(k)]
+    if configs[0].train.sae.d_model != config.train.sae.d_model:
+      differ.append("train.sae.d_model")
+    if differ:
+      raise ValueError(f"run_many trains runs on one stream of batches: {config.out} and "
+                       f"{configs[0].out} differ in {', '.join(differ)}")
+  homes = [pathlib.Path(config.out).absolute() for config in configs]
+  if len(set(homes)) != len(homes) or out.absolute() in homes:
+    raise ValueError(f"run_many's runs need an out each, apart from the sweep's {out}; got "
+                     f"{[config.out for config in configs]}")
+  c = configs[0].train
   n_devices = jax.local_device_count()
-  _check_resume(out, config)
-  ckpt = checkpoint.Checkpointer(out / "checkpoints", keep=config.keep_checkpoints)
+  if c.batch_size % (n_devices * jax.process_count()):
+    raise ValueError(f"--batch-size {c.batch_size} must be divisible by the "
+                     f"{n_devices * jax.process_count()} devices")
+  check_memory_many(configs, jax.device_count())
+  check_data_size(configs[0])
+  lock = _claim(out)
+  try:
+    return _run(configs, out, progress=progress, verify=verify)
+  finally:
+    if lock is not None:
+      os.close(lock)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  """{"a.b": v} from {"a": {"b": v}}."""
+  return {k2: v2 for k, v in d.items() for k2, v2 in (
+      _flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(f"{prefix}{k}", v)])}
+
+
+def _check_runs(out: pathlib.Path, names: list) -> None:
+  """Refuses to resume a pass over another list of runs; records the list."""
+  path = out / SWEEP_FILE
+  if path.exists():
+    saved = export_lib.read_json_object(path, "sweep record", "restore it, or use another --out")
+    before = saved.get("runs")
+    if before != names:
+      gone = [n for n in before or [] if n not in names]
+      new = [n for n in names if n not in (before or [])]
+      what = "; ".join(filter(None, [f"removed {', '.join(gone)}" if gone else "",
+                                     f"added {', '.join(new)}" if new else "",
+                                     "" if gone or new else "the same runs in another order"]))
+      raise ValueError(f"{out} holds a sweep of other runs; refusing to resume it (use another "
+                       f"--out, or the same variants): {what}")
+    return
+  write_json(path, {"runs": names})
+
+
+def _run(configs: list, out: pathlib.Path, *, progress: bool, verify: bool):
+  """Trains `configs` together (one data stream, one checkpoint in `out`),
+  then evaluates and exports each; `run` is the case of one, in `out`."""
+  one = len(configs) == 1 and pathlib.Path(configs[0].out).absolute() == out.absolute()
+  homes = [pathlib.Path(config.out) for config in configs]
+  names = [home.name for home in homes]
+  c = configs[0].train
+  n_devices = jax.local_device_count()
+  if not one:
+    _check_runs(out, names)
+  for home, config in zip(homes, configs):
+    if not one:  # `run` has made `out` and cleaned it under its lock
+      home.mkdir(parents=True, exist_ok=True)
+      _remove_stale(home)
+    _check_resume(home, config)
+  ckpt = checkpoint.Checkpointer(out / "checkpoints", keep=configs[0].keep_checkpoints)
+  # What is checkpointed: the state, or the list of states.
+  saved = lambda states: states[0] if one else list(states)
   stop = {"signal": None}
 
   def on_signal(number, frame):
@@ -628,52 +774,55 @@ def _run(config: RunConfig, out: pathlib.Path, *, progress: bool, verify: bool):
   previous = {}
   closers = []
   try:
-    sinks, closers = _loggers(config, out)
+    sinks = []
+    for home, config in zip(homes, configs):
+      more, close = _loggers(config, home)
+      sinks.append(more)
+      closers += close
     print(f"devices: {jax.device_count()} ({n_devices} local, {jax.devices()[0].platform}); "
           f"batch {c.batch_size} tokens, {c.batch_size // jax.device_count()} per device; "
-          f"{c.total_steps} steps", flush=True)
-    print(json.dumps(config.to_dict()), flush=True)
-    source = _open_data(config, n_devices, verify=verify)  # Ctrl-C here: an export resumes
+          f"{c.total_steps} steps" + ("" if one else f"; {len(configs)} SAEs in one pass"),
+          flush=True)
+    for config in configs:
+      print(json.dumps(config.to_dict()), flush=True)
+    source = _open_data(configs[0], n_devices, verify=verify)  # Ctrl-C here: an export resumes
     # From here on a signal never interrupts a write (orbax's above all): it
     # is noted, and the loop stops after the step in flight.
     previous = {n: signal.signal(n, on_signal) for n in (signal.SIGTERM, signal.SIGINT)}
     sample, _ = _finite(source.sample, "the initialisation sample")
-    state = train.create_train_state(c, sample)
-    state = ckpt.restore(state) or state
-    start = int(state.step)
-    _check_data(out, config, resuming=start > 0)
+    states = [train.create_train_state(config.train, sample) for config in configs]
+    restored = ckpt.restore(saved(states))
+    if restored is not None:
+      states = [restored] if one else list(restored)
+    start = int(states[0].step)
+    for home, config in zip(homes, configs):
+      _check_data(home, config, resuming=start > 0)
     position = ckpt.data_position(start) if start else None
     if start:
       print(f"resuming at step {start}", flush=True)
-    metrics_path = out / "metrics.jsonl"
-    _resume_metrics(metrics_path, start)
-    # Unbuffered: each line is one write, so a failed one leaves nothing
-    # pending for close() to fail on again.
-    with open(metrics_path, "ab", buffering=0) as metrics_file:
-      def on_log(step, m):
-        try:
-          line = (json.dumps(_strict(m)) + "\n").encode()
-          while line:  # a raw write may take only part of it
-            line = line[metrics_file.write(line):]
-        except OSError as error:
-          raise ValueError(f"could not write {metrics_path} at step {step} "
-                           f"({error.strerror}); free space and re-run to resume from the "
-                           f"last checkpoint") from None
-        for sink in sinks:
-          sink(step, m)
+    with contextlib.ExitStack() as files:
+      logs = []
+      for home, more in zip(homes, sinks):
+        _resume_metrics(home / "metrics.jsonl", start)
+        # Unbuffered: each line is one write, so a failed one leaves nothing
+        # pending for close() to fail on again.
+        logs.append(_metrics_log(home / "metrics.jsonl",
+                                 files.enter_context(open(home / "metrics.jsonl", "ab",
+                                                          buffering=0)), more))
 
       def on_step(step, replicated):
-        if step % config.ckpt_every == 0:
-          ckpt.save(train.unreplicate(replicated), source.position(step))
+        if step % configs[0].ckpt_every == 0:
+          ckpt.save(saved([train.unreplicate(r) for r in replicated]), source.position(step))
 
       began = time.perf_counter()
-      replicated = train.train_loop(
-          train.replicate(state), source.batches(start, position), log_every=config.log_every,
-          on_log=on_log, on_step=on_step, should_stop=lambda: stop["signal"] is not None,
-          progress=progress)
+      replicated = train.train_many(
+          [train.replicate(state) for state in states], source.batches(start, position),
+          log_every=configs[0].log_every, on_log=lambda i, step, m: logs[i](step, m),
+          on_step=on_step, should_stop=lambda: stop["signal"] is not None,
+          progress=progress, names=names)
       seconds = time.perf_counter() - began
-    state = train.unreplicate(replicated)
-    ckpt.save(state, source.position(int(state.step)))
+    states = [train.unreplicate(r) for r in replicated]
+    ckpt.save(saved(states), source.position(int(states[0].step)))
     ckpt.close()
   finally:
     for number, handler in previous.items():
@@ -682,17 +831,49 @@ def _run(config: RunConfig, out: pathlib.Path, *, progress: bool, verify: bool):
       ckpt.close()
     for close in closers:
       close()
-  if stop["signal"] and int(state.step) < c.total_steps:
-    print(f"stopped by {stop['signal']} at step {int(state.step)}; checkpoint saved: re-run "
+  if stop["signal"] and int(states[0].step) < c.total_steps:
+    print(f"stopped by {stop['signal']} at step {int(states[0].step)}; checkpoint saved: re-run "
           f"the same command to resume", flush=True)
     if stop["signal"] == "SIGINT":
       raise KeyboardInterrupt
     return None
+  summaries = []
+  for home, config, state in zip(homes, configs, states):
+    if not one and finished(home):
+      summaries.append(json.loads((home / "summary.json").read_text()))
+      continue
+    if not one:
+      print(f"--- {home.name}: evaluation and export", flush=True)
+    summaries.append(_finish(config, home, state, source,
+                             (int(state.step) - start) * c.batch_size / max(seconds, 1e-9)))
+  return summaries
 
+
+def _metrics_log(path: pathlib.Path, metrics_file, sinks: list):
+  """on_log(step, metrics): a line of `path` (open as `metrics_file`), then each sink."""
+
+  def on_log(step, m):
+    try:
+      line = (json.dumps(_strict(m)) + "\n").encode()
+      while line:  # a raw write may take only part of it
+        line = line[metrics_file.write(line):]
+    except OSError as error:
+      raise ValueError(f"could not write {path} at step {step} ({error.strerror}); free "
+                       f"space and re-run to resume from the last checkpoint") from None
+    for sink in sinks:
+      sink(step, m)
+
+  return on_log
+
+
+def _finish(config: RunConfig, out: pathlib.Path, state: train.TrainState, source: _Data,
+            tokens_per_second: float) -> dict:
+  """Thresholds, evaluation and the SAELens export of a trained state; summary.json last."""
+  c = config.train
   calibration, theta_F = _thresholds(config, state, source)
   summary = _evaluate(config, state, source, theta_F, calibration)
   summary.update(tokens=int(state.step) * c.batch_size, steps=int(state.step),
-                 tokens_per_second=(int(state.step) - start) * c.batch_size / max(seconds, 1e-9))
+                 tokens_per_second=tokens_per_second)
   try:
     saelens.export_saelens(
         out / "saelens", state.params, theta_F, float(state.input_scale), c.sae,

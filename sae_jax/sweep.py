@@ -38,30 +38,52 @@ def variants(ls: typing.Sequence[float], scores: typing.Sequence[str]) -> list:
   return out
 
 
-def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[str], *,
-          progress: bool = True, verify: bool = False) -> typing.Optional[list]:
-  """Trains every variant into base.out/<name> (finished ones, with every
-  output written, are skipped; unfinished ones resume), then writes
-  results.csv, results.md and plots.
-
-  Args:
-    verify: check every cache shard's sha256 before the first variant trains.
-
-  Returns:
-    The result rows (dicts), or None if SIGTERM stopped a variant.
-
-  Raises:
-    KeyboardInterrupt: Ctrl-C stopped a variant (after a checkpoint).
-  """
-  out = pathlib.Path(base.out)
-  rows = []
+def variant_configs(base: RunConfig, ls: typing.Sequence[float],
+                    scores: typing.Sequence[str]) -> list:
+  """(name, selection, score, l, config): each variant's run, in base.out/<name>."""
+  out = []
   for name, selection, score, l in variants(ls, scores):
     sae = dataclasses.replace(base.train.sae, selection=selection,
                               score=score or base.train.sae.score,
                               l=l if selection == "sampled" else base.train.sae.l)
-    config = dataclasses.replace(base, out=str(out / name),
-                                 train=dataclasses.replace(base.train, sae=sae))
-    if not run_lib.finished(config.out):
+    out.append((name, selection, score, l, dataclasses.replace(
+        base, out=str(pathlib.Path(base.out) / name),
+        train=dataclasses.replace(base.train, sae=sae))))
+  return out
+
+
+def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[str], *,
+          progress: bool = True, verify: bool = False,
+          one_pass: bool = True) -> typing.Optional[list]:
+  """Trains every variant into base.out/<name>, then writes results.csv,
+  results.md and plots.
+
+  One pass (the default): all variants train together on one stream of
+  batches (`run.run_many`), each batch read or made once, with one
+  checkpoint of every variant in base.out/checkpoints. Sequential: one
+  variant after another (`run.run`), each re-reading the data. Either way
+  each variant ends bit for bit as when trained alone, finished variants
+  (every output written) are not redone, and re-running resumes.
+
+  Args:
+    verify: check every cache shard's sha256 before training.
+    one_pass: train the variants together (else one after another).
+
+  Returns:
+    The result rows (dicts), or None if SIGTERM stopped the training.
+
+  Raises:
+    KeyboardInterrupt: Ctrl-C stopped it (after a checkpoint).
+  """
+  out = pathlib.Path(base.out)
+  runs = variant_configs(base, ls, scores)
+  if one_pass and not all(run_lib.finished(config.out) for *_, config in runs):
+    if run_lib.run_many([config for *_, config in runs], out, progress=progress,
+                        verify=verify) is None:
+      print("sweep stopped by SIGTERM: re-run the same command to continue", flush=True)
+      return None
+  for name, *_, config in runs:
+    if not run_lib.finished(config.out):  # sequential
       print(f"--- {name}", flush=True)
       stopped = run_lib.run(config, progress=progress, verify=verify) is None
       verify = False  # the variants share the data: once is enough
@@ -69,7 +91,9 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
         print(f"sweep stopped by SIGTERM in {name}: re-run the same command to continue",
               flush=True)
         return None
-    summary = json.loads((out / name / "summary.json").read_text())
+  rows = []
+  for name, selection, score, l, config in runs:
+    summary = json.loads((pathlib.Path(config.out) / "summary.json").read_text())
     rows.append({"variant": name, "selection": selection, "score": score, "l": l,
                  **{m: math.nan if summary.get(m) is None else summary[m] for m in METRICS}})
   write_tables(rows, out)

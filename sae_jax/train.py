@@ -338,41 +338,105 @@ def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 
   >>> int(unreplicate(state).step), float(unreplicate(state).threshold) > 0
   (20, True)
   """
-  c = state.config
+  return train_many(
+      [state], batches, log_every=log_every,
+      on_log=None if on_log is None else lambda i, step, m: on_log(step, m),
+      on_step=None if on_step is None else lambda step, states: on_step(step, states[0]),
+      should_stop=should_stop, progress=progress)[0]
+
+
+def train_many(states: typing.Sequence[TrainState], batches: typing.Iterable, *,
+               log_every: int = 100,
+               on_log: typing.Optional[typing.Callable[[int, int, dict], None]] = None,
+               on_step: typing.Optional[typing.Callable[[int, list], None]] = None,
+               should_stop: typing.Optional[typing.Callable[[], bool]] = None,
+               progress: bool = True, names: typing.Optional[typing.Sequence[str]] = None
+               ) -> list:
+  """`train_loop` for several SAEs on one stream of batches: each batch is
+  read once, laid out on the devices once, and given to every state's step
+  in turn. Each state keeps its own compiled step, so it ends with the same
+  parameters, bit for bit, as when trained alone on the same batches.
+
+  Args:
+    states: replicated states on one mesh, at the same step, with the same
+      batch_size, d_model and total steps (their rules and other settings
+      may differ); they are donated.
+    batches: as for `train_loop`.
+    log_every: as for `train_loop`.
+    on_log: called as on_log(i, step, metrics) for state i; metrics as for
+      `train_loop` ("tokens_per_second": the batches' tokens per second).
+    on_step: called as on_step(step, states) once all states took the step.
+    should_stop, progress: as for `train_loop`.
+    names: the states' names in error messages (default "state 0", ...).
+
+  Returns:
+    The final replicated states, in order.
+
+  Raises:
+    NonFiniteError: after `config.max_bad_steps` consecutive skipped steps
+      of any state.
+
+  >>> from sae_jax import SAEConfig, SyntheticConfig, SyntheticSource
+  >>> source = SyntheticSource(SyntheticConfig(d_model=16, n_features=32))
+  >>> configs = [TrainConfig(SAEConfig(16, 64, k=4, l=l), batch_size=64, steps=20,
+  ...                        warmup_steps=2) for l in (1, 4)]
+  >>> states = [replicate(create_train_state(c, source.sample(10**6, 256))) for c in configs]
+  >>> states = train_many(states, source.batches(64, jax.local_device_count()), progress=False)
+  >>> [int(unreplicate(s).step) for s in states]
+  [20, 20]
+  """
+  states = list(states)
+  names = list(names) if names is not None else [f"state {i}" for i in range(len(states))]
   if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
     raise ValueError(f"log_every must be an integer >= 1; got {log_every!r}")
-  mesh = state.step.sharding.mesh
+  if not states or len(names) != len(states):
+    raise ValueError(f"states must be a non-empty list with one name each; got {len(states)} "
+                     f"states and {len(names)} names")
+  c = states[0].config
+  mesh = states[0].step.sharding.mesh
+  steps = [int(_host(s.step)) for s in states]
+  shared = lambda s: (s.config.batch_size, s.config.sae.d_model, s.config.total_steps)
+  for name, s, step in zip(names, states, steps):
+    if (shared(s), step, s.step.sharding.mesh) != (shared(states[0]), steps[0], mesh):
+      raise ValueError(
+          f"train_many's states must share the batch (batch_size, d_model), the total steps, "
+          f"the step they are at and the mesh: {name} has {shared(s)} at step {step}, "
+          f"{names[0]} {shared(states[0])} at step {steps[0]}")
   want = (len(mesh.local_devices), c.batch_size // mesh.size, c.sae.d_model)
   if c.batch_size % mesh.size:
     raise ValueError(
         f"batch_size {c.batch_size} must be divisible by the {mesh.size} devices")
-  step = int(_host(state.step))
+  step = steps[0]
   bar = tqdm.tqdm(total=c.total_steps * c.batch_size, initial=step * c.batch_size,
                   unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
-  clock = {"time": time.perf_counter(), "step": step}
+  clock = {"time": time.perf_counter(), "step": step, "rate": 0.0}
 
-  def report(done, metrics, last=False):
+  def report(i, done, metrics, last=False):
     m = {name: float(_host(v)) for name, v in metrics.items()}
-    bar.update(c.batch_size)
     if m["bad_streak"] >= c.max_bad_steps:
+      who = f" of {names[i]}" if len(states) > 1 else ""
       raise NonFiniteError(
-          f"training stopped at step {done}: the last {int(m['bad_streak'])} steps had a "
+          f"training{who} stopped at step {done}: the last {int(m['bad_streak'])} steps had a "
           f"non-finite loss or gradient and were skipped ({int(m['skipped_steps'])} in all). "
-          f"Check the activations for NaN/inf and the learning rate ({c.learning_rate:g}).")
+          f"Check the activations for NaN/inf and the learning rate "
+          f"({states[i].config.learning_rate:g}).")
+    if i == 0:
+      bar.update(c.batch_size)
     if done % log_every == 0 or last:
-      now = time.perf_counter()
-      rate = (done - clock["step"]) * c.batch_size / max(now - clock["time"], 1e-9)
-      clock.update(time=now, step=done)
-      bar.set_postfix(loss=f"{m['loss']:.4g}", fvu=f"{m['fvu']:.3f}", l0=f"{m['l0']:.1f}")
+      if i == 0:
+        now = time.perf_counter()
+        clock.update(rate=(done - clock["step"]) * c.batch_size / max(now - clock["time"], 1e-9),
+                     time=now, step=done)
+        bar.set_postfix(loss=f"{m['loss']:.4g}", fvu=f"{m['fvu']:.3f}", l0=f"{m['l0']:.1f}")
       if on_log is not None:
-        on_log(done, dict(m, step=done, tokens_per_second=rate))
+        on_log(i, done, dict(m, step=done, tokens_per_second=clock["rate"]))
     return m
 
-  # An upper bound on the steps any latent of the current state has gone
-  # without firing; while it is below dead_steps - 1, no latent can be dead
-  # on the next step (`losses.dead_latents`) and the step can leave AuxK
-  # out. It grows by one a step, and each metrics read tightens it.
-  silent = int(np.max(_host(state.steps_since_fired_F)))
+  # Per state, an upper bound on the steps any latent has gone without
+  # firing; while it is below dead_steps - 1, no latent can be dead on the
+  # next step (`losses.dead_latents`) and the step can leave AuxK out. It
+  # grows by one a step, and each metrics read tightens it.
+  silent = [int(np.max(_host(s.steps_since_fired_F))) for s in states]
   # Metrics are read one step late, so the next step is queued while we wait.
   pending = None
   on_mesh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
@@ -390,17 +454,24 @@ def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 
         raise ValueError(
             f"batch for step {step} must have shape {expected} ([devices, batch_size / devices, "
             f"d_model]); got {shape}")
-      step_fn = p_train_step_all_alive if silent + 1 < c.dead_steps else p_train_step
-      state, metrics = step_fn(state, batch)
-      step, silent = step + 1, silent + 1
+      batch = _global_batch(batch, mesh)  # once, for every state
+      metrics = []
+      for i, state in enumerate(states):
+        all_alive = silent[i] + 1 < state.config.dead_steps
+        states[i], m = (p_train_step_all_alive if all_alive else p_train_step)(state, batch)
+        metrics.append(m)
+        silent[i] += 1
+      step += 1
       if pending is not None:
         done = pending[0]
-        silent = min(silent, int(report(*pending)["most_silent_steps"]) + step - done)
+        for i, m in enumerate(pending[1]):
+          silent[i] = min(silent[i], int(report(i, done, m)["most_silent_steps"]) + step - done)
       pending = (step, metrics)
       if on_step is not None:
-        on_step(step, state)
+        on_step(step, states)
       if should_stop is not None and should_stop():
         break
     if pending is not None:
-      report(*pending, last=True)
-  return state
+      for i, m in enumerate(pending[1]):
+        report(i, pending[0], m, last=True)
+  return states

@@ -264,10 +264,11 @@ def test_a_disk_that_fills_up(tmp_path, straight):
 
 # --- The sweep ----------------------------------------------------------------
 
-def test_a_stopped_sweep_says_so_and_keeps_its_variants(tmp_path):
+def test_a_stopped_sequential_sweep_says_so_and_keeps_its_variants(tmp_path):
+  """--sequential (the one pass's stop: tests/test_sweep.py)."""
   out = tmp_path / "sweep"
   args = [*SMALL, "--data", "synthetic", "--steps", "3000", "--log-every", "1", "--ckpt-every",
-          "1000", "--ls", "4", "--scores", "l2", "--out", str(out)]
+          "1000", "--ls", "4", "--scores", "l2", "--sequential", "--out", str(out)]
   process = subprocess.Popen([sys.executable, str(scripts.EXPERIMENTS / "sweep_l.py"), *args],
                              env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)

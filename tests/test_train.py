@@ -464,6 +464,44 @@ def test_train_logs_and_stops_at_the_end_of_the_batches(capsys):
   assert int(train.unreplicate(state).step) == 7
 
 
+def test_train_many_equals_each_state_trained_alone():
+  """One stream of batches, drawn once, for three rules (one keeping its pool
+  between renewals; dead latents, so AuxK runs): each ends bit for bit as
+  when trained alone, and logs the same losses."""
+  rules = [RULES["topk"], RULES["batchtopk"], LEVERAGE["sampled_kept"]]
+  xs = [train.shard_batch(batch(60 + i), 4) for i in range(6)]
+  drawn = []
+
+  def stream():
+    for x in xs:
+      drawn.append(1)
+      yield x
+
+  logs = []
+  many = train.train_many([train.replicate(fresh_state(c), 4) for c in rules], stream(),
+                          log_every=2, progress=False,
+                          on_log=lambda i, step, m: logs.append((i, step, m["loss"],
+                                                                 m["auxk_loss"])))
+  assert len(drawn) == len(xs)
+  for i, c in enumerate(rules):
+    alone_logs = []
+    alone = train.train_loop(train.replicate(fresh_state(c), 4), xs, log_every=2,
+                             progress=False,
+                             on_log=lambda step, m: alone_logs.append((step, m["loss"],
+                                                                       m["auxk_loss"])))
+    assert tree_equal(train.unreplicate(many[i]), train.unreplicate(alone)), i
+    assert [log[1:] for log in logs if log[0] == i] == alone_logs
+    assert alone_logs[0][2] > 0  # AuxK ran
+  assert not tree_equal(train.unreplicate(many[0]).params, train.unreplicate(many[1]).params)
+
+
+def test_train_many_refuses_states_that_cannot_share_batches():
+  other = dataclasses.replace(RULES["topk"], batch_size=2 * B)
+  with pytest.raises(ValueError, match=r"must share the batch .* state 1 has \(64, 8, 50\)"):
+    train.train_many([train.replicate(fresh_state(c), 4) for c in (RULES["topk"], other)], [],
+                     progress=False)
+
+
 def test_train_refuses_a_batch_of_the_wrong_shape():
   with pytest.raises(ValueError, match=r"batch for step 0 must have shape \(4, 8, 8\)"):
     train.train_loop(train.replicate(fresh_state(RULES["batchtopk"]), 4),
