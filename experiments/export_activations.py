@@ -39,7 +39,15 @@ def parse(argv=None) -> tuple[export.ExportConfig, str]:
                  help="run the model in jax or torch (default: jax where JAX sees an "
                       "accelerator, else torch)")
   p.add_argument("--out", required=True, help="the cache directory")
+  for flag in ("--distributed", "--coordinator", "--num-processes", "--process-id"):
+    p.add_argument(flag, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  several = [f"--{k.replace('_', '-')}" for k in ("distributed", "coordinator", "num_processes",
+                                                  "process_id") if getattr(args, k) is not None]
+  if several:
+    raise ValueError(f"{several[0]}: the export runs as one process (its shards are written "
+                     f"in order, by one writer); run it once, on one host, into storage every "
+                     f"host reads, then train there with --distributed")
   local = all(os.path.isfile(x) or x.endswith((".txt", ".jsonl")) for x in args.dataset)
   if len(args.dataset) > 1 and not local:
     p.error("--dataset takes one hub dataset name, or local .txt/.jsonl files")

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
                    verify=args.verify, one_pass=args.one_pass) is not None:
       print((pathlib.Path(args.out) / "results.md").read_text())
 
-  return cli.guarded(work, distributed=args.distributed)
+  return cli.guarded(work, flags=args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@
 Outputs in --out (default runs/<selection>-l<l>-k<k>): config.json, metrics.jsonl,
 checkpoints/, summary.json and saelens/ (cfg.json + sae_weights.safetensors).
 Re-running the same command resumes. SIGTERM, or Ctrl-C, saves a checkpoint
-and exits; a second Ctrl-C exits at once. On several hosts, add --distributed.
+and exits; a second Ctrl-C exits at once. On several hosts, add --distributed
+(a TPU pod), or --coordinator HOST:PORT --num-processes N --process-id I.
 """
 
 import sys
@@ -26,7 +27,7 @@ from sae_jax import run
 def main(argv=None) -> int:
   args = cli.parser(__doc__).parse_args(argv)
   return cli.guarded(lambda: run.run(cli.config_from(args), progress=not args.no_progress,
-                                     verify=args.verify), distributed=args.distributed)
+                                     verify=args.verify), flags=args)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 
 from sae_jax import export
+from sae_jax import peers as peers_lib
 from sae_jax import run as run_lib
 from sae_jax import synthetic
 from sae_jax import validation
@@ -102,7 +104,17 @@ def parser(doc: str) -> argparse.ArgumentParser:
   run.add_argument("--ckpt-every", type=int, default=1000)
   run.add_argument("--wandb", action="store_true")
   run.add_argument("--tensorboard", action="store_true")
-  run.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
+  run.add_argument("--distributed", action="store_true",
+                   help="several hosts: jax.distributed.initialize(), which finds its peers "
+                        "on TPU pods and clusters it knows")
+  run.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="several processes started by hand: process 0's address (implies "
+                        "--distributed; needs --num-processes and --process-id)")
+  run.add_argument("--num-processes", type=int, default=None)
+  run.add_argument("--process-id", type=int, default=None)
+  run.add_argument("--heartbeat-timeout", type=int, default=100,
+                   help="seconds after which the processes give up on one that stopped "
+                        "answering")
   run.add_argument("--no-progress", action="store_true")
   run.add_argument("--verify", action="store_true",
                    help="check every cache shard's sha256 before training (a full read)")
@@ -154,17 +166,56 @@ def check_sampled(base: RunConfig, ls, score: str) -> None:
     dataclasses.replace(base.train.sae, selection="sampled", l=float(l), score=score)
 
 
-def guarded(work: typing.Callable[[], typing.Any], *, distributed: bool = False) -> int:
+def distributed(args) -> typing.Optional[dict]:
+  """jax.distributed.initialize's arguments from the flags: None for one
+  process, {} to let JAX find its peers (--distributed), or the explicit
+  coordinator, process count and process id."""
+  explicit = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+              "--process-id": args.process_id}
+  given = [flag for flag, value in explicit.items() if value is not None]
+  validation.check_int_field("flags", "heartbeat_timeout", args.heartbeat_timeout)
+  if not given:
+    return {"heartbeat_timeout_seconds": args.heartbeat_timeout} if args.distributed else None
+  if len(given) < 3:
+    raise ValueError(f"{', '.join(given)} needs all of --coordinator HOST:PORT, "
+                     f"--num-processes N and --process-id I")
+  host, _, port = args.coordinator.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ValueError(f"--coordinator must be HOST:PORT (process 0's address); got "
+                     f"{args.coordinator!r}")
+  if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+    raise ValueError(f"--process-id must be in [0, --num-processes) and --num-processes >= 1; "
+                     f"got --process-id {args.process_id} of --num-processes "
+                     f"{args.num_processes}")
+  return {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
+          "process_id": args.process_id, "heartbeat_timeout_seconds": args.heartbeat_timeout}
+
+
+def guarded(work: typing.Callable[[], typing.Any], *, flags=None) -> int:
   """Runs `work` as a script's main: what stops it is one line on stderr and
   an exit status, never a traceback. Bad input (ValueError) exits 2; a
   training that cannot go on (non-finite steps) or an operating-system error
-  exits 1; Ctrl-C exits 130."""
+  exits 1; Ctrl-C exits 130. `flags`: the parsed flags, whose --distributed,
+  --coordinator, ... start JAX's multi-process runtime first."""
   from sae_jax import train  # noqa: PLC0415
   _quiet_orbax_failures()
+  peers = watching = None
   try:
-    if distributed:
+    peers = distributed(flags) if flags is not None else None
+    if peers is not None:
       import jax  # noqa: PLC0415
-      jax.distributed.initialize()
+      # CPU devices of several processes talk through gloo (no effect on TPU and GPU).
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+      timeout = peers.pop("heartbeat_timeout_seconds")
+      try:
+        # JAX aborts a process whose peer is silent for its timeout: ours comes first.
+        jax.distributed.initialize(**peers, heartbeat_timeout_seconds=2 * timeout)
+      except RuntimeError as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise ValueError(f"could not join the other processes ({reason})") from None
+      from jax._src import distributed as jax_distributed  # noqa: PLC0415
+      watching = peers_lib.watch(jax_distributed.global_state.client, jax.process_index(),
+                                 jax.process_count(), timeout)
     work()
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
@@ -175,6 +226,21 @@ def guarded(work: typing.Callable[[], typing.Any], *, distributed: bool = False)
   except KeyboardInterrupt:
     print("interrupted: re-run the same command to resume", file=sys.stderr)
     return 130
+  except Exception as error:  # noqa: BLE001
+    if peers is None or type(error).__name__ != "JaxRuntimeError":
+      raise
+    # A collective with a process that died (gloo: "Connection closed by
+    # peer"). Exit now: JAX's shutdown barrier would wait for the dead
+    # process, then abort with a C++ stack trace.
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    print(f"error: a collective with the other processes failed ({reason}): a process "
+          f"stopped or lost its connection; re-launch every process with the same command to "
+          f"resume from the last complete checkpoint", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+  finally:
+    if watching is not None:
+      watching()
   return 0
 
 

@@ -6,11 +6,13 @@ resumes at step s gets exactly the batches steps s, s+1, ... would have seen,
 without reading anything before them.
 
 How rows are shuffled: the training rows are cut into segments (the cache's
-shards; 65536-row pieces of a .npy file). Each process takes every
-process_count-th segment, so hosts read disjoint rows. Each epoch a process
-permutes its segments, groups them `buffer_segments` at a time, and permutes
-the rows inside each group. The last `eval_rows` rows of the data are held
-out for evaluation and never trained on.
+shards; 65536-row pieces of a .npy file). Each epoch the segments are
+permuted, grouped `buffer_segments` at a time, and the rows inside each group
+permuted: one stream of rows, cut into global batches, that depends on the
+seed alone. With several processes, process p takes the p-th of equal slices
+of every global batch and reads only those rows, so hosts read disjoint rows
+and a run sees the same global batches on any number of hosts. The last
+`eval_rows` rows of the data are held out for evaluation and never trained on.
 """
 
 import pathlib
@@ -134,10 +136,28 @@ class Activations:
 
   def read(self, file_index: int, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of one file as float32, checking its sha256 the first time."""
+    return _to_float32(np.asarray(self._open(file_index)[start:stop]), self.dtype)
+
+  def _open(self, file_index: int) -> np.ndarray:
     name, _, _ = self._files[file_index]
     path = self.path / name if self.manifest is not None else self.path
     self._verify(file_index)
-    return _to_float32(np.asarray(np.load(path, mmap_mode="r")[start:stop]), self.dtype)
+    return np.load(path, mmap_mode="r")
+
+  def _gather(self, segments: list, index_N: np.ndarray) -> np.ndarray:
+    """Rows `index_N` of the segments' rows laid end to end, reading only those."""
+    out = np.empty((len(index_N), self.d_model), np.float32)
+    first = 0
+    for file_index, start, stop in segments:
+      here_N = (index_N >= first) & (index_N < first + stop - start)
+      if here_N.any():
+        rows = index_N[here_N] - first + start
+        order = np.argsort(rows)  # read in storage order
+        taken = np.empty_like(out[:len(rows)])
+        taken[order] = _to_float32(np.asarray(self._open(file_index)[rows[order]]), self.dtype)
+        out[here_N] = taken
+      first += stop - start
+    return out
 
   def _held_out(self, read) -> list:
     """read(file index, start, stop) over the held-out rows, in storage order."""
@@ -173,15 +193,18 @@ class Activations:
     return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
   def sample(self, n: int, seed: int = 0) -> np.ndarray:
-    """n training rows from the start of a seeded shuffle (for initialisation)."""
-    return next(self.batches(n, 1, seed=seed, prefetch=0))[0]
+    """n training rows from the start of a seeded shuffle (for initialisation),
+    the same on every process."""
+    return next(self.batches(n, 1, seed=seed, process_index=0, process_count=1, prefetch=0))[0]
 
   def batches(self, batch_size: int, n_devices: typing.Optional[int] = None, *,
               seed: int = 0, start_step: int = 0, buffer_segments: int = 4,
               process_index: typing.Optional[int] = None,
               process_count: typing.Optional[int] = None,
               prefetch: int = 2) -> typing.Iterator[np.ndarray]:
-    """Endless training batches [n_devices, batch_size / (processes·n_devices), D].
+    """Endless training batches [n_devices, batch_size / (processes·n_devices), D]:
+    this process's slice of each global batch, which are the same for any
+    number of processes.
 
     Args:
       batch_size: the global batch, over all processes.
@@ -199,34 +222,43 @@ class Activations:
     if batch_size % (n_proc * n_devices):
       raise ValueError(f"batch_size {batch_size} must be divisible by {n_proc} processes x "
                        f"{n_devices} devices")
-    if not 0 <= p < n_proc or len(self.segments) < n_proc:
-      raise ValueError(f"process {p} of {n_proc} needs a segment of its own; "
-                       f"{self.path} has {len(self.segments)} training segments")
-    mine = self.segments[p::n_proc]
+    if not 0 <= p < n_proc:
+      raise ValueError(f"process_index must be in [0, {n_proc}); got {p}")
     local = batch_size // n_proc
-    rows = self._rows(mine, seed, p, start_step * local, buffer_segments)
+    rows = self._rows(self.segments, seed, start_step * batch_size, buffer_segments,
+                      (p, n_proc, local))
     batches = self._batch(rows, local, n_devices)
     return prefetched(batches, prefetch) if prefetch else batches
 
-  def _plan(self, segments, seed, process, epoch, buffer_segments):
-    order = np.random.default_rng([seed, process, epoch]).permutation(len(segments))
+  # The 0 in the shuffles' seeds was once the process index (each host had a
+  # stream of its own); it stays, so that one-process runs keep their rows.
+  def _plan(self, segments, seed, epoch, buffer_segments):
+    order = np.random.default_rng([seed, 0, epoch]).permutation(len(segments))
     return [[segments[i] for i in order[g:g + buffer_segments]]
             for g in range(0, len(order), buffer_segments)]
 
-  def _rows(self, segments, seed, process, skip, buffer_segments):
-    """The endless shuffled row stream, from row `skip` on, in chunks."""
+  def _rows(self, segments, seed, skip, buffer_segments, part):
+    """The endless shuffled row stream, from row `skip` on, in chunks; of it,
+    part = (p, processes, rows) keeps the p-th `rows` of every processes·rows."""
+    p, n_proc, local = part
     epoch_rows = sum(stop - start for _, start, stop in segments)
-    epoch, skip = divmod(skip, epoch_rows)
+    epoch, offset = divmod(skip, epoch_rows)
+    position = skip - offset  # the stream position of the group's first row
     while True:
-      for g, group in enumerate(self._plan(segments, seed, process, epoch, buffer_segments)):
+      for g, group in enumerate(self._plan(segments, seed, epoch, buffer_segments)):
         size = sum(stop - start for _, start, stop in group)
-        if skip >= size:
-          skip -= size
+        if offset >= size:
+          offset -= size
+          position += size
           continue
-        rows = np.concatenate([self.read(*segment) for segment in group])
-        rows = rows[np.random.default_rng([seed, process, epoch, g]).permutation(size)]
-        yield rows[skip:]
-        skip = 0
+        perm = np.random.default_rng([seed, 0, epoch, g]).permutation(size)[offset:]
+        if n_proc == 1:
+          yield np.concatenate([self.read(*segment) for segment in group])[perm]
+        else:
+          mine = (position + np.arange(offset, size)) // local % n_proc == p
+          yield self._gather(group, perm[mine])
+        position += size
+        offset = 0
       epoch += 1
 
   def _batch(self, chunks, local, n_devices):

@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sae_jax import collectives
 from sae_jax import scoring
 from sae_jax import selection
 
 
 def _psum(x, axis_name):
-  return x if axis_name is None else lax.psum(x, axis_name)
+  return collectives.ordered_psum(x, axis_name)
 
 
 def _total_variance(x_BxD, axis_name):

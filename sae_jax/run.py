@@ -21,6 +21,7 @@ import typing
 import jax
 import numpy as np
 import safetensors
+from jax.experimental import multihost_utils
 
 from sae_jax import checkpoint
 from sae_jax import data
@@ -71,7 +72,9 @@ class RunConfig:
   a cache directory or a .npy file [N, D]."""
   cache_dir: str = "cache/pythia-160m"
   """Where --data pythia keeps its activation cache."""
-  export: export_lib.ExportConfig = export_lib.ExportConfig()
+  # A factory: ExportConfig() asks JAX for its backend, which must wait for
+  # jax.distributed.initialize on several hosts.
+  export: export_lib.ExportConfig = dataclasses.field(default_factory=export_lib.ExportConfig)
   """Model, hook and text for --data pythia (its token budget is set by the run)."""
   synthetic: synthetic_lib.SyntheticConfig = synthetic_lib.SyntheticConfig()
   """The generating process for --data synthetic."""
@@ -351,9 +354,20 @@ def _strict(value):
   return value
 
 
+def _writes() -> bool:
+  """Whether this process writes the run's own files (config.json,
+  metrics.jsonl, summary.json, saelens/): process 0 of a multi-host run,
+  whose files every host would write the same; orbax writes the
+  checkpoints from every host, as it must."""
+  return jax.process_index() == 0
+
+
 def _write_text(path: pathlib.Path, text: str, then: str) -> None:
-  """`text` under a temporary name, then renamed; a failed write (a full
-  disk) leaves nothing behind and is one line naming the file and `then`."""
+  """`text` under a temporary name, then renamed, by process 0 only; a failed
+  write (a full disk) leaves nothing behind and is one line naming the file
+  and `then`."""
+  if not _writes():
+    return
   try:
     export_lib.atomic_write(path, lambda f: f.write(text.encode()))
   except OSError as error:
@@ -416,6 +430,8 @@ def data_fingerprint(config: RunConfig) -> typing.Optional[dict]:
 def _check_data(out: pathlib.Path, config: RunConfig, resuming: bool) -> None:
   """Refuses to resume on data other than the run's; records them otherwise."""
   path = out / "config.json"
+  if not _writes() and not path.exists():  # process 0's files need not be on this host
+    return
   saved = _read_json(path)
   old, new = saved.get(FINGERPRINT), data_fingerprint(config)
   if resuming and old is not None and new is not None:
@@ -760,23 +776,38 @@ def _run(configs: list, out: pathlib.Path, *, progress: bool, verify: bool):
   ckpt = checkpoint.Checkpointer(out / "checkpoints", keep=configs[0].keep_checkpoints)
   # What is checkpointed: the state, or the list of states.
   saved = lambda states: states[0] if one else list(states)
-  stop = {"signal": None}
+  stop = {"signal": None, "pressed": False, "why": None}
+
+  # Several processes must stop after the same step: SIGTERM goes to JAX's
+  # preemption notifier, and every process asks it, each step, whether a
+  # stop was agreed (`reached_preemption_sync_point`); Ctrl-C becomes a SIGTERM.
+  together = jax.process_count() > 1
 
   def on_signal(number, frame):
-    if number == signal.SIGINT and stop["signal"] == "SIGINT":  # the second Ctrl-C
+    if number == signal.SIGINT and stop["pressed"]:  # the second Ctrl-C
       os.write(2, b"\nsecond Ctrl-C: exiting now; re-run to resume from the last checkpoint\n")
       os._exit(130)
-    stop["signal"] = signal.Signals(number).name
     if number == signal.SIGINT:
+      stop["pressed"] = True
       os.write(2, b"\nCtrl-C: finishing the step and saving a checkpoint "
                   b"(Ctrl-C again exits at once)\n")
+    if together:
+      stop["why"] = signal.Signals(number).name
+      signal.raise_signal(signal.SIGTERM)  # to JAX's notifier, which tells the others
+    else:
+      stop["signal"] = signal.Signals(number).name
+
+  def should_stop(step):
+    if together and multihost_utils.reached_preemption_sync_point(step):
+      stop["signal"] = stop["why"] or "SIGTERM"
+    return stop["signal"] is not None
 
   previous = {}
   closers = []
   try:
     sinks = []
     for home, config in zip(homes, configs):
-      more, close = _loggers(config, home)
+      more, close = _loggers(config, home) if _writes() else ([], [])
       sinks.append(more)
       closers += close
     print(f"devices: {jax.device_count()} ({n_devices} local, {jax.devices()[0].platform}); "
@@ -788,7 +819,8 @@ def _run(configs: list, out: pathlib.Path, *, progress: bool, verify: bool):
     source = _open_data(configs[0], n_devices, verify=verify)  # Ctrl-C here: an export resumes
     # From here on a signal never interrupts a write (orbax's above all): it
     # is noted, and the loop stops after the step in flight.
-    previous = {n: signal.signal(n, on_signal) for n in (signal.SIGTERM, signal.SIGINT)}
+    previous = {n: signal.signal(n, on_signal)
+                for n in ((signal.SIGINT,) if together else (signal.SIGTERM, signal.SIGINT))}
     sample, _ = _finite(source.sample, "the initialisation sample")
     states = [train.create_train_state(config.train, sample) for config in configs]
     restored = ckpt.restore(saved(states))
@@ -803,6 +835,9 @@ def _run(configs: list, out: pathlib.Path, *, progress: bool, verify: bool):
     with contextlib.ExitStack() as files:
       logs = []
       for home, more in zip(homes, sinks):
+        if not _writes():
+          logs.append(lambda step, m: None)
+          continue
         _resume_metrics(home / "metrics.jsonl", start)
         # Unbuffered: each line is one write, so a failed one leaves nothing
         # pending for close() to fail on again.
@@ -818,7 +853,7 @@ def _run(configs: list, out: pathlib.Path, *, progress: bool, verify: bool):
       replicated = train.train_many(
           [train.replicate(state) for state in states], source.batches(start, position),
           log_every=configs[0].log_every, on_log=lambda i, step, m: logs[i](step, m),
-          on_step=on_step, should_stop=lambda: stop["signal"] is not None,
+          on_step=on_step, should_stop=should_stop,
           progress=progress, names=names)
       seconds = time.perf_counter() - began
     states = [train.unreplicate(r) for r in replicated]
@@ -874,6 +909,8 @@ def _finish(config: RunConfig, out: pathlib.Path, state: train.TrainState, sourc
   summary = _evaluate(config, state, source, theta_F, calibration)
   summary.update(tokens=int(state.step) * c.batch_size, steps=int(state.step),
                  tokens_per_second=tokens_per_second)
+  if not _writes():
+    return summary
   try:
     saelens.export_saelens(
         out / "saelens", state.params, theta_F, float(state.input_scale), c.sae,

@@ -20,6 +20,7 @@ import tqdm
 from flax import struct
 from jax import lax
 
+from sae_jax import collectives
 from sae_jax import gradients
 from sae_jax import losses
 from sae_jax import model
@@ -106,7 +107,7 @@ def _batch_threshold(token_min_B: jax.Array, selection: str) -> jax.Array:
   if selection != "topk":
     return lax.pmin(jnp.min(token_min_B), AXIS)
   found_B = jnp.isfinite(token_min_B)
-  total = lax.psum(jnp.sum(jnp.where(found_B, token_min_B, 0)), AXIS)
+  total = collectives.ordered_psum(jnp.sum(jnp.where(found_B, token_min_B, 0)), AXIS)
   count = lax.psum(jnp.sum(found_B, dtype=jnp.int32), AXIS)
   return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.inf)
 
@@ -147,9 +148,9 @@ def train_step(state: TrainState, x_BxD: jax.Array,
   kept = (state.pool_P, state.step % c.sae.pool_every == 0) if c.sae.keeps_pool else None
 
   def apply(grads, pool_P, auxk):
-    """pmean, then the optimiser; a non-finite step leaves params and moments as they were."""
-    grads = lax.pmean(grads, AXIS)
-    auxk = lax.pmean(auxk, AXIS)
+    """The mean over devices (in one order: `collectives`), then the optimiser;
+    a non-finite step leaves params and moments as they were."""
+    grads, auxk = collectives.ordered_pmean((grads, auxk), AXIS)
     finite = jnp.isfinite(mse + c.auxk_weight * auxk)
     for g in jax.tree.leaves(grads):
       finite &= jnp.all(jnp.isfinite(g))
@@ -160,12 +161,12 @@ def train_step(state: TrainState, x_BxD: jax.Array,
 
   if c.step == "dense":
     grads, out = gradients.dense(state.params, x_BxD, silent_F, key, c, AXIS, kept)
-    mse = lax.pmean(out.mse, AXIS)
+    mse = collectives.ordered_pmean(out.mse, AXIS)
     params, opt_state, auxk, grad_norm, finite = apply(grads, None, out.auxk)
   else:
     grads, pool_P, out, with_auxk = gradients.fast(state.params, x_BxD, silent_F, key, c, AXIS,
                                                    kept)
-    mse = lax.pmean(out.mse, AXIS)
+    mse = collectives.ordered_pmean(out.mse, AXIS)
 
     def dense_with_auxk():
       dense, auxk = with_auxk(optimizer.dense_grads(grads, pool_P, state.params))
@@ -342,14 +343,15 @@ def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 
       [state], batches, log_every=log_every,
       on_log=None if on_log is None else lambda i, step, m: on_log(step, m),
       on_step=None if on_step is None else lambda step, states: on_step(step, states[0]),
-      should_stop=should_stop, progress=progress)[0]
+      should_stop=None if should_stop is None else lambda step: should_stop(),
+      progress=progress)[0]
 
 
 def train_many(states: typing.Sequence[TrainState], batches: typing.Iterable, *,
                log_every: int = 100,
                on_log: typing.Optional[typing.Callable[[int, int, dict], None]] = None,
                on_step: typing.Optional[typing.Callable[[int, list], None]] = None,
-               should_stop: typing.Optional[typing.Callable[[], bool]] = None,
+               should_stop: typing.Optional[typing.Callable[[int], bool]] = None,
                progress: bool = True, names: typing.Optional[typing.Sequence[str]] = None
                ) -> list:
   """`train_loop` for several SAEs on one stream of batches: each batch is
@@ -366,7 +368,9 @@ def train_many(states: typing.Sequence[TrainState], batches: typing.Iterable, *,
     on_log: called as on_log(i, step, metrics) for state i; metrics as for
       `train_loop` ("tokens_per_second": the batches' tokens per second).
     on_step: called as on_step(step, states) once all states took the step.
-    should_stop, progress: as for `train_loop`.
+    should_stop: called as should_stop(step) after each step; True ends the
+      loop there.
+    progress: as for `train_loop`.
     names: the states' names in error messages (default "state 0", ...).
 
   Returns:
@@ -469,7 +473,7 @@ def train_many(states: typing.Sequence[TrainState], batches: typing.Iterable, *,
       pending = (step, metrics)
       if on_step is not None:
         on_step(step, states)
-      if should_stop is not None and should_stop():
+      if should_stop is not None and should_stop(step):
         break
     if pending is not None:
       for i, m in enumerate(pending[1]):

@@ -49,18 +49,44 @@ def test_resume_gives_the_batches_those_steps_saw(cache, start):
                                 whole[start:])
 
 
-def test_hosts_read_disjoint_rows(cache):
+@pytest.mark.parametrize("start", [0, 5])
+def test_hosts_read_disjoint_slices_of_the_same_global_batches(cache, start):
+  """Two hosts of 2 devices: side by side, their batches are those of one
+  host with 4 devices (from any step); each reads only its own rows, and
+  within an epoch no row is read by both."""
   acts = data.Activations(cache, eval_rows=100)
-  per_host = [take(acts.batches(B, 2, seed=0, process_index=p, process_count=2, prefetch=0), 11)
-              for p in range(2)]
+  train = stored_rows(cache)[:600]
+  read = [[], []]  # the rows each host read, as indices into the training rows
+  gather = acts._gather
+
+  def recording(host):
+    def _gather(segments, index_N):
+      first = 0
+      for file_index, begin, stop in segments:  # a cache's shards hold 128 rows
+        here = index_N[(index_N >= first) & (index_N < first + stop - begin)]
+        read[host].extend((file_index * 128 + begin + here - first).tolist())
+        first += stop - begin
+      return gather(segments, index_N)
+    return _gather
+
+  per_host = []
+  for host in range(2):
+    acts._gather = recording(host)
+    per_host.append(take(acts.batches(B, 2, seed=0, process_index=host, process_count=2,
+                                      start_step=start, prefetch=0), 11))
+  acts._gather = gather
   assert per_host[0].shape == (11, 2, B // 4, 16)  # B/2 rows per host
-  seen = [as_set(rows) for rows in per_host]
-  assert not seen[0] & seen[1]
-  train = as_set(stored_rows(cache)[:600])
-  assert seen[0] | seen[1] <= train
-  # Host 0 holds segments 0, 2, 4 (128 + 128 + 88 rows): its first epoch is exactly those.
-  first_epoch = per_host[0].reshape(-1, 16)[:344]
-  assert as_set(first_epoch) == as_set(stored_rows(cache)[np.r_[0:128, 256:384, 512:600]])
+  one_host = take(acts.batches(B, 4, seed=0, start_step=start), 11)
+  np.testing.assert_array_equal(np.concatenate(per_host, axis=1), one_host)
+  # Each host read what it trained on (and the rest of the shuffle buffer's
+  # share it is in); the first epoch's 600 rows, split between them.
+  for host in range(2):
+    assert as_set(per_host[host]) <= as_set(train[read[host]])
+  if start == 0:
+    share = [int(np.sum(np.arange(600) // (B // 2) % 2 == host)) for host in range(2)]
+    first_epoch = [set(read[host][:share[host]]) for host in range(2)]
+    assert [len(rows) for rows in first_epoch] == share and sum(share) == 600
+    assert first_epoch[0] | first_epoch[1] == set(range(600))
 
 
 def test_eval_rows_are_held_out(cache):

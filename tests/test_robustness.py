@@ -427,6 +427,14 @@ BAD_INPUT = {
     "--verify, a corrupted last shard": (
         lambda t, c: ["--data", _cache_with(t, c, _flip_last_shard), "--verify"],
         "shard 5 (acts-00005.npy) is corrupted"),
+    "--coordinator alone": (lambda t, c: ["--coordinator", "127.0.0.1:1"],
+                            "--coordinator needs all of --coordinator HOST:PORT, --num-processes"),
+    "--coordinator without a port": (
+        lambda t, c: ["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
+        "--coordinator must be HOST:PORT"),
+    "--process-id out of range": (
+        lambda t, c: ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+        "--process-id must be in [0, --num-processes)"),
     "a broken manifest": (
         lambda t, c: ["--data", _cache_with(t, c, lambda b: (b / "manifest.json").write_text("{"))],
         "manifest.json is not a readable manifest"),

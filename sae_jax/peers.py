@@ -1,0 +1,72 @@
+"""A watch on the other processes of a multi-host run: each process beats
+in JAX's coordination service every second, and one whose beat stops for
+`timeout` seconds is taken for dead. The survivors then exit at once with
+one line, where they would otherwise wait in a collective, or in a barrier
+until JAX's own heartbeat timeout aborts them with a C++ stack trace (JAX's
+is set to twice ours, so ours comes first).
+"""
+
+import os
+import sys
+import threading
+import time
+
+BEAT_SECONDS = 1.0
+_DONE = "done"
+
+
+def _key(process: int) -> str:
+  return f"sae_jax/beat/{process}"
+
+
+def watch(client, process_id: int, n_processes: int, timeout: float):
+  """Starts the watch (a daemon thread). Returns `stop()`, to call when this
+  process is done: it says so to the others, which stop watching it."""
+  done = threading.Event()
+
+  def run():
+    beats, last_seen, seen_at = 0, {}, {}
+    # Never touches the client once stop() was called: at exit JAX shuts it
+    # down, and a call in flight then would end the process in C++.
+    while not done.wait(BEAT_SECONDS if beats else 0):
+      now = time.monotonic()
+      try:
+        beats += 1
+        client.key_value_set(_key(process_id), str(beats), allow_overwrite=True)
+        for other in range(n_processes):
+          if other == process_id:
+            continue
+          try:
+            value = client.key_value_try_get(_key(other))
+          except Exception:  # noqa: BLE001  (not yet set: NOT_FOUND)
+            value = None
+          if value == _DONE:
+            seen_at[other] = None
+          elif value != last_seen.get(other):
+            last_seen[other], seen_at[other] = value, now
+          elif seen_at.get(other) is not None and now - seen_at[other] > timeout:
+            _die(f"process {other} stopped answering {timeout:g} s ago (--heartbeat-timeout)")
+      except Exception as error:  # noqa: BLE001  (the coordinator, process 0, is gone)
+        if not done.is_set():
+          reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+          _die(f"the coordinator (process 0) cannot be reached ({reason})")
+        return
+
+  def stop():
+    done.set()
+    thread.join(timeout=10)  # a call in flight finishes before JAX shuts the client down
+    try:
+      client.key_value_set(_key(process_id), _DONE, allow_overwrite=True)
+    except Exception:  # noqa: BLE001  (the coordinator is gone: nobody is watching)
+      pass
+
+  thread = threading.Thread(target=run, name="sae_jax-peers", daemon=True)
+  thread.start()
+  return stop
+
+
+def _die(why: str) -> None:
+  print(f"error: {why}: a process stopped; re-launch every process with the same command to "
+        f"resume from the last complete checkpoint", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(1)
