@@ -354,7 +354,7 @@ def _strict(value):
   return value
 
 
-def _writes() -> bool:
+def writes() -> bool:
   """Whether this process writes the run's own files (config.json,
   metrics.jsonl, summary.json, saelens/): process 0 of a multi-host run,
   whose files every host would write the same; orbax writes the
@@ -366,7 +366,7 @@ def _write_text(path: pathlib.Path, text: str, then: str) -> None:
   """`text` under a temporary name, then renamed, by process 0 only; a failed
   write (a full disk) leaves nothing behind and is one line naming the file
   and `then`."""
-  if not _writes():
+  if not writes():
     return
   try:
     export_lib.atomic_write(path, lambda f: f.write(text.encode()))
@@ -430,7 +430,7 @@ def data_fingerprint(config: RunConfig) -> typing.Optional[dict]:
 def _check_data(out: pathlib.Path, config: RunConfig, resuming: bool) -> None:
   """Refuses to resume on data other than the run's; records them otherwise."""
   path = out / "config.json"
-  if not _writes() and not path.exists():  # process 0's files need not be on this host
+  if not writes() and not path.exists():  # process 0's files need not be on this host
     return
   saved = _read_json(path)
   old, new = saved.get(FINGERPRINT), data_fingerprint(config)
@@ -655,18 +655,24 @@ def run(config: RunConfig, *, progress: bool = True,
   Raises:
     KeyboardInterrupt: Ctrl-C stopped the run (after a checkpoint).
   """
-  c = config.train
-  n_devices = jax.local_device_count()
-  if c.batch_size % (n_devices * jax.process_count()):
-    raise ValueError(f"--batch-size {c.batch_size} must be divisible by the "
-                     f"{n_devices * jax.process_count()} devices")
-  check_memory(c, jax.device_count())
+  _check_devices(config.train)
+  check_memory(config.train, jax.device_count())
   check_data_size(config)
-  out = pathlib.Path(config.out)
+  summaries = _locked_run([config], pathlib.Path(config.out), progress=progress, verify=verify)
+  return None if summaries is None else summaries[0]
+
+
+def _check_devices(c: TrainConfig) -> None:
+  n = jax.local_device_count() * jax.process_count()
+  if c.batch_size % n:
+    raise ValueError(f"--batch-size {c.batch_size} must be divisible by the {n} devices")
+
+
+def _locked_run(configs: list, out: pathlib.Path, *, progress: bool, verify: bool):
+  """`_run` holding the lock on `out`."""
   lock = _claim(out)
   try:
-    summaries = _run([config], out, progress=progress, verify=verify)
-    return None if summaries is None else summaries[0]
+    return _run(configs, out, progress=progress, verify=verify)
   finally:
     if lock is not None:
       os.close(lock)
@@ -705,11 +711,11 @@ def run_many(configs: typing.Sequence[RunConfig], out, *, progress: bool = True,
     KeyboardInterrupt: Ctrl-C stopped the pass (after a checkpoint).
   """
   configs, out = list(configs), pathlib.Path(out)
-  flat = lambda config: _flat(config.to_dict())
-  first = flat(configs[0])
+  first = _flat(configs[0].to_dict())
   for config in configs[1:]:
-    differ = [k for k in sorted(set(first) | set(flat(config)))
-              if not k.startswith(_OWN_FIELDS) and first.get(k) != flat(config).get(k)]
+    other = _flat(config.to_dict())
+    differ = [k for k in sorted(set(first) | set(other))
+              if not k.startswith(_OWN_FIELDS) and first.get(k) != other.get(k)]
     if configs[0].train.sae.d_model != config.train.sae.d_model:
       differ.append("train.sae.d_model")
     if differ:
@@ -719,19 +725,10 @@ def run_many(configs: typing.Sequence[RunConfig], out, *, progress: bool = True,
   if len(set(homes)) != len(homes) or out.absolute() in homes:
     raise ValueError(f"run_many's runs need an out each, apart from the sweep's {out}; got "
                      f"{[config.out for config in configs]}")
-  c = configs[0].train
-  n_devices = jax.local_device_count()
-  if c.batch_size % (n_devices * jax.process_count()):
-    raise ValueError(f"--batch-size {c.batch_size} must be divisible by the "
-                     f"{n_devices * jax.process_count()} devices")
+  _check_devices(configs[0].train)
   check_memory_many(configs, jax.device_count())
   check_data_size(configs[0])
-  lock = _claim(out)
-  try:
-    return _run(configs, out, progress=progress, verify=verify)
-  finally:
-    if lock is not None:
-      os.close(lock)
+  return _locked_run(configs, out, progress=progress, verify=verify)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -807,7 +804,7 @@ def _run(configs: list, out: pathlib.Path, *, progress: bool, verify: bool):
   try:
     sinks = []
     for home, config in zip(homes, configs):
-      more, close = _loggers(config, home) if _writes() else ([], [])
+      more, close = _loggers(config, home) if writes() else ([], [])
       sinks.append(more)
       closers += close
     print(f"devices: {jax.device_count()} ({n_devices} local, {jax.devices()[0].platform}); "
@@ -835,7 +832,7 @@ def _run(configs: list, out: pathlib.Path, *, progress: bool, verify: bool):
     with contextlib.ExitStack() as files:
       logs = []
       for home, more in zip(homes, sinks):
-        if not _writes():
+        if not writes():
           logs.append(lambda step, m: None)
           continue
         _resume_metrics(home / "metrics.jsonl", start)
@@ -909,7 +906,7 @@ def _finish(config: RunConfig, out: pathlib.Path, state: train.TrainState, sourc
   summary = _evaluate(config, state, source, theta_F, calibration)
   summary.update(tokens=int(state.step) * c.batch_size, steps=int(state.step),
                  tokens_per_second=tokens_per_second)
-  if not _writes():
+  if not writes():
     return summary
   try:
     saelens.export_saelens(

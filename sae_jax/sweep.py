@@ -8,8 +8,6 @@ import math
 import pathlib
 import typing
 
-import jax
-
 from sae_jax import run as run_lib
 from sae_jax.run import RunConfig
 
@@ -93,7 +91,7 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
         print(f"sweep stopped by SIGTERM in {name}: re-run the same command to continue",
               flush=True)
         return None
-  if jax.process_index():  # process 0 writes the tables (the runs' files are its too)
+  if not run_lib.writes():  # the tables are process 0's, as the runs' files are
     return []
   rows = []
   for name, selection, score, l, config in runs:
