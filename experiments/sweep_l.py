@@ -13,10 +13,10 @@ results.md and plot_<metric>.png. Re-running resumes; SIGTERM or Ctrl-C stops
 the sweep after a checkpoint.
 """
 
-import pathlib
 import sys
 
 from sae_jax import cli
+from sae_jax import storage
 from sae_jax import sweep
 
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
       cli.check_sampled(base, args.ls, score)
     if sweep.sweep(base, args.ls, args.scores, progress=not args.no_progress,
                    verify=args.verify, one_pass=args.one_pass) is not None:
-      print((pathlib.Path(args.out) / "results.md").read_text())
+      print((storage.path(args.out) / "results.md").read_text())
 
   return cli.guarded(work, flags=args)
 

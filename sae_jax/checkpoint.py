@@ -7,9 +7,10 @@ function of the step); a data source with more to remember (the `--stream`
 position) saves it beside the step.
 
 Each step `<step>/` (orbax's) has a sidecar `<step>.meta.json`, written
-under a temporary name and renamed: before orbax starts, the sha256 of the
-state's arrays and the data position; once orbax has finished the step (at
-the next save, or on close), the size and sha256 of each of its files.
+whole or not at all (`storage.atomic_write`; the directory may be gs://):
+before orbax starts, the sha256 of the state's arrays and the data
+position; once orbax has finished the step (at the next save, or on close),
+the size and sha256 of each of its files.
 orbax keeps no checksum of what it reads back, so a restore first checks the
 files (orbax is never handed a damaged one), then recomputes the digest from
 the restored arrays. A step that fails either check or does not restore (a
@@ -22,15 +23,13 @@ import contextlib
 import hashlib
 import json
 import logging
-import pathlib
-import shutil
 import typing
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sae_jax import export
+from sae_jax import export, storage
 from sae_jax.train import TrainState
 
 _META = "{step}.meta.json"
@@ -66,15 +65,16 @@ def _step(saved) -> int:
   return int((saved[0] if isinstance(saved, (list, tuple)) else saved).step)
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  export.atomic_write(path, lambda f: f.write(text.encode()))
+def _write_atomic(path, text: str) -> None:
+  storage.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 class Checkpointer:
   """Saves and restores TrainStates in `directory`, keeping the last `keep`."""
 
   def __init__(self, directory, keep: int = 3):
-    self.directory = pathlib.Path(directory).absolute()
+    directory = storage.path(directory)  # a local folder, or gs://
+    self.directory = directory if storage.is_remote(directory) else directory.absolute()
     if self.directory.exists() and not self.directory.is_dir():
       raise ValueError(f"{self.directory} is a file, not a checkpoint directory: move it away "
                        f"or use another --out")
@@ -119,8 +119,8 @@ class Checkpointer:
   def _files(self, step: int) -> dict:
     """{path in the step folder: [bytes, sha256]} of every file orbax wrote."""
     root = self.directory / str(step)
-    return {str(path.relative_to(root)): [path.stat().st_size, export.sha256(path)]
-            for path in sorted(root.rglob("*")) if path.is_file()}
+    return {name: [storage.size(root / name), export.sha256(root / name)]
+            for name in storage.files(root)}
 
   def _record_files(self) -> None:
     """Waits for the save in flight, then adds its files to its sidecar."""
@@ -139,8 +139,8 @@ class Checkpointer:
       path = root / name
       if not path.is_file():
         return f"{name} is missing"
-      if path.stat().st_size != size:
-        return f"{name} is {path.stat().st_size} bytes, not {size}"
+      if storage.size(path) != size:
+        return f"{name} is {storage.size(path)} bytes, not {size}"
       if export.sha256(path) != sha:
         return f"{name} does not match its sha256"
     return None
@@ -205,7 +205,7 @@ class Checkpointer:
       self._manager = self._open()
     return restored
 
-  def _move_aside(self, step: int) -> pathlib.Path:
+  def _move_aside(self, step: int):
     """Moves step `step` (and its sidecar) into <directory>-damaged/."""
     aside = self.directory.with_name(self.directory.name + "-damaged")
     target, n = aside / str(step), 1
@@ -213,11 +213,11 @@ class Checkpointer:
       target, n = aside / f"{step}.{n}", n + 1
     if jax.process_index() == 0:
       target.mkdir(parents=True)
-      shutil.move(str(self.directory / str(step)), str(target / "orbax"))
+      storage.move(self.directory / str(step), target / "orbax")
       for pattern in (_META, _LEGACY_DATA):
         sidecar = self.directory / pattern.format(step=step)
         if sidecar.exists():
-          shutil.move(str(sidecar), str(target / sidecar.name))
+          storage.move(sidecar, target / sidecar.name)
     return target
 
   def data_position(self, step: int) -> typing.Optional[dict]:

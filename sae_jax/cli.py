@@ -227,6 +227,10 @@ def guarded(work: typing.Callable[[], typing.Any], *, flags=None) -> int:
     print("interrupted: re-run the same command to resume", file=sys.stderr)
     return 130
   except Exception as error:  # noqa: BLE001
+    if type(error).__module__.startswith("gcsfs"):  # its HttpError is no OSError
+      print(f"error: a gs:// request failed ({error}): check the bucket and this machine's "
+            f"credentials, then re-run to resume", file=sys.stderr)
+      return 1
     if peers is None or type(error).__name__ != "JaxRuntimeError":
       raise
     # A collective with a process that died (gloo: "Connection closed by

@@ -15,7 +15,6 @@ and a run sees the same global batches on any number of hosts. The last
 `eval_rows` rows of the data are held out for evaluation and never trained on.
 """
 
-import pathlib
 import queue
 import threading
 import typing
@@ -23,15 +22,16 @@ import typing
 import jax
 import numpy as np
 
-from sae_jax import export
+from sae_jax import export, storage
 
 NPY_SEGMENT_ROWS = 65536
 
 
 def open_npy(path) -> np.ndarray:
-  """A .npy file memory-mapped, or one line naming it and what is wrong."""
+  """A .npy file memory-mapped (on gs://, read by byte ranges), or one line
+  naming it and what is wrong."""
   try:
-    return np.load(path, mmap_mode="r", allow_pickle=False)
+    return storage.open_npy(path)
   except (ValueError, OSError, EOFError) as error:
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
     raise ValueError(f"{path} is not a readable .npy array ({reason}); it may be truncated, "
@@ -60,8 +60,9 @@ class Activations:
   """
 
   def __init__(self, path, *, eval_rows: int = 0, verify: bool = False):
-    self.path = pathlib.Path(path)
+    self.path = storage.path(path)
     self._verified: set = set()
+    self._remote: dict = {}  # file index -> RemoteNpy (its header read once)
     if self.path.is_dir():
       manifest = export.read_manifest(self.path)
       if manifest is None:
@@ -108,8 +109,8 @@ class Activations:
     want = (rows, self.d_model)
     if array.shape != want:
       raise ValueError(f"{where} holds shape {array.shape}; the manifest says {want}")
-    if array.offset + array.nbytes != path.stat().st_size:
-      raise ValueError(f"{where} is {path.stat().st_size} bytes; its header says "
+    if array.offset + array.nbytes != storage.size(path):
+      raise ValueError(f"{where} is {storage.size(path)} bytes; its header says "
                        f"{array.offset + array.nbytes}")
 
   def _verify(self, file_index: int) -> None:
@@ -142,6 +143,8 @@ class Activations:
     name, _, _ = self._files[file_index]
     path = self.path / name if self.manifest is not None else self.path
     self._verify(file_index)
+    if storage.is_remote(path):
+      return self._remote.setdefault(file_index, storage.RemoteNpy(path))
     return np.load(path, mmap_mode="r")
 
   def _gather(self, segments: list, index_N: np.ndarray) -> np.ndarray:

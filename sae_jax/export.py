@@ -31,7 +31,7 @@ import typing
 import numpy as np
 import tqdm
 
-from sae_jax import validation
+from sae_jax import storage, validation
 
 MANIFEST = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -147,34 +147,21 @@ def shard_names(index: int) -> dict:
 
 def sha256(path) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with storage.path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 22), b""):
       digest.update(block)
   return digest.hexdigest()
 
 
-def atomic_write(path: pathlib.Path, write) -> None:
-  """write(file) to a temporary name, then rename: never a half-written file."""
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:  # a failed write (a full disk) leaves nothing behind
-    tmp.unlink(missing_ok=True)
+def _save_npy(path: pathlib.PurePath, array: np.ndarray) -> None:
+  storage.atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
-def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
-  atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+def write_manifest(out: pathlib.PurePath, manifest: dict) -> None:
+  storage.atomic_write(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 
-def write_manifest(out: pathlib.Path, manifest: dict) -> None:
-  atomic_write(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-
-
-def read_json_object(path: pathlib.Path, kind: str, remedy: str) -> dict:
+def read_json_object(path: pathlib.PurePath, kind: str, remedy: str) -> dict:
   """The JSON object in `path`, or one line naming the file, what it should
   be (`kind`) and what to do (`remedy`)."""
   try:
@@ -187,7 +174,7 @@ def read_json_object(path: pathlib.Path, kind: str, remedy: str) -> dict:
 
 
 def read_manifest(out) -> typing.Optional[dict]:
-  path = pathlib.Path(out) / MANIFEST
+  path = storage.path(out) / MANIFEST
   if not path.exists():
     return None
   return read_json_object(path, "manifest", "the cache is damaged; export it again into an "
@@ -366,7 +353,7 @@ class JaxHookedModel:
 
 # --- Export ----------------------------------------------------------------------
 
-def _check_or_start(out: pathlib.Path, config: ExportConfig) -> dict:
+def _check_or_start(out: pathlib.PurePath, config: ExportConfig) -> dict:
   """The manifest to continue from; refuses a directory holding something else."""
   manifest = read_manifest(out)
   if manifest is None:
@@ -400,7 +387,8 @@ def export_activations(config: ExportConfig, out, *, progress: bool = True,
   Returns:
     The final manifest.
   """
-  out = pathlib.Path(out)
+  storage.check_bucket(out, "--out")
+  out = storage.path(out)
   manifest = _check_or_start(out, config)
   shards = [s for s in manifest["shards"] if s["rows"] == config.shard_rows]
   done = sum(s["rows"] for s in shards)
@@ -408,8 +396,8 @@ def export_activations(config: ExportConfig, out, *, progress: bool = True,
       s["rows"] for s in manifest["shards"][len(shards):]) >= config.tokens:
     return manifest
   out.mkdir(parents=True, exist_ok=True)
-  for stale in out.glob(".*.tmp-*"):  # left by an interrupted write
-    stale.unlink()
+  for stale in [] if storage.is_remote(out) else out.glob(".*.tmp-*"):
+    stale.unlink()  # left by an interrupted write (nothing is renamed on gs://)
   model = (JaxHookedModel if config.backend == "jax" else HookedModel)(config)
   start_batch, skip_rows = (shards[-1]["next_batch"], shards[-1]["skip_rows"]) if shards else (0, 0)
   manifest.update(shards=shards, complete=False, total_tokens=done, d_model=model.d_model,

@@ -29,6 +29,7 @@ from sae_jax import evaluate
 from sae_jax import export as export_lib
 from sae_jax import saelens
 from sae_jax import spelling
+from sae_jax import storage
 from sae_jax import synthetic as synthetic_lib
 from sae_jax import thresholds
 from sae_jax import train
@@ -121,7 +122,7 @@ class RunConfig:
       raise ValueError(f"RunConfig.stream must be True or False; got {self.stream!r}")
     check_stream(self.stream, self.data, self.export.backend)
     if self.data not in ("pythia", "synthetic"):
-      path = pathlib.Path(self.data)
+      path = storage.path(self.data)
       if not (path.is_dir() or (path.suffix == ".npy" and path.is_file())):
         raise ValueError(f"--data must be 'pythia', 'synthetic', a cache directory or a .npy "
                          f"file; {self.data!r} is none of these")
@@ -188,7 +189,7 @@ def d_model_of(data_arg: str, *, cache_dir: str, model: str, revision=None,
       return neox.load_config(str(directory)).hidden_size
     import transformers
     return transformers.AutoConfig.from_pretrained(directory).hidden_size
-  path = pathlib.Path(data_arg)
+  path = storage.path(data_arg)
   if path.suffix == ".npy" and path.is_file():
     shape = data.open_npy(path).shape
     if len(shape) != 2:
@@ -244,7 +245,7 @@ def _open_data(config: RunConfig, n_devices: int, *, verify: bool = False) -> _D
     path = config.cache_dir
     needed = c.total_steps * c.batch_size + config.eval_tokens
     export_lib.export_activations(dataclasses.replace(config.export, tokens=needed), path)
-  manifest = export_lib.read_manifest(path) if pathlib.Path(path).is_dir() else None
+  manifest = export_lib.read_manifest(path) if storage.path(path).is_dir() else None
   n_rows = data.Activations(path).n_rows
   eval_rows = min(config.eval_tokens, n_rows // 10)
   if eval_rows < config.eval_tokens:
@@ -362,30 +363,30 @@ def writes() -> bool:
   return jax.process_index() == 0
 
 
-def _write_text(path: pathlib.Path, text: str, then: str) -> None:
-  """`text` under a temporary name, then renamed, by process 0 only; a failed
-  write (a full disk) leaves nothing behind and is one line naming the file
-  and `then`."""
+def _write_text(path: pathlib.PurePath, text: str, then: str) -> None:
+  """`text` written whole or not at all (`storage.atomic_write`), by process
+  0 only; a failed write (a full disk) leaves nothing behind and is one line
+  naming the file and `then`."""
   if not writes():
     return
   try:
-    export_lib.atomic_write(path, lambda f: f.write(text.encode()))
+    storage.atomic_write(path, lambda f: f.write(text.encode()))
   except OSError as error:
-    raise ValueError(f"could not write {path} ({error.strerror}); nothing was left "
+    raise ValueError(f"could not write {path} ({error.strerror or error}); nothing was left "
                      f"half-written: free space and re-run to {then}") from None
 
 
-def write_json(path: pathlib.Path, value) -> None:
+def write_json(path: pathlib.PurePath, value) -> None:
   """Strict JSON (NaN and inf as null), written whole or not at all."""
   _write_text(path, json.dumps(_strict(value), indent=1, allow_nan=False), "continue")
 
 
-def _read_json(path: pathlib.Path) -> dict:
+def _read_json(path: pathlib.PurePath) -> dict:
   return export_lib.read_json_object(path, "run config", "it was damaged outside sae_jax; "
                                                          "restore it, or use another --out")
 
 
-def _check_resume(out: pathlib.Path, config: RunConfig) -> None:
+def _check_resume(out: pathlib.PurePath, config: RunConfig) -> None:
   path = out / "config.json"
   new = config.to_dict()
   if path.exists():
@@ -411,23 +412,23 @@ def data_fingerprint(config: RunConfig) -> typing.Optional[dict]:
   and last MiB. None for data made from the config (synthetic, --stream)."""
   if config.data == "synthetic" or config.stream:
     return None
-  path = pathlib.Path(config.cache_dir if config.data == "pythia" else config.data)
+  path = storage.path(config.cache_dir if config.data == "pythia" else config.data)
   if path.is_dir():
     manifest = export_lib.read_manifest(path) or {}
     shards = "".join(shard["sha256"]["acts"] for shard in manifest.get("shards", []))
     return {"kind": "cache", "rows": manifest.get("total_tokens"),
             "sha256": hashlib.sha256(shards.encode()).hexdigest()}
-  size = path.stat().st_size
+  size = storage.size(path)
   ends = hashlib.sha256()
-  with open(path, "rb") as f:
+  with path.open("rb") as f:
     ends.update(f.read(_ENDS))
     f.seek(max(size - _ENDS, 0))
     ends.update(f.read(_ENDS))
-  return {"kind": "npy", "bytes": size, "mtime": path.stat().st_mtime,
+  return {"kind": "npy", "bytes": size, "mtime": storage.mtime(path),
           "sha256_ends": ends.hexdigest()}
 
 
-def _check_data(out: pathlib.Path, config: RunConfig, resuming: bool) -> None:
+def _check_data(out: pathlib.PurePath, config: RunConfig, resuming: bool) -> None:
   """Refuses to resume on data other than the run's; records them otherwise."""
   path = out / "config.json"
   if not writes() and not path.exists():  # process 0's files need not be on this host
@@ -452,17 +453,34 @@ def _check_data(out: pathlib.Path, config: RunConfig, resuming: bool) -> None:
 LOCK = ".lock"
 
 
-def _claim(out: pathlib.Path) -> typing.Optional[int]:
-  """Creates `out` and takes its lock: an advisory lock on out/.lock holding
-  our pid, released when the descriptor closes or the process dies. Only
-  process 0 of a multi-host run takes it. Stale temporary files (a run killed
-  while writing) are removed once it is held."""
+def _claim(out) -> typing.Callable[[], None]:
+  """Creates `out` and takes its lock; returns what releases it. Locally an
+  advisory lock on out/.lock holding our pid, released when the descriptor
+  closes or the process dies; on gs:// a `storage.Lease` in out/.lock. Only
+  process 0 of a multi-host run takes it. Stale temporary files (a run
+  killed while writing) are removed once it is held."""
   if out.exists() and not out.is_dir():
     raise ValueError(f"--out {str(out)!r} is a file, not a directory")
+  if storage.is_remote(out):
+    if jax.process_index():
+      return lambda: None
+    storage.check_bucket(out, "--out")
+    lease = storage.Lease(out / LOCK)
+    try:
+      holder = lease.acquire()
+    except OSError as error:
+      raise ValueError(f"--out {out}: cannot write there ({type(error).__name__}: {error}); "
+                       f"check that the bucket exists and that this machine's credentials may "
+                       f"write to it") from None
+    if holder is not None:
+      raise ValueError(f"--out {out} is in use by another run ({holder}): wait for it to end, "
+                       f"or use another --out (a lease not renewed for "
+                       f"{storage.Lease.STALE:.0f} s is taken over)")
+    return lease.release
   try:
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index():
-      return None
+      return lambda: None
     fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as error:
     raise ValueError(f"--out {str(out)!r}: cannot write there ({error.strerror})") from None
@@ -481,24 +499,27 @@ def _claim(out: pathlib.Path) -> typing.Optional[int]:
     raise ValueError(f"could not write {out / LOCK} ({error.strerror}); free space and "
                      f"re-run") from None
   _remove_stale(out)
-  return fd
+  return lambda: os.close(fd)
 
 
-def _remove_stale(out: pathlib.Path) -> None:
-  """Removes temporary files a run killed while writing left in `out`."""
+def _remove_stale(out) -> None:
+  """Removes temporary files a run killed while writing left in `out` (none
+  on gs://, where nothing is written under a temporary name)."""
+  if storage.is_remote(out):
+    return
   for stale in [*out.glob(".*.tmp-*"), *out.glob(".*.old-*"),
                 *out.glob("checkpoints/.*.tmp-*")]:
     shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
-def _resume_metrics(path: pathlib.Path, step: int) -> None:
+def _resume_metrics(path: pathlib.PurePath, step: int) -> None:
   """Cuts metrics.jsonl back to its lines up to `step` (the checkpoint's).
   A line that does not parse (cut short by a full disk or kill -9, or
   garbage) is dropped, and named with its file and line number."""
   if not path.exists():
     return
   kept, bad = [], []
-  text = path.read_text(errors="replace")
+  text = path.read_bytes().decode(errors="replace")
   lines = text.splitlines()
   for number, line in enumerate(lines, 1):
     try:
@@ -598,7 +619,19 @@ def check_memory_many(configs: typing.Sequence[RunConfig], n_devices: int) -> No
 
 
 def check_data_size(config: RunConfig) -> None:
-  """Disk data must hold one batch of training rows and a held-out row."""
+  """Disk data must hold one batch of training rows and a held-out row;
+  with several processes, --data pythia's cache must be complete already
+  (one export, not one per process into the same folder)."""
+  if config.data == "pythia" and not config.stream and jax.process_count() > 1:
+    manifest = export_lib.read_manifest(config.cache_dir) or {}
+    needed = config.train.total_steps * config.train.batch_size + config.eval_tokens
+    have = manifest.get("total_tokens", 0) if manifest.get("complete") else 0
+    if have < needed:
+      raise ValueError(
+          f"--data pythia on {jax.process_count()} processes reads the cache in --cache-dir "
+          f"{config.cache_dir}, which holds {have} of the {needed} tokens the run needs: export "
+          f"it first, once (experiments/export_activations.py --out {config.cache_dir} --tokens "
+          f"{needed} with the same --model, --hook and --dataset), or use --stream")
   if config.data in ("pythia", "synthetic"):
     return
   n_rows = data.Activations(config.data).n_rows
@@ -613,7 +646,7 @@ def check_data_size(config: RunConfig) -> None:
         f"tenth of the data, at most --eval-tokens), so at least {need} rows")
 
 
-def _loggers(config: RunConfig, out: pathlib.Path):
+def _loggers(config: RunConfig, out: pathlib.PurePath):
   """Optional metric sinks, imported only when asked for: (log functions,
   close functions)."""
   sinks, closers = [], []
@@ -658,7 +691,7 @@ def run(config: RunConfig, *, progress: bool = True,
   _check_devices(config.train)
   check_memory(config.train, jax.device_count())
   check_data_size(config)
-  summaries = _locked_run([config], pathlib.Path(config.out), progress=progress, verify=verify)
+  summaries = _locked_run([config], storage.path(config.out), progress=progress, verify=verify)
   return None if summaries is None else summaries[0]
 
 
@@ -668,14 +701,13 @@ def _check_devices(c: TrainConfig) -> None:
     raise ValueError(f"--batch-size {c.batch_size} must be divisible by the {n} devices")
 
 
-def _locked_run(configs: list, out: pathlib.Path, *, progress: bool, verify: bool):
+def _locked_run(configs: list, out: pathlib.PurePath, *, progress: bool, verify: bool):
   """`_run` holding the lock on `out`."""
-  lock = _claim(out)
+  release = _claim(out)
   try:
     return _run(configs, out, progress=progress, verify=verify)
   finally:
-    if lock is not None:
-      os.close(lock)
+    release()
 
 
 # What run_many's runs may set each their own way: the SAE (but its width)
@@ -710,7 +742,7 @@ def run_many(configs: typing.Sequence[RunConfig], out, *, progress: bool = True,
   Raises:
     KeyboardInterrupt: Ctrl-C stopped the pass (after a checkpoint).
   """
-  configs, out = list(configs), pathlib.Path(out)
+  configs, out = list(configs), storage.path(out)
   first = _flat(configs[0].to_dict())
   for config in configs[1:]:
     other = _flat(config.to_dict())
@@ -721,8 +753,8 @@ def run_many(configs: typing.Sequence[RunConfig], out, *, progress: bool = True,
     if differ:
       raise ValueError(f"run_many trains runs on one stream of batches: {config.out} and "
                        f"{configs[0].out} differ in {', '.join(differ)}")
-  homes = [pathlib.Path(config.out).absolute() for config in configs]
-  if len(set(homes)) != len(homes) or out.absolute() in homes:
+  homes = [_absolute(config.out) for config in configs]
+  if len(set(homes)) != len(homes) or _absolute(out) in homes:
     raise ValueError(f"run_many's runs need an out each, apart from the sweep's {out}; got "
                      f"{[config.out for config in configs]}")
   _check_devices(configs[0].train)
@@ -731,13 +763,18 @@ def run_many(configs: typing.Sequence[RunConfig], out, *, progress: bool = True,
   return _locked_run(configs, out, progress=progress, verify=verify)
 
 
+def _absolute(path) -> str:
+  """A path to compare: absolute if local, the URL if remote."""
+  return str(path) if storage.is_remote(path) else str(pathlib.Path(path).absolute())
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
   """{"a.b": v} from {"a": {"b": v}}."""
   return {k2: v2 for k, v in d.items() for k2, v2 in (
       _flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(f"{prefix}{k}", v)])}
 
 
-def _check_runs(out: pathlib.Path, names: list) -> None:
+def _check_runs(out: pathlib.PurePath, names: list) -> None:
   """Refuses to resume a pass over another list of runs; records the list."""
   path = out / SWEEP_FILE
   if path.exists():
@@ -755,11 +792,11 @@ def _check_runs(out: pathlib.Path, names: list) -> None:
   write_json(path, {"runs": names})
 
 
-def _run(configs: list, out: pathlib.Path, *, progress: bool, verify: bool):
+def _run(configs: list, out: pathlib.PurePath, *, progress: bool, verify: bool):
   """Trains `configs` together (one data stream, one checkpoint in `out`),
   then evaluates and exports each; `run` is the case of one, in `out`."""
-  one = len(configs) == 1 and pathlib.Path(configs[0].out).absolute() == out.absolute()
-  homes = [pathlib.Path(config.out) for config in configs]
+  one = len(configs) == 1 and _absolute(configs[0].out) == _absolute(out)
+  homes = [storage.path(config.out) for config in configs]
   names = [home.name for home in homes]
   c = configs[0].train
   n_devices = jax.local_device_count()
@@ -830,20 +867,24 @@ def _run(configs: list, out: pathlib.Path, *, progress: bool, verify: bool):
     if start:
       print(f"resuming at step {start}", flush=True)
     with contextlib.ExitStack() as files:
-      logs = []
+      logs, metrics = [], []
       for home, more in zip(homes, sinks):
         if not writes():
           logs.append(lambda step, m: None)
           continue
         _resume_metrics(home / "metrics.jsonl", start)
         # Unbuffered: each line is one write, so a failed one leaves nothing
-        # pending for close() to fail on again.
-        logs.append(_metrics_log(home / "metrics.jsonl",
-                                 files.enter_context(open(home / "metrics.jsonl", "ab",
-                                                          buffering=0)), more))
+        # pending for close() to fail on again. On gs:// the file is uploaded
+        # whole as each checkpoint is saved and with the checkpoint step's
+        # line (logged a step late), so a resumed run finds every line.
+        metrics.append(files.enter_context(storage.appender(home / "metrics.jsonl")))
+        logs.append(_metrics_log(home / "metrics.jsonl", metrics[-1], more,
+                                 configs[0].ckpt_every))
 
       def on_step(step, replicated):
         if step % configs[0].ckpt_every == 0:
+          for lines in metrics:
+            lines.flush()
           ckpt.save(saved([train.unreplicate(r) for r in replicated]), source.position(step))
 
       began = time.perf_counter()
@@ -881,14 +922,17 @@ def _run(configs: list, out: pathlib.Path, *, progress: bool, verify: bool):
   return summaries
 
 
-def _metrics_log(path: pathlib.Path, metrics_file, sinks: list):
-  """on_log(step, metrics): a line of `path` (open as `metrics_file`), then each sink."""
+def _metrics_log(path: pathlib.PurePath, metrics_file, sinks: list, ckpt_every: int):
+  """on_log(step, metrics): a line of `path` (open as `metrics_file`, flushed
+  with each checkpoint step's line), then each sink."""
 
   def on_log(step, m):
     try:
       line = (json.dumps(_strict(m)) + "\n").encode()
       while line:  # a raw write may take only part of it
         line = line[metrics_file.write(line):]
+      if step % ckpt_every == 0:
+        metrics_file.flush()
     except OSError as error:
       raise ValueError(f"could not write {path} at step {step} ({error.strerror}); free "
                        f"space and re-run to resume from the last checkpoint") from None
@@ -898,7 +942,7 @@ def _metrics_log(path: pathlib.Path, metrics_file, sinks: list):
   return on_log
 
 
-def _finish(config: RunConfig, out: pathlib.Path, state: train.TrainState, source: _Data,
+def _finish(config: RunConfig, out: pathlib.PurePath, state: train.TrainState, source: _Data,
             tokens_per_second: float) -> dict:
   """Thresholds, evaluation and the SAELens export of a trained state; summary.json last."""
   c = config.train
@@ -925,7 +969,7 @@ def _finish(config: RunConfig, out: pathlib.Path, state: train.TrainState, sourc
 
 def finished(out) -> bool:
   """Whether the run in `out` has written every output (summary.json last)."""
-  out = pathlib.Path(out)
+  out = storage.path(out)
   return all((out / name).is_file() for name in (
       "summary.json", "saelens/cfg.json", "saelens/sae_weights.safetensors"))
 

@@ -23,7 +23,7 @@ import typing
 
 import numpy as np
 
-from sae_jax import thresholds
+from sae_jax import storage, thresholds
 from sae_jax.config import SAEConfig
 
 SAE_LENS_VERSION = "6.0.0"
@@ -50,7 +50,7 @@ def folded_weights(params: dict, threshold, input_scale: float, selection: str) 
 
 def export_saelens(out, params: dict, threshold, input_scale: float, config: SAEConfig,
                    metadata: typing.Mapping[str, typing.Any], *,
-                   log10_density=None) -> pathlib.Path:
+                   log10_density=None) -> pathlib.PurePath:
   """Writes the folder `out` (replacing it whole, never leaving half of it).
 
   Args:
@@ -69,7 +69,7 @@ def export_saelens(out, params: dict, threshold, input_scale: float, config: SAE
     The folder's path.
   """
   from safetensors.numpy import save_file
-  out = pathlib.Path(out)
+  out = storage.path(out)
   weights = folded_weights(params, threshold, input_scale, config.selection)
   cfg = {
       "architecture": "topk" if config.selection == "topk" else "jumprelu",
@@ -86,6 +86,9 @@ def export_saelens(out, params: dict, threshold, input_scale: float, config: SAE
   }
   if config.selection == "topk":
     cfg["k"] = config.k
+  if storage.is_remote(out):
+    _upload(out, weights, cfg, log10_density)
+    return out
   tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
   try:
@@ -105,16 +108,30 @@ def export_saelens(out, params: dict, threshold, input_scale: float, config: SAE
   return out
 
 
+def _upload(out, weights: dict, cfg: dict, log10_density) -> None:
+  """The folder's files on gs://, each uploaded whole (a folder cannot be
+  swapped in one step there); cfg.json last. The run's summary.json, written
+  after them, marks the export finished."""
+  from safetensors.numpy import save
+  write = lambda name, data: storage.atomic_write(out / name, lambda f: f.write(data))
+  write("sae_weights.safetensors", save(weights))
+  if log10_density is not None:
+    write("sparsity.safetensors", save({"sparsity": np.asarray(log10_density, np.float32)}))
+  else:
+    storage.remove(out / "sparsity.safetensors")  # from an earlier export
+  write("cfg.json", json.dumps(cfg, indent=1).encode())
+
+
 def load(folder) -> tuple[dict, dict]:
   """(weights, cfg) of a saved SAE folder, or one line saying what is missing."""
-  from safetensors.numpy import load_file
-  folder = pathlib.Path(folder)
+  from safetensors.numpy import load
+  folder = storage.path(folder)  # a local folder, or gs://
   paths = [folder / "cfg.json", folder / "sae_weights.safetensors"]
   missing = [path.name for path in paths if not path.is_file()]
   if missing:
     raise ValueError(f"{folder} holds no saved SAE ({' and '.join(missing)} missing): is the "
                      f"run finished?")
-  return load_file(str(paths[1])), json.loads(paths[0].read_text())
+  return load(paths[1].read_bytes()), json.loads(paths[0].read_text())
 
 
 def encode(weights: dict, cfg: dict, x_NxD) -> np.ndarray:

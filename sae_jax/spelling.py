@@ -21,6 +21,8 @@ import typing
 
 import numpy as np
 
+from sae_jax import storage
+
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 TEMPLATE = "{word} has the first letter:"
 ICL_EXAMPLES = 10
@@ -130,7 +132,7 @@ def prompt_activations(model: str, hook: str, tokenizer, words: list, *, revisio
   return out, np.array(kept)
 
 
-def _run_model(run_dir: pathlib.Path) -> tuple:
+def _run_model(run_dir: pathlib.PurePath) -> tuple:
   """(model, revision, hook) a run's activations came from, or one line why none."""
   path = run_dir / "config.json"
   if not path.is_file():
@@ -141,7 +143,7 @@ def _run_model(run_dir: pathlib.Path) -> tuple:
     e = config["export"]
     return e["model"], e.get("revision"), e["hook"]
   from sae_jax import export  # noqa: PLC0415
-  manifest = export.read_manifest(data) if data and pathlib.Path(data).is_dir() else None
+  manifest = export.read_manifest(data) if data and storage.path(data).is_dir() else None
   if manifest is None:
     raise ValueError(f"{run_dir} trained on --data {data!r}, not on a language model's "
                      f"activations (--data pythia or an activation cache): there are no words "
@@ -164,7 +166,7 @@ def evaluate_run(run_dir, *, n_words: typing.Optional[int] = 8000, seed: int = 0
   from sae_jax import probing  # noqa: PLC0415
   from sae_jax import run as run_lib  # noqa: PLC0415
   from sae_jax import saelens  # noqa: PLC0415
-  run_dir = pathlib.Path(run_dir)
+  run_dir = storage.path(run_dir)
   found, revision, hook = _run_model(run_dir)
   weights, cfg = saelens.load(run_dir / "saelens")
   model = model or found

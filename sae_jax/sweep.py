@@ -3,12 +3,14 @@ on the same data, seed and token budget, then tabulated and plotted."""
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import pathlib
 import typing
 
 from sae_jax import run as run_lib
+from sae_jax import storage
 from sae_jax.run import RunConfig
 
 # Columns of results.csv, after variant, selection, score and l: fvu and l0
@@ -47,7 +49,7 @@ def variant_configs(base: RunConfig, ls: typing.Sequence[float],
                               score=score or base.train.sae.score,
                               l=l if selection == "sampled" else base.train.sae.l)
     out.append((name, selection, score, l, dataclasses.replace(
-        base, out=str(pathlib.Path(base.out) / name),
+        base, out=str(storage.path(base.out) / name),
         train=dataclasses.replace(base.train, sae=sae))))
   return out
 
@@ -75,7 +77,7 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
   Raises:
     KeyboardInterrupt: Ctrl-C stopped it (after a checkpoint).
   """
-  out = pathlib.Path(base.out)
+  out = storage.path(base.out)
   runs = variant_configs(base, ls, scores)
   if one_pass and not all(run_lib.finished(config.out) for *_, config in runs):
     if run_lib.run_many([config for *_, config in runs], out, progress=progress,
@@ -95,7 +97,7 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
     return []
   rows = []
   for name, selection, score, l, config in runs:
-    summary = json.loads((pathlib.Path(config.out) / "summary.json").read_text())
+    summary = json.loads((storage.path(config.out) / "summary.json").read_text())
     rows.append({"variant": name, "selection": selection, "score": score, "l": l,
                  **{m: math.nan if summary.get(m) is None else summary[m] for m in METRICS}})
   write_tables(rows, out)
@@ -103,12 +105,13 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
   return rows
 
 
-def write_tables(rows: list, out: pathlib.Path) -> None:
+def write_tables(rows: list, out: pathlib.PurePath) -> None:
   columns = list(rows[0])
-  with open(out / "results.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
+  table = io.StringIO(newline="")
+  writer = csv.DictWriter(table, fieldnames=columns)
+  writer.writeheader()
+  writer.writerows(rows)
+  (out / "results.csv").write_text(table.getvalue())
   cell = lambda v: "" if isinstance(v, float) and math.isnan(v) else (
       f"{v:.3f}" if isinstance(v, float) else str(v))
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -116,7 +119,7 @@ def write_tables(rows: list, out: pathlib.Path) -> None:
   (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def plot(rows: list, out: pathlib.Path) -> None:
+def plot(rows: list, out: pathlib.PurePath) -> None:
   """plot_<metric>.png: Sampled-SAE against l (one line per score), BatchTopK
   and TopK as horizontal lines."""
   import matplotlib
@@ -140,5 +143,7 @@ def plot(rows: list, out: pathlib.Path) -> None:
     ax.set_ylabel(metric)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / f"plot_{metric}.png", dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    (out / f"plot_{metric}.png").write_bytes(png.getvalue())
     plt.close(fig)

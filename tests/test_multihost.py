@@ -203,3 +203,20 @@ def test_the_export_refuses_several_processes(tmp_path, capsys):
   (line,) = capsys.readouterr().err.strip().splitlines()
   assert line.startswith("error: --coordinator: the export runs as one process")
   assert not (tmp_path / "cache").exists()
+
+
+def test_several_processes_refuse_to_export_a_cache_each(lm, tmp_path):
+  """--data pythia without a complete cache would have every process export
+  into one folder: refused, before anything is written, with what to run."""
+  cache_dir = tmp_path / "cache"
+  results = finish(launch(["--data", "pythia", "--model", lm["model"], "--dataset",
+                           lm["texts"]["txt"][0], "--hook", "blocks.1.hook_resid_post",
+                           "--cache-dir", cache_dir, "--steps", 20, "--out", tmp_path / "run"]),
+                   timeout=120)
+  no_traceback(results)
+  for code, _, stderr in results:
+    assert code != 0
+    assert stderr.strip().splitlines()[-1].startswith(
+        f"error: --data pythia on 2 processes reads the cache in --cache-dir {cache_dir}, "
+        f"which holds 0 of the ")
+  assert not cache_dir.exists() and not (tmp_path / "run").exists()

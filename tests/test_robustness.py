@@ -228,9 +228,9 @@ def test_two_runs_cannot_share_an_out(tmp_path, capsys):
     first.kill()
   logged = steps_logged(out)
   assert logged == list(range(1, len(logged) + 1))  # one writer: no interleaved lines
-  lock = run_lib._claim(out)  # the lock died with its holder
+  release = run_lib._claim(out)  # the lock died with its holder
   assert (out / run_lib.LOCK).read_text() == f"{os.getpid()}\n"
-  os.close(lock)
+  release()
 
 
 # --- A full disk --------------------------------------------------------------
