@@ -1,10 +1,13 @@
-"""Strict JAX for every test, on 4 fake CPU devices."""
+"""Strict JAX for every test, on 4 fake CPU devices, offline."""
 
 import os
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests' exports read local text files; offline, `datasets` does not ping
+# its download counter on s3.amazonaws.com for each (no address but 127.0.0.1).
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
