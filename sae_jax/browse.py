@@ -25,7 +25,6 @@ import importlib.resources
 import io
 import json
 import pathlib
-import shutil
 import time
 import typing
 
@@ -37,6 +36,7 @@ import tqdm
 from sae_jax import data as data_lib
 from sae_jax import export as export_lib
 from sae_jax import saelens
+from sae_jax import storage
 
 # Histogram edges of a latent's activations: 4 per decade from 1e-3 to 1e3.
 EDGES = 10.0 ** np.arange(-3, 3.01, 0.25)
@@ -168,9 +168,14 @@ def activation(weights: dict, cfg: dict, latent: int, x_mD: np.ndarray,
   return np.where(fires, np.maximum(h, 0), 0).astype(np.float32)
 
 
+def _unit(m: np.ndarray) -> np.ndarray:
+  """Rows scaled to unit length."""
+  return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+
+
 def neighbours(W_dec: np.ndarray, n: int = 5, block: int = 1024) -> tuple:
   """Each latent's `n` nearest other latents by decoder cosine: (ids, cosines)."""
-  unit = jnp.asarray(W_dec / np.maximum(np.linalg.norm(W_dec, axis=1, keepdims=True), 1e-12))
+  unit = jnp.asarray(_unit(W_dec))
   n = min(n, len(W_dec) - 1)
 
   @jax.jit
@@ -247,7 +252,7 @@ def _source(run_dir: pathlib.Path, config: dict, cfg: dict, tokens: int,
                      f"{meta['model_name']}")
   n = min(tokens, acts.n_rows)
   first = acts.n_rows - n  # the last rows: the held-out ones, then training rows before them
-  eval_rows = min(config.get("eval_tokens", 0), acts.n_rows // 10)
+  eval_rows = run_lib.held_out_rows(config.get("eval_tokens", 0), acts.n_rows)
   held_from = max(acts.n_rows - eval_rows - first, 0)
   bounds = np.cumsum([0] + [rows for _, _, rows in acts._files])
 
@@ -344,18 +349,10 @@ def build(run_dir, *, tokens: int = 1_000_000, contexts: int = 20, samples: int 
       lens = logit_lens(weights["W_dec"], W_U)
   truth = None
   if source.truth is not None:
-    unit = lambda m: m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
-    cos = unit(weights["W_dec"]) @ unit(source.truth).T
+    cos = _unit(weights["W_dec"]) @ _unit(source.truth).T
     truth = (cos.argmax(1), cos.max(1))
   lap("decoder neighbours and the logit lens")
 
-  out = run_dir / "browser"
-  tmp = run_dir / ".browser.tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  (tmp / "data").mkdir(parents=True)
-  assets = importlib.resources.files("sae_jax") / "browser"
-  for name in ("index.html", "app.js", "style.css"):
-    (tmp / name).write_bytes((assets / name).read_bytes())
   held = max(scanned.held_out, 1)
   index = {
       "run": run_dir.name, "n_latents": F, "chunk": chunk, "rows": scanned.rows,
@@ -366,41 +363,43 @@ def build(run_dir, *, tokens: int = 1_000_000, contexts: int = 20, samples: int 
       "density": [_round(c / held) for c in scanned.count_F],
       "mean": [_round(t / f) if f else 0.0 for t, f in zip(scanned.total_F, scanned.fired_F)],
       "neighbours": near[:, :3].tolist(),
+      "edges": [_round(e) for e in EDGES],  # of every latent's histogram
   }
   if truth is not None:
     index["truth"], index["truth_cos"] = truth[0].tolist(), [_round(c) for c in truth[1]]
-  _script(tmp / "data" / "index.js", "SAE.index", index)
-  _density_png(np.asarray(index["density"]), tmp / "density.png")
 
-  x_cache: dict = {}
-  for first in range(0, F, chunk):
-    latents = []
-    for j in range(first, min(first + chunk, F)):
-      entry = {"id": j, "density": index["density"][j], "mean": index["mean"][j],
-               "hist": scanned.hist_FB[j].tolist(),
-               "edges": [_round(e) for e in EDGES],
-               "neighbours": [[int(i), _round(c)] for i, c in zip(near[j], near_cos[j])]}
-      if source.tokens is not None:
-        entry["top"] = _contexts(weights, cfg, j, scanned.top_Fk[j], source, scanned, window,
-                                 vocab, x_cache)
-        entry["samples"] = _contexts(weights, cfg, j, scanned.sample_Fs[j][:samples], source,
-                                     scanned, window, vocab, x_cache)
-      else:
-        entry["top_values"] = [_round(v) for v in scanned.top_value_Fk[j] if v > 0]
-      if lens is not None:
-        entry["promotes"] = [[vocab[i], _round(v)] for i, v in zip(lens[0][j], lens[1][j])]
-        entry["suppresses"] = [[vocab[i], _round(v)] for i, v in zip(lens[2][j], lens[3][j])]
-      if truth is not None:
-        entry["truth"], entry["truth_cos"] = int(truth[0][j]), _round(truth[1][j])
-      latents.append(entry)
-    _script(tmp / "data" / f"latents-{first // chunk}.js", "SAE.chunk", latents)
+  def fill(site):
+    (site / "data").mkdir()
+    assets = importlib.resources.files("sae_jax") / "browser"
+    for name in ("index.html", "app.js", "style.css"):
+      (site / name).write_bytes((assets / name).read_bytes())
+    _script(site / "data" / "index.js", "SAE.index", index)
+    _density_png(np.asarray(index["density"]), site / "density.png")
+    x_cache: dict = {}
+    for first in range(0, F, chunk):
+      latents = []
+      for j in range(first, min(first + chunk, F)):
+        entry = {"id": j, "density": index["density"][j], "mean": index["mean"][j],
+                 "hist": scanned.hist_FB[j].tolist(),
+                 "neighbours": [[int(i), _round(c)] for i, c in zip(near[j], near_cos[j])]}
+        if source.tokens is not None:
+          entry["top"] = _contexts(weights, cfg, j, scanned.top_Fk[j], source, scanned, window,
+                                   vocab, x_cache)
+          entry["samples"] = _contexts(weights, cfg, j, scanned.sample_Fs[j][:samples], source,
+                                       scanned, window, vocab, x_cache)
+        else:
+          entry["top_values"] = [_round(v) for v in scanned.top_value_Fk[j] if v > 0]
+        if lens is not None:
+          entry["promotes"] = [[vocab[i], _round(v)] for i, v in zip(lens[0][j], lens[1][j])]
+          entry["suppresses"] = [[vocab[i], _round(v)] for i, v in zip(lens[2][j], lens[3][j])]
+        if truth is not None:
+          entry["truth"], entry["truth_cos"] = int(truth[0][j]), _round(truth[1][j])
+        latents.append(entry)
+      _script(site / "data" / f"latents-{first // chunk}.js", "SAE.chunk", latents)
+
+  out = run_dir / "browser"
+  storage.write_folder(out, fill)  # a browser built before stays until this one is whole
   lap(f"contexts and pages of {F} latents")
-  old = run_dir / ".browser.old"
-  shutil.rmtree(old, ignore_errors=True)
-  if out.exists():
-    out.rename(old)
-  tmp.rename(out)
-  shutil.rmtree(old, ignore_errors=True)
   return out / "index.html"
 
 

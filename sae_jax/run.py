@@ -247,7 +247,7 @@ def _open_data(config: RunConfig, n_devices: int, *, verify: bool = False) -> _D
     export_lib.export_activations(dataclasses.replace(config.export, tokens=needed), path)
   manifest = export_lib.read_manifest(path) if storage.path(path).is_dir() else None
   n_rows = data.Activations(path).n_rows
-  eval_rows = min(config.eval_tokens, n_rows // 10)
+  eval_rows = held_out_rows(config.eval_tokens, n_rows)
   if eval_rows < config.eval_tokens:
     print(f"holding out {eval_rows} rows for evaluation (a tenth of {n_rows}), "
           f"not eval_tokens={config.eval_tokens}", flush=True)
@@ -618,6 +618,12 @@ def check_memory_many(configs: typing.Sequence[RunConfig], n_devices: int) -> No
   print(f"memory: the one pass needs at least {what} (of {_gib(have)})", flush=True)
 
 
+def held_out_rows(eval_tokens: int, n_rows: int) -> int:
+  """Rows at the end of disk data held out for evaluation: eval_tokens, at
+  most a tenth of the data."""
+  return min(eval_tokens, n_rows // 10)
+
+
 def check_data_size(config: RunConfig) -> None:
   """Disk data must hold one batch of training rows and a held-out row;
   with several processes, --data pythia's cache must be complete already
@@ -635,7 +641,7 @@ def check_data_size(config: RunConfig) -> None:
   if config.data in ("pythia", "synthetic"):
     return
   n_rows = data.Activations(config.data).n_rows
-  held_out = lambda n: min(config.eval_tokens, n // 10)
+  held_out = lambda n: held_out_rows(config.eval_tokens, n)
   if held_out(n_rows) < 1 or n_rows - held_out(n_rows) < config.train.batch_size:
     need = max(10, config.train.batch_size)
     while need - held_out(need) < config.train.batch_size:

@@ -16,9 +16,7 @@ The metadata say who trained the SAE: `sae_lens_training_version` is null
 
 import importlib.metadata
 import json
-import os
 import pathlib
-import shutil
 import typing
 
 import numpy as np
@@ -89,22 +87,14 @@ def export_saelens(out, params: dict, threshold, input_scale: float, config: SAE
   if storage.is_remote(out):
     _upload(out, weights, cfg, log10_density)
     return out
-  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
-    tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / "sae_weights.safetensors"))
+  def fill(folder):
+    save_file(weights, str(folder / "sae_weights.safetensors"))
     if log10_density is not None:
       save_file({"sparsity": np.asarray(log10_density, np.float32)},
-                str(tmp / "sparsity.safetensors"))
-    (tmp / "cfg.json").write_text(json.dumps(cfg, indent=1))
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-      os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-  finally:  # a failed write (a full disk) leaves no partial folder behind
-    shutil.rmtree(tmp, ignore_errors=True)
+                str(folder / "sparsity.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps(cfg, indent=1))
+
+  storage.write_folder(out, fill)
   return out
 
 

@@ -117,6 +117,24 @@ def atomic_write(target, write) -> None:
     tmp.unlink(missing_ok=True)
 
 
+def write_folder(out: pathlib.Path, fill: typing.Callable[[pathlib.Path], None]) -> None:
+  """fill(folder) writes a local folder under a temporary name beside `out`,
+  which then replaces `out` whole; a failed fill (a full disk) leaves `out`
+  as it was and no partial folder behind."""
+  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+      os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def size(value) -> int:
   if is_remote(value):
     fs, name = _fs(value)

@@ -41,7 +41,6 @@ function columns() {
 
 function rowsShown() {
   const d = SAE.data, cols = columns();
-  const value = id => Number(document.getElementById(id)?.value);
   const limits = ["density", "mean"].map(k => [k, document.getElementById(`min-${k}`)?.value,
                                                  document.getElementById(`max-${k}`)?.value]);
   let ids = [...Array(d.n_latents).keys()].filter(j => limits.every(([k, lo, hi]) =>
@@ -174,6 +173,7 @@ function contexts(list, id) {
 }
 
 function histogram(f) {
+  const edges = SAE.data.edges;  // the same bins for every latent
   const w = 260, h = 90, n = f.hist.length, top = Math.max(1, ...f.hist);
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.setAttribute("width", w); svg.setAttribute("height", h + 16); svg.id = "histogram";
@@ -182,12 +182,12 @@ function histogram(f) {
     const bh = h * c / top;
     r.setAttribute("x", i * w / n); r.setAttribute("width", w / n - 1);
     r.setAttribute("y", h - bh); r.setAttribute("height", bh);
-    r.innerHTML = `<title>${i === 0 ? "below " + f.edges[0] : i === n - 1 ? "above " + f.edges[n - 2] : f.edges[i - 1] + " to " + f.edges[i]}: ${c}</title>`;
+    r.innerHTML = `<title>${i === 0 ? "below " + edges[0] : i === n - 1 ? "above " + edges[n - 2] : edges[i - 1] + " to " + edges[i]}: ${c}</title>`;
     svg.append(r);
   });
   const label = document.createElementNS("http://www.w3.org/2000/svg", "text");
   label.setAttribute("y", h + 13); label.setAttribute("font-size", 10);
-  label.textContent = `log scale: ${f.edges[0]} … ${f.edges[f.edges.length - 1]}`;
+  label.textContent = `log scale: ${edges[0]} … ${edges[edges.length - 1]}`;
   svg.append(label);
   return svg;
 }
