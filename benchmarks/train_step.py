@@ -10,8 +10,11 @@ skip; measured before every row, median over the run), and speed-up over the
 dense autodiff step of the same rule. Steps run on one device, state donated, as `train_loop` runs
 them: with no latent dead, through `p_train_step_all_alive` (no AuxK, as in
 most of training); the `+auxk` rows have every latent dead and run
-`p_train_step`. TopK, BatchTopK and AuxK run once per layout of their
-entries' gradients (`gradients.LAYOUT`: entries, codes). `--quick` measures
+`p_train_step`, and so do the Sampled l=8 rows with a fraction of the
+latents dead (`--dead`; 0: none dead, but the step may run AuxK, as
+`train_loop` runs it once latents near dead_steps). TopK, BatchTopK and
+AuxK run once per layout of their entries' gradients (`gradients.LAYOUT`:
+entries, codes). `--quick` measures
 only the fast steps, 3 repeats; `--compute-dtype both` prints a table for
 float32 and one for bfloat16.
 Runs unchanged on CPU, GPU and TPU.
@@ -32,13 +35,17 @@ from sae_jax.config import TrainConfig
 from timing import median_seconds
 
 
-def step_seconds(config: TrainConfig, x_1xBxD, repeats: int, dead: bool = False) -> float:
+def step_seconds(config: TrainConfig, x_1xBxD, repeats: int, dead=None) -> float:
+  """Median step time: with dead=None of `p_train_step_all_alive`; else of
+  `p_train_step` with the first `dead` fraction of the latents silent for
+  dead_steps (those the step's batch does not select are dead)."""
   state = train.create_train_state(config, x_1xBxD[0][:256])
-  if dead:
-    state = state.replace(steps_since_fired_F=jnp.full_like(state.steps_since_fired_F,
-                                                            config.dead_steps))
+  if dead is not None:
+    n_latents = config.sae.n_latents
+    silent_F = jnp.where(jnp.arange(n_latents) < round(dead * n_latents), config.dead_steps, 0)
+    state = state.replace(steps_since_fired_F=silent_F.astype(jnp.int32))
   holder = {"state": train.replicate(state, 1)}
-  step_fn = train.p_train_step if dead else train.p_train_step_all_alive
+  step_fn = train.p_train_step_all_alive if dead is None else train.p_train_step
 
   def one_step():
     holder["state"], metrics = step_fn(holder["state"], x_1xBxD)
@@ -55,6 +62,8 @@ def main():
   parser.add_argument("--k", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--quick", action="store_true", help="fast steps only, 3 repeats")
+  parser.add_argument("--dead", type=float, nargs="*", default=[0, 1 / 64, 1 / 16, 1 / 4],
+                      help="fractions of dead latents for the Sampled l=8 rows of p_train_step")
   parser.add_argument("--compute-dtype", choices=("float32", "bfloat16", "both"),
                       default="float32")
   args = parser.parse_args()
@@ -86,7 +95,7 @@ def table(args, compute_dtype: str, x_1xBxD, W_DxF):
   rows = []  # (name, seconds, selection, floor seconds)
   dense = {}
 
-  def measure(name, selection, config, dead=False):
+  def measure(name, selection, config, dead=None):
     floor = floor_now()
     rows.append((name, step_seconds(config, x_1xBxD, args.repeats, dead), selection, floor))
     return rows[-1][1]
@@ -109,10 +118,14 @@ def table(args, compute_dtype: str, x_1xBxD, W_DxF):
                 dataclasses.replace(config, seed=seed + 1))
       elif l == 8.0:
         measure(f"fast step, {name}, +auxk by {layout} (all dead)", selection,
-                dataclasses.replace(config, seed=seed + 1), dead=True)
+                dataclasses.replace(config, seed=seed + 1), dead=1.0)
     gradients.LAYOUT = "auto"
     if l is not None:
       measure(f"fast step, {name}", selection, config)
+    if l == 8.0:  # AuxK packs the dead latents (gradients.auxk_capacities)
+      for dead in args.dead:
+        measure(f"fast step, {name}, may use AuxK, {dead:g} of latents dead", selection,
+                dataclasses.replace(config, seed=10), dead=dead)
   floor = statistics.median(row[3] for row in rows)
   rows.insert(0, ("encoder matmul x @ W_enc (floor, median over the run)", floor, None, floor))
 

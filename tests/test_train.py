@@ -291,6 +291,164 @@ def test_fast_gradients_equal_dense_on_four_devices(rule, monkeypatch):
 @pytest.mark.parametrize("layout", ["entries", "codes"])
 def test_auxk_layouts_equal_autodiff_on_four_devices(layout, monkeypatch):
   """AuxK's value and gradients by entries and by dense codes equal autodiff
+  through `losses.auxk_loss`, with ties at each token's k_aux-th dead latent,
+  for dead sets packed into each of `auxk_capacities` and for one too large
+  to pack."""
+  monkeypatch.setattr(gradients, "LAYOUT", layout)
+  c = RULES["batchtopk"]
+  params = fresh_state(c).params
+  params = dict(params, W_enc=params["W_enc"].at[:, :6].set(params["W_enc"][:, [0, 0, 0, 3, 3, 3]]))
+  capacities = gradients.auxk_capacities(F, c.auxk_k)
+  assert capacities == (4, 6)
+
+  @functools.partial(jax.pmap, axis_name=train.AXIS, in_axes=(None, 0, 0, None))
+  def both(params, x_BxD, residual_BxD, dead_F):
+    params = gradients.varying(params, train.AXIS)
+    centred_BxD, pre_BxF = model.encoder(params, x_BxD, "float32")
+    got = gradients._auxk(params, centred_BxD, residual_BxD, jax.nn.relu(pre_BxF), dead_F, c,
+                          train.AXIS)
+
+    def loss(params):
+      pre_BxF = model.encoder(params, x_BxD, "float32")[1]
+      return c.auxk_weight * losses.auxk_loss(pre_BxF, dead_F, residual_BxD, params["W_dec"],
+                                              c.auxk_k, train.AXIS)
+
+    value, want = jax.value_and_grad(loss)(params)
+    return jax.lax.pmean((got, (want, value / c.auxk_weight)), train.AXIS)
+
+  x, residual = (train.shard_batch(batch(seed), 4) for seed in (90, 91))
+  # Packed into 4 (latent 3 dead, its equals 4 and 5 alive),
+  # into 6 (ties inside both triples), and not packed (9 and 17 dead).
+  dead_sets = [np.arange(F) < 4, np.arange(F) < 6, np.isin(np.arange(F), [0, 1, 2, 3, 4, 5,
+                                                                          10, 11, 20]),
+               np.arange(F) < 17]
+  assert [int(np.searchsorted(capacities, d.sum())) for d in dead_sets] == [0, 1, 2, 2]
+  for dead_F in dead_sets:
+    (got, got_value), (want, want_value) = jax.tree.map(lambda v: np.asarray(v[0]),
+                                                        both(params, x, residual, dead_F))
+    assert want_value > 0
+    np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
+    for name in want:
+      np.testing.assert_allclose(got[name], want[name], rtol=1e-5,
+                                 atol=1e-6 * np.abs(want[name]).max(), err_msg=name)
+      if name in ("W_dec", "b_enc"):  # nothing reaches a latent that is not dead
+        assert not np.any(got[name][~dead_F])
+
+
+@pytest.mark.parametrize("rule", list(RULES) + ["sampled_kept"])
+def test_four_devices_equal_one(rule, caplog):
+  c = (RULES | LEVERAGE)[rule]
+  state = fresh_state(c)
+  one, four = train.replicate(state, 1), train.replicate(state, 4)
+  for step in range(5):
+    x = batch(20 + step)
+    previous = four
+    one, _ = train.p_train_step(one, x[None])
+    if step == 1:
+      caplog.clear()
+      jax.config.update("jax_log_compiles", True)
+    four, metrics = train.p_train_step(four, train.shard_batch(x, 4))
+    assert previous.params["W_enc"].is_deleted()  # donated
+  jax.config.update("jax_log_compiles", False)
+  assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
+
+  for leaf in jax.tree.leaves(four):  # every device holds the same state, bit for bit
+    copies = [np.asarray(shard.data) for shard in leaf.addressable_shards]
+    assert len(copies) == 4 and all(np.array_equal(x, copies[0]) for x in copies)
+  one, four = train.unreplicate(one), train.unreplicate(four)
+  np.testing.assert_array_equal(four.steps_since_fired_F, one.steps_since_fired_F)
+  np.testing.assert_allclose(four.threshold, one.threshold, rtol=1e-5)
+  for name in one.params:
+    np.testing.assert_allclose(four.params[name], one.params[name], rtol=1e-4, atol=1e-5,
+                               err_msg=name)
+  # The decoder keeps unit rows.
+  np.testing.assert_allclose(np.linalg.norm(four.params["W_dec"], axis=1), 1, rtol=1e-6)
+  assert int(four.step) == 5 and float(metrics["skipped_steps"]) == 0
+
+
+def test_pmap_runs_the_same_step():
+  """train_step also runs under jax.pmap (every argument mapped), bit for bit."""
+  c = RULES["sampled_drawn"]
+  pmapped = jax.pmap(train.train_step, axis_name=train.AXIS)
+  state = fresh_state(c)
+  mapped = train.replicate(state, 4)
+  stacked = jax.tree.map(lambda x: np.broadcast_to(x, (4,) + np.shape(x)), state)
+  for i in range(2):
+    x = train.shard_batch(batch(60 + i), 4)
+    stacked, _ = pmapped(stacked, x)
+    mapped, _ = train.p_train_step(mapped, x)
+  assert tree_equal(jax.tree.map(lambda x: np.asarray(x[0]), stacked), train.unreplicate(mapped))
+
+
+# --- The fast step against the dense autodiff reference -------------------------
+
+@functools.partial(jax.pmap, axis_name=train.AXIS, in_axes=(None, 0, None, None),
+                   static_broadcasted_argnums=3)
+def fast_and_dense_gradients(params, x_BxD, silent_F, c):
+  """(fast, dense): global gradients, mse, auxk and selection statistics."""
+  key = jax.random.key(3)
+  grads, pool_P, out, with_auxk = gradients.fast(params, x_BxD, silent_F, key, c, train.AXIS)
+  grads = optimizer.dense_grads(grads, pool_P, params)
+  grads, auxk = jax.lax.cond(jnp.any(out.dead_F), with_auxk, lambda g: (g, out.auxk), grads)
+  dense, ref = gradients.dense(params, x_BxD, silent_F, key, c, train.AXIS)
+  stats = lambda o: (jax.lax.psum(o.n_active, train.AXIS),
+                     jax.lax.psum(o.fired_F.astype(jnp.int32), train.AXIS),
+                     o.token_min_B, o.dead_F)
+  return (jax.lax.pmean((grads, out.mse, auxk), train.AXIS) + stats(out),
+          jax.lax.pmean((dense, ref.mse, ref.auxk), train.AXIS) + stats(ref))
+
+
+CONCENTRATED = batch(70) * np.where(np.arange(B) < 8, 30.0, 1.0)[:, None].astype(np.float32)
+
+
+@pytest.mark.parametrize("rule", list(RULES) + ["topk_entries", "batchtopk_entries"])
+def test_fast_gradients_equal_dense_on_four_devices(rule, monkeypatch):
+  """TopK's and BatchTopK's gradients in both layouts (`gradients.LAYOUT`;
+  on CPU "auto" is codes): a new seed makes a new trace."""
+  if rule.endswith("_entries"):
+    monkeypatch.setattr(gradients, "LAYOUT", "entries")
+    rule = rule.removesuffix("_entries")
+    c = dataclasses.replace(RULES[rule], seed=1)
+  else:
+    c = RULES[rule]
+  state = fresh_state(c)
+  x = train.shard_batch(batch(71) * state.input_scale, 4)
+  silent = np.where(np.arange(F) < N_DEAD, c.dead_steps, 0).astype(np.int32)
+  cases = [(x, np.zeros(F, np.int32)), (x, silent)]
+  if rule == "batchtopk":  # 8 tokens hold most of the budget: the offers miss entries
+    cut, entries = selection.batch_topk_entries(
+        jax.nn.relu(model.SAE(c.sae).apply({"params": state.params},
+                                           jnp.asarray(CONCENTRATED) * state.input_scale,
+                                           method=model.SAE.pre)), K)
+    assert not bool(entries.complete)
+    cases.append((train.shard_batch(CONCENTRATED * state.input_scale, 4), np.zeros(F, np.int32)))
+  # Dead latents 0-2 and 3-5 as two triples of equal encoder columns: each
+  # token's top auxk_k = 4 dead activations end inside a tie.
+  tied_W_enc = state.params["W_enc"].at[:, :6].set(state.params["W_enc"][:, [0, 0, 0, 3, 3, 3]])
+  tied = dict(state.params, W_enc=tied_W_enc)
+  a_tied = jax.nn.relu(model.SAE(c.sae).apply({"params": tied}, jnp.asarray(x).reshape(B, D),
+                                              method=model.SAE.pre))[:, :6]
+  fourth, fifth = -np.sort(-np.asarray(a_tied), axis=1)[:, 3:5].T
+  assert c.auxk_k == 4 and np.any((fourth == fifth) & (fifth > 0))
+  cases = [(state.params, *case) for case in cases] + [(tied, x, silent)]
+  for params, x_shards, silent_F in cases:
+    fast, dense = fast_and_dense_gradients(params, x_shards, silent_F, c)
+    fast, dense = jax.tree.map(lambda v: np.asarray(v[0]), (fast, dense))
+    (fast_grads, *fast_rest), (dense_grads, *dense_rest) = fast, dense
+    for name in dense_grads:
+      np.testing.assert_allclose(fast_grads[name], dense_grads[name], rtol=1e-5,
+                                 atol=1e-6 * np.abs(dense_grads[name]).max(), err_msg=name)
+    dead_F = dense_rest[-1]
+    assert dead_F.any() == silent_F.any() and not (dead_F & ~(silent_F > 0)).any()
+    assert (fast_rest[1] > 0) == dead_F.any()  # auxk
+    np.testing.assert_allclose(fast_rest[:2], dense_rest[:2], rtol=1e-5)
+    for got, want in zip(fast_rest[2:], dense_rest[2:]):  # counts, fired, token minima, dead
+      np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("layout", ["entries", "codes"])
+def test_auxk_layouts_equal_autodiff_on_four_devices(layout, monkeypatch):
+  """AuxK's value and gradients by entries and by dense codes equal autodiff
   through `losses.auxk_loss`, with ties at each token's k_aux-th dead latent."""
   monkeypatch.setattr(gradients, "LAYOUT", layout)
   c = RULES["batchtopk"]
