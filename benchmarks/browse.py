@@ -5,9 +5,10 @@
 
 A tiny random GPT-NeoX (width --d-model) exports --tokens rows of random
 words into a cache; a random JumpReLU SAE of --latents latents (thresholds
-set so that about --active fire per token) is saved as a finished run's
-saelens/; then `browse.build` writes the site. Prints the time of each part
-and the site's size on disk. The pass is linear in the tokens; what is
+set so that about --active fire per token) is saved as a finished
+Sampled-SAE run's saelens/ (k=64, l=8, batches of 4096); then
+`browse.build` writes the site. Prints the time of each part and the
+site's size on disk. The pass is linear in the tokens; what is
 written per latent (its contexts, histogram, neighbours, logit lens) is not.
 """
 
@@ -24,6 +25,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from sae_jax import browse  # noqa: E402
 from sae_jax import export  # noqa: E402
+from sae_jax.config import SAEConfig  # noqa: E402
+from sae_jax.config import TrainConfig  # noqa: E402
 from tests import tiny_lm  # noqa: E402
 
 
@@ -67,9 +70,12 @@ def main(argv=None) -> int:
   (run / "saelens" / "cfg.json").write_text(json.dumps({
       "architecture": "jumprelu", "d_in": D, "d_sae": F,
       "metadata": {"model_name": manifest["model"], "hook_name": manifest["hook"]}}))
+  # A Sampled-SAE run (k=64, l=8, batches of 4096): the browser adds each
+  # latent's share of the batches whose pool held it.
+  train = TrainConfig(SAEConfig(D, F, k=64, l=8.0), batch_size=4096, steps=10**5)
   (run / "config.json").write_text(json.dumps({
-      "data": str(cache), "eval_tokens": 65536, "stream": False,
-      "train": {"sae": {"selection": "batchtopk"}}}))
+      "data": str(cache), "eval_tokens": 65536, "stream": False, "train": train.to_dict()}))
+  (run / "summary.json").write_text(json.dumps({"input_scale": 1.0}))
 
   began = time.perf_counter()
   index = browse.build(run, tokens=args.tokens, contexts=args.contexts, progress=True)

@@ -5,7 +5,8 @@
 
 Open RUN_DIR/browser/index.html in a browser (file://; no server, no
 network). The contexts come from the run's activation cache (or --cache, of
-the same model and hook), decoded with the model's tokenizer.
+the same model and hook), or for a --stream run from its text through the
+JAX model, decoded with the model's tokenizer.
 """
 
 import argparse
@@ -20,7 +21,8 @@ def main(argv=None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("run_dir", help="a finished run's directory (with saelens/)")
   p.add_argument("--tokens", type=int, default=1_000_000,
-                 help="rows read: the last of the data, the held-out rows first")
+                 help="rows read: the last of the data, the held-out rows first (a --stream "
+                      "run: the first of its text)")
   p.add_argument("--contexts", type=int, default=20, help="top contexts per latent")
   p.add_argument("--samples", type=int, default=5, help="firings drawn at random per latent")
   p.add_argument("--window", type=int, default=8, help="tokens shown either side")

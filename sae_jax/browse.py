@@ -1,11 +1,14 @@
 """A feature browser for a trained SAE: a static site that opens from file://.
 
 One pass over the last `tokens` rows of the run's data (the held-out rows
-first among them) encodes them with the saved SAE (`saelens/`, SAELens'
-formulas) on the default JAX device and keeps, per latent: how often it
-fires, its mean activation when it fires, a histogram of its activations,
-its `contexts` largest activations and `samples` firings drawn uniformly
-(the bulk of its distribution, not only the top). Each context is the token
+first among them; for a --stream run, the text's first rows, made by the
+JAX model as the stream made them) encodes them with the saved SAE
+(`saelens/`, SAELens' formulas) on the default JAX device and keeps, per
+latent: how often it fires, its mean activation when it fires, a histogram
+of its activations, its `contexts` largest activations and `samples`
+firings drawn uniformly (the bulk of its distribution, not only the top).
+For Sampled-SAE a second pass cuts the rows into training batches and
+counts how often each latent makes the batch's pool. Each context is the token
 with `window` tokens either side in the same document, every token with the
 latent's activation. For a language model's cache the tokens are decoded
 with the model's tokenizer and the logit lens (W_dec[j] @ W_U) names the
@@ -23,6 +26,7 @@ import dataclasses
 import functools
 import importlib.resources
 import io
+import itertools
 import json
 import pathlib
 import time
@@ -37,6 +41,7 @@ from sae_jax import data as data_lib
 from sae_jax import export as export_lib
 from sae_jax import saelens
 from sae_jax import storage
+from sae_jax import validation
 
 # Histogram edges of a latent's activations: 4 per decade from 1e-3 to 1e3.
 EDGES = 10.0 ** np.arange(-3, 3.01, 0.25)
@@ -63,23 +68,24 @@ def _encode_h(weights, x_nD):
 
 def _mix(v):
   """A 32-bit integer hash (murmur3's finaliser): cheap pseudo-random bits."""
-  v = v ^ (v >> 16)
-  v = v * jnp.uint32(0x7FEB352D)
-  v = v ^ (v >> 15)
-  v = v * jnp.uint32(0x846CA68B)
-  return v ^ (v >> 16)
+  v = v ^ (v >> np.uint32(16))
+  v = v * np.uint32(0x7FEB352D)
+  v = v ^ (v >> np.uint32(15))
+  v = v * np.uint32(0x846CA68B)
+  return v ^ (v >> np.uint32(16))
 
 
 def _bins(z):
   """Each activation's histogram bin: 0 below EDGES[0], i + 1 in [EDGES[i],
   EDGES[i + 1]), len(EDGES) from EDGES[-1] on."""
-  b = jnp.floor(4 * jnp.log10(jnp.maximum(z, 1e-30)) + 12) + 1
-  return jnp.clip(b, 0, len(EDGES)).astype(jnp.int32)
+  b = np.floor(4 * np.log10(np.maximum(z, 1e-30)) + 12) + 1
+  return np.clip(b, 0, len(EDGES)).astype(np.int64)
 
 
-@functools.partial(jax.jit, static_argnames=("k_arch", "contexts", "samples"))
-def _chunk(weights, x_nD, row_n, valid_n, held_n, seed, *, k_arch, contexts, samples):
-  """The stats of one chunk of rows (global indices row_n; invalid rows padded)."""
+@functools.partial(jax.jit, static_argnames=("k_arch",))
+def _codes(weights, x_nD, valid_n, *, k_arch):
+  """A chunk's codes [n, F] (SAELens' rule; zero on padding rows), its fired
+  entries as bits packed along F, and each row's k-th pre-activation (topk)."""
   h = _encode_h(weights, x_nD)
   if k_arch:
     kth = jax.lax.top_k(h, k_arch)[0][:, -1]
@@ -88,41 +94,69 @@ def _chunk(weights, x_nD, row_n, valid_n, held_n, seed, *, k_arch, contexts, sam
     kth = jnp.zeros(h.shape[0], h.dtype)
     z = jnp.where(h > weights["threshold"][None], jnp.maximum(h, 0), 0)
   z = jnp.where(valid_n[:, None], z, 0)
-  fired = z > 0
-  F = z.shape[1]
-  latent = jnp.arange(F, dtype=jnp.uint32)
-  hist = jnp.bincount((_bins(z) + (len(EDGES) + 1) * latent[None].astype(jnp.int32)).ravel(),
-                      weights=fired.ravel().astype(jnp.int32), length=(len(EDGES) + 1) * F)
-  top_v, top_i = jax.lax.top_k(z.T, contexts)
-  # Firings drawn uniformly: those of the largest hashed (row, latent, seed).
-  bits = _mix(_mix(row_n.astype(jnp.uint32) ^ seed)[:, None] + latent[None] * jnp.uint32(0x9E3779B1))
-  priority = jnp.where(fired, (bits >> 8).astype(jnp.float32), -1.0)
-  s_p, s_i = jax.lax.top_k(priority.T, samples)
-  return (jnp.where(held_n[:, None], fired, False).sum(0), fired.sum(0), z.sum(0),
-          hist.reshape(F, len(EDGES) + 1), top_v, top_i, s_p, s_i, kth)
+  return z, jnp.packbits(z > 0, axis=1), kth
 
 
-def _merge(values, index, more_values, more_index, k):
-  v = np.concatenate([values, more_values], axis=1)
-  i = np.concatenate([index, more_index], axis=1)
-  order = np.argsort(-v, axis=1, kind="stable")[:, :k]
-  return np.take_along_axis(v, order, 1), np.take_along_axis(i, order, 1)
+def _fired(z_nF: np.ndarray, bits: np.ndarray) -> tuple:
+  """(rows, latents, values) of the positive entries, in row-major order,
+  found from the packed bits (scanning F/8 bytes a row, not F floats)."""
+  nonzero = np.flatnonzero(bits)
+  rows, byte = np.divmod(nonzero, bits.shape[1])
+  at, bit = np.nonzero(np.unpackbits(bits.ravel()[nonzero][:, None], axis=1))
+  rows, latents = rows[at], byte[at] * 8 + bit
+  return rows, latents, z_nF[rows, latents]
+
+
+class _Best:
+  """Per latent, the k largest keys seen so far, each with its row; on equal
+  keys the earlier row (rows come in increasing order). Entries that may
+  enter wait in a buffer, merged once it holds as many as the table."""
+
+  def __init__(self, n_latents: int, k: int):
+    self.key = np.full((n_latents, k), -np.inf, np.float32)
+    self.row = np.full((n_latents, k), -1, np.int64)
+    self.pending: list = []
+    self.waiting = 0
+
+  def add(self, rows, latents, keys) -> None:
+    better = keys > self.key[latents, -1]  # no other entry can enter
+    self.pending.append((rows[better], latents[better], keys[better]))
+    self.waiting += int(better.sum())
+    if self.waiting >= self.key.size:
+      self.merge()
+
+  def merge(self) -> None:
+    if not self.waiting:
+      return
+    rows, latents, keys = (np.concatenate(part) for part in zip(*self.pending))
+    self.pending, self.waiting = [], 0
+    k = self.key.shape[1]
+    touched = np.unique(latents)
+    latent = np.concatenate([np.repeat(touched, k), latents])
+    key = np.concatenate([self.key[touched].ravel(), keys])
+    row = np.concatenate([self.row[touched].ravel(), rows])
+    order = np.lexsort((row, -key, latent))  # by latent, key descending, row
+    latent, key, row = latent[order], key[order], row[order]
+    rank = np.arange(len(latent)) - np.searchsorted(latent, latent)  # within its latent
+    keep = rank < k
+    self.key[latent[keep], rank[keep]] = key[keep]
+    self.row[latent[keep], rank[keep]] = row[keep]
 
 
 def scan(weights: dict, cfg: dict, rows: typing.Callable[[int, int], np.ndarray], n: int,
-         held_from: int, *, contexts: int = 20, samples: int = 5,
+         held: tuple, *, contexts: int = 20, samples: int = 5,
          chunk_rows: typing.Optional[int] = None, seed: int = 0, progress: bool = True) -> Pass:
   """One pass over rows [0, n) (`rows(start, stop)` gives them, raw, float32);
-  rows from `held_from` on are the held-out ones. A chunk's codes [rows, F]
-  are 2^25 entries by default (512 rows of F = 65536)."""
+  rows [held[0], held[1]) are the held-out ones. A chunk's codes [rows, F]
+  are 2^25 entries by default (512 rows of F = 65536): the device encodes
+  them, and the host keeps the statistics from their positive entries."""
   F = weights["W_enc"].shape[1]
   chunk_rows = chunk_rows or int(np.clip(2**25 // F, 64, 4096))
   k_arch = cfg["k"] if cfg["architecture"] == "topk" else 0
   device = {name: jnp.asarray(v) for name, v in weights.items() if name != "W_dec"}
   count, fired, total = np.zeros(F, np.int64), np.zeros(F, np.int64), np.zeros(F, np.float64)
-  hist = np.zeros((F, len(EDGES) + 1), np.int64)
-  top_v, top_i = np.full((F, contexts), -np.inf, np.float32), np.full((F, contexts), -1)
-  s_p, s_i = np.full((F, samples), -np.inf, np.float32), np.full((F, samples), -1)
+  hist = np.zeros(F * (len(EDGES) + 1), np.int64)
+  top, drawn = _Best(F, contexts), _Best(F, samples)
   kth_all = np.zeros(n, np.float32) if k_arch else None
   bar = tqdm.tqdm(total=n, unit="tok", unit_scale=True, disable=not progress,
                   dynamic_ncols=True, desc="encoding")
@@ -131,27 +165,62 @@ def scan(weights: dict, cfg: dict, rows: typing.Callable[[int, int], np.ndarray]
       stop = min(start + chunk_rows, n)
       x = np.zeros((chunk_rows, weights["W_enc"].shape[0]), np.float32)
       x[:stop - start] = rows(start, stop)
-      index = np.arange(start, start + chunk_rows, dtype=np.int64)
-      out = jax.device_get(_chunk(device, x, index, index < stop, index >= held_from,
-                                  np.uint32(seed), k_arch=k_arch,
-                                  contexts=min(contexts, chunk_rows),
-                                  samples=min(samples, chunk_rows)))
-      c, f, t, hh, tv, ti, sp, si, kth = out
-      count += c
-      fired += f
-      total += t
-      hist += hh
-      ti = np.where(tv > 0, ti + start, -1)
-      top_v, top_i = _merge(top_v, top_i, np.where(tv > 0, tv, -np.inf), ti, contexts)
-      si = np.where(sp >= 0, si + start, -1)
-      s_p, s_i = _merge(s_p, s_i, np.where(sp >= 0, sp, -np.inf), si, samples)
+      z, bits, kth = jax.device_get(_codes(device, x, np.arange(chunk_rows) < stop - start,
+                                           k_arch=k_arch))
+      r, j, v = _fired(z, bits)
+      r = r + start
+      held_out = (r >= held[0]) & (r < held[1])
+      fired += np.bincount(j, minlength=F)
+      count += np.bincount(j[held_out], minlength=F)
+      total += np.bincount(j, weights=v, minlength=F)
+      hist += np.bincount(_bins(v) + (len(EDGES) + 1) * j, minlength=len(hist))
+      top.add(r, j, v)
+      # Firings drawn uniformly: those of the largest hashed (row, latent, seed).
+      hashed = _mix(_mix(r.astype(np.uint32) ^ np.uint32(seed))
+                    + j.astype(np.uint32) * np.uint32(0x9E3779B1))
+      drawn.add(r, j, (hashed >> np.uint32(8)).astype(np.float32))
       if k_arch:
         kth_all[start:stop] = kth[:stop - start]
       bar.update(stop - start)
-  top_i = np.where(np.isfinite(top_v), top_i, -1)
-  return Pass(n, n - held_from, count, fired, total, hist, top_i,
-              np.where(np.isfinite(top_v), top_v, 0).astype(np.float32),
-              np.where(np.isfinite(s_p), s_i, -1), kth_all)
+  top.merge()
+  drawn.merge()
+  return Pass(n, held[1] - held[0], count, fired, total, hist.reshape(F, -1), top.row,
+              np.where(top.row >= 0, top.key, 0).astype(np.float32), drawn.row, kth_all)
+
+
+def pool_share(weights: dict, input_scale: float, sae, rows: typing.Callable[[int, int], np.ndarray],
+               n: int, batch_size: int, *, block: int = 16, seed: int = 0,
+               progress: bool = True) -> tuple:
+  """How often each latent makes a Sampled-SAE pool: (pools that held it [F],
+  pools chosen).
+
+  The rows [0, n) are read `block` batches at a time, shuffled within that
+  block (as the stream shuffles a round), and cut into batches of
+  `batch_size` rows; the rows of an unfinished batch are left out. Each
+  batch's pool is the one training would choose there (`evaluate.pools`'
+  rule, a drawn pool for `sample_pool` with a key per batch), from the saved
+  SAE in training units (its biases times the input scale).
+  """
+  from sae_jax import evaluate  # noqa: PLC0415
+  c = np.float32(input_scale)
+  params = {"W_enc": jnp.asarray(weights["W_enc"]), "W_dec": jnp.asarray(weights["W_dec"]),
+            "b_enc": jnp.asarray(weights["b_enc"] * c), "b_dec": jnp.asarray(weights["b_dec"] * c)}
+  key = jax.random.key(evaluate.BATCH_MODE_KEY)
+  held_F = np.zeros(weights["W_enc"].shape[1], np.int64)
+  n_batches = n // batch_size
+  rng = np.random.default_rng(seed)
+  bar = tqdm.tqdm(total=n_batches * batch_size, unit="tok", unit_scale=True,
+                  disable=not progress, dynamic_ncols=True, desc="pools")
+  with bar:
+    for start in range(0, n_batches * batch_size, block * batch_size):
+      x = rows(start, min(start + block * batch_size, n_batches * batch_size))
+      x = x[rng.permutation(len(x))]
+      for i in range(0, len(x), batch_size):
+        pool_P = evaluate._pool(params, c, jnp.asarray(x[i:i + batch_size], jnp.float32),
+                                jax.random.fold_in(key, (start + i) // batch_size), sae)
+        held_F[np.asarray(pool_P)] += 1
+        bar.update(batch_size)
+  return held_F, n_batches
 
 
 def activation(weights: dict, cfg: dict, latent: int, x_mD: np.ndarray,
@@ -217,7 +286,7 @@ def logit_lens(W_dec: np.ndarray, W_U: np.ndarray, n: int = 10, block: int = 102
 class _Source(typing.NamedTuple):
   rows: typing.Callable[[int, int], np.ndarray]  # rows [start, stop) of the pass
   n: int
-  held_from: int
+  held: tuple  # the held-out rows: [held[0], held[1])
   tokens: typing.Optional[np.ndarray]  # [n] token ids
   positions: typing.Optional[np.ndarray]  # [n]
   model: typing.Optional[str]  # the model's name or directory
@@ -225,18 +294,17 @@ class _Source(typing.NamedTuple):
 
 
 def _source(run_dir: pathlib.Path, config: dict, cfg: dict, tokens: int,
-            cache: typing.Optional[str]) -> _Source:
+            cache: typing.Optional[str], progress: bool) -> _Source:
   from sae_jax import run as run_lib  # noqa: PLC0415
   from sae_jax import synthetic  # noqa: PLC0415
   what = config.get("data")
   if what == "synthetic" and cache is None:
     source = synthetic.SyntheticSource(synthetic.SyntheticConfig(**config["synthetic"]))
     held = source.sample(run_lib.SYNTHETIC_EVAL_STEP, tokens)
-    return _Source(lambda a, b: held[a:b], len(held), 0, None, None, None, source.dictionary)
+    return _Source(lambda a, b: held[a:b], len(held), (0, len(held)), None, None, None,
+                   source.dictionary)
   if cache is None and config.get("stream"):
-    raise ValueError(f"{run_dir} was trained with --stream: there is no cache to take "
-                     f"contexts from; export one with experiments/export_activations.py (the "
-                     f"same --model and --hook) and pass it with --cache")
+    return _stream_source(config, tokens, progress)
   path = cache or (config["cache_dir"] if what == "pythia" else what)
   acts = data_lib.Activations(path)
   manifest = acts.manifest
@@ -267,10 +335,50 @@ def _source(run_dir: pathlib.Path, config: dict, cfg: dict, tokens: int,
 
   rows = lambda a, b: read(acts.read, a, b)
   if manifest is None:
-    return _Source(rows, n, held_from, None, None, None)
+    return _Source(rows, n, (held_from, n), None, None, None)
   ids = lambda kind: read(lambda i, a, b: np.asarray(data_lib.open_npy(
       acts.path / manifest["shards"][i]["files"][kind])[a:b]), 0, n)
-  return _Source(rows, n, held_from, ids("tokens"), ids("positions"), manifest["model"])
+  return _Source(rows, n, (held_from, n), ids("tokens"), ids("positions"), manifest["model"])
+
+
+def _stream_source(config: dict, tokens: int, progress: bool) -> _Source:
+  """A --stream run's rows, made here as its stream made them: the JAX model
+  over the text's contexts, in order, keeping the drawable rows (not position
+  0, no excluded token). The first `eval_tokens` of them are the run's
+  held-out rows; the pass reads them and the `tokens` - eval_tokens rows
+  after them. They are kept in memory (tokens × d_model float32)."""
+  import transformers  # noqa: PLC0415
+  from sae_jax import neox  # noqa: PLC0415
+  from sae_jax import stream as stream_lib  # noqa: PLC0415
+  e = export_lib.ExportConfig(**config["export"])
+  tokenizer = transformers.AutoTokenizer.from_pretrained(e.model, revision=e.revision)
+  lm_config, params = neox.load(e.model, e.revision)
+  layer = export_lib.model_layer(e.hook, e.model, lm_config.n_layers)
+  excluded = np.asarray(e.exclude_token_ids, np.int32)
+  located = export_lib.located_contexts(e, tokenizer)
+  acts, ids, positions, got = [], [], [], 0
+  bar = tqdm.tqdm(total=tokens, unit="tok", unit_scale=True, disable=not progress,
+                  dynamic_ncols=True, desc="running the model")
+  with bar:
+    while got < tokens:
+      batch = [context for context, _ in itertools.islice(located, e.batch_contexts)]
+      if not batch:
+        break  # the text ran out: the pass reads what there is
+      ids_CxL = np.stack(batch + batch[-1:] * (e.batch_contexts - len(batch)))  # one shape
+      valid_CxL = stream_lib._valid_rows(ids_CxL, excluded)[:len(batch)]
+      out = np.asarray(neox.resid_at(params, lm_config, ids_CxL, layer), np.float32)
+      acts.append(out[:len(batch)][valid_CxL])
+      ids.append(ids_CxL[:len(batch)][valid_CxL])
+      positions.append(np.broadcast_to(np.arange(ids_CxL.shape[1], dtype=np.int32),
+                                       valid_CxL.shape)[valid_CxL])
+      bar.update(min(int(valid_CxL.sum()), tokens - got))
+      got += int(valid_CxL.sum())
+  if not got:
+    raise ValueError(f"the text {e.dataset} holds no context of {e.context_length} tokens")
+  x = np.concatenate(acts)[:tokens]
+  n = len(x)
+  return _Source(lambda a, b: x[a:b], n, (0, min(config.get("eval_tokens", 0), n)),
+                 np.concatenate(ids)[:n], np.concatenate(positions)[:n], e.model)
 
 
 def _windows(rows_r: np.ndarray, positions: typing.Optional[np.ndarray], n: int,
@@ -309,13 +417,14 @@ def build(run_dir, *, tokens: int = 1_000_000, contexts: int = 20, samples: int 
 
   Args:
     run_dir: a finished run (its saelens/ and config.json).
-    tokens: rows read (the last of the data; held-out rows first).
+    tokens: rows read (the last of the data, held-out rows first; for a
+      --stream run, the first of its text, held-out rows first).
     contexts: top-activating contexts kept per latent.
     samples: firings drawn uniformly per latent.
     window: tokens shown either side of a context's token.
     chunk: latents per data file.
     cache: an activation cache to read instead of the run's data (of the
-      same model and hook; for a --stream run).
+      same model and hook; a --stream run then skips the model).
   """
   run_dir = pathlib.Path(run_dir)
   for name, value, low in (("tokens", tokens, 1), ("contexts", contexts, 1),
@@ -328,7 +437,7 @@ def build(run_dir, *, tokens: int = 1_000_000, contexts: int = 20, samples: int 
   config = json.loads((run_dir / "config.json").read_text())
   summary_path = run_dir / "summary.json"
   summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-  source = _source(run_dir, config, cfg, tokens, cache)
+  source = _source(run_dir, config, cfg, tokens, cache, progress)
   weights = {k: np.asarray(v, np.float32) for k, v in weights.items()}
   F = weights["W_enc"].shape[1]
   clock = [time.perf_counter()]
@@ -338,9 +447,18 @@ def build(run_dir, *, tokens: int = 1_000_000, contexts: int = 20, samples: int 
       print(f"{what}: {time.perf_counter() - clock[0]:.1f} s", flush=True)
     clock[0] = time.perf_counter()
 
-  scanned = scan(weights, cfg, source.rows, source.n, source.held_from, contexts=contexts,
+  scanned = scan(weights, cfg, source.rows, source.n, source.held, contexts=contexts,
                  samples=max(samples, 1), progress=progress)
   lap(f"the pass over {source.n} tokens")
+  train = config["train"]
+  pools = None
+  if train["sae"]["selection"] == "sampled" and "input_scale" in summary:
+    from sae_jax.config import TrainConfig  # noqa: PLC0415
+    sae = TrainConfig.from_dict(train).sae
+    pools = pool_share(weights, summary["input_scale"], sae, source.rows, source.n,
+                       train["batch_size"], progress=progress)
+    lap(f"the pools of {pools[1]} batches of {train['batch_size']}" +
+        ("" if pools[1] else " (fewer rows than a batch: no pool column)"))
   near, near_cos = neighbours(weights["W_dec"])
   vocab = lens = None
   if source.model is not None:
@@ -367,6 +485,11 @@ def build(run_dir, *, tokens: int = 1_000_000, contexts: int = 20, samples: int 
   }
   if truth is not None:
     index["truth"], index["truth_cos"] = truth[0].tolist(), [_round(c) for c in truth[1]]
+  if pools is not None and pools[1]:  # Sampled-SAE: the share of batches whose pool held it
+    held_F, n_batches = pools
+    index["pool"] = [_round(h / n_batches) for h in held_F]
+    index["pool_batches"] = n_batches
+    index["pool_size"] = validation.pool_size(train["sae"]["k"], train["sae"]["l"], F)
 
   def fill(site):
     (site / "data").mkdir()
@@ -394,6 +517,8 @@ def build(run_dir, *, tokens: int = 1_000_000, contexts: int = 20, samples: int 
           entry["suppresses"] = [[vocab[i], _round(v)] for i, v in zip(lens[2][j], lens[3][j])]
         if truth is not None:
           entry["truth"], entry["truth_cos"] = int(truth[0][j]), _round(truth[1][j])
+        if "pool" in index:
+          entry["pool"] = index["pool"][j]
         latents.append(entry)
       _script(site / "data" / f"latents-{first // chunk}.js", "SAE.chunk", latents)
 

@@ -11,12 +11,13 @@ import pytest
 
 from sae_jax import browse
 from sae_jax import saelens
+from tests import reference
 from tests import scripts
 from tests.test_run import SMALL
 from tests.test_run import train_script
 
 BROWSE = scripts.load("browse")
-RUN_ARGS = ["--dict-size", "32", "--k", "4", "--batch-size", "32", "--steps", "12",
+RUN_ARGS = ["--dict-size", "32", "--k", "4", "--l", "2", "--batch-size", "32", "--steps", "12",
             "--warmup-steps", "2", "--threshold-start", "4", "--eval-tokens", "64",
             "--calibration-tokens", "256", "--downstream-contexts", "4", "--no-progress"]
 CONTEXTS, SAMPLES, WINDOW = 5, 3, 4
@@ -37,10 +38,11 @@ def random_sae(architecture: str, D=6, F=10, seed=0):
 def test_scan_equals_numpy(architecture):
   weights, cfg, x = random_sae(architecture)
   z = saelens.encode(weights, cfg, x)  # SAELens' formulas, the whole array at once
-  held_from = 500
-  p = browse.scan(weights, cfg, lambda a, b: x[a:b], len(x), held_from, contexts=4, samples=3,
+  held = (500, 650)
+  p = browse.scan(weights, cfg, lambda a, b: x[a:b], len(x), held, contexts=4, samples=3,
                   chunk_rows=128, progress=False)
-  np.testing.assert_array_equal(p.count_F, (z[held_from:] > 0).sum(0))
+  assert p.held_out == 150
+  np.testing.assert_array_equal(p.count_F, (z[500:650] > 0).sum(0))
   np.testing.assert_array_equal(p.fired_F, (z > 0).sum(0))
   np.testing.assert_allclose(p.total_F, z.sum(0), rtol=1e-5)
   bins = np.searchsorted(browse.EDGES, z, side="right")  # 0: below the first edge
@@ -120,14 +122,81 @@ def expected_contexts(run, cache, lm, j):
   return out
 
 
+def read_index(run) -> dict:
+  return json.loads((run / "browser" / "data" / "index.js").read_text()[len("SAE.index("):-3])
+
+
+def read_latent(run, j, chunk=8) -> dict:
+  text = (run / "browser" / "data" / f"latents-{j // chunk}.js").read_text()
+  return json.loads(text[len("SAE.chunk("):-3])[j % chunk]
+
+
 def test_the_pass_reads_the_runs_data(lm_run, cache):
-  index = json.loads((lm_run / "browser" / "data" / "index.js").read_text()[len("SAE.index("):-3])
+  index = read_index(lm_run)
   z, _, _ = codes(lm_run, cache)
   held = z[-64:]  # the run's held-out rows: --eval-tokens 64
   assert index["held_out_rows"] == 64 and index["rows"] == 700
   np.testing.assert_allclose(index["density"], (held > 0).mean(0), rtol=1e-3)
   assert sorted(p.name for p in (lm_run / "browser" / "data").iterdir()) == [
       "index.js", "latents-0.js", "latents-1.js", "latents-2.js", "latents-3.js"]
+
+
+def test_pool_share_is_the_training_rule_on_each_batch(lm_run, cache):
+  """Each latent's share of the batches whose Sampled-SAE pool held it,
+  against NumPy: the 700 rows in blocks of 16 batches of 32, each block
+  shuffled by default_rng(0), each batch's pool the P = k·l = 8 columns of
+  largest l2 norm of relu(pre) in training units (ties to the lower id)."""
+  index = read_index(lm_run)
+  weights, _ = saelens.load(lm_run / "saelens")
+  scale = json.loads((lm_run / "summary.json").read_text())["input_scale"]
+  z, _, _ = codes(lm_run, cache)
+  manifest = json.loads((cache / "manifest.json").read_text())
+  x = np.concatenate([np.load(cache / s["files"]["acts"]) for s in manifest["shards"]])
+  x = x.astype(np.float64)
+  rng, held, batches = np.random.default_rng(0), np.zeros(32), 0
+  for start in range(0, 672, 16 * 32):  # 21 whole batches of 32 rows
+    block = x[start:min(start + 512, 672)]
+    block = block[rng.permutation(len(block))]
+    for b in range(0, len(block), 32):
+      pre = scale * ((block[b:b + 32] - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"])
+      held[reference.pool(reference.scores(pre, "l2"), 8)] += 1
+      batches += 1
+  assert index["pool_batches"] == batches == 21 and index["pool_size"] == 8
+  np.testing.assert_allclose(index["pool"], held / batches, rtol=1e-3)
+  assert len(set(index["pool"])) > 1  # not every latent in every pool
+  assert read_latent(lm_run, 5)["pool"] == index["pool"][5]
+
+
+@pytest.fixture(scope="module")
+def stream_run(lm, tmp_path_factory):
+  """A tiny --stream run on the text the cache fixture was exported from, and
+  its browser, built from the JAX model over that text (no cache)."""
+  out = tmp_path_factory.mktemp("browse-stream") / "run"
+  args = ["--data", "pythia", "--stream", "--model", lm["model"], "--dataset",
+          *lm["texts"]["txt"], "--hook", "blocks.1.hook_resid_post", "--context-length", "16",
+          "--stream-contexts", "8", "--cache-dir", str(out.parent / "no-cache")]
+  assert train_script.main([*RUN_ARGS, *args, "--out", str(out)]) == 0
+  assert BROWSE.main([str(out), "--tokens", "700", "--contexts", str(CONTEXTS), "--samples",
+                      str(SAMPLES), "--window", str(WINDOW), "--chunk", "8",
+                      "--no-progress"]) == 0
+  return out
+
+
+def test_a_stream_run_takes_its_contexts_from_the_model(stream_run, cache, lm):
+  """The --stream run's rows, made by the JAX model, are the rows the torch
+  export wrote to the cache from the same text: the held-out densities are
+  those of the text's first 64 rows, and the densest latent's top contexts
+  are those computed from the cache."""
+  index = read_index(stream_run)
+  assert index["held_out_rows"] == 64 and index["rows"] == 700 and index["text"]
+  z, _, _ = codes(stream_run, cache)
+  np.testing.assert_allclose(index["density"], (z[:64] > 0).mean(0), rtol=1e-3)
+  j = int(np.argmax((z > 0).sum(0)))
+  got, want = read_latent(stream_run, j)["top"], expected_contexts(stream_run, cache, lm, j)
+  assert len(got) == len(want) > 0
+  for g, w in zip(got, want):
+    assert g["tokens"] == w["tokens"] and g["peak"] == w["peak"]
+    np.testing.assert_allclose(g["acts"], w["acts"], rtol=5e-3, atol=1e-5)
 
 
 # --- In a real browser ----------------------------------------------------------
@@ -158,7 +227,7 @@ def column(driver, key) -> list:
 @pytest.mark.browser
 def test_the_browser_in_chromium(lm_run, cache, lm, browser, tmp_path):
   from selenium.webdriver.common.by import By
-  index = json.loads((lm_run / "browser" / "data" / "index.js").read_text()[len("SAE.index("):-3])
+  index = read_index(lm_run)
   browser.get((lm_run / "browser" / "index.html").as_uri())
   assert column(browser, "id") == [str(j) for j in range(32)]  # every latent, by id
   browser.find_element(By.CSS_SELECTOR, 'th[data-key="density"]').click()
@@ -168,6 +237,9 @@ def test_the_browser_in_chromium(lm_run, cache, lm, browser, tmp_path):
   browser.find_element(By.ID, "min-density").send_keys("0.2")
   assert all(index["density"][int(j)] >= 0.2 for j in column(browser, "id"))
   assert len(column(browser, "id")) == sum(d >= 0.2 for d in index["density"])
+  browser.find_element(By.CSS_SELECTOR, 'th[data-key="pool"]').click()  # Sampled-SAE's pools
+  shown = [index["pool"][int(j)] for j in column(browser, "id")]
+  assert shown == sorted(shown, reverse=True) and len(set(shown)) > 1
 
   j = ids[0]  # the densest latent
   browser.find_element(By.CSS_SELECTOR, f'tr[data-latent="{j}"] td.id a').click()
@@ -180,7 +252,7 @@ def test_the_browser_in_chromium(lm_run, cache, lm, browser, tmp_path):
     tokens = line.find_elements(By.CSS_SELECTOR, ".tok")
     assert [t.get_attribute("textContent") for t in tokens] == want["tokens"]
     np.testing.assert_allclose([float(t.get_attribute("data-act")) for t in tokens],
-                               want["acts"], rtol=2e-3, atol=1e-6)
+                               want["acts"], rtol=5e-3, atol=1e-6)  # 3 digits
     peaks = [i for i, t in enumerate(tokens) if "peak" in t.get_attribute("class")]
     assert peaks == [want["peak"]]
     lit = [t.value_of_css_property("background-color") != "rgba(0, 0, 0, 0)" for t in tokens]
@@ -191,7 +263,7 @@ def test_the_browser_in_chromium(lm_run, cache, lm, browser, tmp_path):
   for line in drawn:  # firings of the latent, each with its activation
     r = int(line.get_attribute("data-row"))
     peak = line.find_element(By.CSS_SELECTOR, ".tok.peak")
-    assert float(peak.get_attribute("data-act")) == pytest.approx(z[r, j], rel=2e-3)
+    assert float(peak.get_attribute("data-act")) == pytest.approx(z[r, j], rel=5e-3)
     assert z[r, j] > 0
   assert len(browser.find_elements(By.CSS_SELECTOR, "#promotes tr")) == 10
   assert len(browser.find_elements(By.CSS_SELECTOR, "#histogram rect")) == len(browse.EDGES) + 1

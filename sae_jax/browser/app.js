@@ -33,16 +33,21 @@ function columns() {
     {key: "density", label: "density (held out)", get: j => d.density[j]},
     {key: "mean", label: "mean activation", get: j => d.mean[j]},
   ];
+  if (d.pool) cols.push({key: "pool", label: `in the pool (of ${d.pool_batches} batches)`,
+                         get: j => d.pool[j]});
   if (d.truth) cols.push({key: "truth_cos", label: "true direction cos", get: j => d.truth_cos[j]});
   cols.push({key: "neighbours", label: "nearest decoders", get: j => d.neighbours[j].join(" "),
              text: true});
   return cols;
 }
 
+// The columns with min and max filters.
+const filtered = () => ["density", "mean", "pool", "truth_cos"].filter(k => SAE.data[k]);
+
 function rowsShown() {
   const d = SAE.data, cols = columns();
-  const limits = ["density", "mean"].map(k => [k, document.getElementById(`min-${k}`)?.value,
-                                                 document.getElementById(`max-${k}`)?.value]);
+  const limits = filtered().map(k => [k, document.getElementById(`min-${k}`)?.value,
+                                      document.getElementById(`max-${k}`)?.value]);
   let ids = [...Array(d.n_latents).keys()].filter(j => limits.every(([k, lo, hi]) =>
       (lo === "" || lo === undefined || d[k][j] >= Number(lo)) &&
       (hi === "" || hi === undefined || d[k][j] <= Number(hi))));
@@ -67,7 +72,7 @@ function showIndex() {
     if (e.key === "Enter" && search.value !== "") location.hash = `latent=${Number(search.value)}`;
   });
   controls.append("go to ", search);
-  for (const k of ["density", "mean"]) {
+  for (const k of filtered()) {
     for (const side of ["min", "max"]) {
       const input = $("input", {id: `${side}-${k}`, placeholder: `${side} ${k}`});
       input.addEventListener("input", () => { SAE.page = 0; renderTable(); });
@@ -137,7 +142,8 @@ function showLatent(j) {
   document.getElementById("title").textContent = `${d.run}: latent ${j}`;
   const view = $("div", {id: "latent", "data-latent": j});
   view.append($("h2", {text: `Latent ${j}`}),
-              $("p", {class: "stats", text: `density ${fmt(f.density)} (held out) · mean activation ${fmt(f.mean)}`}));
+              $("p", {class: "stats", text: `density ${fmt(f.density)} (held out) · mean activation ${fmt(f.mean)}` +
+                      (f.pool === undefined ? "" : ` · in the pool of ${fmt(100 * f.pool)}% of ${d.pool_batches} batches (P = ${d.pool_size})`)}));
   if (f.truth !== undefined) view.append($("p", {id: "truth", text: `closest true direction ${f.truth} (cosine ${fmt(f.truth_cos)})`}));
   const near = $("p", {id: "neighbours"}, "nearest decoders: ");
   for (const [i, c] of f.neighbours) near.append($("a", {href: `#latent=${i}`, text: `${i}`}), ` (${fmt(c)}) `);
