@@ -181,13 +181,20 @@ def auxk_entries(a_dead_BxC, k_aux: int):
 # How the gradients of a selection given as entries (TopK's, BatchTopK's,
 # AuxK's) are computed: "entries" (gathers and scatters over the selected
 # entries, work independent of F), "codes" (the selection as a dense [B, F]
-# array and B·F·D matmuls), or "auto": codes on CPU, where XLA's gathers and
-# scatters run 30 to 150x below its matmuls per flop (measured at B=1024,
-# D=768, F=24576: a Sampled-SAE step with AuxK took 3.95 s by entries, 1.46 s
-# by codes), entries elsewhere when F >= 16 entries per token. The
-# accelerator choice is not measured yet: benchmarks/train_step.py prints
-# both on any backend. Read at trace time.
+# array and B·F·D matmuls), or "auto": codes while F is below
+# `CODES_UP_TO` entries per token for the backend, entries past that. On
+# CPU XLA's gathers and scatters run 30 to 150x below its matmuls per flop,
+# so codes win up to about 200 entries per token (measured on this 2-core
+# CPU at B=1024, D=768, k=64, TopK and BatchTopK steps: codes 1.4x faster at
+# F=8192, entries 1.4x faster at F=24576; AuxK's D/2 = 384 entries per token
+# at F=24576, 64 per token, by codes 2.6x faster). Elsewhere entries from 16
+# per token, where gathers run near memory bandwidth; not measured yet on an
+# accelerator (benchmarks/train_step.py prints both layouts on any backend).
+# Read at trace time.
 LAYOUT = "auto"
+CODES_UP_TO = {"cpu": 200}
+"""F per selected entry per token below which "auto" takes codes, by
+backend (16 for any other)."""
 
 
 def layout(n_latents: int, per_token: int) -> str:
@@ -195,7 +202,7 @@ def layout(n_latents: int, per_token: int) -> str:
   `per_token` entries per token (on average) among `n_latents`."""
   if LAYOUT != "auto":
     return LAYOUT
-  if jax.default_backend() == "cpu" or n_latents < 16 * per_token:
+  if n_latents < CODES_UP_TO.get(jax.default_backend(), 16) * per_token:
     return "codes"
   return "entries"
 

@@ -246,7 +246,7 @@ CONCENTRATED = batch(70) * np.where(np.arange(B) < 8, 30.0, 1.0)[:, None].astype
 @pytest.mark.parametrize("rule", list(RULES) + ["topk_entries", "batchtopk_entries"])
 def test_fast_gradients_equal_dense_on_four_devices(rule, monkeypatch):
   """TopK's and BatchTopK's gradients in both layouts (`gradients.LAYOUT`;
-  on CPU "auto" is codes): a new seed makes a new trace."""
+  at these sizes "auto" is codes): a new seed makes a new trace."""
   if rule.endswith("_entries"):
     monkeypatch.setattr(gradients, "LAYOUT", "entries")
     rule = rule.removesuffix("_entries")
