@@ -83,7 +83,7 @@ def main(argv=None) -> int:
   files = [f for f in index.parent.rglob("*") if f.is_file()]
   size = sum(f.stat().st_size for f in files)
   chunks = [f for f in files if f.name.startswith("latents-")]
-  print(f"\n| latents | D | tokens | export | build | site size | files | largest chunk |")
+  print("\n| latents | D | tokens | export | build | site size | files | largest chunk |")
   print("|---:|---:|---:|---:|---:|---:|---:|---:|")
   print(f"| {F} | {D} | {args.tokens} | {exported:.1f} s | {built:.1f} s | "
         f"{size / 2**20:.1f} MiB | {len(files)} | "

@@ -197,8 +197,8 @@ def pool_share(weights: dict, input_scale: float, sae, rows: typing.Callable[[in
   The rows [0, n) are read `block` batches at a time, shuffled within that
   block (as the stream shuffles a round), and cut into batches of
   `batch_size` rows; the rows of an unfinished batch are left out. Each
-  batch's pool is the one training would choose there (`evaluate.pools`'
-  rule, a drawn pool for `sample_pool` with a key per batch), from the saved
+  batch's pool is the one training would choose there (`evaluate.pool`, a
+  drawn pool for `sample_pool` with a key per batch), from the saved
   SAE in training units (its biases times the input scale).
   """
   from sae_jax import evaluate  # noqa: PLC0415
@@ -216,7 +216,7 @@ def pool_share(weights: dict, input_scale: float, sae, rows: typing.Callable[[in
       x = rows(start, min(start + block * batch_size, n_batches * batch_size))
       x = x[rng.permutation(len(x))]
       for i in range(0, len(x), batch_size):
-        pool_P = evaluate._pool(params, c, jnp.asarray(x[i:i + batch_size], jnp.float32),
+        pool_P = evaluate.pool(params, c, jnp.asarray(x[i:i + batch_size], jnp.float32),
                                 jax.random.fold_in(key, (start + i) // batch_size), sae)
         held_F[np.asarray(pool_P)] += 1
         bar.update(batch_size)
@@ -365,7 +365,7 @@ def _stream_source(config: dict, tokens: int, progress: bool) -> _Source:
       if not batch:
         break  # the text ran out: the pass reads what there is
       ids_CxL = np.stack(batch + batch[-1:] * (e.batch_contexts - len(batch)))  # one shape
-      valid_CxL = stream_lib._valid_rows(ids_CxL, excluded)[:len(batch)]
+      valid_CxL = stream_lib.valid_rows(ids_CxL, excluded)[:len(batch)]
       out = np.asarray(neox.resid_at(params, lm_config, ids_CxL, layer), np.float32)
       acts.append(out[:len(batch)][valid_CxL])
       ids.append(ids_CxL[:len(batch)][valid_CxL])

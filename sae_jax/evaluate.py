@@ -68,7 +68,7 @@ def reconstruct(params, threshold, input_scale, x_BxD, config: SAEConfig,
     else:
       key_i = jax.random.fold_in(key, i)
       if config.keeps_pool and i % config.pool_every == 0:
-        pool_P = _pool(params, jnp.float32(input_scale), x, key_i, config)
+        pool_P = pool(params, jnp.float32(input_scale), x, key_i, config)
       z, xhat = _reconstruct_batch(params, jnp.float32(input_scale), x, key_i, config,
                                    pool_P if config.keeps_pool else None)
     codes.append(np.asarray(z))
@@ -186,7 +186,7 @@ def ground_truth_metrics(W_dec_FxD, dictionary_NxD, feature_class_N, *,
 
 
 @functools.partial(jax.jit, static_argnames=("config", "top"))
-def _pool(params, input_scale, x_BxD, key, config: SAEConfig, top: bool = False):
+def pool(params, input_scale, x_BxD, key, config: SAEConfig, top: bool = False):
   """The Sampled-SAE pool of x as `select` chooses it, or with `top` the
   top scores even for a `sample_pool` SAE."""
   a_BxF = jax.nn.relu(model.SAE(config).apply({"params": params}, x_BxD * input_scale,
@@ -198,7 +198,7 @@ def _pool(params, input_scale, x_BxD, key, config: SAEConfig, top: bool = False)
 def pools(params, input_scale, x_BxD, config: SAEConfig, batch_size: int) -> list:
   """The Sampled-SAE pool (top scores) of each consecutive batch of x."""
   key = jax.random.key(BATCH_MODE_KEY)
-  return [np.asarray(_pool(params, jnp.float32(input_scale),
+  return [np.asarray(pool(params, jnp.float32(input_scale),
                            jnp.asarray(x_BxD[start:start + batch_size], jnp.float32),
                            jax.random.fold_in(key, i), config, top=True))
           for i, start in enumerate(range(0, len(x_BxD) - batch_size + 1, batch_size))]

@@ -242,7 +242,7 @@ def _auxk(params, centred_BxD, residual_BxD, a_BxF, dead_F, config: TrainConfig,
   that ties break as `selection.topk` breaks them), or from all F columns.
   The gradients come from that selection as entries (`auxk_entries`) or as
   dense codes (`LAYOUT`)."""
-  n_rows, n_latents = a_BxF.shape
+  n_latents = a_BxF.shape[1]
   residual_BxD = lax.stop_gradient(residual_BxD)
   a_BxF = lax.stop_gradient(a_BxF)
   scale = losses.auxk_scale(residual_BxD, axis_name)  # collectives stay outside the switch

@@ -38,7 +38,7 @@ from sae_jax.train import AXIS  # the training step's batch axis
 _KEY_SALT = 0x5354  # keeps the shuffle key apart from the SAE's own keys
 
 
-def _valid_rows(tokens_CxL: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+def valid_rows(tokens_CxL: np.ndarray, excluded: np.ndarray) -> np.ndarray:
   """Which rows may be drawn: not position 0, not an excluded token."""
   valid = ~np.isin(tokens_CxL, excluded)
   valid[:, 0] = False
@@ -151,7 +151,7 @@ class Stream:
     while rows < n and (limit is None or len(contexts) < limit):
       context, after = self._next(located, what)
       contexts.append(context)
-      rows += int(_valid_rows(context[None], self.excluded).sum())
+      rows += int(valid_rows(context[None], self.excluded).sum())
     return np.stack(contexts), after
 
   # --- Rows on the host's view (evaluation, initialisation) ------------------
@@ -162,7 +162,7 @@ class Stream:
     for start in range(0, len(contexts_CxL), self.config.batch_contexts):
       ids = contexts_CxL[start:start + self.config.batch_contexts]
       acts = neox.resid_at(self.lm_params, self.lm_config, ids, self.layer)
-      out.append(np.asarray(acts.addressable_data(0))[_valid_rows(ids, self.excluded)])
+      out.append(np.asarray(acts.addressable_data(0))[valid_rows(ids, self.excluded)])
     return np.concatenate(out) if out else np.zeros((0, self.d_model), np.float32)
 
   def held_out(self) -> np.ndarray:
@@ -228,7 +228,7 @@ class Stream:
     first, skip = position["step"], start_step - position["step"]
     rounds = self._token_rounds(position["round"], (position["record"], position["offset"]))
     for index, tokens, start, after in data.prefetched(rounds, 1):
-      counts = _valid_rows(tokens, self.excluded).reshape(self.mesh.size, -1).sum(1)
+      counts = valid_rows(tokens, self.excluded).reshape(self.mesh.size, -1).sum(1)
       steps = int(counts.min()) // self.b
       if steps == 0:
         raise ValueError(f"round {index} of the stream gives a device only {counts.min()} rows "

@@ -3,7 +3,6 @@ its pages in a real browser (headless Chromium through selenium; the group
 marked `browser`)."""
 
 import json
-import pathlib
 import shutil
 
 import numpy as np
