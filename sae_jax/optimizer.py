@@ -7,6 +7,7 @@ import typing
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 
 def default_learning_rate(n_latents: int) -> float:
@@ -106,13 +107,43 @@ def _at(name: str, pool_P):
 
 def dense_grads(grads: dict, pool_P, params: dict) -> dict:
   """Pooled gradients (W_enc [D, P], b_enc [P], W_dec [P, D], b_dec [D]) as
-  dense ones, zero outside the pool; `grads` itself when pool_P is None."""
+  dense ones, zero outside the pool; `grads` itself when pool_P is None.
+  An index past the last latent is left out."""
   if pool_P is None:
     return grads
   # The pool's indices are distinct: plain writes, no contended scatter.
   return {name: g if name == "b_dec" else
-          jnp.zeros_like(params[name]).at[_at(name, pool_P)].set(g)
+          jnp.zeros_like(params[name]).at[_at(name, pool_P)].set(g, mode="drop")
           for name, g in grads.items()}
+
+
+ROW_BLOCK = 1024
+"""Rows `_by_row_blocks` takes at a time."""
+
+
+def _by_row_blocks(fn, p_FxD, *others_FxD):
+  """fn(p, *others) (arrays of rows, `fn` row by row), written over p_FxD
+  in place a block of ROW_BLOCK rows at a time.
+
+  Written as one expression, the decoder's update and renormalisation
+  (a row sum, then a division) make XLA:CPU write the result out of place
+  and copy it back: 45 ms at F=24576, D=768 on this 2-core CPU, against
+  24 ms by blocks, whose rows stay in cache between the two.
+  """
+  n_rows = p_FxD.shape[0]
+  n_full = n_rows // ROW_BLOCK
+
+  def block(i, p_FxD):
+    rows = lambda x: lax.dynamic_slice_in_dim(x, i * ROW_BLOCK, ROW_BLOCK)
+    return lax.dynamic_update_slice_in_dim(
+        p_FxD, fn(rows(p_FxD), *map(rows, others_FxD)), i * ROW_BLOCK, axis=0)
+
+  if n_full:
+    p_FxD = lax.fori_loop(0, n_full, block, p_FxD)
+  done = n_full * ROW_BLOCK
+  if done < n_rows:
+    p_FxD = p_FxD.at[done:].set(fn(p_FxD[done:], *(x[done:] for x in others_FxD)))
+  return p_FxD
 
 
 def update(params: dict, grads: dict, opt_state, learning_rate, *, b1: float = 0.9,
@@ -128,7 +159,8 @@ def update(params: dict, grads: dict, opt_state, learning_rate, *, b1: float = 0
     opt_state: `make_optimizer(...).init(params)`'s state, which this returns
       updated in the same structure.
     learning_rate: the step's learning rate.
-    pool_P: distinct latent indices, or None when `grads` are dense.
+    pool_P: distinct latent indices, or None when `grads` are dense; an
+      index past the last latent is left out (its gradient must be zero).
     apply: bool scalar; where False, params and state come back unchanged
       (non-finite gradients are ignored).
 
@@ -139,7 +171,8 @@ def update(params: dict, grads: dict, opt_state, learning_rate, *, b1: float = 0
   """
   project_state, clip_state, (adam, schedule_state) = opt_state
   grads = dict(grads)
-  w_PxD = _rows_unit(params["W_dec"] if pool_P is None else params["W_dec"][pool_P])
+  w_PxD = _rows_unit(params["W_dec"] if pool_P is None else
+                     params["W_dec"].at[pool_P].get(mode="clip"))
   grads["W_dec"] = grads["W_dec"] - jnp.sum(grads["W_dec"] * w_PxD, -1, keepdims=True) * w_PxD
   norm = optax.tree.norm(grads)
   count = optax.safe_int32_increment(adam.count)
@@ -158,17 +191,24 @@ def update(params: dict, grads: dict, opt_state, learning_rate, *, b1: float = 0
       return rate * g + keep * m
     # Zero gradient outside the pool: decay everything, then add the pool's
     # term in place at its distinct indices (no [F, D] gradient is written).
-    return (keep * m).at[_at(name, pool_P)].add(rate * g, unique_indices=True)
+    return (keep * m).at[_at(name, pool_P)].add(rate * g, mode="drop", unique_indices=True)
+
+  def adam_step(p, m, v):
+    return p - learning_rate * ((m / correct1) / (jnp.sqrt(v / correct2) + eps))
+
+  def unit_rows(p, m, v):  # the step, then rows back to unit norm
+    new = adam_step(p, m, v)
+    return new / jnp.where(apply, jnp.linalg.norm(new, axis=-1, keepdims=True), 1.0)
 
   mu, nu, new = {}, {}, {}
   for name, p in params.items():
     g = jnp.where(apply, grads[name], 0.0) * clip  # g may be NaN when skipped
     mu[name] = moment(name, adam.mu[name], rate1, keep1, g)
     nu[name] = moment(name, adam.nu[name], rate2, keep2, g**2)
-    new[name] = p - learning_rate * ((mu[name] / correct1) /
-                                     (jnp.sqrt(nu[name] / correct2) + eps))
-  row_norms = jnp.linalg.norm(new["W_dec"], axis=-1, keepdims=True)
-  new["W_dec"] = new["W_dec"] / jnp.where(apply, row_norms, 1.0)
+    if name == "W_dec":
+      new[name] = _by_row_blocks(unit_rows, p, mu[name], nu[name])
+    else:
+      new[name] = adam_step(p, mu[name], nu[name])
   adam = adam._replace(count=jnp.where(apply, count, adam.count), mu=mu, nu=nu)
   params = new
   return params, (project_state, clip_state, (adam, schedule_state))

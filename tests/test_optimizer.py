@@ -80,9 +80,13 @@ def test_first_step_is_adam_on_the_projected_clipped_gradient():
   np.testing.assert_allclose(np.linalg.norm(new["params"]["W_dec"], axis=1), 1, rtol=1e-6)
 
 
-def test_update_is_the_optax_chain_then_unit_rows():
+@pytest.mark.parametrize("row_block", [1024, 5])
+def test_update_is_the_optax_chain_then_unit_rows(row_block, monkeypatch):
   """`update` writes out make_optimizer + normalize_rows; with pooled
-  gradients it equals the dense update of the same gradients scattered."""
+  gradients it equals the dense update of the same gradients scattered. The
+  decoder's rows are updated in blocks (`ROW_BLOCK`): here all 12 in one
+  remainder, or two blocks of 5 and a remainder of 2."""
+  monkeypatch.setattr(optimizer, "ROW_BLOCK", row_block)
   rng = np.random.default_rng(7)
   D, F = 5, 12
   w = rng.standard_normal((F, D)).astype(np.float32)
