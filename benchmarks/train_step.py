@@ -9,12 +9,14 @@ forward matmul x @ W_enc (the floor: the one B·D·F matmul a step cannot
 skip; measured before every row, median over the run), and speed-up over the
 dense autodiff step of the same rule. Steps run on one device, state donated, as `train_loop` runs
 them: with no latent dead, through `p_train_step_all_alive` (no AuxK, as in
-most of training); the `+auxk` rows have every latent dead and run
-`p_train_step`, and so do the Sampled l=8 rows with a fraction of the
-latents dead (`--dead`; 0: none dead, but the step may run AuxK, as
-`train_loop` runs it once latents near dead_steps). TopK, BatchTopK and
-AuxK run once per layout of their entries' gradients (`gradients.LAYOUT`:
-entries, codes). `--quick` measures
+most of training); the Sampled l=8 rows with a fraction of the latents dead
+(`--dead`) run the form `train_loop` picks for that many
+(`p_train_step_packed` at the smallest capacity that holds them, or F),
+and their last column is the ratio to the all-alive step;
+two more rows give the packed step with none dead and the general step with
+the smallest fraction dead. The `+auxk` rows have every latent dead.
+TopK, BatchTopK and AuxK run once per layout of their entries' gradients
+(`gradients.LAYOUT`: entries, codes). `--quick` measures
 only the fast steps, 3 repeats; `--compute-dtype both` prints a table for
 float32 and one for bfloat16.
 Runs unchanged on CPU, GPU and TPU.
@@ -35,17 +37,19 @@ from sae_jax.config import TrainConfig
 from timing import median_seconds
 
 
-def step_seconds(config: TrainConfig, x_1xBxD, repeats: int, dead=None) -> float:
-  """Median step time: with dead=None of `p_train_step_all_alive`; else of
-  `p_train_step` with the first `dead` fraction of the latents silent for
-  dead_steps (those the step's batch does not select are dead)."""
+def step_seconds(config: TrainConfig, x_1xBxD, repeats: int, dead=None, step_fn=None) -> float:
+  """Median step time: with dead=None of `p_train_step_all_alive`; else
+  with the first `dead` fraction of the latents silent for dead_steps
+  (those the step's batch does not select are dead), of `step_fn`, by
+  default the form `train_loop` picks for that many."""
   state = train.create_train_state(config, x_1xBxD[0][:256])
+  n_dead = 0 if dead is None else round(dead * config.sae.n_latents)
   if dead is not None:
-    n_latents = config.sae.n_latents
-    silent_F = jnp.where(jnp.arange(n_latents) < round(dead * n_latents), config.dead_steps, 0)
+    silent_F = jnp.where(jnp.arange(config.sae.n_latents) < n_dead, config.dead_steps, 0)
     state = state.replace(steps_since_fired_F=silent_F.astype(jnp.int32))
   holder = {"state": train.replicate(state, 1)}
-  step_fn = train.p_train_step_all_alive if dead is None else train.p_train_step
+  if step_fn is None:
+    step_fn = train.p_train_step_all_alive if dead is None else train._step_for(config, n_dead)
 
   def one_step():
     holder["state"], metrics = step_fn(holder["state"], x_1xBxD)
@@ -62,8 +66,8 @@ def main():
   parser.add_argument("--k", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--quick", action="store_true", help="fast steps only, 3 repeats")
-  parser.add_argument("--dead", type=float, nargs="*", default=[0, 1 / 64, 1 / 16, 1 / 4],
-                      help="fractions of dead latents for the Sampled l=8 rows of p_train_step")
+  parser.add_argument("--dead", type=float, nargs="*", default=[1 / 64, 1 / 16, 1 / 4, 1 / 2],
+                      help="fractions of dead latents for the Sampled l=8 rows")
   parser.add_argument("--compute-dtype", choices=("float32", "bfloat16", "both"),
                       default="float32")
   args = parser.parse_args()
@@ -92,12 +96,13 @@ def table(args, compute_dtype: str, x_1xBxD, W_DxF):
                      steps=10**6, warmup_steps=10, threshold_start=1)
   variants = [("topk", None), ("batchtopk", None), ("sampled", 1.0), ("sampled", 8.0),
               ("sampled", 64.0)]
-  rows = []  # (name, seconds, selection, floor seconds)
+  rows = []  # (name, seconds, selection, floor seconds, seconds of the all-alive step)
   dense = {}
 
-  def measure(name, selection, config, dead=None):
+  def measure(name, selection, config, dead=None, step_fn=None, alive=None):
     floor = floor_now()
-    rows.append((name, step_seconds(config, x_1xBxD, args.repeats, dead), selection, floor))
+    rows.append((name, step_seconds(config, x_1xBxD, args.repeats, dead, step_fn), selection,
+                 floor, alive))
     return rows[-1][1]
 
   for selection, l in variants:
@@ -121,23 +126,35 @@ def table(args, compute_dtype: str, x_1xBxD, W_DxF):
                 dataclasses.replace(config, seed=seed + 1), dead=1.0)
     gradients.LAYOUT = "auto"
     if l is not None:
-      measure(f"fast step, {name}", selection, config)
-    if l == 8.0:  # AuxK packs the dead latents (gradients.auxk_capacities)
+      alive = measure(f"fast step, {name}", selection, config)
+    if l == 8.0 and args.dead:  # the forms train_loop picks while latents are dead
+      config = dataclasses.replace(config, seed=10)
+      capacities = train._capacities(config)
       for dead in args.dead:
-        measure(f"fast step, {name}, may use AuxK, {dead:g} of latents dead", selection,
-                dataclasses.replace(config, seed=10), dead=dead)
+        n_dead = round(dead * F)
+        form = next((f"packed into {c}" for c in capacities if n_dead <= c),
+                    "dense gradients, no branch")
+        measure(f"fast step, {name}, {dead:g} of latents dead ({form})", selection, config,
+                dead=dead, alive=alive)
+      if capacities:
+        measure(f"fast step, {name}, none dead (packed into {capacities[0]})", selection, config,
+                dead=0.0, step_fn=train.p_train_step_packed, alive=alive)
+      measure(f"fast step, {name}, {args.dead[0]:g} of latents dead (general, as before)",
+              selection, config, dead=args.dead[0], step_fn=train.p_train_step, alive=alive)
   floor = statistics.median(row[3] for row in rows)
-  rows.insert(0, ("encoder matmul x @ W_enc (floor, median over the run)", floor, None, floor))
+  rows.insert(0, ("encoder matmul x @ W_enc (floor, median over the run)", floor, None, floor,
+                  None))
 
   print(f"\nB={B} D={D} F={F} k={k} compute_dtype={compute_dtype} "
         f"backend={jax.default_backend()} ({jax.local_devices()[0].device_kind}), "
         f"median of {args.repeats}\n")
-  print("| step | median ms | tokens/s | x floor | speed-up over dense |")
-  print("|---|---:|---:|---:|---:|")
-  for name, seconds, selection, _ in rows:
+  print("| step | median ms | tokens/s | x floor | speed-up over dense | x all-alive |")
+  print("|---|---:|---:|---:|---:|---:|")
+  for name, seconds, selection, _, alive in rows:
     speedup = f"{dense[selection] / seconds:.2f}x" if selection in dense else ""
+    vs_alive = f"{seconds / alive:.2f}" if alive else ""
     print(f"| {name} | {seconds * 1e3:.1f} | {B / seconds:,.0f} | {seconds / floor:.2f} | "
-          f"{speedup} |")
+          f"{speedup} | {vs_alive} |")
 
 
 if __name__ == "__main__":

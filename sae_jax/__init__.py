@@ -18,6 +18,7 @@ from sae_jax.train import TrainState
 from sae_jax.train import create_train_state
 from sae_jax.train import p_train_step
 from sae_jax.train import p_train_step_all_alive
+from sae_jax.train import p_train_step_packed
 from sae_jax.train import replicate
 from sae_jax.train import train_loop
 from sae_jax.train import train_many
@@ -39,6 +40,7 @@ __all__ = [
     "create_train_state",
     "p_train_step",
     "p_train_step_all_alive",
+    "p_train_step_packed",
     "replicate",
     "sampled_pool",
     "sampled_select",

@@ -19,8 +19,10 @@ AuxK is the same in both: it runs only while some latent is dead, from its
 own selection (each token's top k_aux dead latents, B·k_aux entries) among
 the dead latents' columns packed together while they are few, by entries
 or as dense codes (`LAYOUT`), and then the fast step's gradients are made
-dense. Which latents are dead is decided after this step's
-selection (`losses.dead_latents`), as dictionary_learning decides it.
+dense, or for Sampled-SAE, while few latents can be dead, joined as rows to
+the pool's (`train.train_step`'s "packed" form). Which latents are dead is
+decided after this step's selection (`losses.dead_latents`), as
+dictionary_learning decides it.
 
 Both return this device's gradient of its share of the loss (`pmean` over
 the devices gives the global one) and the statistics the step reports.
@@ -231,91 +233,150 @@ def auxk_capacities(n_latents: int, k_aux: int) -> tuple:
   return tuple(sorted({max(k_aux, n_latents >> shift) for shift in PACK_SHIFTS} - {n_latents}))
 
 
-def _auxk(params, centred_BxD, residual_BxD, a_BxF, dead_F, config: TrainConfig, axis_name,
+class AuxK(typing.NamedTuple):
+  """AuxK's gradients added to the fast step's, two ways (see `fast`)."""
+  dense: typing.Callable  # dense grads -> (them plus AuxK's, AuxK's value)
+  # (pooled grads, pool_P, capacity) -> (grads at rows, rows, AuxK's value)
+  rows: typing.Callable
+
+
+class _Setup(typing.NamedTuple):
+  """What AuxK needs from the step (this device's tokens)."""
+  params: dict
+  centred_BxD: jax.Array
+  residual_BxD: jax.Array  # e; no gradient flows into it
+  pre_BxF: jax.Array  # pre-activations (or relu of them), no gradient
+  dead_F: jax.Array
+  k_aux: int
+  weight: jax.Array  # ê's cotangent is weight·(e - ê)
+  scale: jax.Array  # turns Σ||e - ê||² into this device's share of the loss
+
+
+def _setup(params, centred_BxD, residual_BxD, pre_BxF, dead_F, config: TrainConfig,
+           axis_name) -> _Setup:
+  residual_BxD = lax.stop_gradient(residual_BxD)
+  scale = losses.auxk_scale(residual_BxD, axis_name)  # collectives stay outside conds
+  return _Setup(params, centred_BxD, residual_BxD, lax.stop_gradient(pre_BxF), dead_F,
+                min(config.auxk_k, pre_BxF.shape[1]), -2 * config.auxk_weight * scale, scale)
+
+
+def _auxk_on(s: _Setup, a_BxC, W_dec_CxD, W_enc_DxC):
+  """AuxK from C columns of activations (zero where a latent is not dead),
+  each token's top k_aux entries among them, by entries or as dense codes
+  (`LAYOUT`): its gradients at those columns (W_enc [D, C], b_enc [C],
+  W_dec [C, D]) and b_dec's, and Σ||e - ê||²."""
+  n_rows, n_cols = a_BxC.shape
+  if layout(n_cols, s.k_aux) == "codes":
+    # With no more columns than k_aux, each token keeps all its positive entries.
+    z_BxC = a_BxC if s.k_aux >= n_cols else selection.topk(a_BxC, s.k_aux)
+    error_BxD = s.residual_BxD - z_BxC @ W_dec_CxD
+    dehat_BxD = s.weight * error_BxD
+    dpre_BxC = jnp.where(z_BxC > 0, dehat_BxD @ W_dec_CxD.T, 0)
+    grads = {"W_enc": s.centred_BxD.T @ dpre_BxC, "b_enc": jnp.sum(dpre_BxC, axis=0),
+             "W_dec": z_BxC.T @ dehat_BxD}
+  else:
+    values_BxK, cols_BxK = auxk_entries(a_BxC, s.k_aux)
+    # A slot of value 0 is unused; pointing it at column 0 keeps it in range.
+    cols_BxK = jnp.where(values_BxK > 0, cols_BxK, 0)
+    # Gathered rows feed reductions only, which XLA may fuse with the gather.
+    W_dec_BxKxD = W_dec_CxD.at[cols_BxK].get(mode="promise_in_bounds")
+    error_BxD = s.residual_BxD - jnp.sum(values_BxK[:, :, None] * W_dec_BxKxD, axis=1)
+    dehat_BxD = s.weight * error_BxD
+    dpre_BxK = jnp.where(values_BxK > 0,
+                         jnp.sum(dehat_BxD[:, None, :] * W_dec_BxKxD, axis=2), 0)
+    rows_M = jnp.repeat(jnp.arange(n_rows, dtype=jnp.int32), values_BxK.shape[1])
+    grads = _entry_grads(rows_M, cols_BxK.reshape(-1), values_BxK.reshape(-1), dehat_BxD,
+                         dpre_BxK.reshape(-1), s.centred_BxD, n_cols)
+  grads["b_dec"] = -(W_enc_DxC @ grads["b_enc"])
+  return grads, jnp.sum(jnp.square(error_BxD))
+
+
+def _packed(s: _Setup, capacity: int):
+  """AuxK on the dead latents packed into `capacity` columns, in ascending
+  latent order and padded with zero columns past the last latent (so that
+  ties break as `selection.topk` breaks them): (their latents cols_C,
+  AuxK's gradients at them, Σ||e - ê||²)."""
+  n_latents = s.pre_BxF.shape[1]
+  cols_C = jnp.nonzero(s.dead_F, size=capacity, fill_value=n_latents)[0]
+  fill = lambda x, at: x.at[at].get(mode="fill", fill_value=0)
+  # relu after the gather: relu(pre) over all F columns is then never
+  # written out (the fast step without AuxK fuses it into its readers).
+  grads, error = _auxk_on(s, jax.nn.relu(fill(s.pre_BxF, (slice(None), cols_C))),
+                          fill(s.params["W_dec"], cols_C),
+                          fill(s.params["W_enc"], (slice(None), cols_C)))
+  return cols_C, grads, error
+
+
+def _auxk(params, centred_BxD, residual_BxD, pre_BxF, dead_F, config: TrainConfig, axis_name,
           into=None):
   """AuxK's value (this device's share, `losses.auxk_loss`) and `into` (dense
   gradients; zeros when None) plus the gradients of auxk_weight times it.
 
   Its selection is each token's top k_aux among the dead latents, taken from
   the dead latents' columns packed into the smallest of `auxk_capacities`
-  that holds them (in ascending latent order, padded with zero columns, so
-  that ties break as `selection.topk` breaks them), or from all F columns.
-  The gradients come from that selection as entries (`auxk_entries`) or as
-  dense codes (`LAYOUT`)."""
-  n_latents = a_BxF.shape[1]
-  residual_BxD = lax.stop_gradient(residual_BxD)
-  a_BxF = lax.stop_gradient(a_BxF)
-  scale = losses.auxk_scale(residual_BxD, axis_name)  # collectives stay outside the switch
-  k_aux = min(config.auxk_k, n_latents)
+  that holds them (`_packed`), or from all F columns."""
+  s = _setup(params, centred_BxD, residual_BxD, pre_BxF, dead_F, config, axis_name)
   if into is None:
     into = jax.tree.map(jnp.zeros_like, params)
-  weight = -2 * config.auxk_weight * scale
 
   def packed(capacity):
     def run(into):
-      cols_C = jnp.nonzero(dead_F, size=capacity, fill_value=n_latents)[0]
-      a_BxC = a_BxF.at[:, cols_C].get(mode="fill", fill_value=0)
-      return _auxk_on(params, centred_BxD, residual_BxD, a_BxC, cols_C, k_aux, weight, into)
+      cols_C, grads, error = _packed(s, capacity)
+      return _add_at(into, grads, cols_C), error
     return run
 
   def every(into):
-    return _auxk_on(params, centred_BxD, residual_BxD, jnp.where(dead_F[None, :], a_BxF, 0),
-                    None, k_aux, weight, into)
+    grads, error = _auxk_on(s, jnp.where(dead_F[None, :], jax.nn.relu(s.pre_BxF), 0),
+                            params["W_dec"], params["W_enc"])
+    return jax.tree.map(jnp.add, into, grads), error
 
   def none(into):  # nothing dead: the gradients are `into`; a sum over no tokens
-    return into, jnp.sum(residual_BxD[:0])
+    return into, jnp.sum(s.residual_BxD[:0])
 
-  capacities = auxk_capacities(n_latents, k_aux)
+  capacities = auxk_capacities(pre_BxF.shape[1], s.k_aux)
   n_dead = jnp.sum(dead_F, dtype=jnp.int32)
   which = jnp.where(n_dead == 0, 0, 1 + jnp.searchsorted(jnp.array(capacities, jnp.int32), n_dead))
   grads, error = lax.switch(which, [none] + [packed(cap) for cap in capacities] + [every], into)
-  return grads, scale * error
+  return grads, s.scale * error
 
 
-def _auxk_on(params, centred_BxD, residual_BxD, a_BxC, cols_C, k_aux, weight, into):
-  """`into` plus AuxK's gradients, and Σ||e - ê||², from the activations of C
-  columns (zero where not dead): the latents `cols_C` (ascending, n_latents
-  where padding), or all of them when cols_C is None."""
-  n_rows, n_cols = a_BxC.shape
-  n_latents = params["W_dec"].shape[0]
-  W_dec_CxD = params["W_dec"] if cols_C is None else params["W_dec"].at[cols_C].get(
-      mode="fill", fill_value=0)
-  if layout(n_cols, k_aux) == "codes":
-    z_BxC = selection.topk(a_BxC, k_aux)
-    error_BxD = residual_BxD - z_BxC @ W_dec_CxD
-    dehat_BxD = weight * error_BxD
-    dpre_BxC = jnp.where(z_BxC > 0, dehat_BxD @ W_dec_CxD.T, 0)
-    grads = {"W_enc": centred_BxD.T @ dpre_BxC, "b_enc": jnp.sum(dpre_BxC, axis=0),
-             "W_dec": z_BxC.T @ dehat_BxD}
-    if cols_C is not None:  # back to F columns; the padding's writes are dropped
-      return _add_at(into, grads, cols_C, params["W_enc"]), jnp.sum(jnp.square(error_BxD))
-  else:
-    values_BxK, idx_BxK = auxk_entries(a_BxC, k_aux)
-    cols_BxK = idx_BxK if cols_C is None else cols_C[idx_BxK]
-    # A padding column is never selected: its value is 0, and an entry of
-    # value 0 is unused. Its index (n_latents) becomes 0 here, and stays unused.
-    cols_BxK = jnp.where(values_BxK > 0, cols_BxK, 0)
-    # Gathered rows feed reductions only, which XLA may fuse with the gather.
-    W_dec_BxKxD = params["W_dec"].at[cols_BxK].get(mode="promise_in_bounds")
-    error_BxD = residual_BxD - jnp.sum(values_BxK[:, :, None] * W_dec_BxKxD, axis=1)
-    dehat_BxD = weight * error_BxD
-    dpre_BxK = jnp.where(values_BxK > 0,
-                         jnp.sum(dehat_BxD[:, None, :] * W_dec_BxKxD, axis=2), 0)
-    rows_M = jnp.repeat(jnp.arange(n_rows, dtype=jnp.int32), k_aux)
-    grads = _entry_grads(rows_M, cols_BxK.reshape(-1), values_BxK.reshape(-1), dehat_BxD,
-                         dpre_BxK.reshape(-1), centred_BxD, n_latents)
-  grads["b_dec"] = -params["W_enc"] @ grads["b_enc"]
-  return jax.tree.map(jnp.add, into, grads), jnp.sum(jnp.square(error_BxD))
+def _auxk_rows(params, centred_BxD, residual_BxD, pre_BxF, dead_F, config: TrainConfig,
+               axis_name, pooled, pool_P, capacity: int):
+  """The pooled gradients plus AuxK's, as gradients at rows [P + C] (W_enc
+  [D, P + C], b_enc [P + C], W_dec [P + C, D], b_dec [D]), for a step on which
+  at most C = `capacity` latents are dead (the caller's promise):
+  (grads, rows, AuxK's value). The numbers of `_auxk` on the pooled
+  gradients made dense, without an [F, D] gradient. A dead latent of the
+  pool was not selected, so its pooled gradient is zero and its row is
+  AuxK's. The rows are distinct; those past the last latent are left out
+  (`optimizer.update`), and while none is dead AuxK's C rows are all such."""
+  s = _setup(params, centred_BxD, residual_BxD, pre_BxF, dead_F, config, axis_name)
+  n_latents = pre_BxF.shape[1]
+
+  # No cond on whether any latent is dead: a conditional that reads the
+  # parameters makes XLA copy them (20 ms a step at D=768, F=24576 on CPU),
+  # more than AuxK on C columns costs. While none is dead the columns are
+  # all padding, every gradient is zero, and the value is zeroed here.
+  cols_C, grads, error = _packed(s, capacity)
+  error = jnp.where(jnp.any(dead_F), error, 0)
+  n_pool = pool_P.shape[0]
+  rows = jnp.concatenate([
+      jnp.where(dead_F[pool_P], n_latents + jnp.arange(n_pool), pool_P),
+      jnp.where(cols_C < n_latents, cols_C, n_latents + n_pool + jnp.arange(capacity))])
+  both = {"W_enc": jnp.concatenate([pooled["W_enc"], grads["W_enc"]], axis=1),
+          "b_enc": jnp.concatenate([pooled["b_enc"], grads["b_enc"]]),
+          "W_dec": jnp.concatenate([pooled["W_dec"], grads["W_dec"]]),
+          "b_dec": pooled["b_dec"] + grads["b_dec"]}
+  return both, rows, s.scale * error
 
 
-def _add_at(into, grads, cols_C, W_enc_DxF):
+def _add_at(into, grads, cols_C):
   """`into` plus gradients given at the latents cols_C (W_enc [D, C], b_enc
-  [C], W_dec [C, D]); an index past the last latent is dropped."""
-  W_enc_DxC = W_enc_DxF.at[:, cols_C].get(mode="fill", fill_value=0)
+  [C], W_dec [C, D], b_dec [D]); an index past the last latent is dropped."""
   return {"W_enc": into["W_enc"].at[:, cols_C].add(grads["W_enc"], mode="drop"),
           "b_enc": into["b_enc"].at[cols_C].add(grads["b_enc"], mode="drop"),
           "W_dec": into["W_dec"].at[cols_C].add(grads["W_dec"], mode="drop"),
-          "b_dec": into["b_dec"] - W_enc_DxC @ grads["b_enc"]}
+          "b_dec": into["b_dec"] + grads["b_dec"]}
 
 
 def _codes_stats(z_BxF):
@@ -386,8 +447,11 @@ def fast(params, x_BxD, silent_F, key, config: TrainConfig, axis_name, kept=None
     b_enc and W_dec are given at the pool `pool_P` only (see
     `optimizer.dense_grads`);
     otherwise pool_P is None. The AuxK loss is not included:
-    `with_auxk(dense_grads)` returns (dense_grads + its gradients, its value),
-    to be called only while `outputs.dead_F` holds a latent.
+    `with_auxk.dense(dense_grads)` returns (dense_grads + its gradients, its
+    value; 0 while no latent is dead), and for Sampled-SAE
+    `with_auxk.rows(grads, pool_P, capacity)` the same gradients at rows
+    (grads, rows, value), for a step on which at most `capacity` (one of
+    `auxk_capacities(F, k_aux)`) latents are dead.
   """
   c = config
   params = varying(params, axis_name)
@@ -407,8 +471,13 @@ def fast(params, x_BxD, silent_F, key, config: TrainConfig, axis_name, kept=None
   n_active, fired_F, token_min_B = stats
   fired_F, dead_F = _fired_and_dead(silent_F, fired_F, c, axis_name)
 
-  def with_auxk(grads):
-    return _auxk(params, centred_BxD, x_BxD - xhat_BxD, a_BxF, dead_F, c, axis_name, grads)
+  residual_BxD = x_BxD - xhat_BxD
+  with_auxk = AuxK(
+      lambda grads: _auxk(params, centred_BxD, residual_BxD, pre_BxF, dead_F, c, axis_name,
+                          grads),
+      lambda pooled, pool_P, capacity: _auxk_rows(params, centred_BxD, residual_BxD, pre_BxF,
+                                                  dead_F, c, axis_name, pooled, pool_P,
+                                                  capacity))
 
   # A sum over no tokens: zero, and under shard_map it varies as the data does.
   no_auxk = jnp.sum(x_BxD[:0])

@@ -42,6 +42,11 @@ class TrainState(struct.PyTreeNode):
   skipped_steps: jax.Array  # int32: skipped steps in all
   input_scale: jax.Array  # float32 c with E||c·x||² = D
   rng: jax.Array  # uint32 key data for the sampled pools
+  # int32: the most latents that can be dead on the step that takes this
+  # state, counted from the state before it (from this one for a new
+  # state). `train_loop` picks the step's compiled form by it, so a resumed
+  # run picks what the uninterrupted run picked.
+  dead_at_most: jax.Array
   config: TrainConfig = struct.field(pytree_node=False)
   # int32 [P]: the Sampled-SAE pool kept between renewals; None unless the
   # config keeps pools (sae.pool_every > 1), so other states are unchanged.
@@ -96,6 +101,8 @@ def create_train_state(config: TrainConfig, sample_NxD) -> TrainState:
       skipped_steps=jnp.zeros((), jnp.int32),
       input_scale=jnp.asarray(scale, jnp.float32),
       rng=jax.random.key_data(pool_key),
+      dead_at_most=jnp.asarray(can_be_dead(np.zeros(config.sae.n_latents, np.int32),
+                                           config.dead_steps, 0)),
       config=config,
       pool_P=jnp.zeros(config.sae.pool_size, jnp.int32) if config.sae.keeps_pool else None)
 
@@ -112,14 +119,26 @@ def _batch_threshold(token_min_B: jax.Array, selection: str) -> jax.Array:
   return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.inf)
 
 
-def train_step(state: TrainState, x_BxD: jax.Array,
-               all_alive: bool = False) -> tuple[TrainState, dict]:
+def can_be_dead(silent_F, dead_steps: int, later: int):
+  """How many latents can be dead `later` steps after the next step of a
+  state whose steps_since_fired_F is silent_F (`losses.dead_latents`);
+  an int32 scalar, or an int for a NumPy silent_F."""
+  xp = np if isinstance(silent_F, np.ndarray) else jnp
+  return xp.sum(silent_F + later + 1 >= dead_steps, dtype=xp.int32)
+
+
+FORMS = ("general", "all_alive", "packed")
+"""The compiled forms of the fast step (see `train_step`)."""
+
+
+def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
+               capacity: typing.Optional[int] = None) -> tuple[TrainState, dict]:
   """One optimisation step on this device's tokens x_BxD (raw activations).
 
   Must run where axis "data" is bound: under `p_train_step` (shard_map,
   the state replicated and the batch split on "data"), or under `jax.pmap`.
   A step whose loss or gradient is not finite changes nothing but the step
-  and skip counters.
+  and skip counters (and `dead_at_most`, which counts from the state before).
 
   The metrics (replicated scalars; "scaled units" are those of c·x, with
   E||c·x||² = D):
@@ -133,21 +152,36 @@ def train_step(state: TrainState, x_BxD: jax.Array,
     l0: selected entries per token. grad_norm: the gradient's global norm
       before projection and clip. threshold: θ after the step. dead_fraction:
       latents dead after the step. most_silent_steps, lr, skipped_steps, bad_streak.
+    dead_soon: the most latents that can be dead on the step after next
+      (`can_be_dead`); `train_loop` picks that step's form by it.
 
-  `all_alive=True` (static) promises that no latent can be dead on this
-  step (every latent fired within the last dead_steps - 1): the fast step
-  is then compiled without AuxK and without the branch that decides whether
-  to run it, which saves a copy of the parameters and moments. `train_loop`
-  knows when the promise holds; with any latent dead it would skip AuxK.
+  `form` (static) is "general", or a promise that makes the fast step
+  cheaper; `train_loop` picks the cheapest whose promise holds, from the
+  state's `dead_at_most`:
+    "all_alive": no latent can be dead on this step. The step is compiled
+      without AuxK and without the branch that decides whether to run it,
+      which would copy the parameters and moments.
+    "packed" (Sampled-SAE): at most `capacity` latents can be dead, one of
+      `gradients.auxk_capacities(F, auxk_k)` (default the smallest). AuxK
+      runs on the dead latents packed into that many columns, its
+      gradients are added as rows next to the pool's, and the optimiser
+      updates those rows only (with Adam's decay everywhere), without dense
+      gradients or that branch. `capacity` F promises nothing: the
+      gradients are made dense for AuxK on every step, without the branch,
+      for when latents are likely dead.
+  With a promise broken, AuxK would leave dead latents out. The forms give
+  the same numbers up to rounding, not the same bits.
   """
   c = state.config
+  if form not in FORMS:
+    raise ValueError(f"form must be one of {FORMS}; got {form!r}")
   x_BxD = x_BxD.astype(jnp.float32) * state.input_scale
   silent_F = state.steps_since_fired_F
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   lr = _learning_rate(c, state.step)
   kept = (state.pool_P, state.step % c.sae.pool_every == 0) if c.sae.keeps_pool else None
 
-  def apply(grads, pool_P, auxk):
+  def apply(grads, auxk, pool_P):
     """The mean over devices (in one order: `collectives`), then the optimiser;
     a non-finite step leaves params and moments as they were."""
     grads, auxk = collectives.ordered_pmean((grads, auxk), AXIS)
@@ -162,21 +196,29 @@ def train_step(state: TrainState, x_BxD: jax.Array,
   if c.step == "dense":
     grads, out = gradients.dense(state.params, x_BxD, silent_F, key, c, AXIS, kept)
     mse = collectives.ordered_pmean(out.mse, AXIS)
-    params, opt_state, auxk, grad_norm, finite = apply(grads, None, out.auxk)
+    params, opt_state, auxk, grad_norm, finite = apply(grads, out.auxk, None)
   else:
     grads, pool_P, out, with_auxk = gradients.fast(state.params, x_BxD, silent_F, key, c, AXIS,
                                                    kept)
     mse = collectives.ordered_pmean(out.mse, AXIS)
 
     def dense_with_auxk():
-      dense, auxk = with_auxk(optimizer.dense_grads(grads, pool_P, state.params))
-      return apply(dense, None, auxk)
+      return apply(*with_auxk.dense(optimizer.dense_grads(grads, pool_P, state.params)), None)
 
-    if all_alive:
-      params, opt_state, auxk, grad_norm, finite = apply(grads, pool_P, out.auxk)
+    if form == "all_alive":
+      params, opt_state, auxk, grad_norm, finite = apply(grads, out.auxk, pool_P)
+    elif form == "packed" and pool_P is not None and capacity != c.sae.n_latents:
+      if capacity is None:
+        capacity = _capacities(c)[0]
+      rows_grads, rows, auxk = with_auxk.rows(grads, pool_P, capacity)
+      params, opt_state, auxk, grad_norm, finite = apply(rows_grads, auxk, rows)
+    elif pool_P is None or form == "packed":
+      # Dense gradients, and AuxK skips itself while none is dead: no branch.
+      dense = optimizer.dense_grads(grads, pool_P, state.params)
+      params, opt_state, auxk, grad_norm, finite = apply(*with_auxk.dense(dense), None)
     else:  # AuxK runs only while some latent is dead (the same on every device).
       params, opt_state, auxk, grad_norm, finite = lax.cond(
-          jnp.any(out.dead_F), dense_with_auxk, lambda: apply(grads, pool_P, out.auxk))
+          jnp.any(out.dead_F), dense_with_auxk, lambda: apply(grads, out.auxk, pool_P))
   loss = mse + c.auxk_weight * auxk
 
   since_F = jnp.where(out.fired_F, 0, jnp.minimum(silent_F + 1, c.dead_steps))
@@ -192,6 +234,7 @@ def train_step(state: TrainState, x_BxD: jax.Array,
       threshold=jnp.where(finite, threshold, state.threshold),
       steps_since_fired_F=jnp.where(finite, since_F, state.steps_since_fired_F),
       bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
+      dead_at_most=can_be_dead(silent_F, c.dead_steps, 1),
       skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
       pool_P=None if kept is None else jnp.where(finite, out.pool_P, state.pool_P))
 
@@ -203,6 +246,7 @@ def train_step(state: TrainState, x_BxD: jax.Array,
       "l0": lax.psum(out.n_active, AXIS) / n_tokens,
       "dead_fraction": jnp.mean(state.steps_since_fired_F >= c.dead_steps),
       "most_silent_steps": jnp.max(state.steps_since_fired_F),
+      "dead_soon": can_be_dead(state.steps_since_fired_F, c.dead_steps, 1),
       "auxk_loss": auxk,
       "threshold": state.threshold,
       "lr": lr,
@@ -214,11 +258,11 @@ def train_step(state: TrainState, x_BxD: jax.Array,
 
 
 @functools.lru_cache(maxsize=None)
-def _mapped_step(mesh: jax.sharding.Mesh, all_alive: bool):
-  """train_step over `mesh`: the state replicated, the batch split on AXIS."""
+def _mapped_step(mesh: jax.sharding.Mesh, form: str, capacity: typing.Optional[int] = None):
+  """train_step's `form` over `mesh`: the state replicated, the batch split on AXIS."""
 
   def local(state, x_1xbxD):
-    return train_step(state, x_1xbxD[0], all_alive)
+    return train_step(state, x_1xbxD[0], form, capacity)
 
   spec = jax.sharding.PartitionSpec
   return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec(), spec(AXIS)),
@@ -246,14 +290,42 @@ def p_train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
     The new replicated state and the step's metrics (replicated scalars).
   """
   mesh = state.step.sharding.mesh
-  return _mapped_step(mesh, False)(state, _global_batch(batch, mesh))
+  return _mapped_step(mesh, "general")(state, _global_batch(batch, mesh))
 
 
 def p_train_step_all_alive(state: TrainState, batch) -> tuple[TrainState, dict]:
   """`p_train_step` while no latent can be dead (see `train_step`);
   `train_loop` picks it when it may."""
   mesh = state.step.sharding.mesh
-  return _mapped_step(mesh, True)(state, _global_batch(batch, mesh))
+  return _mapped_step(mesh, "all_alive")(state, _global_batch(batch, mesh))
+
+
+def p_train_step_packed(state: TrainState, batch, capacity: typing.Optional[int] = None
+                        ) -> tuple[TrainState, dict]:
+  """`p_train_step` while at most `capacity` latents can be dead, one of
+  `gradients.auxk_capacities(F, auxk_k)` (by default the smallest) or F
+  (see `train_step`); `train_loop` picks it for Sampled-SAE while any
+  latent can be dead (any other rule runs `p_train_step` here)."""
+  mesh = state.step.sharding.mesh
+  return _mapped_step(mesh, "packed", capacity)(state, _global_batch(batch, mesh))
+
+
+def _capacities(config: TrainConfig) -> tuple:
+  """The packed step's capacities (`gradients.auxk_capacities`)."""
+  n_latents = config.sae.n_latents
+  return gradients.auxk_capacities(n_latents, min(config.auxk_k, n_latents))
+
+
+def _step_for(config: TrainConfig, dead_at_most: int):
+  """The cheapest step whose promise holds while at most `dead_at_most`
+  latents can be dead (see `train_step`)."""
+  if dead_at_most == 0:
+    return p_train_step_all_alive
+  if config.sae.selection != "sampled":
+    return p_train_step
+  fits = [capacity for capacity in _capacities(config) if dead_at_most <= capacity]
+  return functools.partial(p_train_step_packed,
+                           capacity=fits[0] if fits else config.sae.n_latents)
 
 
 def make_mesh(n_devices: typing.Optional[int] = None) -> jax.sharding.Mesh:
@@ -307,8 +379,12 @@ def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 
   """Runs `p_train_step` until the config's last step or the end of `batches`.
 
   While no latent can be dead it runs `p_train_step_all_alive` instead, the
-  same step compiled without AuxK (bounded from the `most_silent_steps`
-  metric, so the choice never needs the device to wait).
+  same step compiled without AuxK, and for Sampled-SAE while any can be,
+  `p_train_step_packed` at the smallest capacity that holds them (F past
+  F/4). It counts them from the state's `dead_at_most`
+  and then from each step's `dead_soon` metric, read one step late, so the
+  choice never needs the device to wait, and it depends on the states
+  alone: a resumed run picks what the uninterrupted one picked.
 
   Args:
     state: a replicated state (`replicate`); it is donated.
@@ -436,11 +512,14 @@ def train_many(states: typing.Sequence[TrainState], batches: typing.Iterable, *,
         on_log(i, done, dict(m, step=done, tokens_per_second=clock["rate"]))
     return m
 
-  # Per state, an upper bound on the steps any latent has gone without
-  # firing; while it is below dead_steps - 1, no latent can be dead on the
-  # next step (`losses.dead_latents`) and the step can leave AuxK out. It
-  # grows by one a step, and each metrics read tightens it.
-  silent = [int(np.max(_host(s.steps_since_fired_F))) for s in states]
+  # Per state, the most latents that can be dead on its next step: the
+  # state's dead_at_most for the first, counted from the state's counters
+  # for the second, then each step's dead_soon, read one step late. Each is
+  # the count the state itself holds for that step, so a resumed run picks
+  # the forms of the uninterrupted one.
+  bounds = [int(_host(s.dead_at_most)) for s in states]
+  second = [int(can_be_dead(_host(s.steps_since_fired_F), s.config.dead_steps, 1))
+            for s in states]
   # Metrics are read one step late, so the next step is queued while we wait.
   pending = None
   on_mesh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
@@ -461,15 +540,14 @@ def train_many(states: typing.Sequence[TrainState], batches: typing.Iterable, *,
       batch = _global_batch(batch, mesh)  # once, for every state
       metrics = []
       for i, state in enumerate(states):
-        all_alive = silent[i] + 1 < state.config.dead_steps
-        states[i], m = (p_train_step_all_alive if all_alive else p_train_step)(state, batch)
+        states[i], m = _step_for(state.config, bounds[i])(state, batch)
         metrics.append(m)
-        silent[i] += 1
+        bounds[i] = second[i]
       step += 1
       if pending is not None:
         done = pending[0]
         for i, m in enumerate(pending[1]):
-          silent[i] = min(silent[i], int(report(i, done, m)["most_silent_steps"]) + step - done)
+          bounds[i] = int(report(i, done, m)["dead_soon"])  # bounds step `step`, the next
       pending = (step, metrics)
       if on_step is not None:
         on_step(step, states)

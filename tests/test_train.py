@@ -227,16 +227,25 @@ def test_pmap_runs_the_same_step():
 @functools.partial(jax.pmap, axis_name=train.AXIS, in_axes=(None, 0, None, None),
                    static_broadcasted_argnums=3)
 def fast_and_dense_gradients(params, x_BxD, silent_F, c):
-  """(fast, dense): global gradients, mse, auxk and selection statistics."""
+  """(fast, rows, dense): global gradients, mse, auxk and selection
+  statistics; `rows` is Sampled-SAE's AuxK as rows next to the pool
+  (`train_step`'s packed form, every dead latent packed), made dense, and
+  the fast step's otherwise."""
   key = jax.random.key(3)
-  grads, pool_P, out, with_auxk = gradients.fast(params, x_BxD, silent_F, key, c, train.AXIS)
-  grads = optimizer.dense_grads(grads, pool_P, params)
-  grads, auxk = jax.lax.cond(jnp.any(out.dead_F), with_auxk, lambda g: (g, out.auxk), grads)
+  pooled, pool_P, out, with_auxk = gradients.fast(params, x_BxD, silent_F, key, c, train.AXIS)
+  grads, auxk = with_auxk.dense(optimizer.dense_grads(pooled, pool_P, params))
+  rows = (grads, auxk)
+  if pool_P is not None:
+    capacity = gradients.auxk_capacities(F, c.auxk_k)[-1]
+    assert capacity >= N_DEAD
+    rows_grads, rows_R, rows_auxk = with_auxk.rows(pooled, pool_P, capacity)
+    rows = (optimizer.dense_grads(rows_grads, rows_R, params), rows_auxk)
   dense, ref = gradients.dense(params, x_BxD, silent_F, key, c, train.AXIS)
   stats = lambda o: (jax.lax.psum(o.n_active, train.AXIS),
                      jax.lax.psum(o.fired_F.astype(jnp.int32), train.AXIS),
                      o.token_min_B, o.dead_F)
   return (jax.lax.pmean((grads, out.mse, auxk), train.AXIS) + stats(out),
+          jax.lax.pmean(rows, train.AXIS),
           jax.lax.pmean((dense, ref.mse, ref.auxk), train.AXIS) + stats(ref))
 
 
@@ -274,12 +283,14 @@ def test_fast_gradients_equal_dense_on_four_devices(rule, monkeypatch):
   assert c.auxk_k == 4 and np.any((fourth == fifth) & (fifth > 0))
   cases = [(state.params, *case) for case in cases] + [(tied, x, silent)]
   for params, x_shards, silent_F in cases:
-    fast, dense = fast_and_dense_gradients(params, x_shards, silent_F, c)
-    fast, dense = jax.tree.map(lambda v: np.asarray(v[0]), (fast, dense))
+    fast, rows, dense = fast_and_dense_gradients(params, x_shards, silent_F, c)
+    fast, rows, dense = jax.tree.map(lambda v: np.asarray(v[0]), (fast, rows, dense))
     (fast_grads, *fast_rest), (dense_grads, *dense_rest) = fast, dense
-    for name in dense_grads:
-      np.testing.assert_allclose(fast_grads[name], dense_grads[name], rtol=1e-5,
-                                 atol=1e-6 * np.abs(dense_grads[name]).max(), err_msg=name)
+    for grads in (fast_grads, rows[0]):
+      for name in dense_grads:
+        np.testing.assert_allclose(grads[name], dense_grads[name], rtol=1e-5,
+                                   atol=1e-6 * np.abs(dense_grads[name]).max(), err_msg=name)
+    np.testing.assert_allclose(rows[1], dense_rest[1], rtol=1e-5)  # auxk
     dead_F = dense_rest[-1]
     assert dead_F.any() == silent_F.any() and not (dead_F & ~(silent_F > 0)).any()
     assert (fast_rest[1] > 0) == dead_F.any()  # auxk
@@ -389,36 +400,137 @@ def test_a_kept_pool_is_renewed_every_pool_every_steps():
   assert fresh_state(RULES["sampled"]).pool_P is None  # states without kept pools are as before
 
 
-def test_loop_leaves_auxk_out_only_while_no_latent_can_be_dead(monkeypatch):
-  c = dataclasses.replace(RULES["sampled"], dead_tokens=4 * B)  # dead after 4 silent steps
-  calls = {"all_alive": 0, "general": 0}
+@pytest.mark.parametrize("rule", ["sampled", "sampled_kept"])
+def test_packed_step_equals_dense_step_on_four_devices(rule):
+  """p_train_step_packed (AuxK on the dead latents packed into the smallest
+  capacity, 4 columns here, its gradients as rows next to the pool's; or
+  with capacity F, dense gradients and no branch) against the dense
+  autodiff step: with 0, 3 and 4 latents dead, and 6 at capacity F, two
+  steps each."""
+  fast_config = dataclasses.replace((RULES | LEVERAGE)[rule], dead_tokens=10 * B)
+  dense_config = dataclasses.replace(fast_config, step="dense")
+  assert train._capacities(fast_config) == (4, 6)  # and no other latent dies in 2 steps
+  start = fresh_state(fast_config)
+  for n_dead, capacity in ((0, 4), (3, 4), (4, 4), (6, F)):
+    silent_F = np.where(np.arange(F) < n_dead, fast_config.dead_steps, 0).astype(np.int32)
+    fast, dense = (train.replicate(start.replace(config=c, steps_since_fired_F=silent_F), 4)
+                   for c in (fast_config, dense_config))
+    for step in range(2):
+      x = train.shard_batch(batch(60 + step), 4)
+      fast, got = train.p_train_step_packed(fast, x, capacity)
+      dense, want = train.p_train_step(dense, x)
+      for name in ("loss", "mse", "auxk_loss", "grad_norm", "fvu"):
+        np.testing.assert_allclose(float(got[name]), float(want[name]), rtol=1e-4,
+                                   err_msg=f"{name}, {n_dead} dead")
+      assert (float(got["auxk_loss"]) > 0) == (n_dead > 0)
+    fast, dense = train.unreplicate(fast), train.unreplicate(dense)
+    np.testing.assert_array_equal(fast.steps_since_fired_F, dense.steps_since_fired_F)
+    for name in dense.params:
+      np.testing.assert_allclose(fast.params[name], dense.params[name], rtol=1e-4, atol=1e-5,
+                                 err_msg=f"{name}, {n_dead} dead")
+    for moment in ("mu", "nu"):
+      got, want = (optax.tree_utils.tree_get(state.opt_state, moment) for state in (fast, dense))
+      for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-3,
+                                   atol=1e-5 * np.abs(want[name]).max(),
+                                   err_msg=f"{moment} {name}, {n_dead} dead")
 
-  def counted(name, fn):
+
+# Dead after 4 silent steps; every latent in the pool (P = k·l = F), so that
+# only the weak latents of `dying_start` die.
+DYING = dataclasses.replace(RULES["sampled"], sae=dataclasses.replace(RULES["sampled"].sae, l=8.0),
+                            dead_tokens=4 * B)
+
+
+def dying_start():
+  """A new DYING state whose latents 0-5 are weak, each less than the next:
+  from step 3 on, 2 to 5 of them are dead at a time."""
+  start = train.create_train_state(DYING, batch(100, 4 * B))
+  weak = np.ones(F, np.float32)
+  weak[:6] = np.linspace(0.1, 0.5, 6)
+  return start.replace(params=dict(start.params, W_enc=start.params["W_enc"] * weak[None]))
+
+
+def form_name(fn) -> str:
+  """"all_alive", "general" (TopK, BatchTopK) or "packed C" for a step
+  `train._step_for` picked."""
+  if fn is train.p_train_step_all_alive:
+    return "all_alive"
+  if fn is train.p_train_step:
+    return "general"
+  assert fn.func is train.p_train_step_packed
+  return f"packed {fn.keywords['capacity']}"
+
+
+def recorded_forms(monkeypatch):
+  """Records (step, form) for each step train_loop dispatches, checking
+  each form's promise on the state it is given."""
+  picked = []
+
+  def step_for(config, dead_at_most):
+    fn = pick(config, dead_at_most)
+    name = form_name(fn)
+    limit = {"all_alive": 0, "general": F}[name] if name in ("all_alive", "general") else (
+        fn.keywords["capacity"])
+
     def step(state, x):
-      if name == "all_alive":  # the promise: nothing can be dead on this step
-        assert np.max(jax.device_get(state.steps_since_fired_F)) + 1 < c.dead_steps
-      calls[name] += 1
+      since = jax.device_get(state.steps_since_fired_F)
+      assert int(np.sum(since + 1 >= DYING.dead_steps)) <= limit, name
+      assert int(jax.device_get(state.dead_at_most)) == dead_at_most
+      picked.append((int(jax.device_get(state.step)), name))
       return fn(state, x)
     return step
 
-  general = train.p_train_step  # the reference: AuxK decided on the device, every step
-  monkeypatch.setattr(train, "p_train_step_all_alive",
-                      counted("all_alive", train.p_train_step_all_alive))
-  monkeypatch.setattr(train, "p_train_step", counted("general", train.p_train_step))
-  start = train.create_train_state(c, batch(100, 4 * B))
-  xs = [batch(90 + i)[None] for i in range(8)]
+  pick = train._step_for
+  monkeypatch.setattr(train, "_step_for", step_for)
+  return picked
+
+
+def test_loop_picks_the_cheapest_form_whose_promise_holds(monkeypatch):
+  """train_loop runs the step without AuxK while no latent can be dead, and
+  for Sampled-SAE the packed step at the smallest capacity that holds
+  those that can be (F past the largest); each promise holds, and the run
+  ends as p_train_step alone ends it, up to rounding."""
+  picked = recorded_forms(monkeypatch)
+  start = dying_start()
+  xs = [batch(90 + i)[None] for i in range(12)]
   looped = train.train_loop(train.replicate(start, 1), xs, progress=False)
   stepped = train.replicate(start, 1)
   auxk = []
   for x in xs:
-    stepped, metrics = general(stepped, x)
+    stepped, metrics = train.p_train_step(stepped, x)
     auxk.append(float(metrics["auxk_loss"]))
-  assert calls["all_alive"] >= 2 and calls["general"] >= 1 and max(auxk) > 0
+  names = [name for _, name in picked]
+  assert names.count("all_alive") >= 2 and {"packed 4", "packed 6"} <= set(names), names
+  assert max(auxk) > 0
   looped, stepped = train.unreplicate(looped), train.unreplicate(stepped)
   np.testing.assert_array_equal(looped.steps_since_fired_F, stepped.steps_since_fired_F)
   for name in stepped.params:
     np.testing.assert_allclose(looped.params[name], stepped.params[name], rtol=1e-5,
                                atol=1e-6, err_msg=name)
+
+
+def test_a_resumed_loop_picks_the_forms_of_the_uninterrupted_one(monkeypatch):
+  """The forms are not bit for bit alike, so the choice must depend on the
+  states alone: trained one batch per train_loop call (each call a resume
+  from the state), the run picks the forms of one call over all the
+  batches and ends with its bits. At some step the resumed call could not
+  have known the bound from the state's counters: latents close to dead
+  fired on the step before, and only dead_at_most remembers them."""
+  pick = train._step_for
+  picked = recorded_forms(monkeypatch)
+  start = dying_start()
+  xs = [batch(90 + i)[None] for i in range(12)]
+  whole = train.unreplicate(train.train_loop(train.replicate(start, 1), xs, progress=False))
+  whole_forms, picked[:] = list(picked), []
+  state, stale = start, 0
+  for x in xs:
+    counted = int(train.can_be_dead(np.asarray(state.steps_since_fired_F), DYING.dead_steps, 0))
+    stale += form_name(pick(DYING, counted)) != form_name(pick(DYING, int(state.dead_at_most)))
+    state = train.unreplicate(train.train_loop(train.replicate(state, 1), [x], progress=False))
+  assert picked == whole_forms and stale >= 1, (whole_forms, stale)
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(whole)):
+    np.testing.assert_array_equal(got, want)
 
 
 # --- Non-finite steps ------------------------------------------------------------
@@ -434,8 +546,11 @@ def test_non_finite_batch_is_skipped_and_counted(rule):
   after = train.unreplicate(state)
   assert np.isnan(np.asarray(metrics["loss"])).all()
   assert (int(after.step), int(after.skipped_steps), int(after.bad_streak)) == (1, 1, 1)
+  # dead_at_most bounds the next step from this one's counters, skipped or not.
+  assert int(after.dead_at_most) == np.sum(before.steps_since_fired_F + 2 >= c.dead_steps)
   assert tree_equal(after.replace(step=before.step, skipped_steps=before.skipped_steps,
-                                  bad_streak=before.bad_streak), before)
+                                  bad_streak=before.bad_streak,
+                                  dead_at_most=before.dead_at_most), before)
 
   state, metrics = train.p_train_step(state, train.shard_batch(batch(31), 4))
   after = train.unreplicate(state)
@@ -463,8 +578,8 @@ def test_train_logs_and_stops_at_the_end_of_the_batches(capsys):
                       on_log=lambda step, m: logs.append((step, m)))
   assert [step for step, _ in logs] == [2, 4, 5]
   assert set(logs[0][1]) == {"loss", "mse", "fvu", "l0", "dead_fraction", "most_silent_steps",
-                             "auxk_loss", "threshold", "lr", "grad_norm", "skipped_steps",
-                             "bad_streak", "step", "tokens_per_second"}
+                             "dead_soon", "auxk_loss", "threshold", "lr", "grad_norm",
+                             "skipped_steps", "bad_streak", "step", "tokens_per_second"}
   assert all(m["tokens_per_second"] > 0 and m["l0"] == pytest.approx(K) for _, m in logs)
   assert int(train.unreplicate(state).step) == 5
   assert "tok/s" in capsys.readouterr().err
