@@ -20,6 +20,7 @@ a line.
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sae_jax import export, storage
+from sae_jax import train
 from sae_jax.train import TrainState
 
 _META = "{step}.meta.json"
@@ -63,6 +65,16 @@ def digest(state: TrainState) -> str:
 def _step(saved) -> int:
   """The step of a saved TrainState, or of a list of them (all at one step)."""
   return int((saved[0] if isinstance(saved, (list, tuple)) else saved).step)
+
+
+def _with_dead_at_most(saved):
+  """A state (or list) restored without `dead_at_most`, with it counted from
+  its own counters: the exact count for its next step."""
+  def fill(state):
+    since_F = np.asarray(state.steps_since_fired_F)
+    return state.replace(dead_at_most=np.asarray(
+        train.can_be_dead(since_F, state.config.dead_steps, 0), np.int32))
+  return [fill(s) for s in saved] if isinstance(saved, (list, tuple)) else fill(saved)
 
 
 def _write_atomic(path, text: str) -> None:
@@ -173,26 +185,28 @@ class Checkpointer:
         damaged.append((step, wrong))
         continue
       try:
-        state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        state, legacy = self._manager.restore(step, args=ocp.args.StandardRestore(abstract)), False
       except Exception as error:  # orbax and tensorstore raise many kinds  # noqa: BLE001
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        if meta and "files" in meta:  # intact files: not damage, another layout
-          raise ValueError(f"checkpoint {self.directory / str(step)} is intact but does not "
-                           f"restore into this version's training state ({reason}); resume "
-                           f"it with the sae_jax version that saved it") from None
-        damaged.append((step, f"it does not restore: {reason}"))
         # A failed restore leaves orbax's handlers set up for that step's
         # layout, and every other step would then fail the same way.
-        self._manager.close()
-        self._manager = self._open()
-        continue
+        self._reopen()
+        state = self._restore_before_dead_at_most(step, like)
+        legacy = state is not None
+        if state is None:
+          if meta and "files" in meta:  # intact files: not damage, another layout
+            raise ValueError(f"checkpoint {self.directory / str(step)} is intact but does not "
+                             f"restore into this version's training state ({reason}); resume "
+                             f"it with the sae_jax version that saved it") from None
+          damaged.append((step, f"it does not restore: {reason}"))
+          continue
       if meta is None or "sha256" not in meta:
         print(f"checkpoint step {step}: saved without a checksum; restored unverified",
               flush=True)
       elif digest(state) != meta["sha256"]:
         damaged.append((step, "its arrays do not match the checksum saved with them"))
         continue
-      restored = state
+      restored = _with_dead_at_most(state) if legacy else state
       break
     for step, reason in damaged:
       moved = self._move_aside(step)
@@ -201,9 +215,33 @@ class Checkpointer:
       print(f"checkpoint {self.directory / str(step)} is damaged ({reason}); moved to "
             f"{moved}; {newest}", flush=True)
     if damaged:  # orbax lists steps when it opens
-      self._manager.close()
-      self._manager = self._open()
+      self._reopen()
     return restored
+
+  def _restore_before_dead_at_most(self, step: int, like):
+    """Step `step` saved by a version whose states had no `dead_at_most`
+    (before 2026-12-03), as states with dead_at_most None (whose digest is
+    the one saved with them), or None if it does not restore that way
+    either."""
+    many = isinstance(like, (list, tuple))
+    states = list(like) if many else [like]
+    # Their fields by name (orbax matches the saved tree by names).
+    target = [{f.name: getattr(s, f.name) for f in dataclasses.fields(s)
+               if f.name not in ("config", "dead_at_most")} for s in states]
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                            jax.tree.map(np.asarray, target if many else target[0]))
+    try:
+      saved = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception:  # noqa: BLE001
+      self._reopen()
+      return None
+    states = [s.replace(**fields, dead_at_most=None)
+              for s, fields in zip(states, saved if many else [saved])]
+    return states if many else states[0]
+
+  def _reopen(self) -> None:
+    self._manager.close()
+    self._manager = self._open()
 
   def _move_aside(self, step: int):
     """Moves step `step` (and its sidecar) into <directory>-damaged/."""

@@ -3,6 +3,7 @@ checkpoint save, damaged checkpoints, two runs in one --out, a disk that
 fills up, a stopped sweep, non-finite rows, changed data, and bad input of
 every kind (one `error:` line, never a traceback)."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -10,10 +11,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import typing
 
 import jax
 import numpy as np
 import pytest
+from flax import struct
 
 from sae_jax import checkpoint
 from sae_jax import export
@@ -190,6 +193,45 @@ def test_a_checkpoint_saved_before_checksums_restores_unverified(tmp_path, two_s
   ckpt.close()
   assert "checkpoint step 10: saved without a checksum; restored unverified" in (
       capsys.readouterr().out)
+
+
+class StateBeforeDeadAtMost(struct.PyTreeNode):
+  """train.TrainState as the versions before `dead_at_most` (2026-12-03)
+  saved it: the same fields in the same order, less that one."""
+  step: typing.Any
+  params: typing.Any
+  opt_state: typing.Any
+  threshold: typing.Any
+  steps_since_fired_F: typing.Any
+  bad_streak: typing.Any
+  skipped_steps: typing.Any
+  input_scale: typing.Any
+  rng: typing.Any
+  config: TrainConfig = struct.field(pytree_node=False)
+  pool_P: typing.Any = None
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_a_checkpoint_from_before_dead_at_most_resumes(tmp_path, two_states, many, capsys):
+  """Verified against the digest saved with it, and with dead_at_most
+  counted from its own counters (the count for its next step); a sweep's
+  list of states too."""
+  like, saved = two_states
+  dead_steps = like.config.dead_steps
+  old = saved[10].replace(  # 1/8 of the latents can be dead on the next step
+      steps_since_fired_F=(np.arange(64) % 8 + dead_steps - 8).astype(np.int32))
+  as_before = StateBeforeDeadAtMost(**{f.name: getattr(old, f.name)
+                                       for f in dataclasses.fields(StateBeforeDeadAtMost)})
+  ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
+  ckpt.save([as_before, as_before] if many else as_before)
+  ckpt.close()
+  ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
+  restored = ckpt.restore([like, like] if many else like)
+  ckpt.close()
+  for state in restored if many else [restored]:
+    assert checkpoint.digest(state.replace(dead_at_most=None)) == checkpoint.digest(as_before)
+    assert int(state.dead_at_most) == 8 == np.sum(old.steps_since_fired_F + 1 >= dead_steps)
+  assert "damaged" not in capsys.readouterr().out
 
 
 def test_a_flipped_byte_in_the_latest_checkpoint_is_caught_on_resume(tmp_path, straight,
