@@ -458,7 +458,8 @@ def fast(params, x_BxD, silent_F, key, config: TrainConfig, axis_name, kept=None
   centred_BxD, pre_BxF = model.encoder(params, x_BxD, c.sae.compute_dtype)
   centred_BxD = centred_BxD.astype(jnp.float32)
   # AuxK, like the rest, only looks at positive pre-activations, and has the
-  # same gradient with respect to a = relu(pre): pre itself is never kept.
+  # same gradient with respect to a = relu(pre); it takes pre and applies the
+  # relu to the columns it gathers.
   a_BxF = jax.nn.relu(pre_BxF)
   pool_P = None
   if c.sae.selection == "sampled":

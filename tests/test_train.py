@@ -444,7 +444,7 @@ DYING = dataclasses.replace(RULES["sampled"], sae=dataclasses.replace(RULES["sam
 
 def dying_start():
   """A new DYING state whose latents 0-5 are weak, each less than the next:
-  from step 3 on, 2 to 5 of them are dead at a time."""
+  from step 3 on, 2 to 5 of them can be dead at a time."""
   start = train.create_train_state(DYING, batch(100, 4 * B))
   weak = np.ones(F, np.float32)
   weak[:6] = np.linspace(0.1, 0.5, 6)
@@ -470,8 +470,8 @@ def recorded_forms(monkeypatch):
   def step_for(config, dead_at_most):
     fn = pick(config, dead_at_most)
     name = form_name(fn)
-    limit = {"all_alive": 0, "general": F}[name] if name in ("all_alive", "general") else (
-        fn.keywords["capacity"])
+    limits = {"all_alive": 0, "general": F}
+    limit = limits[name] if name in limits else fn.keywords["capacity"]
 
     def step(state, x):
       since = jax.device_get(state.steps_since_fired_F)
