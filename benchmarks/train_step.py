@@ -131,11 +131,12 @@ def table(args, compute_dtype: str, x_1xBxD, W_DxF):
       config = dataclasses.replace(config, seed=10)
       capacities = train._capacities(config)
       for dead in args.dead:
-        n_dead = round(dead * F)
-        form = next((f"packed into {c}" for c in capacities if n_dead <= c),
-                    "dense gradients, no branch")
+        step_fn = train._step_for(config, round(dead * F))  # the loop's choice
+        capacity = getattr(step_fn, "keywords", {}).get("capacity")
+        form = ("all alive" if capacity is None else "dense gradients, no branch"
+                if capacity == F else f"packed into {capacity}")
         measure(f"fast step, {name}, {dead:g} of latents dead ({form})", selection, config,
-                dead=dead, alive=alive)
+                dead=dead, step_fn=step_fn, alive=alive)
       if capacities:
         measure(f"fast step, {name}, none dead (packed into {capacities[0]})", selection, config,
                 dead=0.0, step_fn=train.p_train_step_packed, alive=alive)

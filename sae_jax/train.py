@@ -175,6 +175,8 @@ def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
   c = state.config
   if form not in FORMS:
     raise ValueError(f"form must be one of {FORMS}; got {form!r}")
+  if form == "packed" and capacity is None:  # the smallest (F for an SAE too small to pack)
+    capacity = (_capacities(c) or (c.sae.n_latents,))[0]
   x_BxD = x_BxD.astype(jnp.float32) * state.input_scale
   silent_F = state.steps_since_fired_F
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -208,8 +210,6 @@ def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
     if form == "all_alive":
       params, opt_state, auxk, grad_norm, finite = apply(grads, out.auxk, pool_P)
     elif form == "packed" and pool_P is not None and capacity != c.sae.n_latents:
-      if capacity is None:
-        capacity = _capacities(c)[0]
       rows_grads, rows, auxk = with_auxk.rows(grads, pool_P, capacity)
       params, opt_state, auxk, grad_norm, finite = apply(rows_grads, auxk, rows)
     elif pool_P is None or form == "packed":
