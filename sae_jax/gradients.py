@@ -36,6 +36,7 @@ from jax import lax
 
 from sae_jax import losses
 from sae_jax import model
+from sae_jax import optimizer
 from sae_jax import selection
 from sae_jax.config import TrainConfig
 
@@ -373,10 +374,8 @@ def _auxk_rows(params, centred_BxD, residual_BxD, pre_BxF, dead_F, config: Train
 def _add_at(into, grads, cols_C):
   """`into` plus gradients given at the latents cols_C (W_enc [D, C], b_enc
   [C], W_dec [C, D], b_dec [D]); an index past the last latent is dropped."""
-  return {"W_enc": into["W_enc"].at[:, cols_C].add(grads["W_enc"], mode="drop"),
-          "b_enc": into["b_enc"].at[cols_C].add(grads["b_enc"], mode="drop"),
-          "W_dec": into["W_dec"].at[cols_C].add(grads["W_dec"], mode="drop"),
-          "b_dec": into["b_dec"] + grads["b_dec"]}
+  return {name: into[name] + g if name == "b_dec" else
+          optimizer.add_at(name, into[name], cols_C, g) for name, g in grads.items()}
 
 
 def _codes_stats(z_BxF):

@@ -100,9 +100,29 @@ def make_optimizer(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
   )
 
 
-def _at(name: str, pool_P):
-  """Where a pooled gradient of parameter `name` sits: W_enc columns, rows otherwise."""
-  return (slice(None), pool_P) if name == "W_enc" else pool_P
+def add_at_columns(x_DxF, cols_C, g_DxC):
+  """x plus g at the distinct columns cols_C; a column past the last is
+  left out.
+
+  Written as a gather of g's columns in one pass over x, not as a scatter
+  into x's columns: XLA:CPU scatters a strided column one element at a
+  time, measured on this 2-core CPU at D=768, F=24576 at 12 ms for 512
+  columns and 118 ms for 6656, against 6 ms and 5 ms for the gather.
+  """
+  n_cols = cols_C.shape[0]
+  slot_F = jnp.full(x_DxF.shape[1], n_cols, jnp.int32).at[cols_C].set(
+      jnp.arange(n_cols, dtype=jnp.int32), mode="drop")
+  g_DxC1 = jnp.concatenate([g_DxC, jnp.zeros((g_DxC.shape[0], 1), g_DxC.dtype)], axis=1)
+  return x_DxF + g_DxC1.at[:, slot_F].get(mode="promise_in_bounds")
+
+
+def add_at(name: str, x, pool_P, g):
+  """x (parameter `name`'s shape) plus its pooled gradient g at the distinct
+  latents pool_P: W_enc's columns, rows otherwise; an index past the last
+  latent is left out."""
+  if name == "W_enc":
+    return add_at_columns(x, pool_P, g)
+  return x.at[pool_P].add(g, mode="drop")
 
 
 def dense_grads(grads: dict, pool_P, params: dict) -> dict:
@@ -111,9 +131,7 @@ def dense_grads(grads: dict, pool_P, params: dict) -> dict:
   An index past the last latent is left out."""
   if pool_P is None:
     return grads
-  # The pool's indices are distinct: plain writes, no contended scatter.
-  return {name: g if name == "b_dec" else
-          jnp.zeros_like(params[name]).at[_at(name, pool_P)].set(g, mode="drop")
+  return {name: g if name == "b_dec" else add_at(name, jnp.zeros_like(params[name]), pool_P, g)
           for name, g in grads.items()}
 
 
@@ -190,8 +208,8 @@ def update(params: dict, grads: dict, opt_state, learning_rate, *, b1: float = 0
     if pool_P is None or name == "b_dec":
       return rate * g + keep * m
     # Zero gradient outside the pool: decay everything, then add the pool's
-    # term in place at its distinct indices (no [F, D] gradient is written).
-    return (keep * m).at[_at(name, pool_P)].add(rate * g, mode="drop", unique_indices=True)
+    # term at its distinct indices (no [F, D] gradient is written).
+    return add_at(name, keep * m, pool_P, rate * g)
 
   def adam_step(p, m, v):
     return p - learning_rate * ((m / correct1) / (jnp.sqrt(v / correct2) + eps))

@@ -113,3 +113,24 @@ def test_update_is_the_optax_chain_then_unit_rows(row_block, monkeypatch):
     for x, y in zip(jax.tree.leaves((same, same_state)), jax.tree.leaves((params, state))):
       np.testing.assert_array_equal(x, y)
     params, state = want, want_state
+
+
+@pytest.mark.parametrize("name", ["W_enc", "W_dec", "b_enc"])
+def test_add_at_adds_each_pooled_gradient_at_its_latent(name):
+  """`add_at` (W_enc's columns by a gather, rows by a scatter) against a
+  NumPy loop: latents distinct and unsorted, those past the last left out."""
+  rng = np.random.default_rng(3)
+  D, F = 5, 12
+  pool = np.array([7, 0, 13, 11, 3, 12])  # 13 and 12 are past the last latent
+  shape, pooled_shape = {"W_enc": ((D, F), (D, 6)), "W_dec": ((F, D), (6, D)),
+                         "b_enc": ((F,), (6,))}[name]
+  x, g = (rng.standard_normal(s).astype(np.float32) for s in (shape, pooled_shape))
+  want = x.copy()
+  for i, latent in enumerate(pool):
+    if latent < F:
+      if name == "W_enc":
+        want[:, latent] += g[:, i]
+      else:
+        want[latent] += g[i]
+  got = jax.jit(optimizer.add_at, static_argnums=0)(name, x, jnp.asarray(pool), g)
+  np.testing.assert_array_equal(got, want)
