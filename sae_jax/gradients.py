@@ -210,15 +210,16 @@ def layout(n_latents: int, per_token: int) -> str:
   return "entries"
 
 
-# AuxK packs the dead latents' columns into F/64, F/16 or F/4 columns
+# AuxK packs the dead latents' columns into F/64, F/16, F/4 or F/2 columns
 # (`auxk_capacities`) when that many hold them, so that its cost follows the
 # dead latents, not F; a switch picks the packing, or skips AuxK while none
 # is dead. Before, AuxK was the dense branch of train_step's cond on whether
 # any latent is dead, and XLA ran its work on every step: measured at B=1024,
 # D=768, F=24576 (Sampled l=8, 2-core CPU), a step with none dead took 1.47 s
-# with AuxK in that branch and 0.48 s without it; now 0.48 s, and 0.56 s with
-# 1/64 of the latents dead (1.55 s before).
-PACK_SHIFTS = (6, 4, 2)
+# with AuxK in that branch and 0.48 s without it. With 1/2 of the latents
+# dead, packing into F/2 takes 0.72 s a step against 1.18 s unpacked; into
+# 3F/4 with 3/4 dead, 1.20 s against 1.27 s, so packing stops at F/2.
+PACK_SHIFTS = (6, 4, 2, 1)
 
 
 def auxk_capacities(n_latents: int, k_aux: int) -> tuple:
@@ -227,7 +228,7 @@ def auxk_capacities(n_latents: int, k_aux: int) -> tuple:
   largest. Each is at least k_aux (the top-k_aux needs that many columns).
 
   >>> auxk_capacities(24576, 384)
-  (384, 1536, 6144)
+  (384, 1536, 6144, 12288)
   """
   if k_aux >= n_latents:
     return ()

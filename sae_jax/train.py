@@ -381,7 +381,7 @@ def train_loop(state: TrainState, batches: typing.Iterable, *, log_every: int = 
   While no latent can be dead it runs `p_train_step_all_alive` instead, the
   same step compiled without AuxK, and for Sampled-SAE while any can be,
   `p_train_step_packed` at the smallest capacity that holds them (F past
-  F/4). It counts them from the state's `dead_at_most`
+  F/2). It counts them from the state's `dead_at_most`
   and then from each step's `dead_soon` metric, read one step late, so the
   choice never needs the device to wait, and it depends on the states
   alone: a resumed run picks what the uninterrupted one picked.

@@ -310,7 +310,7 @@ def test_auxk_layouts_equal_autodiff_on_four_devices(layout, monkeypatch):
   params = fresh_state(c).params
   params = dict(params, W_enc=params["W_enc"].at[:, :6].set(params["W_enc"][:, [0, 0, 0, 3, 3, 3]]))
   capacities = gradients.auxk_capacities(F, c.auxk_k)
-  assert capacities == (4, 6)
+  assert capacities == (4, 6, 12)
 
   @functools.partial(jax.pmap, axis_name=train.AXIS, in_axes=(None, 0, 0, None))
   def both(params, x_BxD, residual_BxD, dead_F):
@@ -328,12 +328,12 @@ def test_auxk_layouts_equal_autodiff_on_four_devices(layout, monkeypatch):
     return jax.lax.pmean((got, (want, value / c.auxk_weight)), train.AXIS)
 
   x, residual = (train.shard_batch(batch(seed), 4) for seed in (90, 91))
-  # Packed into 4 (latent 3 dead, its equals 4 and 5 alive),
-  # into 6 (ties inside both triples), and not packed (9 and 17 dead).
+  # Packed into 4 (latent 3 dead, its equals 4 and 5 alive), into 6 (ties
+  # inside both triples), into 12 (9 dead), and not packed (17 dead).
   dead_sets = [np.arange(F) < 4, np.arange(F) < 6, np.isin(np.arange(F), [0, 1, 2, 3, 4, 5,
                                                                           10, 11, 20]),
                np.arange(F) < 17]
-  assert [int(np.searchsorted(capacities, d.sum())) for d in dead_sets] == [0, 1, 2, 2]
+  assert [int(np.searchsorted(capacities, d.sum())) for d in dead_sets] == [0, 1, 2, 3]
   for dead_F in dead_sets:
     (got, got_value), (want, want_value) = jax.tree.map(lambda v: np.asarray(v[0]),
                                                         both(params, x, residual, dead_F))
@@ -409,7 +409,7 @@ def test_packed_step_equals_dense_step_on_four_devices(rule):
   steps each."""
   fast_config = dataclasses.replace((RULES | LEVERAGE)[rule], dead_tokens=10 * B)
   dense_config = dataclasses.replace(fast_config, step="dense")
-  assert train._capacities(fast_config) == (4, 6)  # and no other latent dies in 2 steps
+  assert train._capacities(fast_config) == (4, 6, 12)  # and no other latent dies in 2 steps
   start = fresh_state(fast_config)
   for n_dead, capacity in ((0, 4), (3, 4), (4, 4), (6, F)):
     silent_F = np.where(np.arange(F) < n_dead, fast_config.dead_steps, 0).astype(np.int32)
