@@ -349,6 +349,66 @@ def topk(a: jax.Array, k: int) -> jax.Array:
   return jnp.where(keep_BxF, a_BxF, 0).reshape(a.shape)
 
 
+# Bytes of float32 rows one block of `topk_by_bits` takes on CPU: its 31
+# counting passes then read from cache (on other backends, one block).
+BITS_BLOCK_BYTES = 3 * 2**19
+
+
+def _topk_mask_by_bits(x_BxF, k: int):
+  """`topk`'s mask on float32 rows, each row's k-th largest entry found by
+  bisection on its bits."""
+  # Non-negative floats order as their bits do; negative ones (and -0) have
+  # negative bits and are never counted or kept.
+  bits_BxF = lax.bitcast_convert_type(x_BxF, jnp.int32)
+
+  def halve(_, bounds):  # lo has at least k entries >= it, hi fewer
+    lo_B, hi_B = bounds
+    mid_B = lo_B + (hi_B - lo_B) // 2
+    ge_B = jnp.sum(bits_BxF >= mid_B[:, None], axis=1, dtype=jnp.int32) >= k
+    return jnp.where(ge_B, mid_B, lo_B), jnp.where(ge_B, hi_B, mid_B)
+
+  # 2**31 - 1 lies above every float's bits; 31 halvings close the range.
+  # (The bounds vary over shard_map's devices as the data does.)
+  zero_B = 0 * bits_BxF[:, 0]
+  kth_Bx1 = lax.fori_loop(0, 31, halve, (zero_B, zero_B + (2**31 - 1)))[0][:, None]
+  above_BxF = bits_BxF > kth_Bx1
+  tie_BxF = (bits_BxF == kth_Bx1) & (kth_Bx1 > 0)
+  room_Bx1 = k - jnp.sum(above_BxF, axis=1, keepdims=True, dtype=jnp.int32)
+  # Equal entries are taken lower index first, as `topk` takes them; the
+  # running count is needed only where a row has more ties than room.
+  tie_BxF = lax.cond(
+      jnp.any(jnp.sum(tie_BxF, axis=1, keepdims=True, dtype=jnp.int32) > room_Bx1),
+      lambda t: t & (jnp.cumsum(t, axis=1, dtype=jnp.int32) <= room_Bx1), lambda t: t, tie_BxF)
+  return above_BxF | tie_BxF
+
+
+def topk_by_bits(a_BxF: jax.Array, k: int) -> jax.Array:
+  """`topk` of [B, F], bit for bit, by bisection on the float bits (31
+  counting passes over each row) instead of a per-row top-k.
+
+  Cheaper when k is a large share of F, as AuxK's D/2 among the dead
+  latents is (`gradients.BITS_UP_TO` has the measurements). On CPU the rows
+  run in blocks of about `BITS_BLOCK_BYTES`.
+  """
+  n_rows, n_cols = a_BxF.shape
+  k = validation.check_k(k, n_cols)
+  x_BxF = _f32(a_BxF)
+  if k == n_cols:
+    return jnp.where(x_BxF > 0, a_BxF, 0)
+  rows = n_rows
+  if jax.default_backend() == "cpu":
+    rows = max(1, min(n_rows, BITS_BLOCK_BYTES // (4 * n_cols)))
+  if rows == n_rows:
+    keep_BxF = _topk_mask_by_bits(x_BxF, k)
+  else:
+    n_blocks = -(-n_rows // rows)
+    padded_NxRxF = jnp.pad(x_BxF, ((0, n_blocks * rows - n_rows), (0, 0))).reshape(
+        n_blocks, rows, n_cols)
+    keep_BxF = lax.map(lambda x_RxF: _topk_mask_by_bits(x_RxF, k), padded_NxRxF).reshape(
+        -1, n_cols)[:n_rows]
+  return jnp.where(keep_BxF, a_BxF, 0)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "axis_name"))
 def batch_topk(a: jax.Array, k: int, *, axis_name=None) -> jax.Array:
   """BatchTopK: the batch keeps its N = B·k largest positive entries.

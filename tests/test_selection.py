@@ -66,6 +66,28 @@ def test_rules_match_reference(shape, k, l, data, threshold_path):
     np.testing.assert_array_equal(compact.values, want[..., pool])
 
 
+@pytest.mark.parametrize("rows_per_block", [None, 3])
+def test_topk_by_bits_is_topk(rows_per_block, monkeypatch):
+  """AuxK's TopK by bisection on the bits against the NumPy reference, with
+  ties inside and across the k-th entry, rows with fewer than k positive
+  entries, negative zeros, and (on CPU) in blocks of 3 rows, the last one
+  padded."""
+  if rows_per_block is None:
+    monkeypatch.setattr(selection, "BITS_BLOCK_BYTES", 2**40)  # one block
+  for shape, k, _ in CASES:
+    n_cols = shape[-1]
+    if rows_per_block is not None:
+      monkeypatch.setattr(selection, "BITS_BLOCK_BYTES", 4 * n_cols * rows_per_block)
+    select = jax.jit(lambda a: selection.topk_by_bits(a, k))  # a new trace per block size
+    for data in ("dense", "sparse", "ties"):
+      kwargs = {"dense": dict(zeros=0.1), "sparse": dict(zeros=0.9, zero_rows=3),
+                "ties": dict(zeros=0.3, zero_rows=1, levels=3)}[data]
+      a = activations(shape, seed=zlib.crc32(repr((shape, k, data)).encode()), **kwargs)
+      a = a.reshape(-1, n_cols)
+      np.testing.assert_array_equal(select(a), reference.apply(a, reference.topk_mask(a, k)),
+                                    err_msg=f"{shape} k={k} {data}")
+
+
 @pytest.mark.parametrize("score", ["l2", "squared_l2", "entropy"])
 def test_selects_exactly_min_of_budget_and_positives(score, threshold_path):
   for seed, zeros in [(0, 0.2), (1, 0.97), (2, 0.995)]:

@@ -299,12 +299,16 @@ def test_fast_gradients_equal_dense_on_four_devices(rule, monkeypatch):
       np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("layout", ["entries", "codes"])
+@pytest.mark.parametrize("layout", ["entries", "codes", "codes_top_k"])
 def test_auxk_layouts_equal_autodiff_on_four_devices(layout, monkeypatch):
-  """AuxK's value and gradients by entries and by dense codes equal autodiff
-  through `losses.auxk_loss`, with ties at each token's k_aux-th dead latent,
-  for dead sets packed into each of `auxk_capacities` and for one too large
-  to pack."""
+  """AuxK's value and gradients by entries and by dense codes (their TopK by
+  bisection on the bits, or by a per-row top-k) equal autodiff through
+  `losses.auxk_loss`, with ties at each token's k_aux-th dead latent, for
+  dead sets packed into each of `auxk_capacities` and for one too large to
+  pack."""
+  if layout == "codes_top_k":
+    layout = "codes"
+    monkeypatch.setattr(gradients, "BITS_UP_TO", 1)
   monkeypatch.setattr(gradients, "LAYOUT", layout)
   c = RULES["batchtopk"]
   params = fresh_state(c).params
