@@ -66,7 +66,8 @@ def main():
   parser.add_argument("--k", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--quick", action="store_true", help="fast steps only, 3 repeats")
-  parser.add_argument("--dead", type=float, nargs="*", default=[1 / 64, 1 / 16, 1 / 4, 1 / 2, 3 / 4],
+  parser.add_argument("--dead", type=float, nargs="*",
+                      default=[1 / 64, 1 / 16, 1 / 4, 1 / 2, 3 / 4],
                       help="fractions of dead latents for the Sampled l=8 rows")
   parser.add_argument("--compute-dtype", choices=("float32", "bfloat16", "both"),
                       default="float32")

@@ -338,7 +338,7 @@ def _auxk(params, centred_BxD, residual_BxD, pre_BxF, dead_F, config: TrainConfi
   def packed(capacity):
     def run(into):
       cols_C, grads, error = _packed(s, capacity)
-      return _add_at(into, grads, cols_C), error
+      return optimizer.add_pooled(into, grads, cols_C), error
     return run
 
   def every(into):
@@ -384,13 +384,6 @@ def _auxk_rows(params, centred_BxD, residual_BxD, pre_BxF, dead_F, config: Train
           "W_dec": jnp.concatenate([pooled["W_dec"], grads["W_dec"]]),
           "b_dec": pooled["b_dec"] + grads["b_dec"]}
   return both, rows, s.scale * error
-
-
-def _add_at(into, grads, cols_C):
-  """`into` plus gradients given at the latents cols_C (W_enc [D, C], b_enc
-  [C], W_dec [C, D], b_dec [D]); an index past the last latent is dropped."""
-  return {name: into[name] + g if name == "b_dec" else
-          optimizer.add_at(name, into[name], cols_C, g) for name, g in grads.items()}
 
 
 def _codes_stats(z_BxF):

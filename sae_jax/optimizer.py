@@ -125,14 +125,20 @@ def add_at(name: str, x, pool_P, g):
   return x.at[pool_P].add(g, mode="drop")
 
 
+def add_pooled(into: dict, grads: dict, pool_P) -> dict:
+  """`into` (dense gradients) plus pooled ones (W_enc [D, P], b_enc [P],
+  W_dec [P, D], b_dec [D]) at the distinct latents pool_P; an index past
+  the last latent is left out (such indices may repeat)."""
+  return {name: into[name] + g if name == "b_dec" else add_at(name, into[name], pool_P, g)
+          for name, g in grads.items()}
+
+
 def dense_grads(grads: dict, pool_P, params: dict) -> dict:
-  """Pooled gradients (W_enc [D, P], b_enc [P], W_dec [P, D], b_dec [D]) as
-  dense ones, zero outside the pool; `grads` itself when pool_P is None.
-  An index past the last latent is left out."""
+  """Pooled gradients as dense ones, zero outside the pool (`add_pooled`);
+  `grads` itself when pool_P is None."""
   if pool_P is None:
     return grads
-  return {name: g if name == "b_dec" else add_at(name, jnp.zeros_like(params[name]), pool_P, g)
-          for name, g in grads.items()}
+  return add_pooled(jax.tree.map(jnp.zeros_like, params), grads, pool_P)
 
 
 ROW_BLOCK = 1024
