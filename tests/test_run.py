@@ -126,7 +126,8 @@ def wait_for_step(out, step, process, timeout=120):
   while time.time() < deadline:
     if process.poll() is not None:
       raise AssertionError(f"run ended early: {process.communicate()}")
-    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    # Complete lines only: the run may be writing the last one.
+    lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []
     if lines and json.loads(lines[-1])["step"] >= step:
       return
     time.sleep(0.05)
