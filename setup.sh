@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Sets the project up from scratch: the system's Chromium and its driver (the
-# feature browser's tests drive them), then .venv with everything the tests use.
+# feature browser's tests drive them) and tcmalloc (the scripts run on it:
+# sae_jax/hostmem.py), then .venv with everything the tests use.
 set -euo pipefail
 cd "$(dirname "$0")"
-if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null ||
+    ! /sbin/ldconfig -p | grep -q libtcmalloc_minimal.so.4; then
   as_root=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
   $as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq chromium chromium-driver >/dev/null
+  DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq chromium chromium-driver \
+    libtcmalloc-minimal4 >/dev/null
 fi
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from sae_jax import hostmem  # noqa: E402
 from sae_jax import neox  # noqa: E402
 from sae_jax import stream  # noqa: E402
 from sae_jax import train  # noqa: E402
@@ -131,4 +132,5 @@ def main():
 
 
 if __name__ == "__main__":
+  hostmem.use_tcmalloc()  # XLA:CPU's buffers reused, not faulted in every step
   main()

@@ -18,6 +18,7 @@ import statistics
 
 import jax
 
+from sae_jax import hostmem
 from sae_jax import synthetic
 from sae_jax import train
 from sae_jax.config import SAEConfig
@@ -70,4 +71,5 @@ def main():
 
 
 if __name__ == "__main__":
+  hostmem.use_tcmalloc()  # XLA:CPU's buffers reused, not faulted in every step
   main()

@@ -33,6 +33,7 @@ import torch
 
 import dl_reference
 from sae_jax import evaluate
+from sae_jax import hostmem
 from sae_jax import synthetic
 from sae_jax import train
 from sae_jax.config import SAEConfig
@@ -176,4 +177,5 @@ def main():
 
 
 if __name__ == "__main__":
+  hostmem.use_tcmalloc()  # XLA:CPU's buffers reused, not faulted in every step
   main()

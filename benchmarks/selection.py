@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import sae_jax  # noqa: E402
+from sae_jax import hostmem  # noqa: E402
 from sae_jax import scoring as sae_jax_scoring  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
@@ -170,4 +171,5 @@ def report(args, rows):
 
 
 if __name__ == "__main__":
+  hostmem.use_tcmalloc()  # XLA:CPU's buffers reused, not faulted in every step
   main()

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax import gradients
+from sae_jax import hostmem
 from sae_jax import train
 from sae_jax.config import SAEConfig
 from sae_jax.config import TrainConfig
@@ -160,4 +161,5 @@ def table(args, compute_dtype: str, x_1xBxD, W_DxF):
 
 
 if __name__ == "__main__":
+  hostmem.use_tcmalloc()  # XLA:CPU's buffers reused, not faulted in every step
   main()

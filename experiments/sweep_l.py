@@ -16,6 +16,7 @@ the sweep after a checkpoint.
 import sys
 
 from sae_jax import cli
+from sae_jax import hostmem
 from sae_jax import storage
 from sae_jax import sweep
 
@@ -45,4 +46,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  hostmem.use_tcmalloc()  # XLA:CPU's buffers reused, not faulted in every step
   sys.exit(main())

@@ -21,6 +21,7 @@ and exits; a second Ctrl-C exits at once. On several hosts, add --distributed
 import sys
 
 from sae_jax import cli
+from sae_jax import hostmem
 from sae_jax import run
 
 
@@ -31,4 +32,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  hostmem.use_tcmalloc()  # XLA:CPU's buffers reused, not faulted in every step
   sys.exit(main())
