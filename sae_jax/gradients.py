@@ -314,12 +314,12 @@ def _packed(s: _Setup, capacity: int):
   AuxK's gradients at them, Σ||e - ê||²)."""
   n_latents = s.pre_BxF.shape[1]
   cols_C = jnp.nonzero(s.dead_F, size=capacity, fill_value=n_latents)[0]
-  fill = lambda x, at: x.at[at].get(mode="fill", fill_value=0)
+  columns = lambda x_RxF: selection.take_columns(x_RxF, cols_C, fill_value=0)
   # relu after the gather: relu(pre) over all F columns is then never
   # written out (the fast step without AuxK fuses it into its readers).
-  grads, error = _auxk_on(s, jax.nn.relu(fill(s.pre_BxF, (slice(None), cols_C))),
-                          fill(s.params["W_dec"], cols_C),
-                          fill(s.params["W_enc"], (slice(None), cols_C)))
+  grads, error = _auxk_on(s, jax.nn.relu(columns(s.pre_BxF)),
+                          s.params["W_dec"].at[cols_C].get(mode="fill", fill_value=0),
+                          columns(s.params["W_enc"]))
   return cols_C, grads, error
 
 
@@ -401,8 +401,8 @@ def _sampled(params, x_BxD, centred_BxD, a_BxF, key, config: TrainConfig, axis_n
       a_BxF, s.k, s.l, axis_name=axis_name, pool=model.step_pool(a_BxF, key, s, axis_name, kept),
       **model.sampled_options(s, key))
   xhat_BxD, mse, grads = _through_codes(
-      x_BxD, centred_BxD, z_BxP, params["W_enc"][:, pool_P], params["W_dec"][pool_P],
-      params["b_dec"])
+      x_BxD, centred_BxD, z_BxP, selection.take_columns(params["W_enc"], pool_P),
+      params["W_dec"][pool_P], params["b_dec"])
   n_active, fired_P, token_min_B = _codes_stats(z_BxP)
   fired_F = jnp.zeros(a_BxF.shape[1], bool).at[pool_P].set(fired_P)
   return xhat_BxD, mse, grads, pool_P, (n_active, fired_F, token_min_B)

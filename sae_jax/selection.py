@@ -74,6 +74,21 @@ def _f32(a_BxF):
   return lax.stop_gradient(a_BxF).astype(jnp.float32)
 
 
+def take_columns(x_RxF, cols_C, fill_value=None):
+  """x_RxF[:, cols_C] ([R, C]); a column past the last is `fill_value`
+  (None: jnp.take's, NaN for floats).
+
+  Written as a gather of each row's own entries (take_along_axis), which
+  XLA:CPU writes row by row. `x[:, cols]` gathers column by column into a
+  transposed [C, R] buffer and copies it back. Measured on this 2-core CPU
+  at B=1024, D=768, F=24576 (the gather as a matmul's operand, less the
+  matmul): 10.2 ms against 4.3 for 1536 columns of a [B, F] array, 4.1
+  against 2.1 for 512; W_enc's 1536 columns for a matvec, 4.8 against 1.8.
+  """
+  cols_RxC = jnp.broadcast_to(cols_C[None, :], (x_RxF.shape[0], cols_C.shape[0]))
+  return jnp.take_along_axis(x_RxF, cols_RxC, axis=1, mode="fill", fill_value=fill_value)
+
+
 def selected_at(values, rows, cols, cut: Cut):
   """Whether entries `values` at global (token, latent) positions (`rows`,
   `cols`) are selected by `cut`; all three broadcast together."""
@@ -483,7 +498,7 @@ def _sampled_cut(a, k, l, score, key, axis_name, ridge, sketch, sketch_key, pool
                        f"got shape {getattr(pool, 'shape', None)}, dtype "
                        f"{getattr(pool, 'dtype', None)}")
     pool_P = jnp.sort(pool.astype(jnp.int32))  # in column order: ties break as batch_topk's
-  a_BxP = jnp.take(a_BxF, pool_P, axis=1)
+  a_BxP = take_columns(a_BxF, pool_P)
   cut = batch_topk_cut(_f32(a_BxP), k, axis_name)
   return a_BxF, pool_P, a_BxP, cut
 

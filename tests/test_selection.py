@@ -66,6 +66,19 @@ def test_rules_match_reference(shape, k, l, data, threshold_path):
     np.testing.assert_array_equal(compact.values, want[..., pool])
 
 
+def test_take_columns_is_indexing():
+  """The column gather the fast step uses is NumPy's x[:, cols], in any
+  order and with repeats; a column past the last is the fill value."""
+  x = np.arange(5 * 9, dtype=np.float32).reshape(5, 9) - 20
+  cols = np.array([8, 0, 3, 3, 7], np.int32)
+  take = jax.jit(selection.take_columns, static_argnames="fill_value")
+  np.testing.assert_array_equal(take(x, cols), x[:, cols])
+  padded = np.array([2, 9, 5, 12], np.int32)
+  np.testing.assert_array_equal(take(x, padded, fill_value=0),
+                                np.where(padded < 9, x[:, np.minimum(padded, 8)], 0))
+  assert np.isnan(take(x, padded)[:, 1]).all()
+
+
 @pytest.mark.parametrize("rows_per_block", [None, 3])
 def test_topk_by_bits_is_topk(rows_per_block, monkeypatch):
   """AuxK's TopK by bisection on the bits against the NumPy reference, with
