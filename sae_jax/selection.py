@@ -379,7 +379,9 @@ def _topk_mask_by_bits(x_BxF, k: int):
   def halve(_, bounds):  # lo has at least k entries >= it, hi fewer
     lo_B, hi_B = bounds
     mid_B = lo_B + (hi_B - lo_B) // 2
-    ge_B = jnp.sum(bits_BxF >= mid_B[:, None], axis=1, dtype=jnp.int32) >= k
+    # Counted in float32 (exact below 2**24 columns): on this 2-core CPU
+    # 60 ms against 75 by int32 at [1024, 6144], k=384; the same at 1536.
+    ge_B = jnp.sum(jnp.where(bits_BxF >= mid_B[:, None], 1.0, 0.0), axis=1) >= k
     return jnp.where(ge_B, mid_B, lo_B), jnp.where(ge_B, hi_B, mid_B)
 
   # 2**31 - 1 lies above every float's bits; 31 halvings close the range.
