@@ -26,14 +26,21 @@ def _unit_rows(key, shape, dtype=jnp.float32):
   return w / jnp.linalg.norm(w, axis=-1, keepdims=True)
 
 
+def encoder_product(params: dict, x_BxD: jax.Array, compute_dtype: str
+                    ) -> tuple[jax.Array, jax.Array]:
+  """(x - b_dec in the compute dtype, (x - b_dec) @ W_enc [B, F] accumulated
+  in float32): `encoder` before b_enc is added."""
+  dtype = jnp.dtype(compute_dtype)
+  centred_BxD = (x_BxD - params["b_dec"][None, :]).astype(dtype)
+  return centred_BxD, jnp.matmul(centred_BxD, params["W_enc"].astype(dtype),
+                                 preferred_element_type=jnp.float32)
+
+
 def encoder(params: dict, x_BxD: jax.Array, compute_dtype: str) -> tuple[jax.Array, jax.Array]:
   """(x - b_dec in the compute dtype, pre-activations [B, F] accumulated in
   float32) from parameters {W_enc, b_enc, b_dec}."""
-  dtype = jnp.dtype(compute_dtype)
-  centred_BxD = (x_BxD - params["b_dec"][None, :]).astype(dtype)
-  pre_BxF = jnp.matmul(centred_BxD, params["W_enc"].astype(dtype),
-                       preferred_element_type=jnp.float32)
-  return centred_BxD, pre_BxF + params["b_enc"][None, :]
+  centred_BxD, product_BxF = encoder_product(params, x_BxD, compute_dtype)
+  return centred_BxD, product_BxF + params["b_enc"][None, :]
 
 
 class SAE(nn.Module):

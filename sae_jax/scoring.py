@@ -211,7 +211,7 @@ def shared_key(key, axis_name):
 @functools.partial(jax.jit, static_argnames=("method", "axis_name", "ridge", "sketch"))
 def column_scores(a: jax.Array, method: str = "l2", *, axis_name=None,
                   ridge: float = LEVERAGE_RIDGE, sketch: typing.Optional[int] = None,
-                  key=None) -> jax.Array:
+                  key=None, bias=None) -> jax.Array:
   """Scores every latent (column) of `a` over all tokens.
 
   Negative entries count as zero. Methods (see SPEC.md):
@@ -236,6 +236,11 @@ def column_scores(a: jax.Array, method: str = "l2", *, axis_name=None,
     sketch: "leverage": rows m of the CountSketch, or None for exact scores.
     key: "leverage" with a sketch: PRNG key that draws S (default: key 0);
       under `axis_name` the first device's key is used everywhere.
+    bias: optional [F], added to every token's row first: the scores of
+      a + bias, for a caller that holds a matmul's product and a bias (the
+      encoder's x @ W_enc and b_enc). The same bits as scoring the sum; on
+      CPU the block sums then read the product where it lies instead of a
+      copy of the sum written out for them.
 
   Returns:
     [F] float32 scores.
@@ -245,16 +250,22 @@ def column_scores(a: jax.Array, method: str = "l2", *, axis_name=None,
   """
   validation.check_activations(a)
   validation.check_score_method(method)
+  validation.check_bias(bias, a.shape[-1])
   a_BxF = a.reshape(-1, a.shape[-1])
-  positive = lambda x: jnp.maximum(x.astype(jnp.float32), 0.0)
+  if bias is None:
+    positive = lambda x: jnp.maximum(x.astype(jnp.float32), 0.0)
+  else:
+    bias_1xF = bias.astype(jnp.float32)[None, :]
+    positive = lambda x: jnp.maximum(x.astype(jnp.float32) + bias_1xF, 0.0)
   if method == "uniform":
     return jnp.ones(a.shape[-1], jnp.float32)
   if method == "leverage":
     validation.check_leverage(ridge, sketch)
     if sketch is None:
-      rows_MxF = a_BxF if axis_name is None else lax.all_gather(
-          a_BxF, axis_name, tiled=True, to="invarying")
-      return ridge_leverage(positive(rows_MxF), ridge)
+      rows_MxF = positive(a_BxF)  # gathered after the bias: no device's bias stays in them
+      if axis_name is not None:
+        rows_MxF = lax.all_gather(rows_MxF, axis_name, tiled=True, to="invarying")
+      return ridge_leverage(rows_MxF, ridge)
     key = jax.random.key(0) if key is None else shared_key(key, axis_name)
     return ridge_leverage(count_sketch(positive(a_BxF), sketch, key, axis_name), ridge)
   if method in ("l2", "squared_l2"):

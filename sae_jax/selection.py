@@ -454,10 +454,11 @@ def batch_topk(a: jax.Array, k: int, *, axis_name=None) -> jax.Array:
   return jnp.where(keep_BxF, a_BxF, 0).reshape(a.shape)
 
 
-def _pool(a_BxF, k: int, l: float, score, key, axis_name, ridge, sketch, sketch_key):
+def _pool(a_BxF, k: int, l: float, score, key, axis_name, ridge, sketch, sketch_key, bias=None):
   """The Sampled-SAE pool [P] of a validated [B, F] (see `sampled_pool`)."""
   scores_F = scoring.column_scores(_f32(a_BxF), score, axis_name=axis_name, ridge=ridge,
-                                   sketch=sketch, key=sketch_key)
+                                   sketch=sketch, key=sketch_key,
+                                   bias=None if bias is None else _f32(bias))
   return pool_lib.candidate_pool(scores_F, validation.pool_size(k, l, a_BxF.shape[-1]),
                                  key=scoring.shared_key(key, axis_name))
 
@@ -473,18 +474,22 @@ def _check_sampled(a, k, l, score, key):
 @functools.partial(jax.jit, static_argnames=("k", "l", "score", "axis_name", "ridge", "sketch"))
 def sampled_pool(a: jax.Array, k: int, l: float, *, score: str = "l2", key=None,
                  axis_name=None, ridge: float = scoring.LEVERAGE_RIDGE,
-                 sketch: typing.Optional[int] = None, sketch_key=None) -> jax.Array:
+                 sketch: typing.Optional[int] = None, sketch_key=None,
+                 bias=None) -> jax.Array:
   """The Sampled-SAE candidate pool alone: [P] int32 latents, increasing.
 
   The arguments are `sampled_select`'s. Pass the result as `pool=` to
   select in it on later batches without scoring them (the authors'
-  `sampling_update_freq`).
+  `sampling_update_freq`). With `bias` [F], the pool of a + bias
+  (`column_scores`' bias): the fast step scores the encoder's product and
+  b_enc so.
 
   >>> sampled_pool(jnp.array([[1., 3., 2.], [0., -1., 5.]]), 1, 2)
   Array([1, 2], dtype=int32)
   """
   a_BxF, k, l = _check_sampled(a, k, l, score, key)
-  return _pool(a_BxF, k, l, score, key, axis_name, ridge, sketch, sketch_key)
+  validation.check_bias(bias, a.shape[-1])
+  return _pool(a_BxF, k, l, score, key, axis_name, ridge, sketch, sketch_key, bias)
 
 
 def _sampled_cut(a, k, l, score, key, axis_name, ridge, sketch, sketch_key, pool):

@@ -52,6 +52,16 @@ def check_l(l) -> float:
   return float(l)
 
 
+def check_bias(bias, n_latents: int) -> None:
+  """`bias` is None or a float array of shape [n_latents]."""
+  if bias is None:
+    return
+  shape, dtype = getattr(bias, "shape", None), getattr(bias, "dtype", None)
+  if shape != (n_latents,) or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"bias must be a float array of shape ({n_latents},) (one per latent); "
+                     f"got shape {shape}, dtype {dtype}")
+
+
 def check_score_method(method) -> None:
   """`method` is one of SCORE_METHODS."""
   if method not in SCORE_METHODS:

@@ -46,6 +46,28 @@ def test_scores_match_reference(method):
   np.testing.assert_allclose(got, reference.scores(a, method), rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("method,options", [
+    ("l2", {}), ("squared_l2", {}), ("entropy", {}), ("uniform", {}), ("leverage", {}),
+    ("leverage", dict(sketch=4, key=jax.random.key(5)))])
+def test_a_bias_scores_the_sum_bit_for_bit(method, options):
+  """column_scores(p, bias=b) is column_scores(p + b): the fast step scores
+  the encoder's product and b_enc so. The same holds for the pool."""
+  rng = np.random.default_rng(4)
+  product = rng.standard_normal((45, 13)).astype(np.float32)
+  bias = rng.standard_normal(13).astype(np.float32)
+  bias[:2] = -9.0  # never fires
+  summed = product + bias[None, :]
+  got = sae_jax.column_scores(product, method, bias=jnp.asarray(bias), **options)
+  np.testing.assert_array_equal(got, sae_jax.column_scores(summed, method, **options))
+  if method != "uniform":
+    assert np.all(np.asarray(got)[:2] <= 0) and np.all(np.asarray(got)[2:] > 0)
+    pool = sae_jax.sampled_pool(product, 2, 2.5, score=method, bias=jnp.asarray(bias),
+                                sketch=options.get("sketch"), sketch_key=options.get("key"))
+    np.testing.assert_array_equal(pool, sae_jax.sampled_pool(
+        summed, 2, 2.5, score=method, sketch=options.get("sketch"),
+        sketch_key=options.get("key")))
+
+
 def test_entropy_edge_cases():
   a = np.zeros((8, 4), np.float32)
   a[3, 1] = 2.5  # fires once: entropy exactly 0
