@@ -398,12 +398,13 @@ def _sampled(params, x_BxD, centred_BxD, product_BxF, a_BxF, key, config: TrainC
   """Gradients of W_enc, b_enc and W_dec at the pool only (see
   `optimizer.dense_grads`)."""
   s = config.sae
-  pool = model.step_pool(a_BxF, key, s, axis_name, kept)
+  # The pool is scored from the encoder's product and b_enc, the same bits:
+  # on CPU the scores' block sums then read the product in place, where
+  # relu(pre) had to be written out for them (B=1024, D=768, F=24576 on this
+  # 2-core CPU: a Sampled l=8 step 306 -> 286 ms, measured interleaved; with
+  # pool_every=4, where a kept pool's cond took relu(pre), 259 -> 249 ms).
+  pool = model.step_pool(product_BxF, key, s, axis_name, kept, bias=params["b_enc"])
   if pool is None:
-    # Scored from the encoder's product and b_enc, the same bits: on CPU the
-    # scores' block sums then read the product in place, where relu(pre)
-    # had to be written out for them (B=1024, D=768, F=24576 on this 2-core
-    # CPU: a Sampled l=8 step 306 -> 286 ms, measured interleaved).
     pool = selection.sampled_pool(product_BxF, s.k, s.l, axis_name=axis_name,
                                   bias=params["b_enc"], **model.sampled_options(s, key))
   pool_P, z_BxP = selection.sampled_select_pooled(

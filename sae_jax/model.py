@@ -118,15 +118,16 @@ def sampled_options(config: SAEConfig, key) -> dict:
               sketch_key=None if key is None else jax.random.fold_in(key, SKETCH_STREAM))
 
 
-def step_pool(a_BxF, key, config: SAEConfig, axis_name, kept):
+def step_pool(a_BxF, key, config: SAEConfig, axis_name, kept, bias=None):
   """The pool a Sampled-SAE batch selects in: None (chosen on the batch by
   the selection itself) unless the config keeps pools; then `kept` is (the
-  pool kept from earlier batches [P], whether this batch chooses a new one)."""
+  pool kept from earlier batches [P], whether this batch chooses a new one).
+  With `bias`, a new pool is that of a_BxF + bias (`selection.sampled_pool`)."""
   if kept is None:
     return None
   kept_P, renew = kept
   fresh = lambda: selection.sampled_pool(a_BxF, config.k, config.l, axis_name=axis_name,
-                                         **sampled_options(config, key))
+                                         bias=bias, **sampled_options(config, key))
   return lax.cond(renew, fresh, lambda: kept_P)
 
 
