@@ -403,10 +403,8 @@ def _sampled(params, x_BxD, centred_BxD, product_BxF, a_BxF, key, config: TrainC
   # relu(pre) had to be written out for them (B=1024, D=768, F=24576 on this
   # 2-core CPU: a Sampled l=8 step 306 -> 286 ms, measured interleaved; with
   # pool_every=4, where a kept pool's cond took relu(pre), 259 -> 249 ms).
-  pool = model.step_pool(product_BxF, key, s, axis_name, kept, bias=params["b_enc"])
-  if pool is None:
-    pool = selection.sampled_pool(product_BxF, s.k, s.l, axis_name=axis_name,
-                                  bias=params["b_enc"], **model.sampled_options(s, key))
+  pool = (model.new_pool(product_BxF, key, s, axis_name, params["b_enc"]) if kept is None else
+          model.step_pool(product_BxF, key, s, axis_name, kept, params["b_enc"]))
   pool_P, z_BxP = selection.sampled_select_pooled(
       a_BxF, s.k, s.l, axis_name=axis_name, pool=pool, **model.sampled_options(s, key))
   xhat_BxD, mse, grads = _through_codes(

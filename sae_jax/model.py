@@ -118,17 +118,23 @@ def sampled_options(config: SAEConfig, key) -> dict:
               sketch_key=None if key is None else jax.random.fold_in(key, SKETCH_STREAM))
 
 
+def new_pool(a_BxF, key, config: SAEConfig, axis_name, bias=None):
+  """A Sampled-SAE pool chosen on this batch (`selection.sampled_pool`); with
+  `bias`, the pool of a_BxF + bias."""
+  return selection.sampled_pool(a_BxF, config.k, config.l, axis_name=axis_name, bias=bias,
+                                **sampled_options(config, key))
+
+
 def step_pool(a_BxF, key, config: SAEConfig, axis_name, kept, bias=None):
   """The pool a Sampled-SAE batch selects in: None (chosen on the batch by
   the selection itself) unless the config keeps pools; then `kept` is (the
-  pool kept from earlier batches [P], whether this batch chooses a new one).
-  With `bias`, a new pool is that of a_BxF + bias (`selection.sampled_pool`)."""
+  pool kept from earlier batches [P], whether this batch chooses a new one,
+  by `new_pool`)."""
   if kept is None:
     return None
   kept_P, renew = kept
-  fresh = lambda: selection.sampled_pool(a_BxF, config.k, config.l, axis_name=axis_name,
-                                         bias=bias, **sampled_options(config, key))
-  return lax.cond(renew, fresh, lambda: kept_P)
+  return lax.cond(renew, lambda: new_pool(a_BxF, key, config, axis_name, bias),
+                  lambda: kept_P)
 
 
 def geometric_median(x_NxD: jax.Array, n_iter: int = 100, eps: float = 1e-8) -> jax.Array:
