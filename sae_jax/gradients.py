@@ -264,11 +264,14 @@ def _setup(params, centred_BxD, residual_BxD, pre_BxF, dead_F, config: TrainConf
 
 # AuxK's TopK runs by bisection on the bits (`selection.topk_by_bits`)
 # while k_aux is at least 1/BITS_UP_TO of the columns, by a per-row top-k
-# past that. Measured on this 2-core CPU (ms, per-row top-k / bisection):
-# B=1024, k=384: 60 / 12 at 1536 columns, 106 / 32 at 6144, 202 / 150 at
-# 24576; B=512, k=32 at 2048 columns: 5.8 / 5.1; B=1024, k=128 at 24576:
-# 104 / 122. Not measured on an accelerator.
-BITS_UP_TO = 64
+# past that. Measured on this 2-core CPU, jaxlib 0.10.2, normal data (ms,
+# per-row top-k / bisection): B=1024, k=384: 72 / 15 at 1536 columns,
+# 122 / 51 at 6144, 164 / 101 at 12288, 216 / 249 at 24576; k=256: 106 / 93
+# at 8192, 137 / 192 at 16384; k=128: 35 / 25 at 2048, 45 / 48 at 4096;
+# k=64: 20 / 25 at 2048; B=512, k=32: 2.7 / 1.4 at 256, 4.5 / 8.1 at 1024.
+# (The crossing moves past 32 as k grows, and bisection stops early on rows
+# with fewer than k positive entries.) Not measured on an accelerator.
+BITS_UP_TO = 32
 
 
 def _auxk_on(s: _Setup, a_BxC, W_dec_CxD, W_enc_DxC):

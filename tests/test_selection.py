@@ -101,6 +101,27 @@ def test_topk_by_bits_is_topk(rows_per_block, monkeypatch):
                                     err_msg=f"{shape} k={k} {data}")
 
 
+def test_topk_by_bits_at_the_ends_of_the_floats(monkeypatch):
+  """The bisection's early stop against the NumPy reference on values at
+  the ends of its range: the least subnormals, entries one ulp apart at the
+  k-th, the largest float and infinity, in blocks of 3 rows that mix rows
+  that stop early with rows that need every halving or none."""
+  monkeypatch.setattr(selection, "BITS_BLOCK_BYTES", 4 * 12 * 3)
+  tiny = np.float32(np.finfo(np.float32).smallest_subnormal)
+  special = np.array([tiny, 2 * tiny, 3 * tiny, 1.0, np.nextafter(np.float32(1), 2),
+                      np.nextafter(np.float32(1), 0), np.finfo(np.float32).max, np.inf,
+                      0.0, -0.0, -1.0, 2.0], np.float32)
+  rng = np.random.default_rng(7)
+  a = rng.choice(special, size=(40, 12))
+  a[:8] = rng.standard_normal((8, 12)).astype(np.float32)  # rows that stop early
+  a[8] = [tiny] * 6 + [1.0, 1.0] + [0.0] * 4  # the k-th among ties at the least bits
+  a[9] = np.array([3, 1, 2, 1, 2, 0, 1, 3, 0, 0, -1, 1], np.float32) * tiny
+  for k in (1, 4, 11):
+    got = jax.jit(lambda a: selection.topk_by_bits(a, k))(a)
+    np.testing.assert_array_equal(got, reference.apply(a, reference.topk_mask(a, k)),
+                                  err_msg=f"k={k}")
+
+
 @pytest.mark.parametrize("score", ["l2", "squared_l2", "entropy"])
 def test_selects_exactly_min_of_budget_and_positives(score, threshold_path):
   for seed, zeros in [(0, 0.2), (1, 0.97), (2, 0.995)]:
