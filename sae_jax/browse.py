@@ -38,10 +38,17 @@ import numpy as np
 import tqdm
 
 from sae_jax import data as data_lib
+from sae_jax import evaluate
 from sae_jax import export as export_lib
+from sae_jax import hf
+from sae_jax import neox
 from sae_jax import saelens
+from sae_jax import sources
 from sae_jax import storage
+from sae_jax import stream as stream_lib
+from sae_jax import synthetic
 from sae_jax import validation
+from sae_jax.config import TrainConfig
 
 # Histogram edges of a latent's activations: 4 per decade from 1e-3 to 1e3.
 EDGES = 10.0 ** np.arange(-3, 3.01, 0.25)
@@ -201,7 +208,6 @@ def pool_share(weights: dict, input_scale: float, sae, rows: typing.Callable[[in
   drawn pool for `sample_pool` with a key per batch), from the saved
   SAE in training units (its biases times the input scale).
   """
-  from sae_jax import evaluate  # noqa: PLC0415
   c = np.float32(input_scale)
   params = {"W_enc": jnp.asarray(weights["W_enc"]), "W_dec": jnp.asarray(weights["W_dec"]),
             "b_enc": jnp.asarray(weights["b_enc"] * c), "b_dec": jnp.asarray(weights["b_dec"] * c)}
@@ -295,12 +301,10 @@ class _Source(typing.NamedTuple):
 
 def _source(run_dir: pathlib.Path, config: dict, cfg: dict, tokens: int,
             cache: typing.Optional[str], progress: bool) -> _Source:
-  from sae_jax import run as run_lib  # noqa: PLC0415
-  from sae_jax import synthetic  # noqa: PLC0415
   what = config.get("data")
   if what == "synthetic" and cache is None:
     source = synthetic.SyntheticSource(synthetic.SyntheticConfig(**config["synthetic"]))
-    held = source.sample(run_lib.SYNTHETIC_EVAL_STEP, tokens)
+    held = source.sample(sources.SYNTHETIC_EVAL_STEP, tokens)
     return _Source(lambda a, b: held[a:b], len(held), (0, len(held)), None, None, None,
                    source.dictionary)
   if cache is None and config.get("stream"):
@@ -320,7 +324,7 @@ def _source(run_dir: pathlib.Path, config: dict, cfg: dict, tokens: int,
                      f"{meta['model_name']}")
   n = min(tokens, acts.n_rows)
   first = acts.n_rows - n  # the last rows: the held-out ones, then training rows before them
-  eval_rows = run_lib.held_out_rows(config.get("eval_tokens", 0), acts.n_rows)
+  eval_rows = sources.held_out_rows(config.get("eval_tokens", 0), acts.n_rows)
   held_from = max(acts.n_rows - eval_rows - first, 0)
   bounds = np.cumsum([0] + [rows for _, _, rows in acts._files])
 
@@ -347,11 +351,8 @@ def _stream_source(config: dict, tokens: int, progress: bool) -> _Source:
   0, no excluded token). The first `eval_tokens` of them are the run's
   held-out rows; the pass reads them and the `tokens` - eval_tokens rows
   after them. They are kept in memory (tokens × d_model float32)."""
-  import transformers  # noqa: PLC0415
-  from sae_jax import neox  # noqa: PLC0415
-  from sae_jax import stream as stream_lib  # noqa: PLC0415
   e = export_lib.ExportConfig(**config["export"])
-  tokenizer = transformers.AutoTokenizer.from_pretrained(e.model, revision=e.revision)
+  tokenizer = hf.tokenizer(e.model, e.revision)
   lm_config, params = neox.load(e.model, e.revision)
   layer = export_lib.model_layer(e.hook, e.model, lm_config.n_layers)
   excluded = np.asarray(e.exclude_token_ids, np.int32)
@@ -453,7 +454,6 @@ def build(run_dir, *, tokens: int = 1_000_000, contexts: int = 20, samples: int 
   train = config["train"]
   pools = None
   if train["sae"]["selection"] == "sampled" and "input_scale" in summary:
-    from sae_jax.config import TrainConfig  # noqa: PLC0415
     sae = TrainConfig.from_dict(train).sae
     pools = pool_share(weights, summary["input_scale"], sae, source.rows, source.n,
                        train["batch_size"], progress=progress)
@@ -548,14 +548,11 @@ def _contexts(weights, cfg, j, rows_r, source, scanned, window, vocab, x_cache) 
 
 def _vocabulary(model: str) -> tuple:
   """(each token id's text, W_U [D, V] or None) of `model`."""
-  from sae_jax import run as run_lib  # noqa: PLC0415
-  import transformers  # noqa: PLC0415
-  directory = run_lib.reachable_model(model)
-  tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+  directory = hf.reachable_model(model)
+  tokenizer = hf.tokenizer(directory)
   vocab = [tokenizer.decode([i]) for i in range(len(tokenizer))]
   W_U = None
   try:
-    from sae_jax import neox  # noqa: PLC0415
     _, params = neox.load(str(directory))
     W_U = np.asarray(params["unembed"], np.float32)
     vocab += [f"<{i}>" for i in range(len(vocab), W_U.shape[1])]  # padded vocabulary

@@ -77,6 +77,11 @@ def _with_dead_at_most(saved):
   return [fill(s) for s in saved] if isinstance(saved, (list, tuple)) else fill(saved)
 
 
+def _alone(state):
+  """A list of one state as that state (how a single run is saved)."""
+  return state[0] if isinstance(state, list) and len(state) == 1 else state
+
+
 def _write_atomic(path, text: str) -> None:
   storage.atomic_write(path, lambda f: f.write(text.encode()))
 
@@ -105,12 +110,13 @@ class Checkpointer:
   def save(self, state: typing.Union[TrainState, list],
            data_position: typing.Optional[dict] = None) -> None:
     """Saves an unreplicated (host) state, or a list of states at one step
-    (`run.run_many`), at its step; writes in the background.
+    (a pass of `run.run_many`), at its step; writes in the background. A
+    list of one is saved as its state alone, the layout of a single run.
 
     The sidecar (digest and `data_position`, JSON-able) is written first, so
     a step orbax has finished always has it.
     """
-    host = jax.tree.map(np.asarray, state)
+    host = jax.tree.map(np.asarray, _alone(state))
     step = _step(host)
     with self._failing(f"save step {step}"):
       if self._manager.latest_step() == step:
@@ -174,7 +180,11 @@ class Checkpointer:
 
     Damaged steps are moved aside, each said in a line, and the next newest
     is tried. A step saved before checksums existed is restored unverified.
+    A list of one is restored from its state saved alone (`save`).
     """
+    if isinstance(like, list) and len(like) == 1:
+      restored = self.restore(like[0])
+      return None if restored is None else [restored]
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, jax.tree.map(np.asarray, like))
     damaged = []
     restored = None

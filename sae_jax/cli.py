@@ -8,12 +8,13 @@ import typing
 
 from sae_jax import export
 from sae_jax import peers as peers_lib
-from sae_jax import run as run_lib
+from sae_jax import runconfig
+from sae_jax import sources
 from sae_jax import synthetic
 from sae_jax import validation
 from sae_jax.config import SAEConfig
 from sae_jax.config import TrainConfig
-from sae_jax.run import RunConfig
+from sae_jax.runconfig import RunConfig
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -77,7 +78,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
   dat.add_argument("--downstream-contexts", type=int, default=RunConfig.downstream_contexts,
                    help="--data pythia: contexts for the spliced-loss evaluation")
   inf = p.add_argument_group("inference (the saved SAE)")
-  inf.add_argument("--inference", choices=run_lib.INFERENCE_RULES, default=RunConfig.inference,
+  inf.add_argument("--inference", choices=runconfig.INFERENCE_RULES, default=RunConfig.inference,
                    help="BatchTopK, Sampled-SAE: a threshold per latent, calibrated to fire "
                         "each as often as training did, or one global EMA threshold")
   inf.add_argument("--calibration-tokens", type=int, default=RunConfig.calibration_tokens,
@@ -123,7 +124,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 def config_from(args) -> RunConfig:
   """The RunConfig the flags describe; checks all but D before finding D."""
-  run_lib.check_stream(args.stream, args.data, args.backend or "jax")
+  runconfig.check_stream(args.stream, args.data, args.backend or "jax")
   local = all(x.endswith((".txt", ".jsonl")) for x in args.dataset)
   export_config = export.ExportConfig(
       model=args.model, revision=args.revision, hook=args.hook,
@@ -141,7 +142,7 @@ def config_from(args) -> RunConfig:
                   sketch=args.sketch, pool_every=args.pool_every,
                   compute_dtype=args.compute_dtype)
   SAEConfig(d_model=1, **sae_args)
-  d_model = run_lib.d_model_of(args.data, cache_dir=args.cache_dir, model=args.model,
+  d_model = sources.d_model_of(args.data, cache_dir=args.cache_dir, model=args.model,
                            revision=args.revision, synthetic_d_model=args.synthetic_d_model,
                            stream=args.stream)
   train_config = TrainConfig(

@@ -39,10 +39,9 @@ def downstream_loss(model: str, hook: str, ids_BxL: np.ndarray,
   """
   import torch
   import torch.nn.functional as fn
-  import transformers
+  from sae_jax import hf  # noqa: PLC0415
   device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-  lm = transformers.AutoModelForCausalLM.from_pretrained(model, revision=revision,
-                                                         dtype=torch.float32).to(device).eval()
+  lm = hf.causal_lm(model, revision, torch.float32).to(device).eval()
   block = export._blocks(lm, lm.config.num_hidden_layers)[export.hook_layer(hook)]
   mode = {"replace": None}
 

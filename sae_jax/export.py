@@ -283,19 +283,10 @@ class HookedModel:
 
   def __init__(self, config: ExportConfig):
     import torch
-    import transformers
+    from sae_jax import hf  # noqa: PLC0415 (hf imports neox, and so JAX)
     self.device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    self.tokenizer = transformers.AutoTokenizer.from_pretrained(config.model,
-                                                                revision=config.revision)
-    # The base model: no LM head. Its load report would list the head's
-    # weights as unexpected, which they are not for us.
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-      self.model = transformers.AutoModel.from_pretrained(
-          config.model, revision=config.revision, dtype=torch.float32)
-    finally:
-      transformers.logging.set_verbosity(verbosity)
+    self.tokenizer = hf.tokenizer(config.model, config.revision)
+    self.model = hf.base_model(config.model, config.revision, torch.float32)
     self.model = self.model.to(self.device).eval()
     n_layers = self.model.config.num_hidden_layers
     layer = model_layer(config.hook, config.model, n_layers)
@@ -326,10 +317,9 @@ class JaxHookedModel:
 
   def __init__(self, config: ExportConfig):
     import jax  # noqa: PLC0415
-    import transformers  # noqa: PLC0415 (the tokenizer)
+    from sae_jax import hf  # noqa: PLC0415
     from sae_jax import neox  # noqa: PLC0415
-    self.tokenizer = transformers.AutoTokenizer.from_pretrained(config.model,
-                                                                revision=config.revision)
+    self.tokenizer = hf.tokenizer(config.model, config.revision)
     self.config, params = neox.load(config.model, config.revision)
     self.layer = model_layer(config.hook, config.model, self.config.n_layers)
     self.d_model = self.config.hidden_size

@@ -35,6 +35,9 @@ WIDE_FACTOR = 8
 # Up to this many entries per device, ~31 counting passes over `a` cost less
 # than the per-token top-k (measured on CPU: 5 ms vs 50 ms at [1024, 512]).
 BISECT_ENTRIES = 2**20
+# How the BatchTopK threshold is found; the same bits every way. "auto":
+# bisection up to BISECT_ENTRIES entries per device, else the tokens' offers.
+SEARCHES = ("auto", "bisect", "offers")
 
 
 class Cut(typing.NamedTuple):
@@ -207,10 +210,12 @@ def _tie_cut(a_BxF, value, n: int, n_above, n_equal, ties_B, axis_name):
   return lax.cond((value > 0) & (n_equal > need), find_cut, lambda: take_all)
 
 
-def batch_topk_cut(a_BxF, k: int, axis_name=None, offers=None) -> Cut:
+def batch_topk_cut(a_BxF, k: int, axis_name=None, offers=None, search: str = "auto") -> Cut:
   """The exact cut of BatchTopK on float32 [B, F] (see `batch_topk`); reuses
-  `offers` (`_offers(a_BxF, k)`) when given."""
+  `offers` (`_offers(a_BxF, k)`) when given. `search`: one of `SEARCHES`."""
   n_rows, n_cols = a_BxF.shape
+  if search not in SEARCHES:
+    raise ValueError(f"search must be one of {', '.join(SEARCHES)}; got {search!r}")
   if n_rows * n_cols >= 2**31:
     raise ValueError(
         f"a holds {n_rows} x {n_cols} entries per device; at most 2**31 - 1 are "
@@ -224,7 +229,7 @@ def batch_topk_cut(a_BxF, k: int, axis_name=None, offers=None) -> Cut:
   bits_BxF = lax.bitcast_convert_type(a_BxF, jnp.int32)
   top = jnp.max(bits_BxF)
   top = top if axis_name is None else lax.pmax(top, axis_name)
-  if n_rows * n_cols <= BISECT_ENTRIES:  # passes over `a` are cheap: bisect
+  if search == "bisect" or (search == "auto" and n_rows * n_cols <= BISECT_ENTRIES):
     value = _to_float(_bisect(bits_BxF, n, jnp.int32(0), top + 1, axis_name))
     counts = _count_all(a_BxF, value, n, axis_name)
   else:
@@ -443,8 +448,8 @@ def topk_by_bits(a_BxF: jax.Array, k: int) -> jax.Array:
   return jnp.where(keep_BxF, a_BxF, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "axis_name"))
-def batch_topk(a: jax.Array, k: int, *, axis_name=None) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("k", "axis_name", "search"))
+def batch_topk(a: jax.Array, k: int, *, axis_name=None, search: str = "auto") -> jax.Array:
   """BatchTopK: the batch keeps its N = B·k largest positive entries.
 
   Exactly min(N, number of positive entries) entries are kept; a token may
@@ -455,6 +460,10 @@ def batch_topk(a: jax.Array, k: int, *, axis_name=None) -> jax.Array:
     k: latents per token on average, an int in [1, F].
     axis_name: mapped axis the tokens are split over; with it, B and the
       selection span the whole (concatenated) batch.
+    search: how the threshold is found (`SEARCHES`): "auto" bisects over
+      every entry when a device holds at most `BISECT_ENTRIES` (passes over
+      `a` are cheap then), else certifies it from each token's offers;
+      "bisect" and "offers" force one way. The result is the same.
 
   Returns:
     An array like `a`, zero outside the selection.
@@ -466,7 +475,7 @@ def batch_topk(a: jax.Array, k: int, *, axis_name=None) -> jax.Array:
   a_BxF = _tokens_by_latents(a)
   k = validation.check_k(k, a.shape[-1])
   x_BxF = _f32(a_BxF)
-  cut = batch_topk_cut(x_BxF, k, axis_name)
+  cut = batch_topk_cut(x_BxF, k, axis_name, search=search)
   keep_BxF = selected(x_BxF, cut, _row_offset(a_BxF.shape[0], axis_name))
   return jnp.where(keep_BxF, a_BxF, 0).reshape(a.shape)
 
@@ -509,7 +518,7 @@ def sampled_pool(a: jax.Array, k: int, l: float, *, score: str = "l2", key=None,
   return _pool(a_BxF, k, l, score, key, axis_name, ridge, sketch, sketch_key, bias)
 
 
-def _sampled_cut(a, k, l, score, key, axis_name, ridge, sketch, sketch_key, pool):
+def _sampled_cut(a, k, l, score, key, axis_name, ridge, sketch, sketch_key, pool, search):
   """Validates, then returns (a_BxF, pool_P, a_BxP = a_BxF[:, pool_P], cut in
   pool positions)."""
   a_BxF, k, l = _check_sampled(a, k, l, score, key)
@@ -523,18 +532,18 @@ def _sampled_cut(a, k, l, score, key, axis_name, ridge, sketch, sketch_key, pool
                        f"{getattr(pool, 'dtype', None)}")
     pool_P = jnp.sort(pool.astype(jnp.int32))  # in column order: ties break as batch_topk's
   a_BxP = take_columns(a_BxF, pool_P)
-  cut = batch_topk_cut(_f32(a_BxP), k, axis_name)
+  cut = batch_topk_cut(_f32(a_BxP), k, axis_name, search=search)
   return a_BxF, pool_P, a_BxP, cut
 
 
-_SAMPLED_STATIC = ("k", "l", "score", "axis_name", "ridge", "sketch")
+_SAMPLED_STATIC = ("k", "l", "score", "axis_name", "ridge", "sketch", "search")
 
 
 @functools.partial(jax.jit, static_argnames=_SAMPLED_STATIC)
 def sampled_select_pooled(a: jax.Array, k: int, l: float, *, score: str = "l2",
                           key=None, axis_name=None, ridge: float = scoring.LEVERAGE_RIDGE,
                           sketch: typing.Optional[int] = None, sketch_key=None,
-                          pool=None) -> PooledSelection:
+                          pool=None, search: str = "auto") -> PooledSelection:
   """Sampled-SAE in compact form: the pool and the [..., P] selected values.
 
   Same selection as `sampled_select`, without scattering into [..., F]: a
@@ -546,7 +555,7 @@ def sampled_select_pooled(a: jax.Array, k: int, l: float, *, score: str = "l2",
          [0., 5.]], dtype=float32))
   """
   a_BxF, pool_P, a_BxP, cut = _sampled_cut(a, k, l, score, key, axis_name, ridge, sketch,
-                                           sketch_key, pool)
+                                           sketch_key, pool, search)
   keep_BxP = selected(_f32(a_BxP), cut, _row_offset(a_BxF.shape[0], axis_name))
   values_BxP = jnp.where(keep_BxP, a_BxP, 0)
   return PooledSelection(pool_P, values_BxP.reshape(a.shape[:-1] + pool_P.shape))
@@ -556,7 +565,7 @@ def sampled_select_pooled(a: jax.Array, k: int, l: float, *, score: str = "l2",
 def sampled_select(a: jax.Array, k: int, l: float, *, score: str = "l2",
                    key=None, axis_name=None, ridge: float = scoring.LEVERAGE_RIDGE,
                    sketch: typing.Optional[int] = None, sketch_key=None,
-                   pool=None) -> jax.Array:
+                   pool=None, search: str = "auto") -> jax.Array:
   """Sampled-SAE: score columns, pool P = min(F, ceil(k·l)), BatchTopK inside.
 
   Args:
@@ -575,6 +584,7 @@ def sampled_select(a: jax.Array, k: int, l: float, *, score: str = "l2",
       rows (None: exact) and the key that draws the sketch (`column_scores`).
     pool: [P] latents to select in (from `sampled_pool`, e.g. of an earlier
       batch) instead of scoring this batch; the score arguments are unused.
+    search: how the budget's threshold is found (see `batch_topk`).
 
   Returns:
     An array like `a`, zero outside the selection. The gradient flows to the
@@ -588,7 +598,7 @@ def sampled_select(a: jax.Array, k: int, l: float, *, score: str = "l2",
          [0., 0., 5.]], dtype=float32)
   """
   a_BxF, pool_P, _, cut = _sampled_cut(a, k, l, score, key, axis_name, ridge, sketch,
-                                       sketch_key, pool)
+                                       sketch_key, pool, search)
   # Apply the pooled cut to the dense array: no scatter, columns renamed.
   in_pool_F = jnp.zeros(a.shape[-1], bool).at[pool_P].set(True)
   cut = cut._replace(col=pool_P[cut.col])

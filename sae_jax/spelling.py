@@ -11,16 +11,22 @@ Two sources of labelled activations:
   then "{word} has the first letter:", and the activation at the word.
   `evaluate_run` runs them through the model in JAX (`sae_jax.neox`) and
   the run's saved SAE (saelens/), which is `experiments/absorption.py`.
-
-transformers is imported here only for the tokenizer.
 """
 
 import json
 import pathlib
 import typing
 
+import jax
 import numpy as np
+import tqdm
 
+from sae_jax import export
+from sae_jax import hf
+from sae_jax import neox
+from sae_jax import outdir
+from sae_jax import probing
+from sae_jax import saelens
 from sae_jax import storage
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -55,9 +61,8 @@ def token_letters(tokenizer, ids) -> np.ndarray:
 
 def load_tokenizer(model: str, revision=None):
   """The model's tokenizer, or None (said in a line) when it cannot be had."""
-  import transformers  # noqa: PLC0415 (the tokenizer only)
   try:
-    return transformers.AutoTokenizer.from_pretrained(model, revision=revision)
+    return hf.tokenizer(model, revision)
   except (OSError, ValueError) as error:
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
     print(f"no tokenizer for {model!r} ({reason}): first-letter metrics skipped", flush=True)
@@ -95,11 +100,6 @@ def prompt_activations(model: str, hook: str, tokenizer, words: list, *, revisio
   Returns:
     (activations [N, D] float32, the ids of the words kept [N]).
   """
-  import jax  # noqa: PLC0415
-  import tqdm  # noqa: PLC0415
-
-  from sae_jax import export  # noqa: PLC0415
-  from sae_jax import neox  # noqa: PLC0415
   config, params = neox.load(model, revision)
   layer = export.model_layer(hook, model, config.n_layers)
   params = jax.device_put(params)
@@ -142,7 +142,6 @@ def _run_model(run_dir: pathlib.PurePath) -> tuple:
   if data == "pythia":
     e = config["export"]
     return e["model"], e.get("revision"), e["hook"]
-  from sae_jax import export  # noqa: PLC0415
   manifest = export.read_manifest(data) if data and storage.path(data).is_dir() else None
   if manifest is None:
     raise ValueError(f"{run_dir} trained on --data {data!r}, not on a language model's "
@@ -163,9 +162,6 @@ def evaluate_run(run_dir, *, n_words: typing.Optional[int] = 8000, seed: int = 0
     n_words: vocabulary words drawn at random (None: every word).
     model: the model's directory or hub id, if not where the run found it.
   """
-  from sae_jax import probing  # noqa: PLC0415
-  from sae_jax import run as run_lib  # noqa: PLC0415
-  from sae_jax import saelens  # noqa: PLC0415
   run_dir = storage.path(run_dir)
   found, revision, hook = _run_model(run_dir)
   weights, cfg = saelens.load(run_dir / "saelens")
@@ -189,5 +185,5 @@ def evaluate_run(run_dir, *, n_words: typing.Optional[int] = 8000, seed: int = 0
   probes.pop("per_task")
   result = {"model": model, "hook": hook, "words": len(ids), **absorbed, **probes,
             "per_letter": per_letter}
-  run_lib.write_json(run_dir / "absorption.json", result)
+  outdir.write_json(run_dir / "absorption.json", result)
   return result

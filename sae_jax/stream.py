@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from sae_jax import data
 from sae_jax import export
+from sae_jax import hf
 from sae_jax import neox
 from sae_jax.train import AXIS  # the training step's batch axis
 _KEY_SALT = 0x5354  # keeps the shuffle key apart from the SAE's own keys
@@ -109,11 +110,9 @@ class Stream:
           f"--stream-contexts {round_contexts} gives each of the {n} devices "
           f"{per_device * (config.context_length - 1)} rows a round, fewer than the {b} it "
           f"gives each step; use at least {-(-b // (config.context_length - 1)) * n}")
-    import transformers  # noqa: PLC0415 (the tokenizer; no torch)
     self.config, self.mesh, self.b = config, mesh, b
     self.round_contexts, self.per_device = round_contexts, per_device
-    self.tokenizer = transformers.AutoTokenizer.from_pretrained(config.model,
-                                                                revision=config.revision)
+    self.tokenizer = hf.tokenizer(config.model, config.revision)
     self.lm_config, params = neox.load(config.model, config.revision)
     self.layer = export.model_layer(config.hook, config.model, self.lm_config.n_layers)
     self.d_model = self.lm_config.hidden_size

@@ -9,9 +9,10 @@ import math
 import pathlib
 import typing
 
+from sae_jax import outdir
 from sae_jax import run as run_lib
 from sae_jax import storage
-from sae_jax.run import RunConfig
+from sae_jax.runconfig import RunConfig
 
 # Columns of results.csv, after variant, selection, score and l: fvu and l0
 # are the saved SAE's (inference mode), batch_fvu and batch_l0 the training
@@ -79,13 +80,13 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
   """
   out = storage.path(base.out)
   runs = variant_configs(base, ls, scores)
-  if one_pass and not all(run_lib.finished(config.out) for *_, config in runs):
+  if one_pass and not all(outdir.finished(config.out) for *_, config in runs):
     if run_lib.run_many([config for *_, config in runs], out, progress=progress,
                         verify=verify) is None:
       print("sweep stopped by SIGTERM: re-run the same command to continue", flush=True)
       return None
   for name, *_, config in runs:
-    if not run_lib.finished(config.out):  # sequential
+    if not outdir.finished(config.out):  # sequential
       print(f"--- {name}", flush=True)
       stopped = run_lib.run(config, progress=progress, verify=verify) is None
       verify = False  # the variants share the data: once is enough
@@ -93,7 +94,7 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
         print(f"sweep stopped by SIGTERM in {name}: re-run the same command to continue",
               flush=True)
         return None
-  if not run_lib.writes():  # the tables are process 0's, as the runs' files are
+  if not outdir.writes():  # the tables are process 0's, as the runs' files are
     return []
   rows = []
   for name, selection, score, l, config in runs:

@@ -8,8 +8,8 @@ TRAIN_ARGS must not name --out: the run goes to DISK/run. Three runs:
   1. the disk is filled before the run starts;
   2. with the space freed, a run that the disk fills up after step 20;
   3. with the space freed again, the re-run that finishes it;
-  4. the disk filled once more, a re-run of the finished run (it re-exports
-     saelens/, which does not fit).
+  4. summary.json removed (a run killed as it finished) and the disk filled
+     once more: the re-run re-exports saelens/, which does not fit.
 REPORT gets, for each, the exit status, stderr and the files left in the
 run's folder; and the finished run's summary, metrics and SAELens weights.
 """
@@ -79,6 +79,7 @@ def main() -> int:
       "metrics": (run / "metrics.jsonl").read_text(),
       "weights": (run / "saelens" / "sae_weights.safetensors").read_bytes().hex()}
 
+  (run / "summary.json").unlink()
   fill(disk)
   record("full_rerun", popen())
   report["full_rerun"]["weights"] = (

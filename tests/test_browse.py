@@ -12,8 +12,8 @@ from sae_jax import browse
 from sae_jax import saelens
 from tests import reference
 from tests import scripts
-from tests.test_run import SMALL
-from tests.test_run import train_script
+from tests.helpers import SMALL
+from tests.helpers import train_script
 
 BROWSE = scripts.load("browse")
 RUN_ARGS = ["--dict-size", "32", "--k", "4", "--l", "2", "--batch-size", "32", "--steps", "12",

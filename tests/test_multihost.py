@@ -6,11 +6,7 @@ process killed with -9 stops the other with one line, and the relaunch
 resumes from the last complete checkpoint."""
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -18,63 +14,19 @@ import pytest
 
 from tests import scripts
 from tests import tiny_lm
-from tests.test_run import SMALL
-from tests.test_run import outputs
-from tests.test_run import train_script
-from tests.test_run import wait_for_step
+from tests.helpers import SMALL
+from tests.helpers import finish
+from tests.helpers import launch
+from tests.helpers import no_traceback
+from tests.helpers import same_run
+from tests.helpers import train_script
+from tests.helpers import wait_for_step
 
-TRAIN = scripts.EXPERIMENTS / "train.py"
 EXPORT = scripts.load("export_activations")
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def launch(args) -> list:
-  """train.py as processes 0 and 1 of 2, each with 2 CPU devices."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  port = free_port()
-  return [subprocess.Popen([sys.executable, str(TRAIN), *SMALL, *map(str, args),
-                            "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                            "--process-id", str(i), "--heartbeat-timeout", "10"],
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-          for i in range(2)]
-
-
-def finish(processes, timeout=240) -> list:
-  """[(returncode, stdout, stderr)] of each; kills them all if one hangs."""
-  out = []
-  try:
-    for process in processes:
-      stdout, stderr = process.communicate(timeout=timeout)
-      out.append((process.returncode, stdout, stderr))
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-        process.communicate()
-  return out
-
-
-def no_traceback(results):
-  for code, stdout, stderr in results:
-    assert "Traceback" not in stderr and "Check failure" not in stderr, stderr[-3000:]
 
 
 def steps_logged(out) -> list:
   return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def same_run(one, two):
-  a, b = outputs(one), outputs(two)
-  assert a["bytes"] == b["bytes"]  # the final parameters and thresholds, bit for bit
-  assert [m["loss"] for m in a["metrics"]] == [m["loss"] for m in b["metrics"]]
-  drop = lambda s: {k: v for k, v in s.items() if k != "tokens_per_second"}
-  assert drop(a["summary"]) == drop(b["summary"])
 
 
 @pytest.fixture(scope="module")

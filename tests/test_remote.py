@@ -19,13 +19,16 @@ from sae_jax import export
 from sae_jax import storage
 from tests import tiny_lm
 from tests.gcs import gcs  # noqa: F401  (the fixture)
-from tests.test_multihost import finish
-from tests.test_multihost import launch
-from tests.test_multihost import no_traceback
-from tests.test_multihost import same_run
-from tests.test_run import SMALL
-from tests.test_run import subprocess_run
-from tests.test_run import train_script
+from tests.helpers import LM_ARGS
+from tests.helpers import LM_NAMES
+from tests.helpers import SMALL
+from tests.helpers import finish
+from tests.helpers import launch
+from tests.helpers import no_traceback
+from tests.helpers import same_run
+from tests.helpers import subprocess_run
+from tests.helpers import sweep_script
+from tests.helpers import train_script
 
 
 def download(url, to):
@@ -229,9 +232,6 @@ def test_bad_gs_urls_are_one_line(gcs, capsys, flag, value, says):
 def test_sweep_on_gs_equals_the_sweep_on_disk(gs_cache, cache, gcs, tmp_path):
   """One pass over a gs:// cache into a gs:// sweep folder: each variant ends
   as in the same sweep on disk; the tables and plots are there."""
-  from tests.test_sweep import LM_ARGS
-  from tests.test_sweep import LM_NAMES
-  from tests.test_sweep import sweep_script
   assert sweep_script.main(["--data", str(cache), *LM_ARGS, "--out", str(tmp_path / "disk")]) == 0
   url = gcs("sweep")
   assert sweep_script.main(["--data", gs_cache, *LM_ARGS, "--out", url]) == 0

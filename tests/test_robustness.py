@@ -20,17 +20,17 @@ from flax import struct
 
 from sae_jax import checkpoint
 from sae_jax import export
-from sae_jax import run as run_lib
+from sae_jax import outdir
 from sae_jax import synthetic
 from sae_jax import train
 from sae_jax.config import SAEConfig
 from sae_jax.config import TrainConfig
 from tests import scripts
-from tests.test_run import SMALL
-from tests.test_run import cli
-from tests.test_run import outputs
-from tests.test_run import train_script
-from tests.test_run import wait_for_step
+from tests.helpers import SMALL
+from tests.helpers import cli
+from tests.helpers import outputs
+from tests.helpers import train_script
+from tests.helpers import wait_for_step
 
 ROOT = scripts.EXPERIMENTS.parent
 STEPS = 60
@@ -270,8 +270,8 @@ def test_two_runs_cannot_share_an_out(tmp_path, capsys):
     first.kill()
   logged = steps_logged(out)
   assert logged == list(range(1, len(logged) + 1))  # one writer: no interleaved lines
-  release = run_lib._claim(out)  # the lock died with its holder
-  assert (out / run_lib.LOCK).read_text() == f"{os.getpid()}\n"
+  release = outdir.claim(out)  # the lock died with its holder
+  assert (out / outdir.LOCK).read_text() == f"{os.getpid()}\n"
   release()
 
 
@@ -280,7 +280,7 @@ def test_two_runs_cannot_share_an_out(tmp_path, capsys):
 def test_a_disk_that_fills_up(tmp_path, straight):
   """On a real 8 MiB tmpfs (tests/diskfull.py): full before the run, full
   mid-run (metrics.jsonl is cut mid-line there), then freed; and full when
-  a finished run re-exports. Each failure is one line and leaves nothing a
+  a run killed as it finished re-exports. Each failure is one line and leaves nothing a
   re-run trips on; the resumed run ends as an uninterrupted one."""
   report = tmp_path / "report.json"
   done = subprocess.run(["unshare", "-rm", sys.executable, "-m", "tests.diskfull",
@@ -294,7 +294,7 @@ def test_a_disk_that_fills_up(tmp_path, straight):
     assert len(error_lines(r[stage]["stderr"])) == 1, r[stage]["stderr"]
     assert "No space left on device" in r[stage]["stderr"]
     assert left(stage) == [], stage
-  assert r["full_before"]["files"] == [run_lib.LOCK]
+  assert r["full_before"]["files"] == [outdir.LOCK]
   assert r["resumed"]["rc"] == 0, r["resumed"]["stderr"]
   steps = [json.loads(line)["step"] for line in r["finished"]["metrics"].splitlines()]
   assert steps == list(range(1, STEPS + 1))
@@ -319,7 +319,7 @@ def test_a_stopped_sequential_sweep_says_so_and_keeps_its_variants(tmp_path):
   stdout, stderr = process.communicate(timeout=120)
   assert process.returncode == 0 and error_lines(stderr) == []
   assert "sweep stopped by SIGTERM in topk" in stdout
-  assert not run_lib.finished(out / "topk") and (out / "topk" / "checkpoints").is_dir()
+  assert not outdir.finished(out / "topk") and (out / "topk" / "checkpoints").is_dir()
   assert not (out / "batchtopk").exists()
 
 

@@ -3,48 +3,28 @@ kill -9, the SAELens export, refusals, and the Pythia path on a tiny model."""
 
 import json
 import os
-import pathlib
 import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from sae_jax import evaluate
 from sae_jax import synthetic
 from sae_jax import thresholds
-from sae_jax.run import RunConfig
-from tests import scripts
 from tests import tiny_lm
-
-SCRIPT = scripts.EXPERIMENTS / "train.py"
-train_script = scripts.load("train")
-
-SMALL = ["--synthetic-d-model", "16", "--synthetic-features", "32", "--dict-size", "64",
-         "--k", "4", "--l", "4", "--batch-size", "64", "--warmup-steps", "5",
-         "--threshold-start", "10", "--eval-tokens", "512", "--calibration-tokens", "1024",
-         "--no-progress"]
-
-
-def cli(*args):
-  return train_script.main([*SMALL, *map(str, args)])
+from tests.helpers import SCRIPT
+from tests.helpers import SMALL
+from tests.helpers import cli
+from tests.helpers import outputs
+from tests.helpers import subprocess_run
+from tests.helpers import train_script
+from tests.helpers import wait_for_step
 
 
-def outputs(out):
-  out = pathlib.Path(out)
-  return {"summary": json.loads((out / "summary.json").read_text()),
-          "metrics": [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()],
-          "config": RunConfig.from_dict(json.loads((out / "config.json").read_text())),
-          "weights": load_file(str(out / "saelens" / "sae_weights.safetensors")),
-          "cfg": json.loads((out / "saelens" / "cfg.json").read_text()),
-          "bytes": (out / "saelens" / "sae_weights.safetensors").read_bytes()}
-
-
-def test_synthetic_run_writes_every_output(tmp_path):
+def test_synthetic_run_writes_every_output(tmp_path, capsys):
   assert cli("--data", "synthetic", "--steps", 40, "--log-every", 10, "--ckpt-every", 15,
              "--out", tmp_path / "run") == 0
   o = outputs(tmp_path / "run")
@@ -58,10 +38,18 @@ def test_synthetic_run_writes_every_output(tmp_path):
       "15", "15.meta.json", "30", "30.meta.json", "40", "40.meta.json"]
   assert o["config"].train.sae.k == 4 and o["config"].data == "synthetic"
   assert o["cfg"]["architecture"] == "jumprelu" and o["cfg"]["d_sae"] == 64
-  # Re-running a finished run changes nothing.
-  assert cli("--data", "synthetic", "--steps", 40, "--log-every", 10, "--ckpt-every", 15,
-             "--out", tmp_path / "run") == 0
+  # Re-running a finished run changes nothing; with another inference rule
+  # (a field that only changes the end), the end runs again.
+  again = lambda *extra: cli("--data", "synthetic", "--steps", 40, "--log-every", 10,
+                             "--ckpt-every", 15, "--out", tmp_path / "run", *extra)
+  capsys.readouterr()
+  assert again() == 0
+  assert "run: finished already with this config" in capsys.readouterr().out
   assert outputs(tmp_path / "run")["bytes"] == o["bytes"]
+  assert again("--inference", "global") == 0
+  o = outputs(tmp_path / "run")
+  assert o["summary"]["inference"] == "global" and o["config"].inference == "global"
+  assert len(np.unique(o["weights"]["threshold"])) == 1
 
 
 def saelens_forward(weights, cfg, x):
@@ -109,29 +97,6 @@ def test_saelens_export_reproduces_inference(tmp_path, selection):
   assert np.mean(np.sum(z > 0, axis=1)) > 0
   assert o["summary"]["fvu"] == pytest.approx(
       evaluate.reconstruction_metrics(x, our_xhat, our_z)["fvu"], rel=1e-6)
-
-
-def subprocess_run(out, steps, extra=()):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  args = [sys.executable, str(SCRIPT), *SMALL, "--data", "synthetic", "--steps", str(steps),
-          "--log-every", "1", "--out", str(out), *extra]
-  return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-
-
-def wait_for_step(out, step, process, timeout=120):
-  metrics = pathlib.Path(out) / "metrics.jsonl"
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if process.poll() is not None:
-      raise AssertionError(f"run ended early: {process.communicate()}")
-    # Complete lines only: the run may be writing the last one.
-    lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []
-    if lines and json.loads(lines[-1])["step"] >= step:
-      return
-    time.sleep(0.05)
-  raise AssertionError("run did not reach the step in time")
 
 
 @pytest.mark.parametrize("how", ["sigterm", "kill"])

@@ -15,7 +15,7 @@ from sae_jax import evaluate
 from sae_jax import synthetic
 from sae_jax import thresholds
 from sae_jax import train
-from sae_jax.run import RunConfig
+from sae_jax.runconfig import RunConfig
 from tests import scripts
 
 train_script = scripts.load("train")

@@ -12,21 +12,8 @@ import sae_jax
 from sae_jax import selection
 from sae_jax import validation
 from tests import reference
-
-
-def activations(shape, seed, *, zeros=0.5, zero_rows=0, levels=None):
-  """ReLU-like data: a fraction of exact zeros, some all-zero tokens, and,
-  with `levels`, values drawn from that many distinct numbers (many ties)."""
-  rng = np.random.default_rng(seed)
-  if levels is None:
-    a = rng.standard_normal(shape).astype(np.float32)
-  else:
-    a = rng.integers(1, levels + 1, shape).astype(np.float32)
-  a[rng.random(shape) < zeros] = 0.0
-  a[rng.random(shape) < 0.1] *= -1.0  # negatives must be ignored
-  flat = a.reshape(-1, shape[-1])
-  flat[rng.permutation(flat.shape[0])[:zero_rows]] = 0.0
-  return a
+from tests.helpers import activations
+from tests.helpers import run_shard_map
 
 
 # (shape, k, l): odd B, F not a multiple of anything, k*l > F, leading axes.
@@ -50,8 +37,8 @@ def test_rules_match_reference(shape, k, l, data, threshold_path):
 
   np.testing.assert_array_equal(
       sae_jax.topk(a, k), reference.apply(a, reference.topk_mask(a, k)))
-  np.testing.assert_array_equal(
-      sae_jax.batch_topk(a, k), reference.apply(a, reference.batch_topk_mask(a, k)))
+  np.testing.assert_array_equal(sae_jax.batch_topk(a, k, search=threshold_path),
+                                reference.apply(a, reference.batch_topk_mask(a, k)))
 
   for score in ("l2", "entropy"):
     scores = np.asarray(sae_jax.column_scores(a, score))
@@ -60,8 +47,9 @@ def test_rules_match_reference(shape, k, l, data, threshold_path):
     pool = reference.pool(scores, size)
     np.testing.assert_array_equal(sae_jax.candidate_pool(jnp.asarray(scores), size), pool)
     want = reference.apply(a, reference.batch_topk_mask(a, k, cols=pool))
-    np.testing.assert_array_equal(sae_jax.sampled_select(a, k, l, score=score), want)
-    compact = sae_jax.sampled_select_pooled(a, k, l, score=score)
+    np.testing.assert_array_equal(
+        sae_jax.sampled_select(a, k, l, score=score, search=threshold_path), want)
+    compact = sae_jax.sampled_select_pooled(a, k, l, score=score, search=threshold_path)
     np.testing.assert_array_equal(compact.pool, pool)
     np.testing.assert_array_equal(compact.values, want[..., pool])
 
@@ -127,13 +115,13 @@ def test_selects_exactly_min_of_budget_and_positives(score, threshold_path):
   for seed, zeros in [(0, 0.2), (1, 0.97), (2, 0.995)]:
     a = activations((19, 31), seed, zeros=zeros, zero_rows=4)
     k, l = 3, 2.0
-    sel = sae_jax.sampled_select_pooled(a, k, l, score=score)
+    sel = sae_jax.sampled_select_pooled(a, k, l, score=score, search=threshold_path)
     pooled = np.maximum(reference.tokens(a)[:, np.asarray(sel.pool)], 0)
     values = np.asarray(sel.values)
     assert np.all(values >= 0)
     assert np.all(pooled[values > 0] == values[values > 0])
     assert (values > 0).sum() == min(19 * k, (pooled > 0).sum())
-    out = np.asarray(sae_jax.batch_topk(a, k))
+    out = np.asarray(sae_jax.batch_topk(a, k, search=threshold_path))
     assert (out > 0).sum() == min(19 * k, (reference.tokens(a) > 0).sum())
     assert np.all(out >= 0)
 
@@ -191,20 +179,17 @@ def test_offers_certify_unless_a_token_is_too_concentrated():
   assert offers_certify(a, k) == (want(a), False)
 
 
-def test_uncertified_offers_fall_back_to_exact_bisection(monkeypatch):
-  monkeypatch.setattr(selection, "BISECT_ENTRIES", 0)
-  jax.clear_caches()
+def test_uncertified_offers_fall_back_to_exact_bisection():
   rng = np.random.default_rng(5)
   a = rng.random((20, 60)).astype(np.float32)
   a[0] += 10.0  # token 0 wants min(60, B*k) = 40 or 60 entries: uncertified
   for k in (2, 3):
-    np.testing.assert_array_equal(
-        sae_jax.batch_topk(a, k), reference.apply(a, reference.batch_topk_mask(a, k)))
+    np.testing.assert_array_equal(sae_jax.batch_topk(a, k, search="offers"),
+                                  reference.apply(a, reference.batch_topk_mask(a, k)))
   with_ties = np.floor(a * 4) / 4
   np.testing.assert_array_equal(
-      sae_jax.batch_topk(with_ties, 2),
+      sae_jax.batch_topk(with_ties, 2, search="offers"),
       reference.apply(with_ties, reference.batch_topk_mask(with_ties, 2)))
-  jax.clear_caches()
 
 
 def test_ties_break_by_position():
@@ -345,7 +330,6 @@ def test_batch_topk_entries_say_when_the_offers_miss_some():
 
 
 def test_batch_topk_entries_under_an_axis():
-  from tests.test_sharding import run_shard_map  # noqa: PLC0415
   a = np.maximum(activations((48, 300), 32), 0)
 
   def local(a):

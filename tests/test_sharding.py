@@ -4,14 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 import sae_jax
 from tests import reference
-from tests.test_selection import activations
-
-DEVICES = 4
-AXIS = "data"
+from tests.helpers import AXIS
+from tests.helpers import DEVICES
+from tests.helpers import activations
+from tests.helpers import run_shard_map
 
 
 def run_pmap(fn, a):
@@ -21,26 +20,20 @@ def run_pmap(fn, a):
           for x in jax.pmap(fn, axis_name=AXIS)(shards)]
 
 
-def run_shard_map(fn, a):
-  mesh = jax.make_mesh((DEVICES,), (AXIS,))
-  a = jax.device_put(a, jax.sharding.NamedSharding(mesh, P(AXIS)))
-  out = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))(a)
-  return [np.asarray(x) for x in out]
-
-
-def all_rules(a, k, l, key, axis_name):
+def all_rules(a, k, l, key, axis_name, search="auto"):
   """Every output the invariance covers; per-device copies get a leading axis."""
   scores = [sae_jax.column_scores(a, m, axis_name=axis_name)
             for m in ("l2", "squared_l2", "entropy")]
-  pooled = sae_jax.sampled_select_pooled(a, k, l, key=key, axis_name=axis_name)
+  pooled = sae_jax.sampled_select_pooled(a, k, l, key=key, axis_name=axis_name, search=search)
   return (
       *[s[None] for s in scores],
       sae_jax.candidate_pool(scores[0], 5)[None],
       pooled.pool[None],
       pooled.values,
-      sae_jax.batch_topk(a, k, axis_name=axis_name),
-      sae_jax.sampled_select(a, k, l, key=key, axis_name=axis_name),
-      sae_jax.sampled_select(a, k, l, score="entropy", key=key, axis_name=axis_name),
+      sae_jax.batch_topk(a, k, axis_name=axis_name, search=search),
+      sae_jax.sampled_select(a, k, l, key=key, axis_name=axis_name, search=search),
+      sae_jax.sampled_select(a, k, l, score="entropy", key=key, axis_name=axis_name,
+                             search=search),
   )
 
 
@@ -66,8 +59,9 @@ def test_sharded_equals_single_device_bit_for_bit(runner, data, sampled, thresho
   k, l = 3, 2.5
   # Each device is handed a different key: the first device's must be used.
   key_for = lambda i: jax.random.fold_in(jax.random.key(7), i) if sampled else None
-  single = all_rules(jnp.asarray(a), k, l, key_for(0), None)
-  sharded = runner(lambda x: all_rules(x, k, l, key_for(jax.lax.axis_index(AXIS)), AXIS), a)
+  single = all_rules(jnp.asarray(a), k, l, key_for(0), None, threshold_path)
+  sharded = runner(lambda x: all_rules(x, k, l, key_for(jax.lax.axis_index(AXIS)), AXIS,
+                                       threshold_path), a)
   for got, want in zip(sharded, single):
     want = np.asarray(want)
     if got.shape[0] == DEVICES and want.shape[0] == 1:  # replicated output

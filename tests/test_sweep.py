@@ -4,7 +4,6 @@ on synthetic data, a cache and --stream; its one checkpoint after SIGTERM
 and kill -9; its memory estimate."""
 
 import csv
-import json
 import os
 import shutil
 import signal
@@ -15,11 +14,12 @@ import numpy as np
 import pytest
 
 from tests import scripts
-from tests import tiny_lm
-from tests.test_run import outputs
-from tests.test_run import wait_for_step
+from tests.helpers import LM_ARGS
+from tests.helpers import LM_NAMES
+from tests.helpers import outputs
+from tests.helpers import sweep_script
+from tests.helpers import wait_for_step
 
-sweep_script = scripts.load("sweep_l")
 
 ARGS = ["--data", "synthetic", "--synthetic-d-model", "16", "--synthetic-features", "32",
         "--rare-fraction", "0.1", "--parents", "2", "--children", "3", "--dict-size", "64",
@@ -112,13 +112,6 @@ def sweep_pair(tmp_path, args):
   assert sweep_script.main([*args, "--one-pass", "--out", str(one)]) == 0
   assert sweep_script.main([*args, "--sequential", "--out", str(each)]) == 0
   return one, each
-
-
-LM_ARGS = ["--dict-size", "32", "--k", "4", "--batch-size", "32", "--steps", "12",
-           "--warmup-steps", "2", "--threshold-start", "4", "--eval-tokens", "64",
-           "--calibration-tokens", "256", "--downstream-contexts", "4", "--ls", "2",
-           "--scores", "l2", "--log-every", "1", "--no-progress"]
-LM_NAMES = ["topk", "batchtopk", "sampled-l2-l2"]
 
 
 def test_one_pass_on_a_cache_equals_sequential(cache, tmp_path):

@@ -1,0 +1,154 @@
+"""The end of a run: inference thresholds, the held-out evaluation, the
+concept metrics (probing, absorption), the downstream loss and the SAELens
+export; summary.json last, which marks the run finished."""
+
+import json
+import pathlib
+
+import numpy as np
+import safetensors
+
+from sae_jax import downstream
+from sae_jax import evaluate
+from sae_jax import outdir
+from sae_jax import probing
+from sae_jax import saelens
+from sae_jax import spelling
+from sae_jax import thresholds
+from sae_jax import train
+from sae_jax.runconfig import RunConfig
+from sae_jax.sources import DataSource
+from sae_jax.sources import finite
+
+
+def finish(config: RunConfig, out: pathlib.PurePath, state: train.TrainState,
+           source: DataSource, tokens_per_second: float) -> dict:
+  """Thresholds, evaluation and the SAELens export of a trained state; summary.json last."""
+  c = config.train
+  calibration, theta_F = _thresholds(config, state, source)
+  summary = _evaluate(config, state, source, theta_F, calibration)
+  summary.update(tokens=int(state.step) * c.batch_size, steps=int(state.step),
+                 tokens_per_second=tokens_per_second)
+  if not outdir.writes():
+    return summary
+  try:
+    saelens.export_saelens(
+        out / "saelens", state.params, theta_F, float(state.input_scale), c.sae,
+        source.metadata,
+        log10_density=thresholds.log10_density(calibration.counts_F, calibration.tokens))
+  except (OSError, safetensors.SafetensorError) as error:
+    reason = getattr(error, "strerror", None) or str(error)
+    raise ValueError(f"could not write {out / 'saelens'} ({reason}); nothing was left "
+                     f"half-written, and a saelens/ written before is as it was: free space "
+                     f"and re-run to finish") from None
+  outdir.write_json(out / "summary.json", summary)  # last: the run is finished once it exists
+  print(json.dumps(outdir.strict(summary)), flush=True)
+  return summary
+
+
+def _thresholds(config: RunConfig, state: train.TrainState, source: DataSource):
+  """The calibration pass over training rows (shuffled, whole batches) and
+  the inference thresholds θ_F it gives, or the global θ for every latent."""
+  c = config.train
+  rows, _ = finite(source.calibration(config.calibration_tokens), "the calibration rows")
+  rows = rows[np.random.default_rng(c.seed).permutation(len(rows))]
+  calibration = thresholds.calibrate(
+      state.params, rows * np.float32(state.input_scale), c.sae, batch_size=c.batch_size,
+      per_latent=config.inference == "per-latent")
+  if config.inference == "per-latent" and c.sae.selection != "topk":
+    return calibration, calibration.threshold_F
+  return calibration, np.full(c.sae.n_latents, np.float32(state.threshold))
+
+
+def _evaluate(config: RunConfig, state: train.TrainState, source: DataSource, theta_F,
+              calibration: thresholds.Calibration) -> dict:
+  """summary.json: the held-out tokens in inference mode (the saved SAE) and
+  in batch mode (the training rule on shuffled batches of the same tokens)."""
+  c = config.train
+  raw = source.held_out()
+  held_out, dropped = finite(raw, "the held-out rows")
+  z, xhat = evaluate.reconstruct(state.params, theta_F, state.input_scale, held_out, c.sae)
+  concepts = _concepts(config, state, source, held_out, z, np.isfinite(raw).all(axis=1))
+  summary = evaluate.reconstruction_metrics(held_out, xhat, z)
+  sparsity = evaluate.sparsity_metrics(z)
+  counts, never = evaluate.density_histogram(sparsity.pop("density_F"))
+  summary.update({f"eval_{k}" if k == "dead_fraction" else k: v for k, v in sparsity.items()},
+                 density_histogram_log10=counts.tolist(), density_never_fired=never)
+  shuffled = held_out[np.random.default_rng(c.seed).permutation(len(held_out))]
+  z, xhat = evaluate.reconstruct(state.params, theta_F, state.input_scale, shuffled, c.sae,
+                                 mode="batch", batch_size=c.batch_size)
+  batch = evaluate.reconstruction_metrics(shuffled, xhat, z)
+  summary.update(batch_fvu=batch["fvu"], batch_l0=batch["l0"])
+  if c.sae.selection == "sampled":
+    size = min(c.batch_size, len(held_out) // 2)
+    summary["pool_jaccard"] = evaluate.pool_jaccard(
+        evaluate.pools(state.params, state.input_scale, held_out, c.sae, size))
+  summary.update(
+      dead_fraction=float(np.mean(state.steps_since_fired_F >= c.dead_steps)),
+      skipped_steps=int(state.skipped_steps), threshold=float(state.threshold),
+      input_scale=float(state.input_scale), calibration_tokens=calibration.tokens,
+      eval_rows=len(held_out), eval_rows_dropped=dropped)
+  if c.sae.selection != "topk":
+    can_fire_F = theta_F < thresholds.NEVER
+    summary.update(
+        inference=config.inference, never_fire_fraction=float(np.mean(~can_fire_F)),
+        threshold_median=float(np.median(theta_F[can_fire_F])) if can_fire_F.any() else None)
+  if source.dictionary is not None:
+    summary.update(evaluate.ground_truth_metrics(state.params["W_dec"], source.dictionary,
+                                                 config.synthetic.feature_class()))
+  summary.update(concepts)
+  summary.update(_downstream(config, state, theta_F, source))
+  return summary
+
+
+def _concepts(config: RunConfig, state: train.TrainState, source: DataSource, x_NxD, z_NxF,
+              kept_N) -> dict:
+  """Sparse probing and absorption (`probing.py`) of the held-out rows x
+  (the finite ones, `kept_N`, of those the data gave) from their inference
+  codes z: of every true feature, and each parent of a hierarchy, on
+  synthetic data; of first letters on a cache's tokens."""
+  scale = np.float32(state.input_scale)  # codes / scale: the SAE's input units, as in SAELens
+  W_dec = np.asarray(state.params["W_dec"])
+  drop = lambda result, key: {k: v for k, v in result.items() if k != key}
+  if source.true_codes is not None:
+    truth = source.true_codes()[kept_N]
+    codes = z_NxF / scale
+    out = drop(probing.sparse_probing(codes, truth > 0, dense_NxD=x_NxD), "per_task")
+    if config.synthetic.parents:
+      out |= drop(probing.ground_truth_absorption(x_NxD, codes, W_dec, truth, source.dictionary,
+                                                  config.synthetic.parent_of()), "per_parent")
+    return out
+  found = source.letters() if source.letters is not None else None
+  if found is None:
+    return {}
+  tokens, letter = found[0][kept_N], found[1][kept_N]
+  words = letter >= 0
+  codes, x_NxD, tokens, letter = z_NxF[words] / scale, x_NxD[words], tokens[words], letter[words]
+  out = drop(probing.sparse_probing(
+      codes, letter[:, None] == np.arange(len(spelling.LETTERS))[None, :], dense_NxD=x_NxD),
+      "per_task")
+  return out | drop(probing.letter_absorption(x_NxD, codes, W_dec, letter, tokens), "per_letter")
+
+
+def _downstream(config: RunConfig, state: train.TrainState, theta_F,
+                source: DataSource) -> dict:
+  """The spliced-loss metrics (`downstream.py`) on the contexts after the
+  training data, with the model in JAX or torch as the data were made."""
+  if source.downstream_ids is None:
+    return {}
+  ids_BxL = source.downstream_ids()
+  if not len(ids_BxL):
+    print("no contexts left after the training data: downstream loss skipped", flush=True)
+    return {}
+  e = config.export
+  if source.language_model is not None:
+    lm_config, lm_params = source.language_model()
+    result = downstream.downstream_loss_jax(
+        lm_params, lm_config, e.hook, ids_BxL, evaluate.splice(state.config.sae),
+        (state.params, np.asarray(theta_F, np.float32), np.float32(state.input_scale)))
+  else:
+    splice = lambda h: evaluate.reconstruct(state.params, theta_F, state.input_scale, h,
+                                            state.config.sae)[1]
+    result = downstream.downstream_loss(e.model, e.hook, ids_BxL, splice,
+                                        revision=e.revision, device=e.device)
+  return {f"downstream_{k}": v for k, v in result.items()}

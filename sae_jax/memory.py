@@ -1,0 +1,85 @@
+"""What a run needs of each device, refused before anything is allocated
+when it cannot fit."""
+
+import math
+import os
+import typing
+
+import jax
+
+from sae_jax.config import TrainConfig
+from sae_jax.runconfig import RunConfig
+
+
+def device_memory() -> int:
+  """Bytes each local device has: what JAX reports, or the host's memory
+  shared by its (CPU) devices."""
+  device = jax.local_devices()[0]
+  try:
+    have = (device.memory_stats() or {}).get("bytes_limit")
+  except Exception:  # noqa: BLE001  (not every backend reports)
+    have = None
+  if have is None:
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+  return have
+
+
+def memory_per_device(trains: typing.Sequence[TrainConfig], n_devices: int,
+                      stream_rows: int = 0) -> dict:
+  """A floor on the bytes each device needs to train SAEs together:
+  "state", every SAE's parameters, two Adam moments and a gradient (4
+  copies); "activations", two [B / devices, F] float32 encoder arrays of the
+  widest SAE (the steps run one at a time); "stream", a --stream shuffle
+  buffer of `stream_rows` rows a device (the rows and their order)."""
+  state = sum(16 * (2 * c.sae.d_model * c.sae.n_latents + c.sae.n_latents + c.sae.d_model)
+              for c in trains)
+  tokens = max(trains[0].batch_size // n_devices, 1)
+  activations = max(2 * 4 * tokens * c.sae.n_latents for c in trains)
+  return {"state": state, "activations": activations,
+          "stream": stream_rows * 4 * (trains[0].sae.d_model + 1)}
+
+
+def _gib(n: int) -> str:
+  return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def check_devices(c: TrainConfig) -> None:
+  """The batch must split evenly over every device of every process."""
+  n = jax.local_device_count() * jax.process_count()
+  if c.batch_size % n:
+    raise ValueError(f"--batch-size {c.batch_size} must be divisible by the {n} devices")
+
+
+def check_memory(c: TrainConfig, n_devices: int) -> None:
+  """Refuses an SAE that cannot fit, before anything is allocated (the floor
+  of `memory_per_device`)."""
+  need = memory_per_device([c], n_devices)
+  have = device_memory()
+  if need["state"] + need["activations"] > have:
+    tokens = max(c.batch_size // n_devices, 1)
+    raise ValueError(
+        f"--dict-size {c.sae.n_latents} and --batch-size {c.batch_size} need at least "
+        f"{_gib(need['state'] + need['activations'])} on each device ({_gib(need['state'])} of "
+        f"parameters, Adam moments and gradients, {_gib(need['activations'])} of encoder "
+        f"activations for {tokens} tokens); each of the {jax.local_device_count()} "
+        f"{jax.local_devices()[0].platform} devices has {_gib(have)}")
+
+
+def check_memory_many(configs: typing.Sequence[RunConfig], n_devices: int) -> None:
+  """Says what training `configs` together needs on each device, and refuses
+  it, before anything is allocated, when that is more than a device has."""
+  first = configs[0]
+  rows = (math.ceil(first.stream_contexts / n_devices) * first.export.context_length
+          if first.stream else 0)
+  need = memory_per_device([config.train for config in configs], n_devices, rows)
+  have = device_memory()
+  total = sum(need.values())
+  what = (f"{_gib(total)} on each device: {_gib(need['state'])} of parameters, Adam moments and "
+          f"gradients of {len(configs)} SAEs, {_gib(need['activations'])} of encoder "
+          f"activations" + (f", {_gib(need['stream'])} of stream buffer and the language "
+                            f"model's weights" if first.stream else ""))
+  if total > have:
+    raise ValueError(f"the {len(configs)} SAEs trained in one pass need at least {what}; each of "
+                     f"the {jax.local_device_count()} {jax.local_devices()[0].platform} devices "
+                     f"has {_gib(have)}: train fewer at once, or sequentially")
+  print(f"memory: the one pass needs at least {what} (of {_gib(have)})", flush=True)

@@ -1,0 +1,242 @@
+"""A run's output folder and its guarantees: the lock, strict JSON written
+whole or not at all, the config and data checks on resume, metrics.jsonl cut
+back to the checkpoint, and the finished marker (summary.json, written last)."""
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import pathlib
+import shutil
+import typing
+
+import jax
+
+from sae_jax import export as export_lib
+from sae_jax import runconfig
+from sae_jax import storage
+from sae_jax.runconfig import FINGERPRINT
+from sae_jax.runconfig import RunConfig
+
+LOCK = ".lock"
+SWEEP_FILE = "sweep.json"  # a pass's record of the runs it trains elsewhere
+_ENDS = 1 << 20  # bytes at each end of a .npy that its fingerprint hashes
+
+
+def strict(value):
+  """`value` with every non-finite float replaced by None (strict JSON)."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: strict(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [strict(v) for v in value]
+  return value
+
+
+def writes() -> bool:
+  """Whether this process writes the run's own files (config.json,
+  metrics.jsonl, summary.json, saelens/): process 0 of a multi-host run,
+  whose files every host would write the same; orbax writes the
+  checkpoints from every host, as it must."""
+  return jax.process_index() == 0
+
+
+def write_text(path: pathlib.PurePath, text: str, then: str) -> None:
+  """`text` written whole or not at all (`storage.atomic_write`), by process
+  0 only; a failed write (a full disk) leaves nothing behind and is one line
+  naming the file and `then`."""
+  if not writes():
+    return
+  try:
+    storage.atomic_write(path, lambda f: f.write(text.encode()))
+  except OSError as error:
+    raise ValueError(f"could not write {path} ({error.strerror or error}); nothing was left "
+                     f"half-written: free space and re-run to {then}") from None
+
+
+def write_json(path: pathlib.PurePath, value) -> None:
+  """Strict JSON (NaN and inf as null), written whole or not at all."""
+  write_text(path, json.dumps(strict(value), indent=1, allow_nan=False), "continue")
+
+
+def _read_config(path: pathlib.PurePath) -> dict:
+  return export_lib.read_json_object(path, "run config", "it was damaged outside sae_jax; "
+                                                         "restore it, or use another --out")
+
+
+def finished(out) -> bool:
+  """Whether the run in `out` has written every output (summary.json last)."""
+  out = storage.path(out)
+  return all((out / name).is_file() for name in (
+      "summary.json", "saelens/cfg.json", "saelens/sae_weights.safetensors"))
+
+
+def check_resume(out: pathlib.PurePath, config: RunConfig) -> bool:
+  """Refuses to resume a run saved with another config (the differences
+  listed); records `config` in out/config.json. Returns whether config.json
+  already held this very config."""
+  path = out / "config.json"
+  new = config.to_dict()
+  if path.exists():
+    saved = _read_config(path)
+    differences = runconfig.differences(saved, config)
+    if differences:
+      raise ValueError(f"{out} holds a run with another config; refusing to resume it "
+                       f"(use another --out):\n  " + "\n  ".join(differences))
+    if {k: v for k, v in saved.items() if k != FINGERPRINT} == new:
+      return True  # nothing to write (so a full disk cannot stop a finished run here)
+    if FINGERPRINT in saved:
+      new[FINGERPRINT] = saved[FINGERPRINT]
+  write_json(path, new)
+  return False
+
+
+def data_fingerprint(config: RunConfig) -> typing.Optional[dict]:
+  """What identifies the run's data on disk: a cache by its shards' sha256s
+  (from the manifest), a .npy by its size, mtime and a sha256 of its first
+  and last MiB. None for data made from the config (synthetic, --stream)."""
+  if config.data == "synthetic" or config.stream:
+    return None
+  path = storage.path(config.cache_dir if config.data == "pythia" else config.data)
+  if path.is_dir():
+    manifest = export_lib.read_manifest(path) or {}
+    shards = "".join(shard["sha256"]["acts"] for shard in manifest.get("shards", []))
+    return {"kind": "cache", "rows": manifest.get("total_tokens"),
+            "sha256": hashlib.sha256(shards.encode()).hexdigest()}
+  size = storage.size(path)
+  ends = hashlib.sha256()
+  with path.open("rb") as f:
+    ends.update(f.read(_ENDS))
+    f.seek(max(size - _ENDS, 0))
+    ends.update(f.read(_ENDS))
+  return {"kind": "npy", "bytes": size, "mtime": storage.mtime(path),
+          "sha256_ends": ends.hexdigest()}
+
+
+def check_data(out: pathlib.PurePath, config: RunConfig, resuming: bool) -> None:
+  """Refuses to resume on data other than the run's; records them otherwise."""
+  path = out / "config.json"
+  if not writes() and not path.exists():  # process 0's files need not be on this host
+    return
+  saved = _read_config(path)
+  old, new = saved.get(FINGERPRINT), data_fingerprint(config)
+  if resuming and old is not None and new is not None:
+    changed = [f"{k} {old.get(k)!r} then, {new.get(k)!r} now"
+               for k in ("kind", "rows", "bytes", "sha256", "sha256_ends")
+               if old.get(k) != new.get(k)]
+    if changed:
+      raise ValueError(f"--data {config.data}: the data differ from those this run was "
+                       f"checkpointed on ({'; '.join(changed)}); refusing to resume on other "
+                       f"data: restore them, or use another --out")
+    if old.get("mtime") != new.get("mtime"):
+      print(f"--data {config.data} was modified since the run began, but its size and first "
+            f"and last MiB are the same: resuming", flush=True)
+  if new is not None and (old != new or not resuming):
+    write_json(path, saved | {FINGERPRINT: new})
+
+
+def check_runs(out: pathlib.PurePath, names: list) -> None:
+  """Refuses to resume a pass over another list of runs; records the list."""
+  path = out / SWEEP_FILE
+  if path.exists():
+    saved = export_lib.read_json_object(path, "sweep record", "restore it, or use another --out")
+    before = saved.get("runs")
+    if before != names:
+      gone = [n for n in before or [] if n not in names]
+      new = [n for n in names if n not in (before or [])]
+      what = "; ".join(filter(None, [f"removed {', '.join(gone)}" if gone else "",
+                                     f"added {', '.join(new)}" if new else "",
+                                     "" if gone or new else "the same runs in another order"]))
+      raise ValueError(f"{out} holds a sweep of other runs; refusing to resume it (use another "
+                       f"--out, or the same variants): {what}")
+    return
+  write_json(path, {"runs": names})
+
+
+def claim(out) -> typing.Callable[[], None]:
+  """Creates `out` and takes its lock; returns what releases it. Locally an
+  advisory lock on out/.lock holding our pid, released when the descriptor
+  closes or the process dies; on gs:// a `storage.Lease` in out/.lock. Only
+  process 0 of a multi-host run takes it. Stale temporary files (a run
+  killed while writing) are removed once it is held."""
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"--out {str(out)!r} is a file, not a directory")
+  if storage.is_remote(out):
+    if jax.process_index():
+      return lambda: None
+    storage.check_bucket(out, "--out")
+    lease = storage.Lease(out / LOCK)
+    try:
+      holder = lease.acquire()
+    except OSError as error:
+      raise ValueError(f"--out {out}: cannot write there ({type(error).__name__}: {error}); "
+                       f"check that the bucket exists and that this machine's credentials may "
+                       f"write to it") from None
+    if holder is not None:
+      raise ValueError(f"--out {out} is in use by another run ({holder}): wait for it to end, "
+                       f"or use another --out (a lease not renewed for "
+                       f"{storage.Lease.STALE:.0f} s is taken over)")
+    return lease.release
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index():
+      return lambda: None
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as error:
+    raise ValueError(f"--out {str(out)!r}: cannot write there ({error.strerror})") from None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    os.close(fd)
+    raise ValueError(f"--out {out} is in use by another run (pid {holder}): wait for it to "
+                     f"end, or use another --out") from None
+  try:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+  except OSError as error:
+    os.close(fd)
+    raise ValueError(f"could not write {out / LOCK} ({error.strerror}); free space and "
+                     f"re-run") from None
+  remove_stale(out)
+  return lambda: os.close(fd)
+
+
+def remove_stale(out) -> None:
+  """Removes temporary files a run killed while writing left in `out` (none
+  on gs://, where nothing is written under a temporary name). Process 0's
+  job: on another process they may be process 0's files, being written."""
+  if storage.is_remote(out) or not writes():
+    return
+  for stale in [*out.glob(".*.tmp-*"), *out.glob(".*.old-*"),
+                *out.glob("checkpoints/.*.tmp-*")]:
+    shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def resume_metrics(path: pathlib.PurePath, step: int) -> None:
+  """Cuts metrics.jsonl back to its lines up to `step` (the checkpoint's).
+  A line that does not parse (cut short by a full disk or kill -9, or
+  garbage) is dropped, and named with its file and line number."""
+  if not path.exists():
+    return
+  kept, bad = [], []
+  text = path.read_bytes().decode(errors="replace")
+  lines = text.splitlines()
+  for number, line in enumerate(lines, 1):
+    try:
+      logged = json.loads(line)["step"]
+      if isinstance(logged, bool) or not isinstance(logged, int):
+        raise ValueError(f"step is {logged!r}")
+    except (ValueError, KeyError, TypeError) as error:
+      bad.append(f"{path}:{number}: unreadable metrics line dropped ({error})")
+      continue
+    if logged <= step:
+      kept.append(line)
+  for line in bad[:3] + ([f"{path}: {len(bad) - 3} more unreadable lines dropped"]
+                         if len(bad) > 3 else []):
+    print(line, flush=True)
+  if not bad and len(kept) == len(lines) and text.endswith("\n") == bool(lines):
+    return  # already cut at the step
+  write_text(path, "".join(line + "\n" for line in kept), "resume")

@@ -1,0 +1,151 @@
+"""What a run is: `RunConfig`, its config.json form, and what a resume may change."""
+
+import dataclasses
+
+from sae_jax import export as export_lib
+from sae_jax import storage
+from sae_jax import synthetic as synthetic_lib
+from sae_jax import validation
+from sae_jax.config import TrainConfig
+
+# Fields a run may change when it resumes: train.step only changes how the
+# same gradients are computed, and the cache's manifest guards its backend.
+# inference and calibration_tokens only change what is done after training.
+# out is where the run is, not what it is: a run found under another spelling
+# of its path (or moved) resumes.
+RESUMABLE_FIELDS = ("log_every", "ckpt_every", "keep_checkpoints", "wandb", "tensorboard",
+                    "train.step", "export.backend", "inference", "calibration_tokens", "out")
+# Fields added after runs were saved without them: what those runs meant.
+ADDED_FIELDS = {"stream": False, "stream_contexts": 512, "train.sae.ridge": 0.01,
+                "train.sae.sketch": None, "train.sae.pool_every": 1, "synthetic.parents": 0,
+                "synthetic.children": 4, "synthetic.child_given_parent": 0.5}
+INFERENCE_RULES = ("per-latent", "global")
+# config.json's record of the data a run trains on (not part of the config).
+FINGERPRINT = "data_fingerprint"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """A training run: what to train, on which data, and where the outputs go."""
+  train: TrainConfig
+  """The SAE and its recipe."""
+  out: str
+  """Output directory: config.json, metrics.jsonl, checkpoints/, summary.json, saelens/."""
+  data: str = "pythia"
+  """"pythia" (the cache in cache_dir, exported first if missing), "synthetic",
+  a cache directory or a .npy file [N, D]."""
+  cache_dir: str = "cache/pythia-160m"
+  """Where --data pythia keeps its activation cache."""
+  # A factory: ExportConfig() asks JAX for its backend, which must wait for
+  # jax.distributed.initialize on several hosts.
+  export: export_lib.ExportConfig = dataclasses.field(default_factory=export_lib.ExportConfig)
+  """Model, hook and text for --data pythia (its token budget is set by the run)."""
+  synthetic: synthetic_lib.SyntheticConfig = synthetic_lib.SyntheticConfig()
+  """The generating process for --data synthetic."""
+  eval_tokens: int = 65536
+  """Held-out tokens for the final evaluation."""
+  inference: str = "per-latent"
+  """The saved SAE's rule (BatchTopK, Sampled-SAE): "per-latent", a threshold
+  per latent calibrated to fire it as often as training did, or "global",
+  the EMA of the batch's smallest selected activation for every latent."""
+  calibration_tokens: int = 65536
+  """Training tokens the per-latent thresholds are calibrated on (whole
+  batches; fewer if the data hold fewer)."""
+  downstream_contexts: int = 16
+  """--data pythia: contexts after the exported ones for the spliced-loss evaluation."""
+  stream: bool = False
+  """--data pythia: make the activations on the fly with the JAX model on the
+  training devices, through an on-device shuffle buffer (no cache)."""
+  stream_contexts: int = 512
+  """--stream: contexts whose rows are shuffled together (over all devices)."""
+  log_every: int = 100
+  """Steps between lines of metrics.jsonl."""
+  ckpt_every: int = 1000
+  """Steps between checkpoints (one is also saved at the end and on SIGTERM)."""
+  keep_checkpoints: int = 3
+  """Checkpoints kept."""
+  wandb: bool = False
+  """Also log metrics to Weights & Biases (needs the wandb package)."""
+  tensorboard: bool = False
+  """Also log metrics for TensorBoard (needs the tensorboardX package)."""
+
+  def __post_init__(self):
+    for name in ("eval_tokens", "log_every", "ckpt_every", "keep_checkpoints",
+                 "stream_contexts"):
+      validation.check_int_field("RunConfig", name, getattr(self, name))
+    validation.check_choice_field("RunConfig", "inference", self.inference, INFERENCE_RULES)
+    validation.check_int_field("RunConfig", "calibration_tokens", self.calibration_tokens)
+    if self.calibration_tokens < self.train.batch_size:
+      raise ValueError(f"RunConfig.calibration_tokens ({self.calibration_tokens}) must be at "
+                       f"least one batch ({self.train.batch_size} tokens): the training rule "
+                       f"is calibrated on whole batches")
+    validation.check_int_field("RunConfig", "downstream_contexts", self.downstream_contexts,
+                               minimum=0)
+    if not isinstance(self.stream, bool):
+      raise ValueError(f"RunConfig.stream must be True or False; got {self.stream!r}")
+    check_stream(self.stream, self.data, self.export.backend)
+    if self.data not in ("pythia", "synthetic"):
+      path = storage.path(self.data)
+      if not (path.is_dir() or (path.suffix == ".npy" and path.is_file())):
+        raise ValueError(f"--data must be 'pythia', 'synthetic', a cache directory or a .npy "
+                         f"file; {self.data!r} is none of these")
+    if self.data == "synthetic" and self.synthetic.d_model != self.train.sae.d_model:
+      raise ValueError(f"d_model {self.train.sae.d_model} differs from the synthetic data's "
+                       f"{self.synthetic.d_model}")
+
+  def to_dict(self) -> dict:
+    """config.json: every field the run uses. The export section is recorded
+    for --data pythia only, the synthetic one for --data synthetic only."""
+    d = dataclasses.asdict(self)
+    d["train"] = self.train.to_dict()
+    d["export"] = self.export.identity() | {"tokens": self.export.tokens,
+                                            "device": self.export.device}
+    return recorded(d)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "RunConfig":
+    """The config a config.json holds (any version's: a section it leaves out
+    did not apply to its run, and takes its defaults)."""
+    d = dict(d)
+    d.pop(FINGERPRINT, None)
+    export = d.pop("export", None)
+    synthetic = d.pop("synthetic", None)
+    return cls(train=TrainConfig.from_dict(d.pop("train")),
+               export=(export_lib.ExportConfig() if export is None
+                       else export_lib.ExportConfig(**export)),
+               synthetic=(synthetic_lib.SyntheticConfig() if synthetic is None
+                          else synthetic_lib.SyntheticConfig(**synthetic)), **d)
+
+
+def recorded(d: dict) -> dict:
+  """`d` (a config's dict, nested or flat) without the sections its data do
+  not read: "export" unless data is "pythia", "synthetic" unless it is
+  "synthetic". config.json written before this rule held them all."""
+  unused = tuple(section for section, data in (("export", "pythia"), ("synthetic", "synthetic"))
+                 if d.get("data") != data)
+  return {k: v for k, v in d.items() if k.split(".")[0] not in unused}
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+  """{"a.b": v} from {"a": {"b": v}}."""
+  return {k2: v2 for k, v in d.items() for k2, v2 in (
+      flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(f"{prefix}{k}", v)])}
+
+
+def differences(saved: dict, config: RunConfig) -> list:
+  """What `config` changes of a saved config.json that a resume may not
+  change, one "field: saved X, now Y" each."""
+  old = {k: v for k, v in saved.items() if k != FINGERPRINT}
+  before, after = recorded(ADDED_FIELDS | flat(old)), flat(config.to_dict())
+  return [f"{k}: saved {before.get(k)!r}, now {after.get(k)!r}"
+          for k in sorted(set(before) | set(after))
+          if k not in RESUMABLE_FIELDS and before.get(k) != after.get(k)]
+
+
+def check_stream(stream: bool, data_arg: str, backend: str) -> None:
+  """--stream needs --data pythia and the JAX model."""
+  if stream and data_arg != "pythia":
+    raise ValueError(f"--stream makes activations with the language model: it needs "
+                     f"--data pythia; got --data {data_arg!r}")
+  if stream and backend != "jax":
+    raise ValueError(f"--stream runs the model in JAX; got --backend {backend!r}")

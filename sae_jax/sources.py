@@ -1,0 +1,236 @@
+"""Opening a run's data: synthetic, a .npy or an activation cache, or the
+language model itself (--stream); each gives a `DataSource`."""
+
+import dataclasses
+import typing
+
+import jax
+import numpy as np
+
+from sae_jax import data
+from sae_jax import export as export_lib
+from sae_jax import hf
+from sae_jax import neox
+from sae_jax import spelling
+from sae_jax import storage
+from sae_jax import stream as stream_lib
+from sae_jax import synthetic as synthetic_lib
+from sae_jax import train
+from sae_jax.runconfig import RunConfig
+
+INIT_SAMPLE = 4096
+# Synthetic batches are indexed by step; these indices are never training steps.
+SYNTHETIC_INIT_STEP, SYNTHETIC_EVAL_STEP, SYNTHETIC_CALIBRATION_STEP = (
+    2**31 - 1, 2**31 - 2, 2**31 - 3)
+# The SAE saw raw transformers hidden states, not TransformerLens' centred ones.
+MODEL_KWARGS = {"model_from_pretrained_kwargs": {"center_writing_weights": False}}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSource:
+  """Everything a run reads, each part made only when asked for."""
+  batches: typing.Callable[[int, typing.Optional[dict]], typing.Iterator]
+  """(start step, saved position or None) -> the batches [devices, B / devices, D]."""
+  sample: np.ndarray
+  """Raw training rows for the initialisation."""
+  held_out: typing.Callable[[], np.ndarray]
+  """The held-out rows of the final evaluation."""
+  calibration: typing.Callable[[int], np.ndarray]
+  """n -> raw training rows for the inference thresholds."""
+  metadata: dict
+  """What SAELens' cfg.json says of the activations."""
+  position: typing.Callable[[int], typing.Optional[dict]] = lambda step: None
+  """step -> what the checkpoint saves of the source's position (--stream)."""
+  dictionary: typing.Optional[np.ndarray] = None
+  """Synthetic data: the true directions [M, D]."""
+  true_codes: typing.Optional[typing.Callable[[], np.ndarray]] = None
+  """Synthetic data: the held-out rows' true coefficients [N, M]."""
+  letters: typing.Optional[typing.Callable[[], typing.Optional[tuple]]] = None
+  """A cache: the held-out rows' (token ids [N], first letters [N]), or None
+  when the model's tokenizer does not load."""
+  downstream_ids: typing.Optional[typing.Callable[[], np.ndarray]] = None
+  """--data pythia: token ids [contexts, L] after those the run trained on."""
+  language_model: typing.Optional[typing.Callable[[], tuple]] = None
+  """--data pythia with the JAX model: (neox config, params); None with torch's."""
+
+
+def open_source(config: RunConfig, n_devices: int, *, verify: bool = False) -> DataSource:
+  """The run's data: made from the config, read from disk (exported first
+  for --data pythia), or made by the model on the devices (--stream)."""
+  if config.data == "synthetic":
+    return _synthetic(config, n_devices)
+  if config.stream:
+    return _stream(config)
+  return _disk(config, n_devices, verify)
+
+
+def _synthetic(config: RunConfig, n_devices: int) -> DataSource:
+  c = config.train
+  source = synthetic_lib.SyntheticSource(config.synthetic)
+  p, n_proc = jax.process_index(), jax.process_count()
+
+  def batches(start, position):
+    for step in range(start, 2**31 - 2):
+      rows = source.sample(step, c.batch_size).reshape(n_proc, -1, c.sae.d_model)[p]
+      yield rows.reshape(n_devices, -1, c.sae.d_model)
+
+  return DataSource(
+      batches=batches, sample=source.sample(SYNTHETIC_INIT_STEP, INIT_SAMPLE),
+      held_out=lambda: source.sample(SYNTHETIC_EVAL_STEP, config.eval_tokens),
+      calibration=lambda n: source.sample(SYNTHETIC_CALIBRATION_STEP, n),
+      metadata={"model_name": "synthetic", "hook_name": "synthetic", "context_size": None,
+                "prepend_bos": False, "dataset_path": "synthetic"},
+      dictionary=source.dictionary,
+      true_codes=lambda: source.sample_with_codes(SYNTHETIC_EVAL_STEP, config.eval_tokens)[1])
+
+
+def _disk(config: RunConfig, n_devices: int, verify: bool) -> DataSource:
+  c = config.train
+  path = config.data
+  if config.data == "pythia":
+    path = config.cache_dir
+    needed = c.total_steps * c.batch_size + config.eval_tokens
+    export_lib.export_activations(dataclasses.replace(config.export, tokens=needed), path)
+  manifest = export_lib.read_manifest(path) if storage.path(path).is_dir() else None
+  n_rows = data.Activations(path).n_rows
+  eval_rows = held_out_rows(config.eval_tokens, n_rows)
+  if eval_rows < config.eval_tokens:
+    print(f"holding out {eval_rows} rows for evaluation (a tenth of {n_rows}), "
+          f"not eval_tokens={config.eval_tokens}", flush=True)
+  if verify:
+    print(f"verifying every shard of {path} against its sha256", flush=True)
+  acts = data.Activations(path, eval_rows=eval_rows, verify=verify)
+  metadata = {"model_name": manifest["model"] if manifest else "unknown",
+              "hook_name": manifest["hook"] if manifest else "unknown",
+              "context_size": manifest["context_length"] if manifest else None,
+              "prepend_bos": False,
+              "dataset_path": manifest["dataset"] if manifest else str(path),
+              **(MODEL_KWARGS if manifest else {})}
+  train_rows = acts.n_rows - eval_rows
+
+  def letters():
+    tokenizer = spelling.load_tokenizer(manifest["model"], manifest.get("revision"))
+    if tokenizer is None:
+      return None
+    tokens = acts.eval_tokens()
+    return tokens, spelling.token_letters(tokenizer, tokens)
+
+  e = config.export
+  pythia = config.data == "pythia"
+  return DataSource(
+      batches=lambda start, position: acts.batches(c.batch_size, n_devices, seed=c.seed,
+                                                   start_step=start),
+      sample=acts.sample(min(INIT_SAMPLE, train_rows), seed=c.seed),
+      held_out=acts.eval_batch,
+      calibration=lambda n: acts.sample(min(n, train_rows), seed=c.seed + 1),
+      metadata=metadata,
+      letters=letters if manifest else None,
+      downstream_ids=(lambda: _contexts_after_cache(config)) if pythia else None,
+      language_model=((lambda: neox.load(e.model, e.revision))
+                      if pythia and e.backend == "jax" else None))
+
+
+def _contexts_after_cache(config: RunConfig) -> np.ndarray:
+  """Up to `downstream_contexts` contexts of the text after those the cache
+  exported (its training and held-out rows) [n, L]."""
+  e = config.export
+  used = export_lib.read_manifest(config.cache_dir)["total_tokens"]
+  tokenizer = hf.tokenizer(e.model, e.revision)
+  excluded, rows, after = set(e.exclude_token_ids), 0, []
+  for context in export_lib.contexts(e, tokenizer):
+    if rows < used:  # a training (or evaluation-row) context: skip it
+      rows += sum(int(t) not in excluded for t in context[1:])
+    elif len(after) < config.downstream_contexts:
+      after.append(context)
+    else:
+      break
+  return np.stack(after) if after else np.zeros((0, e.context_length), np.int32)
+
+
+def _stream(config: RunConfig) -> DataSource:
+  c, e = config.train, config.export
+  source = stream_lib.Stream(
+      e, train.make_mesh(), batch_size=c.batch_size,
+      round_contexts=config.stream_contexts, eval_tokens=config.eval_tokens,
+      downstream_contexts=config.downstream_contexts, seed=c.seed)
+  return DataSource(
+      batches=source.batches, sample=source.sample(INIT_SAMPLE), held_out=source.held_out,
+      calibration=source.sample, position=source.position,
+      metadata={"model_name": e.model, "hook_name": e.hook, "context_size": e.context_length,
+                "prepend_bos": False,
+                "dataset_path": list(e.dataset) if isinstance(e.dataset, tuple) else e.dataset,
+                **MODEL_KWARGS},
+      downstream_ids=lambda: source.downstream_contexts,
+      language_model=lambda: (source.lm_config, source.lm_params))
+
+
+def finite(rows: np.ndarray, what: str) -> tuple:
+  """The finite rows of `rows` and how many were dropped (said in a line)."""
+  keep = np.isfinite(rows).all(axis=1)
+  dropped = int(len(rows) - np.count_nonzero(keep))
+  if dropped:
+    print(f"{what}: dropped {dropped} of {len(rows)} rows that are not finite", flush=True)
+    rows = rows[keep]
+  if not len(rows):
+    raise ValueError(f"{what}: all {dropped} rows are NaN or infinite; check the activations")
+  return rows, dropped
+
+
+def held_out_rows(eval_tokens: int, n_rows: int) -> int:
+  """Rows at the end of disk data held out for evaluation: eval_tokens, at
+  most a tenth of the data."""
+  return min(eval_tokens, n_rows // 10)
+
+
+def check_data_size(config: RunConfig) -> None:
+  """Disk data must hold one batch of training rows and a held-out row;
+  with several processes, --data pythia's cache must be complete already
+  (one export, not one per process into the same folder)."""
+  if config.data == "pythia" and not config.stream and jax.process_count() > 1:
+    manifest = export_lib.read_manifest(config.cache_dir) or {}
+    needed = config.train.total_steps * config.train.batch_size + config.eval_tokens
+    have = manifest.get("total_tokens", 0) if manifest.get("complete") else 0
+    if have < needed:
+      raise ValueError(
+          f"--data pythia on {jax.process_count()} processes reads the cache in --cache-dir "
+          f"{config.cache_dir}, which holds {have} of the {needed} tokens the run needs: export "
+          f"it first, once (experiments/export_activations.py --out {config.cache_dir} --tokens "
+          f"{needed} with the same --model, --hook and --dataset), or use --stream")
+  if config.data in ("pythia", "synthetic"):
+    return
+  n_rows = data.Activations(config.data).n_rows
+  held_out = lambda n: held_out_rows(config.eval_tokens, n)
+  if held_out(n_rows) < 1 or n_rows - held_out(n_rows) < config.train.batch_size:
+    need = max(10, config.train.batch_size)
+    while need - held_out(need) < config.train.batch_size:
+      need += 1
+    raise ValueError(
+        f"--data {config.data} holds {n_rows} rows: a run needs one batch "
+        f"(--batch-size {config.train.batch_size}) of training rows plus held-out rows (a "
+        f"tenth of the data, at most --eval-tokens), so at least {need} rows")
+
+
+def d_model_of(data_arg: str, *, cache_dir: str, model: str, revision=None,
+               synthetic_d_model: int, stream: bool = False) -> int:
+  """The activation width D of a run's data, found without doing any work."""
+  if data_arg == "synthetic":
+    return synthetic_d_model
+  if data_arg == "pythia":
+    manifest = None if stream else export_lib.read_manifest(cache_dir)
+    if manifest is not None and "d_model" in manifest:
+      return manifest["d_model"]
+    directory = hf.reachable_model(model, revision)
+    if stream:
+      return neox.load_config(str(directory)).hidden_size
+    return hf.hidden_size(directory)
+  path = storage.path(data_arg)
+  if path.suffix == ".npy" and path.is_file():
+    shape = data.open_npy(path).shape
+    if len(shape) != 2:
+      raise ValueError(f"{data_arg} must hold activations [N, D] (2 dimensions); got shape {shape}")
+    return shape[1]
+  manifest = export_lib.read_manifest(path) if path.is_dir() else None
+  if manifest is None or "d_model" not in manifest:
+    raise ValueError(f"--data {data_arg!r} is not 'pythia', 'synthetic', an activation cache "
+                     f"directory or a .npy file")
+  return manifest["d_model"]
