@@ -1,11 +1,18 @@
 """Configs: the recipe's defaults, round trips, and clear errors on bad values."""
 
+import dataclasses
 import json
+import pathlib
 
+import numpy as np
 import pytest
 
+from sae_jax import outdir
+from sae_jax import runconfig
+from sae_jax import synthetic
 from sae_jax.config import SAEConfig
 from sae_jax.config import TrainConfig
+from sae_jax.runconfig import RunConfig
 
 
 def test_defaults_follow_the_recipe():
@@ -111,3 +118,46 @@ def test_step_flag_reaches_the_config():
     assert cli.config_from(args).train.step == want
   with pytest.raises(SystemExit):
     parser.parse_args(["--step", "sparse"])
+
+
+DATA = pathlib.Path(__file__).resolve().parent / "data"
+
+
+@pytest.mark.parametrize("name", ["config_npy_0.1.json", "config_synthetic_0.1.json"])
+def test_a_config_json_of_the_previous_version_resumes(tmp_path, name):
+  """config.json written by sae_jax 0.1 before runs recorded only what they
+  used (a .npy run's holds the export and synthetic sections): its run
+  resumes, and the file is rewritten as this version records it, the data
+  fingerprint kept. A changed field is still refused."""
+  saved = json.loads((DATA / name).read_text())
+  assert "export" in saved and "synthetic" in saved
+  npy = tmp_path / "acts.npy"
+  np.save(npy, np.zeros((100, 16), np.float32))
+  out = tmp_path / "run"
+  out.mkdir()
+  saved |= {"out": str(out)} | ({"data": str(npy)} if saved["data"] == "DATA" else {})
+  fingerprint = {"kind": "npy", "bytes": 1}
+  (out / "config.json").write_text(json.dumps(saved | {runconfig.FINGERPRINT: fingerprint}))
+  config = RunConfig.from_dict(saved)
+  assert not outdir.check_resume(out, config)  # resumes; config.json rewritten
+  now = json.loads((out / "config.json").read_text())
+  assert now.pop(runconfig.FINGERPRINT) == fingerprint
+  assert now == config.to_dict()
+  assert ("synthetic" in now) == (saved["data"] == "synthetic") and "export" not in now
+  assert outdir.check_resume(out, config)  # unchanged now
+  other = dataclasses.replace(config, eval_tokens=config.eval_tokens + 1)
+  with pytest.raises(ValueError, match=r"eval_tokens: saved \d+, now \d+"):
+    outdir.check_resume(out, other)
+
+
+def test_config_json_records_the_sections_the_data_use(tmp_path):
+  train = TrainConfig(SAEConfig(16, 64, k=4), batch_size=64, steps=10)
+  npy = tmp_path / "acts.npy"
+  np.save(npy, np.zeros((100, 16), np.float32))
+  for data, sections in (("synthetic", {"synthetic"}), (str(npy), set()),
+                         ("pythia", {"export"})):
+    config = RunConfig(train=train, out="x", data=data,
+                       synthetic=synthetic.SyntheticConfig(d_model=16))
+    d = config.to_dict()
+    assert {"export", "synthetic"} & set(d) == sections, data
+    assert RunConfig.from_dict(json.loads(json.dumps(d))).to_dict() == d
