@@ -20,6 +20,7 @@ import jax
 
 from sae_jax import hostmem
 from sae_jax import synthetic
+from sae_jax import loop
 from sae_jax import train
 from sae_jax.config import SAEConfig
 from sae_jax.config import TrainConfig
@@ -33,7 +34,7 @@ def run(rule: str, l: float, args) -> dict:
                        threshold_start=args.steps // 2, dead_tokens=args.dead_tokens)
   state = train.replicate(train.create_train_state(config, source.sample(10**6, 4096)), 1)
   logs = []
-  train.train_loop(state, source.batches(args.batch), log_every=args.window, progress=False,
+  loop.train_loop(state, source.batches(args.batch), log_every=args.window, progress=False,
                    on_log=lambda step, m: logs.append(m))
   alive = [m["tokens_per_second"] for m in logs[1:] if m["dead_fraction"] == 0]
   dead = [m["tokens_per_second"] for m in logs[1:] if m["dead_fraction"] > 0]

@@ -35,6 +35,7 @@ import dl_reference
 from sae_jax import evaluate
 from sae_jax import hostmem
 from sae_jax import synthetic
+from sae_jax import loop
 from sae_jax import train
 from sae_jax.config import SAEConfig
 from sae_jax.config import TrainConfig
@@ -84,7 +85,7 @@ def summary(data: Data, W_dec_FxD, z, xhat, rates: list) -> dict:
 def run_ours(config: TrainConfig, data: Data) -> dict:
   state = train.create_train_state(config, sample(data))
   rates = []
-  state = train.train_loop(
+  state = loop.train_loop(
       train.replicate(state, 1), (data.batch(s)[None] for s in range(config.total_steps)),
       log_every=WINDOW, progress=False,
       on_log=lambda step, m: rates.append(m["tokens_per_second"]))

@@ -16,7 +16,7 @@ and their last column is the ratio to the all-alive step;
 two more rows give the packed step with none dead and the general step with
 the smallest fraction dead. The `+auxk` rows have every latent dead.
 TopK, BatchTopK and AuxK run once per layout of their entries' gradients
-(`gradients.LAYOUT`: entries, codes). `--quick` measures
+(`layouts.LAYOUT`: entries, codes). `--quick` measures
 only the fast steps, 3 repeats; `--compute-dtype both` prints a table for
 float32 and one for bfloat16.
 Runs unchanged on CPU, GPU and TPU.
@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import gradients
+from sae_jax import layouts
 from sae_jax import hostmem
+from sae_jax import loop
 from sae_jax import train
 from sae_jax.config import SAEConfig
 from sae_jax.config import TrainConfig
@@ -50,7 +51,7 @@ def step_seconds(config: TrainConfig, x_1xBxD, repeats: int, dead=None, step_fn=
     state = state.replace(steps_since_fired_F=silent_F.astype(jnp.int32))
   holder = {"state": train.replicate(state, 1)}
   if step_fn is None:
-    step_fn = train.p_train_step_all_alive if dead is None else train._step_for(config, n_dead)
+    step_fn = train.p_train_step_all_alive if dead is None else loop._step_for(config, n_dead)
 
   def one_step():
     holder["state"], metrics = step_fn(holder["state"], x_1xBxD)
@@ -119,21 +120,21 @@ def table(args, compute_dtype: str, x_1xBxD, W_DxF):
     # TopK's and BatchTopK's entries, and AuxK's, in each layout; a new
     # config (seed) is a new trace.
     for seed, layout in enumerate(("entries", "codes")):
-      gradients.LAYOUT = layout
+      layouts.LAYOUT = layout
       if l is None:
         measure(f"fast step, {name}, by {layout}", selection,
                 dataclasses.replace(config, seed=seed + 1))
       elif l == 8.0:
         measure(f"fast step, {name}, +auxk by {layout} (all dead)", selection,
                 dataclasses.replace(config, seed=seed + 1), dead=1.0)
-    gradients.LAYOUT = "auto"
+    layouts.LAYOUT = "auto"
     if l is not None:
       alive = measure(f"fast step, {name}", selection, config)
     if l == 8.0 and args.dead:  # the forms train_loop picks while latents are dead
       config = dataclasses.replace(config, seed=10)
-      capacities = train._capacities(config)
+      capacities = train.packed_capacities(config)
       for dead in args.dead:
-        step_fn = train._step_for(config, round(dead * F))  # the loop's choice
+        step_fn = loop._step_for(config, round(dead * F))  # the loop's choice
         capacity = getattr(step_fn, "keywords", {}).get("capacity")
         form = ("all alive" if capacity is None else "dense gradients, no branch"
                 if capacity == F else f"packed into {capacity}")

@@ -15,13 +15,13 @@ from sae_jax.synthetic import SyntheticConfig
 from sae_jax.synthetic import SyntheticSource
 from sae_jax.train import NonFiniteError
 from sae_jax.train import TrainState
+from sae_jax.loop import train_loop
+from sae_jax.loop import train_many
 from sae_jax.train import create_train_state
 from sae_jax.train import p_train_step
 from sae_jax.train import p_train_step_all_alive
 from sae_jax.train import p_train_step_packed
 from sae_jax.train import replicate
-from sae_jax.train import train_loop
-from sae_jax.train import train_many
 from sae_jax.train import train_step
 from sae_jax.train import unreplicate
 

@@ -26,6 +26,7 @@ from sae_jax import runconfig
 from sae_jax import sinks
 from sae_jax import sources
 from sae_jax import storage
+from sae_jax import loop
 from sae_jax import train
 from sae_jax.runconfig import RunConfig
 
@@ -238,7 +239,7 @@ def _train(configs: list, homes: list, out: pathlib.PurePath, *, progress: bool,
           ckpt.save([train.unreplicate(r) for r in replicated], source.position(step))
 
       began = time.perf_counter()
-      replicated = train.train_many(
+      replicated = loop.train_many(
           [train.replicate(state) for state in states], source.batches(start, position),
           log_every=first.log_every, on_log=lambda i, step, m: logs[i](step, m),
           on_step=on_step, should_stop=stop, progress=progress,

@@ -35,6 +35,15 @@ def pytest_configure(config):
   assert jax.device_count() == 4, "tests expect 4 fake CPU devices"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def compiled_per_file():
+  """Frees each test file's compiled functions after it (the persistent
+  cache brings back any another file needs). XLA:CPU crashed in a compile
+  (SIGSEGV, SIGABRT) late in a session that kept every file's programs."""
+  yield
+  jax.clear_caches()
+
+
 @pytest.fixture(params=["bisect", "offers"])
 def threshold_path(request):
   """Runs a test once per way of finding the BatchTopK threshold: bisection

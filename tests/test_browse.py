@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from sae_jax import browse
+from sae_jax import features
 from sae_jax import saelens
 from tests import reference
 from tests import scripts
@@ -38,16 +38,16 @@ def test_scan_equals_numpy(architecture):
   weights, cfg, x = random_sae(architecture)
   z = saelens.encode(weights, cfg, x)  # SAELens' formulas, the whole array at once
   held = (500, 650)
-  p = browse.scan(weights, cfg, lambda a, b: x[a:b], len(x), held, contexts=4, samples=3,
+  p = features.scan(weights, cfg, lambda a, b: x[a:b], len(x), held, contexts=4, samples=3,
                   chunk_rows=128, progress=False)
   assert p.held_out == 150
   np.testing.assert_array_equal(p.count_F, (z[500:650] > 0).sum(0))
   np.testing.assert_array_equal(p.fired_F, (z > 0).sum(0))
   np.testing.assert_allclose(p.total_F, z.sum(0), rtol=1e-5)
-  bins = np.searchsorted(browse.EDGES, z, side="right")  # 0: below the first edge
+  bins = np.searchsorted(features.EDGES, z, side="right")  # 0: below the first edge
   for j in range(z.shape[1]):
     np.testing.assert_array_equal(
-        p.hist_FB[j], np.bincount(bins[z[:, j] > 0, j], minlength=len(browse.EDGES) + 1))
+        p.hist_FB[j], np.bincount(bins[z[:, j] > 0, j], minlength=len(features.EDGES) + 1))
   for j in range(z.shape[1]):
     order = np.argsort(-z[:, j], kind="stable")[:4]
     order = order[z[order, j] > 0]
@@ -60,20 +60,20 @@ def test_scan_equals_numpy(architecture):
     # A latent's activation on chosen rows, alone, is its column of the codes.
     rows = np.arange(0, 700, 7)
     kth = p.kth_N[rows] if p.kth_N is not None else None
-    np.testing.assert_allclose(browse.activation(weights, cfg, j, x[rows], kth), z[rows, j],
+    np.testing.assert_allclose(features.activation(weights, cfg, j, x[rows], kth), z[rows, j],
                                rtol=1e-5, atol=1e-6)
 
 
 def test_neighbours_and_logit_lens_equal_numpy():
   rng = np.random.default_rng(3)
   W_dec, W_U = rng.standard_normal((50, 8)), rng.standard_normal((8, 40))
-  ids, cos = browse.neighbours(W_dec.astype(np.float32), n=4, block=16)
+  ids, cos = features.neighbours(W_dec.astype(np.float32), n=4, block=16)
   unit = W_dec / np.linalg.norm(W_dec, axis=1, keepdims=True)
   full = unit @ unit.T
   np.fill_diagonal(full, -np.inf)
   np.testing.assert_array_equal(ids, np.argsort(-full, axis=1)[:, :4])
   np.testing.assert_allclose(cos, -np.sort(-full, axis=1)[:, :4], rtol=1e-5)
-  top, top_v, bottom, bottom_v = browse.logit_lens(W_dec.astype(np.float32),
+  top, top_v, bottom, bottom_v = features.logit_lens(W_dec.astype(np.float32),
                                                    W_U.astype(np.float32), n=3, block=16)
   logits = W_dec @ W_U
   np.testing.assert_array_equal(top, np.argsort(-logits, axis=1)[:, :3])
@@ -265,7 +265,7 @@ def test_the_browser_in_chromium(lm_run, cache, lm, browser, tmp_path):
     assert float(peak.get_attribute("data-act")) == pytest.approx(z[r, j], rel=5e-3)
     assert z[r, j] > 0
   assert len(browser.find_elements(By.CSS_SELECTOR, "#promotes tr")) == 10
-  assert len(browser.find_elements(By.CSS_SELECTOR, "#histogram rect")) == len(browse.EDGES) + 1
+  assert len(browser.find_elements(By.CSS_SELECTOR, "#histogram rect")) == len(features.EDGES) + 1
 
   browser.find_element(By.ID, "home").click()  # back to the index, then the search box
   box = browser.find_element(By.ID, "search")

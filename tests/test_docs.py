@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from sae_jax import auxk
 from sae_jax import evaluate
+from sae_jax import loop
 from sae_jax import losses
 from sae_jax import model
 from sae_jax import optimizer
@@ -23,12 +25,11 @@ from sae_jax import scoring
 from sae_jax import selection
 from sae_jax import spelling
 from sae_jax import thresholds
-from sae_jax import train
 from tests import scripts
 
 
-@pytest.mark.parametrize("module", [evaluate, losses, model, optimizer, pool, probing, scoring,
-                                    selection, spelling, thresholds, train])
+@pytest.mark.parametrize("module", [auxk, evaluate, loop, losses, model, optimizer, pool, probing, scoring,
+                                    selection, spelling, thresholds])
 def test_docstring_examples(module):
   result = doctest.testmod(module, extraglobs={"jax": jax, "jnp": jnp},
                            optionflags=doctest.NORMALIZE_WHITESPACE)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import sae_jax
+from sae_jax import cut as cut_lib
 from sae_jax import selection
 from sae_jax import validation
 from tests import reference
@@ -149,7 +150,7 @@ def offers_certify(a, k):
   """Runs the offers path alone; returns (value, certified)."""
   x = jnp.asarray(a, jnp.float32)
   bits = jax.lax.bitcast_convert_type(x, jnp.int32)
-  value, _, certified = selection._threshold_from_offers(
+  value, _, certified = cut_lib._threshold_from_offers(
       x, bits, jnp.max(bits), k, x.shape[0] * k, None)
   return float(value), bool(certified)
 
@@ -314,7 +315,7 @@ def test_batch_topk_entries_list_exactly_the_selection(data):
   # 40 tokens x 300 latents, k = 5: tokens offer 10 entries, the widest 40.
   # With ties, many tokens hold entries equal to the cut beyond their offers.
   a = np.maximum(activations((40, 300), 30, levels=40 if data == "ties" else None), 0)
-  cut, entries = jax.jit(selection.batch_topk_entries, static_argnums=1)(a, 5)
+  cut, entries = jax.jit(cut_lib.batch_topk_entries, static_argnums=1)(a, 5)
   assert bool(entries.complete)
   assert entries.rows.shape == (40 * 5,)
   assert entry_set(entries) == dense_set(np.asarray(sae_jax.batch_topk(a, 5)))
@@ -325,7 +326,7 @@ def test_batch_topk_entries_say_when_the_offers_miss_some():
   # offers, and only 4 tokens offer 16.
   a = np.random.default_rng(31).random((40, 60)).astype(np.float32)
   a[:8, :10] += 10
-  _, entries = selection.batch_topk_entries(a, 2)
+  _, entries = cut_lib.batch_topk_entries(a, 2)
   assert not bool(entries.complete)
 
 
@@ -333,7 +334,7 @@ def test_batch_topk_entries_under_an_axis():
   a = np.maximum(activations((48, 300), 32), 0)
 
   def local(a):
-    _, entries = selection.batch_topk_entries(a, 5, axis_name="data")
+    _, entries = cut_lib.batch_topk_entries(a, 5, axis_name="data")
     offset = jax.lax.axis_index("data") * a.shape[0]
     return entries.rows + offset, entries.cols, entries.values, entries.complete[None]
 

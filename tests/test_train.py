@@ -3,7 +3,6 @@ dead latents, non-finite batches, the loop, and learning a known dictionary."""
 
 import dataclasses
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +10,14 @@ import numpy as np
 import optax
 import pytest
 
+from sae_jax import auxk
 from sae_jax import gradients
+from sae_jax import layouts
+from sae_jax import loop
 from sae_jax import losses
 from sae_jax import model
 from sae_jax import optimizer
+from sae_jax import cut as cut_lib
 from sae_jax import selection
 from sae_jax import synthetic
 from sae_jax import train
@@ -233,10 +236,10 @@ def fast_and_dense_gradients(params, x_BxD, silent_F, c):
   the fast step's otherwise."""
   key = jax.random.key(3)
   pooled, pool_P, out, with_auxk = gradients.fast(params, x_BxD, silent_F, key, c, train.AXIS)
-  grads, auxk = with_auxk.dense(optimizer.dense_grads(pooled, pool_P, params))
-  rows = (grads, auxk)
+  grads, auxk_value = with_auxk.dense(optimizer.dense_grads(pooled, pool_P, params))
+  rows = (grads, auxk_value)
   if pool_P is not None:
-    capacity = gradients.auxk_capacities(F, c.auxk_k)[-1]
+    capacity = auxk.auxk_capacities(F, c.auxk_k)[-1]
     assert capacity >= N_DEAD
     rows_grads, rows_R, rows_auxk = with_auxk.rows(pooled, pool_P, capacity)
     rows = (optimizer.dense_grads(rows_grads, rows_R, params), rows_auxk)
@@ -244,7 +247,7 @@ def fast_and_dense_gradients(params, x_BxD, silent_F, c):
   stats = lambda o: (jax.lax.psum(o.n_active, train.AXIS),
                      jax.lax.psum(o.fired_F.astype(jnp.int32), train.AXIS),
                      o.token_min_B, o.dead_F)
-  return (jax.lax.pmean((grads, out.mse, auxk), train.AXIS) + stats(out),
+  return (jax.lax.pmean((grads, out.mse, auxk_value), train.AXIS) + stats(out),
           jax.lax.pmean(rows, train.AXIS),
           jax.lax.pmean((dense, ref.mse, ref.auxk), train.AXIS) + stats(ref))
 
@@ -254,10 +257,10 @@ CONCENTRATED = batch(70) * np.where(np.arange(B) < 8, 30.0, 1.0)[:, None].astype
 
 @pytest.mark.parametrize("rule", list(RULES) + ["topk_entries", "batchtopk_entries"])
 def test_fast_gradients_equal_dense_on_four_devices(rule, monkeypatch):
-  """TopK's and BatchTopK's gradients in both layouts (`gradients.LAYOUT`;
+  """TopK's and BatchTopK's gradients in both layouts (`layouts.LAYOUT`;
   at these sizes "auto" is codes): a new seed makes a new trace."""
   if rule.endswith("_entries"):
-    monkeypatch.setattr(gradients, "LAYOUT", "entries")
+    monkeypatch.setattr(layouts, "LAYOUT", "entries")
     rule = rule.removesuffix("_entries")
     c = dataclasses.replace(RULES[rule], seed=1)
   else:
@@ -267,7 +270,7 @@ def test_fast_gradients_equal_dense_on_four_devices(rule, monkeypatch):
   silent = np.where(np.arange(F) < N_DEAD, c.dead_steps, 0).astype(np.int32)
   cases = [(x, np.zeros(F, np.int32)), (x, silent)]
   if rule == "batchtopk":  # 8 tokens hold most of the budget: the offers miss entries
-    cut, entries = selection.batch_topk_entries(
+    cut, entries = cut_lib.batch_topk_entries(
         jax.nn.relu(model.SAE(c.sae).apply({"params": state.params},
                                            jnp.asarray(CONCENTRATED) * state.input_scale,
                                            method=model.SAE.pre)), K)
@@ -308,20 +311,20 @@ def test_auxk_layouts_equal_autodiff_on_four_devices(layout, monkeypatch):
   pack."""
   if layout == "codes_top_k":
     layout = "codes"
-    monkeypatch.setattr(gradients, "BITS_UP_TO", 1)
-  monkeypatch.setattr(gradients, "LAYOUT", layout)
+    monkeypatch.setattr(auxk, "BITS_UP_TO", 1)
+  monkeypatch.setattr(layouts, "LAYOUT", layout)
   c = RULES["batchtopk"]
   params = fresh_state(c).params
   params = dict(params, W_enc=params["W_enc"].at[:, :6].set(params["W_enc"][:, [0, 0, 0, 3, 3, 3]]))
-  capacities = gradients.auxk_capacities(F, c.auxk_k)
+  capacities = auxk.auxk_capacities(F, c.auxk_k)
   assert capacities == (4, 6, 12)
 
   @functools.partial(jax.pmap, axis_name=train.AXIS, in_axes=(None, 0, 0, None))
   def both(params, x_BxD, residual_BxD, dead_F):
     params = gradients.varying(params, train.AXIS)
     centred_BxD, pre_BxF = model.encoder(params, x_BxD, "float32")
-    got = gradients._auxk(params, centred_BxD, residual_BxD, jax.nn.relu(pre_BxF), dead_F, c,
-                          train.AXIS)
+    got = auxk.dense_grads(params, centred_BxD, residual_BxD, jax.nn.relu(pre_BxF), dead_F,
+                           c.auxk_k, c.auxk_weight, train.AXIS)
 
     def loss(params):
       pre_BxF = model.encoder(params, x_BxD, "float32")[1]
@@ -413,7 +416,7 @@ def test_packed_step_equals_dense_step_on_four_devices(rule):
   steps each."""
   fast_config = dataclasses.replace((RULES | LEVERAGE)[rule], dead_tokens=10 * B)
   dense_config = dataclasses.replace(fast_config, step="dense")
-  assert train._capacities(fast_config) == (4, 6, 12)  # and no other latent dies in 2 steps
+  assert train.packed_capacities(fast_config) == (4, 6, 12)  # and no other latent dies in 2 steps
   start = fresh_state(fast_config)
   for n_dead, capacity in ((0, 4), (3, 4), (4, 4), (6, F)):
     silent_F = np.where(np.arange(F) < n_dead, fast_config.dead_steps, 0).astype(np.int32)
@@ -457,7 +460,7 @@ def dying_start():
 
 def form_name(fn) -> str:
   """"all_alive", "general" (TopK, BatchTopK) or "packed C" for a step
-  `train._step_for` picked."""
+  `loop._step_for` picked."""
   if fn is train.p_train_step_all_alive:
     return "all_alive"
   if fn is train.p_train_step:
@@ -485,8 +488,8 @@ def recorded_forms(monkeypatch):
       return fn(state, x)
     return step
 
-  pick = train._step_for
-  monkeypatch.setattr(train, "_step_for", step_for)
+  pick = loop._step_for
+  monkeypatch.setattr(loop, "_step_for", step_for)
   return picked
 
 
@@ -498,7 +501,7 @@ def test_loop_picks_the_cheapest_form_whose_promise_holds(monkeypatch):
   picked = recorded_forms(monkeypatch)
   start = dying_start()
   xs = [batch(90 + i)[None] for i in range(12)]
-  looped = train.train_loop(train.replicate(start, 1), xs, progress=False)
+  looped = loop.train_loop(train.replicate(start, 1), xs, progress=False)
   stepped = train.replicate(start, 1)
   auxk = []
   for x in xs:
@@ -521,17 +524,17 @@ def test_a_resumed_loop_picks_the_forms_of_the_uninterrupted_one(monkeypatch):
   batches and ends with its bits. At some step the resumed call could not
   have known the bound from the state's counters: latents close to dead
   fired on the step before, and only dead_at_most remembers them."""
-  pick = train._step_for
+  pick = loop._step_for
   picked = recorded_forms(monkeypatch)
   start = dying_start()
   xs = [batch(90 + i)[None] for i in range(12)]
-  whole = train.unreplicate(train.train_loop(train.replicate(start, 1), xs, progress=False))
+  whole = train.unreplicate(loop.train_loop(train.replicate(start, 1), xs, progress=False))
   whole_forms, picked[:] = list(picked), []
   state, stale = start, 0
   for x in xs:
     counted = int(train.can_be_dead(np.asarray(state.steps_since_fired_F), DYING.dead_steps, 0))
     stale += form_name(pick(DYING, counted)) != form_name(pick(DYING, int(state.dead_at_most)))
-    state = train.unreplicate(train.train_loop(train.replicate(state, 1), [x], progress=False))
+    state = train.unreplicate(loop.train_loop(train.replicate(state, 1), [x], progress=False))
   assert picked == whole_forms and stale >= 1, (whole_forms, stale)
   for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(whole)):
     np.testing.assert_array_equal(got, want)
@@ -569,7 +572,7 @@ def test_training_stops_after_max_bad_steps():
   good = train.shard_batch(batch(32), 4)
   batches = [good, bad, bad, good, bad, bad, bad, good]
   with pytest.raises(train.NonFiniteError, match=r"at step 7: the last 3 steps .* \(5 in all\)"):
-    train.train_loop(train.replicate(fresh_state(c), 4), batches, progress=False)
+    loop.train_loop(train.replicate(fresh_state(c), 4), batches, progress=False)
 
 
 # --- The loop ----------------------------------------------------------------------
@@ -578,7 +581,7 @@ def test_train_logs_and_stops_at_the_end_of_the_batches(capsys):
   c = RULES["sampled"]
   logs = []
   batches = [train.shard_batch(batch(40 + i), 4) for i in range(5)]
-  state = train.train_loop(train.replicate(fresh_state(c), 4), batches, log_every=2,
+  state = loop.train_loop(train.replicate(fresh_state(c), 4), batches, log_every=2,
                       on_log=lambda step, m: logs.append((step, m)))
   assert [step for step, _ in logs] == [2, 4, 5]
   assert set(logs[0][1]) == {"loss", "mse", "fvu", "l0", "dead_fraction", "most_silent_steps",
@@ -591,7 +594,7 @@ def test_train_logs_and_stops_at_the_end_of_the_batches(capsys):
   # Resumed from step 5 with a config of 7 steps, it stops after step 7.
   short = TrainConfig.from_dict(dict(c.to_dict(), steps=7))
   state = state.replace(config=short)
-  state = train.train_loop(state, batches, progress=False)
+  state = loop.train_loop(state, batches, progress=False)
   assert int(train.unreplicate(state).step) == 7
 
 
@@ -609,14 +612,14 @@ def test_train_many_equals_each_state_trained_alone():
       yield x
 
   logs = []
-  many = train.train_many([train.replicate(fresh_state(c), 4) for c in rules], stream(),
+  many = loop.train_many([train.replicate(fresh_state(c), 4) for c in rules], stream(),
                           log_every=2, progress=False,
                           on_log=lambda i, step, m: logs.append((i, step, m["loss"],
                                                                  m["auxk_loss"])))
   assert len(drawn) == len(xs)
   for i, c in enumerate(rules):
     alone_logs = []
-    alone = train.train_loop(train.replicate(fresh_state(c), 4), xs, log_every=2,
+    alone = loop.train_loop(train.replicate(fresh_state(c), 4), xs, log_every=2,
                              progress=False,
                              on_log=lambda step, m: alone_logs.append((step, m["loss"],
                                                                        m["auxk_loss"])))
@@ -629,16 +632,16 @@ def test_train_many_equals_each_state_trained_alone():
 def test_train_many_refuses_states_that_cannot_share_batches():
   other = dataclasses.replace(RULES["topk"], batch_size=2 * B)
   with pytest.raises(ValueError, match=r"must share the batch .* state 1 has \(64, 8, 50\)"):
-    train.train_many([train.replicate(fresh_state(c), 4) for c in (RULES["topk"], other)], [],
+    loop.train_many([train.replicate(fresh_state(c), 4) for c in (RULES["topk"], other)], [],
                      progress=False)
 
 
 def test_train_refuses_a_batch_of_the_wrong_shape():
   with pytest.raises(ValueError, match=r"batch for step 0 must have shape \(4, 8, 8\)"):
-    train.train_loop(train.replicate(fresh_state(RULES["batchtopk"]), 4),
+    loop.train_loop(train.replicate(fresh_state(RULES["batchtopk"]), 4),
                 [batch(0).reshape(2, 16, D)], progress=False)
   with pytest.raises(ValueError, match=r"log_every must be an integer >= 1; got 0"):
-    train.train_loop(train.replicate(fresh_state(RULES["batchtopk"]), 4), [], log_every=0)
+    loop.train_loop(train.replicate(fresh_state(RULES["batchtopk"]), 4), [], log_every=0)
 
 
 def test_input_scale_makes_the_mean_squared_norm_d():
@@ -667,7 +670,7 @@ def test_auxk_revives_dead_latents():
     weak = np.where(dead_F, 0.02, 1.0).astype(np.float32)[None, :]
     state = state.replace(params=dict(state.params, W_enc=state.params["W_enc"] * weak),
                           steps_since_fired_F=jnp.where(dead_F, c.dead_steps, 0))
-    state = train.train_loop(train.replicate(state, 1), source.batches(128), progress=False)
+    state = loop.train_loop(train.replicate(state, 1), source.batches(128), progress=False)
     since_F = train.unreplicate(state).steps_since_fired_F
     revived[weight] = int(np.sum(since_F[dead_F] < c.dead_steps))
   assert revived[0.0] == 0  # nothing else ever trains them
@@ -688,7 +691,7 @@ def test_learns_a_known_dictionary(rule, max_fvu):
   c = TrainConfig(SAEConfig(32, 128, k=4, selection=rule, l=16.0), batch_size=256, steps=3000,
                   warmup_steps=100, threshold_start=1500, dead_tokens=256 * 200)
   state = train.create_train_state(c, source.sample(10**6, 2048))
-  state = train.unreplicate(train.train_loop(train.replicate(state, 1), source.batches(256),
+  state = train.unreplicate(loop.train_loop(train.replicate(state, 1), source.batches(256),
                                         progress=False))
   cosines = synthetic.best_cosines(state.params["W_dec"], source.dictionary)
   assert np.mean(cosines >= 0.9) >= 0.8

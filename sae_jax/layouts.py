@@ -1,0 +1,48 @@
+"""How the gradients of a selection given as entries (TopK's, BatchTopK's,
+AuxK's) are computed: by the entries themselves (gathers and scatters, work
+independent of F) or as dense codes ([B, F] and B·F·D matmuls), and the
+entries' weight gradients."""
+
+import jax
+import jax.numpy as jnp
+
+# "entries", "codes", or "auto": codes while F is below
+# `CODES_UP_TO` entries per token for the backend, entries past that. On
+# CPU XLA's gathers and scatters run 30 to 150x below its matmuls per flop,
+# so codes win up to about 200 entries per token (measured on this 2-core
+# CPU at B=1024, D=768, k=64, TopK and BatchTopK steps: codes 1.4x faster at
+# F=8192, entries 1.4x faster at F=24576; AuxK's D/2 = 384 entries per token
+# at F=24576, 64 per token, by codes 2.6x faster). Elsewhere entries from 16
+# per token, where gathers run near memory bandwidth; not measured yet on an
+# accelerator (benchmarks/train_step.py prints both layouts on any backend).
+# Read at trace time.
+LAYOUT = "auto"
+CODES_UP_TO = {"cpu": 200}
+"""F per selected entry per token below which "auto" takes codes, by
+backend (16 for any other)."""
+
+
+def layout(n_latents: int, per_token: int) -> str:
+  """The layout `LAYOUT` picks on the default backend for a selection of
+  `per_token` entries per token (on average) among `n_latents`."""
+  if LAYOUT != "auto":
+    return LAYOUT
+  if n_latents < CODES_UP_TO.get(jax.default_backend(), 16) * per_token:
+    return "codes"
+  return "entries"
+
+
+def entry_grads(rows_M, cols_M, values_M, dxhat_BxD, dpre_M, centred_BxD, n_latents):
+  """The weight gradients of codes given as entries (token rows_M, latent
+  cols_M, value values_M), from the reconstruction's cotangent dxhat and the
+  entries' pre-activation cotangents dpre_M: W_enc [D, F], b_enc [F] and
+  W_dec [F, D] (b_dec's encoder term is the caller's)."""
+  D = dxhat_BxD.shape[1]
+  # One scatter for both weight gradients: rows [dW_dec | dW_enc^T] per latent.
+  updates_Mx2D = jnp.concatenate(
+      [values_M[:, None] * dxhat_BxD.at[rows_M].get(mode="promise_in_bounds"),
+       dpre_M[:, None] * centred_BxD.at[rows_M].get(mode="promise_in_bounds")], axis=1)
+  both_Fx2D = jnp.zeros((n_latents, 2 * D), jnp.float32).at[cols_M].add(
+      updates_Mx2D, mode="promise_in_bounds")
+  db_enc_F = jnp.zeros(n_latents, jnp.float32).at[cols_M].add(dpre_M, mode="promise_in_bounds")
+  return {"W_enc": both_Fx2D[:, D:].T, "b_enc": db_enc_F, "W_dec": both_Fx2D[:, :D]}
