@@ -1,6 +1,6 @@
 """The l-sweep in one pass against one variant after another, side by side.
 
-    python benchmarks/sweep.py             # the README's 14-variant sweep, and a --stream sweep
+    python benchmarks/sweep.py             # docs/l-spectrum.md's 14-variant sweep, and --stream
     python benchmarks/sweep.py --quick     # 200 steps, and 60 --stream steps
 
 Each sweep runs `experiments/sweep_l.py` in a fresh process (startup and
@@ -9,8 +9,8 @@ with `--sequential`, into a temporary folder, and prints the wall times and
 their ratio, and the training time alone (from each variant's summary.json:
 tokens / tokens_per_second; a one-pass variant's rate is the pass's).
 
-1. The README's synthetic sweep (TopK, BatchTopK, l2 and entropy at l = 1, 2,
-   4, 8, 16, 32: 14 variants; 2000 steps of 256 tokens).
+1. The synthetic sweep of docs/l-spectrum.md (TopK, BatchTopK, l2 and entropy
+   at l = 1, 2, 4, 8, 16, 32: 14 variants; 2000 steps of 256 tokens).
 2. `--stream` on a GPT-NeoX built here from a transformers config (random
    weights, --lm-layers blocks of width --lm-width, a word-level tokenizer)
    on text written here: TopK, BatchTopK and l2 at l = 2 and 8 (4 variants).
@@ -81,7 +81,7 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(tmp)
     steps = ["--steps", str(args.steps)]
-    if args.steps < 2000:  # the README's schedule, scaled to the steps (the last flag wins)
+    if args.steps < 2000:  # docs/l-spectrum.md's schedule, scaled to the steps (last flag wins)
       steps += ["--warmup-steps", str(args.steps // 20), "--threshold-start",
                 str(args.steps // 2)]
     rows.append(compare("synthetic, README (D=32, F=256)", [*README_SWEEP, *steps], root))

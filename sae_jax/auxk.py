@@ -31,11 +31,10 @@ def auxk_entries(a_dead_BxC, k_aux: int):
 # (`auxk_capacities`) when that many hold them, so that its cost follows the
 # dead latents, not F; a switch picks the packing, or skips AuxK while none
 # is dead. Before, AuxK was the dense branch of train_step's cond on whether
-# any latent is dead, and XLA ran its work on every step: measured at B=1024,
-# D=768, F=24576 (Sampled l=8, 2-core CPU), a step with none dead took 1.47 s
-# with AuxK in that branch and 0.48 s without it. With 1/2 of the latents
-# dead, packing into F/2 takes 0.72 s a step against 1.18 s unpacked; into
-# 3F/4 with 3/4 dead, 1.20 s against 1.27 s, so packing stops at F/2.
+# any latent is dead, and XLA ran its work on every step, dead latents or
+# not. Packing into F/2 columns pays for itself; into 3F/4 it gains almost
+# nothing over dense gradients, so packing stops at F/2 (docs/speed.md has
+# the measurements).
 PACK_SHIFTS = (6, 4, 2, 1)
 
 
@@ -81,13 +80,11 @@ def _setup(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux: int, weigh
 
 # AuxK's TopK runs by bisection on the bits (`selection.topk_by_bits`)
 # while k_aux is at least 1/BITS_UP_TO of the columns, by a per-row top-k
-# past that. Measured on this 2-core CPU, jaxlib 0.10.2, normal data (ms,
-# per-row top-k / bisection): B=1024, k=384: 72 / 15 at 1536 columns,
-# 122 / 51 at 6144, 164 / 101 at 12288, 216 / 249 at 24576; k=256: 106 / 93
-# at 8192, 137 / 192 at 16384; k=128: 35 / 25 at 2048, 45 / 48 at 4096;
-# k=64: 20 / 25 at 2048; B=512, k=32: 2.7 / 1.4 at 256, 4.5 / 8.1 at 1024.
-# (The crossing moves past 32 as k grows, and bisection stops early on rows
-# with fewer than k positive entries.) Not measured on an accelerator.
+# past that: bisection's counting passes grow with the columns faster than
+# a per-row top-k does, and on CPU the two cross near 32 columns per kept
+# entry (docs/speed.md has the measurements). The crossing moves past 32 as
+# k grows, and bisection stops early on rows with fewer than k positive
+# entries. Not measured on an accelerator.
 BITS_UP_TO = 32
 
 
@@ -190,9 +187,9 @@ def rows(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux: int, weight:
   n_latents = pre_BxF.shape[1]
 
   # No cond on whether any latent is dead: a conditional that reads the
-  # parameters makes XLA copy them (20 ms a step at D=768, F=24576 on CPU),
-  # more than AuxK on C columns costs. While none is dead the columns are
-  # all padding, every gradient is zero, and the value is zeroed here.
+  # parameters makes XLA copy them, which costs more than AuxK on C columns
+  # (docs/speed.md). While none is dead the columns are all padding, every
+  # gradient is zero, and the value is zeroed here.
   cols_C, grads, error = _packed(s, capacity)
   error = jnp.where(jnp.any(dead_F), error, 0)
   n_pool = pool_P.shape[0]

@@ -31,7 +31,7 @@ WIDE_FACTOR = 8
 
 
 # Up to this many entries per device, ~31 counting passes over `a` cost less
-# than the per-token top-k (measured on CPU: 5 ms vs 50 ms at [1024, 512]).
+# than the per-token top-k on CPU (docs/speed.md has the measurements).
 BISECT_ENTRIES = 2**20
 
 
@@ -86,8 +86,8 @@ def top_k(x, k: int):
   """lax.top_k behind an optimization barrier.
 
   XLA:CPU rewrites a top_k whose result feeds several ops into a full sort
-  of every row (measured: 4.3 s instead of 0.1 s at [1024, 24576], k=128);
-  the barrier keeps it a top_k. It costs nothing on any backend.
+  of every row, many times slower (docs/speed.md); the barrier keeps it a
+  top_k. It costs nothing on any backend.
   """
   values, indices = lax.top_k(x, k)
   # One barrier per array: a barrier over the (values, indices) tuple crashes

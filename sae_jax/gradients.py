@@ -171,9 +171,7 @@ def _sampled(params, x_BxD, centred_BxD, product_BxF, a_BxF, key, config: TrainC
   s = config.sae
   # The pool is scored from the encoder's product and b_enc, the same bits:
   # on CPU the scores' block sums then read the product in place, where
-  # relu(pre) had to be written out for them (B=1024, D=768, F=24576 on this
-  # 2-core CPU: a Sampled l=8 step 306 -> 286 ms, measured interleaved; with
-  # pool_every=4, where a kept pool's cond took relu(pre), 259 -> 249 ms).
+  # relu(pre) had to be written out for them (docs/speed.md).
   pool = (model.new_pool(product_BxF, key, s, axis_name, params["b_enc"]) if kept is None else
           model.step_pool(product_BxF, key, s, axis_name, kept, params["b_enc"]))
   pool_P, z_BxP = selection.sampled_select_pooled(

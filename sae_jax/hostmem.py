@@ -5,12 +5,11 @@ rather than on every step.
 XLA:CPU allocates each execution's outputs and temporaries with malloc and
 frees them when it is done. glibc's malloc maps a large block afresh and
 unmaps it on free, so each step pays the kernel's page faults again.
-Measured on this project's 2-core CPU, the Sampled-SAE l=8 step at D=768,
-F=24576, B=1024 faulted 57,500 pages (225 MB) a step with glibc's malloc
-and none with tcmalloc, which keeps freed blocks for reuse: 327 against
-274 ms a step (README, Speed). glibc's own settings (one arena, no mmap, no
-trimming) still faulted a third to all of a large block's pages, depending
-on its size.
+The Sampled-SAE l=8 step at D=768, F=24576, B=1024 faulted 57,500 pages
+(225 MB) a step with glibc's malloc and none with tcmalloc, which keeps
+freed blocks for reuse (the timings are in docs/speed.md, "tcmalloc").
+glibc's own settings (one arena, no mmap, no trimming) still faulted a
+third to all of a large block's pages, depending on its size.
 """
 
 import ctypes.util

@@ -8,11 +8,9 @@ import jax.numpy as jnp
 
 # "entries", "codes", or "auto": codes while F is below
 # `CODES_UP_TO` entries per token for the backend, entries past that. On
-# CPU XLA's gathers and scatters run 30 to 150x below its matmuls per flop,
-# so codes win up to about 200 entries per token (measured on this 2-core
-# CPU at B=1024, D=768, k=64, TopK and BatchTopK steps: codes 1.4x faster at
-# F=8192, entries 1.4x faster at F=24576; AuxK's D/2 = 384 entries per token
-# at F=24576, 64 per token, by codes 2.6x faster). Elsewhere entries from 16
+# CPU XLA's gathers and scatters run far below its matmuls per flop, so
+# codes win up to about 200 entries per token, where the TopK and BatchTopK
+# steps cross (docs/speed.md has the measurements). Elsewhere entries from 16
 # per token, where gathers run near memory bandwidth; not measured yet on an
 # accelerator (benchmarks/train_step.py prints both layouts on any backend).
 # Read at trace time.

@@ -106,8 +106,8 @@ def add_at_columns(x_DxF, cols_C, g_DxC):
 
   Written as a gather of g's columns in one pass over x, not as a scatter
   into x's columns: XLA:CPU scatters a strided column one element at a
-  time, measured on this 2-core CPU at D=768, F=24576 at 12 ms for 512
-  columns and 118 ms for 6656, against 6 ms and 5 ms for the gather.
+  time, so a scatter's cost grows with the columns and the gather's does
+  not (docs/speed.md has the measurements).
   """
   n_cols = cols_C.shape[0]
   slot_F = jnp.full(x_DxF.shape[1], n_cols, jnp.int32).at[cols_C].set(
@@ -151,8 +151,8 @@ def _by_row_blocks(fn, p_FxD, *others_FxD):
 
   Written as one expression, the decoder's update and renormalisation
   (a row sum, then a division) make XLA:CPU write the result out of place
-  and copy it back: 45 ms at F=24576, D=768 on this 2-core CPU, against
-  24 ms by blocks, whose rows stay in cache between the two.
+  and copy it back; by blocks the rows stay in cache between the two
+  (docs/speed.md has the measurements).
   """
   n_rows = p_FxD.shape[0]
   n_full = n_rows // ROW_BLOCK

@@ -52,8 +52,9 @@ def _fold_max(x_BxF):
 def column_max(x_BxF):
   """Max over tokens (axis 0) of a [B, F] array.
 
-  XLA:CPU reduces a leading axis slowly (63 ms at [1024, 24576]); a tree of
-  elementwise maxima takes 5 ms. Other backends reduce directly.
+  XLA:CPU reduces a leading axis slowly; a tree of elementwise maxima of
+  whole quarters is many times faster there (docs/speed.md). Other backends
+  reduce directly.
   """
   return lax.platform_dependent(
       x_BxF, cpu=_fold_max, default=functools.partial(jnp.max, axis=0))
@@ -77,8 +78,9 @@ def integer_sums(x_BxF, sums_of_block):
 
   Integer sums are exact, so any blocking gives the same bits. XLA:CPU is
   slow when per-token values are computed on the fly and reduced over a
-  leading axis (a [B, F] temporary costs ~45 ms at [1024, 24576]): there a
-  scan takes 8 tokens at a time (~10 ms). Other backends reduce directly.
+  leading axis (it writes a [B, F] temporary): there a scan takes 8 tokens
+  at a time and writes none (docs/speed.md). Other backends reduce
+  directly.
 
   Args:
     x_BxF: [B, F] input, tokens first.
@@ -191,8 +193,8 @@ def ridge_leverage(r_MxF: jax.Array, ridge: float) -> jax.Array:
   eye_MxM = jnp.eye(r_MxF.shape[0], dtype=jnp.float32)
   gram_MxM = jnp.matmul(r_MxF, r_MxF.T, precision=lax.Precision.HIGHEST)
   chol_MxM = jnp.linalg.cholesky(gram_MxM + ridge * eye_MxM)
-  # L⁻¹ once (M×M), then a matmul: 2.5x faster on CPU than a triangular
-  # solve with F right-hand sides, and as accurate here (tested).
+  # L⁻¹ once (M×M), then a matmul: faster on CPU than a triangular solve
+  # with F right-hand sides (docs/speed.md), and as accurate here (tested).
   inv_MxM = jax.scipy.linalg.solve_triangular(chol_MxM, eye_MxM, lower=True)
   y_MxF = jnp.matmul(inv_MxM, r_MxF, precision=lax.Precision.HIGHEST)
   return jnp.sum(jnp.square(y_MxF), axis=0)

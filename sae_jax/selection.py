@@ -38,10 +38,8 @@ def take_columns(x_RxF, cols_C, fill_value=None):
 
   Written as a gather of each row's own entries (take_along_axis), which
   XLA:CPU writes row by row. `x[:, cols]` gathers column by column into a
-  transposed [C, R] buffer and copies it back. Measured on this 2-core CPU
-  at B=1024, D=768, F=24576 (the gather as a matmul's operand, less the
-  matmul): 10.2 ms against 4.3 for 1536 columns of a [B, F] array, 4.1
-  against 2.1 for 512; W_enc's 1536 columns for a matvec, 4.8 against 1.8.
+  transposed [C, R] buffer and copies it back, which is slower on CPU
+  (docs/speed.md has the measurements).
   """
   cols_RxC = jnp.broadcast_to(cols_C[None, :], (x_RxF.shape[0], cols_C.shape[0]))
   return jnp.take_along_axis(x_RxF, cols_RxC, axis=1, mode="fill", fill_value=fill_value)
@@ -91,9 +89,8 @@ def _topk_mask_by_bits(x_BxF, k: int):
   # Non-negative floats order as their bits do; negative ones (and -0) have
   # negative bits and are never counted or kept.
   bits_BxF = lax.bitcast_convert_type(x_BxF, jnp.int32)
-  # Counted in int32: on this 2-core CPU 13 ms against 15 by float32 at
-  # [1024, 1536], k=384 (jaxlib 0.10.2 sends a float sum to a library
-  # reduction, and writes the compared rows out for it).
+  # Counted in int32: jaxlib 0.10.2 sends a float sum to a library
+  # reduction on CPU, and writes the compared rows out for it (docs/speed.md).
   count = lambda t_B: jnp.sum(bits_BxF >= t_B[:, None], axis=1, dtype=jnp.int32)
 
   # A row's k-th largest entry is the largest t with at least k entries >= t:
@@ -137,8 +134,8 @@ def topk_by_bits(a_BxF: jax.Array, k: int) -> jax.Array:
   has fewer than k positive entries.
 
   Cheaper when k is a large share of F, as AuxK's D/2 among the dead
-  latents is (`auxk.BITS_UP_TO` has the measurements). On CPU the rows
-  run in blocks of about `BITS_BLOCK_BYTES`.
+  latents is (`auxk.BITS_UP_TO`; docs/speed.md has the measurements). On
+  CPU the rows run in blocks of about `BITS_BLOCK_BYTES`.
   """
   n_rows, n_cols = a_BxF.shape
   k = validation.check_k(k, n_cols)

@@ -11,10 +11,10 @@ latent exactly as often as the training rule. A latent the training rule
 never selects gets θ_j = the largest float32, so it never fires.
 
 The alternative, each latent's EMA of its smallest selected activation, is
-measured against this in the README: inside a small pool the budget takes
-almost every positive entry, so that minimum sits near 0, and a latent that
-is in the pool on a few batches then fires on nearly all its positive
-activations at inference.
+measured against this in docs/inference-thresholds.md: inside a small pool
+the budget takes almost every positive entry, so that minimum sits near 0,
+and a latent that is in the pool on a few batches then fires on nearly all
+its positive activations at inference.
 """
 
 import functools
