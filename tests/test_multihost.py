@@ -23,6 +23,7 @@ from tests.helpers import train_script
 from tests.helpers import wait_for_step
 
 EXPORT = scripts.load("export_activations")
+STEPS = 200  # the stopped runs' length: they are stopped past step 60
 
 
 def steps_logged(out) -> list:
@@ -68,8 +69,8 @@ def test_two_processes_equal_one(data_args, tmp_path, kind):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
   out = tmp_path_factory.mktemp("straight") / "run"
-  assert train_script.main([*SMALL, "--data", "synthetic", "--steps", "300", "--log-every", "1",
-                            "--ckpt-every", "50", "--out", str(out)]) == 0
+  assert train_script.main([*SMALL, "--data", "synthetic", "--steps", str(STEPS), "--log-every",
+                            "1", "--ckpt-every", "25", "--out", str(out)]) == 0
   return out
 
 
@@ -77,12 +78,12 @@ def checkpoints(out) -> list:
   return sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def launch_until_step_120(out) -> tuple:
-  """(args, processes): a 300-step run on 2 processes, past step 120."""
-  args = ["--data", "synthetic", "--steps", 300, "--log-every", 1, "--ckpt-every", 50,
+def launch_until_step_60(out) -> tuple:
+  """(args, processes): a STEPS-step run on 2 processes, past step 60."""
+  args = ["--data", "synthetic", "--steps", STEPS, "--log-every", 1, "--ckpt-every", 25,
           "--out", out]
   processes = launch(args)
-  wait_for_step(out, 120, processes[0])
+  wait_for_step(out, 60, processes[0])
   return args, processes
 
 
@@ -93,7 +94,7 @@ def relaunch_ends_as(straight, out, args, step) -> None:
   assert [code for code, _, _ in results] == [0, 0]
   assert f"resuming at step {step}" in results[0][1]
   same_run(straight, out)
-  assert steps_logged(out) == list(range(1, 301))
+  assert steps_logged(out) == list(range(1, STEPS + 1))
 
 
 @pytest.mark.parametrize("who", ["both", "one"])
@@ -102,7 +103,7 @@ def test_sigterm_then_relaunch_ends_exactly(straight, tmp_path, who):
   both stop after the same step, save, and exit 0; relaunched, the run ends
   bit for bit as the uninterrupted one."""
   out = tmp_path / "run"
-  args, processes = launch_until_step_120(out)
+  args, processes = launch_until_step_60(out)
   for process in processes if who == "both" else processes[1:]:
     process.send_signal(signal.SIGTERM)
   results = finish(processes)
@@ -112,7 +113,7 @@ def test_sigterm_then_relaunch_ends_exactly(straight, tmp_path, who):
              if line.startswith("stopped by SIGTERM at step")}
   assert len(stopped) == 1  # the same step on both
   step = int(stopped.pop().split()[5].rstrip(";"))
-  assert 120 <= step < 300 and checkpoints(out)[-1] == step
+  assert 60 <= step < STEPS and checkpoints(out)[-1] == step
   assert not (out / "summary.json").exists()
   relaunch_ends_as(straight, out, args, step)
 
@@ -124,7 +125,7 @@ def test_a_killed_process_stops_the_other(straight, tmp_path, killed):
   within a bounded time; relaunched, the run resumes from the last complete
   checkpoint and ends as the uninterrupted one (checked once)."""
   out = tmp_path / "run"
-  args, processes = launch_until_step_120(out)
+  args, processes = launch_until_step_60(out)
   processes[killed].kill()
   began = time.monotonic()
   results = finish(processes, timeout=90)
@@ -145,7 +146,7 @@ def test_a_killed_process_stops_the_other(straight, tmp_path, killed):
   assert "re-launch every process with the same command" in line
   if killed == 1:
     saved = checkpoints(out)[-1]
-    assert 100 <= saved < 300
+    assert 50 <= saved < STEPS
     relaunch_ends_as(straight, out, args, saved)
 
 
