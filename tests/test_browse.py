@@ -130,6 +130,7 @@ def read_latent(run, j, chunk=8) -> dict:
   return json.loads(text[len("SAE.chunk("):-3])[j % chunk]
 
 
+@pytest.mark.slow
 def test_the_pass_reads_the_runs_data(lm_run, cache):
   index = read_index(lm_run)
   z, _, _ = codes(lm_run, cache)
@@ -181,6 +182,7 @@ def stream_run(lm, tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 def test_a_stream_run_takes_its_contexts_from_the_model(stream_run, cache, lm):
   """The --stream run's rows, made by the JAX model, are the rows the torch
   export wrote to the cache from the same text: the held-out densities are
@@ -294,6 +296,7 @@ def test_a_cache_of_another_model_is_one_line(lm_run, cache, tmp_path, capsys):
                          f"another/model; the SAE in {lm_run}/saelens was trained on ")
 
 
+@pytest.mark.slow
 def test_a_synthetic_run_is_matched_with_its_true_directions(tmp_path):
   from sae_jax import synthetic
   out = tmp_path / "run"

@@ -94,6 +94,7 @@ def test_downstream_loss_against_a_direct_computation(lm):
       (half["zero_ce"] - half["spliced_ce"]) / (half["zero_ce"] - half["clean_ce"]))
 
 
+@pytest.mark.slow
 def test_downstream_loss_in_jax_equals_torch(lm):
   """The JAX path (neox.logits_with) gives the torch path's numbers, for the
   identity and for a real SAE's reconstruction."""

@@ -57,6 +57,7 @@ def pages(n_bytes: int) -> int:
   return n_bytes // (2**21 if huge else os.sysconf("SC_PAGE_SIZE"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
 def test_script_reexecutes_on_tcmalloc_and_stops_faulting(tmp_path):
   starts, got = run(tmp_path)

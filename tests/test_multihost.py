@@ -23,7 +23,7 @@ from tests.helpers import train_script
 from tests.helpers import wait_for_step
 
 EXPORT = scripts.load("export_activations")
-STEPS = 200  # the stopped runs' length: they are stopped past step 60
+STEPS = 200  # the stopped run's length: 40 steps or more between its stops
 
 
 def steps_logged(out) -> list:
@@ -50,6 +50,7 @@ def data_args(lm, cache, tmp_path_factory):
   }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["synthetic", "npy", "cache", "stream"])
 def test_two_processes_equal_one(data_args, tmp_path, kind):
   args = [*data_args[kind], "--steps", 12, "--log-every", 1, "--ckpt-every", 5]
@@ -78,64 +79,30 @@ def checkpoints(out) -> list:
   return sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def launch_until_step_60(out) -> tuple:
-  """(args, processes): a STEPS-step run on 2 processes, past step 60."""
-  args = ["--data", "synthetic", "--steps", STEPS, "--log-every", 1, "--ckpt-every", 25,
+def stop_args(out) -> list:
+  return ["--data", "synthetic", "--steps", STEPS, "--log-every", 1, "--ckpt-every", 25,
           "--out", out]
-  processes = launch(args)
-  wait_for_step(out, 60, processes[0])
-  return args, processes
 
 
-def relaunch_ends_as(straight, out, args, step) -> None:
-  """Relaunched, the run resumes at `step` and ends as the uninterrupted one."""
-  results = finish(launch(args))
-  no_traceback(results)
-  assert [code for code, _, _ in results] == [0, 0]
-  assert f"resuming at step {step}" in results[0][1]
-  same_run(straight, out)
-  assert steps_logged(out) == list(range(1, STEPS + 1))
+def launched_past(out, step) -> list:
+  """The run in `out` launched (or relaunched) on 2 processes, past `step`."""
+  processes = launch(stop_args(out))
+  wait_for_step(out, step, processes[0])
+  return processes
 
 
-@pytest.mark.parametrize("who", ["both", "one"])
-def test_sigterm_then_relaunch_ends_exactly(straight, tmp_path, who):
-  """SIGTERM to both processes, or to process 1 alone (a preempted host):
-  both stop after the same step, save, and exit 0; relaunched, the run ends
-  bit for bit as the uninterrupted one."""
-  out = tmp_path / "run"
-  args, processes = launch_until_step_60(out)
-  for process in processes if who == "both" else processes[1:]:
-    process.send_signal(signal.SIGTERM)
-  results = finish(processes)
-  no_traceback(results)
-  assert [code for code, _, _ in results] == [0, 0]
-  stopped = {line for _, stdout, _ in results for line in stdout.splitlines()
-             if line.startswith("stopped by SIGTERM at step")}
-  assert len(stopped) == 1  # the same step on both
-  step = int(stopped.pop().split()[5].rstrip(";"))
-  assert 60 <= step < STEPS and checkpoints(out)[-1] == step
-  assert not (out / "summary.json").exists()
-  relaunch_ends_as(straight, out, args, step)
-
-
-@pytest.mark.parametrize("killed", [1, 0])
-def test_a_killed_process_stops_the_other(straight, tmp_path, killed):
-  """kill -9 of process 1, or of process 0 (the coordinator): the other says
-  so in one line (or, for the coordinator, JAX may say it first) and exits
-  within a bounded time; relaunched, the run resumes from the last complete
-  checkpoint and ends as the uninterrupted one (checked once)."""
-  out = tmp_path / "run"
-  args, processes = launch_until_step_60(out)
-  processes[killed].kill()
+def said_killed(processes, killed) -> bool:
+  """After process `killed` got kill -9: the other says so in one line and
+  exits within a bounded time. False when the coordinator's death reached
+  JAX's own error polling first, which ends the process itself (a C++ check
+  failure, no hook to hand it over)."""
   began = time.monotonic()
   results = finish(processes, timeout=90)
   assert time.monotonic() - began < 60
   code, _, stderr = results[1 - killed]
   if killed == 0 and code == -signal.SIGABRT:
-    # The coordinator's death can reach JAX's own error polling first, which
-    # ends the process itself (a C++ check failure, no hook to hand it over).
     assert "JAX distributed service detected fatal errors" in stderr
-    return
+    return False
   assert code == 1 and "Traceback" not in stderr and "Check failure" not in stderr
   (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
   # Its next collective fails, or, waiting elsewhere (a barrier), the watch
@@ -144,10 +111,55 @@ def test_a_killed_process_stops_the_other(straight, tmp_path, killed):
           or f"process {killed} stopped answering 10 s ago" in line
           or "the coordinator (process 0) cannot be reached" in line)
   assert "re-launch every process with the same command" in line
-  if killed == 1:
-    saved = checkpoints(out)[-1]
-    assert 50 <= saved < STEPS
-    relaunch_ends_as(straight, out, args, saved)
+  return True
+
+
+@pytest.mark.slow
+def test_stopped_three_ways_and_relaunched_a_run_ends_exactly(straight, tmp_path):
+  """One run on 2 processes, stopped and relaunched three times:
+    1. SIGTERM to process 1 alone (a preempted host), then
+    2. SIGTERM to both: each time both stop after the same step, save, and
+       exit 0, and the relaunch resumes there;
+    3. kill -9 of process 1: process 0 says so in one line and exits within
+       a bounded time; the relaunch resumes from the last complete checkpoint.
+  It ends bit for bit as the uninterrupted run, every step logged once."""
+  out = tmp_path / "run"
+  step = 0
+  for who in ("one", "both"):
+    processes = launched_past(out, step + 40)
+    for process in processes if who == "both" else processes[1:]:
+      process.send_signal(signal.SIGTERM)
+    results = finish(processes)
+    no_traceback(results)
+    assert [code for code, _, _ in results] == [0, 0]
+    assert not step or f"resuming at step {step}" in results[0][1]
+    stopped = {line for _, stdout, _ in results for line in stdout.splitlines()
+               if line.startswith("stopped by SIGTERM at step")}
+    assert len(stopped) == 1, who  # the same step on both
+    stopped_at = int(stopped.pop().split()[5].rstrip(";"))
+    assert step + 40 <= stopped_at < STEPS and checkpoints(out)[-1] == stopped_at
+    assert not (out / "summary.json").exists()
+    step = stopped_at
+  processes = launched_past(out, step + 40)
+  processes[1].kill()
+  assert said_killed(processes, killed=1)
+  saved = checkpoints(out)[-1]
+  assert step <= saved < STEPS
+  results = finish(launch(stop_args(out)))
+  no_traceback(results)
+  assert [code for code, _, _ in results] == [0, 0]
+  assert f"resuming at step {saved}" in results[0][1]
+  same_run(straight, out)
+  assert steps_logged(out) == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_a_killed_coordinator_stops_the_other(tmp_path):
+  """kill -9 of process 0 (the coordinator): process 1 says so in one line
+  (or JAX says it first) and exits within a bounded time."""
+  processes = launched_past(tmp_path / "run", 40)
+  processes[0].kill()
+  said_killed(processes, killed=0)
 
 
 def test_the_export_refuses_several_processes(tmp_path, capsys):
@@ -158,6 +170,7 @@ def test_the_export_refuses_several_processes(tmp_path, capsys):
   assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_several_processes_refuse_to_export_a_cache_each(lm, tmp_path):
   """--data pythia without a complete cache would have every process export
   into one folder: refused, before anything is written, with what to run."""

@@ -63,6 +63,7 @@ def test_remote_npy_reads_what_numpy_reads(gcs, tmp_path):
     data.open_npy(fortran)
 
 
+@pytest.mark.slow
 def test_run_on_gs_equals_the_run_on_disk(gcs, tmp_path):
   args = ["--data", "synthetic", "--steps", 40, "--log-every", 10, "--ckpt-every", 15]
   assert train(*args, "--out", tmp_path / "local") == 0
@@ -93,6 +94,7 @@ def wait_for_checkpoint(url, step, process, timeout=120):
   raise AssertionError("run did not reach the step in time")
 
 
+@pytest.mark.slow
 def test_killed_gs_run_resumes_to_the_same_end(gcs, tmp_path):
   """kill -9 leaves the lease and the metrics of the last flush; the relaunch
   takes over the lease (same host, dead pid), cuts the metrics back to the
@@ -154,6 +156,7 @@ CACHE_ARGS = ["--batch-size", 32, "--eval-tokens", 64, "--steps", 12, "--log-eve
               "--ckpt-every", 5]
 
 
+@pytest.mark.slow
 def test_two_processes_train_on_gs_as_one_on_disk(gcs, gs_cache, cache, tmp_path):
   """Both processes read the gs:// cache and write one gs:// run (the run's
   files from process 0, orbax's checkpoint with both): the bits of one
@@ -229,6 +232,7 @@ def test_bad_gs_urls_are_one_line(gcs, capsys, flag, value, says):
   assert len(err) == 1 and says in err[0] and "Traceback" not in err[0], err
 
 
+@pytest.mark.slow
 def test_sweep_on_gs_equals_the_sweep_on_disk(gs_cache, cache, gcs, tmp_path):
   """One pass over a gs:// cache into a gs:// sweep folder: each variant ends
   as in the same sweep on disk; the tables and plots are there."""

@@ -69,6 +69,7 @@ def finished_steps(out) -> list:
 
 # --- Ctrl-C -------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("presses", [1, 2])
 def test_ctrl_c_inside_a_checkpoint_save(tmp_path, straight, presses):
   """SIGINT lands inside orbax's save (tests/interrupt.py). Before, Python's
@@ -253,6 +254,7 @@ def test_a_flipped_byte_in_the_latest_checkpoint_is_caught_on_resume(tmp_path, s
 
 # --- One run per --out --------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_runs_cannot_share_an_out(tmp_path, capsys):
   out = tmp_path / "run"
   first = subprocess.Popen([sys.executable, str(scripts.EXPERIMENTS / "train.py"),
@@ -277,6 +279,7 @@ def test_two_runs_cannot_share_an_out(tmp_path, capsys):
 
 # --- A full disk --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_disk_that_fills_up(tmp_path, straight):
   """On a real 8 MiB tmpfs (tests/diskfull.py): full before the run, full
   mid-run (metrics.jsonl is cut mid-line there), then freed; and full when
@@ -306,6 +309,7 @@ def test_a_disk_that_fills_up(tmp_path, straight):
 
 # --- The sweep ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_stopped_sequential_sweep_says_so_and_keeps_its_variants(tmp_path):
   """--sequential (the one pass's stop: tests/test_sweep.py)."""
   out = tmp_path / "sweep"

@@ -99,25 +99,32 @@ def test_saelens_export_reproduces_inference(tmp_path, selection):
       evaluate.reconstruction_metrics(x, our_xhat, our_z)["fvu"], rel=1e-6)
 
 
-@pytest.mark.parametrize("how", ["sigterm", "kill"])
-def test_interrupted_run_resumes_exactly(tmp_path, how):
+@pytest.mark.slow
+def test_interrupted_run_resumes_exactly(tmp_path):
+  """A run stopped by SIGTERM, then its relaunch killed with -9, then run to
+  its end: the same parameters, thresholds and losses as a run never
+  stopped."""
   steps = 300
   straight = tmp_path / "straight"
   assert cli("--data", "synthetic", "--steps", steps, "--log-every", 1, "--out", straight) == 0
 
   resumed = tmp_path / "resumed"
-  process = subprocess_run(resumed, steps, ["--ckpt-every", "50"])
-  wait_for_step(resumed, 120, process)
-  process.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
-  stdout, stderr = process.communicate(timeout=120)
-  if how == "sigterm":
-    assert process.returncode == 0, stderr
-    assert "stopped by SIGTERM" in stdout
-    assert not (resumed / "summary.json").exists()
-  else:
-    assert process.returncode == -signal.SIGKILL
-  stopped_at = max(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit())
-  assert 50 <= stopped_at < steps
+  stopped_at = 0
+  for how, past in (("sigterm", 120), ("kill", 60)):
+    process = subprocess_run(resumed, steps, ["--ckpt-every", "50"])
+    wait_for_step(resumed, stopped_at + past, process)
+    process.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=120)
+    if how == "sigterm":
+      assert process.returncode == 0, stderr
+      assert "stopped by SIGTERM" in stdout
+      assert not (resumed / "summary.json").exists()
+    else:
+      assert process.returncode == -signal.SIGKILL
+      assert f"resuming at step {stopped_at}" in stdout
+    saved = max(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit())
+    assert max(stopped_at, 50) <= saved < steps, how
+    stopped_at = saved
 
   assert cli("--data", "synthetic", "--steps", steps, "--log-every", 1, "--ckpt-every", 50,
              "--out", resumed) == 0
@@ -153,6 +160,7 @@ def test_runs_saved_before_streaming_existed_still_resume(tmp_path):
   assert cli("--data", "synthetic", "--steps", 20, "--out", out, "--stream-contexts", 8) == 2
 
 
+@pytest.mark.slow
 def test_a_kept_pool_resumes_exactly(tmp_path):
   """--pool-every keeps the pool in the checkpoint: a run resumed between
   renewals ends with the uninterrupted run's parameters."""
@@ -276,6 +284,7 @@ def test_optional_metric_sinks(tmp_path, monkeypatch):
   assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
+@pytest.mark.slow
 def test_streaming_run_resumes_exactly_after_sigterm(lm, tmp_path):
   """--stream: activations from the JAX model through the on-device shuffle
   buffer; a run stopped by SIGTERM mid-round resumes to the same parameters."""

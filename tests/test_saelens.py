@@ -59,6 +59,7 @@ def ours(run, x):
   return z / scale, xhat
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selection, l", [("topk", 4), ("batchtopk", 4), ("sampled", 2)])
 def test_each_architecture_loads_and_matches_our_inference(tmp_path, selection, l):
   npy = tmp_path / "acts.npy"

@@ -52,6 +52,7 @@ DATA = {
 RUNS = [(run_shard_map, data) for data in sorted(DATA)] + [(run_pmap, "dense")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner, data", RUNS)
 @pytest.mark.parametrize("sampled", [False, True])
 def test_sharded_equals_single_device_bit_for_bit(runner, data, sampled, threshold_path):
@@ -71,6 +72,7 @@ def test_sharded_equals_single_device_bit_for_bit(runner, data, sampled, thresho
       single[-3], reference.apply(a, reference.batch_topk_mask(a, k)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner", [run_pmap, run_shard_map])
 def test_without_axis_name_each_shard_selects_alone(runner):
   a = DATA["dense"].astype(np.float32)

@@ -48,6 +48,7 @@ def letter_run(lm, tmp_path_factory):
   return out, cache
 
 
+@pytest.mark.slow
 def test_a_run_on_a_cache_reports_first_letter_metrics(lm, letter_run):
   out, cache = letter_run
   summary = json.loads((out / "summary.json").read_text())

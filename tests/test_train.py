@@ -4,6 +4,7 @@ dead latents, non-finite batches, the loop, and learning a known dictionary."""
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,6 +181,7 @@ def test_threshold_ema_starts_after_threshold_start():
 
 # --- Devices -------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", list(RULES) + ["sampled_kept"])
 def test_four_devices_equal_one(rule, caplog):
   c = (RULES | LEVERAGE)[rule]
@@ -211,6 +213,7 @@ def test_four_devices_equal_one(rule, caplog):
   assert int(four.step) == 5 and float(metrics["skipped_steps"]) == 0
 
 
+@pytest.mark.slow
 def test_pmap_runs_the_same_step():
   """train_step also runs under jax.pmap (every argument mapped), bit for bit."""
   c = RULES["sampled_drawn"]
@@ -255,6 +258,7 @@ def fast_and_dense_gradients(params, x_BxD, silent_F, c):
 CONCENTRATED = batch(70) * np.where(np.arange(B) < 8, 30.0, 1.0)[:, None].astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", list(RULES) + ["topk_entries", "batchtopk_entries"])
 def test_fast_gradients_equal_dense_on_four_devices(rule, monkeypatch):
   """TopK's and BatchTopK's gradients in both layouts (`layouts.LAYOUT`;
@@ -407,6 +411,7 @@ def test_a_kept_pool_is_renewed_every_pool_every_steps():
   assert fresh_state(RULES["sampled"]).pool_P is None  # states without kept pools are as before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["sampled", "sampled_kept"])
 def test_packed_step_equals_dense_step_on_four_devices(rule):
   """p_train_step_packed (AuxK on the dead latents packed into the smallest
@@ -493,6 +498,7 @@ def recorded_forms(monkeypatch):
   return picked
 
 
+@pytest.mark.slow
 def test_loop_picks_the_cheapest_form_whose_promise_holds(monkeypatch):
   """train_loop runs the step without AuxK while no latent can be dead, and
   for Sampled-SAE the packed step at the smallest capacity that holds
@@ -577,6 +583,25 @@ def test_training_stops_after_max_bad_steps():
 
 # --- The loop ----------------------------------------------------------------------
 
+def test_no_step_recompiles(monkeypatch):
+  """Ten steps of a run trace train_step once (`chex.assert_max_traces`):
+  the step number, the learning rate and the threshold are arrays, never
+  constants of the compiled step."""
+  c = TrainConfig(SAEConfig(16, 64, k=4, l=2), batch_size=64, steps=10, warmup_steps=2,
+                  threshold_start=3)
+  source = synthetic.SyntheticSource(synthetic.SyntheticConfig(d_model=16, n_features=32))
+  state = train.replicate(train.create_train_state(c, source.sample(10**6, 256)))
+  train._mapped_step.cache_clear()  # traced afresh, through the counted step
+  monkeypatch.setattr(train, "train_step", chex.assert_max_traces(train.train_step, n=1))
+  try:
+    state = loop.train_loop(state, source.batches(64, jax.local_device_count()),
+                            log_every=1, progress=False)
+  finally:
+    train._mapped_step.cache_clear()
+  assert int(train.unreplicate(state).step) == 10
+
+
+@pytest.mark.slow
 def test_train_logs_and_stops_at_the_end_of_the_batches(capsys):
   c = RULES["sampled"]
   logs = []
@@ -598,6 +623,7 @@ def test_train_logs_and_stops_at_the_end_of_the_batches(capsys):
   assert int(train.unreplicate(state).step) == 7
 
 
+@pytest.mark.slow
 def test_train_many_equals_each_state_trained_alone():
   """One stream of batches, drawn once, for three rules (one keeping its pool
   between renewals; dead latents, so AuxK runs): each ends bit for bit as
@@ -657,6 +683,7 @@ def test_input_scale_makes_the_mean_squared_norm_d():
 
 # --- Dead latents --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_auxk_revives_dead_latents():
   source = synthetic.SyntheticSource(synthetic.SyntheticConfig(d_model=16, n_features=32, active=3))
   dead_F = np.arange(32) < 8
@@ -686,6 +713,7 @@ def test_auxk_revives_dead_latents():
     # tokens with more lose some: its floor here is ~0.16.
     ("topk", 0.2),
 ])
+@pytest.mark.slow
 def test_learns_a_known_dictionary(rule, max_fvu):
   source = synthetic.SyntheticSource(synthetic.SyntheticConfig(d_model=32, n_features=64, active=4))
   c = TrainConfig(SAEConfig(32, 128, k=4, selection=rule, l=16.0), batch_size=256, steps=3000,
