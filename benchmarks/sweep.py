@@ -33,7 +33,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests import tiny_lm  # noqa: E402  (the test's model builder, at any size)
 
-README_SWEEP = ["--data", "synthetic", "--synthetic-d-model", "32", "--synthetic-features", "128",
+DOCS_SWEEP = ["--data", "synthetic", "--synthetic-d-model", "32", "--synthetic-features", "128",
                 "--rare-fraction", "0.1", "--dict-size", "256", "--k", "4", "--batch-size", "256",
                 "--warmup-steps", "100", "--threshold-start", "1000", "--dead-tokens", "51200",
                 "--eval-tokens", "8192"]
@@ -84,7 +84,7 @@ def main():
     if args.steps < 2000:  # docs/l-spectrum.md's schedule, scaled to the steps (last flag wins)
       steps += ["--warmup-steps", str(args.steps // 20), "--threshold-start",
                 str(args.steps // 2)]
-    rows.append(compare("synthetic, README (D=32, F=256)", [*README_SWEEP, *steps], root))
+    rows.append(compare("synthetic, docs/l-spectrum.md (D=32, F=256)", [*DOCS_SWEEP, *steps], root))
 
     model = tiny_lm.build(root / "model", layers=args.lm_layers, hidden=args.lm_width)
     rng = np.random.default_rng(0)

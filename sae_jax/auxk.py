@@ -193,11 +193,11 @@ def rows(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux: int, weight:
   cols_C, grads, error = _packed(s, capacity)
   error = jnp.where(jnp.any(dead_F), error, 0)
   n_pool = pool_P.shape[0]
-  rows = jnp.concatenate([
+  rows_R = jnp.concatenate([
       jnp.where(dead_F[pool_P], n_latents + jnp.arange(n_pool), pool_P),
       jnp.where(cols_C < n_latents, cols_C, n_latents + n_pool + jnp.arange(capacity))])
   both = {"W_enc": jnp.concatenate([pooled["W_enc"], grads["W_enc"]], axis=1),
           "b_enc": jnp.concatenate([pooled["b_enc"], grads["b_enc"]]),
           "W_dec": jnp.concatenate([pooled["W_dec"], grads["W_dec"]]),
           "b_dec": pooled["b_dec"] + grads["b_dec"]}
-  return both, rows, s.scale * error
+  return both, rows_R, s.scale * error

@@ -1,14 +1,9 @@
 """A feature browser for a trained SAE: a static site that opens from file://.
 
-One pass over the last `tokens` rows of the run's data (the held-out rows
+The rows are the last `tokens` rows of the run's data (the held-out rows
 first among them; for a --stream run, the text's first rows, made by the
-JAX model as the stream made them) encodes them with the saved SAE
-(`saelens/`, SAELens' formulas) on the default JAX device and keeps, per
-latent: how often it fires, its mean activation when it fires, a histogram
-of its activations, its `contexts` largest activations and `samples`
-firings drawn uniformly (the bulk of its distribution, not only the top).
-For Sampled-SAE a second pass cuts the rows into training batches and
-counts how often each latent makes the batch's pool. Each context is the token
+JAX model as the stream made them), read here; what is shown of each latent
+is computed from them in passes (`features.py`). Each context is the token
 with `window` tokens either side in the same document, every token with the
 latent's activation. For a language model's cache the tokens are decoded
 with the model's tokenizer and the logit lens (W_dec[j] @ W_U) names the

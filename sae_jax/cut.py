@@ -74,10 +74,10 @@ def selected_at(values, rows, cols, cut: Cut):
   return (values > cut.value) | tie
 
 
-def selected(a_BxF, cut: Cut, row_offset, col_F=None):
+def selected(a_BxF, cut: Cut, first_row, col_F=None):
   """The boolean mask of `cut` on `a_BxF` (columns numbered by `col_F`)."""
   n_rows, n_cols = a_BxF.shape
-  row_Bx1 = (row_offset + jnp.arange(n_rows, dtype=jnp.int32))[:, None]
+  row_Bx1 = (first_row + jnp.arange(n_rows, dtype=jnp.int32))[:, None]
   col_1xF = (jnp.arange(n_cols, dtype=jnp.int32) if col_F is None else col_F)[None, :]
   return selected_at(a_BxF, row_Bx1, col_1xF, cut)
 

@@ -132,13 +132,14 @@ def _concepts(config: RunConfig, state: train.TrainState, source: DataSource, x_
 
 def _downstream(config: RunConfig, state: train.TrainState, theta_F,
                 source: DataSource) -> dict:
-  """The spliced-loss metrics (`downstream.py`) on the contexts after the
-  training data, with the model in JAX or torch as the data were made."""
+  """The spliced-loss metrics (`downstream.py`) on contexts the run did not
+  train on, with the model in JAX or torch as the data were made."""
   if source.downstream_ids is None:
     return {}
   ids_BxL = source.downstream_ids()
   if not len(ids_BxL):
-    print("no contexts left after the training data: downstream loss skipped", flush=True)
+    print("no downstream contexts (--downstream-contexts 0, or no text after the cache's): "
+          "downstream loss skipped", flush=True)
     return {}
   e = config.export
   if source.language_model is not None:

@@ -102,10 +102,10 @@ def dense(params, x_BxD, silent_F, key, config: TrainConfig, axis_name, kept=Non
     mse = losses.mse(x_BxD, xhat_BxD)
     n_active, fired_F, token_min_B = _codes_stats(z_BxF)
     fired_F, dead_F = _fired_and_dead(silent_F, fired_F, c.dead_steps, axis_name)
-    auxk = losses.auxk_loss(pre_BxF, dead_F, x_BxD - xhat_BxD, params["W_dec"], c.auxk_k,
-                            axis_name)
-    return mse + c.auxk_weight * auxk, Outputs(mse, auxk, xhat_BxD, n_active, fired_F,
-                                               token_min_B, dead_F, pool_P)
+    auxk_value = losses.auxk_loss(pre_BxF, dead_F, x_BxD - xhat_BxD, params["W_dec"], c.auxk_k,
+                                  axis_name)
+    return mse + c.auxk_weight * auxk_value, Outputs(mse, auxk_value, xhat_BxD, n_active,
+                                                     fired_F, token_min_B, dead_F, pool_P)
 
   (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(varying(params, axis_name))
   return grads, out

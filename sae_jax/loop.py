@@ -130,7 +130,7 @@ def train_many(states: typing.Sequence[train.TrainState], batches: typing.Iterab
                      f"states and {len(names)} names")
   c = states[0].config
   mesh = states[0].step.sharding.mesh
-  steps = [int(train._host(s.step)) for s in states]
+  steps = [int(train.host(s.step)) for s in states]
   shared = lambda s: (s.config.batch_size, s.config.sae.d_model, s.config.total_steps)
   for name, s, step in zip(names, states, steps):
     if (shared(s), step, s.step.sharding.mesh) != (shared(states[0]), steps[0], mesh):
@@ -148,7 +148,7 @@ def train_many(states: typing.Sequence[train.TrainState], batches: typing.Iterab
   clock = {"time": time.perf_counter(), "step": step, "rate": 0.0}
 
   def report(i, done, metrics, last=False):
-    m = {name: float(train._host(v)) for name, v in metrics.items()}
+    m = {name: float(train.host(v)) for name, v in metrics.items()}
     if m["bad_streak"] >= c.max_bad_steps:
       who = f" of {names[i]}" if len(states) > 1 else ""
       raise train.NonFiniteError(
@@ -173,8 +173,8 @@ def train_many(states: typing.Sequence[train.TrainState], batches: typing.Iterab
   # for the second, then each step's dead_soon, read one step late. Each is
   # the count the state itself holds for that step, so a resumed run picks
   # the forms of the uninterrupted one.
-  bounds = [int(train._host(s.dead_at_most)) for s in states]
-  second = [int(train.can_be_dead(train._host(s.steps_since_fired_F), s.config.dead_steps, 1))
+  bounds = [int(train.host(s.dead_at_most)) for s in states]
+  second = [int(train.can_be_dead(train.host(s.steps_since_fired_F), s.config.dead_steps, 1))
             for s in states]
   # Metrics are read one step late, so the next step is queued while we wait.
   pending = None

@@ -75,22 +75,24 @@ def finished(out) -> bool:
 
 def check_resume(out: pathlib.PurePath, config: RunConfig) -> bool:
   """Refuses to resume a run saved with another config (the differences
-  listed); records `config` in out/config.json. Returns whether config.json
-  already held this very config."""
+  listed); records `config` in out/config.json. Returns whether a config
+  was saved there with the same `runconfig.END_FIELDS`: whether a finished
+  run there would end as it did."""
   path = out / "config.json"
   new = config.to_dict()
-  if path.exists():
-    saved = _read_config(path)
-    differences = runconfig.differences(saved, config)
-    if differences:
-      raise ValueError(f"{out} holds a run with another config; refusing to resume it "
-                       f"(use another --out):\n  " + "\n  ".join(differences))
-    if {k: v for k, v in saved.items() if k != FINGERPRINT} == new:
-      return True  # nothing to write (so a full disk cannot stop a finished run here)
-    if FINGERPRINT in saved:
-      new[FINGERPRINT] = saved[FINGERPRINT]
-  write_json(path, new)
-  return False
+  if not path.exists():
+    write_json(path, new)
+    return False
+  saved = _read_config(path)
+  differences = runconfig.differences(saved, config)
+  if differences:
+    raise ValueError(f"{out} holds a run with another config; refusing to resume it "
+                     f"(use another --out):\n  " + "\n  ".join(differences))
+  ends_the_same = all(saved.get(field) == new[field] for field in runconfig.END_FIELDS)
+  if {k: v for k, v in saved.items() if k != FINGERPRINT} != new:
+    # Unchanged, nothing is written (so a full disk cannot stop a finished run here).
+    write_json(path, new | ({FINGERPRINT: saved[FINGERPRINT]} if FINGERPRINT in saved else {}))
+  return ends_the_same
 
 
 def data_fingerprint(config: RunConfig) -> typing.Optional[dict]:

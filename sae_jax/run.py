@@ -16,6 +16,7 @@ import time
 import typing
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from sae_jax import checkpoint
@@ -163,11 +164,11 @@ def _pass(configs: list, out: pathlib.PurePath, *, progress: bool,
     homes = [storage.path(config.out) for config in configs]
     if any(_absolute(home) != _absolute(out) for home in homes):
       outdir.check_runs(out, [home.name for home in homes])
-    unchanged = []
+    ends_the_same = []
     for home, config in zip(homes, configs):
       home.mkdir(parents=True, exist_ok=True)
       outdir.remove_stale(home)
-      unchanged.append(outdir.check_resume(home, config))
+      ends_the_same.append(outdir.check_resume(home, config))
 
     # --- Training, to the end or to a stop.
     trained = _train(configs, homes, out, progress=progress, verify=verify)
@@ -175,12 +176,18 @@ def _pass(configs: list, out: pathlib.PurePath, *, progress: bool,
       return None
     states, source, tokens_per_second = trained
 
-    # --- The end of each run: thresholds, evaluation, export.
+    # --- The end of each run: thresholds, evaluation, export; not again for
+    # a finished run that would end as it did (process 0 decides: only its
+    # files need be on its disk, and finishing is collective on --stream).
+    done = [same and outdir.finished(home) for same, home in zip(ends_the_same, homes)]
+    if jax.process_count() > 1:
+      done = [bool(d) for d in multihost_utils.broadcast_one_to_all(np.array(done))]
     summaries = []
-    for home, config, state, same in zip(homes, configs, states, unchanged):
-      if same and outdir.finished(home):
+    for home, config, state, finished in zip(homes, configs, states, done):
+      if finished:
         print(f"--- {home.name}: finished already with this config", flush=True)
-        summaries.append(json.loads((home / "summary.json").read_text()))
+        summaries.append(json.loads((home / "summary.json").read_text())
+                         if outdir.writes() else {})
         continue
       print(f"--- {home.name}: evaluation and export", flush=True)
       summaries.append(finish.finish(config, home, state, source, tokens_per_second))

@@ -19,6 +19,9 @@ RESUMABLE_FIELDS = ("log_every", "ckpt_every", "keep_checkpoints", "wandb", "ten
 ADDED_FIELDS = {"stream": False, "stream_contexts": 512, "train.sae.ridge": 0.01,
                 "train.sae.sketch": None, "train.sae.pool_every": 1, "synthetic.parents": 0,
                 "synthetic.children": 4, "synthetic.child_given_parent": 0.5}
+# Fields that only change what is done after training: a finished run whose
+# saved config differs in one of them is finished again.
+END_FIELDS = ("inference", "calibration_tokens")
 INFERENCE_RULES = ("per-latent", "global")
 # config.json's record of the data a run trains on (not part of the config).
 FINGERPRINT = "data_fingerprint"

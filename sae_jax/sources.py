@@ -49,7 +49,8 @@ class DataSource:
   """A cache: the held-out rows' (token ids [N], first letters [N]), or None
   when the model's tokenizer does not load."""
   downstream_ids: typing.Optional[typing.Callable[[], np.ndarray]] = None
-  """--data pythia: token ids [contexts, L] after those the run trained on."""
+  """--data pythia: token ids [contexts, L] the run did not train on, for the
+  spliced loss: after the cache's rows, or reserved before --stream's."""
   language_model: typing.Optional[typing.Callable[[], tuple]] = None
   """--data pythia with the JAX model: (neox config, params); None with torch's."""
 
@@ -134,6 +135,8 @@ def _contexts_after_cache(config: RunConfig) -> np.ndarray:
   """Up to `downstream_contexts` contexts of the text after those the cache
   exported (its training and held-out rows) [n, L]."""
   e = config.export
+  if not config.downstream_contexts:
+    return np.zeros((0, e.context_length), np.int32)
   used = export_lib.read_manifest(config.cache_dir)["total_tokens"]
   tokenizer = hf.tokenizer(e.model, e.revision)
   excluded, rows, after = set(e.exclude_token_ids), 0, []

@@ -5,7 +5,7 @@ Two sources of labelled activations:
 
 * tokens of an activation cache (`token_letters`): a token whose text is
   letters only (after one leading space) is labelled with its first letter;
-  `run.py` evaluates every run on a cache so, on its held-out rows.
+  `finish.py` evaluates every run on a cache so, on its held-out rows.
 * SAEBench's prompts (`prompt_activations`): for each word of the
   vocabulary, ten in-context examples "{word} has the first letter: {X}",
   then "{word} has the first letter:", and the activation at the word.

@@ -44,7 +44,7 @@ class TrainState(struct.PyTreeNode):
   rng: jax.Array  # uint32 key data for the sampled pools
   # int32: the most latents that can be dead on the step that takes this
   # state, counted from the state before it (from this one for a new
-  # state). `train_loop` picks the step's compiled form by it, so a resumed
+  # state). `loop.train_loop` picks the step's compiled form by it, so a resumed
   # run picks what the uninterrupted run picked.
   dead_at_most: jax.Array
   config: TrainConfig = struct.field(pytree_node=False)
@@ -153,10 +153,10 @@ def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
       before projection and clip. threshold: θ after the step. dead_fraction:
       latents dead after the step. most_silent_steps, lr, skipped_steps, bad_streak.
     dead_soon: the most latents that can be dead on the step after next
-      (`can_be_dead`); `train_loop` picks that step's form by it.
+      (`can_be_dead`); `loop.train_loop` picks that step's form by it.
 
   `form` (static) is "general", or a promise that makes the fast step
-  cheaper; `train_loop` picks the cheapest whose promise holds, from the
+  cheaper; `loop.train_loop` picks the cheapest whose promise holds, from the
   state's `dead_at_most`:
     "all_alive": no latent can be dead on this step. The step is compiled
       without AuxK and without the branch that decides whether to run it,
@@ -295,7 +295,7 @@ def p_train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
 
 def p_train_step_all_alive(state: TrainState, batch) -> tuple[TrainState, dict]:
   """`p_train_step` while no latent can be dead (see `train_step`);
-  `train_loop` picks it when it may."""
+  `loop.train_loop` picks it when it may."""
   mesh = state.step.sharding.mesh
   return _mapped_step(mesh, "all_alive")(state, global_batch(batch, mesh))
 
@@ -304,7 +304,7 @@ def p_train_step_packed(state: TrainState, batch, capacity: typing.Optional[int]
                         ) -> tuple[TrainState, dict]:
   """`p_train_step` while at most `capacity` latents can be dead, one of
   `auxk.auxk_capacities(F, auxk_k)` (by default the smallest) or F
-  (see `train_step`); `train_loop` picks it for Sampled-SAE while any
+  (see `train_step`); `loop.train_loop` picks it for Sampled-SAE while any
   latent can be dead (any other rule runs `p_train_step` here)."""
   mesh = state.step.sharding.mesh
   return _mapped_step(mesh, "packed", capacity)(state, global_batch(batch, mesh))
@@ -339,14 +339,14 @@ def replicate(state: TrainState, n_devices: typing.Optional[int] = None) -> Trai
   return jax.tree.map(put, jax.device_get(state))
 
 
-def _host(x) -> np.ndarray:
+def host(x) -> np.ndarray:
   """A replicated array's value, read from this process's first copy."""
   return np.asarray(x.addressable_data(0))
 
 
 def unreplicate(state: TrainState) -> TrainState:
   """A replicated state's value, on the host."""
-  return jax.tree.map(_host, state)
+  return jax.tree.map(host, state)
 
 
 def shard_batch(x_BxD, n_devices: int) -> np.ndarray:

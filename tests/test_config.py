@@ -7,6 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
+from sae_jax import export
 from sae_jax import outdir
 from sae_jax import runconfig
 from sae_jax import synthetic
@@ -138,13 +139,19 @@ def test_a_config_json_of_the_previous_version_resumes(tmp_path, name):
   saved |= {"out": str(out)} | ({"data": str(npy)} if saved["data"] == "DATA" else {})
   fingerprint = {"kind": "npy", "bytes": 1}
   (out / "config.json").write_text(json.dumps(saved | {runconfig.FINGERPRINT: fingerprint}))
-  config = RunConfig.from_dict(saved)
-  assert not outdir.check_resume(out, config)  # resumes; config.json rewritten
+  # Built from flags, the sections the run does not use hold other values.
+  config = dataclasses.replace(RunConfig.from_dict(saved), export=export.ExportConfig(
+      model="elsewhere", backend="jax"))
+  if saved["data"] != "synthetic":
+    config = dataclasses.replace(config, synthetic=synthetic.SyntheticConfig(d_model=8))
+  assert outdir.check_resume(out, config)  # resumes, and would end as it did
   now = json.loads((out / "config.json").read_text())
   assert now.pop(runconfig.FINGERPRINT) == fingerprint
   assert now == config.to_dict()
   assert ("synthetic" in now) == (saved["data"] == "synthetic") and "export" not in now
   assert outdir.check_resume(out, config)  # unchanged now
+  # An end-only field may change, and the run would end otherwise.
+  assert not outdir.check_resume(out, dataclasses.replace(config, inference="global"))
   other = dataclasses.replace(config, eval_tokens=config.eval_tokens + 1)
   with pytest.raises(ValueError, match=r"eval_tokens: saved \d+, now \d+"):
     outdir.check_resume(out, other)

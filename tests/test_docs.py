@@ -1,5 +1,5 @@
 """The examples in the public docstrings run and print what they show, and
-every command in README.md and docs/ runs as written."""
+every command in README.md and docs/ is one its script takes as written."""
 
 import argparse
 import doctest
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from sae_jax import auxk
+from sae_jax import collectives
 from sae_jax import evaluate
 from sae_jax import loop
 from sae_jax import losses
@@ -28,7 +29,7 @@ from sae_jax import thresholds
 from tests import scripts
 
 
-@pytest.mark.parametrize("module", [auxk, evaluate, loop, losses, model, optimizer, pool, probing, scoring,
+@pytest.mark.parametrize("module", [auxk, collectives, evaluate, loop, losses, model, optimizer, pool, probing, scoring,
                                     selection, spelling, thresholds])
 def test_docstring_examples(module):
   result = doctest.testmod(module, extraglobs={"jax": jax, "jnp": jnp},

@@ -23,7 +23,7 @@ from tests.helpers import train_script
 from tests.helpers import wait_for_step
 
 EXPORT = scripts.load("export_activations")
-STEPS = 200  # the stopped run's length: 40 steps or more between its stops
+STEPS = 240  # the stopped run's length: 40 steps or more between its stops
 
 
 def steps_logged(out) -> list:
@@ -144,7 +144,7 @@ def test_stopped_three_ways_and_relaunched_a_run_ends_exactly(straight, tmp_path
   processes[1].kill()
   assert said_killed(processes, killed=1)
   saved = checkpoints(out)[-1]
-  assert step <= saved < STEPS
+  assert step < saved < STEPS  # a checkpoint 15 steps or more before the kill
   results = finish(launch(stop_args(out)))
   no_traceback(results)
   assert [code for code, _, _ in results] == [0, 0]

@@ -97,7 +97,7 @@ def reference_step(state, x_raw, c):
   variance = ((e - e.mean(0)) ** 2).sum()
   e_aux = e - (a_dead * aux_mask) @ p["W_dec"]
   mse = (e ** 2).sum() / len(e)  # summed over D, averaged over tokens
-  auxk = (e_aux ** 2).sum() / variance
+  auxk_value = (e_aux ** 2).sum() / variance
 
   g_xhat = -2 * e / len(e)
   g_ehat = -2 * c.auxk_weight * e_aux / variance
@@ -113,7 +113,7 @@ def reference_step(state, x_raw, c):
   z_min = np.where(mask, z, np.inf)
   theta = z_min.min(1).mean() if c.sae.selection == "topk" else z_min.min()
   metrics = {
-      "loss": mse + c.auxk_weight * auxk, "mse": mse, "auxk_loss": auxk,
+      "loss": mse + c.auxk_weight * auxk_value, "mse": mse, "auxk_loss": auxk_value,
       "fvu": (e ** 2).sum() / ((x - x.mean(0)) ** 2).sum(),
       "l0": mask.sum() / B, "threshold": theta,
       "grad_norm": np.sqrt(sum((g ** 2).sum() for g in grads.values())),
@@ -509,13 +509,13 @@ def test_loop_picks_the_cheapest_form_whose_promise_holds(monkeypatch):
   xs = [batch(90 + i)[None] for i in range(12)]
   looped = loop.train_loop(train.replicate(start, 1), xs, progress=False)
   stepped = train.replicate(start, 1)
-  auxk = []
+  auxk_values = []
   for x in xs:
     stepped, metrics = train.p_train_step(stepped, x)
-    auxk.append(float(metrics["auxk_loss"]))
+    auxk_values.append(float(metrics["auxk_loss"]))
   names = [name for _, name in picked]
   assert names.count("all_alive") >= 2 and {"packed 4", "packed 6"} <= set(names), names
-  assert max(auxk) > 0
+  assert max(auxk_values) > 0
   looped, stepped = train.unreplicate(looped), train.unreplicate(stepped)
   np.testing.assert_array_equal(looped.steps_since_fired_F, stepped.steps_since_fired_F)
   for name in stepped.params:
