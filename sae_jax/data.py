@@ -15,6 +15,8 @@ and a run sees the same global batches on any number of hosts. The last
 `eval_rows` rows of the data are held out for evaluation and never trained on.
 """
 
+import pathlib
+import posixpath
 import queue
 import threading
 import typing
@@ -45,6 +47,37 @@ def _to_float32(rows: np.ndarray, dtype: str) -> np.ndarray:
   return rows.astype(np.float32)
 
 
+def _shards(path: pathlib.PurePath, manifest: dict) -> list:
+  """(file, sha256, rows) of each shard a complete manifest lists, or one
+  line saying what is wrong with it: each shard its own file (a shard listed
+  twice would be trained on twice, and could be held out as well), and the
+  rows adding up to `total_tokens` (checked after the shards' own sizes)."""
+  where = f"activation cache {path}: {export.MANIFEST}"
+  remedy = "the cache is damaged; export it again into an empty directory"
+  for field, kind in (("dtype", str), ("d_model", int), ("shards", list),
+                      ("total_tokens", int)):
+    if not isinstance(manifest.get(field), kind):
+      raise ValueError(f"{where} has {field} {manifest.get(field)!r}, not a {kind.__name__}: "
+                       f"{remedy}")
+  files, first = [], {}
+  for index, shard in enumerate(manifest["shards"]):
+    try:
+      name, digest, rows = shard["files"]["acts"], shard["sha256"]["acts"], shard["rows"]
+    except (KeyError, TypeError):
+      raise ValueError(f"{where}: shard {index} is not an entry with files.acts, sha256.acts "
+                       f"and rows ({shard!r}): {remedy}") from None
+    if not isinstance(name, str) or not isinstance(rows, int) or rows < 0:
+      raise ValueError(f"{where}: shard {index} names {name!r} with {rows!r} rows: {remedy}")
+    same = posixpath.normpath(name)
+    if same in first:
+      raise ValueError(f"{where}: shards {first[same]} and {index} are both {name!r}; each "
+                       f"shard must be its own file (its rows would be trained on twice): "
+                       f"{remedy}")
+    first[same] = index
+    files.append((name, digest, rows))
+  return files
+
+
 class Activations:
   """Activation rows on disk, opened (and checked) before any training starts.
 
@@ -71,13 +104,15 @@ class Activations:
         raise ValueError(f"{self.path} is an unfinished export (manifest 'complete' is false); "
                          f"run the export again to finish it")
       self.manifest = manifest
-      self.dtype = manifest["dtype"]
-      self.d_model = manifest["d_model"]
-      self._files = []
-      for index, shard in enumerate(manifest["shards"]):
-        name = shard["files"]["acts"]
-        self._check_shard(index, name, shard["rows"])
-        self._files.append((name, shard["sha256"]["acts"], shard["rows"]))
+      self.dtype, self.d_model = manifest["dtype"], manifest["d_model"]
+      self._files = _shards(self.path, manifest)
+      for index, (name, _, rows) in enumerate(self._files):
+        self._check_shard(index, name, rows)
+      listed = sum(rows for *_, rows in self._files)
+      if listed != manifest["total_tokens"]:
+        raise ValueError(f"activation cache {self.path}: {export.MANIFEST} says total_tokens "
+                         f"{manifest['total_tokens']}, but its shards hold {listed} rows: the "
+                         f"cache is damaged; export it again into an empty directory")
     elif self.path.suffix == ".npy" and self.path.is_file():
       array = open_npy(self.path)
       if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):

@@ -167,3 +167,31 @@ def test_every_shard_is_checked_when_the_cache_opens(cache, tmp_path):
   data.Activations(broken)  # lazily: found on the shard's first read
   with pytest.raises(ValueError, match=r"shard 5 \(acts-00005.npy\) is corrupted"):
     data.Activations(broken, verify=True)
+
+
+def test_a_manifest_that_repeats_a_shard_or_miscounts_its_rows_is_refused(cache, tmp_path):
+  """A shard listed twice (or two entries naming one file) would be trained
+  on twice and held out too; total_tokens must be the shards' rows; fields
+  of the wrong type are named. Each in one line, when the cache opens."""
+  broken = tmp_path / "broken"
+  shutil.copytree(cache, broken)
+  manifest = export.read_manifest(broken)
+  shards = manifest["shards"]
+  renamed = dict(shards[3], files={"acts": "./acts-00000.npy"})
+  cases = [
+      ({"shards": [*shards, shards[0]], "total_tokens": 828},
+       r"shards 0 and 6 are both 'acts-00000.npy'; each shard must be its own file"),
+      ({"shards": [*shards[:3], renamed, *shards[4:]]},
+       r"shards 0 and 3 are both './acts-00000.npy'"),
+      ({"total_tokens": 20_000}, r"says total_tokens 20000, but its shards hold 700 rows"),
+      ({"dtype": None}, r"has dtype None, not a str"),
+      ({"shards": None}, r"has shards None, not a list"),
+      ({"shards": [*shards[:5], {"rows": 60}]}, r"shard 5 is not an entry with files.acts"),
+  ]
+  for change, error in cases:
+    export.write_manifest(broken, dict(manifest, **change))
+    with pytest.raises(ValueError, match=error) as raised:
+      data.Activations(broken, eval_rows=100)
+    assert "\n" not in str(raised.value) and "export it again" in str(raised.value)
+  export.write_manifest(broken, manifest)
+  assert data.Activations(broken, eval_rows=100).n_rows == 700
