@@ -17,6 +17,7 @@ from sae_jax import export as export_lib
 from sae_jax import runconfig
 from sae_jax import storage
 from sae_jax.runconfig import FINGERPRINT
+from sae_jax.runconfig import NUMERICS
 from sae_jax.runconfig import RunConfig
 
 LOCK = ".lock"
@@ -73,25 +74,37 @@ def finished(out) -> bool:
       "summary.json", "saelens/cfg.json", "saelens/sae_weights.safetensors"))
 
 
-def check_resume(out: pathlib.PurePath, config: RunConfig) -> bool:
-  """Refuses to resume a run saved with another config (the differences
-  listed); records `config` in out/config.json. Returns whether a config
-  was saved there with the same `runconfig.END_FIELDS`: whether a finished
-  run there would end as it did."""
+def compare(out: pathlib.PurePath, config: RunConfig) -> typing.Optional[bool]:
+  """Refuses a run saved in `out` with another config (the differences
+  listed); writes nothing. Returns None when no config is saved there, else
+  whether it has the same `runconfig.END_FIELDS`: whether a finished run
+  there would end as it did."""
   path = out / "config.json"
-  new = config.to_dict()
   if not path.exists():
-    write_json(path, new)
-    return False
+    return None
   saved = _read_config(path)
   differences = runconfig.differences(saved, config)
   if differences:
     raise ValueError(f"{out} holds a run with another config; refusing to resume it "
                      f"(use another --out):\n  " + "\n  ".join(differences))
-  ends_the_same = all(saved.get(field) == new[field] for field in runconfig.END_FIELDS)
-  if {k: v for k, v in saved.items() if k != FINGERPRINT} != new:
+  new = config.to_dict()
+  return all(saved.get(field) == new[field] for field in runconfig.END_FIELDS)
+
+
+def check_resume(out: pathlib.PurePath, config: RunConfig) -> bool:
+  """`compare`, then records `config` in out/config.json. Returns whether a
+  finished run there would end as it did (False for a new run)."""
+  path = out / "config.json"
+  new = config.to_dict()
+  ends_the_same = compare(out, config)
+  if ends_the_same is None:
+    write_json(path, new)
+    return False
+  saved = _read_config(path)
+  records = {k: v for k, v in saved.items() if k in runconfig.RECORDS}
+  if {k: v for k, v in saved.items() if k not in records} != new:
     # Unchanged, nothing is written (so a full disk cannot stop a finished run here).
-    write_json(path, new | ({FINGERPRINT: saved[FINGERPRINT]} if FINGERPRINT in saved else {}))
+    write_json(path, new | records)
   return ends_the_same
 
 
@@ -117,12 +130,40 @@ def data_fingerprint(config: RunConfig) -> typing.Optional[dict]:
           "sha256_ends": ends.hexdigest()}
 
 
+def numerics() -> dict:
+  """What a run's numbers depend on beyond its config and data: 64-bit
+  mode (JAX_ENABLE_X64 changes the synthetic data and the step's dtypes)
+  and the device count (the order of the sums over devices)."""
+  return {"x64": bool(jax.config.jax_enable_x64), "devices": jax.device_count()}
+
+
+def _check_numerics(out: pathlib.PurePath, saved: typing.Optional[dict], now: dict) -> None:
+  """Refuses to resume a run checkpointed under the other 64-bit mode; says
+  so when it resumes on another device count."""
+  if saved is None:  # a run saved before sae_jax recorded them
+    return
+  if saved.get("x64") != now["x64"]:
+    env = lambda x64: "JAX_ENABLE_X64=1" if x64 else "JAX_ENABLE_X64 unset"
+    raise ValueError(f"{out} was checkpointed with {env(saved.get('x64'))}, and this process "
+                     f"has {env(now['x64'])}: the data and the step differ between the two, "
+                     f"so the run would change; refusing to resume: run it as it began, or "
+                     f"use another --out")
+  if saved.get("devices") != now["devices"]:
+    print(f"resuming on {now['devices']} devices a run checkpointed on {saved.get('devices')}: "
+          f"the same batches, but summed over devices in another order, so the weights may "
+          f"differ from an uninterrupted run's by float rounding (about 1e-7)", flush=True)
+
+
 def check_data(out: pathlib.PurePath, config: RunConfig, resuming: bool) -> None:
-  """Refuses to resume on data other than the run's; records them otherwise."""
+  """Refuses to resume on data, or under numerics (`numerics`), other than
+  the run's; records both otherwise."""
   path = out / "config.json"
   if not writes() and not path.exists():  # process 0's files need not be on this host
     return
   saved = _read_config(path)
+  now = numerics()
+  if resuming:
+    _check_numerics(out, saved.get(NUMERICS), now)
   old, new = saved.get(FINGERPRINT), data_fingerprint(config)
   if resuming and old is not None and new is not None:
     changed = [f"{k} {old.get(k)!r} then, {new.get(k)!r} now"
@@ -135,8 +176,9 @@ def check_data(out: pathlib.PurePath, config: RunConfig, resuming: bool) -> None
     if old.get("mtime") != new.get("mtime"):
       print(f"--data {config.data} was modified since the run began, but its size and first "
             f"and last MiB are the same: resuming", flush=True)
-  if new is not None and (old != new or not resuming):
-    write_json(path, saved | {FINGERPRINT: new})
+  records = {NUMERICS: now} | ({} if new is None else {FINGERPRINT: new})
+  if any(saved.get(k) != v for k, v in records.items()):
+    write_json(path, saved | records)
 
 
 def check_runs(out: pathlib.PurePath, names: list) -> None:

@@ -23,8 +23,11 @@ ADDED_FIELDS = {"stream": False, "stream_contexts": 512, "train.sae.ridge": 0.01
 # saved config differs in one of them is finished again.
 END_FIELDS = ("inference", "calibration_tokens")
 INFERENCE_RULES = ("per-latent", "global")
-# config.json's record of the data a run trains on (not part of the config).
+# config.json's records beside the config: the data a run trains on, and
+# the numerics it was checkpointed under (`outdir.check_data`).
 FINGERPRINT = "data_fingerprint"
+NUMERICS = "numerics"
+RECORDS = (FINGERPRINT, NUMERICS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +112,7 @@ class RunConfig:
   def from_dict(cls, d: dict) -> "RunConfig":
     """The config a config.json holds (any version's: a section it leaves out
     did not apply to its run, and takes its defaults)."""
-    d = dict(d)
-    d.pop(FINGERPRINT, None)
+    d = {k: v for k, v in d.items() if k not in RECORDS}
     export = d.pop("export", None)
     synthetic = d.pop("synthetic", None)
     return cls(train=TrainConfig.from_dict(d.pop("train")),
@@ -138,7 +140,7 @@ def flat(d: dict, prefix: str = "") -> dict:
 def differences(saved: dict, config: RunConfig) -> list:
   """What `config` changes of a saved config.json that a resume may not
   change, one "field: saved X, now Y" each."""
-  old = {k: v for k, v in saved.items() if k != FINGERPRINT}
+  old = {k: v for k, v in saved.items() if k not in RECORDS}
   before, after = recorded(ADDED_FIELDS | flat(old)), flat(config.to_dict())
   return [f"{k}: saved {before.get(k)!r}, now {after.get(k)!r}"
           for k in sorted(set(before) | set(after))

@@ -9,6 +9,10 @@ import math
 import pathlib
 import typing
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from sae_jax import outdir
 from sae_jax import run as run_lib
 from sae_jax import storage
@@ -66,7 +70,8 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
   checkpoint of every variant in base.out/checkpoints. Sequential: one
   variant after another (`run.run`), each re-reading the data. Either way
   each variant ends bit for bit as when trained alone, finished variants
-  (every output written) are not redone, and re-running resumes.
+  (every output written, with this config) are not redone, a variant saved
+  with another config is refused, and re-running resumes.
 
   Args:
     verify: check every cache shard's sha256 before training.
@@ -80,13 +85,14 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
   """
   out = storage.path(base.out)
   runs = variant_configs(base, ls, scores)
-  if one_pass and not all(outdir.finished(config.out) for *_, config in runs):
+  done = _finished(runs)
+  if one_pass and not all(done):
     if run_lib.run_many([config for *_, config in runs], out, progress=progress,
                         verify=verify) is None:
       print("sweep stopped by SIGTERM: re-run the same command to continue", flush=True)
       return None
-  for name, *_, config in runs:
-    if not outdir.finished(config.out):  # sequential
+  for (name, *_, config), finished in zip(runs, done):
+    if not one_pass and not finished:
       print(f"--- {name}", flush=True)
       stopped = run_lib.run(config, progress=progress, verify=verify) is None
       verify = False  # the variants share the data: once is enough
@@ -104,6 +110,20 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
   write_tables(rows, out)
   plot(rows, out)
   return rows
+
+
+def _finished(runs: list) -> list:
+  """Whether each variant is finished with its config as this command gives
+  it (every output written, and no end-only field changed). A variant
+  saved with another config is refused, with the differences, before
+  anything is trained. Process 0 decides, as `run`'s end does."""
+  done = []
+  for *_, config in runs:
+    home = storage.path(config.out)
+    done.append(home.is_dir() and bool(outdir.compare(home, config)) and outdir.finished(home))
+  if jax.process_count() > 1:
+    done = [bool(d) for d in multihost_utils.broadcast_one_to_all(np.array(done))]
+  return done
 
 
 def write_tables(rows: list, out: pathlib.PurePath) -> None:

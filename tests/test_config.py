@@ -4,6 +4,7 @@ import dataclasses
 import json
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -168,3 +169,35 @@ def test_config_json_records_the_sections_the_data_use(tmp_path):
     d = config.to_dict()
     assert {"export", "synthetic"} & set(d) == sections, data
     assert RunConfig.from_dict(json.loads(json.dumps(d))).to_dict() == d
+
+
+def test_a_resume_under_other_numerics_is_refused_or_reported(tmp_path, capsys):
+  """JAX_ENABLE_X64 changes the synthetic data and the step: a run
+  checkpointed under one setting refuses to resume under the other. Another
+  device count only reorders the sums over devices: said, not refused."""
+  train = TrainConfig(SAEConfig(16, 64, k=4), batch_size=64, steps=10)
+  config = RunConfig(train=train, out=str(tmp_path), data="synthetic",
+                     synthetic=synthetic.SyntheticConfig(d_model=16))
+  outdir.check_resume(tmp_path, config)
+  outdir.check_data(tmp_path, config, resuming=False)
+  recorded = json.loads((tmp_path / "config.json").read_text())[runconfig.NUMERICS]
+  assert recorded == {"x64": False, "devices": jax.device_count()}
+  outdir.check_data(tmp_path, config, resuming=True)  # the same: silent
+  assert capsys.readouterr().out == ""
+  with jax.enable_x64(True):
+    assert outdir.numerics()["x64"]
+    with pytest.raises(ValueError, match=r"checkpointed with JAX_ENABLE_X64 unset, and this "
+                                         r"process has JAX_ENABLE_X64=1.*refusing to resume"):
+      outdir.check_data(tmp_path, config, resuming=True)
+    outdir.check_data(tmp_path, config, resuming=False)  # a fresh start records it
+  with pytest.raises(ValueError, match=r"checkpointed with JAX_ENABLE_X64=1"):
+    outdir.check_data(tmp_path, config, resuming=True)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  saved[runconfig.NUMERICS] = {"x64": False, "devices": 2}
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  outdir.check_data(tmp_path, config, resuming=True)
+  assert f"resuming on {jax.device_count()} devices a run checkpointed on 2" in (
+      capsys.readouterr().out)
+  assert outdir.check_resume(tmp_path, config)  # the records are not part of the config
+  assert json.loads((tmp_path / "config.json").read_text())[runconfig.NUMERICS]["devices"] == (
+      jax.device_count())  # the resume recorded its own

@@ -106,6 +106,25 @@ def test_sweep_end_to_end_and_resume(tmp_path, capsys):
   assert (sequential / "topk" / "checkpoints").is_dir() and not (sequential / "checkpoints").exists()
   same_runs(out, sequential, [r["variant"] for r in rows])
 
+  # A finished sweep answers only its own command. Another --steps (or
+  # --seed, --data...) is refused with the differences, in either mode,
+  # before anything is trained or rewritten.
+  capsys.readouterr()
+  written = [*out.glob("*/summary.json"), *out.glob("results.*"), *out.glob("*.png")]
+  stamps = {path: path.stat().st_mtime_ns for path in written}
+  at = ARGS.index("--steps") + 1
+  for mode, where in (("--one-pass", out), ("--sequential", sequential)):
+    assert sweep_script.main([*ARGS[:at], "40", *ARGS[at + 1:], mode, "--out", str(where)]) == 2
+    error = capsys.readouterr().err
+    assert f"{where / 'topk'} holds a run with another config" in error
+    assert "train.steps: saved 30, now 40" in error
+  assert {path: path.stat().st_mtime_ns for path in written} == stamps
+  # An end-only field (--inference) finishes every variant again, untrained.
+  assert sweep_script.main([*ARGS, "--inference", "global", "--out", str(out)]) == 0
+  assert "resuming at step 30" in capsys.readouterr().out
+  for r in rows[1:]:  # TopK's inference is its own rule (each token's top k)
+    assert outputs(out / r["variant"])["summary"]["inference"] == "global", r["variant"]
+
 
 def sweep_pair(tmp_path, args):
   """The sweep run in one pass and sequentially: (one-pass out, sequential out)."""
