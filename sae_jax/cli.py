@@ -116,6 +116,9 @@ def parser(doc: str) -> argparse.ArgumentParser:
   run.add_argument("--heartbeat-timeout", type=int, default=100,
                    help="seconds after which the processes give up on one that stopped "
                         "answering")
+  run.add_argument("--join-timeout", type=int, default=300,
+                   help="seconds a process started with --coordinator waits for the others "
+                        "to join before it gives up")
   run.add_argument("--no-progress", action="store_true")
   run.add_argument("--verify", action="store_true",
                    help="check every cache shard's sha256 before training (a full read)")
@@ -188,8 +191,10 @@ def distributed(args) -> typing.Optional[dict]:
     raise ValueError(f"--process-id must be in [0, --num-processes) and --num-processes >= 1; "
                      f"got --process-id {args.process_id} of --num-processes "
                      f"{args.num_processes}")
+  validation.check_int_field("flags", "join_timeout", args.join_timeout)
   return {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
-          "process_id": args.process_id, "heartbeat_timeout_seconds": args.heartbeat_timeout}
+          "process_id": args.process_id, "heartbeat_timeout_seconds": args.heartbeat_timeout,
+          "initialization_timeout": args.join_timeout}
 
 
 def guarded(work: typing.Callable[[], typing.Any], *, flags=None) -> int:
@@ -208,12 +213,18 @@ def guarded(work: typing.Callable[[], typing.Any], *, flags=None) -> int:
       # CPU devices of several processes talk through gloo (no effect on TPU and GPU).
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
       timeout = peers.pop("heartbeat_timeout_seconds")
+      join = peers.pop("initialization_timeout", None)
+      joined = (peers_lib.joining(peers["coordinator_address"], peers["process_id"],
+                                  peers["num_processes"], join) if join else lambda: None)
       try:
-        # JAX aborts a process whose peer is silent for its timeout: ours comes first.
-        jax.distributed.initialize(**peers, heartbeat_timeout_seconds=2 * timeout)
+        # JAX aborts a process whose peer is silent for its timeouts: ours come first.
+        jax.distributed.initialize(**peers, heartbeat_timeout_seconds=2 * timeout,
+                                   **({"initialization_timeout": join + 60} if join else {}))
       except RuntimeError as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise ValueError(f"could not join the other processes ({reason})") from None
+      finally:
+        joined()
       from jax._src import distributed as jax_distributed  # noqa: PLC0415
       watching = peers_lib.watch(jax_distributed.global_state.client, jax.process_index(),
                                  jax.process_count(), timeout)

@@ -1,4 +1,10 @@
-"""A watch on the other processes of a multi-host run: each process beats
+"""Watches on the other processes of a multi-host run.
+
+While the processes join, one waiting for the others says so at once and
+every `SAY_EVERY` seconds, and gives up with one line after --join-timeout
+(JAX's own timeout, set later, would abort it with a C++ stack trace).
+
+Once joined, each process beats
 in JAX's coordination service every second, and one whose beat stops for
 `timeout` seconds is taken for dead. The survivors then exit at once with
 one line, where they would otherwise wait in a collective, or in a barrier
@@ -12,11 +18,40 @@ import threading
 import time
 
 BEAT_SECONDS = 1.0
+SAY_EVERY = 30.0
 _DONE = "done"
 
 
 def _key(process: int) -> str:
   return f"sae_jax/beat/{process}"
+
+
+def joining(coordinator: str, process_id: int, n_processes: int, timeout: float):
+  """Starts saying that this process waits for the others (a daemon
+  thread); exits with one line if they have not all joined after `timeout`
+  seconds. Returns `joined()`, to call once `jax.distributed.initialize`
+  has returned."""
+  joined = threading.Event()
+
+  def run():
+    began = time.monotonic()
+    while True:
+      waited = time.monotonic() - began
+      if waited >= timeout:
+        print(f"error: process {process_id} of {n_processes} waited {timeout:g} s "
+              f"(--join-timeout) at {coordinator} for the others to join; start every process "
+              f"with the same --coordinator and --num-processes, and a --process-id each",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+      print(f"process {process_id} of {n_processes}: waiting at {coordinator} for the other "
+            f"processes to join ({waited:.0f} of {timeout:g} s, --join-timeout)", flush=True)
+      if joined.wait(min(SAY_EVERY, timeout - waited)):
+        return
+
+  thread = threading.Thread(target=run, name="sae_jax-join", daemon=True)
+  thread.start()
+  return joined.set
 
 
 def watch(client, process_id: int, n_processes: int, timeout: float):

@@ -6,7 +6,10 @@ process killed with -9 stops the other with one line, and the relaunch
 resumes from the last complete checkpoint."""
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -15,7 +18,9 @@ import pytest
 from tests import scripts
 from tests import tiny_lm
 from tests.helpers import SMALL
+from tests.helpers import TRAIN
 from tests.helpers import finish
+from tests.helpers import free_port
 from tests.helpers import launch
 from tests.helpers import no_traceback
 from tests.helpers import same_run
@@ -186,3 +191,25 @@ def test_several_processes_refuse_to_export_a_cache_each(lm, tmp_path):
         f"error: --data pythia on 2 processes reads the cache in --cache-dir {cache_dir}, "
         f"which holds 0 of the ")
   assert not cache_dir.exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_process_whose_peers_never_join_says_so_then_gives_up(tmp_path):
+  """Process 0 of 2 with process 1 never started: it says at once what it
+  waits for, and stops with one line after --join-timeout (JAX would wait
+  silently, then abort with a C++ stack trace)."""
+  address = f"127.0.0.1:{free_port()}"
+  process = subprocess.Popen(
+      [sys.executable, str(TRAIN), *SMALL, "--out", str(tmp_path / "run"), "--coordinator",
+       address, "--num-processes", "2", "--process-id", "0",
+       "--join-timeout", "4"],
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  ((code, stdout, stderr),) = finish([process], timeout=120)
+  assert code == 1
+  assert f"process 0 of 2: waiting at {address} for the other processes to join (0 of 4 s" in stdout
+  assert stderr.strip().splitlines() == [
+      f"error: process 0 of 2 waited 4 s (--join-timeout) at {address} for the others "
+      f"to join; start every process with the same --coordinator and --num-processes, and a "
+      f"--process-id each"]
+  assert not (tmp_path / "run").exists()
