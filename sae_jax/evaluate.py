@@ -196,9 +196,10 @@ def pool(params, input_scale, x_BxD, key, config: SAEConfig, top: bool = False):
 
 
 def pools(params, input_scale, x_BxD, config: SAEConfig, batch_size: int) -> list:
-  """The Sampled-SAE pool (top scores) of each consecutive batch of x."""
+  """The Sampled-SAE pool (top scores) of each consecutive batch of x; for
+  score "uniform", which has no top, the pools drawn as training draws them."""
   key = jax.random.key(BATCH_MODE_KEY)
   return [np.asarray(pool(params, jnp.float32(input_scale),
                            jnp.asarray(x_BxD[start:start + batch_size], jnp.float32),
-                           jax.random.fold_in(key, i), config, top=True))
+                           jax.random.fold_in(key, i), config, top=config.score != "uniform"))
           for i, start in enumerate(range(0, len(x_BxD) - batch_size + 1, batch_size))]

@@ -1,11 +1,14 @@
 """Evaluation metrics on hand-computable cases, and the downstream loss on the
 tiny GPT-NeoX against a direct computation."""
 
+import jax
 import numpy as np
 import pytest
 
 from sae_jax import evaluate
+from sae_jax import model
 from sae_jax import synthetic
+from sae_jax.config import SAEConfig
 
 
 def test_reconstruction_metrics_by_hand():
@@ -134,3 +137,17 @@ def test_downstream_loss_in_jax_equals_torch(lm):
     downstream.downstream_loss_jax(params, config, "blocks.3.hook_resid_post", ids, identity)
   with pytest.raises(ValueError, match=r"ids_BxL must be int token ids"):
     downstream.downstream_loss_jax(params, config, hook, ids[0], identity)
+
+
+def test_pools_of_every_score_including_uniform():
+  """The pools pool_jaccard compares: the top scores, and for "uniform"
+  (no top; it needs drawn pools) the pools training would draw, a new one
+  per batch."""
+  x = synthetic.SyntheticSource(synthetic.SyntheticConfig(d_model=8, n_features=16)).sample(0, 64)
+  for score, sample_pool in (("l2", False), ("l2", True), ("uniform", True)):
+    config = SAEConfig(8, 32, k=2, l=2.0, score=score, sample_pool=sample_pool)
+    params = model.init_params(jax.random.key(0), config, x)["params"]
+    pools = evaluate.pools(params, 1.0, x, config, 16)
+    assert len(pools) == 4 and all(len(set(p.tolist())) == 4 for p in pools), score
+    if score == "uniform":
+      assert len({tuple(sorted(p.tolist())) for p in pools}) > 1
