@@ -26,7 +26,13 @@ from sae_jax import run
 
 
 def main(argv=None) -> int:
-  args = cli.parser(__doc__).parse_args(argv)
+  parser = cli.parser(__doc__)
+  args = parser.parse_args(argv)
+  ignored = cli.ignored_flags(parser, args)
+  if ignored:
+    rule = f"--score {args.score}" if args.selection == "sampled" else f"--selection {args.selection}"
+    print(f"note: {', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} nothing with "
+          f"{rule}", flush=True)
   return cli.guarded(lambda: run.run(cli.config_from(args), progress=not args.no_progress,
                                      verify=args.verify), flags=args)
 

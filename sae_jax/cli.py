@@ -122,7 +122,16 @@ def parser(doc: str) -> argparse.ArgumentParser:
   run.add_argument("--no-progress", action="store_true")
   run.add_argument("--verify", action="store_true",
                    help="check every cache shard's sha256 before training (a full read)")
+  _say_defaults(p)
   return p
+
+
+def _say_defaults(p: argparse.ArgumentParser) -> None:
+  """--help shows every flag's default (k=64, F=65536, ...) after its help."""
+  for action in p._actions:
+    if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+      continue
+    action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
 
 
 def config_from(args) -> RunConfig:
@@ -168,6 +177,20 @@ def check_sampled(base: RunConfig, ls, score: str) -> None:
   """Every Sampled-SAE variant of a sweep is a valid config (checked up front)."""
   for l in ls:
     dataclasses.replace(base.train.sae, selection="sampled", l=float(l), score=score)
+
+
+# The flags a rule never reads: given with another rule, they do nothing.
+_POOL_FLAGS = ("l", "score", "sample_pool", "pool_every", "ridge", "sketch")
+
+
+def ignored_flags(parser: argparse.ArgumentParser, args) -> list:
+  """The flags set away from their defaults that this run's rule ignores,
+  as "--flag value" (a sweep trains every rule: for train.py)."""
+  unused = () if args.selection == "sampled" else _POOL_FLAGS
+  if args.selection == "sampled" and args.score != "leverage":
+    unused = ("ridge", "sketch")
+  return [f"--{dest.replace('_', '-')} {getattr(args, dest)}" for dest in unused
+          if getattr(args, dest) != parser.get_default(dest)]
 
 
 def distributed(args) -> typing.Optional[dict]:

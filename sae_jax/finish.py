@@ -4,6 +4,7 @@ export; summary.json last, which marks the run finished."""
 
 import json
 import pathlib
+import time
 
 import numpy as np
 import safetensors
@@ -25,8 +26,12 @@ def finish(config: RunConfig, out: pathlib.PurePath, state: train.TrainState,
            source: DataSource, tokens_per_second: float) -> dict:
   """Thresholds, evaluation and the SAELens export of a trained state; summary.json last."""
   c = config.train
+  began = time.perf_counter()
+  say = lambda what: print(f"  {what} ({time.perf_counter() - began:.1f} s)", flush=True)
   calibration, theta_F = _thresholds(config, state, source)
+  say(f"inference thresholds from {calibration.tokens} calibration tokens")
   summary = _evaluate(config, state, source, theta_F, calibration)
+  say(f"evaluated on {summary['eval_rows']} held-out tokens")
   summary.update(tokens=int(state.step) * c.batch_size, steps=int(state.step),
                  tokens_per_second=tokens_per_second)
   if not outdir.writes():
@@ -42,7 +47,10 @@ def finish(config: RunConfig, out: pathlib.PurePath, state: train.TrainState,
                      f"half-written, and a saelens/ written before is as it was: free space "
                      f"and re-run to finish") from None
   outdir.write_json(out / "summary.json", summary)  # last: the run is finished once it exists
+  say("exported to saelens/")
   print(json.dumps(outdir.strict(summary)), flush=True)
+  print(f"wrote {out}: summary.json (above), saelens/ (the SAE, for SAELens), metrics.jsonl",
+        flush=True)
   return summary
 
 

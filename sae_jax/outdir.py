@@ -154,15 +154,17 @@ def _check_numerics(out: pathlib.PurePath, saved: typing.Optional[dict], now: di
           f"differ from an uninterrupted run's by float rounding (about 1e-7)", flush=True)
 
 
-def check_data(out: pathlib.PurePath, config: RunConfig, resuming: bool) -> None:
+def check_data(out: pathlib.PurePath, config: RunConfig, resuming: bool, *,
+               trains: bool = True) -> None:
   """Refuses to resume on data, or under numerics (`numerics`), other than
-  the run's; records both otherwise."""
+  the run's; records both otherwise. `trains=False`: a finished run that
+  will not train again; only its data are checked."""
   path = out / "config.json"
   if not writes() and not path.exists():  # process 0's files need not be on this host
     return
   saved = _read_config(path)
-  now = numerics()
-  if resuming:
+  now = numerics() if trains else saved.get(NUMERICS)
+  if resuming and trains:
     _check_numerics(out, saved.get(NUMERICS), now)
   old, new = saved.get(FINGERPRINT), data_fingerprint(config)
   if resuming and old is not None and new is not None:
@@ -176,7 +178,7 @@ def check_data(out: pathlib.PurePath, config: RunConfig, resuming: bool) -> None
     if old.get("mtime") != new.get("mtime"):
       print(f"--data {config.data} was modified since the run began, but its size and first "
             f"and last MiB are the same: resuming", flush=True)
-  records = {NUMERICS: now} | ({} if new is None else {FINGERPRINT: new})
+  records = ({} if now is None else {NUMERICS: now}) | ({} if new is None else {FINGERPRINT: new})
   if any(saved.get(k) != v for k, v in records.items()):
     write_json(path, saved | records)
 

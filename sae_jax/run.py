@@ -170,24 +170,33 @@ def _pass(configs: list, out: pathlib.PurePath, *, progress: bool,
       outdir.remove_stale(home)
       ends_the_same.append(outdir.check_resume(home, config))
 
+    # A finished run that would end as it did is not finished again
+    # (process 0 decides: only its files need be on its disk, and finishing
+    # is collective on --stream); a pass of finished runs only checks its data.
+    done = [same and outdir.finished(home) for same, home in zip(ends_the_same, homes)]
+    if jax.process_count() > 1:
+      done = [bool(d) for d in multihost_utils.broadcast_one_to_all(np.array(done))]
+    saved = lambda home: (json.loads((home / "summary.json").read_text())
+                          if outdir.writes() else {})
+    if all(done):
+      for home, config in zip(homes, configs):
+        outdir.check_data(home, config, resuming=True, trains=False)
+        print(f"{home}: finished already with this config; its summary.json is as it was",
+              flush=True)
+      return [saved(home) for home in homes]
+
     # --- Training, to the end or to a stop.
     trained = _train(configs, homes, out, progress=progress, verify=verify)
     if trained is None:
       return None
     states, source, tokens_per_second = trained
 
-    # --- The end of each run: thresholds, evaluation, export; not again for
-    # a finished run that would end as it did (process 0 decides: only its
-    # files need be on its disk, and finishing is collective on --stream).
-    done = [same and outdir.finished(home) for same, home in zip(ends_the_same, homes)]
-    if jax.process_count() > 1:
-      done = [bool(d) for d in multihost_utils.broadcast_one_to_all(np.array(done))]
+    # --- The end of each run: thresholds, evaluation, export.
     summaries = []
     for home, config, state, finished in zip(homes, configs, states, done):
       if finished:
         print(f"--- {home.name}: finished already with this config", flush=True)
-        summaries.append(json.loads((home / "summary.json").read_text())
-                         if outdir.writes() else {})
+        summaries.append(saved(home))
         continue
       print(f"--- {home.name}: evaluation and export", flush=True)
       summaries.append(finish.finish(config, home, state, source, tokens_per_second))
@@ -214,8 +223,8 @@ def _train(configs: list, homes: list, out: pathlib.PurePath, *, progress: bool,
           f"batch {c.batch_size} tokens, {c.batch_size // jax.device_count()} per device; "
           f"{c.total_steps} steps" + (f"; {len(configs)} SAEs in one pass"
                                       if len(configs) > 1 else ""), flush=True)
-    for config in configs:
-      print(json.dumps(config.to_dict()), flush=True)
+    for home, config in zip(homes, configs):
+      print(f"{home}: {_described(config)}; every flag in {home / 'config.json'}", flush=True)
 
     # --- Data (Ctrl-C while it is exported: the export resumes).
     source = sources.open_source(first, n_devices, verify=verify)
@@ -288,6 +297,15 @@ def _metrics_lines(home: pathlib.PurePath, start: int, more: list, ckpt_every: i
   outdir.resume_metrics(path, start)
   lines = files.enter_context(storage.appender(path))
   return _Lines(sinks.metrics_log(path, lines, more, ckpt_every), lines.flush)
+
+
+def _described(config: RunConfig) -> str:
+  """The run in a few words: its rule, sizes and data."""
+  s = config.train.sae
+  rule = (f"Sampled-SAE (l={s.l:g}, score {s.score})" if s.selection == "sampled" else
+          {"topk": "TopK", "batchtopk": "BatchTopK"}[s.selection])
+  return (f"{rule}, k={s.k}, F={s.n_latents}, D={s.d_model}, {config.train.total_steps} steps "
+          f"of {config.train.batch_size} tokens on --data {config.data}")
 
 
 def _close_quietly(ckpt: checkpoint.Checkpointer) -> None:

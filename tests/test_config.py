@@ -122,6 +122,17 @@ def test_step_flag_reaches_the_config():
     parser.parse_args(["--step", "sparse"])
 
 
+def test_help_shows_every_default():
+  from sae_jax import cli  # noqa: PLC0415
+  parser = cli.parser("test")
+  text = " ".join(parser.format_help().split())  # argparse wraps at the terminal's width
+  for flag, default in (("--k K", 64), ("--dict-size DICT_SIZE", 65536),
+                        ("--batch-size BATCH_SIZE", 4096), ("--tokens TOKENS", 100_000_000),
+                        ("--selection {sampled,batchtopk,topk}", "sampled")):
+    help_of = text[text.rindex(flag) + len(flag):].split(" --")[0]  # past the usage line
+    assert f"default: {default}" in help_of, flag
+
+
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 
 
@@ -201,3 +212,25 @@ def test_a_resume_under_other_numerics_is_refused_or_reported(tmp_path, capsys):
   assert outdir.check_resume(tmp_path, config)  # the records are not part of the config
   assert json.loads((tmp_path / "config.json").read_text())[runconfig.NUMERICS]["devices"] == (
       jax.device_count())  # the resume recorded its own
+
+
+def test_flags_a_rule_ignores_are_named(capsys):
+  """--l with TopK, --score with BatchTopK, --sketch with the l2 score: each
+  does nothing, and train.py says so once before it starts."""
+  from sae_jax import cli  # noqa: PLC0415
+  from tests.helpers import train_script  # noqa: PLC0415
+  parser = cli.parser("test")
+  for flags, ignored in (
+      (["--selection", "topk", "--l", "4", "--score", "entropy"], ["--l 4.0", "--score entropy"]),
+      (["--selection", "batchtopk", "--pool-every", "5", "--sample-pool"],
+       ["--sample-pool True", "--pool-every 5"]),
+      (["--sketch", "16"], ["--sketch 16"]),
+      (["--score", "leverage", "--sketch", "16", "--l", "2"], []),
+      (["--selection", "topk", "--k", "8"], [])):
+    assert cli.ignored_flags(parser, parser.parse_args(flags)) == ignored, flags
+  # Said before the run refuses its bad --k: before any work.
+  assert train_script.main(["--data", "synthetic", "--selection", "topk", "--l", "4",
+                            "--k", "0"]) == 2
+  out, err = capsys.readouterr()
+  assert out.startswith("note: --l 4.0 does nothing with --selection topk\n")
+  assert err.startswith("error: ")

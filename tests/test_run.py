@@ -27,6 +27,10 @@ from tests.helpers import wait_for_step
 def test_synthetic_run_writes_every_output(tmp_path, capsys):
   assert cli("--data", "synthetic", "--steps", 40, "--log-every", 10, "--ckpt-every", 15,
              "--out", tmp_path / "run") == 0
+  said = capsys.readouterr().out  # where it writes, at the start and at the end
+  assert f"{tmp_path / 'run'}: Sampled-SAE (l=" in said and "every flag in" in said
+  assert "inference thresholds from" in said and "evaluated on" in said
+  assert said.rstrip().splitlines()[-1].startswith(f"wrote {tmp_path / 'run'}: summary.json")
   o = outputs(tmp_path / "run")
   assert {"fvu", "explained_variance", "mse", "l0", "dead_fraction", "tokens", "steps",
           "tokens_per_second", "gt_mmcs", "gt_recovered"} <= set(o["summary"])
@@ -43,8 +47,12 @@ def test_synthetic_run_writes_every_output(tmp_path, capsys):
   again = lambda *extra: cli("--data", "synthetic", "--steps", 40, "--log-every", 10,
                              "--ckpt-every", 15, "--out", tmp_path / "run", *extra)
   capsys.readouterr()
+  stamp = (tmp_path / "run" / "summary.json").stat().st_mtime_ns
   assert again() == 0
-  assert "run: finished already with this config" in capsys.readouterr().out
+  said = capsys.readouterr().out
+  assert f"{tmp_path / 'run'}: finished already with this config" in said
+  assert "resuming" not in said and "devices:" not in said  # a no-op: nothing opened
+  assert (tmp_path / "run" / "summary.json").stat().st_mtime_ns == stamp
   assert outputs(tmp_path / "run")["bytes"] == o["bytes"]
   assert again("--inference", "global") == 0
   o = outputs(tmp_path / "run")
