@@ -76,9 +76,11 @@ class RunConfig:
   """Also log metrics for TensorBoard (needs the tensorboardX package)."""
 
   def __post_init__(self):
-    for name in ("eval_tokens", "log_every", "ckpt_every", "keep_checkpoints",
-                 "stream_contexts"):
+    for name in ("log_every", "ckpt_every", "keep_checkpoints", "stream_contexts"):
       validation.check_int_field("RunConfig", name, getattr(self, name))
+    # Two tokens at least: the FVU divides by their variance, and the pools'
+    # Jaccard compares two batches.
+    validation.check_int_field("RunConfig", "eval_tokens", self.eval_tokens, minimum=2)
     validation.check_choice_field("RunConfig", "inference", self.inference, INFERENCE_RULES)
     validation.check_int_field("RunConfig", "calibration_tokens", self.calibration_tokens)
     if self.calibration_tokens < self.train.batch_size:

@@ -482,6 +482,11 @@ BAD_INPUT = {
     "--process-id out of range": (
         lambda t, c: ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
         "--process-id must be in [0, --num-processes)"),
+    "--eval-tokens 1": (lambda t, c: ["--eval-tokens", "1"],
+                        "RunConfig.eval_tokens must be an integer >= 2; got 1"),
+    "--join-timeout 0": (
+        lambda t, c: ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0",
+                      "--join-timeout", "0"], "join_timeout must be an integer >= 1; got 0"),
     "a broken manifest": (
         lambda t, c: ["--data", _cache_with(t, c, lambda b: (b / "manifest.json").write_text("{"))],
         "manifest.json is not a readable manifest"),
