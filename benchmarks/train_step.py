@@ -16,7 +16,7 @@ and their last column is the ratio to the all-alive step;
 two more rows give the packed step with none dead and the general step with
 the smallest fraction dead. The `+auxk` rows have every latent dead.
 TopK, BatchTopK and AuxK run once per layout of their entries' gradients
-(`layouts.LAYOUT`: entries, codes). `--quick` measures
+(`TrainConfig.layout`: entries, codes). `--quick` measures
 only the fast steps, 3 repeats; `--compute-dtype both` prints a table for
 float32 and one for bfloat16.
 Runs unchanged on CPU, GPU and TPU.
@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import layouts
 from sae_jax import hostmem
 from sae_jax import loop
 from sae_jax import train
@@ -117,17 +116,14 @@ def table(args, compute_dtype: str, x_1xBxD, W_DxF):
       dense[selection] = measure(f"dense step, {name}", selection,
                                  dataclasses.replace(base, sae=sae, step="dense"))
     config = dataclasses.replace(base, sae=sae, step="fast")
-    # TopK's and BatchTopK's entries, and AuxK's, in each layout; a new
-    # config (seed) is a new trace.
-    for seed, layout in enumerate(("entries", "codes")):
-      layouts.LAYOUT = layout
+    # TopK's and BatchTopK's entries, and AuxK's, in each layout.
+    for layout in ("entries", "codes"):
       if l is None:
         measure(f"fast step, {name}, by {layout}", selection,
-                dataclasses.replace(config, seed=seed + 1))
+                dataclasses.replace(config, layout=layout))
       elif l == 8.0:
         measure(f"fast step, {name}, +auxk by {layout} (all dead)", selection,
-                dataclasses.replace(config, seed=seed + 1), dead=1.0)
-    layouts.LAYOUT = "auto"
+                dataclasses.replace(config, layout=layout), dead=1.0)
     if l is not None:
       alive = measure(f"fast step, {name}", selection, config)
     if l == 8.0 and args.dead:  # the forms train_loop picks while latents are dead

@@ -68,14 +68,15 @@ class _Setup(typing.NamedTuple):
   k_aux: int
   weight: jax.Array  # ê's cotangent is weight·(e - ê)
   scale: jax.Array  # turns Σ||e - ê||² into this device's share of the loss
+  layout: str  # `TrainConfig.layout`
 
 
 def _setup(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux: int, weight: float,
-           axis_name) -> _Setup:
+           axis_name, layout: str) -> _Setup:
   residual_BxD = lax.stop_gradient(residual_BxD)
   scale = losses.auxk_scale(residual_BxD, axis_name)  # collectives stay outside conds
   return _Setup(params, centred_BxD, residual_BxD, lax.stop_gradient(pre_BxF), dead_F,
-                min(k_aux, pre_BxF.shape[1]), -2 * weight * scale, scale)
+                min(k_aux, pre_BxF.shape[1]), -2 * weight * scale, scale, layout)
 
 
 # AuxK's TopK runs by bisection on the bits (`selection.topk_by_bits`)
@@ -91,10 +92,10 @@ BITS_UP_TO = 32
 def _auxk_on(s: _Setup, a_BxC, W_dec_CxD, W_enc_DxC):
   """AuxK from C columns of activations (zero where a latent is not dead),
   each token's top k_aux entries among them, by entries or as dense codes
-  (`layouts.LAYOUT`): its gradients at those columns (W_enc [D, C], b_enc [C],
+  (`layouts.layout`): its gradients at those columns (W_enc [D, C], b_enc [C],
   W_dec [C, D]) and b_dec's, and Σ||e - ê||²."""
   n_rows, n_cols = a_BxC.shape
-  if layouts.layout(n_cols, s.k_aux) == "codes":
+  if layouts.layout(n_cols, s.k_aux, s.layout) == "codes":
     # With no more columns than k_aux, each token keeps all its positive entries.
     if s.k_aux >= n_cols:
       z_BxC = a_BxC
@@ -141,14 +142,16 @@ def _packed(s: _Setup, capacity: int):
 
 
 def dense_grads(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux: int, weight: float,
-                axis_name, into=None):
+                axis_name, into=None, *, layout: str = "auto"):
   """AuxK's value (this device's share, `losses.auxk_loss`) and `into` (dense
   gradients; zeros when None) plus the gradients of auxk_weight times it.
 
   Its selection is each token's top k_aux among the dead latents, taken from
   the dead latents' columns packed into the smallest of `auxk_capacities`
-  that holds them (`_packed`), or from all F columns."""
-  s = _setup(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux, weight, axis_name)
+  that holds them (`_packed`), or from all F columns; by entries or codes
+  as `layout` (`TrainConfig.layout`) says."""
+  s = _setup(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux, weight, axis_name,
+             layout)
   if into is None:
     into = jax.tree.map(jnp.zeros_like, params)
 
@@ -174,7 +177,7 @@ def dense_grads(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux: int, 
 
 
 def rows(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux: int, weight: float,
-         axis_name, pooled, pool_P, capacity: int):
+         axis_name, pooled, pool_P, capacity: int, *, layout: str = "auto"):
   """The pooled gradients plus AuxK's, as gradients at rows [P + C] (W_enc
   [D, P + C], b_enc [P + C], W_dec [P + C, D], b_dec [D]), for a step on which
   at most C = `capacity` latents are dead (the caller's promise):
@@ -183,7 +186,8 @@ def rows(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux: int, weight:
   pool was not selected, so its pooled gradient is zero and its row is
   AuxK's. The rows are distinct; those past the last latent are left out
   (`optimizer.update`), and while none is dead AuxK's C rows are all such."""
-  s = _setup(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux, weight, axis_name)
+  s = _setup(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux, weight, axis_name,
+             layout)
   n_latents = pre_BxF.shape[1]
 
   # No cond on whether any latent is dead: a conditional that reads the

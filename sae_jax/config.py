@@ -14,6 +14,7 @@ from sae_jax import validation
 SELECTIONS = ("sampled", "batchtopk", "topk")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 STEPS = ("fast", "dense")
+LAYOUTS = ("auto", "entries", "codes")
 # The recipe's warm-up and threshold start; shorter runs take 10% of their steps.
 DEFAULT_WARMUP_STEPS = 1000
 # The step counter is int32, and synthetic data keep the top indices for
@@ -75,6 +76,13 @@ class SAEConfig:
     return validation.pool_size(self.k, self.l, self.n_latents)
 
   @property
+  def pool_rule(self) -> dict:
+    """The Sampled-SAE pool's plain arguments, for `model.new_pool` and
+    `model.step_pool` (k, l, and `model.sampled_options`'s keywords)."""
+    return dict(k=self.k, l=self.l, score=self.score, sample_pool=self.sample_pool,
+                ridge=self.ridge, sketch=self.sketch)
+
+  @property
   def keeps_pool(self) -> bool:
     """Whether a Sampled-SAE pool is kept between batches (pool_every > 1)."""
     return self.selection == "sampled" and self.pool_every > 1
@@ -122,6 +130,10 @@ class TrainConfig:
   """Seeds the initialisation and the sampled pools."""
   step: str = "fast"
   """"fast" (dense encoder forward, the rest on the selected entries) or "dense" (the autodiff reference)."""
+  layout: str = "auto"
+  """The fast step's TopK, BatchTopK and AuxK gradients: by their "entries"
+  (gathers and scatters) or as dense "codes"; "auto" picks by backend and
+  sizes (`layouts.layout`). The same gradients up to float rounding."""
 
   def __post_init__(self):
     if not isinstance(self.sae, SAEConfig):
@@ -176,6 +188,7 @@ class TrainConfig:
     validation.check_int_field("TrainConfig", "max_bad_steps", self.max_bad_steps)
     validation.check_int_field("TrainConfig", "seed", self.seed, minimum=0)
     validation.check_choice_field("TrainConfig", "step", self.step, STEPS)
+    validation.check_choice_field("TrainConfig", "layout", self.layout, LAYOUTS)
 
   @property
   def total_steps(self) -> int:

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax import model
-from sae_jax import selection
 from sae_jax.config import SAEConfig
 
 MODES = ("inference", "batch")
@@ -191,8 +190,8 @@ def pool(params, input_scale, x_BxD, key, config: SAEConfig, top: bool = False):
   top scores even for a `sample_pool` SAE."""
   a_BxF = jax.nn.relu(model.SAE(config).apply({"params": params}, x_BxD * input_scale,
                                                method=model.SAE.pre))
-  options = model.sampled_options(config, key) | ({"key": None} if top else {})
-  return selection.sampled_pool(a_BxF, config.k, config.l, **options)
+  rule = config.pool_rule | ({"sample_pool": False} if top else {})
+  return model.new_pool(a_BxF, key, **rule)
 
 
 def pools(params, input_scale, x_BxD, config: SAEConfig, batch_size: int) -> list:

@@ -18,7 +18,7 @@ backward pass by hand:
 AuxK is the same in both: it runs only while some latent is dead, from its
 own selection (each token's top k_aux dead latents, B·k_aux entries) among
 the dead latents' columns packed together while they are few, by entries
-or as dense codes (`layouts.LAYOUT`; `auxk.py`), and then the fast step's gradients are made
+or as dense codes (`TrainConfig.layout`; `auxk.py`), and then the fast step's gradients are made
 dense, or for Sampled-SAE, while few latents can be dead, joined as rows to
 the pool's (`train.train_step`'s "packed" form). Which latents are dead is
 decided after this step's selection (`losses.dead_latents`), as
@@ -95,7 +95,8 @@ def dense(params, x_BxD, silent_F, key, config: TrainConfig, axis_name, kept=Non
   def loss_fn(params):
     variables = {"params": params}
     pre_BxF = sae.apply(variables, x_BxD, method=model.SAE.pre)
-    pool_P = model.step_pool(jax.nn.relu(pre_BxF), key, c.sae, axis_name, kept)
+    pool_P = model.step_pool(jax.nn.relu(pre_BxF), key, kept, axis_name=axis_name,
+                             **c.sae.pool_rule)
     z_BxF = sae.apply(variables, jax.nn.relu(pre_BxF), key=key, axis_name=axis_name,
                       pool=pool_P, method=model.SAE.select)
     xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode)
@@ -164,18 +165,18 @@ def _codes_stats(z_BxF):
           jnp.min(jnp.where(active_BxF, z_BxF, jnp.inf), axis=1))
 
 
-def _sampled(params, x_BxD, centred_BxD, product_BxF, a_BxF, key, config: TrainConfig,
-             axis_name, kept):
+def _sampled(params, x_BxD, centred_BxD, product_BxF, a_BxF, key, axis_name, kept, *,
+             k: int, l: float, **options):
   """Gradients of W_enc, b_enc and W_dec at the pool only (see
-  `optimizer.dense_grads`)."""
-  s = config.sae
+  `optimizer.dense_grads`); `options` are `model.sampled_options`'s."""
   # The pool is scored from the encoder's product and b_enc, the same bits:
   # on CPU the scores' block sums then read the product in place, where
   # relu(pre) had to be written out for them (docs/speed.md).
-  pool = (model.new_pool(product_BxF, key, s, axis_name, params["b_enc"]) if kept is None else
-          model.step_pool(product_BxF, key, s, axis_name, kept, params["b_enc"]))
+  rule = dict(k=k, l=l, axis_name=axis_name, bias=params["b_enc"], **options)
+  pool = (model.new_pool(product_BxF, key, **rule) if kept is None else
+          model.step_pool(product_BxF, key, kept, **rule))
   pool_P, z_BxP = selection.sampled_select_pooled(
-      a_BxF, s.k, s.l, axis_name=axis_name, pool=pool, **model.sampled_options(s, key))
+      a_BxF, k, l, axis_name=axis_name, pool=pool, **model.sampled_options(key, **options))
   xhat_BxD, mse, grads = _through_codes(
       x_BxD, centred_BxD, z_BxP, selection.take_columns(params["W_enc"], pool_P),
       params["W_dec"][pool_P], params["b_dec"])
@@ -184,9 +185,9 @@ def _sampled(params, x_BxD, centred_BxD, product_BxF, a_BxF, key, config: TrainC
   return xhat_BxD, mse, grads, pool_P, (n_active, fired_F, token_min_B)
 
 
-def _topk(params, x_BxD, centred_BxD, a_BxF, k: int):
+def _topk(params, x_BxD, centred_BxD, a_BxF, k: int, layout: str):
   n_rows, n_latents = a_BxF.shape
-  if layouts.layout(n_latents, k) == "codes":
+  if layouts.layout(n_latents, k, layout) == "codes":
     z_BxF = selection.topk(a_BxF, k)
     xhat_BxD, mse, grads = _through_codes(x_BxD, centred_BxD, z_BxF, params["W_enc"],
                                           params["W_dec"], params["b_dec"])
@@ -199,7 +200,7 @@ def _topk(params, x_BxD, centred_BxD, a_BxF, k: int):
   return _through_entries(x_BxD, centred_BxD, entries, params, sorted_rows=True)
 
 
-def _batchtopk(params, x_BxD, centred_BxD, a_BxF, k: int, axis_name):
+def _batchtopk(params, x_BxD, centred_BxD, a_BxF, k: int, axis_name, layout: str):
   n_rows, n_latents = a_BxF.shape
 
   def from_dense_codes(cut):
@@ -209,7 +210,7 @@ def _batchtopk(params, x_BxD, centred_BxD, a_BxF, k: int, axis_name):
                                           params["W_dec"], params["b_dec"])
     return xhat_BxD, mse, grads, _codes_stats(z_BxF)
 
-  if layouts.layout(n_latents, k) == "codes":
+  if layouts.layout(n_latents, k, layout) == "codes":
     return from_dense_codes(cut_lib.batch_topk_cut(lax.stop_gradient(a_BxF), k, axis_name))
   cut, entries = cut_lib.batch_topk_entries(a_BxF, k, axis_name)
 
@@ -246,19 +247,20 @@ def fast(params, x_BxD, silent_F, key, config: TrainConfig, axis_name, kept=None
   pool_P = None
   if c.sae.selection == "sampled":
     xhat_BxD, mse, grads, pool_P, stats = _sampled(params, x_BxD, centred_BxD, product_BxF,
-                                                   a_BxF, key, c, axis_name, kept)
+                                                   a_BxF, key, axis_name, kept, **c.sae.pool_rule)
   elif c.sae.selection == "topk":
-    xhat_BxD, mse, grads, stats = _topk(params, x_BxD, centred_BxD, a_BxF, c.sae.k)
+    xhat_BxD, mse, grads, stats = _topk(params, x_BxD, centred_BxD, a_BxF, c.sae.k, c.layout)
   else:
     xhat_BxD, mse, grads, stats = _batchtopk(params, x_BxD, centred_BxD, a_BxF, c.sae.k,
-                                             axis_name)
+                                             axis_name, c.layout)
   n_active, fired_F, token_min_B = stats
   fired_F, dead_F = _fired_and_dead(silent_F, fired_F, c.dead_steps, axis_name)
 
   residual_BxD = x_BxD - xhat_BxD
   aux = (params, centred_BxD, residual_BxD, pre_BxF, dead_F, c.auxk_k, c.auxk_weight, axis_name)
-  with_auxk = auxk.AuxK(lambda grads: auxk.dense_grads(*aux, grads),
-                        lambda pooled, pool_P, capacity: auxk.rows(*aux, pooled, pool_P, capacity))
+  with_auxk = auxk.AuxK(lambda grads: auxk.dense_grads(*aux, grads, layout=c.layout),
+                        lambda pooled, pool_P, capacity: auxk.rows(*aux, pooled, pool_P, capacity,
+                                                                   layout=c.layout))
 
   # A sum over no tokens: zero, and under shard_map it varies as the data does.
   no_auxk = jnp.sum(x_BxD[:0])

@@ -6,25 +6,24 @@ entries' weight gradients."""
 import jax
 import jax.numpy as jnp
 
-# "entries", "codes", or "auto": codes while F is below
-# `CODES_UP_TO` entries per token for the backend, entries past that. On
+# "auto" takes codes while F is below `CODES_UP_TO` entries per token for
+# the backend, entries past that. On
 # CPU XLA's gathers and scatters run far below its matmuls per flop, so
 # codes win up to about 200 entries per token, where the TopK and BatchTopK
 # steps cross (docs/speed.md has the measurements). Elsewhere entries from 16
 # per token, where gathers run near memory bandwidth; not measured yet on an
 # accelerator (benchmarks/train_step.py prints both layouts on any backend).
-# Read at trace time.
-LAYOUT = "auto"
 CODES_UP_TO = {"cpu": 200}
 """F per selected entry per token below which "auto" takes codes, by
 backend (16 for any other)."""
 
 
-def layout(n_latents: int, per_token: int) -> str:
-  """The layout `LAYOUT` picks on the default backend for a selection of
-  `per_token` entries per token (on average) among `n_latents`."""
-  if LAYOUT != "auto":
-    return LAYOUT
+def layout(n_latents: int, per_token: int, choice: str = "auto") -> str:
+  """"entries" or "codes" for a selection of `per_token` entries per token
+  (on average) among `n_latents`: `choice` (`TrainConfig.layout`), or with
+  "auto" the one for the default backend."""
+  if choice != "auto":
+    return choice
   if n_latents < CODES_UP_TO.get(jax.default_backend(), 16) * per_token:
     return "codes"
   return "entries"

@@ -10,6 +10,8 @@ The selection rules themselves live in `selection.py`; losses, optimisation
 and I/O live elsewhere.
 """
 
+import typing
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -77,8 +79,9 @@ class SAE(nn.Module):
       return selection.topk(a_BxF, c.k)
     if c.selection == "batchtopk":
       return selection.batch_topk(a_BxF, c.k, axis_name=axis_name)
-    return selection.sampled_select(a_BxF, c.k, c.l, axis_name=axis_name, pool=pool,
-                                    **sampled_options(c, key))
+    rule = c.pool_rule
+    return selection.sampled_select(a_BxF, rule.pop("k"), rule.pop("l"), axis_name=axis_name,
+                                    pool=pool, **sampled_options(key, **rule))
 
   def encode(self, x_BxD: jax.Array, *, key=None, axis_name=None, pool=None) -> jax.Array:
     """Training-mode codes [B, F]: the config's selection rule on relu(pre)."""
@@ -109,31 +112,32 @@ class SAE(nn.Module):
     return self.decode(jax.nn.relu(self.pre(x_BxD)))
 
 
-def sampled_options(config: SAEConfig, key) -> dict:
-  """The score and pool arguments of `selection.sampled_select` for `config`,
-  given the step's PRNG key (or None): the key draws the pool only with
+def sampled_options(key, *, score: str, sample_pool: bool, ridge: float,
+                    sketch: typing.Optional[int]) -> dict:
+  """The score and pool arguments of `selection.sampled_select`, given the
+  step's PRNG key (or None): the key draws the pool only with
   `sample_pool`, and the leverage sketch from a stream of its own."""
-  return dict(score=config.score, key=key if config.sample_pool else None, ridge=config.ridge,
-              sketch=config.sketch,
+  return dict(score=score, key=key if sample_pool else None, ridge=ridge, sketch=sketch,
               sketch_key=None if key is None else jax.random.fold_in(key, SKETCH_STREAM))
 
 
-def new_pool(a_BxF, key, config: SAEConfig, axis_name, bias=None):
+def new_pool(a_BxF, key, *, k: int, l: float, axis_name=None, bias=None, **options):
   """A Sampled-SAE pool chosen on this batch (`selection.sampled_pool`); with
-  `bias`, the pool of a_BxF + bias."""
-  return selection.sampled_pool(a_BxF, config.k, config.l, axis_name=axis_name, bias=bias,
-                                **sampled_options(config, key))
+  `bias`, the pool of a_BxF + bias. `options` are `sampled_options`'s
+  keywords (`SAEConfig.pool_rule` has them all, with k and l)."""
+  return selection.sampled_pool(a_BxF, k, l, axis_name=axis_name, bias=bias,
+                                **sampled_options(key, **options))
 
 
-def step_pool(a_BxF, key, config: SAEConfig, axis_name, kept, bias=None):
+def step_pool(a_BxF, key, kept, *, axis_name=None, bias=None, **rule):
   """The pool a Sampled-SAE batch selects in: None (chosen on the batch by
-  the selection itself) unless the config keeps pools; then `kept` is (the
-  pool kept from earlier batches [P], whether this batch chooses a new one,
-  by `new_pool`)."""
+  the selection itself) unless pools are kept; then `kept` is (the pool
+  kept from earlier batches [P], whether this batch chooses a new one, by
+  `new_pool` with `rule`)."""
   if kept is None:
     return None
   kept_P, renew = kept
-  return lax.cond(renew, lambda: new_pool(a_BxF, key, config, axis_name, bias),
+  return lax.cond(renew, lambda: new_pool(a_BxF, key, axis_name=axis_name, bias=bias, **rule),
                   lambda: kept_P)
 
 

@@ -62,8 +62,9 @@ def _calibrate(params, x_NxBxD, config: SAEConfig, per_latent: bool):
     total_F, pool_P = carry
     a_BxF, key_i = acts(i), jax.random.fold_in(key, i)
     # Renewed on every pool_every-th batch, as in training.
-    pool_P = model.step_pool(a_BxF, key_i, config, None,
-                             None if pool_P is None else (pool_P, i % config.pool_every == 0))
+    pool_P = model.step_pool(a_BxF, key_i,
+                             None if pool_P is None else (pool_P, i % config.pool_every == 0),
+                             **config.pool_rule)
     z_BxF = sae.apply(variables, a_BxF, key=key_i, pool=pool_P, method=model.SAE.select)
     return total_F + jnp.sum(z_BxF > 0, axis=0, dtype=jnp.int32), pool_P
 

@@ -105,6 +105,8 @@ SAE = SAEConfig(8, 16, k=2)
     (dict(max_bad_steps=0), r"TrainConfig.max_bad_steps must be an integer >= 1; got 0"),
     (dict(seed=-1), r"TrainConfig.seed must be an integer >= 0; got -1"),
     (dict(step="sparse"), r"TrainConfig.step must be one of 'fast', 'dense'; got 'sparse'"),
+    (dict(layout="dense"),
+     r"TrainConfig.layout must be one of 'auto', 'entries', 'codes'; got 'dense'"),
 ])
 def test_bad_train_config(kwargs, message):
   kwargs = {"sae": SAE, **kwargs}

@@ -13,7 +13,6 @@ import pytest
 
 from sae_jax import auxk
 from sae_jax import gradients
-from sae_jax import layouts
 from sae_jax import loop
 from sae_jax import losses
 from sae_jax import model
@@ -260,13 +259,12 @@ CONCENTRATED = batch(70) * np.where(np.arange(B) < 8, 30.0, 1.0)[:, None].astype
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rule", list(RULES) + ["topk_entries", "batchtopk_entries"])
-def test_fast_gradients_equal_dense_on_four_devices(rule, monkeypatch):
-  """TopK's and BatchTopK's gradients in both layouts (`layouts.LAYOUT`;
-  at these sizes "auto" is codes): a new seed makes a new trace."""
+def test_fast_gradients_equal_dense_on_four_devices(rule):
+  """TopK's and BatchTopK's gradients in both layouts (`TrainConfig.layout`;
+  at these sizes "auto" is codes)."""
   if rule.endswith("_entries"):
-    monkeypatch.setattr(layouts, "LAYOUT", "entries")
     rule = rule.removesuffix("_entries")
-    c = dataclasses.replace(RULES[rule], seed=1)
+    c = dataclasses.replace(RULES[rule], layout="entries")
   else:
     c = RULES[rule]
   state = fresh_state(c)
@@ -316,7 +314,6 @@ def test_auxk_layouts_equal_autodiff_on_four_devices(layout, monkeypatch):
   if layout == "codes_top_k":
     layout = "codes"
     monkeypatch.setattr(auxk, "BITS_UP_TO", 1)
-  monkeypatch.setattr(layouts, "LAYOUT", layout)
   c = RULES["batchtopk"]
   params = fresh_state(c).params
   params = dict(params, W_enc=params["W_enc"].at[:, :6].set(params["W_enc"][:, [0, 0, 0, 3, 3, 3]]))
@@ -328,7 +325,7 @@ def test_auxk_layouts_equal_autodiff_on_four_devices(layout, monkeypatch):
     params = gradients.varying(params, train.AXIS)
     centred_BxD, pre_BxF = model.encoder(params, x_BxD, "float32")
     got = auxk.dense_grads(params, centred_BxD, residual_BxD, jax.nn.relu(pre_BxF), dead_F,
-                           c.auxk_k, c.auxk_weight, train.AXIS)
+                           c.auxk_k, c.auxk_weight, train.AXIS, layout=layout)
 
     def loss(params):
       pre_BxF = model.encoder(params, x_BxD, "float32")[1]
@@ -405,8 +402,9 @@ def test_a_kept_pool_is_renewed_every_pool_every_steps():
       a = jax.nn.relu(sae.apply({"params": before.params}, x * before.input_scale,
                                 method=model.SAE.pre))
       key = jax.random.fold_in(jax.random.wrap_key_data(before.rng), step)
+      rule = c.sae.pool_rule
       np.testing.assert_array_equal(pool_P, selection.sampled_pool(
-          a, K, c.sae.l, **model.sampled_options(c.sae, key)))
+          a, rule.pop("k"), rule.pop("l"), **model.sampled_options(key, **rule)))
       assert step == 0 or not np.array_equal(pool_P, before.pool_P)
   assert fresh_state(RULES["sampled"]).pool_P is None  # states without kept pools are as before
 
