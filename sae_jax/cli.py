@@ -251,6 +251,7 @@ def guarded(work: typing.Callable[[], typing.Any], *, flags=None) -> int:
       from jax._src import distributed as jax_distributed  # noqa: PLC0415
       watching = peers_lib.watch(jax_distributed.global_state.client, jax.process_index(),
                                  jax.process_count(), timeout)
+    _check_platform()
     work()
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
@@ -281,6 +282,20 @@ def guarded(work: typing.Callable[[], typing.Any], *, flags=None) -> int:
     if watching is not None:
       watching()
   return 0
+
+
+def _check_platform() -> None:
+  """One line when JAX cannot start the platform JAX_PLATFORMS names (a
+  missing plugin ends in a bare AssertionError inside JAX)."""
+  import jax  # noqa: PLC0415
+  try:
+    jax.devices()
+  except (RuntimeError, AssertionError) as error:
+    reason = (str(error).strip().splitlines() or ["no such backend is installed"])[0][:300]
+    raise ValueError(f"JAX cannot start a backend for JAX_PLATFORMS="
+                     f"{os.environ.get('JAX_PLATFORMS', '')!r} ({reason}): install that "
+                     f"platform's jax plugin (for CUDA, jax[cuda12]), or unset JAX_PLATFORMS to "
+                     f"take what this machine has") from None
 
 
 def _quiet_orbax_failures() -> None:

@@ -36,7 +36,7 @@ from sae_jax import storage, validation
 MANIFEST = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16")
 BACKENDS = ("jax", "torch")
-_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+_HOOK = re.compile(r"^blocks\.([0-9]+)\.hook_resid_post$")
 # Fields that make two caches different: a resume must agree on all of them.
 IDENTITY = ("model", "revision", "hook", "dataset", "split", "text_field", "context_length",
             "dtype", "shard_rows", "batch_contexts", "exclude_token_ids", "backend")
@@ -46,7 +46,7 @@ _LEGACY = {"backend": "torch"}
 
 def hook_layer(hook: str) -> int:
   """N of `blocks.N.hook_resid_post` (the output of block N)."""
-  match = _HOOK.match(hook) if isinstance(hook, str) else None
+  match = _HOOK.fullmatch(hook) if isinstance(hook, str) else None
   if match is None:
     raise ValueError(f"hook must look like 'blocks.N.hook_resid_post'; got {hook!r}")
   return int(match.group(1))
@@ -446,6 +446,11 @@ def export_activations(config: ExportConfig, out, *, progress: bool = True,
         pending[kind] = [np.concatenate(pending[kind])[:config.tokens - done]]
       n_pending = len(pending["tokens"][0])
       flush(-1, -1)
+  if done == 0:  # not "0 rows in 0 shards", exit 0
+    texts = config.dataset if isinstance(config.dataset, str) else " ".join(config.dataset)
+    raise ValueError(f"the texts of --dataset {texts} gave no activation rows (no context of "
+                     f"{config.context_length} tokens): give longer texts or a shorter "
+                     f"--context-length")
   manifest["complete"] = True
   write_manifest(out, manifest)
   return manifest

@@ -34,6 +34,7 @@ def finish(config: RunConfig, out: pathlib.PurePath, state: train.TrainState,
   say(f"evaluated on {summary['eval_rows']} held-out tokens")
   summary.update(tokens=int(state.step) * c.batch_size, steps=int(state.step),
                  tokens_per_second=tokens_per_second)
+  summary.update(inference_gap(summary))
   if not outdir.writes():
     return summary
   try:
@@ -51,7 +52,37 @@ def finish(config: RunConfig, out: pathlib.PurePath, state: train.TrainState,
   print(json.dumps(outdir.strict(summary)), flush=True)
   print(f"wrote {out}: summary.json (above), saelens/ (the SAE, for SAELens), metrics.jsonl",
         flush=True)
+  if "inference_warning" in summary:
+    print(f"warning: {summary['inference_warning']}", flush=True)
   return summary
+
+
+# How much worse than its own training rule, on the same held-out tokens, a
+# saved SAE may reconstruct before the run says so.
+INFERENCE_GAP = 1.1
+
+
+def inference_gap(summary: dict) -> dict:
+  """fvu_ratio, the saved SAE's FVU (inference mode) over the training
+  rule's (batch mode) on the same held-out tokens, and past `INFERENCE_GAP`
+  an inference_warning that says so. Per-latent thresholds match each
+  latent's firing rate, not which latents fire together: with drawn pools
+  (`--sample-pool`) the saved SAE can reconstruct far worse than training.
+
+  >>> inference_gap({"fvu": 0.5, "batch_fvu": 0.25})["fvu_ratio"]
+  2.0
+  """
+  fvu, batch_fvu = summary.get("fvu"), summary.get("batch_fvu")
+  if fvu is None or not batch_fvu or not np.isfinite(fvu) or not np.isfinite(batch_fvu):
+    return {}
+  ratio = float(fvu / batch_fvu)
+  if ratio <= INFERENCE_GAP:
+    return {"fvu_ratio": ratio}
+  return {"fvu_ratio": ratio, "inference_warning": (
+      f"the saved SAE reconstructs worse than its training rule on the same held-out tokens: "
+      f"FVU {fvu:.4f} in inference mode (what SAELens computes) against {batch_fvu:.4f} "
+      f"({ratio:.2f}x); per-latent thresholds keep each latent's firing rate, not which "
+      f"latents fire together")}
 
 
 def _thresholds(config: RunConfig, state: train.TrainState, source: DataSource):

@@ -74,6 +74,10 @@ def finished(out) -> bool:
       "summary.json", "saelens/cfg.json", "saelens/sae_weights.safetensors"))
 
 
+class OtherConfig(ValueError):
+  """A run folder holds a run saved with another config."""
+
+
 def compare(out: pathlib.PurePath, config: RunConfig) -> typing.Optional[bool]:
   """Refuses a run saved in `out` with another config (the differences
   listed); writes nothing. Returns None when no config is saved there, else
@@ -85,18 +89,34 @@ def compare(out: pathlib.PurePath, config: RunConfig) -> typing.Optional[bool]:
   saved = _read_config(path)
   differences = runconfig.differences(saved, config)
   if differences:
-    raise ValueError(f"{out} holds a run with another config; refusing to resume it "
+    raise OtherConfig(f"{out} holds a run with another config; refusing to resume it "
                      f"(use another --out):\n  " + "\n  ".join(differences))
   new = config.to_dict()
   return all(saved.get(field) == new[field] for field in runconfig.END_FIELDS)
 
 
-def check_resume(out: pathlib.PurePath, config: RunConfig) -> bool:
+def saved_a_step(checkpoints: pathlib.PurePath) -> bool:
+  """Whether a checkpoint folder holds a step: whether its run trained."""
+  return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.glob("*"))
+
+
+def check_resume(out: pathlib.PurePath, config: RunConfig, *, trained: bool = True) -> bool:
   """`compare`, then records `config` in out/config.json. Returns whether a
-  finished run there would end as it did (False for a new run)."""
+  finished run there would end as it did (False for a new run).
+
+  `trained=False` (no checkpoint saved, nothing finished): a config saved
+  by a start that failed before training is replaced, not refused, so that
+  the corrected command runs."""
   path = out / "config.json"
   new = config.to_dict()
-  ends_the_same = compare(out, config)
+  try:
+    ends_the_same = compare(out, config)
+  except OtherConfig:
+    if trained:
+      raise
+    print(f"{out}: its config.json is of a start that never trained (no checkpoint); starting "
+          f"over with this command's", flush=True)
+    ends_the_same = None
   if ends_the_same is None:
     write_json(path, new)
     return False
@@ -183,6 +203,18 @@ def check_data(out: pathlib.PurePath, config: RunConfig, resuming: bool, *,
     write_json(path, saved | records)
 
 
+def check_kind(out: pathlib.PurePath, sweep: bool) -> None:
+  """Refuses a sweep in a single run's folder, and a single run in a sweep's
+  (and an --out too long, `check_length`)."""
+  check_length(out)
+  if sweep and (out / "config.json").exists():
+    raise ValueError(f"--out {out} holds a single run (its config.json): a sweep needs a "
+                     f"folder of its own; use another --out")
+  if not sweep and (out / SWEEP_FILE).exists():
+    raise ValueError(f"--out {out} holds a sweep (its {SWEEP_FILE}): resume it with "
+                     f"experiments/sweep_l.py, or use another --out")
+
+
 def check_runs(out: pathlib.PurePath, names: list) -> None:
   """Refuses to resume a pass over another list of runs; records the list."""
   path = out / SWEEP_FILE
@@ -199,6 +231,29 @@ def check_runs(out: pathlib.PurePath, names: list) -> None:
                        f"--out, or the same variants): {what}")
     return
   write_json(path, {"runs": names})
+
+
+# The most a run adds to --out's path (checkpoints/<step>/default/
+# ocdbt.process_0/d/<32 hex digits> is 75 bytes; orbax's temporary step
+# folders are longer), and Linux's limits on a name and a path.
+_ROOM, _NAME_MAX, _PATH_MAX = 160, 255, 4096
+
+
+def check_length(out: pathlib.PurePath) -> None:
+  """Refuses a local --out whose run would write paths too long for Linux,
+  before anything is read or written there (a long one failed at the last
+  checkpoint)."""
+  if storage.is_remote(out):
+    return
+  out = pathlib.Path(out).absolute()
+  for part in out.parts:
+    if len(os.fsencode(part)) > _NAME_MAX:
+      raise ValueError(f"--out has a folder name of {len(os.fsencode(part))} bytes "
+                       f"({part[:24]}...); a name may have at most {_NAME_MAX}")
+  if len(os.fsencode(str(out))) + _ROOM > _PATH_MAX:
+    raise ValueError(f"--out is {len(os.fsencode(str(out)))} bytes long as an absolute path; "
+                     f"the run writes paths up to {_ROOM} bytes longer under it, past the "
+                     f"{_PATH_MAX} a path may have: use a shorter --out")
 
 
 def claim(out) -> typing.Callable[[], None]:

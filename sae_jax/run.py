@@ -158,17 +158,24 @@ def _pass(configs: list, out: pathlib.PurePath, *, progress: bool,
           verify: bool) -> typing.Optional[list]:
   """Trains `configs` together under the lock on `out` (one data stream, one
   checkpoint in out/checkpoints), then finishes each in its own folder."""
-  release = outdir.claim(out)
+  homes = [storage.path(config.out) for config in configs]
+  releases = []
   try:
-    # --- Folders: each run's config checked against what it saved.
-    homes = [storage.path(config.out) for config in configs]
-    if any(_absolute(home) != _absolute(out) for home in homes):
+    # --- Folders, each locked (a sweep's variants too, so that no run
+    # writes into them), and each run's config checked against what it saved.
+    sweep = any(_absolute(home) != _absolute(out) for home in homes)
+    outdir.check_kind(out, sweep)
+    releases.append(outdir.claim(out))
+    if sweep:
       outdir.check_runs(out, [home.name for home in homes])
+      releases += [outdir.claim(home) for home in homes]
     ends_the_same = []
+    trained = outdir.saved_a_step(out / "checkpoints")
     for home, config in zip(homes, configs):
       home.mkdir(parents=True, exist_ok=True)
       outdir.remove_stale(home)
-      ends_the_same.append(outdir.check_resume(home, config))
+      ends_the_same.append(outdir.check_resume(
+          home, config, trained=trained or (home / "summary.json").exists()))
 
     # A finished run that would end as it did is not finished again
     # (process 0 decides: only its files need be on its disk, and finishing
@@ -202,7 +209,8 @@ def _pass(configs: list, out: pathlib.PurePath, *, progress: bool,
       summaries.append(finish.finish(config, home, state, source, tokens_per_second))
     return summaries
   finally:
-    release()
+    for release in reversed(releases):
+      release()
 
 
 def _train(configs: list, homes: list, out: pathlib.PurePath, *, progress: bool,

@@ -145,9 +145,12 @@ def differences(saved: dict, config: RunConfig) -> list:
   change, one "field: saved X, now Y" each."""
   old = {k: v for k, v in saved.items() if k not in RECORDS}
   before, after = recorded(ADDED_FIELDS | flat(old)), flat(config.to_dict())
+  # --tokens does nothing while --steps is set (and stays the same).
+  unused = ({"train.tokens"} if before.get("train.steps") is not None
+            and before.get("train.steps") == after.get("train.steps") else set())
   return [f"{k}: saved {before.get(k)!r}, now {after.get(k)!r}"
           for k in sorted(set(before) | set(after))
-          if k not in RESUMABLE_FIELDS and before.get(k) != after.get(k)]
+          if k not in RESUMABLE_FIELDS and k not in unused and before.get(k) != after.get(k)]
 
 
 def check_stream(stream: bool, data_arg: str, backend: str) -> None:

@@ -24,6 +24,8 @@ import numpy as np
 from sae_jax import storage, thresholds
 from sae_jax.config import SAEConfig
 
+# cfg.json's metadata.sae_lens_version: the first SAELens release whose
+# format these files follow (SAELens did not write them; see README.md).
 SAE_LENS_VERSION = "6.0.0"
 
 

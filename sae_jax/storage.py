@@ -123,6 +123,7 @@ def write_folder(out: pathlib.Path, fill: typing.Callable[[pathlib.Path], None])
   as it was and no partial folder behind."""
   tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
+  _remove_orphans(out)
   try:
     tmp.mkdir(parents=True)
     fill(tmp)
@@ -133,6 +134,19 @@ def write_folder(out: pathlib.Path, fill: typing.Callable[[pathlib.Path], None])
     shutil.rmtree(old, ignore_errors=True)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_orphans(out: pathlib.Path) -> None:
+  """Removes the temporary folders beside `out` of a `write_folder` whose
+  process is gone (killed with -9 while it wrote; a browser's can be
+  hundreds of MiB)."""
+  if not out.parent.is_dir():
+    return
+  for kind in ("tmp", "old"):
+    for orphan in out.parent.glob(f".{out.name}.{kind}-*"):
+      pid = orphan.name.rsplit("-", 1)[-1]
+      if pid.isdigit() and not _alive(int(pid)):
+        shutil.rmtree(orphan, ignore_errors=True)
 
 
 def size(value) -> int:

@@ -20,10 +20,11 @@ from sae_jax.runconfig import RunConfig
 
 # Columns of results.csv, after variant, selection, score and l: fvu and l0
 # are the saved SAE's (inference mode), batch_fvu and batch_l0 the training
-# rule's on the same held-out tokens. The probe_* and absorption* columns
-# (`probing.py`) are of the true features on synthetic data (absorption of
-# a hierarchy's parents) and of first letters on a cache.
-METRICS = ("fvu", "batch_fvu", "cosine", "norm_ratio", "l0", "batch_l0", "l0_std",
+# rule's on the same held-out tokens, fvu_ratio fvu over batch_fvu. The
+# probe_* and absorption* columns (`probing.py`) are of the true features on
+# synthetic data (absorption of a hierarchy's parents) and of first letters
+# on a cache.
+METRICS = ("fvu", "batch_fvu", "fvu_ratio", "cosine", "norm_ratio", "l0", "batch_l0", "l0_std",
            "eval_dead_fraction", "dense_fraction", "top_share", "pool_jaccard", "gt_mmcs",
            "gt_recovered", "gt_recovered_frequent", "gt_recovered_rare", "gt_recovered_parent",
            "gt_recovered_child", "probe_acc_k1", "probe_f1_k1", "probe_acc_k2", "probe_f1_k2",
@@ -40,6 +41,11 @@ PLOTTED = ("fvu", "batch_fvu", "l0", "batch_l0", "cosine", "l0_std", "top_share"
 
 def variants(ls: typing.Sequence[float], scores: typing.Sequence[str]) -> list:
   """(name, selection, score, l): TopK, BatchTopK, then Sampled-SAE per score and l."""
+  for flag, values in (("--ls", [float(l) for l in ls]), ("--scores", list(scores))):
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+      shown = ", ".join(f"{v:g}" if isinstance(v, float) else v for v in twice)
+      raise ValueError(f"{flag} gives {shown} more than once; each value is one variant")
   out = [("topk", "topk", "", math.nan), ("batchtopk", "batchtopk", "", math.nan)]
   out += [(f"sampled-{score}-l{l:g}", "sampled", score, float(l)) for score in scores for l in ls]
   return out
@@ -85,6 +91,7 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
   """
   out = storage.path(base.out)
   runs = variant_configs(base, ls, scores)
+  outdir.check_kind(out, sweep=True)
   done = _finished(runs)
   if one_pass and not all(done):
     if run_lib.run_many([config for *_, config in runs], out, progress=progress,
@@ -120,13 +127,17 @@ def _finished(runs: list) -> list:
   done = []
   for *_, config in runs:
     home = storage.path(config.out)
-    done.append(home.is_dir() and bool(outdir.compare(home, config)) and outdir.finished(home))
+    if home.is_dir() and (outdir.finished(home) or outdir.saved_a_step(home / "checkpoints")):
+      done.append(bool(outdir.compare(home, config)) and outdir.finished(home))
+    else:  # nothing trained: `run` and `run_many` check it
+      done.append(False)
   if jax.process_count() > 1:
     done = [bool(d) for d in multihost_utils.broadcast_one_to_all(np.array(done))]
   return done
 
 
 def write_tables(rows: list, out: pathlib.PurePath) -> None:
+  """results.csv with every column; results.md with those that hold a value."""
   columns = list(rows[0])
   table = io.StringIO(newline="")
   writer = csv.DictWriter(table, fieldnames=columns)
@@ -135,6 +146,7 @@ def write_tables(rows: list, out: pathlib.PurePath) -> None:
   (out / "results.csv").write_text(table.getvalue())
   cell = lambda v: "" if isinstance(v, float) and math.isnan(v) else (
       f"{v:.3f}" if isinstance(v, float) else str(v))
+  columns = [c for c in columns if any(cell(row[c]) for row in rows)]
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
   (out / "results.md").write_text("\n".join(lines) + "\n")

@@ -66,6 +66,10 @@ class SyntheticConfig:
     owner = "SyntheticConfig"
     validation.check_int_field(owner, "d_model", self.d_model)
     validation.check_int_field(owner, "n_features", self.n_features)
+    if isinstance(self.active, (int, float)) and self.active > self.n_features:
+      raise ValueError(f"SyntheticConfig: {self.n_features} features (--synthetic-features) "
+                       f"cannot have {self.active:g} active per token on average: give at "
+                       f"least {math.ceil(self.active)} features")
     validation.check_real_field(owner, "active", self.active, 0, self.n_features)
     for name, hi in (("magnitude", math.inf), ("spread", 1), ("noise", math.inf),
                      ("rare_fraction", 1), ("rare_rate", math.inf),

@@ -236,3 +236,16 @@ def test_flags_a_rule_ignores_are_named(capsys):
   out, err = capsys.readouterr()
   assert out.startswith("note: --l 4.0 does nothing with --selection topk\n")
   assert err.startswith("error: ")
+
+
+def test_a_resume_ignores_tokens_while_steps_are_set(tmp_path):
+  train = TrainConfig(SAEConfig(16, 64, k=4), batch_size=64, steps=10)
+  config = RunConfig(train=train, out=str(tmp_path), data="synthetic",
+                     synthetic=synthetic.SyntheticConfig(d_model=16))
+  outdir.check_resume(tmp_path, config)
+  other_tokens = dataclasses.replace(config, train=dataclasses.replace(train, tokens=12345))
+  assert outdir.check_resume(tmp_path, other_tokens)  # --tokens did nothing: resumes
+  by_tokens = dataclasses.replace(config, train=dataclasses.replace(train, steps=None,
+                                                                    tokens=640))
+  with pytest.raises(ValueError, match=r"train.steps: saved 10, now None"):
+    outdir.check_resume(tmp_path, by_tokens)

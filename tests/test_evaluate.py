@@ -151,3 +151,16 @@ def test_pools_of_every_score_including_uniform():
     assert len(pools) == 4 and all(len(set(p.tolist())) == 4 for p in pools), score
     if score == "uniform":
       assert len({tuple(sorted(p.tolist())) for p in pools}) > 1
+
+
+def test_a_saved_sae_worse_than_its_training_rule_is_said():
+  """summary.json carries fvu_ratio (inference over batch mode, the same
+  tokens), and past 1.1x a warning that the run prints last."""
+  from sae_jax import finish  # noqa: PLC0415  (the end of a run imports the export)
+  assert finish.inference_gap({"fvu": 0.21, "batch_fvu": 0.2}) == {"fvu_ratio": 0.21 / 0.2}
+  worse = finish.inference_gap({"fvu": 2.13, "batch_fvu": 0.80})
+  assert worse["fvu_ratio"] == 2.13 / 0.80
+  assert worse["inference_warning"].startswith(
+      "the saved SAE reconstructs worse than its training rule on the same held-out tokens: "
+      "FVU 2.1300 in inference mode (what SAELens computes) against 0.8000 (2.66x)")
+  assert finish.inference_gap({"fvu": 0.5, "batch_fvu": None}) == {}

@@ -39,6 +39,9 @@ def test_hook_names():
   assert export.hidden_states_index("blocks.6.hook_resid_post") == 7
   with pytest.raises(ValueError, match=r"hook must look like 'blocks.N.hook_resid_post'; got 'blocks.6'"):
     export.hook_layer("blocks.6")
+  for odd in ("blocks.\u0661.hook_resid_post", "blocks.1.hook_resid_post\n"):  # an Arabic-Indic 1
+    with pytest.raises(ValueError, match=r"hook must look like"):
+      export.hook_layer(odd)
 
 
 @pytest.mark.parametrize("layer", [1, 2])  # below the top block, and the top block
@@ -164,6 +167,17 @@ def test_command_line(lm, tmp_path, capsys):
   export.export_activations(config(lm, tokens=200), tmp_path / "api", progress=False)
   files = lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir())}
   assert files(tmp_path / "cli") == files(tmp_path / "api")
+  # Texts that give no context (an empty file): one line, not "0 rows ... in 0 shards".
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  capsys.readouterr()
+  argv = [*argv[:argv.index("--dataset") + 1], str(empty), *argv[argv.index("--hook"):-1],
+          str(tmp_path / "empty")]
+  assert scripts.load("export_activations").main(argv) == 2
+  out, err = capsys.readouterr()
+  assert err.strip().splitlines()[-1].startswith(  # after transformers' loading bar
+      f"error: the texts of --dataset {empty} gave no activation rows")
+  assert "0 rows" not in out
 
 
 def test_jax_backend_writes_the_same_cache(lm, cache, tmp_path):

@@ -68,7 +68,9 @@ def test_two_processes_equal_one(data_args, tmp_path, kind):
   same_run(one, two)
   # Only process 0 wrote the run's files: one line a step, one summary said.
   assert steps_logged(two) == list(range(1, 13))
-  assert '"fvu"' in results[0][1].splitlines()[-1] and '"fvu"' not in results[1][1]
+  *_, summary, wrote = results[0][1].splitlines()
+  assert '"fvu"' in summary and wrote.startswith(f"wrote {two}: summary.json")
+  assert '"fvu"' not in results[1][1] and "wrote" not in results[1][1]
   assert "devices: 4 (2 local" in results[1][1]
 
 

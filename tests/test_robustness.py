@@ -21,6 +21,7 @@ from flax import struct
 from sae_jax import checkpoint
 from sae_jax import export
 from sae_jax import outdir
+from sae_jax import storage
 from sae_jax import synthetic
 from sae_jax import train
 from sae_jax.config import SAEConfig
@@ -355,6 +356,23 @@ def test_non_finite_rows_are_dropped_and_counted(tmp_path, capsys):
   strict_json(out / "config.json")
 
 
+def test_a_start_that_failed_before_training_leaves_out_to_the_corrected_command(
+    tmp_path, capsys):
+  """A start that fails after config.json is written, before its first
+  checkpoint (here: a learning rate that overflows at once), does not make
+  the corrected command "another config"; once a run has saved a
+  checkpoint, another config is refused as before."""
+  out = tmp_path / "run"
+  assert cli("--data", "synthetic", "--steps", 20, "--lr", "1e30", "--clip-norm", "1e30",
+             "--out", out) == 1
+  assert (out / "config.json").exists() and not outdir.saved_a_step(out / "checkpoints")
+  capsys.readouterr()
+  assert cli("--data", "synthetic", "--steps", 20, "--out", out) == 0
+  assert f"{out}: its config.json is of a start that never trained" in capsys.readouterr().out
+  assert cli("--data", "synthetic", "--steps", 30, "--out", out) == 2
+  assert "holds a run with another config" in capsys.readouterr().err
+
+
 def test_data_replaced_in_place_is_refused(tmp_path, capsys):
   npy = tmp_path / "acts.npy"
   source = synthetic.SyntheticSource(synthetic.SyntheticConfig(d_model=16, n_features=32))
@@ -487,6 +505,10 @@ BAD_INPUT = {
     "--join-timeout 0": (
         lambda t, c: ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0",
                       "--join-timeout", "0"], "join_timeout must be an integer >= 1; got 0"),
+    "--out of 4000 characters": (lambda t, c: ["--out", t.joinpath(*["d" * 200] * 20, "run")],
+                                 "the run writes paths up to 160 bytes longer under it"),
+    "--out with a 300-byte name": (lambda t, c: ["--out", t / ("n" * 300)],
+                                   "--out has a folder name of 300 bytes"),
     "a broken manifest": (
         lambda t, c: ["--data", _cache_with(t, c, lambda b: (b / "manifest.json").write_text("{"))],
         "manifest.json is not a readable manifest"),
@@ -506,6 +528,41 @@ def test_bad_input_is_one_line(tmp_path, cache, capsys, case):
   assert status != 0
   (line,) = error_lines(capsys.readouterr().err)
   assert message in line, line
+
+
+def test_a_folder_write_removes_the_temporary_folders_of_killed_writers(tmp_path):
+  """storage.write_folder (the browser, saelens/) killed with -9 leaves
+  .<name>.tmp-<pid>; the next write removes those of dead processes only."""
+  gone = subprocess.Popen(["true"])
+  gone.wait()
+  live = subprocess.Popen(["sleep", "30"])
+  try:
+    out = tmp_path / "browser"
+    orphans = [tmp_path / f".browser.{kind}-{gone.pid}" for kind in ("tmp", "old")]
+    held = tmp_path / f".browser.tmp-{live.pid}"
+    for folder in (*orphans, held):
+      (folder / "latents").mkdir(parents=True)
+    storage.write_folder(out, lambda folder: (folder / "index.html").write_text("x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["browser", held.name])
+    assert (out / "index.html").read_text() == "x"
+  finally:
+    live.kill()
+    live.wait()
+
+
+def test_a_platform_jax_cannot_start_is_one_line(tmp_path):
+  """JAX_PLATFORMS=cuda without the CUDA plugin: JAX itself ends in a bare
+  AssertionError."""
+  done = subprocess.run([sys.executable, str(scripts.EXPERIMENTS / "train.py"), "--data",
+                         "synthetic", "--steps", "2", "--out", str(tmp_path / "run")],
+                        env=env() | {"JAX_PLATFORMS": "cuda"}, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 2
+  assert error_lines(done.stderr) == [
+      "error: JAX cannot start a backend for JAX_PLATFORMS='cuda' (no such backend is "
+      "installed): install that platform's jax plugin (for CUDA, jax[cuda12]), or unset "
+      "JAX_PLATFORMS to take what this machine has"]
+  assert not (tmp_path / "run").exists()
 
 
 def test_out_on_a_read_only_filesystem_is_one_line(tmp_path):

@@ -13,9 +13,11 @@ import sys
 import numpy as np
 import pytest
 
+from sae_jax import outdir
 from tests import scripts
 from tests.helpers import LM_ARGS
 from tests.helpers import LM_NAMES
+from tests.helpers import cli
 from tests.helpers import outputs
 from tests.helpers import sweep_script
 from tests.helpers import wait_for_step
@@ -72,7 +74,10 @@ def test_sweep_end_to_end_and_resume(tmp_path, capsys):
     np.testing.assert_allclose(float(rows[3][metric]), float(rows[1][metric]), rtol=1e-5)
   table = (out / "results.md").read_text()
   assert table.startswith("| variant | selection |") and "sampled-leverage-l16" in table
-  assert "| absorption |" in table
+  header = table.splitlines()[0]  # the columns that hold a value (results.csv has all)
+  for column in rows[0]:
+    assert (f"| {column} |" in header) == any(r[column] not in ("", "nan") for r in rows), column
+  assert "| absorption_letters |" not in header and "| probe_f1_k1 |" in header
   # Both modes of the same held-out tokens: the saved SAE's and the training rule's.
   assert all(float(r["batch_l0"]) > 0 and float(r["batch_fvu"]) > 0 for r in rows)
   for metric in ("fvu", "batch_fvu", "l0", "batch_l0", "gt_recovered_rare", "pool_jaccard",
@@ -207,6 +212,34 @@ def test_a_stopped_one_pass_resumes_exactly(tmp_path, straight_sweep, capsys):
   assert [m["step"] for m in outputs(out / "topk")["metrics"]] == list(range(1, 301))
 
 
+def test_a_variant_given_twice_is_refused(tmp_path, capsys):
+  for flags, said in ((["--ls", "2", "2"], "--ls gives 2 more than once"),
+                      (["--scores", "l2", "entropy", "l2"], "--scores gives l2 more than once")):
+    args = [*ARGS[:ARGS.index("--ls")], *flags, "--no-progress", "--out", str(tmp_path / "s")]
+    assert sweep_script.main(args) == 2
+    assert capsys.readouterr().err.strip() == f"error: {said}; each value is one variant"
+  assert not (tmp_path / "s").exists()
+
+
+def test_a_sweep_and_a_single_run_keep_out_of_each_others_folders(tmp_path, capsys):
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text("{}")
+  for mode in ("--one-pass", "--sequential"):
+    assert sweep_script.main([*ARGS, mode, "--out", str(run)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --out {run} holds a single run (its config.json): a sweep needs a folder of "
+        f"its own; use another --out")
+  assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+  sweep = tmp_path / "sweep"
+  sweep.mkdir()
+  (sweep / "sweep.json").write_text('{"runs": ["topk"]}')
+  assert cli("--data", "synthetic", "--steps", "20", "--out", sweep) == 2
+  assert capsys.readouterr().err.strip() == (
+      f"error: --out {sweep} holds a sweep (its sweep.json): resume it with "
+      f"experiments/sweep_l.py, or use another --out")
+
+
 def test_a_sweep_that_cannot_fit_in_one_pass_is_refused(tmp_path, capsys):
   """14 variants of 2M latents: each fits alone on a device (1.3 GB), all
   together do not; refused before anything is allocated or written."""
@@ -218,3 +251,19 @@ def test_a_sweep_that_cannot_fit_in_one_pass_is_refused(tmp_path, capsys):
   assert error.startswith("error: the 14 SAEs trained in one pass need at least")
   assert "of parameters, Adam moments and gradients of 14 SAEs" in error
   assert "devices has" in error and len(error.splitlines()) == 1 and not out.exists()
+
+
+def test_a_sweep_locks_its_variant_folders(tmp_path, capsys):
+  """A sweep holds each variant's folder as a run holds its --out, so that
+  train.py cannot write into a live sweep's topk/ (nor the sweep into a
+  folder a run holds)."""
+  out = tmp_path / "sweep"
+  release = outdir.claim(out / "topk")  # as a train.py --out sweep/topk would
+  try:
+    assert sweep_script.main([*ARGS, "--out", str(out)]) == 2
+  finally:
+    release()
+  assert capsys.readouterr().err.strip() == (
+      f"error: --out {out / 'topk'} is in use by another run (pid {os.getpid()}): wait for it "
+      f"to end, or use another --out")
+  assert not (out / "checkpoints").exists()

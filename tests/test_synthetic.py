@@ -78,6 +78,8 @@ def test_best_cosines():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(d_model=0), r"SyntheticConfig.d_model must be an integer >= 1; got 0"),
     (dict(active=-1.0), r"SyntheticConfig.active must be a number in \[0, 512\]; got -1.0"),
+    (dict(n_features=1), r"SyntheticConfig: 1 features \(--synthetic-features\) cannot have 4 "
+                         r"active per token on average: give at least 4 features"),
     (dict(spread=2.0), r"SyntheticConfig.spread must be a number in \[0, 1\]; got 2.0"),
     (dict(n_features=4, active=3.0, rare_fraction=0.5, rare_rate=3.0),
      r"needs a firing probability above 1"),
