@@ -31,6 +31,11 @@ def main(argv=None) -> int:
   mode.add_argument("--sequential", dest="one_pass", action="store_false",
                     help="train the variants one after another, each re-reading the data")
   args = p.parse_args(argv)
+  ignored = [f"--{dest} {getattr(args, dest)}" for dest in ("l", "score")
+             if getattr(args, dest) != p.get_default(dest)]
+  if ignored:
+    print(f"note: {' and '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} nothing in a "
+          f"sweep: --ls and --scores set each Sampled-SAE variant's", flush=True)
   if args.out is None:
     args.out = "runs/sweep"
 

@@ -17,6 +17,9 @@ from sae_jax.config import TrainConfig
 from sae_jax.runconfig import RunConfig
 
 
+JOIN_TIMEOUT = 300  # seconds, --join-timeout's default
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
   """Every flag of a training run; `doc` is the script's docstring."""
   p = argparse.ArgumentParser(description=doc,
@@ -116,7 +119,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
   run.add_argument("--heartbeat-timeout", type=int, default=100,
                    help="seconds after which the processes give up on one that stopped "
                         "answering")
-  run.add_argument("--join-timeout", type=int, default=300,
+  run.add_argument("--join-timeout", type=int, default=JOIN_TIMEOUT,
                    help="seconds a process started with --coordinator waits for the others "
                         "to join before it gives up")
   run.add_argument("--no-progress", action="store_true")
@@ -129,7 +132,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
 def _say_defaults(p: argparse.ArgumentParser) -> None:
   """--help shows every flag's default (k=64, F=65536, ...) after its help."""
   for action in p._actions:
-    if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+    if (action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        or "%(default)" in (action.help or "")):
       continue
     action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
 
@@ -179,14 +183,10 @@ def check_sampled(base: RunConfig, ls, score: str) -> None:
     dataclasses.replace(base.train.sae, selection="sampled", l=float(l), score=score)
 
 
-# The flags a rule never reads: given with another rule, they do nothing.
-_POOL_FLAGS = ("l", "score", "sample_pool", "pool_every", "ridge", "sketch")
-
-
 def ignored_flags(parser: argparse.ArgumentParser, args) -> list:
   """The flags set away from their defaults that this run's rule ignores,
   as "--flag value" (a sweep trains every rule: for train.py)."""
-  unused = () if args.selection == "sampled" else _POOL_FLAGS
+  unused = () if args.selection == "sampled" else runconfig.POOL_FIELDS
   if args.selection == "sampled" and args.score != "leverage":
     unused = ("ridge", "sketch")
   return [f"--{dest.replace('_', '-')} {getattr(args, dest)}" for dest in unused
@@ -201,6 +201,9 @@ def distributed(args) -> typing.Optional[dict]:
               "--process-id": args.process_id}
   given = [flag for flag, value in explicit.items() if value is not None]
   validation.check_int_field("flags", "heartbeat_timeout", args.heartbeat_timeout)
+  if args.join_timeout != JOIN_TIMEOUT and len(given) < 3:
+    raise ValueError(f"--join-timeout {args.join_timeout} needs --coordinator, --num-processes "
+                     f"and --process-id (with --distributed, JAX finds its peers by itself)")
   if not given:
     return {"heartbeat_timeout_seconds": args.heartbeat_timeout} if args.distributed else None
   if len(given) < 3:

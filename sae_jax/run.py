@@ -16,7 +16,6 @@ import time
 import typing
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
 
 from sae_jax import checkpoint
@@ -159,30 +158,35 @@ def _pass(configs: list, out: pathlib.PurePath, *, progress: bool,
   """Trains `configs` together under the lock on `out` (one data stream, one
   checkpoint in out/checkpoints), then finishes each in its own folder."""
   homes = [storage.path(config.out) for config in configs]
+  sweep = any(_absolute(home) != _absolute(out) for home in homes)
   releases = []
-  try:
-    # --- Folders, each locked (a sweep's variants too, so that no run
-    # writes into them), and each run's config checked against what it saved.
-    sweep = any(_absolute(home) != _absolute(out) for home in homes)
+
+  def folders() -> list:
+    """Each folder locked (a sweep's variants too, so that no run writes
+    into them) and each run's config checked against what it saved; whether
+    each is finished with this config (then it is not finished again)."""
     outdir.check_kind(out, sweep)
     releases.append(outdir.claim(out))
     if sweep:
       outdir.check_runs(out, [home.name for home in homes])
-      releases += [outdir.claim(home) for home in homes]
-    ends_the_same = []
-    trained = outdir.saved_a_step(out / "checkpoints")
+      for home in homes:
+        releases.append(outdir.claim(home))
+    done = []
     for home, config in zip(homes, configs):
       home.mkdir(parents=True, exist_ok=True)
       outdir.remove_stale(home)
-      ends_the_same.append(outdir.check_resume(
-          home, config, trained=trained or (home / "summary.json").exists()))
+      same = outdir.check_resume(home, config,
+                                 trained=outdir.trained(home, out / "checkpoints"))
+      done.append(same and outdir.finished(home))
+      if not done[-1] and outdir.saved_a_step(out / "checkpoints"):
+        outdir.check_numerics(home)
+    return done
 
-    # A finished run that would end as it did is not finished again
-    # (process 0 decides: only its files need be on its disk, and finishing
-    # is collective on --stream); a pass of finished runs only checks its data.
-    done = [same and outdir.finished(home) for same, home in zip(ends_the_same, homes)]
-    if jax.process_count() > 1:
-      done = [bool(d) for d in multihost_utils.broadcast_one_to_all(np.array(done))]
+  try:
+    # --- Folders: process 0 decides (only its files need be on its disk,
+    # and finishing is collective on --stream); a pass of finished runs only
+    # checks its data.
+    done = outdir.agreed(folders, len(homes))
     saved = lambda home: (json.loads((home / "summary.json").read_text())
                           if outdir.writes() else {})
     if all(done):

@@ -24,6 +24,8 @@ ADDED_FIELDS = {"stream": False, "stream_contexts": 512, "train.sae.ridge": 0.01
 # saved config differs in one of them is finished again.
 END_FIELDS = ("inference", "calibration_tokens")
 INFERENCE_RULES = ("per-latent", "global")
+# The SAE's fields only Sampled-SAE reads (`cli.ignored_flags` names them).
+POOL_FIELDS = ("l", "score", "sample_pool", "pool_every", "ridge", "sketch")
 # config.json's records beside the config: the data a run trains on, and
 # the numerics it was checkpointed under (`outdir.check_data`).
 FINGERPRINT = "data_fingerprint"
@@ -145,9 +147,15 @@ def differences(saved: dict, config: RunConfig) -> list:
   change, one "field: saved X, now Y" each."""
   old = {k: v for k, v in saved.items() if k not in RECORDS}
   before, after = recorded(ADDED_FIELDS | flat(old)), flat(config.to_dict())
-  # --tokens does nothing while --steps is set (and stays the same).
+  # Fields that do nothing both then and now: --tokens while --steps is set,
+  # the pool's fields without a pool, the leverage ones with another score.
   unused = ({"train.tokens"} if before.get("train.steps") is not None
             and before.get("train.steps") == after.get("train.steps") else set())
+  rule = lambda d: (d.get("train.sae.selection"), d.get("train.sae.score"))
+  if rule(before)[0] == rule(after)[0] != "sampled":
+    unused |= {f"train.sae.{f}" for f in POOL_FIELDS}
+  elif rule(before) == rule(after) and rule(after)[1] != "leverage":
+    unused |= {"train.sae.ridge", "train.sae.sketch"}
   return [f"{k}: saved {before.get(k)!r}, now {after.get(k)!r}"
           for k in sorted(set(before) | set(after))
           if k not in RESUMABLE_FIELDS and k not in unused and before.get(k) != after.get(k)]

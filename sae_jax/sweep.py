@@ -9,10 +9,6 @@ import math
 import pathlib
 import typing
 
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
-
 from sae_jax import outdir
 from sae_jax import run as run_lib
 from sae_jax import storage
@@ -91,8 +87,7 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
   """
   out = storage.path(base.out)
   runs = variant_configs(base, ls, scores)
-  outdir.check_kind(out, sweep=True)
-  done = _finished(runs)
+  done = outdir.agreed(lambda: _finished(out, runs), len(runs))
   if one_pass and not all(done):
     if run_lib.run_many([config for *_, config in runs], out, progress=progress,
                         verify=verify) is None:
@@ -119,20 +114,21 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
   return rows
 
 
-def _finished(runs: list) -> list:
+def _finished(out: pathlib.PurePath, runs: list) -> list:
   """Whether each variant is finished with its config as this command gives
-  it (every output written, and no end-only field changed). A variant
-  saved with another config is refused, with the differences, before
-  anything is trained. Process 0 decides, as `run`'s end does."""
+  it (every output written, and no end-only field changed). A variant that
+  trained with another config is refused, with the differences, before
+  anything is trained; so is a sweep in a single run's folder."""
+  outdir.check_kind(out, sweep=True)
   done = []
   for *_, config in runs:
     home = storage.path(config.out)
-    if home.is_dir() and (outdir.finished(home) or outdir.saved_a_step(home / "checkpoints")):
+    # A variant's checkpoints are the pass's (out/checkpoints) or, sequential, its own.
+    if home.is_dir() and (outdir.trained(home, out / "checkpoints")
+                          or outdir.saved_a_step(home / "checkpoints")):
       done.append(bool(outdir.compare(home, config)) and outdir.finished(home))
     else:  # nothing trained: `run` and `run_many` check it
       done.append(False)
-  if jax.process_count() > 1:
-    done = [bool(d) for d in multihost_utils.broadcast_one_to_all(np.array(done))]
   return done
 
 

@@ -130,7 +130,8 @@ def test_help_shows_every_default():
   text = " ".join(parser.format_help().split())  # argparse wraps at the terminal's width
   for flag, default in (("--k K", 64), ("--dict-size DICT_SIZE", 65536),
                         ("--batch-size BATCH_SIZE", 4096), ("--tokens TOKENS", 100_000_000),
-                        ("--selection {sampled,batchtopk,topk}", "sampled")):
+                        ("--selection {sampled,batchtopk,topk}", "sampled"),
+                        ("--seed SEED", 0), ("--parents PARENTS", 0)):
     help_of = text[text.rindex(flag) + len(flag):].split(" --")[0]  # past the usage line
     assert f"default: {default}" in help_of, flag
 
@@ -187,30 +188,33 @@ def test_config_json_records_the_sections_the_data_use(tmp_path):
 def test_a_resume_under_other_numerics_is_refused_or_reported(tmp_path, capsys):
   """JAX_ENABLE_X64 changes the synthetic data and the step: a run
   checkpointed under one setting refuses to resume under the other. Another
-  device count only reorders the sums over devices: said, not refused."""
+  device count only reorders the sums over devices: said, not refused.
+  (tests/test_robustness.py resumes a real run under the other setting.)"""
   train = TrainConfig(SAEConfig(16, 64, k=4), batch_size=64, steps=10)
   config = RunConfig(train=train, out=str(tmp_path), data="synthetic",
                      synthetic=synthetic.SyntheticConfig(d_model=16))
   outdir.check_resume(tmp_path, config)
+  outdir.check_numerics(tmp_path)  # none recorded yet (a run of the previous version)
   outdir.check_data(tmp_path, config, resuming=False)
   recorded = json.loads((tmp_path / "config.json").read_text())[runconfig.NUMERICS]
   assert recorded == {"x64": False, "devices": jax.device_count()}
-  outdir.check_data(tmp_path, config, resuming=True)  # the same: silent
+  outdir.check_numerics(tmp_path)  # the same: silent
   assert capsys.readouterr().out == ""
   with jax.enable_x64(True):
     assert outdir.numerics()["x64"]
     with pytest.raises(ValueError, match=r"checkpointed with JAX_ENABLE_X64 unset, and this "
                                          r"process has JAX_ENABLE_X64=1.*refusing to resume"):
-      outdir.check_data(tmp_path, config, resuming=True)
+      outdir.check_numerics(tmp_path)
     outdir.check_data(tmp_path, config, resuming=False)  # a fresh start records it
   with pytest.raises(ValueError, match=r"checkpointed with JAX_ENABLE_X64=1"):
-    outdir.check_data(tmp_path, config, resuming=True)
+    outdir.check_numerics(tmp_path)
   saved = json.loads((tmp_path / "config.json").read_text())
   saved[runconfig.NUMERICS] = {"x64": False, "devices": 2}
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  outdir.check_data(tmp_path, config, resuming=True)
+  outdir.check_numerics(tmp_path)
   assert f"resuming on {jax.device_count()} devices a run checkpointed on 2" in (
       capsys.readouterr().out)
+  outdir.check_data(tmp_path, config, resuming=True)
   assert outdir.check_resume(tmp_path, config)  # the records are not part of the config
   assert json.loads((tmp_path / "config.json").read_text())[runconfig.NUMERICS]["devices"] == (
       jax.device_count())  # the resume recorded its own
@@ -236,6 +240,30 @@ def test_flags_a_rule_ignores_are_named(capsys):
   out, err = capsys.readouterr()
   assert out.startswith("note: --l 4.0 does nothing with --selection topk\n")
   assert err.startswith("error: ")
+
+
+def test_a_resume_ignores_fields_that_do_nothing(tmp_path):
+  """--l with TopK, --sketch with the l2 score, --tokens with --steps: a
+  change of a field the run never read does not block its resume."""
+  for sae, change, refused in (
+      (SAEConfig(16, 64, k=4, selection="topk"), dict(l=4.0, score="entropy"), None),
+      (SAEConfig(16, 64, k=4, l=2.0), dict(sketch=8, ridge=0.5), None),
+      (SAEConfig(16, 64, k=4, l=2.0, score="leverage"), dict(sketch=8), "train.sae.sketch"),
+      (SAEConfig(16, 64, k=4, l=2.0), dict(l=4.0), "train.sae.l"),
+      (SAEConfig(16, 64, k=4, selection="topk"), dict(selection="batchtopk"),
+       "train.sae.selection")):
+    out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    out.mkdir()
+    config = RunConfig(train=TrainConfig(sae, batch_size=64, steps=10), out=str(out),
+                       data="synthetic", synthetic=synthetic.SyntheticConfig(d_model=16))
+    outdir.check_resume(out, config)
+    other = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, sae=dataclasses.replace(sae, **change)))
+    if refused is None:
+      outdir.check_resume(out, other)
+    else:
+      with pytest.raises(ValueError, match=refused):
+        outdir.check_resume(out, other)
 
 
 def test_a_resume_ignores_tokens_while_steps_are_set(tmp_path):

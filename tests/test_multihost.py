@@ -68,8 +68,11 @@ def test_two_processes_equal_one(data_args, tmp_path, kind):
   same_run(one, two)
   # Only process 0 wrote the run's files: one line a step, one summary said.
   assert steps_logged(two) == list(range(1, 13))
-  *_, summary, wrote = results[0][1].splitlines()
-  assert '"fvu"' in summary and wrote.startswith(f"wrote {two}: summary.json")
+  said = results[0][1].splitlines()  # the summary, where it was written (and any warning)
+  wrote = said.index(f"wrote {two}: summary.json (above), saelens/ (the SAE, for SAELens), "
+                     f"metrics.jsonl")
+  assert said[wrote - 1].startswith('{"fvu": ') and all(
+      line.startswith("warning: the saved SAE") for line in said[wrote + 1:])
   assert '"fvu"' not in results[1][1] and "wrote" not in results[1][1]
   assert "devices: 4 (2 local" in results[1][1]
 

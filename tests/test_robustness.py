@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import typing
+import warnings
 
 import jax
 import numpy as np
@@ -373,6 +374,25 @@ def test_a_start_that_failed_before_training_leaves_out_to_the_corrected_command
   assert "holds a run with another config" in capsys.readouterr().err
 
 
+def test_a_resume_under_the_other_x64_mode_is_refused(tmp_path, capsys):
+  """A run checkpointed with JAX_ENABLE_X64=1 (float64 biases and moments),
+  resumed without it: refused before the checkpoint is restored (orbax
+  would cast it, and it would fail its checksum and be set aside)."""
+  out = tmp_path / "run"
+  args = ["--data", "synthetic", "--steps", 20, "--ckpt-every", 10, "--out", out]
+  with jax.enable_x64(True), warnings.catch_warnings():
+    # XLA warns that a float64 value is scattered into a float32 array.
+    warnings.simplefilter("ignore", FutureWarning)
+    assert cli(*args) == 0
+  (out / "summary.json").unlink()  # unfinished: the next command resumes it
+  capsys.readouterr()
+  assert cli(*args) == 2
+  (line,) = error_lines(capsys.readouterr().err)
+  assert f"error: {out} was checkpointed with JAX_ENABLE_X64=1, and this process has " in line
+  assert "refusing to resume" in line
+  assert outdir.saved_a_step(out / "checkpoints") and not (out / "checkpoints-damaged").exists()
+
+
 def test_data_replaced_in_place_is_refused(tmp_path, capsys):
   npy = tmp_path / "acts.npy"
   source = synthetic.SyntheticSource(synthetic.SyntheticConfig(d_model=16, n_features=32))
@@ -380,6 +400,7 @@ def test_data_replaced_in_place_is_refused(tmp_path, capsys):
   out = tmp_path / "run"
   assert cli("--data", npy, "--steps", 20, "--out", out) == 0
   os.utime(npy, (1, 1))  # touched, not changed
+  (out / "summary.json").unlink()  # unfinished: it resumes (a finished run only checks)
   capsys.readouterr()
   assert cli("--data", npy, "--steps", 20, "--out", out) == 0
   assert "was modified since the run began, but its size and first" in capsys.readouterr().out
@@ -502,6 +523,8 @@ BAD_INPUT = {
         "--process-id must be in [0, --num-processes)"),
     "--eval-tokens 1": (lambda t, c: ["--eval-tokens", "1"],
                         "RunConfig.eval_tokens must be an integer >= 2; got 1"),
+    "--join-timeout without --coordinator": (
+        lambda t, c: ["--join-timeout", "5"], "--join-timeout 5 needs --coordinator"),
     "--join-timeout 0": (
         lambda t, c: ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0",
                       "--join-timeout", "0"], "join_timeout must be an integer >= 1; got 0"),

@@ -30,7 +30,7 @@ def test_synthetic_run_writes_every_output(tmp_path, capsys):
   said = capsys.readouterr().out  # where it writes, at the start and at the end
   assert f"{tmp_path / 'run'}: Sampled-SAE (l=" in said and "every flag in" in said
   assert "inference thresholds from" in said and "evaluated on" in said
-  assert said.rstrip().splitlines()[-1].startswith(f"wrote {tmp_path / 'run'}: summary.json")
+  assert f"\nwrote {tmp_path / 'run'}: summary.json (above), saelens/" in said
   o = outputs(tmp_path / "run")
   assert {"fvu", "explained_variance", "mse", "l0", "dead_fraction", "tokens", "steps",
           "tokens_per_second", "gt_mmcs", "gt_recovered"} <= set(o["summary"])

@@ -215,9 +215,12 @@ def test_a_stopped_one_pass_resumes_exactly(tmp_path, straight_sweep, capsys):
 def test_a_variant_given_twice_is_refused(tmp_path, capsys):
   for flags, said in ((["--ls", "2", "2"], "--ls gives 2 more than once"),
                       (["--scores", "l2", "entropy", "l2"], "--scores gives l2 more than once")):
-    args = [*ARGS[:ARGS.index("--ls")], *flags, "--no-progress", "--out", str(tmp_path / "s")]
+    args = [*ARGS[:ARGS.index("--ls")], *flags, "--l", "3", "--no-progress", "--out",
+            str(tmp_path / "s")]
     assert sweep_script.main(args) == 2
-    assert capsys.readouterr().err.strip() == f"error: {said}; each value is one variant"
+    out, err = capsys.readouterr()
+    assert out.startswith("note: --l 3.0 does nothing in a sweep: --ls and --scores set each")
+    assert err.strip() == f"error: {said}; each value is one variant"
   assert not (tmp_path / "s").exists()
 
 
