@@ -65,6 +65,22 @@ def check_memory(c: TrainConfig, n_devices: int) -> None:
         f"{jax.local_devices()[0].platform} devices has {_gib(have)}")
 
 
+def check_evaluation(configs: typing.Sequence[RunConfig]) -> None:
+  """Refuses, before training, an evaluation whose held-out codes cannot fit
+  in the host's memory at the end of the run: a floor of two [eval tokens,
+  F] float32 arrays (inference and batch mode), one run at a time. Exact
+  for synthetic and --stream data; disk data hold out at most a tenth of
+  their rows, checked against the rows they have."""
+  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  for config in configs:
+    need = 2 * 4 * config.eval_tokens * config.train.sae.n_latents
+    if (config.data == "synthetic" or config.stream) and need > host:
+      raise ValueError(
+          f"--eval-tokens {config.eval_tokens} with --dict-size {config.train.sae.n_latents} "
+          f"needs at least {_gib(need)} of host memory for the held-out codes at the end of "
+          f"the run; this host has {_gib(host)}: use fewer --eval-tokens")
+
+
 def check_memory_many(configs: typing.Sequence[RunConfig], n_devices: int) -> None:
   """Says what training `configs` together needs on each device, and refuses
   it, before anything is allocated, when that is more than a device has."""

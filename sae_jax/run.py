@@ -57,6 +57,7 @@ def run(config: RunConfig, *, progress: bool = True,
   """
   memory.check_devices(config.train)
   memory.check_memory(config.train, jax.device_count())
+  memory.check_evaluation([config])
   sources.check_data_size(config)
   summaries = _pass([config], storage.path(config.out), progress=progress, verify=verify)
   return None if summaries is None else summaries[0]
@@ -103,6 +104,7 @@ def run_many(configs: typing.Sequence[RunConfig], out, *, progress: bool = True,
                      f"{[config.out for config in configs]}")
   memory.check_devices(configs[0].train)
   memory.check_memory_many(configs, jax.device_count())
+  memory.check_evaluation(configs)
   sources.check_data_size(configs[0])
   return _pass(configs, out, progress=progress, verify=verify)
 

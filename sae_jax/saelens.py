@@ -123,7 +123,18 @@ def load(folder) -> tuple[dict, dict]:
   if missing:
     raise ValueError(f"{folder} holds no saved SAE ({' and '.join(missing)} missing): is the "
                      f"run finished?")
-  return load(paths[1].read_bytes()), json.loads(paths[0].read_text())
+  weights, cfg = load(paths[1].read_bytes()), json.loads(paths[0].read_text())
+  D, F = cfg.get("d_in"), cfg.get("d_sae")
+  want = {"W_enc": (D, F), "W_dec": (F, D), "b_enc": (F,), "b_dec": (D,)}
+  if cfg.get("architecture") == "jumprelu":
+    want["threshold"] = (F,)
+  for name, shape in want.items():
+    got = weights[name].shape if name in weights else "missing"
+    if got != shape:
+      raise ValueError(f"{paths[1]}: {name} is {got}, but cfg.json's d_in={D}, d_sae={F} "
+                       f"make it {shape}: the weights do not belong to this cfg.json (were "
+                       f"they swapped, or edited?)")
+  return weights, cfg
 
 
 def encode(weights: dict, cfg: dict, x_NxD) -> np.ndarray:

@@ -521,6 +521,8 @@ BAD_INPUT = {
     "--process-id out of range": (
         lambda t, c: ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
         "--process-id must be in [0, --num-processes)"),
+    "--eval-tokens past the host's memory": (
+        lambda t, c: ["--eval-tokens", str(10**9)], "needs at least 476.8 GiB of host memory for the held-out codes"),
     "--eval-tokens 1": (lambda t, c: ["--eval-tokens", "1"],
                         "RunConfig.eval_tokens must be an integer >= 2; got 1"),
     "--join-timeout without --coordinator": (

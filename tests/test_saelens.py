@@ -113,3 +113,25 @@ def test_model_activations_say_they_are_not_centred(cache, tmp_path):
   assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
   sae = load(run / "saelens", expect_kwargs_warning=True)
   assert sae.cfg.metadata.model_from_pretrained_kwargs == {"center_writing_weights": False}
+
+
+def test_weights_that_do_not_match_their_cfg_are_one_line(tmp_path):
+  """saelens.load (the browser's and spelling's reader) checks every tensor's
+  shape against cfg.json: swapped W_enc and W_dec were a flax traceback."""
+  from safetensors.numpy import save_file  # noqa: PLC0415
+  from sae_jax import saelens  # noqa: PLC0415
+  D, F = 4, 8
+  cfg = {"d_in": D, "d_sae": F, "architecture": "jumprelu"}
+  weights = {"W_enc": np.zeros((D, F), np.float32), "W_dec": np.ones((F, D), np.float32),
+             "b_enc": np.zeros(F, np.float32), "b_dec": np.zeros(D, np.float32),
+             "threshold": np.zeros(F, np.float32)}
+  (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+  save_file(weights, str(tmp_path / "sae_weights.safetensors"))
+  assert saelens.load(tmp_path)[1] == cfg
+  for broken, said in ((dict(weights, W_enc=weights["W_dec"], W_dec=weights["W_enc"]),
+                        r"W_enc is \(8, 4\), but cfg.json's d_in=4, d_sae=8 make it \(4, 8\)"),
+                       ({k: v for k, v in weights.items() if k != "threshold"},
+                        r"threshold is missing, but")):
+    save_file(broken, str(tmp_path / "sae_weights.safetensors"))
+    with pytest.raises(ValueError, match=said):
+      saelens.load(tmp_path)
