@@ -21,6 +21,7 @@ import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from sae_jax import export  # noqa: E402
+from sae_jax import hooks  # noqa: E402
 from tests import tiny_lm  # noqa: E402
 
 REPEATS = 3
@@ -36,7 +37,7 @@ def reference(config: export.ExportConfig, n_rows: int) -> None:
   """A plain loop: full model, output_hidden_states, then the rows at the hook."""
   tok = transformers.AutoTokenizer.from_pretrained(config.model)
   model = transformers.AutoModelForCausalLM.from_pretrained(config.model).eval()
-  index = export.hidden_states_index(config.hook)
+  index = hooks.hidden_states_index(config.hook)
   batch, rows = [], 0
   contexts = export.contexts(config, tok)
   with torch.inference_mode():

@@ -32,6 +32,7 @@ from sae_jax import data as data_lib
 from sae_jax import export as export_lib
 from sae_jax import features
 from sae_jax import hf
+from sae_jax import hooks
 from sae_jax import neox
 from sae_jax import saelens
 from sae_jax import sources
@@ -108,7 +109,7 @@ def _stream_source(config: dict, tokens: int, progress: bool) -> _Source:
   e = export_lib.ExportConfig(**config["export"])
   tokenizer = hf.tokenizer(e.model, e.revision)
   lm_config, params = neox.load(e.model, e.revision)
-  layer = export_lib.model_layer(e.hook, e.model, lm_config.n_layers)
+  layer = hooks.model_layer(e.hook, e.model, lm_config.n_layers)
   excluded = np.asarray(e.exclude_token_ids, np.int32)
   located = export_lib.located_contexts(e, tokenizer)
   acts, ids, positions, got = [], [], [], 0

@@ -186,9 +186,7 @@ def check_sampled(base: RunConfig, ls, score: str) -> None:
 def ignored_flags(parser: argparse.ArgumentParser, args) -> list:
   """The flags set away from their defaults that this run's rule ignores,
   as "--flag value" (a sweep trains every rule: for train.py)."""
-  unused = () if args.selection == "sampled" else runconfig.POOL_FIELDS
-  if args.selection == "sampled" and args.score != "leverage":
-    unused = ("ridge", "sketch")
+  unused = runconfig.unread(args.selection, args.score)
   return [f"--{dest.replace('_', '-')} {getattr(args, dest)}" for dest in unused
           if getattr(args, dest) != parser.get_default(dest)]
 

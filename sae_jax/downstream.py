@@ -18,6 +18,7 @@ import typing
 import numpy as np
 
 from sae_jax import export
+from sae_jax import hooks
 
 
 def downstream_loss(model: str, hook: str, ids_BxL: np.ndarray,
@@ -42,7 +43,7 @@ def downstream_loss(model: str, hook: str, ids_BxL: np.ndarray,
   from sae_jax import hf  # noqa: PLC0415
   device = device or ("cuda" if torch.cuda.is_available() else "cpu")
   lm = hf.causal_lm(model, revision, torch.float32).to(device).eval()
-  block = export._blocks(lm, lm.config.num_hidden_layers)[export.hook_layer(hook)]
+  block = export._blocks(lm, lm.config.num_hidden_layers)[hooks.hook_layer(hook)]
   mode = {"replace": None}
 
   def replace(module, inputs, output):
@@ -147,7 +148,7 @@ def downstream_loss_jax(params, config, hook: str, ids_BxL: np.ndarray,
   For example, `downstream_loss_jax(*neox.load("EleutherAI/pythia-160m"),
   "blocks.6.hook_resid_post", ids, identity)` has kl 0 and spliced_ce = clean_ce.
   """
-  layer = export.model_layer(hook, "the model", config.n_layers)
+  layer = hooks.model_layer(hook, "the model", config.n_layers)
   ids_BxL = np.asarray(ids_BxL)
   if ids_BxL.ndim != 2 or ids_BxL.shape[1] < 2 or not np.issubdtype(ids_BxL.dtype, np.integer):
     raise ValueError(f"ids_BxL must be int token ids [contexts, length >= 2]; got "

@@ -25,18 +25,17 @@ import itertools
 import json
 import os
 import pathlib
-import re
 import typing
 
 import numpy as np
 import tqdm
 
+from sae_jax import hooks
 from sae_jax import storage, validation
 
 MANIFEST = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16")
 BACKENDS = ("jax", "torch")
-_HOOK = re.compile(r"^blocks\.([0-9]+)\.hook_resid_post$")
 # Fields that make two caches different: a resume must agree on all of them.
 IDENTITY = ("model", "revision", "hook", "dataset", "split", "text_field", "context_length",
             "dtype", "shard_rows", "batch_contexts", "exclude_token_ids", "backend")
@@ -44,33 +43,10 @@ IDENTITY = ("model", "revision", "hook", "dataset", "split", "text_field", "cont
 _LEGACY = {"backend": "torch"}
 
 
-def hook_layer(hook: str) -> int:
-  """N of `blocks.N.hook_resid_post` (the output of block N)."""
-  match = _HOOK.fullmatch(hook) if isinstance(hook, str) else None
-  if match is None:
-    raise ValueError(f"hook must look like 'blocks.N.hook_resid_post'; got {hook!r}")
-  return int(match.group(1))
-
-
-def model_layer(hook: str, model: str, n_layers: int) -> int:
-  """N of the hook, checked against the model's blocks 0..n_layers - 1."""
-  layer = hook_layer(hook)
-  if layer >= n_layers:
-    raise ValueError(f"hook {hook!r} needs block {layer}, but {model!r} has "
-                     f"blocks 0..{n_layers - 1}")
-  return layer
-
-
 def default_backend() -> str:
   """"jax" where JAX sees an accelerator (a TPU VM's only one), else "torch"."""
   import jax  # noqa: PLC0415
   return "torch" if jax.default_backend() == "cpu" else "jax"
-
-
-def hidden_states_index(hook: str) -> int:
-  """transformers' `hidden_states` index of the hook (N + 1; for the top block
-  that entry is after the final layer norm, which this hook is not)."""
-  return hook_layer(hook) + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +85,7 @@ class ExportConfig:
   rounding, so a cache is resumed only with the backend that started it."""
 
   def __post_init__(self):
-    hook_layer(self.hook)
+    hooks.hook_layer(self.hook)
     owner = "ExportConfig"
     for name in ("context_length", "tokens", "shard_rows", "batch_contexts"):
       validation.check_int_field(owner, name, getattr(self, name),
@@ -289,7 +265,7 @@ class HookedModel:
     self.model = hf.base_model(config.model, config.revision, torch.float32)
     self.model = self.model.to(self.device).eval()
     n_layers = self.model.config.num_hidden_layers
-    layer = model_layer(config.hook, config.model, n_layers)
+    layer = hooks.model_layer(config.hook, config.model, n_layers)
     self.d_model = self.model.config.hidden_size
     self._out = None
     _blocks(self.model, n_layers)[layer].register_forward_hook(self._capture)
@@ -321,7 +297,7 @@ class JaxHookedModel:
     from sae_jax import neox  # noqa: PLC0415
     self.tokenizer = hf.tokenizer(config.model, config.revision)
     self.config, params = neox.load(config.model, config.revision)
-    self.layer = model_layer(config.hook, config.model, self.config.n_layers)
+    self.layer = hooks.model_layer(config.hook, config.model, self.config.n_layers)
     self.d_model = self.config.hidden_size
     devices = jax.local_devices()
     n = len(devices) if config.batch_contexts % len(devices) == 0 else 1
@@ -391,7 +367,7 @@ def export_activations(config: ExportConfig, out, *, progress: bool = True,
   model = (JaxHookedModel if config.backend == "jax" else HookedModel)(config)
   start_batch, skip_rows = (shards[-1]["next_batch"], shards[-1]["skip_rows"]) if shards else (0, 0)
   manifest.update(shards=shards, complete=False, total_tokens=done, d_model=model.d_model,
-                  hidden_states_index=hidden_states_index(config.hook), prepend_bos=False,
+                  hidden_states_index=hooks.hidden_states_index(config.hook), prepend_bos=False,
                   excluded_positions=[0], bfloat16_stored_as="uint16")
   excluded = np.asarray(config.exclude_token_ids, np.int32)
   pending = {"acts": [], "tokens": [], "positions": []}

@@ -9,7 +9,7 @@ entry points, all jit-compatible and batched over contexts:
     logits(params, config, tokens_BxL)
     logits_with(params, config, tokens_BxL, layer, fn, fn_args)   # block output -> fn(it, *fn_args)
 
-`layer` follows `blocks.N.hook_resid_post` (`export.hook_layer`): the raw
+`layer` follows `blocks.N.hook_resid_post` (`hooks.hook_layer`): the raw
 output of block N, before the final layer norm even for the top block; only
 blocks 0..N are computed. Layer norms, softmax and rotary embeddings run in
 float32; `dtype` (float32 or bfloat16) is the dtype of the matmuls' inputs.

@@ -86,9 +86,11 @@ def compare(out: pathlib.PurePath, config: RunConfig) -> typing.Optional[bool]:
   whether it has the same `runconfig.END_FIELDS`: whether a finished run
   there would end as it did."""
   path = out / "config.json"
-  if not path.exists():
-    return None
-  saved = _read_config(path)
+  return _compared(out, _read_config(path), config) if path.exists() else None
+
+
+def _compared(out: pathlib.PurePath, saved: dict, config: RunConfig) -> bool:
+  """`compare` against `saved`, the config.json read from `out`."""
   differences = runconfig.differences(saved, config)
   if differences:
     raise OtherConfig(f"{out} holds a run with another config; refusing to resume it "
@@ -102,12 +104,12 @@ def saved_a_step(checkpoints: pathlib.PurePath) -> bool:
   return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.glob("*"))
 
 
-def trained(home: pathlib.PurePath, checkpoints: pathlib.PurePath) -> bool:
-  """Whether the run in `home` has trained: a checkpoint in `checkpoints`
-  (its pass's), a metrics line (a run stopped before its first checkpoint
-  logs), or a summary."""
+def trained(home: pathlib.PurePath, checkpointed: bool) -> bool:
+  """Whether the run in `home` has trained: `checkpointed` (its pass saved a
+  step, `saved_a_step`), a metrics line (a run stopped before its first
+  checkpoint logs), or a summary."""
   metrics = home / "metrics.jsonl"
-  return (saved_a_step(checkpoints) or (home / "summary.json").exists()
+  return (checkpointed or (home / "summary.json").exists()
           or (metrics.is_file() and storage.size(metrics) > 0))
 
 
@@ -141,18 +143,18 @@ def check_resume(out: pathlib.PurePath, config: RunConfig, *, trained: bool = Tr
   the corrected command runs."""
   path = out / "config.json"
   new = config.to_dict()
+  saved = _read_config(path) if path.exists() else None
   try:
-    ends_the_same = compare(out, config)
+    ends_the_same = None if saved is None else _compared(out, saved, config)
   except OtherConfig:
     if trained:
       raise
-    print(f"{out}: its config.json is of a start that never trained (no checkpoint); starting "
-          f"over with this command's", flush=True)
+    print(f"{out}: its config.json is of a start that never trained (no checkpoint, no metrics "
+          f"line); starting over with this command's", flush=True)
     ends_the_same = None
   if ends_the_same is None:
     write_json(path, new)
     return False
-  saved = _read_config(path)
   records = {k: v for k, v in saved.items() if k in runconfig.RECORDS}
   if {k: v for k, v in saved.items() if k not in records} != new:
     # Unchanged, nothing is written (so a full disk cannot stop a finished run here).

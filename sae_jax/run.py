@@ -173,14 +173,13 @@ def _pass(configs: list, out: pathlib.PurePath, *, progress: bool,
       outdir.check_runs(out, [home.name for home in homes])
       for home in homes:
         releases.append(outdir.claim(home))
-    done = []
+    done, checkpointed = [], outdir.saved_a_step(out / "checkpoints")
     for home, config in zip(homes, configs):
       home.mkdir(parents=True, exist_ok=True)
       outdir.remove_stale(home)
-      same = outdir.check_resume(home, config,
-                                 trained=outdir.trained(home, out / "checkpoints"))
+      same = outdir.check_resume(home, config, trained=outdir.trained(home, checkpointed))
       done.append(same and outdir.finished(home))
-      if not done[-1] and outdir.saved_a_step(out / "checkpoints"):
+      if not done[-1] and checkpointed:
         outdir.check_numerics(home)
     return done
 

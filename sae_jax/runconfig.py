@@ -24,8 +24,16 @@ ADDED_FIELDS = {"stream": False, "stream_contexts": 512, "train.sae.ridge": 0.01
 # saved config differs in one of them is finished again.
 END_FIELDS = ("inference", "calibration_tokens")
 INFERENCE_RULES = ("per-latent", "global")
-# The SAE's fields only Sampled-SAE reads (`cli.ignored_flags` names them).
+# The SAE's fields only Sampled-SAE reads.
 POOL_FIELDS = ("l", "score", "sample_pool", "pool_every", "ridge", "sketch")
+
+
+def unread(selection: str, score: str) -> tuple:
+  """The SAE's fields a rule never reads: the pool's without a pool, the
+  leverage score's with another score (`cli.ignored_flags` names them)."""
+  if selection != "sampled":
+    return POOL_FIELDS
+  return () if score == "leverage" else ("ridge", "sketch")
 # config.json's records beside the config: the data a run trains on, and
 # the numerics it was checkpointed under (`outdir.check_data`).
 FINGERPRINT = "data_fingerprint"
@@ -148,14 +156,11 @@ def differences(saved: dict, config: RunConfig) -> list:
   old = {k: v for k, v in saved.items() if k not in RECORDS}
   before, after = recorded(ADDED_FIELDS | flat(old)), flat(config.to_dict())
   # Fields that do nothing both then and now: --tokens while --steps is set,
-  # the pool's fields without a pool, the leverage ones with another score.
+  # and the SAE's fields neither rule reads.
   unused = ({"train.tokens"} if before.get("train.steps") is not None
             and before.get("train.steps") == after.get("train.steps") else set())
-  rule = lambda d: (d.get("train.sae.selection"), d.get("train.sae.score"))
-  if rule(before)[0] == rule(after)[0] != "sampled":
-    unused |= {f"train.sae.{f}" for f in POOL_FIELDS}
-  elif rule(before) == rule(after) and rule(after)[1] != "leverage":
-    unused |= {"train.sae.ridge", "train.sae.sketch"}
+  rule = lambda d: unread(d.get("train.sae.selection"), d.get("train.sae.score"))
+  unused |= {f"train.sae.{f}" for f in set(rule(before)) & set(rule(after))}
   return [f"{k}: saved {before.get(k)!r}, now {after.get(k)!r}"
           for k in sorted(set(before) | set(after))
           if k not in RESUMABLE_FIELDS and k not in unused and before.get(k) != after.get(k)]

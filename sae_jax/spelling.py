@@ -23,6 +23,7 @@ import tqdm
 
 from sae_jax import export
 from sae_jax import hf
+from sae_jax import hooks
 from sae_jax import neox
 from sae_jax import outdir
 from sae_jax import probing
@@ -101,7 +102,7 @@ def prompt_activations(model: str, hook: str, tokenizer, words: list, *, revisio
     (activations [N, D] float32, the ids of the words kept [N]).
   """
   config, params = neox.load(model, revision)
-  layer = export.model_layer(hook, model, config.n_layers)
+  layer = hooks.model_layer(hook, model, config.n_layers)
   params = jax.device_put(params)
   rng = np.random.default_rng(seed)
   texts = [t for _, t in words]

@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 from sae_jax import data
 from sae_jax import export
 from sae_jax import hf
+from sae_jax import hooks
 from sae_jax import neox
 from sae_jax.train import AXIS  # the training step's batch axis
 _KEY_SALT = 0x5354  # keeps the shuffle key apart from the SAE's own keys
@@ -114,7 +115,7 @@ class Stream:
     self.round_contexts, self.per_device = round_contexts, per_device
     self.tokenizer = hf.tokenizer(config.model, config.revision)
     self.lm_config, params = neox.load(config.model, config.revision)
-    self.layer = export.model_layer(config.hook, config.model, self.lm_config.n_layers)
+    self.layer = hooks.model_layer(config.hook, config.model, self.lm_config.n_layers)
     self.d_model = self.lm_config.hidden_size
     self.lm_params = jax.device_put(params, NamedSharding(mesh, P()))
     self.excluded = np.asarray(config.exclude_token_ids, np.int32)

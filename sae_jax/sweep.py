@@ -120,12 +120,12 @@ def _finished(out: pathlib.PurePath, runs: list) -> list:
   trained with another config is refused, with the differences, before
   anything is trained; so is a sweep in a single run's folder."""
   outdir.check_kind(out, sweep=True)
-  done = []
+  done, one_pass = [], outdir.saved_a_step(out / "checkpoints")
   for *_, config in runs:
     home = storage.path(config.out)
     # A variant's checkpoints are the pass's (out/checkpoints) or, sequential, its own.
-    if home.is_dir() and (outdir.trained(home, out / "checkpoints")
-                          or outdir.saved_a_step(home / "checkpoints")):
+    if home.is_dir() and outdir.trained(home, one_pass or outdir.saved_a_step(
+        home / "checkpoints")):
       done.append(bool(outdir.compare(home, config)) and outdir.finished(home))
     else:  # nothing trained: `run` and `run_many` check it
       done.append(False)

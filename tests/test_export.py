@@ -11,6 +11,7 @@ import transformers
 
 from sae_jax import data
 from sae_jax import export
+from sae_jax import hooks
 from sae_jax import neox
 from tests.tiny_lm import L
 from tests.tiny_lm import export_config as config
@@ -35,13 +36,13 @@ def read_cache(path):
 
 
 def test_hook_names():
-  assert export.hook_layer("blocks.6.hook_resid_post") == 6
-  assert export.hidden_states_index("blocks.6.hook_resid_post") == 7
+  assert hooks.hook_layer("blocks.6.hook_resid_post") == 6
+  assert hooks.hidden_states_index("blocks.6.hook_resid_post") == 7
   with pytest.raises(ValueError, match=r"hook must look like 'blocks.N.hook_resid_post'; got 'blocks.6'"):
-    export.hook_layer("blocks.6")
+    hooks.hook_layer("blocks.6")
   for odd in ("blocks.\u0661.hook_resid_post", "blocks.1.hook_resid_post\n"):  # an Arabic-Indic 1
     with pytest.raises(ValueError, match=r"hook must look like"):
-      export.hook_layer(odd)
+      hooks.hook_layer(odd)
 
 
 @pytest.mark.parametrize("layer", [1, 2])  # below the top block, and the top block
