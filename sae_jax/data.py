@@ -47,13 +47,15 @@ def _to_float32(rows: np.ndarray, dtype: str) -> np.ndarray:
   return rows.astype(np.float32)
 
 
+_DAMAGED = "the cache is damaged; export it again into an empty directory"
+
+
 def _shards(path: pathlib.PurePath, manifest: dict) -> list:
   """(file, sha256, rows) of each shard a complete manifest lists, or one
   line saying what is wrong with it: each shard its own file (a shard listed
   twice would be trained on twice, and could be held out as well), and the
   rows adding up to `total_tokens` (checked after the shards' own sizes)."""
-  where = f"activation cache {path}: {export.MANIFEST}"
-  remedy = "the cache is damaged; export it again into an empty directory"
+  where, remedy = f"activation cache {path}: {export.MANIFEST}", _DAMAGED
   for field, kind in (("dtype", str), ("d_model", int), ("shards", list),
                       ("total_tokens", int)):
     if not isinstance(manifest.get(field), kind):
@@ -111,8 +113,8 @@ class Activations:
       listed = sum(rows for *_, rows in self._files)
       if listed != manifest["total_tokens"]:
         raise ValueError(f"activation cache {self.path}: {export.MANIFEST} says total_tokens "
-                         f"{manifest['total_tokens']}, but its shards hold {listed} rows: the "
-                         f"cache is damaged; export it again into an empty directory")
+                         f"{manifest['total_tokens']}, but its shards hold {listed} rows: "
+                         f"{_DAMAGED}")
     elif self.path.suffix == ".npy" and self.path.is_file():
       array = open_npy(self.path)
       if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):

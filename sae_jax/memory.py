@@ -20,8 +20,13 @@ def device_memory() -> int:
   except Exception:  # noqa: BLE001  (not every backend reports)
     have = None
   if have is None:
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+    have = host_memory() // jax.local_device_count()
   return have
+
+
+def host_memory() -> int:
+  """Bytes of this host's physical memory."""
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def memory_per_device(trains: typing.Sequence[TrainConfig], n_devices: int,
@@ -68,10 +73,10 @@ def check_memory(c: TrainConfig, n_devices: int) -> None:
 def check_evaluation(configs: typing.Sequence[RunConfig]) -> None:
   """Refuses, before training, an evaluation whose held-out codes cannot fit
   in the host's memory at the end of the run: a floor of two [eval tokens,
-  F] float32 arrays (inference and batch mode), one run at a time. Exact
-  for synthetic and --stream data; disk data hold out at most a tenth of
-  their rows, checked against the rows they have."""
-  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  F] float32 arrays (inference and batch mode), one run at a time. For
+  synthetic and --stream data, which hold out exactly --eval-tokens; disk
+  data hold out fewer (at most a tenth of their rows) and are not checked."""
+  host = host_memory()
   for config in configs:
     need = 2 * 4 * config.eval_tokens * config.train.sae.n_latents
     if (config.data == "synthetic" or config.stream) and need > host:

@@ -38,12 +38,9 @@ def joining(coordinator: str, process_id: int, n_processes: int, timeout: float)
     while True:
       waited = time.monotonic() - began
       if waited >= timeout:
-        print(f"error: process {process_id} of {n_processes} waited {timeout:g} s "
+        _exit(f"error: process {process_id} of {n_processes} waited {timeout:g} s "
               f"(--join-timeout) at {coordinator} for the others to join; start every process "
-              f"with the same --coordinator and --num-processes, and a --process-id each",
-              file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)
+              f"with the same --coordinator and --num-processes, and a --process-id each")
       print(f"process {process_id} of {n_processes}: waiting at {coordinator} for the other "
             f"processes to join ({waited:.0f} of {timeout:g} s, --join-timeout)", flush=True)
       if joined.wait(min(SAY_EVERY, timeout - waited)):
@@ -101,7 +98,12 @@ def watch(client, process_id: int, n_processes: int, timeout: float):
 
 
 def _die(why: str) -> None:
-  print(f"error: {why}: a process stopped; re-launch every process with the same command to "
-        f"resume from the last complete checkpoint", file=sys.stderr, flush=True)
+  _exit(f"error: {why}: a process stopped; re-launch every process with the same command to "
+        f"resume from the last complete checkpoint")
+
+
+def _exit(line: str) -> None:
+  """Says `line` and exits at once (status 1), from any thread."""
+  print(line, file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(1)
