@@ -83,7 +83,10 @@ def parser(doc: str) -> argparse.ArgumentParser:
   inf = p.add_argument_group("inference (the saved SAE)")
   inf.add_argument("--inference", choices=runconfig.INFERENCE_RULES, default=RunConfig.inference,
                    help="BatchTopK, Sampled-SAE: a threshold per latent, calibrated to fire "
-                        "each as often as training did, or one global EMA threshold")
+                        "each as often as training did (per-latent); each token's top k' <= k "
+                        "codes, k' fitted on the calibration tokens (topk); auto: per-latent "
+                        "unless it reconstructs over 1.1x worse than training, then topk; or "
+                        "one global EMA threshold")
   inf.add_argument("--calibration-tokens", type=int, default=RunConfig.calibration_tokens,
                    help="training tokens the per-latent thresholds are calibrated on")
   syn = p.add_argument_group("synthetic data (--data synthetic)")

@@ -11,6 +11,7 @@ import safetensors
 
 from sae_jax import downstream
 from sae_jax import evaluate
+from sae_jax import inference
 from sae_jax import outdir
 from sae_jax import probing
 from sae_jax import saelens
@@ -28,9 +29,9 @@ def finish(config: RunConfig, out: pathlib.PurePath, state: train.TrainState,
   c = config.train
   began = time.perf_counter()
   say = lambda what: print(f"  {what} ({time.perf_counter() - began:.1f} s)", flush=True)
-  calibration, theta_F = _thresholds(config, state, source)
-  say(f"inference thresholds from {calibration.tokens} calibration tokens")
-  summary = _evaluate(config, state, source, theta_F, calibration)
+  calibration, rule, counts_F = _inference_rule(config, state, source)
+  say(f"inference rule ({_described(rule)}) from {calibration.tokens} calibration tokens")
+  summary = _evaluate(config, state, source, rule, calibration)
   say(f"evaluated on {summary['eval_rows']} held-out tokens")
   summary.update(tokens=int(state.step) * c.batch_size, steps=int(state.step),
                  tokens_per_second=tokens_per_second)
@@ -39,9 +40,9 @@ def finish(config: RunConfig, out: pathlib.PurePath, state: train.TrainState,
     return summary
   try:
     saelens.export_saelens(
-        out / "saelens", state.params, theta_F, float(state.input_scale), c.sae,
-        source.metadata,
-        log10_density=thresholds.log10_density(calibration.counts_F, calibration.tokens))
+        out / "saelens", state.params, rule.threshold_F, float(state.input_scale),
+        rule.sae(c.sae), source.metadata,
+        log10_density=thresholds.log10_density(counts_F, calibration.tokens))
   except (OSError, safetensors.SafetensorError) as error:
     reason = getattr(error, "strerror", None) or str(error)
     raise ValueError(f"could not write {out / 'saelens'} ({reason}); nothing was left "
@@ -85,28 +86,48 @@ def inference_gap(summary: dict) -> dict:
       f"latents fire together")}
 
 
-def _thresholds(config: RunConfig, state: train.TrainState, source: DataSource):
-  """The calibration pass over training rows (shuffled, whole batches) and
-  the inference thresholds θ_F it gives, or the global θ for every latent."""
+def _inference_rule(config: RunConfig, state: train.TrainState, source: DataSource):
+  """The calibration pass over training rows (shuffled, whole batches), the
+  inference rule it chooses (`inference.py`), and each latent's firing count
+  under that rule on the calibration tokens (sparsity.safetensors)."""
   c = config.train
   rows, _ = finite(source.calibration(config.calibration_tokens), "the calibration rows")
   rows = rows[np.random.default_rng(c.seed).permutation(len(rows))]
-  calibration = thresholds.calibrate(
-      state.params, rows * np.float32(state.input_scale), c.sae, batch_size=c.batch_size,
-      per_latent=config.inference == "per-latent")
-  if config.inference == "per-latent" and c.sae.selection != "topk":
-    return calibration, calibration.threshold_F
-  return calibration, np.full(c.sae.n_latents, np.float32(state.threshold))
+  scaled = rows * np.float32(state.input_scale)
+  calibration = thresholds.calibrate(state.params, scaled, c.sae, batch_size=c.batch_size,
+                                     per_latent=config.inference != "global")
+  if c.sae.selection == "topk":
+    return calibration, inference.Rule("topk", calibration.threshold_F, c.sae.k, {}), \
+        calibration.counts_F
+  theta_F = calibration.threshold_F if config.inference != "global" else np.full(
+      c.sae.n_latents, np.float32(state.threshold))
+  rule = inference.choose(config.inference, state.params,
+                          thresholds.batches(scaled, c.batch_size), c.sae, theta_F,
+                          calibration.training_sse)
+  if rule.name != "topk":
+    return calibration, rule, calibration.counts_F
+  used = rows[:calibration.tokens]
+  z, _ = evaluate.reconstruct(state.params, theta_F, state.input_scale, used, rule.sae(c.sae))
+  return calibration, rule, np.sum(z > 0, axis=0)
 
 
-def _evaluate(config: RunConfig, state: train.TrainState, source: DataSource, theta_F,
-              calibration: thresholds.Calibration) -> dict:
+def _described(rule: inference.Rule) -> str:
+  """The rule in a few words, for the run's end-phase line."""
+  if rule.name == "topk":
+    return f"each token's top {rule.k}"
+  return f"{rule.name} thresholds"
+
+
+def _evaluate(config: RunConfig, state: train.TrainState, source: DataSource,
+              rule: inference.Rule, calibration: thresholds.Calibration) -> dict:
   """summary.json: the held-out tokens in inference mode (the saved SAE) and
   in batch mode (the training rule on shuffled batches of the same tokens)."""
   c = config.train
   raw = source.held_out()
   held_out, dropped = finite(raw, "the held-out rows")
-  z, xhat = evaluate.reconstruct(state.params, theta_F, state.input_scale, held_out, c.sae)
+  theta_F = rule.threshold_F
+  z, xhat = evaluate.reconstruct(state.params, theta_F, state.input_scale, held_out,
+                                 rule.sae(c.sae))
   concepts = _concepts(config, state, source, held_out, z, np.isfinite(raw).all(axis=1))
   summary = evaluate.reconstruction_metrics(held_out, xhat, z)
   sparsity = evaluate.sparsity_metrics(z)
@@ -127,16 +148,20 @@ def _evaluate(config: RunConfig, state: train.TrainState, source: DataSource, th
       skipped_steps=int(state.skipped_steps), threshold=float(state.threshold),
       input_scale=float(state.input_scale), calibration_tokens=calibration.tokens,
       eval_rows=len(held_out), eval_rows_dropped=dropped)
-  if c.sae.selection != "topk":
+  if c.sae.selection != "topk" and rule.name == "topk":
+    summary.update(inference="topk", inference_k=rule.k)
+  elif c.sae.selection != "topk":
     can_fire_F = theta_F < thresholds.NEVER
     summary.update(
-        inference=config.inference, never_fire_fraction=float(np.mean(~can_fire_F)),
+        inference=rule.name, never_fire_fraction=float(np.mean(~can_fire_F)),
         threshold_median=float(np.median(theta_F[can_fire_F])) if can_fire_F.any() else None)
+  summary.update({f"calibration_fvu_{name.replace('-', '_')}": value
+                  for name, value in rule.fvu.items()})
   if source.dictionary is not None:
     summary.update(evaluate.ground_truth_metrics(state.params["W_dec"], source.dictionary,
                                                  config.synthetic.feature_class()))
   summary.update(concepts)
-  summary.update(_downstream(config, state, theta_F, source))
+  summary.update(_downstream(config, state, rule, source))
   return summary
 
 
@@ -169,7 +194,7 @@ def _concepts(config: RunConfig, state: train.TrainState, source: DataSource, x_
   return out | drop(probing.letter_absorption(x_NxD, codes, W_dec, letter, tokens), "per_letter")
 
 
-def _downstream(config: RunConfig, state: train.TrainState, theta_F,
+def _downstream(config: RunConfig, state: train.TrainState, rule: inference.Rule,
                 source: DataSource) -> dict:
   """The spliced-loss metrics (`downstream.py`) on contexts the run did not
   train on, with the model in JAX or torch as the data were made."""
@@ -180,15 +205,15 @@ def _downstream(config: RunConfig, state: train.TrainState, theta_F,
     print("no downstream contexts (--downstream-contexts 0, or no text after the cache's): "
           "downstream loss skipped", flush=True)
     return {}
-  e = config.export
+  e, sae, theta_F = config.export, rule.sae(state.config.sae), rule.threshold_F
   if source.language_model is not None:
     lm_config, lm_params = source.language_model()
     result = downstream.downstream_loss_jax(
-        lm_params, lm_config, e.hook, ids_BxL, evaluate.splice(state.config.sae),
+        lm_params, lm_config, e.hook, ids_BxL, evaluate.splice(sae),
         (state.params, np.asarray(theta_F, np.float32), np.float32(state.input_scale)))
   else:
     splice = lambda h: evaluate.reconstruct(state.params, theta_F, state.input_scale, h,
-                                            state.config.sae)[1]
+                                            sae)[1]
     result = downstream.downstream_loss(e.model, e.hook, ids_BxL, splice,
                                         revision=e.revision, device=e.device)
   return {f"downstream_{k}": v for k, v in result.items()}

@@ -23,7 +23,7 @@ ADDED_FIELDS = {"stream": False, "stream_contexts": 512, "train.sae.ridge": 0.01
 # Fields that only change what is done after training: a finished run whose
 # saved config differs in one of them is finished again.
 END_FIELDS = ("inference", "calibration_tokens")
-INFERENCE_RULES = ("per-latent", "global")
+INFERENCE_RULES = ("auto", "per-latent", "topk", "global")  # inference.py
 # The SAE's fields only Sampled-SAE reads.
 POOL_FIELDS = ("l", "score", "sample_pool", "pool_every", "ridge", "sketch")
 
@@ -61,10 +61,14 @@ class RunConfig:
   """The generating process for --data synthetic."""
   eval_tokens: int = 65536
   """Held-out tokens for the final evaluation."""
-  inference: str = "per-latent"
-  """The saved SAE's rule (BatchTopK, Sampled-SAE): "per-latent", a threshold
-  per latent calibrated to fire it as often as training did, or "global",
-  the EMA of the batch's smallest selected activation for every latent."""
+  inference: str = "auto"
+  """The saved SAE's rule (BatchTopK, Sampled-SAE; `inference.py`):
+  "per-latent", a threshold per latent calibrated to fire it as often as
+  training did; "topk", each token's k′ ≤ k largest codes, k′ the one that
+  reconstructs the calibration tokens best; "auto", per-latent unless its
+  calibration FVU is over 1.1 times the training rule's, then topk; or
+  "global", the EMA of the batch's smallest selected activation for every
+  latent."""
   calibration_tokens: int = 65536
   """Training tokens the per-latent thresholds are calibrated on (whole
   batches; fewer if the data hold fewer)."""

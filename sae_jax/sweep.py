@@ -16,17 +16,18 @@ from sae_jax.runconfig import RunConfig
 
 # Columns of results.csv, after variant, selection, score and l: fvu and l0
 # are the saved SAE's (inference mode), batch_fvu and batch_l0 the training
-# rule's on the same held-out tokens, fvu_ratio fvu over batch_fvu. The
-# probe_* and absorption* columns (`probing.py`) are of the true features on
-# synthetic data (absorption of a hierarchy's parents) and of first letters
-# on a cache.
-METRICS = ("fvu", "batch_fvu", "fvu_ratio", "cosine", "norm_ratio", "l0", "batch_l0", "l0_std",
-           "eval_dead_fraction", "dense_fraction", "top_share", "pool_jaccard", "gt_mmcs",
-           "gt_recovered", "gt_recovered_frequent", "gt_recovered_rare", "gt_recovered_parent",
-           "gt_recovered_child", "probe_acc_k1", "probe_f1_k1", "probe_acc_k2", "probe_f1_k2",
-           "probe_acc_k5", "probe_f1_k5", "probe_acc_dense", "probe_f1_dense", "absorption",
-           "absorption_fraction", "absorption_child", "absorption_parents", "absorption_letters",
-           "split_latents")
+# rule's on the same held-out tokens, fvu_ratio fvu over batch_fvu,
+# inference_k the k′ of a variant saved with each token's top k′
+# (`inference.py`). The probe_* and absorption* columns (`probing.py`) are of
+# the true features on synthetic data (absorption of a hierarchy's parents)
+# and of first letters on a cache.
+METRICS = ("fvu", "batch_fvu", "fvu_ratio", "inference_k", "cosine", "norm_ratio", "l0",
+           "batch_l0", "l0_std", "eval_dead_fraction", "dense_fraction", "top_share",
+           "pool_jaccard", "gt_mmcs", "gt_recovered", "gt_recovered_frequent", "gt_recovered_rare",
+           "gt_recovered_parent", "gt_recovered_child", "probe_acc_k1", "probe_f1_k1",
+           "probe_acc_k2", "probe_f1_k2", "probe_acc_k5", "probe_f1_k5", "probe_acc_dense",
+           "probe_f1_dense", "absorption", "absorption_fraction", "absorption_child",
+           "absorption_parents", "absorption_letters", "split_latents")
 # Plotted against l: higher is better for all but the fvus, l0_std, the dead
 # fraction and absorption.
 PLOTTED = ("fvu", "batch_fvu", "l0", "batch_l0", "cosine", "l0_std", "top_share",

@@ -38,9 +38,11 @@ class Calibration(typing.NamedTuple):
   threshold_F: np.ndarray  # float32 θ_j (scaled units)
   counts_F: np.ndarray  # int64 n_j: tokens the training rule selected latent j on
   tokens: int  # calibration tokens
+  training_sse: float  # Σ‖x − x̂‖² of the training rule on them (scaled units)
 
 
-def _batches(x_NxD, batch_size: int) -> np.ndarray:
+def batches(x_NxD, batch_size: int) -> np.ndarray:
+  """x cut into floor(N / batch_size) whole batches [n, batch_size, D] (float32)."""
   n_batches = len(x_NxD) // batch_size
   if n_batches < 1:
     raise ValueError(f"calibration needs at least one batch of {batch_size} tokens; "
@@ -58,21 +60,25 @@ def _calibrate(params, x_NxBxD, config: SAEConfig, per_latent: bool):
   acts = lambda i: jax.nn.relu(sae.apply(variables, x_NxBxD[i], method=model.SAE.pre))
 
   def count_selected(i, carry):
-    """The counts with batch i's, and the pool kept for the next (`pool_every`)."""
-    total_F, pool_P = carry
+    """The counts and squared error with batch i's, and the pool kept for
+    the next (`pool_every`)."""
+    total_F, sse, pool_P = carry
     a_BxF, key_i = acts(i), jax.random.fold_in(key, i)
     # Renewed on every pool_every-th batch, as in training.
     pool_P = model.step_pool(a_BxF, key_i,
                              None if pool_P is None else (pool_P, i % config.pool_every == 0),
                              **config.pool_rule)
     z_BxF = sae.apply(variables, a_BxF, key=key_i, pool=pool_P, method=model.SAE.select)
-    return total_F + jnp.sum(z_BxF > 0, axis=0, dtype=jnp.int32), pool_P
+    error = x_NxBxD[i] - sae.apply(variables, z_BxF, method=model.SAE.decode)
+    return (total_F + jnp.sum(z_BxF > 0, axis=0, dtype=jnp.int32),
+            sse + jnp.sum(jnp.square(error)).astype(sse.dtype), pool_P)
 
   kept_P = jnp.zeros(config.pool_size, jnp.int32) if config.keeps_pool else None
-  counts_F, _ = lax.fori_loop(0, n_batches, count_selected,
-                              (jnp.zeros(config.n_latents, jnp.int32), kept_P))
+  counts_F, sse, _ = lax.fori_loop(
+      0, n_batches, count_selected,
+      (jnp.zeros(config.n_latents, jnp.int32), jnp.zeros((), jnp.float32), kept_P))
   if not per_latent:
-    return counts_F, jnp.zeros(config.n_latents, jnp.float32)
+    return counts_F, sse, jnp.zeros(config.n_latents, jnp.float32)
 
   def above(bits_F):
     theta_F = lax.bitcast_convert_type(bits_F, jnp.float32)
@@ -93,7 +99,7 @@ def _calibrate(params, x_NxBxD, config: SAEConfig, per_latent: bool):
   _, hi_F = lax.fori_loop(0, 31, halve, (zero_F, jnp.full_like(zero_F, inf_bits)))
   theta_F = jnp.where(above(zero_F) <= counts_F, 0.0,
                       lax.bitcast_convert_type(hi_F, jnp.float32))
-  return counts_F, jnp.where(counts_F > 0, theta_F, NEVER)
+  return counts_F, sse, jnp.where(counts_F > 0, theta_F, NEVER)
 
 
 def calibrate(params, x_NxD, config: SAEConfig, *, batch_size: int,
@@ -110,7 +116,7 @@ def calibrate(params, x_NxD, config: SAEConfig, *, batch_size: int,
     per_latent: False only counts (for `--inference global`); threshold_F is 0.
 
   Returns:
-    Calibration(threshold_F, counts_F, tokens).
+    Calibration(threshold_F, counts_F, tokens, training_sse).
 
   >>> from sae_jax import SAEConfig
   >>> config = SAEConfig(2, 3, k=1, selection="batchtopk")
@@ -121,11 +127,11 @@ def calibrate(params, x_NxD, config: SAEConfig, *, batch_size: int,
   >>> c.counts_F.tolist(), c.threshold_F[:2].tolist(), bool(c.threshold_F[2] == NEVER)
   ([3, 1, 0], [0.0, 1.0], True)
   """
-  x_NxBxD = _batches(x_NxD, batch_size)
+  x_NxBxD = batches(x_NxD, batch_size)
   per_latent = per_latent and config.selection != "topk"
-  counts_F, theta_F = _calibrate(params, jnp.asarray(x_NxBxD), config, per_latent)
+  counts_F, sse, theta_F = _calibrate(params, jnp.asarray(x_NxBxD), config, per_latent)
   return Calibration(np.asarray(theta_F), np.asarray(counts_F).astype(np.int64),
-                     x_NxBxD.shape[0] * batch_size)
+                     x_NxBxD.shape[0] * batch_size, float(sse))
 
 
 def log10_density(counts_F, tokens: int) -> np.ndarray:

@@ -18,6 +18,7 @@ from sae_jax import collectives
 from sae_jax import evaluate
 from sae_jax import loop
 from sae_jax import finish
+from sae_jax import inference
 from sae_jax import losses
 from sae_jax import model
 from sae_jax import optimizer
@@ -30,9 +31,9 @@ from sae_jax import thresholds
 from tests import scripts
 
 
-@pytest.mark.parametrize("module", [auxk, collectives, evaluate, finish, loop, losses, model,
-                                    optimizer, pool, probing, scoring, selection, spelling,
-                                    thresholds])
+@pytest.mark.parametrize("module", [auxk, collectives, evaluate, finish, inference, loop, losses,
+                                    model, optimizer, pool, probing, scoring, selection,
+                                    spelling, thresholds])
 def test_docstring_examples(module):
   result = doctest.testmod(module, extraglobs={"jax": jax, "jnp": jnp},
                            optionflags=doctest.NORMALIZE_WHITESPACE)

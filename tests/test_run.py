@@ -29,7 +29,7 @@ def test_synthetic_run_writes_every_output(tmp_path, capsys):
              "--out", tmp_path / "run") == 0
   said = capsys.readouterr().out  # where it writes, at the start and at the end
   assert f"{tmp_path / 'run'}: Sampled-SAE (l=" in said and "every flag in" in said
-  assert "inference thresholds from" in said and "evaluated on" in said
+  assert "inference rule (per-latent thresholds) from" in said and "evaluated on" in said
   assert f"\nwrote {tmp_path / 'run'}: summary.json (above), saelens/" in said
   o = outputs(tmp_path / "run")
   assert {"fvu", "explained_variance", "mse", "l0", "dead_fraction", "tokens", "steps",
@@ -77,8 +77,10 @@ def test_saelens_export_reproduces_inference(tmp_path, selection):
   npy = tmp_path / "acts.npy"
   source = synthetic.SyntheticSource(synthetic.SyntheticConfig(d_model=16, n_features=32))
   np.save(npy, 5.0 * source.sample(0, 4096) + 1.0)  # a scale for the export to fold
+  # 30 steps: per-latent thresholds asked for, as auto would save each
+  # token's top k′ for an SAE this young (test_saelens.py checks that export).
   assert cli("--data", npy, "--selection", selection, "--steps", 30, "--eval-tokens", 256,
-             "--out", tmp_path / "run") == 0
+             "--inference", "per-latent", "--out", tmp_path / "run") == 0
   o = outputs(tmp_path / "run")
   assert o["cfg"]["architecture"] == ("topk" if selection == "topk" else "jumprelu")
   assert o["cfg"]["normalize_activations"] == "none" and o["cfg"]["apply_b_dec_to_input"]

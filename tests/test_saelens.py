@@ -2,6 +2,7 @@
 encodes and decodes held-out tokens as our inference does, per-latent
 thresholds included, with the metadata SAELens and SAEBench read."""
 
+import dataclasses
 import json
 import warnings
 
@@ -46,30 +47,40 @@ def load(folder, *, expect_kwargs_warning=False):
 
 def ours(run, x):
   """Our inference codes and reconstruction of raw x, from the checkpoint and
-  the thresholds saved in saelens/."""
+  the rule of summary.json: the thresholds saved in saelens/, or each
+  token's top k′."""
   config = RunConfig.from_dict(json.loads((run / "config.json").read_text())).train
+  summary = json.loads((run / "summary.json").read_text())
   state = checkpoint.Checkpointer(run / "checkpoints").restore(
       train.create_train_state(config, x))
   scale = np.float32(state.input_scale)
-  theta = state.threshold
-  if config.sae.selection != "topk":
+  theta, sae = state.threshold, config.sae
+  if summary.get("inference") == "topk":
+    sae = dataclasses.replace(sae, selection="topk", k=summary["inference_k"])
+  elif config.sae.selection != "topk":
     raw = load_file(str(run / "saelens" / "sae_weights.safetensors"))["threshold"]
     theta = np.where(raw == thresholds.NEVER, thresholds.NEVER, raw * scale)
-  z, xhat = evaluate.reconstruct(state.params, theta, state.input_scale, x, config.sae)
+  z, xhat = evaluate.reconstruct(state.params, theta, state.input_scale, x, sae)
   return z / scale, xhat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("selection, l", [("topk", 4), ("batchtopk", 4), ("sampled", 2)])
-def test_each_architecture_loads_and_matches_our_inference(tmp_path, selection, l):
+@pytest.mark.parametrize("selection, l, extra", [
+    ("topk", 4, []), ("batchtopk", 4, []), ("sampled", 2, []),
+    ("sampled", 2, ["--sample-pool", "--inference", "topk"])])
+def test_each_architecture_loads_and_matches_our_inference(tmp_path, selection, l, extra):
   npy = tmp_path / "acts.npy"
   source = synthetic.SyntheticSource(synthetic.SyntheticConfig(d_model=16, n_features=32))
   np.save(npy, 3.0 * source.sample(0, 8192) + 0.5)  # an input scale for the export to fold
   run = tmp_path / "run"
   assert train_script.main([*ARGS, "--data", str(npy), "--selection", selection, "--l", str(l),
-                            "--out", str(run)]) == 0
+                            "--out", str(run), *extra]) == 0
+  summary = json.loads((run / "summary.json").read_text())
+  top = summary.get("inference", "topk") == "topk"  # a TopK SAE, or a Sampled-SAE saved as one
   sae = load(run / "saelens")
-  assert type(sae).__name__ == ("TopKSAE" if selection == "topk" else "JumpReLUSAE")
+  assert type(sae).__name__ == ("TopKSAE" if top else "JumpReLUSAE")
+  if top:
+    assert sae.cfg.k == summary.get("inference_k", 4)
   x = np.load(npy)[-512:]
   with torch.no_grad():
     z = sae.encode(torch.tensor(x)).numpy()
@@ -78,10 +89,13 @@ def test_each_architecture_loads_and_matches_our_inference(tmp_path, selection, 
   assert np.array_equal(z > 0, our_z > 0)  # no latent fires differently
   np.testing.assert_allclose(z, our_z, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(xhat, our_xhat, rtol=1e-4, atol=1e-4)
+  if extra:  # the saved rule's fvu, as a user computes it from saelens/
+    fvu = np.square(x - xhat).sum() / np.square(x - x.mean(0)).sum()
+    np.testing.assert_allclose(fvu, summary["fvu"], rtol=1e-4)
 
   log10 = load_file(str(run / "saelens" / "sparsity.safetensors"))["sparsity"]
   assert log10.shape == (64,) and log10.dtype == np.float32 and np.all(log10 <= 0)
-  if selection != "topk":  # a vector of thresholds, and latents that never fire
+  if not top:  # a vector of thresholds, and latents that never fire
     theta = sae.threshold.detach().numpy()
     assert len(np.unique(theta)) > 10
     never = theta == thresholds.NEVER

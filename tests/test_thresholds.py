@@ -33,20 +33,23 @@ def params_for(config, seed=0):
 
 
 def reference_calibration(params, x_NxD, config):
-  """Counts by the NumPy rules, and θ_j = the (n_j + 1)-th largest activation."""
+  """Counts by the NumPy rules, θ_j = the (n_j + 1)-th largest activation,
+  and the rule's squared error."""
   p = {k: np.asarray(v, np.float64) for k, v in params.items()}
-  a = np.maximum((np.asarray(x_NxD, np.float64) - p["b_dec"]) @ p["W_enc"] + p["b_enc"], 0)
-  counts = np.zeros(F, np.int64)
-  for batch in a.reshape(-1, B, F):
+  x = np.asarray(x_NxD, np.float64)
+  a = np.maximum((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"], 0)
+  counts, sse = np.zeros(F, np.int64), 0.0
+  for batch, x_BxD in zip(a.reshape(-1, B, F), x.reshape(-1, B, D)):
     if config.selection == "batchtopk":
       mask = reference.batch_topk_mask(batch, K)
     else:
       cols = reference.pool(reference.scores(batch, config.score), config.pool_size)
       mask = reference.batch_topk_mask(batch, K, cols=cols)
     counts += mask.sum(0)
+    sse += np.sum(np.square(x_BxD - (batch * mask) @ p["W_dec"] - p["b_dec"]))
   ranked = -np.sort(-a, axis=0)  # each column in descending order
   theta = np.array([ranked[n, j] if n < len(a) else 0.0 for j, n in enumerate(counts)])
-  return counts, np.where(counts > 0, theta, thresholds.NEVER), a
+  return counts, np.where(counts > 0, theta, thresholds.NEVER), a, sse
 
 
 @pytest.mark.parametrize("selection", ["batchtopk", "sampled"])
@@ -55,8 +58,9 @@ def test_calibration_matches_numpy_and_the_training_rule_on_its_tokens(selection
   params = params_for(config)
   x = SOURCE.sample(7, 8 * B)
   got = thresholds.calibrate(params, x, config, batch_size=B)
-  counts, theta, a = reference_calibration(params, x, config)
+  counts, theta, a, sse = reference_calibration(params, x, config)
   np.testing.assert_array_equal(got.counts_F, counts)
+  np.testing.assert_allclose(got.training_sse, sse, rtol=1e-4)
   np.testing.assert_allclose(got.threshold_F, theta, rtol=1e-5)
   assert got.tokens == 8 * B and np.all(got.threshold_F[:N_WEAK] == thresholds.NEVER)
   # On the calibration tokens inference fires every latent exactly as often

@@ -1,0 +1,117 @@
+"""The saved SAE's inference rule, chosen on the calibration tokens (SPEC.md,
+"Inference"): per-latent thresholds (SAELens "jumprelu") where they
+reconstruct about as well as the training rule, else each token's k′ ≤ k
+largest codes (SAELens "topk").
+
+Per-latent thresholds fire each latent as often as the training rule did,
+but not with the same partners. With drawn pools (`--sample-pool`) training
+sees each latent only beside a random few others, and the decoder learns
+overlapping directions; at inference the thresholds let them all fire
+together, and the saved SAE reconstructs worse than the mean (FVU 1.67
+against the training rule's 0.79 at D=32, F=128, k=4, l=2: the table in
+docs/inference-thresholds.md). Each token's top k′ keeps the strongest few
+and reconstructs as well as training or better. So `--inference auto` (the
+default) keeps the thresholds unless their FVU on the calibration tokens is
+over `GAP` times the training rule's, and then saves the topk rule whose k′
+reconstructs those tokens best.
+"""
+
+import dataclasses
+import functools
+import typing
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from sae_jax import model
+from sae_jax.config import SAEConfig
+
+# How much worse than the training rule, on the calibration tokens, the
+# per-latent thresholds may reconstruct before `auto` saves topk instead.
+GAP = 1.1
+
+
+class Rule(typing.NamedTuple):
+  """The inference rule a run saves."""
+  name: str  # "per-latent", "topk" or "global"
+  threshold_F: np.ndarray  # θ per latent (scaled units); what "topk" ignores
+  k: int  # latents per token ("topk"); the training k otherwise
+  fvu: dict  # FVU on the calibration tokens: training rule, per-latent, best topk
+
+  def sae(self, config: SAEConfig) -> SAEConfig:
+    """The SAE config that encodes by this rule (`model.SAE.encode_inference`)."""
+    if self.name != "topk":
+      return config
+    return dataclasses.replace(config, selection="topk", k=self.k)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _errors(params, x_NxBxD, theta_F, config: SAEConfig):
+  """Σ‖x − x̂‖² over every batch: with the thresholds θ_F, and with each
+  token's k′ largest codes for k′ = 1..k ([k])."""
+  sae = model.SAE(config)
+  variables = {"params": params}
+  W_dec_FxD = params["W_dec"].astype(jnp.float32)
+
+  def one(totals, x_BxD):
+    a_BxF = jax.nn.relu(sae.apply(variables, x_BxD, method=model.SAE.pre)).astype(jnp.float32)
+    z_BxF = jnp.where(a_BxF > theta_F[None, :], a_BxF, 0)
+    thresholded = jnp.sum(jnp.square(x_BxD - sae.apply(variables, z_BxF,
+                                                       method=model.SAE.decode)))
+    values_BxK, latents_BxK = lax.top_k(a_BxF, config.k)
+
+    def peel(error_BxD, i):  # the error once each token's i+1 largest codes are decoded
+      error_BxD = error_BxD - values_BxK[:, i, None] * W_dec_FxD[latents_BxK[:, i]]
+      return error_BxD, jnp.sum(jnp.square(error_BxD))
+
+    _, top_K = lax.scan(peel, x_BxD - params["b_dec"][None, :], jnp.arange(config.k))
+    totals = totals[0] + thresholded.astype(jnp.float32), totals[1] + top_K.astype(jnp.float32)
+    return totals, None
+
+  zero = jnp.zeros((), jnp.float32)
+  totals, _ = lax.scan(one, (zero, jnp.zeros(config.k, jnp.float32)), x_NxBxD)
+  return totals
+
+
+def choose(asked: str, params, x_NxBxD, config: SAEConfig, threshold_F,
+           training_sse: float) -> Rule:
+  """The rule to save, from the calibration batches x (scaled units).
+
+  Args:
+    asked: `RunConfig.inference` (`runconfig.INFERENCE_RULES`): "global"
+      and "per-latent" are kept as asked, "topk" takes the k′ ≤ k that
+      reconstructs x best, "auto" takes it only where the thresholds are
+      more than `GAP` times worse than the training rule.
+    threshold_F: the per-latent thresholds, or the global one for every latent.
+    training_sse: Σ‖x − x̂‖² of the training rule on the same batches.
+
+  Returns:
+    Rule (for BatchTopK and Sampled-SAE; a TopK SAE keeps its own rule).
+
+  >>> config = SAEConfig(2, 3, k=1, selection="batchtopk")
+  >>> params = {"W_enc": jnp.eye(2, 3), "b_enc": jnp.zeros(3), "W_dec": jnp.eye(3, 2),
+  ...           "b_dec": jnp.zeros(2)}
+  >>> x = jnp.array([[[4., 1.], [0., 3.]]])  # thresholds that let both fire: exact
+  >>> choose("auto", params, x, config, np.zeros(3, np.float32), 1.).name
+  'per-latent'
+  >>> rule = choose("topk", params, x, config, np.zeros(3, np.float32), 1.)
+  >>> rule.name, rule.k, rule.fvu["topk"]  # one code per token leaves the 1: 1 / 10
+  ('topk', 1, 0.1)
+  """
+  x_NxBxD = np.asarray(x_NxBxD, np.float32)
+  mean_D = x_NxBxD.mean(axis=(0, 1), dtype=np.float64)
+  variance = sum(float(np.square(x_BxD - mean_D).sum()) for x_BxD in x_NxBxD)
+  thresholded, top_K = _errors(params, jnp.asarray(x_NxBxD, jnp.float32),
+                               jnp.asarray(threshold_F, jnp.float32), config)
+  top_K = np.asarray(top_K, np.float64)
+  best = int(np.argmin(top_K))
+  thresholds = "global" if asked == "global" else "per-latent"
+  fvu = {"training_rule": float(training_sse) / variance,
+         thresholds: float(thresholded) / variance, "topk": float(top_K[best]) / variance}
+  use_topk = asked == "topk" or (asked == "auto" and fvu[thresholds] > GAP * fvu["training_rule"]
+                                 and fvu["topk"] < fvu[thresholds])
+  threshold_F = np.asarray(threshold_F, np.float32)
+  return Rule("topk", threshold_F, best + 1, fvu) if use_topk else Rule(
+      thresholds, threshold_F, config.k, fvu)
