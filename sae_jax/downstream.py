@@ -41,7 +41,7 @@ def downstream_loss(model: str, hook: str, ids_BxL: np.ndarray,
   import torch
   import torch.nn.functional as fn
   from sae_jax import hf  # noqa: PLC0415
-  device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+  device = hf.torch_device(device)
   lm = hf.causal_lm(model, revision, torch.float32).to(device).eval()
   block = export._blocks(lm, lm.config.num_hidden_layers)[hooks.hook_layer(hook)]
   mode = {"replace": None}

@@ -260,7 +260,7 @@ class HookedModel:
   def __init__(self, config: ExportConfig):
     import torch
     from sae_jax import hf  # noqa: PLC0415 (hf imports neox, and so JAX)
-    self.device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    self.device = hf.torch_device(config.device)
     self.tokenizer = hf.tokenizer(config.model, config.revision)
     self.model = hf.base_model(config.model, config.revision, torch.float32)
     self.model = self.model.to(self.device).eval()
@@ -354,6 +354,9 @@ def export_activations(config: ExportConfig, out, *, progress: bool = True,
     The final manifest.
   """
   storage.check_bucket(out, "--out")
+  if config.backend == "torch":
+    from sae_jax import hf  # noqa: PLC0415 (hf imports neox, and so JAX)
+    hf.torch_device(config.device)  # before anything is written
   out = storage.path(out)
   manifest = _check_or_start(out, config)
   shards = [s for s in manifest["shards"] if s["rows"] == config.shard_rows]

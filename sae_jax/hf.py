@@ -30,6 +30,26 @@ def reachable_model(model: str, revision=None) -> pathlib.Path:
         f"Hugging Face cache, or train offline on --data synthetic") from None
 
 
+def torch_device(name: typing.Optional[str]) -> str:
+  """The torch device to run on: `name` (--device), or "cuda" where torch
+  sees one, else "cpu"; one line when torch cannot use `name` here."""
+  import torch  # noqa: PLC0415
+  if name is None:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+  try:
+    device = torch.device(name)
+  except RuntimeError:
+    raise ValueError(f"--device {name!r} is not a torch device: use cpu, cuda or "
+                     f"cuda:N") from None
+  if device.type == "cuda" and not torch.cuda.is_available():
+    raise ValueError(f"--device {name!r}: torch {torch.__version__} sees no CUDA device "
+                     f"here; leave --device out to run on the CPU") from None
+  if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+    raise ValueError(f"--device {name!r}: torch sees {torch.cuda.device_count()} CUDA "
+                     f"devices (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+  return name
+
+
 def tokenizer(model, revision: typing.Optional[str] = None):
   """The model's tokenizer (needs no torch)."""
   import transformers  # noqa: PLC0415 (transformers is optional: the activations extra)

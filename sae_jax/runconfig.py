@@ -1,6 +1,7 @@
 """What a run is: `RunConfig`, its config.json form, and what a resume may change."""
 
 import dataclasses
+import os
 
 from sae_jax import export as export_lib
 from sae_jax import storage
@@ -165,9 +166,22 @@ def differences(saved: dict, config: RunConfig) -> list:
             and before.get("train.steps") == after.get("train.steps") else set())
   rule = lambda d: unread(d.get("train.sae.selection"), d.get("train.sae.score"))
   unused |= {f"train.sae.{f}" for f in set(rule(before)) & set(rule(after))}
+  if _one_path(before.get("data"), after.get("data")):
+    unused.add("data")  # spelled otherwise; the data's fingerprint checks its content
   return [f"{k}: saved {before.get(k)!r}, now {after.get(k)!r}"
           for k in sorted(set(before) | set(after))
           if k not in RESUMABLE_FIELDS and k not in unused and before.get(k) != after.get(k)]
+
+
+def _one_path(saved, now) -> bool:
+  """Whether two --data values are one local file or folder spelled two ways
+  (acts.npy, ./acts.npy, its absolute path)."""
+  if not all(isinstance(v, str) and v not in ("synthetic", "pythia") for v in (saved, now)):
+    return False
+  try:
+    return os.path.samefile(saved, now)
+  except OSError:  # either is missing here, or remote (gs://)
+    return False
 
 
 def check_stream(stream: bool, data_arg: str, backend: str) -> None:

@@ -9,6 +9,10 @@ from sae_jax import outdir
 from sae_jax.runconfig import RunConfig
 
 
+# Seconds --wandb waits for W&B's servers before the run stops with one line.
+WANDB_TIMEOUT = 30
+
+
 def optional_sinks(config: RunConfig, out: pathlib.PurePath) -> tuple:
   """(log functions, close functions) of --wandb and --tensorboard, each
   package imported only when asked for."""
@@ -18,8 +22,15 @@ def optional_sinks(config: RunConfig, out: pathlib.PurePath) -> tuple:
       import wandb  # noqa: PLC0415 (optional)
     except ImportError:
       raise ValueError("--wandb needs the wandb package: pip install wandb") from None
-    handle = wandb.init(project="sae_jax", dir=str(out), config=config.to_dict(),
-                        id=out.name, resume="allow")
+    try:
+      handle = wandb.init(project="sae_jax", dir=str(out), config=config.to_dict(),
+                          id=out.name, resume="allow",
+                          settings=wandb.Settings(init_timeout=WANDB_TIMEOUT))
+    except wandb.errors.Error as error:
+      reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+      raise ValueError(f"--wandb: could not start a W&B run ({reason}); log in (wandb "
+                       f"login), or set WANDB_MODE=offline to keep it in {out / 'wandb'} "
+                       f"for `wandb sync`, or leave --wandb out") from None
     sinks.append(lambda step, m: handle.log(m, step=step))
     closers.append(handle.finish)
   if config.tensorboard:

@@ -46,8 +46,8 @@ class DataSource:
   true_codes: typing.Optional[typing.Callable[[], np.ndarray]] = None
   """Synthetic data: the held-out rows' true coefficients [N, M]."""
   letters: typing.Optional[typing.Callable[[], typing.Optional[tuple]]] = None
-  """A cache: the held-out rows' (token ids [N], first letters [N]), or None
-  when the model's tokenizer does not load."""
+  """A cache or --stream: the held-out rows' (token ids [N], first letters
+  [N]), or None when the model's tokenizer does not load."""
   downstream_ids: typing.Optional[typing.Callable[[], np.ndarray]] = None
   """--data pythia: token ids [contexts, L] the run did not train on, for the
   spliced loss: after the cache's rows, or reserved before --stream's."""
@@ -111,10 +111,7 @@ def _disk(config: RunConfig, n_devices: int, verify: bool) -> DataSource:
 
   def letters():
     tokenizer = spelling.load_tokenizer(manifest["model"], manifest.get("revision"))
-    if tokenizer is None:
-      return None
-    tokens = acts.eval_tokens()
-    return tokens, spelling.token_letters(tokenizer, tokens)
+    return None if tokenizer is None else _letters(tokenizer, acts.eval_tokens())
 
   e = config.export
   pythia = config.data == "pythia"
@@ -163,8 +160,14 @@ def _stream(config: RunConfig) -> DataSource:
                 "prepend_bos": False,
                 "dataset_path": list(e.dataset) if isinstance(e.dataset, tuple) else e.dataset,
                 **MODEL_KWARGS},
+      letters=lambda: _letters(source.tokenizer, source.held_out_tokens()),
       downstream_ids=lambda: source.downstream_contexts,
       language_model=lambda: (source.lm_config, source.lm_params))
+
+
+def _letters(tokenizer, tokens_N: np.ndarray) -> tuple:
+  """(token ids, first letters) of the held-out rows (`DataSource.letters`)."""
+  return tokens_N, spelling.token_letters(tokenizer, tokens_N)
 
 
 def finite(rows: np.ndarray, what: str) -> tuple:

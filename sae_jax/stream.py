@@ -169,6 +169,11 @@ class Stream:
     """The evaluation rows [eval_tokens, D], from the first contexts."""
     return self.rows(self.eval_contexts)[:self.eval_tokens]
 
+  def held_out_tokens(self) -> np.ndarray:
+    """The token ids [eval_tokens] of `held_out`'s rows, in the same order."""
+    ids_CxL = self.eval_contexts
+    return ids_CxL[valid_rows(ids_CxL, self.excluded)][:self.eval_tokens]
+
   def sample(self, n: int) -> np.ndarray:
     """The first n rows of the training contexts, in text order, or all rows
     of the first round if it has fewer (for the initialisation)."""

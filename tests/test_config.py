@@ -185,6 +185,20 @@ def test_config_json_records_the_sections_the_data_use(tmp_path):
     assert RunConfig.from_dict(json.loads(json.dumps(d))).to_dict() == d
 
 
+def test_the_same_data_spelled_otherwise_resumes(tmp_path, monkeypatch):
+  """--data acts.npy, ./acts.npy and its absolute path are one file (its
+  fingerprint checks the content); another file is another run."""
+  monkeypatch.chdir(tmp_path)
+  train = TrainConfig(SAEConfig(16, 64, k=4), batch_size=64, steps=10)
+  for name in ("acts.npy", "other.npy"):
+    np.save(tmp_path / name, np.zeros((100, 16), np.float32))
+  saved = RunConfig(train=train, out="x", data="acts.npy").to_dict()
+  for same in ("./acts.npy", str(tmp_path / "acts.npy"), "../" + tmp_path.name + "/acts.npy"):
+    assert runconfig.differences(saved, RunConfig(train=train, out="x", data=same)) == []
+  assert runconfig.differences(saved, RunConfig(train=train, out="x", data="other.npy")) == [
+      "data: saved 'acts.npy', now 'other.npy'"]
+
+
 def test_a_resume_under_other_numerics_is_refused_or_reported(tmp_path, capsys):
   """JAX_ENABLE_X64 changes the synthetic data and the step: a run
   checkpointed under one setting refuses to resume under the other. Another

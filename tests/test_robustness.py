@@ -624,9 +624,12 @@ def test_what_cannot_fit_is_refused_before_allocating(tmp_path, flags, message):
     (["--hook", "blocks.x"], "hook must look like 'blocks.N.hook_resid_post'"),
     (["--dataset", "missing.txt"], "no such file"),
     (["--context-length", "0"], "context_length"),
+    (["--backend", "torch", "--device", "cuda"], "sees no CUDA device here; leave --device out"),
+    (["--backend", "torch", "--device", "gpu0"], "--device 'gpu0' is not a torch device"),
 ])
 def test_export_refusals_are_one_line(tmp_path, capsys, flags, message):
   export_script = scripts.load("export_activations")
   assert export_script.main([*flags, "--out", str(tmp_path / "cache")]) == 2
   (line,) = error_lines(capsys.readouterr().err)
   assert message in line, line
+  assert not (tmp_path / "cache").exists()

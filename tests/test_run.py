@@ -282,7 +282,7 @@ def test_pythia_path_on_a_tiny_model(lm, tmp_path):
       / (s["downstream_zero_ce"] - s["downstream_clean_ce"]))
 
 
-def test_optional_metric_sinks(tmp_path, monkeypatch):
+def test_optional_metric_sinks(tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("WANDB_MODE", "offline")
   monkeypatch.setenv("WANDB_SILENT", "true")
   out = tmp_path / "run"
@@ -292,6 +292,18 @@ def test_optional_metric_sinks(tmp_path, monkeypatch):
   assert len(events) == 1 and events[0].read_bytes().count(b"fvu") == 2  # steps 10 and 20
   runs = list((out / "wandb").glob("offline-run-*"))
   assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+  # Online without an account: one line, before any training.
+  import wandb  # noqa: PLC0415
+  wandb.teardown()  # forget the offline settings of the run above
+  monkeypatch.setenv("WANDB_MODE", "online")
+  monkeypatch.delenv("WANDB_API_KEY", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+  monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+  assert cli("--data", "synthetic", "--steps", 20, "--wandb", "--out", tmp_path / "online") == 2
+  (line,) = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+  assert line.startswith("error: --wandb: could not start a W&B run (No API key configured")
+  assert not (tmp_path / "online" / "checkpoints").exists()
 
 
 @pytest.mark.slow
@@ -329,5 +341,8 @@ def test_streaming_run_resumes_exactly_after_sigterm(lm, tmp_path):
   assert [m["loss"] for m in a["metrics"]] == [m["loss"] for m in b["metrics"]]
   assert a["summary"]["downstream_kl"] == b["summary"]["downstream_kl"] > 0
   assert a["summary"]["fvu"] == b["summary"]["fvu"]
+  # Probing and absorption, on the first letters of the held-out tokens.
+  assert a["summary"]["probe_tasks"] >= 1 and "absorption" in a["summary"]
+  assert a["summary"]["probe_f1_k1"] == b["summary"]["probe_f1_k1"]
   assert a["config"].stream and a["config"].export.backend == "jax"
   assert not (tmp_path / "cache").exists()  # nothing written to disk but the run
