@@ -13,12 +13,18 @@ results.md and plot_<metric>.png. Re-running resumes; SIGTERM or Ctrl-C stops
 the sweep after a checkpoint.
 """
 
+import os
+import signal
 import sys
 
-from sae_jax import cli
-from sae_jax import hostmem
-from sae_jax import storage
-from sae_jax import sweep
+STOPPED = b"\nCtrl-C: stopped at once (no file is left half-written); re-run to go on\n"
+if __name__ == "__main__":  # as in train.py: until training begins, Ctrl-C exits at once
+  signal.signal(signal.SIGINT, lambda *_: (os.write(2, STOPPED), os._exit(130)))
+
+from sae_jax import cli  # noqa: E402
+from sae_jax import hostmem  # noqa: E402
+from sae_jax import storage  # noqa: E402
+from sae_jax import sweep  # noqa: E402
 
 
 def main(argv=None) -> int:

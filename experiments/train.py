@@ -18,11 +18,23 @@ and exits; a second Ctrl-C exits at once. On several hosts, add --distributed
 (a TPU pod), or --coordinator HOST:PORT --num-processes N --process-id I.
 """
 
+import os
+import signal
 import sys
 
-from sae_jax import cli
-from sae_jax import hostmem
-from sae_jax import run
+# Until training begins, Ctrl-C exits at once. The imports below take seconds
+# (JAX starts, then the script re-executes itself under tcmalloc), and a
+# KeyboardInterrupt there was swallowed (the run trained to the end, exit 0)
+# or crashed the interpreter at exit. While the run trains, its own handler
+# (sae_jax.run.Stopper) finishes the step and saves a checkpoint; outside
+# training every write is atomic, so stopping at once loses nothing.
+STOPPED = b"\nCtrl-C: stopped at once (no file is left half-written); re-run to go on\n"
+if __name__ == "__main__":
+  signal.signal(signal.SIGINT, lambda *_: (os.write(2, STOPPED), os._exit(130)))
+
+from sae_jax import cli  # noqa: E402
+from sae_jax import hostmem  # noqa: E402
+from sae_jax import run  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import typing
 import warnings
 
@@ -51,6 +52,25 @@ def env():
 def error_lines(stderr: str) -> list:
   assert "Traceback" not in stderr, stderr
   return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_ctrl_c_before_training_exits_at_once(tmp_path):
+  """Ctrl-C during the script's first seconds (imports, JAX's start-up, the
+  re-execution under tcmalloc) was swallowed: the run trained to the end and
+  exited 0. Now it stops at once, in one line, having trained nothing."""
+  out = tmp_path / "run"
+  process = subprocess.Popen(
+      [sys.executable, str(scripts.EXPERIMENTS / "train.py"), *SMALL, "--data", "synthetic",
+       "--steps", "300", "--out", str(out)],
+      env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  time.sleep(0.5)
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=60)
+  assert process.returncode == 130, stderr
+  assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+  assert [line for line in stderr.splitlines() if line] == [
+      "Ctrl-C: stopped at once (no file is left half-written); re-run to go on"]
+  assert not (out / "summary.json").exists() and not (out / "checkpoints").exists()
 
 
 @pytest.fixture(scope="module")
