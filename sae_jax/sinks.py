@@ -2,6 +2,7 @@
 Weights & Biases or TensorBoard when asked for."""
 
 import json
+import os
 import pathlib
 import typing
 
@@ -9,7 +10,8 @@ from sae_jax import outdir
 from sae_jax.runconfig import RunConfig
 
 
-# Seconds --wandb waits for W&B's servers before the run stops with one line.
+# Seconds --wandb waits for W&B's servers before the run stops with one line
+# (wandb's own default is 90; WANDB_INIT_TIMEOUT sets another).
 WANDB_TIMEOUT = 30
 
 
@@ -23,9 +25,11 @@ def optional_sinks(config: RunConfig, out: pathlib.PurePath) -> tuple:
     except ImportError:
       raise ValueError("--wandb needs the wandb package: pip install wandb") from None
     try:
+      # A WANDB_INIT_TIMEOUT of the user's wins (settings passed here would override it).
+      wait = {} if "WANDB_INIT_TIMEOUT" in os.environ else {
+          "settings": wandb.Settings(init_timeout=WANDB_TIMEOUT)}
       handle = wandb.init(project="sae_jax", dir=str(out), config=config.to_dict(),
-                          id=out.name, resume="allow",
-                          settings=wandb.Settings(init_timeout=WANDB_TIMEOUT))
+                          id=out.name, resume="allow", **wait)
     except wandb.errors.Error as error:
       reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
       raise ValueError(f"--wandb: could not start a W&B run ({reason}); log in (wandb "
