@@ -21,8 +21,12 @@ STOPPED = b"\nCtrl-C: stopped at once (no file is left half-written); re-run to 
 if __name__ == "__main__":  # as in train.py: until training begins, Ctrl-C exits at once
   signal.signal(signal.SIGINT, lambda *_: (os.write(2, STOPPED), os._exit(130)))
 
+from sae_jax import hostmem  # noqa: E402  (light: JAX is not imported yet)
+
+if __name__ == "__main__":
+  hostmem.use_tcmalloc()  # as in train.py, before JAX's import
+
 from sae_jax import cli  # noqa: E402
-from sae_jax import hostmem  # noqa: E402
 from sae_jax import storage  # noqa: E402
 from sae_jax import sweep  # noqa: E402
 
@@ -57,5 +61,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  hostmem.use_tcmalloc()  # XLA:CPU's buffers reused, not faulted in every step
   sys.exit(main())

@@ -32,8 +32,12 @@ STOPPED = b"\nCtrl-C: stopped at once (no file is left half-written); re-run to 
 if __name__ == "__main__":
   signal.signal(signal.SIGINT, lambda *_: (os.write(2, STOPPED), os._exit(130)))
 
+from sae_jax import hostmem  # noqa: E402  (light: JAX is not imported yet)
+
+if __name__ == "__main__":
+  hostmem.use_tcmalloc()  # XLA:CPU's buffers reused; re-executes before JAX's 1.6 s import
+
 from sae_jax import cli  # noqa: E402
-from sae_jax import hostmem  # noqa: E402
 from sae_jax import run  # noqa: E402
 
 
@@ -50,5 +54,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  hostmem.use_tcmalloc()  # XLA:CPU's buffers reused, not faulted in every step
   sys.exit(main())

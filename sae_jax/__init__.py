@@ -1,53 +1,49 @@
-"""sae_jax: sparse autoencoders on language-model activations, in JAX."""
+"""sae_jax: sparse autoencoders on language-model activations, in JAX.
 
-from sae_jax.config import SAEConfig
-from sae_jax.config import TrainConfig
-from sae_jax.model import SAE
-from sae_jax.pool import candidate_pool
-from sae_jax.scoring import column_scores
-from sae_jax.selection import PooledSelection
-from sae_jax.selection import batch_topk
-from sae_jax.selection import sampled_pool
-from sae_jax.selection import sampled_select
-from sae_jax.selection import sampled_select_pooled
-from sae_jax.selection import topk
-from sae_jax.synthetic import SyntheticConfig
-from sae_jax.synthetic import SyntheticSource
-from sae_jax.train import NonFiniteError
-from sae_jax.train import TrainState
-from sae_jax.loop import train_loop
-from sae_jax.loop import train_many
-from sae_jax.train import create_train_state
-from sae_jax.train import p_train_step
-from sae_jax.train import p_train_step_all_alive
-from sae_jax.train import p_train_step_packed
-from sae_jax.train import replicate
-from sae_jax.train import train_step
-from sae_jax.train import unreplicate
+The public names below are imported when first used (PEP 562), so that a
+script can import a light module such as `sae_jax.hostmem` without starting
+JAX (1.6 s): `from sae_jax import sampled_select` works as ever.
+"""
 
-__all__ = [
-    "NonFiniteError",
-    "PooledSelection",
-    "SAE",
-    "SAEConfig",
-    "SyntheticConfig",
-    "SyntheticSource",
-    "TrainConfig",
-    "TrainState",
-    "batch_topk",
-    "candidate_pool",
-    "column_scores",
-    "create_train_state",
-    "p_train_step",
-    "p_train_step_all_alive",
-    "p_train_step_packed",
-    "replicate",
-    "sampled_pool",
-    "sampled_select",
-    "sampled_select_pooled",
-    "topk",
-    "train_loop",
-    "train_many",
-    "train_step",
-    "unreplicate",
-]
+import importlib
+
+# Each public name, and the module that defines it.
+_PUBLIC = {
+    "NonFiniteError": "train",
+    "PooledSelection": "selection",
+    "SAE": "model",
+    "SAEConfig": "config",
+    "SyntheticConfig": "synthetic",
+    "SyntheticSource": "synthetic",
+    "TrainConfig": "config",
+    "TrainState": "train",
+    "batch_topk": "selection",
+    "candidate_pool": "pool",
+    "column_scores": "scoring",
+    "create_train_state": "train",
+    "p_train_step": "train",
+    "p_train_step_all_alive": "train",
+    "p_train_step_packed": "train",
+    "replicate": "train",
+    "sampled_pool": "selection",
+    "sampled_select": "selection",
+    "sampled_select_pooled": "selection",
+    "topk": "selection",
+    "train_loop": "loop",
+    "train_many": "loop",
+    "train_step": "train",
+    "unreplicate": "train",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+  if name not in _PUBLIC:
+    raise AttributeError(f"module 'sae_jax' has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"sae_jax.{_PUBLIC[name]}"), name)
+  globals()[name] = value  # the next use is a plain lookup
+  return value
+
+
+def __dir__() -> list:
+  return sorted(set(globals()) | set(_PUBLIC))
