@@ -229,7 +229,8 @@ def build(run_dir, *, tokens: int = 1_000_000, contexts: int = 20, samples: int 
   held = max(scanned.held_out, 1)
   index = {
       "run": run_dir.name, "n_latents": F, "chunk": chunk, "rows": scanned.rows,
-      "held_out_rows": scanned.held_out, "architecture": cfg["architecture"],
+      "held_out_rows": scanned.held_out, "eval_rows": summary.get("eval_rows"),
+      "architecture": cfg["architecture"],
       "selection": config["train"]["sae"]["selection"], "text": vocab is not None,
       "summary": {k: summary[k] for k in ("fvu", "explained_variance", "l0", "eval_dead_fraction",
                                           "tokens", "steps") if k in summary},

@@ -231,6 +231,14 @@ def test_the_browser_in_chromium(lm_run, cache, lm, browser, tmp_path):
   index = read_index(lm_run)
   browser.get((lm_run / "browser" / "index.html").as_uri())
   assert column(browser, "id") == [str(j) for j in range(32)]  # every latent, by id
+  # The header says which tokens the densities are of, and where summary.json's differ.
+  title = browser.find_element(By.ID, "title").text
+  assert title.startswith(f"{lm_run.name}: 32 latents, densities over {index['rows']} tokens "
+                          f"read ({index['held_out_rows']} held out)")
+  evaluated = json.loads((lm_run / "summary.json").read_text())["eval_rows"]
+  assert index["eval_rows"] == evaluated
+  assert (f"the run's {evaluated} held-out tokens" in title) == (
+      evaluated != index["held_out_rows"])
   browser.find_element(By.CSS_SELECTOR, 'th[data-key="density"]').click()
   ids = [int(j) for j in column(browser, "id")]
   want = sorted(range(32), key=lambda j: (-index["density"][j], -j))
@@ -268,6 +276,10 @@ def test_the_browser_in_chromium(lm_run, cache, lm, browser, tmp_path):
     assert z[r, j] > 0
   assert len(browser.find_elements(By.CSS_SELECTOR, "#promotes tr")) == 10
   assert len(browser.find_elements(By.CSS_SELECTOR, "#histogram rect")) == len(features.EDGES) + 1
+  tallest = max(int(r.find_element(By.TAG_NAME, "title").get_attribute("textContent")
+                     .rsplit(": ", 1)[1])
+                 for r in browser.find_elements(By.CSS_SELECTOR, "#histogram rect"))
+  assert browser.find_element(By.ID, "histogram-top").text == f"{max(tallest, 1)} tokens"
 
   browser.find_element(By.ID, "home").click()  # back to the index, then the search box
   box = browser.find_element(By.ID, "search")

@@ -59,8 +59,13 @@ function rowsShown() {
 
 function showIndex() {
   const d = SAE.data, main = document.getElementById("main");
+  // The densities here are of the tokens read; summary.json's of the run's own
+  // held-out tokens (--eval-tokens), so counts such as "never fired" can differ.
+  const own = d.eval_rows != null && d.eval_rows !== d.held_out_rows
+      ? `; the summary's metrics are of the run's ${d.eval_rows} held-out tokens` : "";
   document.getElementById("title").textContent =
-      `${d.run}: ${d.n_latents} latents, ${d.rows} tokens read (${d.held_out_rows} held out)`;
+      `${d.run}: ${d.n_latents} latents, densities over ${d.rows} tokens read ` +
+      `(${d.held_out_rows} held out)${own}`;
   if (document.getElementById("latents")) { renderTable(); return; }
   main.replaceChildren();
   const summary = $("div", {class: "summary", id: "summary"});
@@ -191,10 +196,17 @@ function histogram(f) {
     r.innerHTML = `<title>${i === 0 ? "below " + edges[0] : i === n - 1 ? "above " + edges[n - 2] : edges[i - 1] + " to " + edges[i]}: ${c}</title>`;
     svg.append(r);
   });
-  const label = document.createElementNS("http://www.w3.org/2000/svg", "text");
-  label.setAttribute("y", h + 13); label.setAttribute("font-size", 10);
-  label.textContent = `log scale: ${edges[0]} … ${edges[edges.length - 1]}`;
-  svg.append(label);
+  const text = (x, y, words, id) => {
+    const t = document.createElementNS("http://www.w3.org/2000/svg", "text");
+    t.setAttribute("x", x); t.setAttribute("y", y); t.setAttribute("font-size", 10);
+    if (id) t.id = id;
+    t.textContent = words;
+    svg.append(t);
+  };
+  text(0, h + 13, `activation, log scale: ${edges[0]} … ${edges[edges.length - 1]}`);
+  // The y axis: bars are token counts, the tallest one `top` tokens.
+  text(w - 4, 10, `${top} tokens`, "histogram-top");
+  svg.lastChild.setAttribute("text-anchor", "end");
   return svg;
 }
 
