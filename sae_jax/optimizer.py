@@ -120,6 +120,7 @@ def add_at(name: str, x, pool_P, g):
   """x (parameter `name`'s shape) plus its pooled gradient g at the distinct
   latents pool_P: W_enc's columns, rows otherwise; an index past the last
   latent is left out."""
+  g = g.astype(x.dtype)  # under JAX_ENABLE_X64 a rate may be float64
   if name == "W_enc":
     return add_at_columns(x, pool_P, g)
   return x.at[pool_P].add(g, mode="drop")
