@@ -4,6 +4,7 @@ saved SAE computes in SAELens) and in batch mode (the training rule itself,
 over whole batches)."""
 
 import functools
+import math
 import typing
 
 import jax
@@ -103,7 +104,8 @@ def reconstruction_metrics(x_BxD, xhat_BxD, z_BxF) -> dict:
   x = np.asarray(x_BxD, np.float64)
   xhat = np.asarray(xhat_BxD, np.float64)
   error = np.square(x - xhat)
-  fvu = float(error.sum() / np.square(x - x.mean(0)).sum())
+  variance = np.square(x - x.mean(0)).sum()
+  fvu = float(error.sum() / variance) if variance > 0 else math.nan  # constant x: no FVU
   norm_x, norm_xhat = np.linalg.norm(x, axis=1), np.linalg.norm(xhat, axis=1)
   cosine = np.sum(x * xhat, axis=1) / np.maximum(norm_x * norm_xhat, 1e-30)
   return {"fvu": fvu, "explained_variance": 1 - fvu, "mse": float(error.sum(1).mean()),

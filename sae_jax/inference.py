@@ -18,6 +18,7 @@ reconstructs those tokens best.
 
 import dataclasses
 import functools
+import math
 import typing
 
 import jax
@@ -108,8 +109,10 @@ def choose(asked: str, params, x_NxBxD, config: SAEConfig, threshold_F,
   top_K = np.asarray(top_K, np.float64)
   best = int(np.argmin(top_K))
   thresholds = "global" if asked == "global" else "per-latent"
-  fvu = {"training_rule": float(training_sse) / variance,
-         thresholds: float(thresholded) / variance, "topk": float(top_K[best]) / variance}
+  # Constant tokens have no variance: no FVU (NaN), and auto keeps the thresholds.
+  ratio = lambda sse: float(sse) / variance if variance > 0 else math.nan
+  fvu = {"training_rule": ratio(training_sse), thresholds: ratio(thresholded),
+         "topk": ratio(top_K[best])}
   use_topk = asked == "topk" or (asked == "auto" and fvu[thresholds] > GAP * fvu["training_rule"]
                                  and fvu["topk"] < fvu[thresholds])
   threshold_F = np.asarray(threshold_F, np.float32)

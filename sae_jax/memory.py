@@ -70,20 +70,21 @@ def check_memory(c: TrainConfig, n_devices: int) -> None:
         f"{jax.local_devices()[0].platform} devices has {_gib(have)}")
 
 
-def check_evaluation(configs: typing.Sequence[RunConfig]) -> None:
+def check_evaluation(configs: typing.Sequence[RunConfig], rows: typing.Sequence[int]) -> None:
   """Refuses, before training, an evaluation whose held-out codes cannot fit
-  in the host's memory at the end of the run: a floor of two [eval tokens,
-  F] float32 arrays (inference and batch mode), one run at a time. For
-  synthetic and --stream data, which hold out exactly --eval-tokens; disk
-  data hold out fewer (at most a tenth of their rows) and are not checked."""
+  in the host's memory at the end of the run: a floor of two [rows, F]
+  float32 arrays (inference and batch mode), one run at a time, `rows` the
+  held-out rows of each (`sources.eval_rows`)."""
   host = host_memory()
-  for config in configs:
-    need = 2 * 4 * config.eval_tokens * config.train.sae.n_latents
-    if (config.data == "synthetic" or config.stream) and need > host:
+  for config, n in zip(configs, rows):
+    need = 2 * 4 * n * config.train.sae.n_latents
+    if need > host:
+      held = (f"--eval-tokens {config.eval_tokens}" if n == config.eval_tokens else
+              f"{n} held-out rows (a tenth of --data {config.data})")
       raise ValueError(
-          f"--eval-tokens {config.eval_tokens} with --dict-size {config.train.sae.n_latents} "
-          f"needs at least {_gib(need)} of host memory for the held-out codes at the end of "
-          f"the run; this host has {_gib(host)}: use fewer --eval-tokens")
+          f"{held} with --dict-size {config.train.sae.n_latents} needs at least "
+          f"{_gib(need)} of host memory for the held-out codes at the end of the run; this "
+          f"host has {_gib(host)}: use fewer --eval-tokens")
 
 
 def check_memory_many(configs: typing.Sequence[RunConfig], n_devices: int) -> None:

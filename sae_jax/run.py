@@ -57,8 +57,8 @@ def run(config: RunConfig, *, progress: bool = True,
   """
   memory.check_devices(config.train)
   memory.check_memory(config.train, jax.device_count())
-  memory.check_evaluation([config])
   sources.check_data_size(config)
+  memory.check_evaluation([config], [sources.eval_rows(config)])
   summaries = _pass([config], storage.path(config.out), progress=progress, verify=verify)
   return None if summaries is None else summaries[0]
 
@@ -104,8 +104,8 @@ def run_many(configs: typing.Sequence[RunConfig], out, *, progress: bool = True,
                      f"{[config.out for config in configs]}")
   memory.check_devices(configs[0].train)
   memory.check_memory_many(configs, jax.device_count())
-  memory.check_evaluation(configs)
   sources.check_data_size(configs[0])
+  memory.check_evaluation(configs, [sources.eval_rows(config) for config in configs])
   return _pass(configs, out, progress=progress, verify=verify)
 
 

@@ -188,6 +188,15 @@ def held_out_rows(eval_tokens: int, n_rows: int) -> int:
   return min(eval_tokens, n_rows // 10)
 
 
+def eval_rows(config: RunConfig) -> int:
+  """The held-out rows a run evaluates on: --eval-tokens of synthetic data,
+  --stream and --data pythia (whose cache is made for the run), at most a
+  tenth of other disk data (`held_out_rows`)."""
+  if config.data in ("pythia", "synthetic"):
+    return config.eval_tokens
+  return held_out_rows(config.eval_tokens, data.Activations(config.data).n_rows)
+
+
 def check_data_size(config: RunConfig) -> None:
   """Disk data must hold one batch of training rows and a held-out row;
   with several processes, --data pythia's cache must be complete already

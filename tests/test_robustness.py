@@ -21,6 +21,7 @@ from flax import struct
 
 from sae_jax import checkpoint
 from sae_jax import export
+from sae_jax import memory
 from sae_jax import outdir
 from sae_jax import storage
 from sae_jax import synthetic
@@ -572,6 +573,26 @@ def test_bad_input_is_one_line(tmp_path, cache, capsys, case):
   assert status != 0
   (line,) = error_lines(capsys.readouterr().err)
   assert message in line, line
+
+
+def test_held_out_codes_of_disk_data_that_cannot_fit_are_refused(tmp_path, monkeypatch,
+                                                                  capsys):
+  """A .npy holds out a tenth of its rows (at most --eval-tokens): their
+  codes are checked against the host's memory, here made small, before
+  anything is trained."""
+  npy = _npy(tmp_path, 1000)
+  monkeypatch.setattr(memory, "device_memory", lambda: 2**40)  # training fits
+  monkeypatch.setattr(memory, "host_memory", lambda: 2 * 4 * 100 * 64 - 1)  # 100 rows, F=64
+  out = tmp_path / "run"
+  assert train_script.main([*SMALL, "--steps", "40", "--data", str(npy), "--out", str(out)]) == 2
+  (line,) = error_lines(capsys.readouterr().err)
+  assert line.startswith("error: 100 held-out rows (a tenth of --data ") and "--dict-size 64" in line
+  assert not out.exists()
+  monkeypatch.setattr(memory, "host_memory", lambda: 2 * 4 * 100 * 64)  # just enough
+  assert train_script.main([*SMALL, "--steps", "20", "--data", str(npy), "--out", str(out)]) == 0
+  # The rows are all ones: no variance, so no FVU (null), and the run still ends.
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["fvu"] is None and summary["calibration_fvu_per_latent"] is None
 
 
 def test_a_folder_write_removes_the_temporary_folders_of_killed_writers(tmp_path):
