@@ -192,7 +192,9 @@ class Stream:
       if len(got) < self.round_contexts:
         raise ValueError(
             f"the text ran out at round {index} of the stream ({len(got)} of "
-            f"{self.round_contexts} contexts left): use more text or train on fewer tokens")
+            f"{self.round_contexts} contexts left): this run cannot go on, since a resume "
+            f"keeps its --dataset and --steps; start it again in a new --out with more text "
+            f"or fewer --steps")
       yield index, np.stack([c for c, _ in got]), start, got[-1][1]
       index, start = index + 1, got[-1][1]
 

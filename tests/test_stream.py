@@ -133,6 +133,8 @@ def test_bad_stream_settings(lm, kwargs, message):
 
 def test_text_running_out_is_a_clear_error(lm):
   s = make_stream(lm)
-  with pytest.raises(ValueError, match=r"the text ran out at round \d+ of the stream"):
+  with pytest.raises(ValueError, match=r"the text ran out at round \d+ of the stream .*: this "
+                     r"run cannot go on, .* start it again in a new --out with more text or "
+                     r"fewer --steps"):
     for _ in s.batches(0, None):
       pass
