@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 
 from sae_jax import export, storage
 from sae_jax import train
+from sae_jax import validation
 from sae_jax.train import TrainState
 
 _META = "{step}.meta.json"
@@ -197,7 +198,7 @@ class Checkpointer:
       try:
         state, legacy = self._manager.restore(step, args=ocp.args.StandardRestore(abstract)), False
       except Exception as error:  # orbax and tensorstore raise many kinds  # noqa: BLE001
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        reason = validation.reason(error, 200)
         # A failed restore leaves orbax's handlers set up for that step's
         # layout, and every other step would then fail the same way.
         self._reopen()
@@ -286,7 +287,7 @@ class Checkpointer:
     try:
       yield
     except Exception as error:  # noqa: BLE001  (OSError, or tensorstore's ValueError)
-      reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+      reason = validation.reason(error, 300)
       raise ValueError(f"could not {what} of the checkpoints in {self.directory} ({reason}); "
                        f"free space and re-run to resume from the last finished "
                        f"checkpoint") from None

@@ -248,7 +248,7 @@ def guarded(work: typing.Callable[[], typing.Any], *, flags=None) -> int:
         jax.distributed.initialize(**peers, heartbeat_timeout_seconds=2 * timeout,
                                    **({"initialization_timeout": join + 60} if join else {}))
       except RuntimeError as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        reason = validation.reason(error, 300)
         raise ValueError(f"could not join the other processes ({reason})") from None
       finally:
         joined()
@@ -276,7 +276,7 @@ def guarded(work: typing.Callable[[], typing.Any], *, flags=None) -> int:
     # A collective with a process that died (gloo: "Connection closed by
     # peer"). Exit now: JAX's shutdown barrier would wait for the dead
     # process, then abort with a C++ stack trace.
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    reason = validation.reason(error, 300)
     print(f"error: a collective with the other processes failed ({reason}): a process "
           f"stopped or lost its connection; re-launch every process with the same command to "
           f"resume from the last complete checkpoint", file=sys.stderr, flush=True)
@@ -295,7 +295,7 @@ def _check_platform() -> None:
   try:
     jax.devices()
   except (RuntimeError, AssertionError) as error:
-    reason = (str(error).strip().splitlines() or ["no such backend is installed"])[0][:300]
+    reason = validation.reason(error, 300, empty="no such backend is installed")
     raise ValueError(f"JAX cannot start a backend for JAX_PLATFORMS="
                      f"{os.environ.get('JAX_PLATFORMS', '')!r} ({reason}): install that "
                      f"platform's jax plugin (for CUDA, jax[cuda12]), or unset JAX_PLATFORMS to "

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from sae_jax import export, storage
+from sae_jax import validation
 
 NPY_SEGMENT_ROWS = 65536
 
@@ -35,7 +36,7 @@ def open_npy(path) -> np.ndarray:
   try:
     return storage.open_npy(path)
   except (ValueError, OSError, EOFError) as error:
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    reason = validation.reason(error)
     raise ValueError(f"{path} is not a readable .npy array ({reason}); it may be truncated, "
                      f"or not a NumPy file") from None
 

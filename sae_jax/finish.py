@@ -154,9 +154,9 @@ def _evaluate(config: RunConfig, state: train.TrainState, source: DataSource,
       skipped_steps=int(state.skipped_steps), threshold=float(state.threshold),
       input_scale=float(state.input_scale), calibration_tokens=calibration.tokens,
       eval_rows=len(held_out), eval_rows_dropped=dropped)
-  if c.sae.selection != "topk" and rule.name == "topk":
+  if rule.name == "topk" and c.sae.selection != "topk":
     summary.update(inference="topk", inference_k=rule.k)
-  elif c.sae.selection != "topk":
+  elif rule.name != "topk":
     can_fire_F = theta_F < thresholds.NEVER
     summary.update(
         inference=rule.name, never_fire_fraction=float(np.mean(~can_fire_F)),

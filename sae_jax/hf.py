@@ -10,6 +10,7 @@ import pathlib
 import typing
 
 from sae_jax import neox
+from sae_jax import validation
 
 
 def reachable_model(model: str, revision=None) -> pathlib.Path:
@@ -22,7 +23,7 @@ def reachable_model(model: str, revision=None) -> pathlib.Path:
   try:
     return neox.model_dir(model, revision, ("config.json",))
   except (OSError, ValueError) as error:
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    reason = validation.reason(error)
     raise ValueError(
         f"could not reach the model {model!r} ({reason}): it is not a local directory, and "
         f"neither the Hugging Face hub nor its local cache has it. Pass a local copy with "
@@ -43,7 +44,7 @@ def torch_device(name: typing.Optional[str]) -> str:
                      f"cuda:N") from None
   if device.type == "cuda" and not torch.cuda.is_available():
     raise ValueError(f"--device {name!r}: torch {torch.__version__} sees no CUDA device "
-                     f"here; leave --device out to run on the CPU") from None
+                     f"here; leave --device out to run on the CPU")
   if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
     raise ValueError(f"--device {name!r}: torch sees {torch.cuda.device_count()} CUDA "
                      f"devices (cuda:0 to cuda:{torch.cuda.device_count() - 1})")

@@ -17,6 +17,8 @@ import sys
 import threading
 import time
 
+from sae_jax import validation
+
 BEAT_SECONDS = 1.0
 SAY_EVERY = 30.0
 _DONE = "done"
@@ -80,7 +82,7 @@ def watch(client, process_id: int, n_processes: int, timeout: float):
             _die(f"process {other} stopped answering {timeout:g} s ago (--heartbeat-timeout)")
       except Exception as error:  # noqa: BLE001  (the coordinator, process 0, is gone)
         if not done.is_set():
-          reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+          reason = validation.reason(error, 200)
           _die(f"the coordinator (process 0) cannot be reached ({reason})")
         return
 

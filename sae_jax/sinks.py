@@ -7,6 +7,7 @@ import pathlib
 import typing
 
 from sae_jax import outdir
+from sae_jax import validation
 from sae_jax.runconfig import RunConfig
 
 
@@ -31,7 +32,7 @@ def optional_sinks(config: RunConfig, out: pathlib.PurePath) -> tuple:
       handle = wandb.init(project="sae_jax", dir=str(out), config=config.to_dict(),
                           id=out.name, resume="allow", **wait)
     except wandb.errors.Error as error:
-      reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+      reason = validation.reason(error)
       raise ValueError(f"--wandb: could not start a W&B run ({reason}); log in (wandb "
                        f"login), or set WANDB_MODE=offline to keep it in {out / 'wandb'} "
                        f"for `wandb sync`, or leave --wandb out") from None

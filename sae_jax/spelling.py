@@ -29,6 +29,7 @@ from sae_jax import outdir
 from sae_jax import probing
 from sae_jax import saelens
 from sae_jax import storage
+from sae_jax import validation
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 TEMPLATE = "{word} has the first letter:"
@@ -65,7 +66,7 @@ def load_tokenizer(model: str, revision=None):
   try:
     return hf.tokenizer(model, revision)
   except (OSError, ValueError) as error:
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    reason = validation.reason(error, 200)
     print(f"no tokenizer for {model!r} ({reason}): first-letter metrics skipped", flush=True)
     return None
 

@@ -1,4 +1,5 @@
-"""Argument checks shared by the selection functions.
+"""Argument checks shared by the selection functions, and `reason`, the
+first line of an error that a one-line message wraps.
 
 Each check runs on static (Python) values before any array work, and raises a
 `ValueError` that names the argument (or config field), the value given and
@@ -8,10 +9,21 @@ what is allowed.
 import fractions
 import math
 import numbers
+import typing
 
 import jax.numpy as jnp
 
 SCORE_METHODS = ("l2", "squared_l2", "entropy", "uniform", "leverage")
+
+
+def reason(error: BaseException, limit: typing.Optional[int] = None, empty: str = "") -> str:
+  """The first line of `error`'s message (at most `limit` characters), or
+  `empty` (else its type's name) when the message is empty.
+
+  >>> reason(OSError("disk full\\nmore")), reason(KeyError()), reason(OSError("abc"), 2)
+  ('disk full', 'KeyError', 'ab')
+  """
+  return (str(error).strip().splitlines() or [empty or type(error).__name__])[0][:limit]
 
 
 def check_activations(a, name: str = "a") -> None:
