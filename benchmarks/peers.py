@@ -34,6 +34,7 @@ import torch
 import dl_reference
 from sae_jax import evaluate
 from sae_jax import hostmem
+from sae_jax import model
 from sae_jax import synthetic
 from sae_jax import loop
 from sae_jax import train
@@ -91,7 +92,7 @@ def run_ours(config: TrainConfig, data: Data) -> dict:
       on_log=lambda step, m: rates.append(m["tokens_per_second"]))
   state = train.unreplicate(state)
   z, xhat = evaluate.reconstruct(state.params, state.threshold, state.input_scale,
-                                 data.held_out, config.sae)
+                                 data.held_out, model.SAE(config.sae))
   return summary(data, state.params["W_dec"], z, xhat, rates[:-1] or rates)
 
 

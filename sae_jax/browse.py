@@ -33,6 +33,7 @@ from sae_jax import export as export_lib
 from sae_jax import features
 from sae_jax import hf
 from sae_jax import hooks
+from sae_jax import model
 from sae_jax import neox
 from sae_jax import saelens
 from sae_jax import sources
@@ -209,7 +210,7 @@ def build(run_dir, *, tokens: int = 1_000_000, contexts: int = 20, samples: int 
   train = config["train"]
   pools = None
   if train["sae"]["selection"] == "sampled" and "input_scale" in summary:
-    sae = TrainConfig.from_dict(train).sae
+    sae = model.SAE(TrainConfig.from_dict(train).sae)
     pools = features.pool_share(weights, summary["input_scale"], sae, source.rows, source.n,
                        train["batch_size"], progress=progress)
     lap(f"the pools of {pools[1]} batches of {train['batch_size']}" +

@@ -12,37 +12,35 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax import model
-from sae_jax.config import SAEConfig
 
 MODES = ("inference", "batch")
 BATCH_MODE_KEY = 0xBA7C  # draws the pools of `sample_pool` SAEs in batch mode
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _reconstruct(params, threshold, input_scale, x_BxD, config: SAEConfig):
-  sae = model.SAE(config)
+@functools.partial(jax.jit, static_argnames=("sae",))
+def _reconstruct(params, threshold, input_scale, x_BxD, sae: model.SAE):
   variables = {"params": params}
   z_BxF = sae.apply(variables, x_BxD * input_scale, threshold, method=model.SAE.encode_inference)
   xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode) / input_scale
   return z_BxF, xhat_BxD
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _reconstruct_batch(params, input_scale, x_BxD, key, config: SAEConfig, pool_P=None):
-  sae = model.SAE(config)
+@functools.partial(jax.jit, static_argnames=("sae",))
+def _reconstruct_batch(params, input_scale, x_BxD, key, sae: model.SAE, pool_P=None):
   variables = {"params": params}
   z_BxF = sae.apply(variables, x_BxD * input_scale, key=key, pool=pool_P,
                     method=model.SAE.encode)
   return z_BxF, sae.apply(variables, z_BxF, method=model.SAE.decode) / input_scale
 
 
-def reconstruct(params, threshold, input_scale, x_BxD, config: SAEConfig,
+def reconstruct(params, threshold, input_scale, x_BxD, sae: model.SAE,
                 chunk: int = 4096, *, mode: str = "inference",
                 batch_size: typing.Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
   """Codes [B, F] (scaled units) and reconstructions [B, D] (raw units) of
   raw activations.
 
   Args:
+    sae: the SAE module (`model.SAE(config)`).
     threshold: θ, one per latent [F] or one for all (inference mode only).
     mode: "inference": token by token, a_j > θ_j (TopK: each token's top k),
       `chunk` tokens at a time; what the saved SAE does in SAELens, and what
@@ -64,27 +62,27 @@ def reconstruct(params, threshold, input_scale, x_BxD, config: SAEConfig,
     x = jnp.asarray(x_BxD[start:start + step], jnp.float32)
     if mode == "inference":
       z, xhat = _reconstruct(params, jnp.asarray(threshold, jnp.float32),
-                             jnp.float32(input_scale), x, config)
+                             jnp.float32(input_scale), x, sae)
     else:
       key_i = jax.random.fold_in(key, i)
-      if config.keeps_pool and i % config.pool_every == 0:
-        pool_P = pool(params, jnp.float32(input_scale), x, key_i, config)
-      z, xhat = _reconstruct_batch(params, jnp.float32(input_scale), x, key_i, config,
-                                   pool_P if config.keeps_pool else None)
+      if sae.config.keeps_pool and i % sae.config.pool_every == 0:
+        pool_P = pool(params, jnp.float32(input_scale), x, key_i, sae)
+      z, xhat = _reconstruct_batch(params, jnp.float32(input_scale), x, key_i, sae,
+                                   pool_P if sae.config.keeps_pool else None)
     codes.append(np.asarray(z))
     recon.append(np.asarray(xhat))
   return np.concatenate(codes), np.concatenate(recon)
 
 
 @functools.lru_cache(maxsize=None)
-def splice(config: SAEConfig, chunk: int = 2048):
-  """The SAE as a JAX splice for `downstream.downstream_loss_jax`:
+def splice(sae: model.SAE, chunk: int = 2048):
+  """The SAE module as a JAX splice for `downstream.downstream_loss_jax`:
   (x [n, D] raw, params, threshold, input_scale) -> inference-mode
-  reconstructions [n, D] (raw units), `chunk` rows at a time. The same config
-  gives the same function, so compilations are reused."""
+  reconstructions [n, D] (raw units), `chunk` rows at a time. An equal
+  module gives the same function, so compilations are reused."""
 
   def reconstruction(x_NxD, params, threshold, input_scale):
-    one = lambda x_D: _reconstruct(params, threshold, input_scale, x_D[None], config)[1][0]
+    one = lambda x_D: _reconstruct(params, threshold, input_scale, x_D[None], sae)[1][0]
     return jax.lax.map(one, x_NxD, batch_size=chunk)
 
   return reconstruction
@@ -186,21 +184,20 @@ def ground_truth_metrics(W_dec_FxD, dictionary_NxD, feature_class_N, *,
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("config", "top"))
-def pool(params, input_scale, x_BxD, key, config: SAEConfig, top: bool = False):
+@functools.partial(jax.jit, static_argnames=("sae", "top"))
+def pool(params, input_scale, x_BxD, key, sae: model.SAE, top: bool = False):
   """The Sampled-SAE pool of x as `select` chooses it, or with `top` the
   top scores even for a `sample_pool` SAE."""
-  a_BxF = jax.nn.relu(model.SAE(config).apply({"params": params}, x_BxD * input_scale,
-                                               method=model.SAE.pre))
-  rule = config.pool_rule | ({"sample_pool": False} if top else {})
+  a_BxF = jax.nn.relu(sae.apply({"params": params}, x_BxD * input_scale, method=model.SAE.pre))
+  rule = sae.config.pool_rule | ({"sample_pool": False} if top else {})
   return model.new_pool(a_BxF, key, **rule)
 
 
-def pools(params, input_scale, x_BxD, config: SAEConfig, batch_size: int) -> list:
+def pools(params, input_scale, x_BxD, sae: model.SAE, batch_size: int) -> list:
   """The Sampled-SAE pool (top scores) of each consecutive batch of x; for
   score "uniform", which has no top, the pools drawn as training draws them."""
   key = jax.random.key(BATCH_MODE_KEY)
   return [np.asarray(pool(params, jnp.float32(input_scale),
                            jnp.asarray(x_BxD[start:start + batch_size], jnp.float32),
-                           jax.random.fold_in(key, i), config, top=config.score != "uniform"))
+                           jax.random.fold_in(key, i), sae, top=sae.config.score != "uniform"))
           for i, start in enumerate(range(0, len(x_BxD) - batch_size + 1, batch_size))]

@@ -14,6 +14,7 @@ import numpy as np
 import tqdm
 
 from sae_jax import evaluate
+from sae_jax import model
 
 # Histogram edges of a latent's activations: 4 per decade from 1e-3 to 1e3.
 EDGES = 10.0 ** np.arange(-3, 3.01, 0.25)
@@ -160,7 +161,7 @@ def scan(weights: dict, cfg: dict, rows: typing.Callable[[int, int], np.ndarray]
               np.where(top.row >= 0, top.key, 0).astype(np.float32), drawn.row, kth_all)
 
 
-def pool_share(weights: dict, input_scale: float, sae, rows: typing.Callable[[int, int], np.ndarray],
+def pool_share(weights: dict, input_scale: float, sae: model.SAE, rows: typing.Callable[[int, int], np.ndarray],
                n: int, batch_size: int, *, block: int = 16, seed: int = 0,
                progress: bool = True) -> tuple:
   """How often each latent makes a Sampled-SAE pool: (pools that held it [F],

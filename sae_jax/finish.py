@@ -12,6 +12,7 @@ import safetensors
 from sae_jax import downstream
 from sae_jax import evaluate
 from sae_jax import inference
+from sae_jax import model
 from sae_jax import outdir
 from sae_jax import probing
 from sae_jax import saelens
@@ -96,7 +97,7 @@ def _inference_rule(config: RunConfig, state: train.TrainState, source: DataSour
   rows, _ = finite(source.calibration(config.calibration_tokens), "the calibration rows")
   rows = rows[np.random.default_rng(c.seed).permutation(len(rows))]
   scaled = rows * np.float32(state.input_scale)
-  calibration = thresholds.calibrate(state.params, scaled, c.sae, batch_size=c.batch_size,
+  calibration = thresholds.calibrate(state.params, scaled, model.SAE(c.sae), batch_size=c.batch_size,
                                      per_latent=config.inference != "global")
   if c.sae.selection == "topk":
     return calibration, inference.Rule("topk", calibration.threshold_F, c.sae.k, {}), \
@@ -104,7 +105,7 @@ def _inference_rule(config: RunConfig, state: train.TrainState, source: DataSour
   theta_F = calibration.threshold_F if config.inference != "global" else np.full(
       c.sae.n_latents, np.float32(state.threshold))
   rule = inference.choose(config.inference, state.params,
-                          thresholds.batches(scaled, c.batch_size), c.sae, theta_F,
+                          thresholds.batches(scaled, c.batch_size), model.SAE(c.sae), theta_F,
                           calibration.training_sse)
   if rule.name != "topk":
     return calibration, rule, calibration.counts_F
@@ -112,7 +113,7 @@ def _inference_rule(config: RunConfig, state: train.TrainState, source: DataSour
   for start in range(0, calibration.tokens, COUNT_CHUNK):  # never all [tokens, F] codes at once
     z, _ = evaluate.reconstruct(state.params, theta_F, state.input_scale,
                                 rows[start:min(start + COUNT_CHUNK, calibration.tokens)],
-                                rule.sae(c.sae), chunk=COUNT_CHUNK)
+                                model.SAE(rule.sae(c.sae)), chunk=COUNT_CHUNK)
     counts_F += np.sum(z > 0, axis=0)
   return calibration, rule, counts_F
 
@@ -133,7 +134,7 @@ def _evaluate(config: RunConfig, state: train.TrainState, source: DataSource,
   held_out, dropped = finite(raw, "the held-out rows")
   theta_F = rule.threshold_F
   z, xhat = evaluate.reconstruct(state.params, theta_F, state.input_scale, held_out,
-                                 rule.sae(c.sae))
+                                 model.SAE(rule.sae(c.sae)))
   concepts = _concepts(config, state, source, held_out, z, np.isfinite(raw).all(axis=1))
   summary = evaluate.reconstruction_metrics(held_out, xhat, z)
   sparsity = evaluate.sparsity_metrics(z)
@@ -141,14 +142,14 @@ def _evaluate(config: RunConfig, state: train.TrainState, source: DataSource,
   summary.update({f"eval_{k}" if k == "dead_fraction" else k: v for k, v in sparsity.items()},
                  density_histogram_log10=counts.tolist(), density_never_fired=never)
   shuffled = held_out[np.random.default_rng(c.seed).permutation(len(held_out))]
-  z, xhat = evaluate.reconstruct(state.params, theta_F, state.input_scale, shuffled, c.sae,
-                                 mode="batch", batch_size=c.batch_size)
+  z, xhat = evaluate.reconstruct(state.params, theta_F, state.input_scale, shuffled,
+                                 model.SAE(c.sae), mode="batch", batch_size=c.batch_size)
   batch = evaluate.reconstruction_metrics(shuffled, xhat, z)
   summary.update(batch_fvu=batch["fvu"], batch_l0=batch["l0"])
   if c.sae.selection == "sampled":
     size = min(c.batch_size, len(held_out) // 2)
     summary["pool_jaccard"] = evaluate.pool_jaccard(
-        evaluate.pools(state.params, state.input_scale, held_out, c.sae, size))
+        evaluate.pools(state.params, state.input_scale, held_out, model.SAE(c.sae), size))
   summary.update(
       dead_fraction=float(np.mean(state.steps_since_fired_F >= c.dead_steps)),
       skipped_steps=int(state.skipped_steps), threshold=float(state.threshold),
@@ -211,7 +212,7 @@ def _downstream(config: RunConfig, state: train.TrainState, rule: inference.Rule
     print("no downstream contexts (--downstream-contexts 0, or no text after the cache's): "
           "downstream loss skipped", flush=True)
     return {}
-  e, sae, theta_F = config.export, rule.sae(state.config.sae), rule.threshold_F
+  e, sae, theta_F = config.export, model.SAE(rule.sae(state.config.sae)), rule.threshold_F
   if source.language_model is not None:
     lm_config, lm_params = source.language_model()
     result = downstream.downstream_loss_jax(

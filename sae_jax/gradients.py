@@ -40,7 +40,6 @@ from sae_jax import layouts
 from sae_jax import losses
 from sae_jax import model
 from sae_jax import selection
-from sae_jax.config import TrainConfig
 
 
 class Outputs(typing.NamedTuple):
@@ -82,30 +81,31 @@ def _fired_and_dead(silent_F, fired_F, dead_steps: int, axis_name):
   return fired_F, losses.dead_latents(silent_F, fired_F, dead_steps)
 
 
-def dense(params, x_BxD, silent_F, key, config: TrainConfig, axis_name, kept=None):
-  """Gradients by autodiff through the SAE as written: the reference.
+def dense(params, x_BxD, silent_F, key, sae: model.SAE, axis_name, kept=None, *,
+          dead_steps: int, auxk_k: int, auxk_weight: float):
+  """Gradients by autodiff through the SAE module as written: the reference.
 
   `silent_F` holds the steps each latent went without firing before this
-  one; `kept` is a kept Sampled-SAE pool and whether to renew it
+  one; a latent silent for `dead_steps` after this step is dead, and AuxK
+  (each token's top `auxk_k` dead latents, weighted `auxk_weight`) is added.
+  `kept` is a kept Sampled-SAE pool and whether to renew it
   (`model.step_pool`).
   """
-  c = config
-  sae = model.SAE(c.sae)
 
   def loss_fn(params):
     variables = {"params": params}
     pre_BxF = sae.apply(variables, x_BxD, method=model.SAE.pre)
     pool_P = model.step_pool(jax.nn.relu(pre_BxF), key, kept, axis_name=axis_name,
-                             **c.sae.pool_rule)
+                             **sae.config.pool_rule)
     z_BxF = sae.apply(variables, jax.nn.relu(pre_BxF), key=key, axis_name=axis_name,
                       pool=pool_P, method=model.SAE.select)
     xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode)
     mse = losses.mse(x_BxD, xhat_BxD)
     n_active, fired_F, token_min_B = _codes_stats(z_BxF)
-    fired_F, dead_F = _fired_and_dead(silent_F, fired_F, c.dead_steps, axis_name)
-    auxk_value = losses.auxk_loss(pre_BxF, dead_F, x_BxD - xhat_BxD, params["W_dec"], c.auxk_k,
+    fired_F, dead_F = _fired_and_dead(silent_F, fired_F, dead_steps, axis_name)
+    auxk_value = losses.auxk_loss(pre_BxF, dead_F, x_BxD - xhat_BxD, params["W_dec"], auxk_k,
                                   axis_name)
-    return mse + c.auxk_weight * auxk_value, Outputs(mse, auxk_value, xhat_BxD, n_active,
+    return mse + auxk_weight * auxk_value, Outputs(mse, auxk_value, xhat_BxD, n_active,
                                                      fired_F, token_min_B, dead_F, pool_P)
 
   (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(varying(params, axis_name))
@@ -220,9 +220,15 @@ def _batchtopk(params, x_BxD, centred_BxD, a_BxF, k: int, axis_name, layout: str
   return lax.cond(entries.complete, from_entries, lambda: from_dense_codes(cut))
 
 
-def fast(params, x_BxD, silent_F, key, config: TrainConfig, axis_name, kept=None):
+def fast(params, x_BxD, silent_F, key, axis_name, kept=None, *, selection: str, k: int,
+         pool_rule: dict, compute_dtype: str, layout: str, dead_steps: int, auxk_k: int,
+         auxk_weight: float):
   """The same gradients and outputs as `dense`, with only the encoder
   forward dense.
+
+  The SAE is given by its `selection`, `k`, `pool_rule`
+  (`SAEConfig.pool_rule`, Sampled-SAE only) and `compute_dtype`; `layout`
+  is `TrainConfig.layout`, the rest as for `dense`.
 
   Returns:
     (grads, pool_P, outputs, with_auxk). For Sampled-SAE, `grads` of W_enc,
@@ -235,9 +241,8 @@ def fast(params, x_BxD, silent_F, key, config: TrainConfig, axis_name, kept=None
     (grads, rows, value), for a step on which at most `capacity` (one of
     `auxk.auxk_capacities(F, k_aux)`) latents are dead.
   """
-  c = config
   params = varying(params, axis_name)
-  centred_BxD, product_BxF = model.encoder_product(params, x_BxD, c.sae.compute_dtype)
+  centred_BxD, product_BxF = model.encoder_product(params, x_BxD, compute_dtype)
   pre_BxF = product_BxF + params["b_enc"][None, :]  # as `model.encoder` adds it
   centred_BxD = centred_BxD.astype(jnp.float32)
   # AuxK, like the rest, only looks at positive pre-activations, and has the
@@ -245,22 +250,22 @@ def fast(params, x_BxD, silent_F, key, config: TrainConfig, axis_name, kept=None
   # relu to the columns it gathers.
   a_BxF = jax.nn.relu(pre_BxF)
   pool_P = None
-  if c.sae.selection == "sampled":
+  if selection == "sampled":
     xhat_BxD, mse, grads, pool_P, stats = _sampled(params, x_BxD, centred_BxD, product_BxF,
-                                                   a_BxF, key, axis_name, kept, **c.sae.pool_rule)
-  elif c.sae.selection == "topk":
-    xhat_BxD, mse, grads, stats = _topk(params, x_BxD, centred_BxD, a_BxF, c.sae.k, c.layout)
+                                                   a_BxF, key, axis_name, kept, **pool_rule)
+  elif selection == "topk":
+    xhat_BxD, mse, grads, stats = _topk(params, x_BxD, centred_BxD, a_BxF, k, layout)
   else:
-    xhat_BxD, mse, grads, stats = _batchtopk(params, x_BxD, centred_BxD, a_BxF, c.sae.k,
-                                             axis_name, c.layout)
+    xhat_BxD, mse, grads, stats = _batchtopk(params, x_BxD, centred_BxD, a_BxF, k,
+                                             axis_name, layout)
   n_active, fired_F, token_min_B = stats
-  fired_F, dead_F = _fired_and_dead(silent_F, fired_F, c.dead_steps, axis_name)
+  fired_F, dead_F = _fired_and_dead(silent_F, fired_F, dead_steps, axis_name)
 
   residual_BxD = x_BxD - xhat_BxD
-  aux = (params, centred_BxD, residual_BxD, pre_BxF, dead_F, c.auxk_k, c.auxk_weight, axis_name)
-  with_auxk = auxk.AuxK(lambda grads: auxk.dense_grads(*aux, grads, layout=c.layout),
+  aux = (params, centred_BxD, residual_BxD, pre_BxF, dead_F, auxk_k, auxk_weight, axis_name)
+  with_auxk = auxk.AuxK(lambda grads: auxk.dense_grads(*aux, grads, layout=layout),
                         lambda pooled, pool_P, capacity: auxk.rows(*aux, pooled, pool_P, capacity,
-                                                                   layout=c.layout))
+                                                                   layout=layout))
 
   # A sum over no tokens: zero, and under shard_map it varies as the data does.
   no_auxk = jnp.sum(x_BxD[:0])

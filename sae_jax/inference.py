@@ -48,11 +48,11 @@ class Rule(typing.NamedTuple):
     return dataclasses.replace(config, selection="topk", k=self.k)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _errors(params, x_NxBxD, theta_F, config: SAEConfig):
+@functools.partial(jax.jit, static_argnames=("sae",))
+def _errors(params, x_NxBxD, theta_F, sae: model.SAE):
   """Σ‖x − x̂‖² over every batch: with the thresholds θ_F, and with each
   token's k′ largest codes for k′ = 1..k ([k])."""
-  sae = model.SAE(config)
+  k = sae.config.k
   variables = {"params": params}
   W_dec_FxD = params["W_dec"].astype(jnp.float32)
 
@@ -61,22 +61,22 @@ def _errors(params, x_NxBxD, theta_F, config: SAEConfig):
     z_BxF = jnp.where(a_BxF > theta_F[None, :], a_BxF, 0)
     thresholded = jnp.sum(jnp.square(x_BxD - sae.apply(variables, z_BxF,
                                                        method=model.SAE.decode)))
-    values_BxK, latents_BxK = lax.top_k(a_BxF, config.k)
+    values_BxK, latents_BxK = lax.top_k(a_BxF, k)
 
     def peel(error_BxD, i):  # the error once each token's i+1 largest codes are decoded
       error_BxD = error_BxD - values_BxK[:, i, None] * W_dec_FxD[latents_BxK[:, i]]
       return error_BxD, jnp.sum(jnp.square(error_BxD))
 
-    _, top_K = lax.scan(peel, x_BxD - params["b_dec"][None, :], jnp.arange(config.k))
+    _, top_K = lax.scan(peel, x_BxD - params["b_dec"][None, :], jnp.arange(k))
     totals = totals[0] + thresholded.astype(jnp.float32), totals[1] + top_K.astype(jnp.float32)
     return totals, None
 
   zero = jnp.zeros((), jnp.float32)
-  totals, _ = lax.scan(one, (zero, jnp.zeros(config.k, jnp.float32)), x_NxBxD)
+  totals, _ = lax.scan(one, (zero, jnp.zeros(k, jnp.float32)), x_NxBxD)
   return totals
 
 
-def choose(asked: str, params, x_NxBxD, config: SAEConfig, threshold_F,
+def choose(asked: str, params, x_NxBxD, sae: model.SAE, threshold_F,
            training_sse: float) -> Rule:
   """The rule to save, from the calibration batches x (scaled units).
 
@@ -91,13 +91,13 @@ def choose(asked: str, params, x_NxBxD, config: SAEConfig, threshold_F,
   Returns:
     Rule (for BatchTopK and Sampled-SAE; a TopK SAE keeps its own rule).
 
-  >>> config = SAEConfig(2, 3, k=1, selection="batchtopk")
+  >>> sae = model.SAE(SAEConfig(2, 3, k=1, selection="batchtopk"))
   >>> params = {"W_enc": jnp.eye(2, 3), "b_enc": jnp.zeros(3), "W_dec": jnp.eye(3, 2),
   ...           "b_dec": jnp.zeros(2)}
   >>> x = jnp.array([[[4., 1.], [0., 3.]]])  # thresholds that let both fire: exact
-  >>> choose("auto", params, x, config, np.zeros(3, np.float32), 1.).name
+  >>> choose("auto", params, x, sae, np.zeros(3, np.float32), 1.).name
   'per-latent'
-  >>> rule = choose("topk", params, x, config, np.zeros(3, np.float32), 1.)
+  >>> rule = choose("topk", params, x, sae, np.zeros(3, np.float32), 1.)
   >>> rule.name, rule.k, rule.fvu["topk"]  # one code per token leaves the 1: 1 / 10
   ('topk', 1, 0.1)
   """
@@ -105,7 +105,7 @@ def choose(asked: str, params, x_NxBxD, config: SAEConfig, threshold_F,
   mean_D = x_NxBxD.mean(axis=(0, 1), dtype=np.float64)
   variance = sum(float(np.square(x_BxD - mean_D).sum()) for x_BxD in x_NxBxD)
   thresholded, top_K = _errors(params, jnp.asarray(x_NxBxD, jnp.float32),
-                               jnp.asarray(threshold_F, jnp.float32), config)
+                               jnp.asarray(threshold_F, jnp.float32), sae)
   top_K = np.asarray(top_K, np.float64)
   best = int(np.argmin(top_K))
   thresholds = "global" if asked == "global" else "per-latent"
@@ -117,4 +117,4 @@ def choose(asked: str, params, x_NxBxD, config: SAEConfig, threshold_F,
                                  and fvu["topk"] < fvu[thresholds])
   threshold_F = np.asarray(threshold_F, np.float32)
   return Rule("topk", threshold_F, best + 1, fvu) if use_topk else Rule(
-      thresholds, threshold_F, config.k, fvu)
+      thresholds, threshold_F, sae.config.k, fvu)

@@ -159,22 +159,22 @@ def geometric_median(x_NxD: jax.Array, n_iter: int = 100, eps: float = 1e-8) -> 
   return lax.fori_loop(0, n_iter, step, jnp.mean(x_NxD, axis=0))
 
 
-def init_params(key: jax.Array, config: SAEConfig, sample_NxD: jax.Array) -> dict:
+def init_params(key: jax.Array, sae: SAE, sample_NxD: jax.Array) -> dict:
   """SAE parameters as the recipe initialises them.
 
   Args:
     key: PRNG key for the decoder directions.
-    config: the SAE's sizes (and rule, which init does not use).
+    sae: the SAE module, for its sizes (init does not use its rule).
     sample_NxD: activations (already scaled) whose geometric median is b_dec.
 
   Returns:
-    A Flax variables dict {"params": {...}} for `SAE(config)`.
+    A Flax variables dict {"params": {...}} for `sae`.
   """
-  d_model = config.d_model
+  d_model = sae.config.d_model
   if sample_NxD.ndim != 2 or sample_NxD.shape[1] != d_model:
     raise ValueError(
         f"sample_NxD must have shape [N, {d_model}] (N tokens of width d_model); "
         f"got {sample_NxD.shape}")
-  variables = SAE(config).init(key, sample_NxD[:1])
+  variables = sae.init(key, sample_NxD[:1])
   params = dict(variables["params"], b_dec=geometric_median(sample_NxD))
   return {"params": params}

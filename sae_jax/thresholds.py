@@ -26,7 +26,6 @@ import numpy as np
 from jax import lax
 
 from sae_jax import model
-from sae_jax.config import SAEConfig
 
 NEVER = float(np.finfo(np.float32).max)  # θ of a latent that must never fire
 # The Sampled-SAE pools of `sample_pool` runs, drawn during calibration.
@@ -51,9 +50,9 @@ def batches(x_NxD, batch_size: int) -> np.ndarray:
       n_batches, batch_size, -1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "per_latent"))
-def _calibrate(params, x_NxBxD, config: SAEConfig, per_latent: bool):
-  sae = model.SAE(config)
+@functools.partial(jax.jit, static_argnames=("sae", "per_latent"))
+def _calibrate(params, x_NxBxD, sae: model.SAE, per_latent: bool):
+  config = sae.config
   variables = {"params": params}
   n_batches, _, _ = x_NxBxD.shape
   key = jax.random.key(CALIBRATION_KEY)
@@ -102,7 +101,7 @@ def _calibrate(params, x_NxBxD, config: SAEConfig, per_latent: bool):
   return counts_F, sse, jnp.where(counts_F > 0, theta_F, NEVER)
 
 
-def calibrate(params, x_NxD, config: SAEConfig, *, batch_size: int,
+def calibrate(params, x_NxD, sae: model.SAE, *, batch_size: int,
               per_latent: bool = True) -> Calibration:
   """Per-latent inference thresholds from the training rule on x.
 
@@ -111,7 +110,7 @@ def calibrate(params, x_NxD, config: SAEConfig, *, batch_size: int,
     x_NxD: calibration tokens, already multiplied by the input scale; cut
       into floor(N / batch_size) batches of `batch_size`, the training batch
       (the rule's budget is batch_size · k).
-    config: the SAE; TopK needs no thresholds (its counts are still found).
+    sae: the SAE module; TopK needs no thresholds (its counts are still found).
     batch_size: tokens per batch, as in training.
     per_latent: False only counts (for `--inference global`); threshold_F is 0.
 
@@ -119,17 +118,17 @@ def calibrate(params, x_NxD, config: SAEConfig, *, batch_size: int,
     Calibration(threshold_F, counts_F, tokens, training_sse).
 
   >>> from sae_jax import SAEConfig
-  >>> config = SAEConfig(2, 3, k=1, selection="batchtopk")
+  >>> sae = model.SAE(SAEConfig(2, 3, k=1, selection="batchtopk"))
   >>> params = {"W_enc": jnp.eye(2, 3), "b_enc": jnp.zeros(3), "W_dec": jnp.eye(3, 2),
   ...           "b_dec": jnp.zeros(2)}
   >>> x = jnp.array([[4., 0.], [0., 3.], [2., 0.], [1., 1.]])
-  >>> c = calibrate(params, x, config, batch_size=4)  # keeps 4, 3, 2 and one 1
+  >>> c = calibrate(params, x, sae, batch_size=4)  # keeps 4, 3, 2 and one 1
   >>> c.counts_F.tolist(), c.threshold_F[:2].tolist(), bool(c.threshold_F[2] == NEVER)
   ([3, 1, 0], [0.0, 1.0], True)
   """
   x_NxBxD = batches(x_NxD, batch_size)
-  per_latent = per_latent and config.selection != "topk"
-  counts_F, sse, theta_F = _calibrate(params, jnp.asarray(x_NxBxD), config, per_latent)
+  per_latent = per_latent and sae.config.selection != "topk"
+  counts_F, sse, theta_F = _calibrate(params, jnp.asarray(x_NxBxD), sae, per_latent)
   return Calibration(np.asarray(theta_F), np.asarray(counts_F).astype(np.int64),
                      x_NxBxD.shape[0] * batch_size, float(sse))
 

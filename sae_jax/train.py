@@ -89,7 +89,8 @@ def create_train_state(config: TrainConfig, sample_NxD) -> TrainState:
         f"sample_NxD must have shape [N, {D}] (N tokens of width d_model); got {sample_NxD.shape}")
   scale = estimate_input_scale(sample_NxD)
   init_key, pool_key = jax.random.split(jax.random.key(config.seed))
-  params = model.init_params(init_key, config.sae, jnp.asarray(sample_NxD * scale, jnp.float32))
+  params = model.init_params(init_key, model.SAE(config.sae),
+                             jnp.asarray(sample_NxD * scale, jnp.float32))
   params = params["params"]
   return TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -129,6 +130,18 @@ def can_be_dead(silent_F, dead_steps: int, later: int):
 
 FORMS = ("general", "all_alive", "packed")
 """The compiled forms of the fast step (see `train_step`)."""
+
+
+def auxk_rule(config: TrainConfig) -> dict:
+  """`gradients.dense`'s keywords: when a latent is dead and how AuxK weighs it."""
+  return dict(dead_steps=config.dead_steps, auxk_k=config.auxk_k, auxk_weight=config.auxk_weight)
+
+
+def fast_rule(config: TrainConfig) -> dict:
+  """`gradients.fast`'s keywords for this run."""
+  sae = config.sae
+  return dict(auxk_rule(config), selection=sae.selection, k=sae.k, pool_rule=sae.pool_rule,
+              compute_dtype=sae.compute_dtype, layout=config.layout)
 
 
 def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
@@ -196,12 +209,13 @@ def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
     return params, opt_state, auxk_loss, optax.tree.norm(grads), finite
 
   if c.step == "dense":
-    grads, out = gradients.dense(state.params, x_BxD, silent_F, key, c, AXIS, kept)
+    grads, out = gradients.dense(state.params, x_BxD, silent_F, key, model.SAE(c.sae), AXIS,
+                                 kept, **auxk_rule(c))
     mse = collectives.ordered_pmean(out.mse, AXIS)
     params, opt_state, auxk_loss, grad_norm, finite = apply(grads, out.auxk, None)
   else:
-    grads, pool_P, out, with_auxk = gradients.fast(state.params, x_BxD, silent_F, key, c, AXIS,
-                                                   kept)
+    grads, pool_P, out, with_auxk = gradients.fast(state.params, x_BxD, silent_F, key, AXIS,
+                                                   kept, **fast_rule(c))
     mse = collectives.ordered_pmean(out.mse, AXIS)
 
     def dense_with_auxk():

@@ -119,11 +119,11 @@ def test_downstream_loss_in_jax_equals_torch(lm):
                                                threshold_start=0), sample)
   threshold = np.float32(0.05)  # low enough that some codes fire
   numpy_splice = lambda h: evaluate.reconstruct(state.params, threshold, state.input_scale, h,
-                                                sae_config)[1]
+                                                model.SAE(sae_config))[1]
   identity = lambda h: h
   for torch_splice, jax_splice, args in (
       (identity, identity, ()),
-      (numpy_splice, evaluate.splice(sae_config), (state.params, threshold, state.input_scale))):
+      (numpy_splice, evaluate.splice(model.SAE(sae_config)), (state.params, threshold, state.input_scale))):
     want = downstream.downstream_loss(lm["model"], hook, ids, torch_splice, batch_contexts=4)
     got = downstream.downstream_loss_jax(params, config, hook, ids, jax_splice, args,
                                          batch_contexts=4)
@@ -146,8 +146,8 @@ def test_pools_of_every_score_including_uniform():
   x = synthetic.SyntheticSource(synthetic.SyntheticConfig(d_model=8, n_features=16)).sample(0, 64)
   for score, sample_pool in (("l2", False), ("l2", True), ("uniform", True)):
     config = SAEConfig(8, 32, k=2, l=2.0, score=score, sample_pool=sample_pool)
-    params = model.init_params(jax.random.key(0), config, x)["params"]
-    pools = evaluate.pools(params, 1.0, x, config, 16)
+    params = model.init_params(jax.random.key(0), model.SAE(config), x)["params"]
+    pools = evaluate.pools(params, 1.0, x, model.SAE(config), 16)
     assert len(pools) == 4 and all(len(set(p.tolist())) == 4 for p in pools), score
     if score == "uniform":
       assert len({tuple(sorted(p.tolist())) for p in pools}) > 1

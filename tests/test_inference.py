@@ -19,7 +19,7 @@ CONFIG = SAEConfig(D, F, k=K, selection="sampled", l=2.0)
 
 def setup():
   x = SOURCE.sample(7, 4 * B)
-  params = model.init_params(jax.random.key(0), CONFIG, jnp.asarray(x))["params"]
+  params = model.init_params(jax.random.key(0), model.SAE(CONFIG), jnp.asarray(x))["params"]
   theta_F = np.random.default_rng(0).uniform(0, 0.5, F).astype(np.float32)
   return params, x.reshape(4, B, D), theta_F
 
@@ -40,7 +40,8 @@ def reference_errors(params, x_NxD, theta_F):
 
 def test_errors_match_numpy():
   params, x, theta_F = setup()
-  thresholded, top_K = inference._errors(params, jnp.asarray(x), jnp.asarray(theta_F), CONFIG)
+  thresholded, top_K = inference._errors(params, jnp.asarray(x), jnp.asarray(theta_F),
+                                       model.SAE(CONFIG))
   want_thresholded, want_top = reference_errors(params, np.asarray(x, np.float64).reshape(-1, D),
                                                 theta_F)
   np.testing.assert_allclose(float(thresholded), want_thresholded, rtol=1e-4)
@@ -54,7 +55,8 @@ def test_the_choice():
   variance = float(np.square(flat - flat.mean(0)).sum())
   thresholded, top = reference_errors(params, flat, theta_F)
   best = int(np.argmin(top)) + 1
-  choose = lambda asked, training: inference.choose(asked, params, x, CONFIG, theta_F, training)
+  choose = lambda asked, training: inference.choose(asked, params, x, model.SAE(CONFIG),
+                                                                theta_F, training)
 
   # auto keeps the thresholds within 1.1x of the training rule ...
   kept = choose("auto", thresholded / 1.09)

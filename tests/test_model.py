@@ -22,14 +22,14 @@ def sample(n=50, seed=0):
 
 def test_init_follows_the_recipe():
   x = sample()
-  p = model.init_params(jax.random.key(0), CONFIG, x)["params"]
+  p = model.init_params(jax.random.key(0), model.SAE(CONFIG), x)["params"]
   assert {k: v.shape for k, v in p.items()} == {
       "W_enc": (D, F), "b_enc": (F,), "W_dec": (F, D), "b_dec": (D,)}
   np.testing.assert_allclose(np.linalg.norm(p["W_dec"], axis=1), 1, rtol=1e-6)
   np.testing.assert_array_equal(p["W_enc"], p["W_dec"].T)
   np.testing.assert_array_equal(p["b_enc"], 0)
   np.testing.assert_array_equal(p["b_dec"], model.geometric_median(x))
-  other = model.init_params(jax.random.key(1), CONFIG, x)["params"]
+  other = model.init_params(jax.random.key(1), model.SAE(CONFIG), x)["params"]
   assert not np.allclose(other["W_dec"], p["W_dec"])
 
 
@@ -48,7 +48,7 @@ def test_geometric_median_is_the_minimiser():
 
 def test_maps_match_their_formulas():
   x = sample(8)
-  variables = model.init_params(jax.random.key(3), CONFIG, x)
+  variables = model.init_params(jax.random.key(3), model.SAE(CONFIG), x)
   rng = np.random.default_rng(4)
   variables = jax.tree.map(lambda v: v + 0.1 * rng.standard_normal(v.shape).astype(np.float32),
                            variables)
@@ -76,12 +76,12 @@ def test_maps_match_their_formulas():
 
 def test_init_refuses_a_sample_of_the_wrong_width():
   with pytest.raises(ValueError, match=r"sample_NxD must have shape \[N, 6\]"):
-    model.init_params(jax.random.key(0), CONFIG, jnp.ones((4, 5)))
+    model.init_params(jax.random.key(0), model.SAE(CONFIG), jnp.ones((4, 5)))
 
 
 def variables_and_pre(seed=5):
   x = sample(16, seed)
-  variables = model.init_params(jax.random.key(seed), CONFIG, x)
+  variables = model.init_params(jax.random.key(seed), model.SAE(CONFIG), x)
   pre = model.SAE(CONFIG).apply(variables, x, method=model.SAE.pre)
   return x, variables, pre
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from sae_jax import evaluate
+from sae_jax import model
 from sae_jax import synthetic
 from sae_jax import thresholds
 from tests import tiny_lm
@@ -101,7 +102,8 @@ def test_saelens_export_reproduces_inference(tmp_path, selection):
     never = theta_raw == thresholds.NEVER
     assert len(np.unique(theta_raw[~never])) > 1 and o["summary"]["inference"] == "per-latent"
     theta = np.where(never, thresholds.NEVER, theta_raw * np.float32(scale))
-  our_z, our_xhat = evaluate.reconstruct(state.params, theta, state.input_scale, x, c.sae)
+  our_z, our_xhat = evaluate.reconstruct(state.params, theta, state.input_scale, x,
+                                         model.SAE(c.sae))
   np.testing.assert_allclose(z, our_z / scale, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(xhat, our_xhat, rtol=1e-4, atol=1e-4)
   assert np.mean(np.sum(z > 0, axis=1)) > 0

@@ -13,6 +13,7 @@ from safetensors.numpy import load_file
 
 from sae_jax import checkpoint
 from sae_jax import evaluate
+from sae_jax import model
 from sae_jax import synthetic
 from sae_jax import thresholds
 from sae_jax import train
@@ -60,7 +61,8 @@ def ours(run, x):
   elif config.sae.selection != "topk":
     raw = load_file(str(run / "saelens" / "sae_weights.safetensors"))["threshold"]
     theta = np.where(raw == thresholds.NEVER, thresholds.NEVER, raw * scale)
-  z, xhat = evaluate.reconstruct(state.params, theta, state.input_scale, x, sae)
+  z, xhat = evaluate.reconstruct(state.params, theta, state.input_scale, x,
+                                 model.SAE(sae))
   return z / scale, xhat
 
 

@@ -25,7 +25,7 @@ def sae(selection, **kwargs):
 
 def params_for(config, seed=0):
   x = jnp.asarray(SOURCE.sample(10**6, 512))
-  params = model.init_params(jax.random.key(seed), config, x)["params"]
+  params = model.init_params(jax.random.key(seed), model.SAE(config), x)["params"]
   weak_F = np.arange(F) < N_WEAK  # tiny encoder columns and a negative bias
   scale_1xF = np.where(weak_F, 1e-3, 1.0).astype(np.float32)[None, :]
   return dict(params, W_enc=params["W_enc"] * scale_1xF,
@@ -57,7 +57,7 @@ def test_calibration_matches_numpy_and_the_training_rule_on_its_tokens(selection
   config = sae(selection)
   params = params_for(config)
   x = SOURCE.sample(7, 8 * B)
-  got = thresholds.calibrate(params, x, config, batch_size=B)
+  got = thresholds.calibrate(params, x, model.SAE(config), batch_size=B)
   counts, theta, a, sse = reference_calibration(params, x, config)
   np.testing.assert_array_equal(got.counts_F, counts)
   np.testing.assert_allclose(got.training_sse, sse, rtol=1e-4)
@@ -84,11 +84,11 @@ def test_fresh_tokens_fire_each_latent_as_the_training_rule_does():
   params = params_for(config, seed=1)
   nb_cal, nb = 64, 32
   x_cal, x = SOURCE.sample(8, nb_cal * B), SOURCE.sample(9, nb * B)
-  got = thresholds.calibrate(params, x_cal, config, batch_size=B)
-  z_inference, _ = evaluate.reconstruct(params, got.threshold_F, 1.0, x, config)
+  got = thresholds.calibrate(params, x_cal, model.SAE(config), batch_size=B)
+  z_inference, _ = evaluate.reconstruct(params, got.threshold_F, 1.0, x, model.SAE(config))
 
   def per_batch(x):  # the training rule's count of each latent in each batch
-    z, _ = evaluate.reconstruct(params, 0.0, 1.0, x, config, mode="batch", batch_size=B)
+    z, _ = evaluate.reconstruct(params, 0.0, 1.0, x, model.SAE(config), mode="batch", batch_size=B)
     return np.sum(z.reshape(-1, B, F) > 0, axis=1)
 
   counts = per_batch(x)
@@ -105,11 +105,11 @@ def test_fresh_tokens_fire_each_latent_as_the_training_rule_does():
 def test_global_rule_counts_only_and_topk_needs_no_thresholds():
   for config in (sae("sampled"), sae("topk")):
     params = params_for(config)
-    got = thresholds.calibrate(params, SOURCE.sample(7, 2 * B), config, batch_size=B,
+    got = thresholds.calibrate(params, SOURCE.sample(7, 2 * B), model.SAE(config), batch_size=B,
                                per_latent=config.selection != "sampled")
     assert got.counts_F.sum() > 0 and np.all(got.threshold_F == 0)
   with pytest.raises(ValueError, match=r"needs at least one batch of 64 tokens; got 63"):
-    thresholds.calibrate(params, SOURCE.sample(7, B - 1), config, batch_size=B)
+    thresholds.calibrate(params, SOURCE.sample(7, B - 1), model.SAE(config), batch_size=B)
 
 
 def test_never_firing_latents_stay_silent_in_the_saved_sae():
@@ -118,7 +118,7 @@ def test_never_firing_latents_stay_silent_in_the_saved_sae():
   leaves those latents at 0 however large h gets."""
   config = sae("batchtopk")
   params = params_for(config)
-  got = thresholds.calibrate(params, SOURCE.sample(7, 4 * B), config, batch_size=B)
+  got = thresholds.calibrate(params, SOURCE.sample(7, 4 * B), model.SAE(config), batch_size=B)
   weights = saelens.folded_weights(params, got.threshold_F, 0.5, "batchtopk")
   never = weights["threshold"] == thresholds.NEVER
   assert never[:N_WEAK].all() and np.isfinite(weights["threshold"]).all()
@@ -134,13 +134,13 @@ def test_batch_mode_is_the_training_rule_and_refuses_a_missing_batch_size():
   config = sae("batchtopk")
   params = params_for(config)
   x = SOURCE.sample(12, 2 * B + 10)  # two whole batches and a short one
-  z, xhat = evaluate.reconstruct(params, 0.0, 1.0, x, config, mode="batch", batch_size=B)
+  z, xhat = evaluate.reconstruct(params, 0.0, 1.0, x, model.SAE(config), mode="batch", batch_size=B)
   for lo, hi in ((0, B), (B, 2 * B), (2 * B, 2 * B + 10)):
     a = np.asarray(jax.nn.relu(model.SAE(config).apply({"params": params}, jnp.asarray(x[lo:hi]),
                                                         method=model.SAE.pre)))
     np.testing.assert_array_equal(z[lo:hi] > 0, reference.batch_topk_mask(a, K))
   assert xhat.shape == x.shape
   with pytest.raises(ValueError, match=r"mode='batch' needs batch_size, an integer >= 1; got None"):
-    evaluate.reconstruct(params, 0.0, 1.0, x, config, mode="batch")
+    evaluate.reconstruct(params, 0.0, 1.0, x, model.SAE(config), mode="batch")
   with pytest.raises(ValueError, match=r"mode must be one of 'inference', 'batch'; got 'train'"):
-    evaluate.reconstruct(params, 0.0, 1.0, x, config, mode="train")
+    evaluate.reconstruct(params, 0.0, 1.0, x, model.SAE(config), mode="train")

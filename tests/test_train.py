@@ -237,7 +237,8 @@ def fast_and_dense_gradients(params, x_BxD, silent_F, c):
   (`train_step`'s packed form, every dead latent packed), made dense, and
   the fast step's otherwise."""
   key = jax.random.key(3)
-  pooled, pool_P, out, with_auxk = gradients.fast(params, x_BxD, silent_F, key, c, train.AXIS)
+  pooled, pool_P, out, with_auxk = gradients.fast(params, x_BxD, silent_F, key, train.AXIS,
+                                                  **train.fast_rule(c))
   grads, auxk_value = with_auxk.dense(optimizer.dense_grads(pooled, pool_P, params))
   rows = (grads, auxk_value)
   if pool_P is not None:
@@ -245,7 +246,8 @@ def fast_and_dense_gradients(params, x_BxD, silent_F, c):
     assert capacity >= N_DEAD
     rows_grads, rows_R, rows_auxk = with_auxk.rows(pooled, pool_P, capacity)
     rows = (optimizer.dense_grads(rows_grads, rows_R, params), rows_auxk)
-  dense, ref = gradients.dense(params, x_BxD, silent_F, key, c, train.AXIS)
+  dense, ref = gradients.dense(params, x_BxD, silent_F, key, model.SAE(c.sae), train.AXIS,
+                               **train.auxk_rule(c))
   stats = lambda o: (jax.lax.psum(o.n_active, train.AXIS),
                      jax.lax.psum(o.fired_F.astype(jnp.int32), train.AXIS),
                      o.token_min_B, o.dead_F)
