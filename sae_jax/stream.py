@@ -198,6 +198,33 @@ class Stream:
       yield index, np.stack([c for c, _ in got]), start, got[-1][1]
       index, start = index + 1, got[-1][1]
 
+  def _round_steps(self, index: int, tokens_CxL: np.ndarray) -> int:
+    """The steps round `index` gives: its fewest drawable rows on a device, in
+    steps."""
+    counts = valid_rows(tokens_CxL, self.excluded).reshape(self.mesh.size, -1).sum(1)
+    steps = int(counts.min()) // self.b
+    if steps == 0:
+      raise ValueError(f"round {index} of the stream gives a device only {counts.min()} rows "
+                       f"(excluded tokens), fewer than its {self.b} per step: raise "
+                       f"--stream-contexts")
+    return steps
+
+  def check_steps(self, steps: int) -> None:
+    """Refuses, before any training, a run whose text ends before `steps`:
+    the rounds from the start of the training text are tokenized (no model)
+    and their steps counted, up to `steps`."""
+    located = export.located_contexts(self.config, self.tokenizer, self.train_start)
+    have, index = 0, 0
+    while have < steps:
+      got = list(itertools.islice(located, self.round_contexts))
+      if len(got) < self.round_contexts:
+        raise ValueError(
+            f"--steps {steps}: the text ({self.config.dataset!r}) gives {have} training steps "
+            f"({index} rounds of --stream-contexts {self.round_contexts}); use more text or "
+            f"at most --steps {have}")
+      have += self._round_steps(index, np.stack([c for c, _ in got]))
+      index += 1
+
   def _local(self, tokens: np.ndarray) -> jax.Array:
     """The round's [devices, R, L] ids as a global array; this process gives its devices' part."""
     n = self.mesh.size
@@ -235,12 +262,7 @@ class Stream:
     first, skip = position["step"], start_step - position["step"]
     rounds = self._token_rounds(position["round"], (position["record"], position["offset"]))
     for index, tokens, start, after in data.prefetched(rounds, 1):
-      counts = valid_rows(tokens, self.excluded).reshape(self.mesh.size, -1).sum(1)
-      steps = int(counts.min()) // self.b
-      if steps == 0:
-        raise ValueError(f"round {index} of the stream gives a device only {counts.min()} rows "
-                         f"(excluded tokens), fewer than its {self.b} per step: raise "
-                         f"--stream-contexts")
+      steps = self._round_steps(index, tokens)
       if skip >= steps:
         raise ValueError(f"stream position {position} does not hold step {start_step}: "
                          f"its round has {steps} steps")

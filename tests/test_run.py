@@ -309,9 +309,10 @@ def test_optional_metric_sinks(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_streaming_run_resumes_exactly_after_sigterm(lm, tmp_path):
+def test_streaming_run_resumes_exactly_after_sigterm(lm, tmp_path, capsys):
   """--stream: activations from the JAX model through the on-device shuffle
-  buffer; a run stopped by SIGTERM mid-round resumes to the same parameters."""
+  buffer; a run stopped by SIGTERM mid-round resumes to the same parameters.
+  More steps than the text holds are refused before training."""
   rng = np.random.default_rng(1)
   text = tmp_path / "long.txt"
   text.write_text("\n".join(" ".join(rng.choice(tiny_lm.WORDS, size=rng.integers(3, 40)))
@@ -321,6 +322,11 @@ def test_streaming_run_resumes_exactly_after_sigterm(lm, tmp_path):
           "--hook", "blocks.1.hook_resid_post", "--context-length", "16", "--batch-size", "32",
           "--stream-contexts", "16", "--eval-tokens", "64", "--downstream-contexts", "4",
           "--ckpt-every", "10", "--cache-dir", str(tmp_path / "cache")]
+  too_long = tmp_path / "too_long"
+  assert cli(*args, "--steps", 10**5, "--out", too_long) == 2
+  (line,) = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+  assert line.startswith("error: --steps 100000: the text (") and "at most --steps" in line
+  assert not (too_long / "checkpoints").exists() or not any((too_long / "checkpoints").iterdir())
   straight = tmp_path / "straight"
   assert cli(*args, "--steps", steps, "--log-every", 1, "--out", straight) == 0
   resumed = tmp_path / "resumed"

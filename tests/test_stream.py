@@ -131,10 +131,19 @@ def test_bad_stream_settings(lm, kwargs, message):
     stream_lib.Stream(tiny_lm.export_config(lm), train.make_mesh(), **{**args, **kwargs})
 
 
-def test_text_running_out_is_a_clear_error(lm):
+def test_text_running_out_is_refused_before_training(lm):
+  """`check_steps` counts, from tokens alone, exactly the steps the stream
+  then gives; a hub dataset, not counted ahead, still stops with a clear line."""
   s = make_stream(lm)
+  given = 0
   with pytest.raises(ValueError, match=r"the text ran out at round \d+ of the stream .*: this "
                      r"run cannot go on, .* start it again in a new --out with more text or "
                      r"fewer --steps"):
     for _ in s.batches(0, None):
-      pass
+      given += 1
+  assert given > 10
+  s.check_steps(given)
+  with pytest.raises(ValueError, match=rf"^--steps {given + 1}: the text .* gives {given} training "
+                     rf"steps \(\d+ rounds of --stream-contexts {ROUND}\); use more text or at "
+                     rf"most --steps {given}$"):
+    s.check_steps(given + 1)
