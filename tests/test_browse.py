@@ -141,6 +141,7 @@ def test_the_pass_reads_the_runs_data(lm_run, cache):
       "index.js", "latents-0.js", "latents-1.js", "latents-2.js", "latents-3.js"]
 
 
+@pytest.mark.slow
 def test_pool_share_is_the_training_rule_on_each_batch(lm_run, cache):
   """Each latent's share of the batches whose Sampled-SAE pool held it,
   against NumPy: the 700 rows in blocks of 16 batches of 32, each block

@@ -5,6 +5,7 @@ pools whose saved SAE reconstructs as well as its training rule."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sae_jax import inference
 from sae_jax import model
@@ -77,6 +78,7 @@ def test_the_choice():
   assert (choose("topk", thresholded).name, choose("topk", thresholded).k) == ("topk", best)
 
 
+@pytest.mark.slow
 def test_drawn_pools_save_an_sae_as_good_as_training(tmp_path):
   """Issue 37's case 6, small: l=2 drawn pools, whose per-latent thresholds
   reconstruct 1.3x worse than the training rule; auto saves each token's top

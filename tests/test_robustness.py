@@ -259,6 +259,7 @@ def test_a_checkpoint_from_before_dead_at_most_resumes(tmp_path, two_states, man
   assert "damaged" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_in_the_latest_checkpoint_is_caught_on_resume(tmp_path, straight,
                                                                      capsys):
   """Before, the run resumed silently from the damaged state. The copy also
@@ -359,6 +360,7 @@ def strict_json(path):
   return json.loads(path.read_text(), parse_constant=refuse)
 
 
+@pytest.mark.slow
 def test_non_finite_rows_are_dropped_and_counted(tmp_path, capsys):
   """NaN rows among the held-out rows used to give a summary.json full of
   NaN (not JSON); in the initialisation sample they stopped the run. Both
@@ -379,6 +381,7 @@ def test_non_finite_rows_are_dropped_and_counted(tmp_path, capsys):
   strict_json(out / "config.json")
 
 
+@pytest.mark.slow
 def test_a_start_that_failed_before_training_leaves_out_to_the_corrected_command(
     tmp_path, capsys):
   """A start that fails after config.json is written, before its first
@@ -396,6 +399,7 @@ def test_a_start_that_failed_before_training_leaves_out_to_the_corrected_command
   assert "holds a run with another config" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_resume_under_the_other_x64_mode_is_refused(tmp_path, capsys):
   """A run checkpointed with JAX_ENABLE_X64=1 (float64 biases and moments),
   resumed without it: refused before the checkpoint is restored (orbax

@@ -263,6 +263,7 @@ def test_a_missing_local_model_is_named(tmp_path, capsys):
   assert not out.exists()
 
 
+@pytest.mark.slow
 def test_pythia_path_on_a_tiny_model(lm, tmp_path):
   out, cache = tmp_path / "run", tmp_path / "cache"
   assert cli("--data", "pythia", "--model", lm["model"], "--dataset", *lm["texts"]["txt"],

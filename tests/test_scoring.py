@@ -110,6 +110,7 @@ def test_leverage_equals_float64_reference(shape):
                                                        3.0), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_sketched_leverage_is_that_of_an_exact_count_sketch():
   rng = np.random.default_rng(3)
   a = np.maximum(rng.standard_normal((96, 50)), 0).astype(np.float32) * wide_range((96, 1), 4)

@@ -98,6 +98,7 @@ def test_prompt_activations_are_the_models_at_the_word(lm):
     np.testing.assert_allclose(x[n], hidden[0, position].numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_absorption_command(lm, letter_run, capsys):
   out, _ = letter_run
   assert absorption_script.main([str(out), "--words", "0", "--batch", "16",
@@ -120,6 +121,7 @@ def test_the_absorption_command(lm, letter_run, capsys):
   assert sorted(result["per_letter"]) == sorted(spelling.LETTERS[i] for i in want["per_letter"])
 
 
+@pytest.mark.slow
 def test_the_absorption_command_refuses_what_it_cannot_read(tmp_path, letter_run, capsys):
   synthetic = tmp_path / "synthetic"
   assert train_script.main(["--data", "synthetic", "--synthetic-d-model", "16", *SMALL,
