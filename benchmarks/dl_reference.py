@@ -1,4 +1,5 @@
-"""dictionary_learning's TopK and BatchTopK trainers, set up with our recipe.
+"""dictionary_learning's TopK, BatchTopK and Matryoshka BatchTopK trainers,
+set up with our recipe.
 
 The reference that `benchmarks/peers.py` measures us against and that
 `tests/test_parity.py` holds our training step to, step for step. Install it
@@ -22,7 +23,8 @@ from sae_jax.config import TrainConfig
 
 
 def trainer_classes() -> dict:
-  """{"topk": TopKTrainer, "batchtopk": BatchTopKTrainer}."""
+  """{"topk": TopKTrainer, "batchtopk": BatchTopKTrainer, "matryoshka":
+  MatryoshkaBatchTopKTrainer}."""
   if "nnsight" not in sys.modules:
     try:
       import nnsight  # noqa: F401
@@ -32,18 +34,21 @@ def trainer_classes() -> dict:
       sys.modules["nnsight"] = stand_in
   try:
     from dictionary_learning.trainers import BatchTopKTrainer, TopKTrainer
+    from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
   except ImportError as error:
     raise ImportError(f"the reference trainers need dictionary_learning ({error}): "
                       f"pip install --no-deps dictionary-learning==0.1.0 einops") from None
-  return {"topk": TopKTrainer, "batchtopk": BatchTopKTrainer}
+  return {"topk": TopKTrainer, "batchtopk": BatchTopKTrainer,
+          "matryoshka": MatryoshkaBatchTopKTrainer}
 
 
 def make_trainer(config: TrainConfig, params=None):
   """A dictionary_learning trainer running `config`'s recipe.
 
   Args:
-    config: our config (selection "topk" or "batchtopk"; clip_norm 1.0,
-      which dictionary_learning hard-codes).
+    config: our config (selection "topk" or "batchtopk", the latter with
+      or without Matryoshka groups; clip_norm 1.0, which dictionary_learning
+      hard-codes).
     params: our initial parameters to start from (scaled units); None keeps
       dictionary_learning's own random initialisation.
   """
@@ -53,13 +58,21 @@ def make_trainer(config: TrainConfig, params=None):
   if c.clip_norm != 1.0:
     raise ValueError(f"dictionary_learning clips at 1.0; got clip_norm={c.clip_norm}")
   decay_start = c.total_steps - round(c.decay_fraction * c.total_steps)
-  trainer = trainer_classes()[s.selection](
+  kind, nested = s.selection, {}
+  if c.matryoshka_groups is not None:
+    if s.selection != "batchtopk":
+      raise ValueError(f"dictionary_learning's Matryoshka trainer is BatchTopK; got "
+                       f"selection {s.selection!r}")
+    kind, nested = "matryoshka", dict(
+        group_fractions=list(c.matryoshka_groups),
+        group_weights=None if c.matryoshka_weights is None else list(c.matryoshka_weights))
+  trainer = trainer_classes()[kind](
       steps=c.total_steps, activation_dim=s.d_model, dict_size=s.n_latents, k=s.k, layer=0,
       lm_name="reference", lr=c.learning_rate, auxk_alpha=c.auxk_weight,
       warmup_steps=c.warmup_steps,
       decay_start=decay_start if decay_start < c.total_steps else None,
       threshold_beta=c.threshold_beta, threshold_start_step=c.threshold_start, seed=c.seed,
-      device="cuda" if torch.cuda.is_available() else "cpu")
+      device="cuda" if torch.cuda.is_available() else "cpu", **nested)
   # Fixed in its constructor; ours are config fields.
   trainer.dead_feature_threshold = c.dead_tokens
   trainer.top_k_aux = c.auxk_k
@@ -73,6 +86,10 @@ def set_params(trainer, params) -> None:
   ae = trainer.ae
   tensor = lambda name: _tensor(trainer, params[name])
   with torch.no_grad():
+    if not hasattr(ae, "encoder"):  # Matryoshka's SAE holds the matrices as we do
+      for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        getattr(ae, name).copy_(tensor(name))
+      return
     ae.encoder.weight.copy_(tensor("W_enc").T)
     ae.encoder.bias.copy_(tensor("b_enc"))
     ae.decoder.weight.copy_(tensor("W_dec").T)
@@ -83,6 +100,8 @@ def get_params(trainer) -> dict:
   """The trainer's SAE as our parameters (float32 NumPy)."""
   ae = trainer.ae
   host = lambda t: t.detach().cpu().numpy().copy()
+  if not hasattr(ae, "encoder"):
+    return {name: host(getattr(ae, name)) for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
   return {"W_enc": host(ae.encoder.weight).T.copy(), "b_enc": host(ae.encoder.bias),
           "W_dec": host(ae.decoder.weight).T.copy(), "b_dec": host(ae.b_dec)}
 

@@ -1,4 +1,5 @@
-"""Our TopK and BatchTopK next to dictionary_learning's trainers, on the same data.
+"""Our TopK, BatchTopK and Matryoshka BatchTopK next to dictionary_learning's
+trainers, on the same data.
 
     python benchmarks/peers.py                  # the activation-lottery regime, seeds 0 1 2
     python benchmarks/peers.py --data acts.npy --dict-size 2048 --k 32 --batch-size 512 \\
@@ -138,8 +139,10 @@ def main():
   parser.add_argument("--dead-tokens", type=int, default=51200)
   parser.add_argument("--eval-tokens", type=int, default=8192)
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  parser.add_argument("--rules", nargs="+", choices=("topk", "batchtopk"),
-                      default=["batchtopk", "topk"])
+  parser.add_argument("--rules", nargs="+", choices=("topk", "batchtopk", "matryoshka"),
+                      default=["batchtopk", "topk", "matryoshka"])
+  parser.add_argument("--matryoshka-groups", type=float, nargs="+", default=[0.25, 0.25, 0.5],
+                      help="the matryoshka rule's groups (fractions of --dict-size)")
   args = parser.parse_args()
 
   results = []
@@ -147,11 +150,14 @@ def main():
     data = Data(args, seed)
     scale = np.float32(train.estimate_input_scale(sample(data)))  # ours computes the same
     for rule in args.rules:
+      nested = rule == "matryoshka"
       config = TrainConfig(
-          SAEConfig(data.d_model, args.dict_size, k=args.k, selection=rule),
+          SAEConfig(data.d_model, args.dict_size, k=args.k,
+                    selection="batchtopk" if nested else rule),
           batch_size=args.batch_size, steps=args.steps, lr=args.lr,
           warmup_steps=args.warmup_steps, threshold_start=args.threshold_start,
-          dead_tokens=args.dead_tokens, seed=seed)
+          dead_tokens=args.dead_tokens, seed=seed,
+          matryoshka_groups=tuple(args.matryoshka_groups) if nested else None)
       for side, fn in (("dictionary_learning", lambda: run_theirs(config, data, scale)),
                        ("sae_jax", lambda: run_ours(config, data))):
         row = dict(fn(), rule=rule, trainer=side, seed=seed)

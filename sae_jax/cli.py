@@ -59,6 +59,11 @@ def parser(doc: str) -> argparse.ArgumentParser:
   rec.add_argument("--seed", type=int, default=0)
   rec.add_argument("--step", choices=("fast", "dense"), default="fast",
                    help="fast: only the encoder forward is dense; dense: the autodiff reference")
+  rec.add_argument("--matryoshka-groups", type=float, nargs="+", default=None, metavar="F",
+                   help="Matryoshka loss: the groups' fractions of --dict-size, in order, "
+                        "summing to 1 (e.g. 0.25 0.25 0.5)")
+  rec.add_argument("--matryoshka-weights", type=float, nargs="+", default=None, metavar="W",
+                   help="Matryoshka: each prefix's weight (default 1/G each)")
   dat = p.add_argument_group("data")
   dat.add_argument("--data", default="pythia", help="pythia, synthetic, a cache directory or a .npy")
   dat.add_argument("--cache-dir", default="cache/pythia-160m")
@@ -169,7 +174,9 @@ def config_from(args) -> RunConfig:
       steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
       decay_fraction=args.decay_fraction, clip_norm=args.clip_norm, dead_tokens=args.dead_tokens,
       auxk_weight=args.auxk_weight, threshold_start=args.threshold_start,
-      threshold_beta=args.threshold_beta, seed=args.seed, step=args.step)
+      threshold_beta=args.threshold_beta, seed=args.seed, step=args.step,
+      matryoshka_groups=args.matryoshka_groups and tuple(args.matryoshka_groups),
+      matryoshka_weights=args.matryoshka_weights and tuple(args.matryoshka_weights))
   out = args.out or f"runs/{args.selection}-l{args.l:g}-k{args.k}"
   return RunConfig(train=train_config, out=out, data=args.data, cache_dir=args.cache_dir,
                    export=export_config, synthetic=synthetic_config, eval_tokens=args.eval_tokens,

@@ -8,6 +8,7 @@ import dataclasses
 import math
 import typing
 
+from sae_jax import matryoshka
 from sae_jax import optimizer
 from sae_jax import validation
 
@@ -134,6 +135,13 @@ class TrainConfig:
   """The fast step's TopK, BatchTopK and AuxK gradients: by their "entries"
   (gathers and scatters) or as dense "codes"; "auto" picks by backend and
   sizes (`layouts.layout`). The same gradients up to float rounding."""
+  matryoshka_groups: typing.Optional[tuple] = None
+  """Matryoshka: the groups' fractions of F in latent order, summing to 1
+  (dictionary_learning's group_fractions); the loss reconstructs from each
+  prefix of groups (`matryoshka.py`). None: the plain loss."""
+  matryoshka_weights: typing.Optional[tuple] = None
+  """Matryoshka: each prefix's weight in the loss; None means 1/G each
+  (dictionary_learning's default)."""
 
   def __post_init__(self):
     if not isinstance(self.sae, SAEConfig):
@@ -189,6 +197,14 @@ class TrainConfig:
     validation.check_int_field("TrainConfig", "seed", self.seed, minimum=0)
     validation.check_choice_field("TrainConfig", "step", self.step, STEPS)
     validation.check_choice_field("TrainConfig", "layout", self.layout, LAYOUTS)
+    for name in ("matryoshka_groups", "matryoshka_weights"):  # config.json holds lists
+      if isinstance(getattr(self, name), list):
+        object.__setattr__(self, name, tuple(getattr(self, name)))
+    if self.matryoshka_groups is not None:
+      matryoshka.check(self.matryoshka_groups, self.matryoshka_weights, self.sae.n_latents)
+    elif self.matryoshka_weights is not None:
+      raise ValueError(f"TrainConfig.matryoshka_weights ({list(self.matryoshka_weights)}) "
+                       f"weigh Matryoshka's groups: give matryoshka_groups too")
 
   @property
   def total_steps(self) -> int:
@@ -209,6 +225,16 @@ class TrainConfig:
   def dead_steps(self) -> int:
     """Steps without firing after which a latent counts as dead."""
     return -(-self.dead_tokens // self.batch_size)
+
+  @property
+  def nested(self) -> typing.Optional[matryoshka.Nested]:
+    """Matryoshka's groups in latents and prefix weights, or None."""
+    if self.matryoshka_groups is None:
+      return None
+    sizes = matryoshka.group_sizes(self.matryoshka_groups, self.sae.n_latents)
+    return matryoshka.Nested(sizes, tuple(float(w) for w in self.matryoshka_weights) if
+                             self.matryoshka_weights is not None else
+                             matryoshka.default_weights(len(sizes)))
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)

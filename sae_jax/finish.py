@@ -39,10 +39,13 @@ def finish(config: RunConfig, out: pathlib.PurePath, state: train.TrainState,
   summary.update(inference_gap(summary))
   if not outdir.writes():
     return summary
+  metadata = dict(source.metadata)
+  if c.nested is not None:  # the prefixes' ends, as SAELens' Matryoshka config names them
+    metadata["matryoshka_widths"] = np.cumsum(c.nested.sizes).tolist()
   try:
     saelens.export_saelens(
         out / "saelens", state.params, rule.threshold_F, float(state.input_scale),
-        rule.sae(c.sae), source.metadata,
+        rule.sae(c.sae), metadata,
         log10_density=thresholds.log10_density(counts_F, calibration.tokens))
   except (OSError, safetensors.SafetensorError) as error:
     reason = getattr(error, "strerror", None) or str(error)

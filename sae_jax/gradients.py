@@ -38,13 +38,14 @@ from sae_jax import auxk
 from sae_jax import cut as cut_lib
 from sae_jax import layouts
 from sae_jax import losses
+from sae_jax import matryoshka
 from sae_jax import model
 from sae_jax import selection
 
 
 class Outputs(typing.NamedTuple):
   """What a step reports besides the gradients (this device's tokens)."""
-  mse: jax.Array  # this device's share of the reconstruction loss (`losses.mse`)
+  mse: jax.Array  # this device's share of the reconstruction loss (`losses.mse`; `matryoshka.loss`)
   auxk: jax.Array  # this device's share of the AuxK loss
   xhat_BxD: jax.Array  # the reconstruction
   n_active: jax.Array  # int32 selected entries
@@ -82,14 +83,15 @@ def _fired_and_dead(silent_F, fired_F, dead_steps: int, axis_name):
 
 
 def dense(params, x_BxD, silent_F, key, sae: model.SAE, axis_name, kept=None, *,
-          dead_steps: int, auxk_k: int, auxk_weight: float):
+          dead_steps: int, auxk_k: int, auxk_weight: float, nested=None):
   """Gradients by autodiff through the SAE module as written: the reference.
 
   `silent_F` holds the steps each latent went without firing before this
   one; a latent silent for `dead_steps` after this step is dead, and AuxK
   (each token's top `auxk_k` dead latents, weighted `auxk_weight`) is added.
   `kept` is a kept Sampled-SAE pool and whether to renew it
-  (`model.step_pool`).
+  (`model.step_pool`). With `nested` (`matryoshka.Nested`) the
+  reconstruction loss is Matryoshka's (`matryoshka.loss`).
   """
 
   def loss_fn(params):
@@ -99,8 +101,11 @@ def dense(params, x_BxD, silent_F, key, sae: model.SAE, axis_name, kept=None, *,
                              **sae.config.pool_rule)
     z_BxF = sae.apply(variables, jax.nn.relu(pre_BxF), key=key, axis_name=axis_name,
                       pool=pool_P, method=model.SAE.select)
-    xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode)
-    mse = losses.mse(x_BxD, xhat_BxD)
+    if nested is None:
+      xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode)
+      mse = losses.mse(x_BxD, xhat_BxD)
+    else:
+      mse, xhat_BxD = matryoshka.loss(x_BxD, z_BxF, params["W_dec"], params["b_dec"], nested)
     n_active, fired_F, token_min_B = _codes_stats(z_BxF)
     fired_F, dead_F = _fired_and_dead(silent_F, fired_F, dead_steps, axis_name)
     auxk_value = losses.auxk_loss(pre_BxF, dead_F, x_BxD - xhat_BxD, params["W_dec"], auxk_k,
@@ -119,14 +124,20 @@ def _mse_cotangent(x_BxD, xhat_BxD):
   return jnp.sum(jnp.square(error_BxD)) / n_tokens, (2 / n_tokens) * error_BxD
 
 
-def _through_codes(x_BxD, centred_BxD, z_BxP, W_enc_DxP, W_dec_PxD, b_dec_D):
+def _through_codes(x_BxD, centred_BxD, z_BxP, W_enc_DxP, W_dec_PxD, b_dec_D, nested=None,
+                   pool_P=None):
   """The MSE's gradients when the codes z are given on P columns (all of
-  them, or a pool), each selected where it is positive.
+  them, or the pool `pool_P`), each selected where it is positive; with
+  `nested` (`matryoshka.Nested`), the nested loss's.
 
   Returns:
     xhat_BxD, mse, and the gradients (W_enc [D, P], b_enc [P], W_dec [P, D],
     b_dec [D]) restricted to those columns.
   """
+  if nested is not None:
+    group_P = None if pool_P is None else matryoshka.group_of(pool_P, nested.sizes)
+    return matryoshka.through_codes(x_BxD, centred_BxD, z_BxP, W_enc_DxP, W_dec_PxD, b_dec_D,
+                                    nested, group_P)
   xhat_BxD = z_BxP @ W_dec_PxD + b_dec_D[None, :]
   mse, dxhat_BxD = _mse_cotangent(x_BxD, xhat_BxD)
   dpre_BxP = jnp.where(z_BxP > 0, dxhat_BxD @ W_dec_PxD.T, 0)
@@ -137,19 +148,26 @@ def _through_codes(x_BxD, centred_BxD, z_BxP, W_enc_DxP, W_dec_PxD, b_dec_D):
   return xhat_BxD, mse, grads
 
 
-def _through_entries(x_BxD, centred_BxD, entries: cut_lib.Entries, params, sorted_rows: bool):
-  """The MSE's gradients when the codes are a list of selected entries."""
+def _through_entries(x_BxD, centred_BxD, entries: cut_lib.Entries, params, sorted_rows: bool,
+                     nested=None):
+  """The MSE's (or with `nested` the nested loss's) gradients when the codes
+  are a list of selected entries."""
   n_rows, _ = x_BxD.shape
   n_latents = params["W_dec"].shape[0]
   rows_M, cols_M, values_M = entries.rows, entries.cols, entries.values
-  W_dec_MxD = params["W_dec"].at[cols_M].get(mode="promise_in_bounds")
-  xhat_BxD = jax.ops.segment_sum(values_M[:, None] * W_dec_MxD, rows_M, n_rows,
-                                 indices_are_sorted=sorted_rows) + params["b_dec"][None, :]
-  mse, dxhat_BxD = _mse_cotangent(x_BxD, xhat_BxD)
-  dxhat_MxD = dxhat_BxD.at[rows_M].get(mode="promise_in_bounds")
-  dpre_M = jnp.where(values_M > 0, jnp.sum(dxhat_MxD * W_dec_MxD, axis=1), 0)
-  grads = layouts.entry_grads(rows_M, cols_M, values_M, dxhat_BxD, dpre_M, centred_BxD, n_latents)
-  grads["b_dec"] = jnp.sum(dxhat_BxD, axis=0) - params["W_enc"] @ grads["b_enc"]
+  if nested is not None:
+    xhat_BxD, mse, grads = matryoshka.through_entries(x_BxD, centred_BxD, rows_M, cols_M,
+                                                      values_M, params, nested)
+  else:
+    W_dec_MxD = params["W_dec"].at[cols_M].get(mode="promise_in_bounds")
+    xhat_BxD = jax.ops.segment_sum(values_M[:, None] * W_dec_MxD, rows_M, n_rows,
+                                   indices_are_sorted=sorted_rows) + params["b_dec"][None, :]
+    mse, dxhat_BxD = _mse_cotangent(x_BxD, xhat_BxD)
+    dxhat_MxD = dxhat_BxD.at[rows_M].get(mode="promise_in_bounds")
+    dpre_M = jnp.where(values_M > 0, jnp.sum(dxhat_MxD * W_dec_MxD, axis=1), 0)
+    grads = layouts.entry_grads(rows_M, cols_M, values_M, dxhat_BxD, dpre_M, centred_BxD,
+                                n_latents)
+    grads["b_dec"] = jnp.sum(dxhat_BxD, axis=0) - params["W_enc"] @ grads["b_enc"]
   active_M = values_M > 0
   fired_F = jnp.zeros(n_latents, jnp.int32).at[cols_M].add(active_M.astype(jnp.int32)) > 0
   token_min_B = jax.ops.segment_min(jnp.where(active_M, values_M, jnp.inf), rows_M, n_rows,
@@ -165,7 +183,7 @@ def _codes_stats(z_BxF):
           jnp.min(jnp.where(active_BxF, z_BxF, jnp.inf), axis=1))
 
 
-def _sampled(params, x_BxD, centred_BxD, product_BxF, a_BxF, key, axis_name, kept, *,
+def _sampled(params, x_BxD, centred_BxD, product_BxF, a_BxF, key, axis_name, kept, nested, *,
              k: int, l: float, **options):
   """Gradients of W_enc, b_enc and W_dec at the pool only (see
   `optimizer.dense_grads`); `options` are `model.sampled_options`'s."""
@@ -179,35 +197,35 @@ def _sampled(params, x_BxD, centred_BxD, product_BxF, a_BxF, key, axis_name, kep
       a_BxF, k, l, axis_name=axis_name, pool=pool, **model.sampled_options(key, **options))
   xhat_BxD, mse, grads = _through_codes(
       x_BxD, centred_BxD, z_BxP, selection.take_columns(params["W_enc"], pool_P),
-      params["W_dec"][pool_P], params["b_dec"])
+      params["W_dec"][pool_P], params["b_dec"], nested, pool_P)
   n_active, fired_P, token_min_B = _codes_stats(z_BxP)
   fired_F = jnp.zeros(a_BxF.shape[1], bool).at[pool_P].set(fired_P)
   return xhat_BxD, mse, grads, pool_P, (n_active, fired_F, token_min_B)
 
 
-def _topk(params, x_BxD, centred_BxD, a_BxF, k: int, layout: str):
+def _topk(params, x_BxD, centred_BxD, a_BxF, k: int, layout: str, nested):
   n_rows, n_latents = a_BxF.shape
   if layouts.layout(n_latents, k, layout) == "codes":
     z_BxF = selection.topk(a_BxF, k)
     xhat_BxD, mse, grads = _through_codes(x_BxD, centred_BxD, z_BxF, params["W_enc"],
-                                          params["W_dec"], params["b_dec"])
+                                          params["W_dec"], params["b_dec"], nested)
     return xhat_BxD, mse, grads, _codes_stats(z_BxF)
   values_BxK, cols_BxK = cut_lib.top_k(lax.stop_gradient(a_BxF), k)
   # lax.top_k breaks ties by the lower index, as `selection.topk` does.
   rows_BxK = jnp.broadcast_to(jnp.arange(n_rows, dtype=jnp.int32)[:, None], (n_rows, k))
   entries = cut_lib.Entries(rows_BxK.reshape(-1), cols_BxK.reshape(-1),
                               jnp.maximum(values_BxK, 0).reshape(-1), jnp.bool_(True))
-  return _through_entries(x_BxD, centred_BxD, entries, params, sorted_rows=True)
+  return _through_entries(x_BxD, centred_BxD, entries, params, sorted_rows=True, nested=nested)
 
 
-def _batchtopk(params, x_BxD, centred_BxD, a_BxF, k: int, axis_name, layout: str):
+def _batchtopk(params, x_BxD, centred_BxD, a_BxF, k: int, axis_name, layout: str, nested):
   n_rows, n_latents = a_BxF.shape
 
   def from_dense_codes(cut):
     offset = 0 if axis_name is None else lax.axis_index(axis_name) * n_rows
     z_BxF = jnp.where(cut_lib.selected(a_BxF, cut, offset), a_BxF, 0)
     xhat_BxD, mse, grads = _through_codes(x_BxD, centred_BxD, z_BxF, params["W_enc"],
-                                          params["W_dec"], params["b_dec"])
+                                          params["W_dec"], params["b_dec"], nested)
     return xhat_BxD, mse, grads, _codes_stats(z_BxF)
 
   if layouts.layout(n_latents, k, layout) == "codes":
@@ -215,14 +233,15 @@ def _batchtopk(params, x_BxD, centred_BxD, a_BxF, k: int, axis_name, layout: str
   cut, entries = cut_lib.batch_topk_entries(a_BxF, k, axis_name)
 
   def from_entries():
-    return _through_entries(x_BxD, centred_BxD, entries, params, sorted_rows=False)
+    return _through_entries(x_BxD, centred_BxD, entries, params, sorted_rows=False,
+                            nested=nested)
 
   return lax.cond(entries.complete, from_entries, lambda: from_dense_codes(cut))
 
 
 def fast(params, x_BxD, silent_F, key, axis_name, kept=None, *, selection: str, k: int,
          pool_rule: dict, compute_dtype: str, layout: str, dead_steps: int, auxk_k: int,
-         auxk_weight: float):
+         auxk_weight: float, nested=None):
   """The same gradients and outputs as `dense`, with only the encoder
   forward dense.
 
@@ -252,12 +271,13 @@ def fast(params, x_BxD, silent_F, key, axis_name, kept=None, *, selection: str, 
   pool_P = None
   if selection == "sampled":
     xhat_BxD, mse, grads, pool_P, stats = _sampled(params, x_BxD, centred_BxD, product_BxF,
-                                                   a_BxF, key, axis_name, kept, **pool_rule)
+                                                   a_BxF, key, axis_name, kept, nested,
+                                                   **pool_rule)
   elif selection == "topk":
-    xhat_BxD, mse, grads, stats = _topk(params, x_BxD, centred_BxD, a_BxF, k, layout)
+    xhat_BxD, mse, grads, stats = _topk(params, x_BxD, centred_BxD, a_BxF, k, layout, nested)
   else:
     xhat_BxD, mse, grads, stats = _batchtopk(params, x_BxD, centred_BxD, a_BxF, k,
-                                             axis_name, layout)
+                                             axis_name, layout, nested)
   n_active, fired_F, token_min_B = stats
   fired_F, dead_F = _fired_and_dead(silent_F, fired_F, dead_steps, axis_name)
 

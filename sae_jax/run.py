@@ -317,6 +317,9 @@ def _described(config: RunConfig) -> str:
   s = config.train.sae
   rule = (f"Sampled-SAE (l={s.l:g}, score {s.score})" if s.selection == "sampled" else
           {"topk": "TopK", "batchtopk": "BatchTopK"}[s.selection])
+  nested = config.train.nested
+  if nested is not None:
+    rule = f"Matryoshka {rule} (groups {'/'.join(map(str, nested.sizes))})"
   return (f"{rule}, k={s.k}, F={s.n_latents}, D={s.d_model}, {config.train.total_steps} steps "
           f"of {config.train.batch_size} tokens on --data {config.data}")
 

@@ -132,15 +132,17 @@ FORMS = ("general", "all_alive", "packed")
 """The compiled forms of the fast step (see `train_step`)."""
 
 
-def auxk_rule(config: TrainConfig) -> dict:
-  """`gradients.dense`'s keywords: when a latent is dead and how AuxK weighs it."""
-  return dict(dead_steps=config.dead_steps, auxk_k=config.auxk_k, auxk_weight=config.auxk_weight)
+def loss_rule(config: TrainConfig) -> dict:
+  """`gradients.dense`'s keywords: when a latent is dead, how AuxK weighs it,
+  and Matryoshka's groups."""
+  return dict(dead_steps=config.dead_steps, auxk_k=config.auxk_k, auxk_weight=config.auxk_weight,
+              nested=config.nested)
 
 
 def fast_rule(config: TrainConfig) -> dict:
   """`gradients.fast`'s keywords for this run."""
   sae = config.sae
-  return dict(auxk_rule(config), selection=sae.selection, k=sae.k, pool_rule=sae.pool_rule,
+  return dict(loss_rule(config), selection=sae.selection, k=sae.k, pool_rule=sae.pool_rule,
               compute_dtype=sae.compute_dtype, layout=config.layout)
 
 
@@ -210,7 +212,7 @@ def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
 
   if c.step == "dense":
     grads, out = gradients.dense(state.params, x_BxD, silent_F, key, model.SAE(c.sae), AXIS,
-                                 kept, **auxk_rule(c))
+                                 kept, **loss_rule(c))
     mse = collectives.ordered_pmean(out.mse, AXIS)
     params, opt_state, auxk_loss, grad_norm, finite = apply(grads, out.auxk, None)
   else:

@@ -20,6 +20,7 @@ from sae_jax import loop
 from sae_jax import finish
 from sae_jax import inference
 from sae_jax import losses
+from sae_jax import matryoshka
 from sae_jax import model
 from sae_jax import optimizer
 from sae_jax import pool
@@ -31,7 +32,8 @@ from sae_jax import thresholds
 from tests import scripts
 
 
-@pytest.mark.parametrize("module", [auxk, collectives, evaluate, finish, inference, loop, losses,
+@pytest.mark.parametrize("module", [auxk, collectives, evaluate, finish, inference,
+                                    pytest.param(loop, marks=pytest.mark.slow), losses, matryoshka,
                                     model, optimizer, pool, probing, scoring, selection,
                                     spelling, thresholds])
 def test_docstring_examples(module):

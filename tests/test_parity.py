@@ -1,6 +1,7 @@
-"""Our TopK and BatchTopK training against dictionary_learning's trainers
-(PyPI dictionary-learning 0.1.0), step for step on the same batches from the
-same initial weights: losses, parameters, threshold and dead-latent counts."""
+"""Our TopK, BatchTopK and Matryoshka BatchTopK training against
+dictionary_learning's trainers (PyPI dictionary-learning 0.1.0), step for
+step on the same batches from the same initial weights: losses, parameters,
+threshold and dead-latent counts."""
 
 import dataclasses
 
@@ -50,9 +51,18 @@ def train_both(config):
   return train.unreplicate(ours), trainer, np.array(losses)
 
 
-@pytest.mark.parametrize("selection", ["topk", "batchtopk"])
+# Matryoshka: groups of 16, 16 and 32 latents (dead latents 0-7 are in the
+# first), with dictionary_learning's default weights and with others.
+MATRYOSHKA = {"matryoshka": dict(matryoshka_groups=(0.25, 0.25, 0.5)),
+              "matryoshka_weighted": dict(matryoshka_groups=(0.125, 0.375, 0.5),
+                                          matryoshka_weights=(3.0, 1.0, 0.5))}
+
+
+@pytest.mark.parametrize("selection", ["topk", "batchtopk", "matryoshka", pytest.param(
+    "matryoshka_weighted", marks=pytest.mark.slow)])
 def test_training_equals_dictionary_learning(selection):
-  config = recipe(selection)
+  config = recipe("batchtopk", **MATRYOSHKA[selection]) if selection in MATRYOSHKA else \
+      recipe(selection)
   state, trainer, losses = train_both(config)
   # AuxK ran on most steps, and the losses are on the same scale (summed over D).
   assert np.mean(losses[:, 2] > 0) > 0.5

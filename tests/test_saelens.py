@@ -70,7 +70,9 @@ def ours(run, x):
 @pytest.mark.parametrize("selection, l, extra", [
     ("topk", 4, []), ("batchtopk", 4, ["--inference", "per-latent"]),
     ("sampled", 2, ["--inference", "per-latent"]),
-    ("sampled", 2, ["--sample-pool", "--inference", "topk"])])
+    ("sampled", 2, ["--sample-pool", "--inference", "topk"]),
+    ("batchtopk", 4, ["--matryoshka-groups", "0.25", "0.25", "0.5", "--inference", "per-latent"]),
+    ("sampled", 2, ["--matryoshka-groups", "0.5", "0.5", "--inference", "per-latent"])])
 def test_each_architecture_loads_and_matches_our_inference(tmp_path, selection, l, extra):
   npy = tmp_path / "acts.npy"
   source = synthetic.SyntheticSource(synthetic.SyntheticConfig(d_model=16, n_features=32))
@@ -113,11 +115,16 @@ def test_each_architecture_loads_and_matches_our_inference(tmp_path, selection, 
   # and writes it back when it saves.
   assert sae.cfg.metadata.sae_lens_training_version is None
   assert sae.cfg.metadata.sae_jax_version == "0.1.0"
+  if "--matryoshka-groups" in extra:  # the prefixes' ends, under SAELens' own name
+    fractions = extra[1:extra.index("--inference")]
+    assert sae.cfg.metadata.matryoshka_widths == np.cumsum(
+        [int(float(f) * 64) for f in fractions]).tolist()
   sae.save_model(tmp_path / "resaved")
   resaved = json.loads((tmp_path / "resaved" / "cfg.json").read_text())
   assert resaved["metadata"]["sae_lens_training_version"] is None
 
 
+@pytest.mark.slow
 def test_model_activations_say_they_are_not_centred(cache, tmp_path):
   """An SAE on a transformers model's hidden states tells HookedSAETransformer
   (and SAEBench, through SAELens' cfg) to load the model without centring

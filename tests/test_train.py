@@ -47,6 +47,15 @@ LEVERAGE = {
     "sampled_leverage": config("sampled", score="leverage"),
     "sampled_kept": config("sampled", score="leverage", sketch=8, pool_every=2),
 }
+# The Matryoshka loss (groups of 6, 6 and 12 latents; the dead ones are the
+# first group) through each way the fast step decodes: dense codes, entries, a pool.
+NESTED = dict(matryoshka_groups=(0.25, 0.25, 0.5), matryoshka_weights=(2.0, 1.0, 0.5))
+MATRYOSHKA = {
+    "matryoshka_batchtopk": dataclasses.replace(config("batchtopk"), **NESTED),
+    "matryoshka_entries": dataclasses.replace(config("batchtopk"), layout="entries", **NESTED),
+    "matryoshka_topk": dataclasses.replace(config("topk"), layout="entries", **NESTED),
+    "matryoshka_sampled": dataclasses.replace(config("sampled"), **NESTED),
+}
 
 
 def batch(seed, n=B):
@@ -157,6 +166,7 @@ def test_one_step_matches_numpy(rule):
     np.testing.assert_allclose(new.params[name], updated, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 def test_threshold_ema_starts_after_threshold_start():
   c = TrainConfig(RULES["batchtopk"].sae, batch_size=B, steps=50, lr=1e-3, warmup_steps=0,
                   threshold_start=2, threshold_beta=0.9)
@@ -247,7 +257,7 @@ def fast_and_dense_gradients(params, x_BxD, silent_F, c):
     rows_grads, rows_R, rows_auxk = with_auxk.rows(pooled, pool_P, capacity)
     rows = (optimizer.dense_grads(rows_grads, rows_R, params), rows_auxk)
   dense, ref = gradients.dense(params, x_BxD, silent_F, key, model.SAE(c.sae), train.AXIS,
-                               **train.auxk_rule(c))
+                               **train.loss_rule(c))
   stats = lambda o: (jax.lax.psum(o.n_active, train.AXIS),
                      jax.lax.psum(o.fired_F.astype(jnp.int32), train.AXIS),
                      o.token_min_B, o.dead_F)
@@ -356,11 +366,14 @@ def test_auxk_layouts_equal_autodiff_on_four_devices(layout, monkeypatch):
         assert not np.any(got[name][~dead_F])
 
 
-@pytest.mark.parametrize("rule", list(RULES) + ["sampled_kept"])
+@pytest.mark.parametrize("rule", ["topk", "batchtopk", "sampled", "matryoshka_batchtopk"] + [
+    pytest.param(rule, marks=pytest.mark.slow) for rule in (
+        "sampled_drawn", "sampled_kept", "matryoshka_entries", "matryoshka_topk",
+        "matryoshka_sampled")])
 def test_fast_step_equals_dense_step_on_four_devices(rule):
   """Three steps: the first two with no dead latent (Sampled-SAE's pooled
   update), the third with N_DEAD latents dead (AuxK)."""
-  fast_config = (RULES | LEVERAGE)[rule]
+  fast_config = (RULES | LEVERAGE | MATRYOSHKA)[rule]
   dense_config = dataclasses.replace(fast_config, step="dense")
   start = fresh_state(fast_config)
   states = {c.step: train.replicate(start.replace(config=c), 4) for c in (fast_config, dense_config)}
@@ -389,6 +402,7 @@ def test_fast_step_equals_dense_step_on_four_devices(rule):
                                  atol=1e-5 * np.abs(want[name]).max(), err_msg=name)
 
 
+@pytest.mark.slow
 def test_a_kept_pool_is_renewed_every_pool_every_steps():
   c = LEVERAGE["sampled_kept"]
   state = train.replicate(fresh_state(c), 4)
@@ -523,6 +537,7 @@ def test_loop_picks_the_cheapest_form_whose_promise_holds(monkeypatch):
                                atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 def test_a_resumed_loop_picks_the_forms_of_the_uninterrupted_one(monkeypatch):
   """The forms are not bit for bit alike, so the choice must depend on the
   states alone: trained one batch per train_loop call (each call a resume
