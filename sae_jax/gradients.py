@@ -45,7 +45,7 @@ from sae_jax import selection
 
 class Outputs(typing.NamedTuple):
   """What a step reports besides the gradients (this device's tokens)."""
-  mse: jax.Array  # this device's share of the reconstruction loss (`losses.mse`; `matryoshka.loss`)
+  mse: jax.Array  # this device's share of the reconstruction loss (or `matryoshka.loss`)
   auxk: jax.Array  # this device's share of the AuxK loss
   xhat_BxD: jax.Array  # the reconstruction
   n_active: jax.Array  # int32 selected entries
