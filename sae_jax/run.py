@@ -35,7 +35,8 @@ from sae_jax.runconfig import RunConfig
 OWN_FIELDS = ("out", "train.sae", "train.learning_rate", "train.b1", "train.b2",
               "train.clip_norm", "train.warmup_steps", "train.decay_fraction",
               "train.auxk_weight", "train.dead_tokens", "train.threshold_beta",
-              "train.threshold_start", "train.max_bad_steps", "train.step", "train.layout")
+              "train.threshold_start", "train.max_bad_steps", "train.step", "train.layout",
+              "train.matryoshka_groups", "train.matryoshka_weights")
 
 
 def run(config: RunConfig, *, progress: bool = True,

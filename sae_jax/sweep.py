@@ -1,4 +1,5 @@
-"""The l-spectrum: TopK, BatchTopK and Sampled-SAE over l and scores, trained
+"""The l-spectrum: TopK, BatchTopK and Sampled-SAE over l and scores (and
+with Matryoshka groups, Matryoshka BatchTopK and Matryoshka-Sampled), trained
 on the same data, seed and token budget, then tabulated and plotted."""
 
 import csv
@@ -14,7 +15,9 @@ from sae_jax import run as run_lib
 from sae_jax import storage
 from sae_jax.runconfig import RunConfig
 
-# Columns of results.csv, after variant, selection, score and l: fvu and l0
+BASELINES = ("topk", "batchtopk", "matryoshka")
+# Columns of results.csv, after variant, selection, score, l and groups (a
+# Matryoshka variant's group sizes, else empty): fvu and l0
 # are the saved SAE's (inference mode), batch_fvu and batch_l0 the training
 # rule's on the same held-out tokens, fvu_ratio fvu over batch_fvu,
 # inference_k the k′ of a variant saved with each token's top k′
@@ -36,35 +39,55 @@ PLOTTED = ("fvu", "batch_fvu", "l0", "batch_l0", "cosine", "l0_std", "top_share"
            "probe_f1_k5", "absorption", "absorption_fraction")
 
 
-def variants(ls: typing.Sequence[float], scores: typing.Sequence[str]) -> list:
-  """(name, selection, score, l): TopK, BatchTopK, then Sampled-SAE per score and l."""
-  for flag, values in (("--ls", [float(l) for l in ls]), ("--scores", list(scores))):
+def variants(ls: typing.Sequence[float], scores: typing.Sequence[str],
+             baselines: typing.Sequence[str] = ("topk", "batchtopk"),
+             nested: bool = False) -> list:
+  """(name, selection, score, l, matryoshka): the baselines (TopK, BatchTopK,
+  Matryoshka BatchTopK), then Sampled-SAE per score and l, and with `nested`
+  (Matryoshka groups given) Matryoshka-Sampled per score and l."""
+  for flag, values in (("--ls", [float(l) for l in ls]), ("--scores", list(scores)),
+                       ("--baselines", list(baselines))):
     twice = sorted({v for v in values if values.count(v) > 1})
     if twice:
       shown = ", ".join(f"{v:g}" if isinstance(v, float) else v for v in twice)
       raise ValueError(f"{flag} gives {shown} more than once; each value is one variant")
-  out = [("topk", "topk", "", math.nan), ("batchtopk", "batchtopk", "", math.nan)]
-  out += [(f"sampled-{score}-l{l:g}", "sampled", score, float(l)) for score in scores for l in ls]
+  unknown = [b for b in baselines if b not in BASELINES]
+  if unknown:
+    raise ValueError(f"--baselines {' '.join(unknown)}: allowed are {', '.join(BASELINES)}")
+  if "matryoshka" in baselines and not nested:
+    raise ValueError("--baselines matryoshka needs --matryoshka-groups (the groups' fractions "
+                     "of --dict-size)")
+  out = [(b, "batchtopk" if b == "matryoshka" else b, "", math.nan, b == "matryoshka")
+         for b in baselines]
+  out += [(f"sampled-{score}-l{l:g}", "sampled", score, float(l), False)
+          for score in scores for l in ls]
+  if nested:
+    out += [(f"matryoshka-sampled-{score}-l{l:g}", "sampled", score, float(l), True)
+            for score in scores for l in ls]
   return out
 
 
 def variant_configs(base: RunConfig, ls: typing.Sequence[float],
-                    scores: typing.Sequence[str]) -> list:
-  """(name, selection, score, l, config): each variant's run, in base.out/<name>."""
+                    scores: typing.Sequence[str],
+                    baselines: typing.Sequence[str] = ("topk", "batchtopk")) -> list:
+  """(name, selection, score, l, config): each variant's run, in base.out/<name>.
+  base.train's Matryoshka groups go to the Matryoshka variants only."""
   out = []
-  for name, selection, score, l in variants(ls, scores):
+  nested = base.train.matryoshka_groups is not None
+  for name, selection, score, l, matryoshka in variants(ls, scores, baselines, nested):
     sae = dataclasses.replace(base.train.sae, selection=selection,
                               score=score or base.train.sae.score,
                               l=l if selection == "sampled" else base.train.sae.l)
+    train = dataclasses.replace(base.train, sae=sae) if matryoshka else dataclasses.replace(
+        base.train, sae=sae, matryoshka_groups=None, matryoshka_weights=None)
     out.append((name, selection, score, l, dataclasses.replace(
-        base, out=str(storage.path(base.out) / name),
-        train=dataclasses.replace(base.train, sae=sae))))
+        base, out=str(storage.path(base.out) / name), train=train)))
   return out
 
 
 def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[str], *,
-          progress: bool = True, verify: bool = False,
-          one_pass: bool = True) -> typing.Optional[list]:
+          baselines: typing.Sequence[str] = ("topk", "batchtopk"), progress: bool = True,
+          verify: bool = False, one_pass: bool = True) -> typing.Optional[list]:
   """Trains every variant into base.out/<name>, then writes results.csv,
   results.md and plots.
 
@@ -77,6 +100,9 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
   with another config is refused, and re-running resumes.
 
   Args:
+    baselines: the variants beside Sampled-SAE (`BASELINES`); "matryoshka"
+      needs base.train's Matryoshka groups, which also add a
+      Matryoshka-Sampled variant per score and l.
     verify: check every cache shard's sha256 before training.
     one_pass: train the variants together (else one after another).
 
@@ -87,7 +113,7 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
     KeyboardInterrupt: Ctrl-C stopped it (after a checkpoint).
   """
   out = storage.path(base.out)
-  runs = variant_configs(base, ls, scores)
+  runs = variant_configs(base, ls, scores, baselines)
   done = outdir.agreed(lambda: _finished(out, runs), len(runs))
   if one_pass and not all(done):
     if run_lib.run_many([config for *_, config in runs], out, progress=progress,
@@ -108,7 +134,9 @@ def sweep(base: RunConfig, ls: typing.Sequence[float], scores: typing.Sequence[s
   rows = []
   for name, selection, score, l, config in runs:
     summary = json.loads((storage.path(config.out) / "summary.json").read_text())
+    nested = config.train.nested
     rows.append({"variant": name, "selection": selection, "score": score, "l": l,
+                 "groups": "/".join(map(str, nested.sizes)) if nested else "",
                  **{m: math.nan if summary.get(m) is None else summary[m] for m in METRICS}})
   write_tables(rows, out)
   plot(rows, out)
@@ -150,8 +178,8 @@ def write_tables(rows: list, out: pathlib.PurePath) -> None:
 
 
 def plot(rows: list, out: pathlib.PurePath) -> None:
-  """plot_<metric>.png: Sampled-SAE against l (one line per score), BatchTopK
-  and TopK as horizontal lines."""
+  """plot_<metric>.png: Sampled-SAE and Matryoshka-Sampled against l (one
+  line per score), the baselines as horizontal lines."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -160,14 +188,18 @@ def plot(rows: list, out: pathlib.PurePath) -> None:
     if all(isinstance(v, float) and math.isnan(v) for v in values):
       continue
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for score in sorted({r["score"] for r in rows if r["selection"] == "sampled"}):
-      line = sorted((r["l"], r[metric]) for r in rows if r["score"] == score)
-      ax.plot(*zip(*line), marker="o", label=f"Sampled-SAE ({score})")
-    for selection, style in (("batchtopk", "--"), ("topk", ":")):
+    for groups, family in (("", "Sampled-SAE"), (True, "Matryoshka-Sampled")):
+      pooled = [r for r in rows
+                if r["selection"] == "sampled" and bool(r["groups"]) == bool(groups)]
+      for score in sorted({r["score"] for r in pooled}):
+        line = sorted((r["l"], r[metric]) for r in pooled if r["score"] == score)
+        ax.plot(*zip(*line), marker="o" if not groups else "s", label=f"{family} ({score})")
+    for variant, style, color, label in (("batchtopk", "--", "black", "BatchTopK"),
+                                         ("topk", ":", "gray", "TopK"),
+                                         ("matryoshka", "-.", "tab:red", "Matryoshka BatchTopK")):
       for r in rows:
-        if r["selection"] == selection and not math.isnan(r[metric]):
-          ax.axhline(r[metric], linestyle=style, color="gray" if selection == "topk" else "black",
-                     label="BatchTopK" if selection == "batchtopk" else "TopK")
+        if r["variant"] == variant and not math.isnan(r[metric]):
+          ax.axhline(r[metric], linestyle=style, color=color, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("l (pool = k·l latents)")
     ax.set_ylabel(metric)

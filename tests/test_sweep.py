@@ -213,15 +213,42 @@ def test_a_stopped_one_pass_resumes_exactly(tmp_path, straight_sweep, capsys):
 
 
 def test_a_variant_given_twice_is_refused(tmp_path, capsys):
-  for flags, said in ((["--ls", "2", "2"], "--ls gives 2 more than once"),
-                      (["--scores", "l2", "entropy", "l2"], "--scores gives l2 more than once")):
+  for flags, said in (
+      (["--ls", "2", "2"], "--ls gives 2 more than once; each value is one variant"),
+      (["--scores", "l2", "entropy", "l2"], "--scores gives l2 more than once; each value is "
+       "one variant"),
+      (["--baselines", "topk", "topk"], "--baselines gives topk more than once; each value is "
+       "one variant"),
+      (["--baselines", "topk", "gated"], "--baselines gated: allowed are topk, batchtopk, "
+       "matryoshka"),
+      (["--baselines", "matryoshka"], "--baselines matryoshka needs --matryoshka-groups (the "
+       "groups' fractions of --dict-size)")):
     args = [*ARGS[:ARGS.index("--ls")], *flags, "--l", "3", "--no-progress", "--out",
             str(tmp_path / "s")]
     assert sweep_script.main(args) == 2
     out, err = capsys.readouterr()
     assert out.startswith("note: --l 3.0 does nothing in a sweep: --ls and --scores set each")
-    assert err.strip() == f"error: {said}; each value is one variant"
+    assert err.strip() == f"error: {said}"
   assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_with_matryoshka_variants(tmp_path):
+  """--matryoshka-groups: Matryoshka BatchTopK and Matryoshka-Sampled beside
+  the plain variants, which keep the plain loss; one pass equals sequential."""
+  args = [*ARGS[:ARGS.index("--ls")], "--ls", "2", "--scores", "l2", "--baselines", "batchtopk",
+          "matryoshka", "--matryoshka-groups", "0.5", "0.5", "--no-progress"]
+  one, each = sweep_pair(tmp_path, args)
+  names = ["batchtopk", "matryoshka", "sampled-l2-l2", "matryoshka-sampled-l2-l2"]
+  rows = read_rows(one)
+  assert [r["variant"] for r in rows] == names
+  assert [r["groups"] for r in rows] == ["", "32/32", "", "32/32"]
+  same_runs(one, each, names)
+  for name in names:
+    groups = outputs(one / name)["config"].train.matryoshka_groups
+    assert groups == ((0.5, 0.5) if name.startswith("matryoshka") else None), name
+  assert rows[0]["fvu"] != rows[1]["fvu"] and rows[2]["fvu"] != rows[3]["fvu"]
+  assert (one / "plot_fvu.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_sweep_and_a_single_run_keep_out_of_each_others_folders(tmp_path, capsys):
