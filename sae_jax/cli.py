@@ -110,6 +110,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
   syn.add_argument("--children", type=int, default=defaults.children, help="children per parent")
   syn.add_argument("--child-given-parent", type=float, default=defaults.child_given_parent,
                    help="when a parent fires, the probability that one of its children does")
+  syn.add_argument("--parent-rate", type=float, default=defaults.parent_rate,
+                   help="a parent fires this many times as often as a frequent feature")
   run = p.add_argument_group("run")
   run.add_argument("--out", default=None)
   run.add_argument("--log-every", type=int, default=100)
@@ -159,7 +161,8 @@ def config_from(args) -> RunConfig:
       d_model=args.synthetic_d_model, n_features=args.synthetic_features,
       active=args.synthetic_active, noise=args.synthetic_noise, rare_fraction=args.rare_fraction,
       rare_rate=args.rare_rate, rare_magnitude=args.rare_magnitude, parents=args.parents,
-      children=args.children, child_given_parent=args.child_given_parent, seed=args.seed)
+      children=args.children, child_given_parent=args.child_given_parent,
+      parent_rate=args.parent_rate, seed=args.seed)
   # Everything but D is checked first, so a typo never waits for the data.
   sae_args = dict(n_latents=args.dict_size, k=args.k, selection=args.selection, l=args.l,
                   score=args.score, sample_pool=args.sample_pool, ridge=args.ridge,

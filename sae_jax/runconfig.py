@@ -21,7 +21,7 @@ ADDED_FIELDS = {"stream": False, "stream_contexts": 512, "train.sae.ridge": 0.01
                 "train.sae.sketch": None, "train.sae.pool_every": 1, "synthetic.parents": 0,
                 "synthetic.children": 4, "synthetic.child_given_parent": 0.5,
                 "train.layout": "auto", "train.matryoshka_groups": None,
-                "train.matryoshka_weights": None}
+                "train.matryoshka_weights": None, "synthetic.parent_rate": 1.0}
 # Fields that only change what is done after training: a finished run whose
 # saved config differs in one of them is finished again.
 END_FIELDS = ("inference", "calibration_tokens")

@@ -59,6 +59,9 @@ class SyntheticConfig:
   """Children per parent; they follow the parents, grouped by parent."""
   child_given_parent: float = 0.5
   """When a parent fires, the probability that one of its children fires too."""
+  parent_rate: float = 1.0
+  """A parent fires this many times as often as a frequent feature (its
+  children with it)."""
   seed: int = 0
   """Seeds the dictionary and every batch."""
 
@@ -78,6 +81,8 @@ class SyntheticConfig:
     validation.check_int_field(owner, "parents", self.parents, minimum=0)
     validation.check_int_field(owner, "children", self.children)
     validation.check_real_field(owner, "child_given_parent", self.child_given_parent, 0, 1)
+    validation.check_real_field(owner, "parent_rate", self.parent_rate, 0, math.inf,
+                                lo_open=True)
     if self.n_rare + self.parents * (1 + self.children) > self.n_features:
       raise ValueError(
           f"SyntheticConfig: {self.n_rare} rare features and {self.parents} parents with "
@@ -113,8 +118,9 @@ class SyntheticConfig:
     """[n_features] probability that each feature fires in a token (a
     child's: its parent's rate times child_given_parent / children)."""
     kind = self.feature_class()
-    relative = np.select([kind == RARE, kind == CHILD],
-                         [self.rare_rate, self.child_given_parent / self.children], 1.0)
+    relative = np.select([kind == RARE, kind == PARENT, kind == CHILD],
+                         [self.rare_rate, self.parent_rate,
+                          self.parent_rate * (self.child_given_parent / self.children)], 1.0)
     return relative * (self.active / relative.sum()) if relative.sum() else relative
 
   def magnitudes(self) -> np.ndarray:

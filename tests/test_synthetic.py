@@ -1,5 +1,7 @@
 """The synthetic source: its statistics, determinism and ground truth."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -40,8 +42,9 @@ HIERARCHY = SyntheticConfig(d_model=16, n_features=40, active=3.0, noise=0.0, ra
                             parents=3, children=4, child_given_parent=0.6, seed=4)
 
 
-def test_hierarchy_children_fire_only_with_their_parent():
-  c = HIERARCHY
+@pytest.mark.parametrize("parent_rate", [1.0, 3.0])
+def test_hierarchy_children_fire_only_with_their_parent(parent_rate):
+  c = dataclasses.replace(HIERARCHY, parent_rate=parent_rate)
   kind, parent_of = c.feature_class(), c.parent_of()
   np.testing.assert_array_equal(kind, [synthetic.RARE] * 4 + [synthetic.PARENT] * 3
                                 + [synthetic.CHILD] * 12 + [synthetic.FREQUENT] * 21)
@@ -54,6 +57,7 @@ def test_hierarchy_children_fire_only_with_their_parent():
   fires = codes > 0
   rates = c.firing_rates()
   assert rates.sum() == pytest.approx(3.0)
+  assert rates[4] / rates[-1] == pytest.approx(parent_rate)  # a parent against a frequent one
   np.testing.assert_allclose(fires.mean(0), rates, atol=0.01)
   for parent in (4, 5, 6):
     kids = fires[:, parent_of == parent]
@@ -87,6 +91,7 @@ def test_best_cosines():
     (dict(n_features=9, active=2.0, parents=2, children=4),
      r"0 rare features and 2 parents with 4 children each need 10 features; n_features is 9"),
     (dict(child_given_parent=1.5), r"SyntheticConfig.child_given_parent must be a number in"),
+    (dict(parent_rate=0.0), r"SyntheticConfig.parent_rate must be a number in"),
 ])
 def test_bad_config(kwargs, message):
   with pytest.raises(ValueError, match=message):
