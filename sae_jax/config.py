@@ -237,7 +237,11 @@ class TrainConfig:
                              matryoshka.default_weights(len(sizes)))
 
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    d = dataclasses.asdict(self)
+    for name in ("matryoshka_groups", "matryoshka_weights"):  # as config.json holds them
+      if d[name] is not None:
+        d[name] = list(d[name])
+    return d
 
   @classmethod
   def from_dict(cls, d: dict) -> "TrainConfig":

@@ -161,7 +161,8 @@ def scan(weights: dict, cfg: dict, rows: typing.Callable[[int, int], np.ndarray]
               np.where(top.row >= 0, top.key, 0).astype(np.float32), drawn.row, kth_all)
 
 
-def pool_share(weights: dict, input_scale: float, sae: model.SAE, rows: typing.Callable[[int, int], np.ndarray],
+def pool_share(weights: dict, input_scale: float, sae: model.SAE,
+               rows: typing.Callable[[int, int], np.ndarray],
                n: int, batch_size: int, *, block: int = 16, seed: int = 0,
                progress: bool = True) -> tuple:
   """How often each latent makes a Sampled-SAE pool: (pools that held it [F],

@@ -71,6 +71,9 @@ def check(fractions, weights, n_latents: int, name: str = "TrainConfig.matryoshk
                  for w in weights)):
     raise ValueError(f"{weights_name} must be one non-negative number per group "
                      f"({len(fractions)}); got {weights!r}")
+  if not sum(weights) > 0:
+    raise ValueError(f"{weights_name} {list(weights)} are all 0: the loss would have no "
+                     f"reconstruction term")
 
 
 def default_weights(n_groups: int) -> tuple:

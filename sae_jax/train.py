@@ -158,7 +158,8 @@ def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
   The metrics (replicated scalars; "scaled units" are those of c·x, with
   E||c·x||² = D):
     mse: mean over the global batch's tokens of ||c·x - xhat||², summed over
-      D (dictionary_learning's l2_loss, SAELens' mse_loss).
+      D (dictionary_learning's l2_loss, SAELens' mse_loss); with Matryoshka
+      groups, the nested loss's reconstruction term (`matryoshka.loss`).
     auxk_loss: Σ||e - ê||² / Σ||e - mean(e)||² over the batch, e = c·x - xhat
       the residual and ê its reconstruction from each token's top auxk_k dead
       latents (0 while none is dead); dictionary_learning's normalised AuxK.

@@ -123,7 +123,8 @@ def test_downstream_loss_in_jax_equals_torch(lm):
   identity = lambda h: h
   for torch_splice, jax_splice, args in (
       (identity, identity, ()),
-      (numpy_splice, evaluate.splice(model.SAE(sae_config)), (state.params, threshold, state.input_scale))):
+      (numpy_splice, evaluate.splice(model.SAE(sae_config)),
+       (state.params, threshold, state.input_scale))):
     want = downstream.downstream_loss(lm["model"], hook, ids, torch_splice, batch_contexts=4)
     got = downstream.downstream_loss_jax(params, config, hook, ids, jax_splice, args,
                                          batch_contexts=4)

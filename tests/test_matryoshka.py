@@ -1,14 +1,19 @@
 """The Matryoshka loss against NumPy, its hand-written gradients against
 autodiff, and its config's checks."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sae_jax import matryoshka
+from sae_jax import runconfig
+from sae_jax import synthetic
 from sae_jax.config import SAEConfig
 from sae_jax.config import TrainConfig
+from sae_jax.runconfig import RunConfig
 
 B, D, F = 12, 5, 10
 NESTED = matryoshka.Nested((2, 3, 5), (2.0, 1.0, 0.5))
@@ -96,6 +101,7 @@ def test_fast_gradients_equal_autodiff():
     (dict(matryoshka_groups=(0.5, 0.5), matryoshka_weights=(1.0,)),
      r"matryoshka_weights must be one non-negative number per group \(2\)"),
     (dict(matryoshka_weights=(1.0, 1.0)), r"matryoshka_weights .* give matryoshka_groups too"),
+    (dict(matryoshka_groups=(0.5, 0.5), matryoshka_weights=(0.0, 0.0)), r"are all 0"),
 ])
 def test_bad_groups_are_refused(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -103,10 +109,13 @@ def test_bad_groups_are_refused(kwargs, message):
 
 
 def test_a_config_json_round_trip_keeps_the_groups():
+  """Through JSON and back, and as a resume compares a saved config.json."""
   c = TrainConfig(SAEConfig(D, F, k=2), batch_size=8, steps=10,
                   matryoshka_groups=(0.2, 0.8), matryoshka_weights=(1.0, 3.0))
-  d = c.to_dict()
-  d["matryoshka_groups"], d["matryoshka_weights"] = [0.2, 0.8], [1.0, 3.0]  # as JSON gives them
-  assert TrainConfig.from_dict(d) == c
+  d = json.loads(json.dumps(c.to_dict()))
+  assert d == c.to_dict() and TrainConfig.from_dict(d) == c
+  run = RunConfig(train=c, out="run", data="synthetic",
+                  synthetic=synthetic.SyntheticConfig(d_model=D))
+  assert runconfig.differences(json.loads(json.dumps(run.to_dict())), run) == []
   assert c.nested == matryoshka.Nested((2, 8), (1.0, 3.0))
   assert TrainConfig(SAEConfig(D, F, k=2), batch_size=8, steps=10).nested is None

@@ -235,20 +235,25 @@ def test_a_variant_given_twice_is_refused(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_sweep_with_matryoshka_variants(tmp_path):
   """--matryoshka-groups: Matryoshka BatchTopK and Matryoshka-Sampled beside
-  the plain variants, which keep the plain loss; one pass equals sequential."""
+  the plain variants, which keep the plain loss, in one pass (which equals
+  the sequential sweep whatever the variants: the tests above)."""
   args = [*ARGS[:ARGS.index("--ls")], "--ls", "2", "--scores", "l2", "--baselines", "batchtopk",
           "matryoshka", "--matryoshka-groups", "0.5", "0.5", "--no-progress"]
-  one, each = sweep_pair(tmp_path, args)
+  one = tmp_path / "one"
+  assert sweep_script.main([*args, "--one-pass", "--out", str(one)]) == 0
   names = ["batchtopk", "matryoshka", "sampled-l2-l2", "matryoshka-sampled-l2-l2"]
   rows = read_rows(one)
   assert [r["variant"] for r in rows] == names
   assert [r["groups"] for r in rows] == ["", "32/32", "", "32/32"]
-  same_runs(one, each, names)
   for name in names:
     groups = outputs(one / name)["config"].train.matryoshka_groups
     assert groups == ((0.5, 0.5) if name.startswith("matryoshka") else None), name
   assert rows[0]["fvu"] != rows[1]["fvu"] and rows[2]["fvu"] != rows[3]["fvu"]
   assert (one / "plot_fvu.png").read_bytes()[:4] == b"\x89PNG"
+  # Run again, the finished sweep is finished: nothing is refused or trained.
+  stamps = {p: p.stat().st_mtime_ns for p in one.glob("*/summary.json")}
+  assert sweep_script.main([*args, "--one-pass", "--out", str(one)]) == 0
+  assert {p: p.stat().st_mtime_ns for p in one.glob("*/summary.json")} == stamps
 
 
 def test_a_sweep_and_a_single_run_keep_out_of_each_others_folders(tmp_path, capsys):

@@ -53,7 +53,6 @@ NESTED = dict(matryoshka_groups=(0.25, 0.25, 0.5), matryoshka_weights=(2.0, 1.0,
 MATRYOSHKA = {
     "matryoshka_batchtopk": dataclasses.replace(config("batchtopk"), **NESTED),
     "matryoshka_entries": dataclasses.replace(config("batchtopk"), layout="entries", **NESTED),
-    "matryoshka_topk": dataclasses.replace(config("topk"), layout="entries", **NESTED),
     "matryoshka_sampled": dataclasses.replace(config("sampled"), **NESTED),
 }
 
@@ -368,8 +367,7 @@ def test_auxk_layouts_equal_autodiff_on_four_devices(layout, monkeypatch):
 
 @pytest.mark.parametrize("rule", ["topk", "batchtopk", "sampled", "matryoshka_batchtopk"] + [
     pytest.param(rule, marks=pytest.mark.slow) for rule in (
-        "sampled_drawn", "sampled_kept", "matryoshka_entries", "matryoshka_topk",
-        "matryoshka_sampled")])
+        "sampled_drawn", "sampled_kept", "matryoshka_entries", "matryoshka_sampled")])
 def test_fast_step_equals_dense_step_on_four_devices(rule):
   """Three steps: the first two with no dead latent (Sampled-SAE's pooled
   update), the third with N_DEAD latents dead (AuxK)."""
