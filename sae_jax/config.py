@@ -194,7 +194,8 @@ class TrainConfig:
           f"step ({self.total_steps - 1}; the EMA updates on the steps after it), or the "
           f"inference threshold is never learned")
     validation.check_int_field("TrainConfig", "max_bad_steps", self.max_bad_steps)
-    validation.check_int_field("TrainConfig", "seed", self.seed, minimum=0)
+    validation.check_int_field("TrainConfig", "seed", self.seed, minimum=0,
+                               maximum=validation.MAX_SEED)
     validation.check_choice_field("TrainConfig", "step", self.step, STEPS)
     validation.check_choice_field("TrainConfig", "layout", self.layout, LAYOUTS)
     for name in ("matryoshka_groups", "matryoshka_weights"):  # config.json holds lists

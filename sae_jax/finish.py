@@ -100,7 +100,8 @@ def _inference_rule(config: RunConfig, state: train.TrainState, source: DataSour
   rows, _ = finite(source.calibration(config.calibration_tokens), "the calibration rows")
   rows = rows[np.random.default_rng(c.seed).permutation(len(rows))]
   scaled = rows * np.float32(state.input_scale)
-  calibration = thresholds.calibrate(state.params, scaled, model.SAE(c.sae), batch_size=c.batch_size,
+  calibration = thresholds.calibrate(state.params, scaled, model.SAE(c.sae),
+                                     batch_size=c.batch_size,
                                      per_latent=config.inference != "global")
   if c.sae.selection == "topk":
     return calibration, inference.Rule("topk", calibration.threshold_F, c.sae.k, {}), \
@@ -212,8 +213,9 @@ def _downstream(config: RunConfig, state: train.TrainState, rule: inference.Rule
     return {}
   ids_BxL = source.downstream_ids()
   if not len(ids_BxL):
-    print("no downstream contexts (--downstream-contexts 0, or no text after the cache's): "
-          "downstream loss skipped", flush=True)
+    print("--downstream-contexts 0: downstream loss skipped" if not config.downstream_contexts
+          else f"no text left after the training contexts for --downstream-contexts "
+               f"{config.downstream_contexts}: downstream loss skipped", flush=True)
     return {}
   e, sae, theta_F = config.export, model.SAE(rule.sae(state.config.sae)), rule.threshold_F
   if source.language_model is not None:

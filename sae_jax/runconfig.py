@@ -162,13 +162,16 @@ def differences(saved: dict, config: RunConfig) -> list:
   old = {k: v for k, v in saved.items() if k not in RECORDS}
   before, after = recorded(ADDED_FIELDS | flat(old)), flat(config.to_dict())
   # Fields that do nothing both then and now: --tokens while --steps is set,
-  # and the SAE's fields neither rule reads.
+  # the SAE's fields neither rule reads, --cache-dir where no cache is made.
   unused = ({"train.tokens"} if before.get("train.steps") is not None
             and before.get("train.steps") == after.get("train.steps") else set())
   rule = lambda d: unread(d.get("train.sae.selection"), d.get("train.sae.score"))
   unused |= {f"train.sae.{f}" for f in set(rule(before)) & set(rule(after))}
   if _one_path(before.get("data"), after.get("data")):
     unused.add("data")  # spelled otherwise; the data's fingerprint checks its content
+  reads_cache = lambda d: d.get("data") == "pythia" and not d.get("stream")
+  if not reads_cache(before) and not reads_cache(after):
+    unused.add("cache_dir")  # synthetic, a .npy, a cache given as --data, or --stream
   return [f"{k}: saved {before.get(k)!r}, now {after.get(k)!r}"
           for k in sorted(set(before) | set(after))
           if k not in RESUMABLE_FIELDS and k not in unused and before.get(k) != after.get(k)]

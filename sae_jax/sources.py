@@ -153,7 +153,7 @@ def _stream(config: RunConfig) -> DataSource:
       e, train.make_mesh(), batch_size=c.batch_size,
       round_contexts=config.stream_contexts, eval_tokens=config.eval_tokens,
       downstream_contexts=config.downstream_contexts, seed=c.seed)
-  if isinstance(e.dataset, tuple):  # local text: cheap to tokenize ahead (a hub dataset is not)
+  if isinstance(e.dataset, tuple):  # local text is tokenized ahead; a hub dataset is not
     source.check_steps(c.total_steps)
   return DataSource(
       batches=source.batches, sample=source.sample(INIT_SAMPLE), held_out=source.held_out,

@@ -88,7 +88,8 @@ class SyntheticConfig:
           f"SyntheticConfig: {self.n_rare} rare features and {self.parents} parents with "
           f"{self.children} children each need {self.n_rare + self.parents * (1 + self.children)} "
           f"features; n_features is {self.n_features}")
-    validation.check_int_field(owner, "seed", self.seed, minimum=0)
+    validation.check_int_field(owner, "seed", self.seed, minimum=0,
+                               maximum=validation.MAX_SEED)
     if self.firing_rates().max() > 1:
       raise ValueError(
           f"SyntheticConfig: active={self.active} with rare_fraction={self.rare_fraction} "

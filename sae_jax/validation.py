@@ -108,10 +108,17 @@ def pool_size(k: int, l: float, n_latents: int) -> int:
   return min(n_latents, math.ceil(k * fractions.Fraction(repr(float(l)))))
 
 
-def check_int_field(owner: str, name: str, value, minimum: int = 1) -> None:
-  """Config field `owner.name` is an integer >= minimum."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-    raise ValueError(f"{owner}.{name} must be an integer >= {minimum}; got {value!r}")
+def check_int_field(owner: str, name: str, value, minimum: int = 1,
+                    maximum: typing.Optional[int] = None) -> None:
+  """Config field `owner.name` is an integer >= minimum (and <= maximum)."""
+  if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum
+      or (maximum is not None and value > maximum)):
+    allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    raise ValueError(f"{owner}.{name} must be an integer {allowed}; got {value!r}")
+
+
+# JAX's PRNG keys hold 32 bits of an integer seed: larger seeds would share keys.
+MAX_SEED = 2**32 - 1
 
 
 def check_real_field(owner: str, name: str, value, lo, hi, *, lo_open=False,

@@ -103,7 +103,7 @@ SAE = SAEConfig(8, 16, k=2)
      r"TrainConfig.threshold_start \(99\) must be below the last step \(99; the EMA updates"),
     (dict(steps=1), r"TrainConfig.threshold_start \(0\) must be below the last step \(0;"),
     (dict(max_bad_steps=0), r"TrainConfig.max_bad_steps must be an integer >= 1; got 0"),
-    (dict(seed=-1), r"TrainConfig.seed must be an integer >= 0; got -1"),
+    (dict(seed=-1), r"TrainConfig.seed must be an integer in \[0, 4294967295\]; got -1"),
     (dict(step="sparse"), r"TrainConfig.step must be one of 'fast', 'dense'; got 'sparse'"),
     (dict(layout="dense"),
      r"TrainConfig.layout must be one of 'auto', 'entries', 'codes'; got 'dense'"),
@@ -278,6 +278,26 @@ def test_a_resume_ignores_fields_that_do_nothing(tmp_path):
     else:
       with pytest.raises(ValueError, match=refused):
         outdir.check_resume(out, other)
+
+
+def test_a_resume_ignores_a_cache_dir_its_data_never_read(tmp_path):
+  """--cache-dir is read by --data pythia without --stream only."""
+  train = TrainConfig(SAEConfig(16, 64, k=4), batch_size=64, steps=10)
+  for i, (data, stream, refused) in enumerate((("synthetic", False, False),
+                                               ("pythia", True, False),
+                                               ("pythia", False, True))):
+    out = tmp_path / f"run{i}"
+    out.mkdir()
+    config = RunConfig(train=train, out=str(out), data=data, stream=stream,
+                       export=export.ExportConfig(backend="jax"),
+                       synthetic=synthetic.SyntheticConfig(d_model=16))
+    outdir.check_resume(out, config)
+    moved = dataclasses.replace(config, cache_dir=str(tmp_path / "elsewhere"))
+    if refused:
+      with pytest.raises(ValueError, match=r"cache_dir: saved 'cache/pythia-160m', now"):
+        outdir.check_resume(out, moved)
+    else:
+      assert outdir.check_resume(out, moved)
 
 
 def test_a_resume_ignores_tokens_while_steps_are_set(tmp_path):

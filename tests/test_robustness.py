@@ -549,6 +549,8 @@ BAD_INPUT = {
         lambda t, c: ["--eval-tokens", str(10**9)], "needs at least 476.8 GiB of host memory for the held-out codes"),
     "--eval-tokens 1": (lambda t, c: ["--eval-tokens", "1"],
                         "RunConfig.eval_tokens must be an integer >= 2; got 1"),
+    "--seed past 32 bits": (lambda t, c: ["--seed", str(2**64)],
+                            "seed must be an integer in [0, 4294967295]; got 18446744073709551616"),
     "--join-timeout without --coordinator": (
         lambda t, c: ["--join-timeout", "5"], "--join-timeout 5 needs --coordinator"),
     "--join-timeout 0": (

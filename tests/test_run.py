@@ -264,11 +264,12 @@ def test_a_missing_local_model_is_named(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_pythia_path_on_a_tiny_model(lm, tmp_path):
+def test_pythia_path_on_a_tiny_model(lm, tmp_path, capsys):
   out, cache = tmp_path / "run", tmp_path / "cache"
-  assert cli("--data", "pythia", "--model", lm["model"], "--dataset", *lm["texts"]["txt"],
-             "--hook", "blocks.1.hook_resid_post", "--context-length", 16, "--cache-dir", cache,
-             "--batch-size", 32, "--steps", 12, "--eval-tokens", 64, "--out", out) == 0
+  args = ["--data", "pythia", "--model", lm["model"], "--dataset", *lm["texts"]["txt"],
+          "--hook", "blocks.1.hook_resid_post", "--context-length", 16, "--cache-dir", cache,
+          "--batch-size", 32, "--steps", 12, "--eval-tokens", 64]
+  assert cli(*args, "--out", out) == 0
   manifest = json.loads((cache / "manifest.json").read_text())
   assert manifest["complete"] and manifest["total_tokens"] == 12 * 32 + 64
   o = outputs(out)
@@ -283,6 +284,11 @@ def test_pythia_path_on_a_tiny_model(lm, tmp_path):
   assert s["downstream_loss_recovered"] == pytest.approx(
       (s["downstream_zero_ce"] - s["downstream_spliced_ce"])
       / (s["downstream_zero_ce"] - s["downstream_clean_ce"]))
+  # On the same cache, with no downstream contexts asked for: said, and skipped.
+  capsys.readouterr()
+  assert cli(*args, "--downstream-contexts", 0, "--out", tmp_path / "none") == 0
+  assert "--downstream-contexts 0: downstream loss skipped" in capsys.readouterr().out
+  assert "downstream_kl" not in outputs(tmp_path / "none")["summary"]
 
 
 def test_optional_metric_sinks(tmp_path, monkeypatch, capsys):

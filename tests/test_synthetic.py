@@ -87,7 +87,7 @@ def test_best_cosines():
     (dict(spread=2.0), r"SyntheticConfig.spread must be a number in \[0, 1\]; got 2.0"),
     (dict(n_features=4, active=3.0, rare_fraction=0.5, rare_rate=3.0),
      r"needs a firing probability above 1"),
-    (dict(seed=-2), r"SyntheticConfig.seed must be an integer >= 0; got -2"),
+    (dict(seed=-2), r"SyntheticConfig.seed must be an integer in \[0, 4294967295\]; got -2"),
     (dict(n_features=9, active=2.0, parents=2, children=4),
      r"0 rare features and 2 parents with 4 children each need 10 features; n_features is 9"),
     (dict(child_given_parent=1.5), r"SyntheticConfig.child_given_parent must be a number in"),
