@@ -55,8 +55,21 @@ def data_args(lm, cache, tmp_path_factory):
   }
 
 
+def only_process_0_wrote(results, out, steps: int) -> None:
+  """One metrics line a step, and the summary said and written by process 0 alone."""
+  assert steps_logged(out) == list(range(1, steps + 1))
+  said = results[0][1].splitlines()  # the summary, where it was written (and any warning)
+  wrote = said.index(f"wrote {out}: summary.json (above), saelens/ (the SAE, for SAELens), "
+                     f"metrics.jsonl")
+  assert said[wrote - 1].startswith('{"fvu": ') and all(
+      line.startswith("warning: the saved SAE") for line in said[wrote + 1:])
+  assert '"fvu"' not in results[1][1] and "wrote" not in results[1][1]
+  assert "devices: 4 (2 local" in results[1][1]
+
+
+# Synthetic data on two processes: test_stopped_three_ways_and_relaunched_a_run_ends_exactly.
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["synthetic", "npy", "cache", "stream"])
+@pytest.mark.parametrize("kind", ["npy", "cache", "stream"])
 def test_two_processes_equal_one(data_args, tmp_path, kind):
   args = [*data_args[kind], "--steps", 12, "--log-every", 1, "--ckpt-every", 5]
   one = tmp_path / "one"
@@ -66,15 +79,7 @@ def test_two_processes_equal_one(data_args, tmp_path, kind):
   no_traceback(results)
   assert [code for code, _, _ in results] == [0, 0], results[1][2][-2000:]
   same_run(one, two)
-  # Only process 0 wrote the run's files: one line a step, one summary said.
-  assert steps_logged(two) == list(range(1, 13))
-  said = results[0][1].splitlines()  # the summary, where it was written (and any warning)
-  wrote = said.index(f"wrote {two}: summary.json (above), saelens/ (the SAE, for SAELens), "
-                     f"metrics.jsonl")
-  assert said[wrote - 1].startswith('{"fvu": ') and all(
-      line.startswith("warning: the saved SAE") for line in said[wrote + 1:])
-  assert '"fvu"' not in results[1][1] and "wrote" not in results[1][1]
-  assert "devices: 4 (2 local" in results[1][1]
+  only_process_0_wrote(results, two, 12)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +137,8 @@ def test_stopped_three_ways_and_relaunched_a_run_ends_exactly(straight, tmp_path
        exit 0, and the relaunch resumes there;
     3. kill -9 of process 1: process 0 says so in one line and exits within
        a bounded time; the relaunch resumes from the last complete checkpoint.
-  It ends bit for bit as the uninterrupted run, every step logged once."""
+  It ends bit for bit as the uninterrupted run on one process, every step
+  logged once, and only process 0 wrote the run's files."""
   out = tmp_path / "run"
   step = 0
   for who in ("one", "both"):
@@ -160,7 +166,7 @@ def test_stopped_three_ways_and_relaunched_a_run_ends_exactly(straight, tmp_path
   assert [code for code, _, _ in results] == [0, 0]
   assert f"resuming at step {saved}" in results[0][1]
   same_run(straight, out)
-  assert steps_logged(out) == list(range(1, STEPS + 1))
+  only_process_0_wrote(results, out, STEPS)
 
 
 @pytest.mark.slow
