@@ -365,9 +365,10 @@ def test_auxk_layouts_equal_autodiff_on_four_devices(layout, monkeypatch):
         assert not np.any(got[name][~dead_F])
 
 
-@pytest.mark.parametrize("rule", ["topk", "batchtopk", "sampled", "matryoshka_batchtopk"] + [
+@pytest.mark.parametrize("rule", ["topk", "batchtopk", "sampled"] + [
     pytest.param(rule, marks=pytest.mark.slow) for rule in (
-        "sampled_drawn", "sampled_kept", "matryoshka_entries", "matryoshka_sampled")])
+        "sampled_drawn", "sampled_kept", "matryoshka_batchtopk", "matryoshka_entries",
+        "matryoshka_sampled")])
 def test_fast_step_equals_dense_step_on_four_devices(rule):
   """Three steps: the first two with no dead latent (Sampled-SAE's pooled
   update), the third with N_DEAD latents dead (AuxK)."""
