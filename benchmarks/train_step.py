@@ -16,7 +16,10 @@ and their last column is the ratio to the all-alive step;
 two more rows give the packed step with none dead and the general step with
 the smallest fraction dead. The `+auxk` rows have every latent dead.
 TopK, BatchTopK and AuxK run once per layout of their entries' gradients
-(`TrainConfig.layout`: entries, codes). `--quick` measures
+(`TrainConfig.layout`: entries, codes). The Matryoshka rows train BatchTopK
+and Sampled l=8 with `--matryoshka-groups` (nested prefixes: each group's
+share decoded apart); their last column is the ratio to the same rule's
+step without groups. `--quick` measures
 only the fast steps, 3 repeats; `--compute-dtype both` prints a table for
 float32 and one for bfloat16.
 Runs unchanged on CPU, GPU and TPU.
@@ -72,6 +75,9 @@ def main():
                       help="fractions of dead latents for the Sampled l=8 rows")
   parser.add_argument("--compute-dtype", choices=("float32", "bfloat16", "both"),
                       default="float32")
+  parser.add_argument("--matryoshka-groups", type=float, nargs="+",
+                      default=[0.125, 0.125, 0.25, 0.5],
+                      help="the Matryoshka rows' groups (fractions of --latents)")
   args = parser.parse_args()
   if args.quick:
     args.repeats = min(args.repeats, 3)
@@ -141,6 +147,22 @@ def table(args, compute_dtype: str, x_1xBxD, W_DxF):
                 dead=0.0, step_fn=train.p_train_step_packed, alive=alive)
       measure(f"fast step, {name}, {args.dead[0]:g} of latents dead (general, as before)",
               selection, config, dead=args.dead[0], step_fn=train.p_train_step, alive=alive)
+  # Matryoshka: the same rules with nested groups, against each without.
+  plain = {row[0]: row[1] for row in rows}
+  groups = tuple(args.matryoshka_groups)
+  for selection, l in (("batchtopk", None), ("sampled", 8.0)):
+    sae = dataclasses.replace(base.sae, selection=selection, l=l or base.sae.l)
+    name = selection if l is None else f"{selection} l={l:g}"
+    config = dataclasses.replace(base, sae=sae, step="fast", matryoshka_groups=groups)
+    if not args.quick:
+      dense[f"matryoshka {selection}"] = measure(
+          f"dense step, Matryoshka {name}", f"matryoshka {selection}",
+          dataclasses.replace(config, step="dense"))
+    for layout in ("entries", "codes") if l is None else ("auto",):
+      label = f", by {layout}" if l is None else ""
+      measure(f"fast step, Matryoshka {name}{label} ({len(groups)} groups)",
+              f"matryoshka {selection}", dataclasses.replace(config, layout=layout),
+              alive=plain[f"fast step, {name}{label}"])
   floor = statistics.median(row[3] for row in rows)
   rows.insert(0, ("encoder matmul x @ W_enc (floor, median over the run)", floor, None, floor,
                   None))
@@ -148,7 +170,8 @@ def table(args, compute_dtype: str, x_1xBxD, W_DxF):
   print(f"\nB={B} D={D} F={F} k={k} compute_dtype={compute_dtype} "
         f"backend={jax.default_backend()} ({jax.local_devices()[0].device_kind}), "
         f"median of {args.repeats}\n")
-  print("| step | median ms | tokens/s | x floor | speed-up over dense | x all-alive |")
+  print("| step | median ms | tokens/s | x floor | speed-up over dense | x all-alive "
+        "(Matryoshka: x without groups) |")
   print("|---|---:|---:|---:|---:|---:|")
   for name, seconds, selection, _, alive in rows:
     speedup = f"{dense[selection] / seconds:.2f}x" if selection in dense else ""
