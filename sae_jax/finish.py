@@ -100,8 +100,8 @@ def _inference_rule(config: RunConfig, state: train.TrainState, source: DataSour
   rows, _ = finite(source.calibration(config.calibration_tokens), "the calibration rows")
   rows = rows[np.random.default_rng(c.seed).permutation(len(rows))]
   scaled = rows * np.float32(state.input_scale)
-  calibration = thresholds.calibrate(state.params, scaled, model.SAE(c.sae),
-                                     batch_size=c.batch_size,
+  sae = model.SAE(c.sae)
+  calibration = thresholds.calibrate(state.params, scaled, sae, batch_size=c.batch_size,
                                      per_latent=config.inference != "global")
   if c.sae.selection == "topk":
     return calibration, inference.Rule("topk", calibration.threshold_F, c.sae.k, {}), \
@@ -109,7 +109,7 @@ def _inference_rule(config: RunConfig, state: train.TrainState, source: DataSour
   theta_F = calibration.threshold_F if config.inference != "global" else np.full(
       c.sae.n_latents, np.float32(state.threshold))
   rule = inference.choose(config.inference, state.params,
-                          thresholds.batches(scaled, c.batch_size), model.SAE(c.sae), theta_F,
+                          thresholds.batches(scaled, c.batch_size), sae, theta_F,
                           calibration.training_sse)
   if rule.name != "topk":
     return calibration, rule, calibration.counts_F

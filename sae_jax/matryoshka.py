@@ -134,15 +134,16 @@ def through_codes(x_BxD, centred_BxD, z_BxP, W_enc_DxP, W_dec_PxD, b_dec_D, nest
   G = len(nested.sizes)
   if group_P is None:
     bounds = np.cumsum((0,) + nested.sizes)
-    cut = lambda a, g: a[..., bounds[g]:bounds[g + 1]]
-    partial = jnp.stack([cut(z_BxP, g) @ cut(W_dec_PxD.T, g).T for g in range(G)])
+    cols = lambda z, g: z[:, bounds[g]:bounds[g + 1]]  # group g's codes
+    rows = lambda W, g: W[bounds[g]:bounds[g + 1]]  # group g's decoder rows
+    partial = jnp.stack([cols(z_BxP, g) @ rows(W_dec_PxD, g) for g in range(G)])
   else:
     in_group = lambda g, a: jnp.where(group_P == g, a, 0)
     partial = jnp.stack([in_group(g, z_BxP) @ W_dec_PxD for g in range(G)])
   value, xhat_BxD, R_GxBxD = _cotangents(x_BxD, partial, b_dec_D, nested.weights)
   if group_P is None:
-    dz_BxP = jnp.concatenate([R_GxBxD[g] @ cut(W_dec_PxD.T, g) for g in range(G)], axis=1)
-    dW_dec_PxD = jnp.concatenate([cut(z_BxP, g).T @ R_GxBxD[g] for g in range(G)], axis=0)
+    dz_BxP = jnp.concatenate([R_GxBxD[g] @ rows(W_dec_PxD, g).T for g in range(G)], axis=1)
+    dW_dec_PxD = jnp.concatenate([cols(z_BxP, g).T @ R_GxBxD[g] for g in range(G)], axis=0)
   else:
     dz_BxP = sum(in_group(g, R_GxBxD[g] @ W_dec_PxD.T) for g in range(G))
     dW_dec_PxD = sum(in_group(g, z_BxP).T @ R_GxBxD[g] for g in range(G))

@@ -188,12 +188,11 @@ def plot(rows: list, out: pathlib.PurePath) -> None:
     if all(isinstance(v, float) and math.isnan(v) for v in values):
       continue
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for groups, family in (("", "Sampled-SAE"), (True, "Matryoshka-Sampled")):
-      pooled = [r for r in rows
-                if r["selection"] == "sampled" and bool(r["groups"]) == bool(groups)]
+    for nested, family, marker in ((False, "Sampled-SAE", "o"), (True, "Matryoshka-Sampled", "s")):
+      pooled = [r for r in rows if r["selection"] == "sampled" and bool(r["groups"]) == nested]
       for score in sorted({r["score"] for r in pooled}):
         line = sorted((r["l"], r[metric]) for r in pooled if r["score"] == score)
-        ax.plot(*zip(*line), marker="o" if not groups else "s", label=f"{family} ({score})")
+        ax.plot(*zip(*line), marker=marker, label=f"{family} ({score})")
     for variant, style, color, label in (("batchtopk", "--", "black", "BatchTopK"),
                                          ("topk", ":", "gray", "TopK"),
                                          ("matryoshka", "-.", "tab:red", "Matryoshka BatchTopK")):
