@@ -22,8 +22,8 @@ import os
 import signal
 import sys
 
-# Until training begins, Ctrl-C exits at once. The imports below take seconds
-# (JAX starts, then the script re-executes itself under tcmalloc), and a
+# Until training begins, Ctrl-C exits at once. Starting takes seconds (the
+# script re-executes itself under tcmalloc; JAX starts once the flags parse), and a
 # KeyboardInterrupt there was swallowed (the run trained to the end, exit 0)
 # or crashed the interpreter at exit. While the run trains, its own handler
 # (sae_jax.run.Stopper) finishes the step and saves a checkpoint; outside
@@ -37,8 +37,7 @@ from sae_jax import hostmem  # noqa: E402  (light: JAX is not imported yet)
 if __name__ == "__main__":
   hostmem.use_tcmalloc()  # XLA:CPU's buffers reused; re-executes before JAX's 1.6 s import
 
-from sae_jax import cli  # noqa: E402
-from sae_jax import run  # noqa: E402
+from sae_jax import cli  # noqa: E402  (light too: --help and a bad flag answer at once)
 
 
 def main(argv=None) -> int:
@@ -49,8 +48,12 @@ def main(argv=None) -> int:
     rule = f"--score {args.score}" if args.selection == "sampled" else f"--selection {args.selection}"
     print(f"note: {', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} nothing with "
           f"{rule}", flush=True)
-  return cli.guarded(lambda: run.run(cli.config_from(args), progress=not args.no_progress,
-                                     verify=args.verify), flags=args)
+
+  def work() -> None:
+    from sae_jax import run  # noqa: PLC0415 (JAX starts once the flags are checked)
+    run.run(cli.config_from(args), progress=not args.no_progress, verify=args.verify)
+
+  return cli.guarded(work, flags=args, check=lambda: cli.check_flags(args))
 
 
 if __name__ == "__main__":

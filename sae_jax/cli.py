@@ -9,10 +9,9 @@ import typing
 from sae_jax import export
 from sae_jax import peers as peers_lib
 from sae_jax import runconfig
-from sae_jax import sources
-from sae_jax import synthetic
 from sae_jax import validation
 from sae_jax.config import SAEConfig
+from sae_jax.config import SyntheticConfig
 from sae_jax.config import TrainConfig
 from sae_jax.runconfig import RunConfig
 
@@ -95,7 +94,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
   inf.add_argument("--calibration-tokens", type=int, default=RunConfig.calibration_tokens,
                    help="training tokens the per-latent thresholds are calibrated on")
   syn = p.add_argument_group("synthetic data (--data synthetic)")
-  defaults = synthetic.SyntheticConfig()
+  defaults = SyntheticConfig()
   syn.add_argument("--synthetic-d-model", type=int, default=defaults.d_model)
   syn.add_argument("--synthetic-features", type=int, default=defaults.n_features)
   syn.add_argument("--synthetic-active", type=float, default=defaults.active)
@@ -149,37 +148,50 @@ def _say_defaults(p: argparse.ArgumentParser) -> None:
 
 
 def config_from(args) -> RunConfig:
-  """The RunConfig the flags describe; checks all but D before finding D."""
-  runconfig.check_stream(args.stream, args.data, args.backend or "jax")
-  local = all(x.endswith((".txt", ".jsonl")) for x in args.dataset)
-  export_config = export.ExportConfig(
-      model=args.model, revision=args.revision, hook=args.hook,
-      dataset=tuple(args.dataset) if local else args.dataset[0], text_field=args.text_field,
-      context_length=args.context_length,
-      backend="jax" if args.stream and args.backend is None else args.backend)
-  synthetic_config = synthetic.SyntheticConfig(
-      d_model=args.synthetic_d_model, n_features=args.synthetic_features,
-      active=args.synthetic_active, noise=args.synthetic_noise, rare_fraction=args.rare_fraction,
-      rare_rate=args.rare_rate, rare_magnitude=args.rare_magnitude, parents=args.parents,
-      children=args.children, child_given_parent=args.child_given_parent,
-      parent_rate=args.parent_rate, seed=args.seed)
-  # Everything but D is checked first, so a typo never waits for the data.
-  sae_args = dict(n_latents=args.dict_size, k=args.k, selection=args.selection, l=args.l,
-                  score=args.score, sample_pool=args.sample_pool, ridge=args.ridge,
-                  sketch=args.sketch, pool_every=args.pool_every,
-                  compute_dtype=args.compute_dtype)
-  SAEConfig(d_model=1, **sae_args)
+  """The RunConfig the flags describe. Every value is checked first (so a
+  typo never waits for the data or for JAX), then D is found."""
+  check_flags(args)
+  from sae_jax import sources  # noqa: PLC0415 (JAX and the hub's libraries: the run starts here)
   d_model = sources.d_model_of(args.data, cache_dir=args.cache_dir, model=args.model,
-                           revision=args.revision, synthetic_d_model=args.synthetic_d_model,
-                           stream=args.stream)
+                               revision=args.revision, synthetic_d_model=args.synthetic_d_model,
+                               stream=args.stream)
+  return _run_config(args, d_model, args.backend)
+
+
+def check_flags(args) -> None:
+  """Checks every flag's value as config_from does, without JAX and without
+  finding D: the scripts run it before JAX starts (whose devices pick the
+  default export backend, and whose multi-process runtime must start first)."""
+  d_model = args.synthetic_d_model if args.data == "synthetic" else 1
+  _run_config(args, d_model, args.backend or ("jax" if args.stream else "torch"))
+
+
+def _run_config(args, d_model: int, backend: typing.Optional[str]) -> RunConfig:
+  runconfig.check_stream(args.stream, args.data, args.backend or "jax")
+  sae_config = SAEConfig(d_model=d_model, n_latents=args.dict_size, k=args.k,
+                         selection=args.selection, l=args.l, score=args.score,
+                         sample_pool=args.sample_pool, ridge=args.ridge, sketch=args.sketch,
+                         pool_every=args.pool_every, compute_dtype=args.compute_dtype)
   train_config = TrainConfig(
-      SAEConfig(d_model=d_model, **sae_args), batch_size=args.batch_size, tokens=args.tokens,
+      sae_config, batch_size=args.batch_size, tokens=args.tokens,
       steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
       decay_fraction=args.decay_fraction, clip_norm=args.clip_norm, dead_tokens=args.dead_tokens,
       auxk_weight=args.auxk_weight, threshold_start=args.threshold_start,
       threshold_beta=args.threshold_beta, seed=args.seed, step=args.step,
       matryoshka_groups=args.matryoshka_groups and tuple(args.matryoshka_groups),
       matryoshka_weights=args.matryoshka_weights and tuple(args.matryoshka_weights))
+  local = all(x.endswith((".txt", ".jsonl")) for x in args.dataset)
+  export_config = export.ExportConfig(
+      model=args.model, revision=args.revision, hook=args.hook,
+      dataset=tuple(args.dataset) if local else args.dataset[0], text_field=args.text_field,
+      context_length=args.context_length,
+      backend="jax" if args.stream and backend is None else backend)
+  synthetic_config = SyntheticConfig(
+      d_model=args.synthetic_d_model, n_features=args.synthetic_features,
+      active=args.synthetic_active, noise=args.synthetic_noise, rare_fraction=args.rare_fraction,
+      rare_rate=args.rare_rate, rare_magnitude=args.rare_magnitude, parents=args.parents,
+      children=args.children, child_given_parent=args.child_given_parent,
+      parent_rate=args.parent_rate, seed=args.seed)
   out = args.out or f"runs/{args.selection}-l{args.l:g}-k{args.k}"
   return RunConfig(train=train_config, out=out, data=args.data, cache_dir=args.cache_dir,
                    export=export_config, synthetic=synthetic_config, eval_tokens=args.eval_tokens,
@@ -234,16 +246,19 @@ def distributed(args) -> typing.Optional[dict]:
           "initialization_timeout": args.join_timeout}
 
 
-def guarded(work: typing.Callable[[], typing.Any], *, flags=None) -> int:
+def guarded(work: typing.Callable[[], typing.Any], *, flags=None,
+            check: typing.Optional[typing.Callable[[], typing.Any]] = None) -> int:
   """Runs `work` as a script's main: what stops it is one line on stderr and
   an exit status, never a traceback. Bad input (ValueError) exits 2; a
   training that cannot go on (non-finite steps) or an operating-system error
   exits 1; Ctrl-C exits 130. `flags`: the parsed flags, whose --distributed,
-  --coordinator, ... start JAX's multi-process runtime first."""
-  from sae_jax import train  # noqa: PLC0415
+  --coordinator, ... start JAX's multi-process runtime first. `check`: runs
+  before anything starts JAX (check_flags: a bad value is refused at once)."""
   _quiet_orbax_failures()
   peers = watching = None
   try:
+    if check is not None:
+      check()
     peers = distributed(flags) if flags is not None else None
     if peers is not None:
       import jax  # noqa: PLC0415
@@ -270,13 +285,17 @@ def guarded(work: typing.Callable[[], typing.Any], *, flags=None) -> int:
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
-  except (train.NonFiniteError, OSError) as error:
+  except OSError as error:
     print(f"error: {error}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:
     print("interrupted: re-run the same command to resume", file=sys.stderr)
     return 130
   except Exception as error:  # noqa: BLE001
+    from sae_jax import train  # noqa: PLC0415 (here only once a run has started JAX)
+    if isinstance(error, train.NonFiniteError):
+      print(f"error: {error}", file=sys.stderr)
+      return 1
     if type(error).__module__.startswith("gcsfs"):  # its HttpError is no OSError
       print(f"error: a gs:// request failed ({error}): check the bucket and this machine's "
             f"credentials, then re-run to resume", file=sys.stderr)

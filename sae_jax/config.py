@@ -2,14 +2,19 @@
 
 Frozen dataclasses, validated on construction, one docstring line per field.
 They are what `config.json` holds; pure array functions never take them.
+
+This module imports no JAX: the scripts' parsers read these defaults, and
+`--help` or a refused flag answers before JAX starts. The few properties that
+need a JAX module (Matryoshka's groups, the default learning rate) import it
+when first called, once a run is under way.
 """
 
 import dataclasses
 import math
 import typing
 
-from sae_jax import matryoshka
-from sae_jax import optimizer
+import numpy as np
+
 from sae_jax import validation
 
 SELECTIONS = ("sampled", "batchtopk", "topk")
@@ -202,6 +207,7 @@ class TrainConfig:
       if isinstance(getattr(self, name), list):
         object.__setattr__(self, name, tuple(getattr(self, name)))
     if self.matryoshka_groups is not None:
+      from sae_jax import matryoshka  # noqa: PLC0415 (JAX: see the module's docstring)
       matryoshka.check(self.matryoshka_groups, self.matryoshka_weights, self.sae.n_latents)
     elif self.matryoshka_weights is not None:
       raise ValueError(f"TrainConfig.matryoshka_weights ({list(self.matryoshka_weights)}) "
@@ -213,6 +219,7 @@ class TrainConfig:
 
   @property
   def learning_rate(self) -> float:
+    from sae_jax import optimizer  # noqa: PLC0415 (JAX: see the module's docstring)
     return self.lr if self.lr is not None else optimizer.default_learning_rate(self.sae.n_latents)
 
   @property
@@ -228,10 +235,12 @@ class TrainConfig:
     return -(-self.dead_tokens // self.batch_size)
 
   @property
-  def nested(self) -> typing.Optional[matryoshka.Nested]:
-    """Matryoshka's groups in latents and prefix weights, or None."""
+  def nested(self) -> typing.Optional[tuple]:
+    """Matryoshka's groups in latents and prefix weights (a
+    `matryoshka.Nested`), or None."""
     if self.matryoshka_groups is None:
       return None
+    from sae_jax import matryoshka  # noqa: PLC0415 (JAX: see the module's docstring)
     sizes = matryoshka.group_sizes(self.matryoshka_groups, self.sae.n_latents)
     return matryoshka.Nested(sizes, tuple(float(w) for w in self.matryoshka_weights) if
                              self.matryoshka_weights is not None else
@@ -256,3 +265,106 @@ class TrainConfig:
       if unknown:
         raise ValueError(f"{owner} has no field(s) {sorted(unknown)}")
     return cls(sae=SAEConfig(**sae), **d)
+
+
+FREQUENT, RARE, PARENT, CHILD = 0, 1, 2, 3
+CLASS_NAMES = {FREQUENT: "frequent", RARE: "rare", PARENT: "parent", CHILD: "child"}
+NO_PARENT = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+  """The generating process of synthetic activations (`synthetic.py`)."""
+  d_model: int = 64
+  """D, the width of the activations."""
+  n_features: int = 512
+  """Number of true dictionary directions (random unit vectors)."""
+  active: float = 4.0
+  """Expected number of features firing per token."""
+  magnitude: float = 1.0
+  """Mean coefficient of a frequent feature when it fires."""
+  spread: float = 0.5
+  """Coefficients are uniform in magnitude · (1 ± spread)."""
+  noise: float = 0.01
+  """Standard deviation of isotropic Gaussian noise per dimension."""
+  rare_fraction: float = 0.0
+  """Fraction of features that are rare and strong (0: no activation lottery)."""
+  rare_rate: float = 0.05
+  """A rare feature fires this many times as often as a frequent one."""
+  rare_magnitude: float = 8.0
+  """... with this many times the coefficient."""
+  parents: int = 0
+  """Features that have children (0: no hierarchy); they follow the rare ones."""
+  children: int = 4
+  """Children per parent; they follow the parents, grouped by parent."""
+  child_given_parent: float = 0.5
+  """When a parent fires, the probability that one of its children fires too."""
+  parent_rate: float = 1.0
+  """A parent fires this many times as often as a frequent feature (its
+  children with it)."""
+  seed: int = 0
+  """Seeds the dictionary and every batch."""
+
+  def __post_init__(self):
+    owner = "SyntheticConfig"
+    validation.check_int_field(owner, "d_model", self.d_model)
+    validation.check_int_field(owner, "n_features", self.n_features)
+    if isinstance(self.active, (int, float)) and self.active > self.n_features:
+      raise ValueError(f"SyntheticConfig: {self.n_features} features (--synthetic-features) "
+                       f"cannot have {self.active:g} active per token on average: give at "
+                       f"least {math.ceil(self.active)} features")
+    validation.check_real_field(owner, "active", self.active, 0, self.n_features)
+    for name, hi in (("magnitude", math.inf), ("spread", 1), ("noise", math.inf),
+                     ("rare_fraction", 1), ("rare_rate", math.inf),
+                     ("rare_magnitude", math.inf)):
+      validation.check_real_field(owner, name, getattr(self, name), 0, hi)
+    validation.check_int_field(owner, "parents", self.parents, minimum=0)
+    validation.check_int_field(owner, "children", self.children)
+    validation.check_real_field(owner, "child_given_parent", self.child_given_parent, 0, 1)
+    validation.check_real_field(owner, "parent_rate", self.parent_rate, 0, math.inf,
+                                lo_open=True)
+    if self.n_rare + self.parents * (1 + self.children) > self.n_features:
+      raise ValueError(
+          f"SyntheticConfig: {self.n_rare} rare features and {self.parents} parents with "
+          f"{self.children} children each need {self.n_rare + self.parents * (1 + self.children)} "
+          f"features; n_features is {self.n_features}")
+    validation.check_int_field(owner, "seed", self.seed, minimum=0,
+                               maximum=validation.MAX_SEED)
+    if self.firing_rates().max() > 1:
+      raise ValueError(
+          f"SyntheticConfig: active={self.active} with rare_fraction={self.rare_fraction} "
+          f"and rare_rate={self.rare_rate} needs a firing probability above 1")
+
+  @property
+  def n_rare(self) -> int:
+    return round(self.rare_fraction * self.n_features)
+
+  def feature_class(self) -> np.ndarray:
+    """[n_features] int: RARE for the first n_rare features, then PARENT and
+    CHILD for the hierarchy's, FREQUENT after."""
+    i = np.arange(self.n_features)
+    first_child = self.n_rare + self.parents
+    return np.select([i < self.n_rare, i < first_child,
+                      i < first_child + self.parents * self.children],
+                     [RARE, PARENT, CHILD], FREQUENT)
+
+  def parent_of(self) -> np.ndarray:
+    """[n_features] int: each child's parent feature, NO_PARENT for the others."""
+    i = np.arange(self.n_features)
+    first_child = self.n_rare + self.parents
+    return np.where(self.feature_class() == CHILD,
+                    self.n_rare + (i - first_child) // self.children, NO_PARENT)
+
+  def firing_rates(self) -> np.ndarray:
+    """[n_features] probability that each feature fires in a token (a
+    child's: its parent's rate times child_given_parent / children)."""
+    kind = self.feature_class()
+    relative = np.select([kind == RARE, kind == PARENT, kind == CHILD],
+                         [self.rare_rate, self.parent_rate,
+                          self.parent_rate * (self.child_given_parent / self.children)], 1.0)
+    return relative * (self.active / relative.sum()) if relative.sum() else relative
+
+  def magnitudes(self) -> np.ndarray:
+    """[n_features] mean coefficient of each feature when it fires."""
+    rare = self.feature_class() == RARE
+    return self.magnitude * np.where(rare, self.rare_magnitude, 1.0)

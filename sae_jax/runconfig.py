@@ -5,8 +5,8 @@ import os
 
 from sae_jax import export as export_lib
 from sae_jax import storage
-from sae_jax import synthetic as synthetic_lib
 from sae_jax import validation
+from sae_jax.config import SyntheticConfig
 from sae_jax.config import TrainConfig
 
 # Fields a run may change when it resumes: train.step only changes how the
@@ -59,7 +59,7 @@ class RunConfig:
   # jax.distributed.initialize on several hosts.
   export: export_lib.ExportConfig = dataclasses.field(default_factory=export_lib.ExportConfig)
   """Model, hook and text for --data pythia (its token budget is set by the run)."""
-  synthetic: synthetic_lib.SyntheticConfig = synthetic_lib.SyntheticConfig()
+  synthetic: SyntheticConfig = SyntheticConfig()
   """The generating process for --data synthetic."""
   eval_tokens: int = 65536
   """Held-out tokens for the final evaluation."""
@@ -137,8 +137,8 @@ class RunConfig:
     return cls(train=TrainConfig.from_dict(d.pop("train")),
                export=(export_lib.ExportConfig() if export is None
                        else export_lib.ExportConfig(**export)),
-               synthetic=(synthetic_lib.SyntheticConfig() if synthetic is None
-                          else synthetic_lib.SyntheticConfig(**synthetic)), **d)
+               synthetic=(SyntheticConfig() if synthetic is None
+                          else SyntheticConfig(**synthetic)), **d)
 
 
 def recorded(d: dict) -> dict:

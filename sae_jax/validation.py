@@ -11,8 +11,6 @@ import math
 import numbers
 import typing
 
-import jax.numpy as jnp
-
 SCORE_METHODS = ("l2", "squared_l2", "entropy", "uniform", "leverage")
 
 
@@ -28,6 +26,7 @@ def reason(error: BaseException, limit: typing.Optional[int] = None, empty: str 
 
 def check_activations(a, name: str = "a") -> None:
   """`a` is a float array of shape [..., F] with at least one token axis."""
+  import jax.numpy as jnp  # noqa: PLC0415 (the scripts' parsers import this module before JAX)
   ndim = getattr(a, "ndim", None)
   if ndim is None or ndim < 2:
     shape = getattr(a, "shape", None)
@@ -68,6 +67,7 @@ def check_bias(bias, n_latents: int) -> None:
   """`bias` is None or a float array of shape [n_latents]."""
   if bias is None:
     return
+  import jax.numpy as jnp  # noqa: PLC0415 (the scripts' parsers import this module before JAX)
   shape, dtype = getattr(bias, "shape", None), getattr(bias, "dtype", None)
   if shape != (n_latents,) or not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"bias must be a float array of shape ({n_latents},) (one per latent); "

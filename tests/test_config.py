@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -135,6 +137,25 @@ def test_help_shows_every_default():
     help_of = text[text.rindex(flag) + len(flag):].split(" --")[0]  # past the usage line
     assert f"default: {default}" in help_of, flag
 
+
+def test_help_and_a_bad_value_answer_before_jax_starts():
+  """train.py --help, and a bad value, answer in a fraction of a second:
+  nothing the parser or the checks import starts JAX (2 s here)."""
+  code = ("import sys; sys.path.insert(0, 'tests'); import scripts; train = scripts.load('train')\n"
+          "try: code = train.main(sys.argv[1:])\n"
+          "except SystemExit as stop: code = stop.code\n"
+          "print('exit', code, 'jax' in sys.modules)\n")
+  root = pathlib.Path(__file__).resolve().parent.parent
+  for flags, want, said in (
+      (["--help"], "exit 0 False", ""),
+      (["--data", "synthetic", "--k", "0"], "exit 2 False", "error: SAEConfig.k must be"),
+      (["--stream", "--seed", "-1"], "exit 2 False", "error: TrainConfig.seed must be"),
+      (["--data", "synthetic", "--k", "4", "--dict-size", "8", "--steps", "0"], "exit 2 False",
+       "error: TrainConfig.steps must be")):
+    done = subprocess.run([sys.executable, "-c", code, *flags], cwd=root, capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.splitlines()[-1] == want, (flags, done.stdout[-300:], done.stderr[-300:])
+    assert done.stderr.startswith(said), (flags, done.stderr[-300:])
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 

@@ -221,7 +221,7 @@ def test_a_held_gs_out_is_refused_in_one_line(gcs, capsys):
 
 
 @pytest.mark.parametrize("flag,value,says", [
-    ("--data", "gs://sae-jax-test/no-such.npy", "no-such.npy' is not 'pythia'"),
+    ("--data", "gs://sae-jax-test/no-such.npy", "no-such.npy' is none of these"),
     ("--out", "gs://no-such-bucket/run",
      "--out gs://no-such-bucket/run: the bucket gs://no-such-bucket does not exist"),
 ])
