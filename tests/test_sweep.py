@@ -105,23 +105,19 @@ def test_sweep_end_to_end_and_resume(tmp_path, capsys):
   assert sweep_script.main([*ARGS, "--out", str(out)]) == 0
   assert (out / "topk" / "saelens" / "sae_weights.safetensors").read_bytes() == weights
 
-  # The same sweep, one variant after another, ends bit for bit the same.
-  sequential = tmp_path / "sequential"
-  assert sweep_script.main([*ARGS, "--sequential", "--out", str(sequential)]) == 0
-  assert (sequential / "topk" / "checkpoints").is_dir() and not (sequential / "checkpoints").exists()
-  same_runs(out, sequential, [r["variant"] for r in rows])
-
   # A finished sweep answers only its own command. Another --steps (or
   # --seed, --data...) is refused with the differences, in either mode,
-  # before anything is trained or rewritten.
+  # before anything is trained or rewritten. (That the sequential sweep ends
+  # bit for bit as the one pass: test_one_pass_on_a_cache_equals_sequential
+  # and test_one_pass_with_stream_equals_sequential.)
   capsys.readouterr()
   written = [*out.glob("*/summary.json"), *out.glob("results.*"), *out.glob("*.png")]
   stamps = {path: path.stat().st_mtime_ns for path in written}
   at = ARGS.index("--steps") + 1
-  for mode, where in (("--one-pass", out), ("--sequential", sequential)):
-    assert sweep_script.main([*ARGS[:at], "40", *ARGS[at + 1:], mode, "--out", str(where)]) == 2
+  for mode in ("--one-pass", "--sequential"):
+    assert sweep_script.main([*ARGS[:at], "40", *ARGS[at + 1:], mode, "--out", str(out)]) == 2
     error = capsys.readouterr().err
-    assert f"{where / 'topk'} holds a run with another config" in error
+    assert f"{out / 'topk'} holds a run with another config" in error
     assert "train.steps: saved 30, now 40" in error
   assert {path: path.stat().st_mtime_ns for path in written} == stamps
   # An end-only field (--inference) finishes every variant again, untrained.
@@ -143,6 +139,10 @@ def sweep_pair(tmp_path, args):
 def test_one_pass_on_a_cache_equals_sequential(cache, tmp_path):
   one, each = sweep_pair(tmp_path, ["--data", str(cache), *LM_ARGS])
   same_runs(one, each, LM_NAMES)
+  # One checkpoint folder for the one pass, one per variant sequentially.
+  assert not list(one.glob("*/checkpoints")) and (one / "checkpoints").is_dir()
+  assert all((each / name / "checkpoints").is_dir() for name in LM_NAMES)
+  assert not (each / "checkpoints").exists()
 
 
 @pytest.mark.slow

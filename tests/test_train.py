@@ -730,8 +730,8 @@ def test_auxk_revives_dead_latents():
 @pytest.mark.slow
 def test_learns_a_known_dictionary(rule, max_fvu):
   source = synthetic.SyntheticSource(synthetic.SyntheticConfig(d_model=32, n_features=64, active=4))
-  c = TrainConfig(SAEConfig(32, 128, k=4, selection=rule, l=16.0), batch_size=256, steps=3000,
-                  warmup_steps=100, threshold_start=1500, dead_tokens=256 * 200)
+  c = TrainConfig(SAEConfig(32, 128, k=4, selection=rule, l=16.0), batch_size=256, steps=1500,
+                  warmup_steps=100, threshold_start=750, dead_tokens=256 * 200)
   state = train.create_train_state(c, source.sample(10**6, 2048))
   state = train.unreplicate(loop.train_loop(train.replicate(state, 1), source.batches(256),
                                         progress=False))
