@@ -1,5 +1,5 @@
-"""dictionary_learning's TopK, BatchTopK and Matryoshka BatchTopK trainers,
-set up with our recipe.
+"""dictionary_learning's TopK, BatchTopK, Matryoshka BatchTopK and JumpReLU
+trainers, set up with our recipe.
 
 The reference that `benchmarks/peers.py` measures us against and that
 `tests/test_parity.py` holds our training step to, step for step. Install it
@@ -24,7 +24,7 @@ from sae_jax.config import TrainConfig
 
 def trainer_classes() -> dict:
   """{"topk": TopKTrainer, "batchtopk": BatchTopKTrainer, "matryoshka":
-  MatryoshkaBatchTopKTrainer}."""
+  MatryoshkaBatchTopKTrainer, "jumprelu": JumpReluTrainer}."""
   if "nnsight" not in sys.modules:
     try:
       import nnsight  # noqa: F401
@@ -34,12 +34,13 @@ def trainer_classes() -> dict:
       sys.modules["nnsight"] = stand_in
   try:
     from dictionary_learning.trainers import BatchTopKTrainer, TopKTrainer
+    from dictionary_learning.trainers.jumprelu import JumpReluTrainer
     from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
   except ImportError as error:
     raise ImportError(f"the reference trainers need dictionary_learning ({error}): "
                       f"pip install --no-deps dictionary-learning==0.1.0 einops") from None
   return {"topk": TopKTrainer, "batchtopk": BatchTopKTrainer,
-          "matryoshka": MatryoshkaBatchTopKTrainer}
+          "matryoshka": MatryoshkaBatchTopKTrainer, "jumprelu": JumpReluTrainer}
 
 
 def make_trainer(config: TrainConfig, params=None):
@@ -53,11 +54,27 @@ def make_trainer(config: TrainConfig, params=None):
       dictionary_learning's own random initialisation.
   """
   c, s = config, config.sae
-  if s.selection not in ("topk", "batchtopk"):
+  if s.selection not in ("topk", "batchtopk", "jumprelu"):
     raise ValueError(f"dictionary_learning has no trainer for selection {s.selection!r}")
   if c.clip_norm != 1.0:
     raise ValueError(f"dictionary_learning clips at 1.0; got clip_norm={c.clip_norm}")
   decay_start = c.total_steps - round(c.decay_fraction * c.total_steps)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  if s.selection == "jumprelu":
+    if (c.b1, c.b2) != (0.0, 0.999):
+      raise ValueError(f"dictionary_learning's JumpReLU trainer fixes Adam's betas at (0, 0.999); "
+                       f"got b1={c.b1}, b2={c.b2}")
+    trainer = trainer_classes()["jumprelu"](
+        steps=c.total_steps, activation_dim=s.d_model, dict_size=s.n_latents, layer=0,
+        lm_name="reference", lr=c.learning_rate, bandwidth=c.bandwidth,
+        sparsity_penalty=c.sparsity_penalty, warmup_steps=c.warmup_steps,
+        sparsity_warmup_steps=c.sparsity_warmup_steps,
+        decay_start=decay_start if decay_start < c.total_steps else None,
+        target_l0=c.target_l0, seed=c.seed, device=device)
+    trainer.dead_feature_threshold = c.dead_tokens
+    if params is not None:
+      set_params(trainer, params)
+    return trainer
   kind, nested = s.selection, {}
   if c.matryoshka_groups is not None:
     if s.selection != "batchtopk":
@@ -72,7 +89,7 @@ def make_trainer(config: TrainConfig, params=None):
       warmup_steps=c.warmup_steps,
       decay_start=decay_start if decay_start < c.total_steps else None,
       threshold_beta=c.threshold_beta, threshold_start_step=c.threshold_start, seed=c.seed,
-      device="cuda" if torch.cuda.is_available() else "cpu", **nested)
+      device=device, **nested)
   # Fixed in its constructor; ours are config fields.
   trainer.dead_feature_threshold = c.dead_tokens
   trainer.top_k_aux = c.auxk_k
@@ -82,12 +99,13 @@ def make_trainer(config: TrainConfig, params=None):
 
 
 def set_params(trainer, params) -> None:
-  """Our parameters (W_enc [D,F], b_enc, W_dec [F,D], b_dec) into the trainer's SAE."""
+  """Our parameters (W_enc [D,F], b_enc, W_dec [F,D], b_dec; JumpReLU's
+  threshold [F]) into the trainer's SAE."""
   ae = trainer.ae
   tensor = lambda name: _tensor(trainer, params[name])
   with torch.no_grad():
-    if not hasattr(ae, "encoder"):  # Matryoshka's SAE holds the matrices as we do
-      for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+    if not hasattr(ae, "encoder"):  # Matryoshka's and JumpReLU's hold the matrices as we do
+      for name in _OWN_NAMES[hasattr(ae, "threshold") and "threshold" in params]:
         getattr(ae, name).copy_(tensor(name))
       return
     ae.encoder.weight.copy_(tensor("W_enc").T)
@@ -101,9 +119,16 @@ def get_params(trainer) -> dict:
   ae = trainer.ae
   host = lambda t: t.detach().cpu().numpy().copy()
   if not hasattr(ae, "encoder"):
-    return {name: host(getattr(ae, name)) for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    jump = isinstance(getattr(ae, "threshold", None), torch.nn.Parameter)
+    return {name: host(getattr(ae, name)) for name in _OWN_NAMES[jump]}
   return {"W_enc": host(ae.encoder.weight).T.copy(), "b_enc": host(ae.encoder.bias),
           "W_dec": host(ae.decoder.weight).T.copy(), "b_dec": host(ae.b_dec)}
+
+
+# The parameters a trainer's SAE holds by our names: without and with a
+# learned threshold (Matryoshka's SAE holds its BatchTopK threshold as a buffer).
+_OWN_NAMES = {False: ("W_enc", "b_enc", "W_dec", "b_dec"),
+              True: ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
 
 
 def _tensor(trainer, x) -> torch.Tensor:

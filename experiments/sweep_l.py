@@ -11,7 +11,8 @@ and given to every variant's step), with one checkpoint of the whole sweep in
 <out>/checkpoints; `--sequential` trains them one after another.
 `--matryoshka-groups` adds a Matryoshka-Sampled variant per score and l, and
 `--baselines ... matryoshka` Matryoshka BatchTopK; the other variants keep
-the plain loss. Writes
+the plain loss. `--baselines ... jumprelu` adds JumpReLU (its target L0
+--target-l0, default --k). Writes
 <out>/<variant>/ (a full run each, but its checkpoints), results.csv,
 results.md and plot_<metric>.png. Re-running resumes; SIGTERM or Ctrl-C stops
 the sweep after a checkpoint.

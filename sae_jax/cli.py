@@ -10,6 +10,7 @@ from sae_jax import export
 from sae_jax import peers as peers_lib
 from sae_jax import runconfig
 from sae_jax import validation
+from sae_jax import config as config_lib
 from sae_jax.config import SAEConfig
 from sae_jax.config import SyntheticConfig
 from sae_jax.config import TrainConfig
@@ -24,7 +25,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=doc,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sae = p.add_argument_group("SAE")
-  sae.add_argument("--selection", choices=("sampled", "batchtopk", "topk"), default="sampled")
+  sae.add_argument("--selection", choices=config_lib.SELECTIONS, default="sampled")
   sae.add_argument("--l", type=float, default=8.0, help="Sampled-SAE pool factor: P = ceil(k*l)")
   sae.add_argument("--k", type=int, default=64, help="latents per token (on average)")
   sae.add_argument("--score", choices=validation.SCORE_METHODS, default="l2")
@@ -63,6 +64,15 @@ def parser(doc: str) -> argparse.ArgumentParser:
                         "summing to 1 (e.g. 0.25 0.25 0.5)")
   rec.add_argument("--matryoshka-weights", type=float, nargs="+", default=None, metavar="W",
                    help="Matryoshka: each prefix's weight (default 1/G each)")
+  rec.add_argument("--target-l0", type=float, default=None,
+                   help="JumpReLU: the L0 its sparsity penalty aims at (default --k)")
+  rec.add_argument("--bandwidth", type=float, default=TrainConfig.bandwidth,
+                   help="JumpReLU: the straight-through estimators' bandwidth")
+  rec.add_argument("--sparsity-penalty", type=float, default=TrainConfig.sparsity_penalty,
+                   help="JumpReLU: c in c * (L0 / target - 1)^2")
+  rec.add_argument("--sparsity-warmup-steps", type=int, default=None,
+                   help="JumpReLU: the penalty rises from 0 over these steps; "
+                        "default min(2000, 20%% of the steps)")
   dat = p.add_argument_group("data")
   dat.add_argument("--data", default="pythia", help="pythia, synthetic, a cache directory or a .npy")
   dat.add_argument("--cache-dir", default="cache/pythia-160m")
@@ -179,7 +189,9 @@ def _run_config(args, d_model: int, backend: typing.Optional[str]) -> RunConfig:
       auxk_weight=args.auxk_weight, threshold_start=args.threshold_start,
       threshold_beta=args.threshold_beta, seed=args.seed, step=args.step,
       matryoshka_groups=args.matryoshka_groups and tuple(args.matryoshka_groups),
-      matryoshka_weights=args.matryoshka_weights and tuple(args.matryoshka_weights))
+      matryoshka_weights=args.matryoshka_weights and tuple(args.matryoshka_weights),
+      target_l0=args.target_l0, bandwidth=args.bandwidth, sparsity_penalty=args.sparsity_penalty,
+      sparsity_warmup_steps=args.sparsity_warmup_steps)
   local = all(x.endswith((".txt", ".jsonl")) for x in args.dataset)
   export_config = export.ExportConfig(
       model=args.model, revision=args.revision, hook=args.hook,
@@ -211,9 +223,9 @@ def check_sampled(base: RunConfig, ls, score: str) -> None:
 def ignored_flags(parser: argparse.ArgumentParser, args) -> list:
   """The flags set away from their defaults that this run's rule ignores,
   as "--flag value" (a sweep trains every rule: for train.py)."""
-  unused = runconfig.unread(args.selection, args.score)
+  unused = runconfig.unread(args.selection, args.score) + runconfig.unread_recipe(args.selection)
   return [f"--{dest.replace('_', '-')} {getattr(args, dest)}" for dest in unused
-          if getattr(args, dest) != parser.get_default(dest)]
+          if hasattr(args, dest) and getattr(args, dest) != parser.get_default(dest)]
 
 
 def distributed(args) -> typing.Optional[dict]:

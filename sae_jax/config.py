@@ -17,12 +17,14 @@ import numpy as np
 
 from sae_jax import validation
 
-SELECTIONS = ("sampled", "batchtopk", "topk")
+SELECTIONS = ("sampled", "batchtopk", "topk", "jumprelu")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 STEPS = ("fast", "dense")
 LAYOUTS = ("auto", "entries", "codes")
 # The recipe's warm-up and threshold start; shorter runs take 10% of their steps.
 DEFAULT_WARMUP_STEPS = 1000
+# JumpReLU's sparsity warm-up (dictionary_learning's); shorter runs take 20% of their steps.
+DEFAULT_SPARSITY_WARMUP_STEPS = 2000
 # The step counter is int32, and synthetic data keep the top indices for
 # their initialisation, evaluation and calibration batches.
 MAX_STEPS = 2**31 - 4
@@ -36,9 +38,10 @@ class SAEConfig:
   n_latents: int = 65536
   """F, the dictionary size."""
   k: int = 64
-  """Latents per token (TopK), or on average over the batch (the others)."""
+  """Latents per token (TopK), or on average over the batch (the others);
+  JumpReLU: its target L0 unless TrainConfig.target_l0 is set."""
   selection: str = "sampled"
-  """"sampled" (Sampled-SAE), "batchtopk" or "topk"."""
+  """"sampled" (Sampled-SAE), "batchtopk", "topk" or "jumprelu" (`jumprelu.py`)."""
   l: float = 8.0
   """Sampled-SAE pool factor: the pool holds min(F, ceil(k·l)) latents."""
   score: str = "l2"
@@ -147,6 +150,15 @@ class TrainConfig:
   matryoshka_weights: typing.Optional[tuple] = None
   """Matryoshka: each prefix's weight in the loss; None means 1/G each
   (dictionary_learning's default)."""
+  target_l0: typing.Optional[float] = None
+  """JumpReLU: the L0 its sparsity penalty aims at; None means the SAE's k."""
+  bandwidth: float = 0.001
+  """JumpReLU: the straight-through estimators' bandwidth ε (scaled units)."""
+  sparsity_penalty: float = 1.0
+  """JumpReLU: c, the weight of the penalty c · (L0 / target - 1)²."""
+  sparsity_warmup_steps: typing.Optional[int] = None
+  """JumpReLU: the penalty's weight rises linearly from 0 over these steps;
+  None means min(2000, 20% of the steps) (dictionary_learning: 2000)."""
 
   def __post_init__(self):
     if not isinstance(self.sae, SAEConfig):
@@ -193,7 +205,7 @@ class TrainConfig:
     validation.check_real_field("TrainConfig", "auxk_weight", self.auxk_weight, 0, math.inf)
     validation.check_real_field("TrainConfig", "threshold_beta", self.threshold_beta, 0, 1, hi_open=True)
     validation.check_int_field("TrainConfig", "threshold_start", self.threshold_start, minimum=0)
-    if self.threshold_start >= self.total_steps - 1:
+    if self.threshold_start >= self.total_steps - 1 and self.sae.selection != "jumprelu":
       raise ValueError(
           f"TrainConfig.threshold_start ({self.threshold_start}) must be below the last "
           f"step ({self.total_steps - 1}; the EMA updates on the steps after it), or the "
@@ -206,12 +218,32 @@ class TrainConfig:
     for name in ("matryoshka_groups", "matryoshka_weights"):  # config.json holds lists
       if isinstance(getattr(self, name), list):
         object.__setattr__(self, name, tuple(getattr(self, name)))
+    if self.sae.selection == "jumprelu":
+      self._check_jumprelu()
     if self.matryoshka_groups is not None:
       from sae_jax import matryoshka  # noqa: PLC0415 (JAX: see the module's docstring)
       matryoshka.check(self.matryoshka_groups, self.matryoshka_weights, self.sae.n_latents)
     elif self.matryoshka_weights is not None:
       raise ValueError(f"TrainConfig.matryoshka_weights ({list(self.matryoshka_weights)}) "
                        f"weigh Matryoshka's groups: give matryoshka_groups too")
+
+  def _check_jumprelu(self) -> None:
+    """The penalty's fields, its defaults resolved (config.json records them)."""
+    owner = "TrainConfig"
+    if self.matryoshka_groups is not None:
+      raise ValueError(f"TrainConfig.matryoshka_groups ({list(self.matryoshka_groups)}) nest a "
+                       f"BatchTopK or Sampled-SAE loss; JumpReLU has none (selection 'jumprelu')")
+    if self.target_l0 is None:
+      object.__setattr__(self, "target_l0", float(self.sae.k))
+    validation.check_real_field(owner, "target_l0", self.target_l0, 0, self.sae.n_latents,
+                                lo_open=True)
+    validation.check_real_field(owner, "bandwidth", self.bandwidth, 0, math.inf, lo_open=True)
+    validation.check_real_field(owner, "sparsity_penalty", self.sparsity_penalty, 0, math.inf)
+    if self.sparsity_warmup_steps is None:
+      object.__setattr__(self, "sparsity_warmup_steps",
+                         min(DEFAULT_SPARSITY_WARMUP_STEPS, self.total_steps // 5))
+    validation.check_int_field(owner, "sparsity_warmup_steps", self.sparsity_warmup_steps,
+                               minimum=0, maximum=self.total_steps - 1)
 
   @property
   def total_steps(self) -> int:

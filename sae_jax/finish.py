@@ -3,6 +3,7 @@ concept metrics (probing, absorption), the downstream loss and the SAELens
 export; summary.json last, which marks the run finished."""
 
 import json
+import math
 import pathlib
 import time
 
@@ -95,10 +96,16 @@ def inference_gap(summary: dict) -> dict:
 def _inference_rule(config: RunConfig, state: train.TrainState, source: DataSource):
   """The calibration pass over training rows (shuffled, whole batches), the
   inference rule it chooses (`inference.py`), and each latent's firing count
-  under that rule on the calibration tokens (sparsity.safetensors)."""
+  under that rule on the calibration tokens (sparsity.safetensors).
+  JumpReLU keeps its learned thresholds: its pass only counts."""
   c = config.train
   rows, _ = finite(source.calibration(config.calibration_tokens), "the calibration rows")
   rows = rows[np.random.default_rng(c.seed).permutation(len(rows))]
+  if c.sae.selection == "jumprelu":
+    theta_F = np.asarray(state.params["threshold"], np.float32)
+    counts_F = _counts(state, rows, theta_F, c.sae)
+    return (thresholds.Calibration(theta_F, counts_F, len(rows), math.nan),
+            inference.Rule("learned", theta_F, c.sae.k, {}), counts_F)
   scaled = rows * np.float32(state.input_scale)
   sae = model.SAE(c.sae)
   calibration = thresholds.calibrate(state.params, scaled, sae, batch_size=c.batch_size,
@@ -113,13 +120,19 @@ def _inference_rule(config: RunConfig, state: train.TrainState, source: DataSour
                           calibration.training_sse)
   if rule.name != "topk":
     return calibration, rule, calibration.counts_F
-  counts_F = np.zeros(c.sae.n_latents, np.int64)
-  for start in range(0, calibration.tokens, COUNT_CHUNK):  # never all [tokens, F] codes at once
+  return calibration, rule, _counts(state, rows[:calibration.tokens], theta_F, rule.sae(c.sae))
+
+
+def _counts(state: train.TrainState, rows, theta_F, sae_config) -> np.ndarray:
+  """Each latent's firings on `rows` (raw) under the inference rule of
+  `sae_config` with thresholds θ_F."""
+  counts_F = np.zeros(sae_config.n_latents, np.int64)
+  for start in range(0, len(rows), COUNT_CHUNK):  # never all [tokens, F] codes at once
     z, _ = evaluate.reconstruct(state.params, theta_F, state.input_scale,
-                                rows[start:min(start + COUNT_CHUNK, calibration.tokens)],
-                                model.SAE(rule.sae(c.sae)), chunk=COUNT_CHUNK)
+                                rows[start:start + COUNT_CHUNK], model.SAE(sae_config),
+                                chunk=COUNT_CHUNK)
     counts_F += np.sum(z > 0, axis=0)
-  return calibration, rule, counts_F
+  return counts_F
 
 
 def _described(rule: inference.Rule) -> str:
@@ -156,9 +169,10 @@ def _evaluate(config: RunConfig, state: train.TrainState, source: DataSource,
         evaluate.pools(state.params, state.input_scale, held_out, model.SAE(c.sae), size))
   summary.update(
       dead_fraction=float(np.mean(state.steps_since_fired_F >= c.dead_steps)),
-      skipped_steps=int(state.skipped_steps), threshold=float(state.threshold),
-      input_scale=float(state.input_scale), calibration_tokens=calibration.tokens,
-      eval_rows=len(held_out), eval_rows_dropped=dropped)
+      skipped_steps=int(state.skipped_steps), input_scale=float(state.input_scale),
+      calibration_tokens=calibration.tokens, eval_rows=len(held_out), eval_rows_dropped=dropped)
+  if c.sae.selection != "jumprelu":  # the EMA θ (JumpReLU's are learned: threshold_median)
+    summary["threshold"] = float(state.threshold)
   if rule.name == "topk" and c.sae.selection != "topk":
     summary.update(inference="topk", inference_k=rule.k)
   elif rule.name != "topk":

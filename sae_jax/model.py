@@ -6,6 +6,9 @@
     z_BxF    = select(relu(pre_BxF))      training: batch-dependent (the config's rule)
              = relu(pre_BxF) > theta_F     inference: a threshold per latent (TopK: per token)
 
+JumpReLU (`jumprelu.py`) does not subtract b_dec, and learns its thresholds
+theta_F as a parameter.
+
 The selection rules themselves live in `selection.py`; losses, optimisation
 and I/O live elsewhere.
 """
@@ -21,6 +24,9 @@ from sae_jax import selection
 from sae_jax.config import SAEConfig
 
 SKETCH_STREAM = 0x5CE7  # folded into a step's key for the leverage sketch
+# JumpReLU's thresholds at init (scaled units): dictionary_learning's, from
+# Appendix I of the paper.
+INITIAL_THRESHOLD = 0.001
 
 
 def _unit_rows(key, shape, dtype=jnp.float32):
@@ -28,28 +34,32 @@ def _unit_rows(key, shape, dtype=jnp.float32):
   return w / jnp.linalg.norm(w, axis=-1, keepdims=True)
 
 
-def encoder_product(params: dict, x_BxD: jax.Array, compute_dtype: str
+def encoder_product(params: dict, x_BxD: jax.Array, compute_dtype: str, centre: bool = True
                     ) -> tuple[jax.Array, jax.Array]:
   """(x - b_dec in the compute dtype, (x - b_dec) @ W_enc [B, F] accumulated
-  in float32): `encoder` before b_enc is added."""
+  in float32): `encoder` before b_enc is added. `centre` False: x, not x - b_dec."""
   dtype = jnp.dtype(compute_dtype)
-  centred_BxD = (x_BxD - params["b_dec"][None, :]).astype(dtype)
+  centred_BxD = (x_BxD - params["b_dec"][None, :] if centre else x_BxD).astype(dtype)
   return centred_BxD, jnp.matmul(centred_BxD, params["W_enc"].astype(dtype),
                                  preferred_element_type=jnp.float32)
 
 
-def encoder(params: dict, x_BxD: jax.Array, compute_dtype: str) -> tuple[jax.Array, jax.Array]:
+def encoder(params: dict, x_BxD: jax.Array, compute_dtype: str, centre: bool = True
+            ) -> tuple[jax.Array, jax.Array]:
   """(x - b_dec in the compute dtype, pre-activations [B, F] accumulated in
-  float32) from parameters {W_enc, b_enc, b_dec}."""
-  centred_BxD, product_BxF = encoder_product(params, x_BxD, compute_dtype)
+  float32) from parameters {W_enc, b_enc, b_dec}; `centre` False (JumpReLU):
+  x @ W_enc + b_enc."""
+  centred_BxD, product_BxF = encoder_product(params, x_BxD, compute_dtype, centre)
   return centred_BxD, product_BxF + params["b_enc"][None, :]
 
 
 class SAE(nn.Module):
-  """Parameters W_enc [D, F], b_enc [F], W_dec [F, D] (unit rows), b_dec [D].
+  """Parameters W_enc [D, F], b_enc [F], W_dec [F, D] (unit rows), b_dec [D];
+  JumpReLU also threshold [F].
 
   At init W_enc = W_dec^T and both biases are zero; `init_params` also sets
-  b_dec to the geometric median of a data sample.
+  b_dec to the geometric median of a data sample (not for JumpReLU, as
+  dictionary_learning), and JumpReLU's thresholds start at INITIAL_THRESHOLD.
   """
   config: SAEConfig
 
@@ -60,11 +70,14 @@ class SAE(nn.Module):
     self.W_enc = self.param("W_enc", lambda key, shape: self.W_dec.T, (D, F))
     self.b_enc = self.param("b_enc", nn.initializers.zeros, (F,))
     self.b_dec = self.param("b_dec", nn.initializers.zeros, (D,))
+    if self.config.selection == "jumprelu":
+      self.threshold = self.param("threshold", nn.initializers.constant(INITIAL_THRESHOLD), (F,))
 
   def pre(self, x_BxD: jax.Array) -> jax.Array:
     """Encoder pre-activations [B, F], accumulated in float32."""
     params = {"W_enc": self.W_enc, "b_enc": self.b_enc, "b_dec": self.b_dec}
-    return encoder(params, x_BxD, self.config.compute_dtype)[1]
+    return encoder(params, x_BxD, self.config.compute_dtype,
+                   centre=self.config.selection != "jumprelu")[1]
 
   def select(self, a_BxF: jax.Array, *, key=None, axis_name=None, pool=None) -> jax.Array:
     """The training selection of non-negative activations [B, F].
@@ -75,6 +88,8 @@ class SAE(nn.Module):
     pool to select in (`pool_every`), None to choose one on this batch.
     """
     c = self.config
+    if c.selection == "jumprelu":  # the training forward, θ learned (relu(pre) as at inference)
+      return a_BxF * (a_BxF > self.threshold[None, :])
     if c.selection == "topk":
       return selection.topk(a_BxF, c.k)
     if c.selection == "batchtopk":
@@ -109,7 +124,10 @@ class SAE(nn.Module):
     return values_BxP @ self.W_dec[pool_P] + self.b_dec[None, :]
 
   def __call__(self, x_BxD):  # used by `init` only: touches every parameter
-    return self.decode(jax.nn.relu(self.pre(x_BxD)))
+    a_BxF = jax.nn.relu(self.pre(x_BxD))
+    if self.config.selection == "jumprelu":
+      a_BxF = a_BxF * (a_BxF > self.threshold[None, :])
+    return self.decode(a_BxF)
 
 
 def sampled_options(key, *, score: str, sample_pool: bool, ridge: float,
@@ -176,5 +194,7 @@ def init_params(key: jax.Array, sae: SAE, sample_NxD: jax.Array) -> dict:
         f"sample_NxD must have shape [N, {d_model}] (N tokens of width d_model); "
         f"got {sample_NxD.shape}")
   variables = sae.init(key, sample_NxD[:1])
+  if sae.config.selection == "jumprelu":
+    return {"params": dict(variables["params"])}
   params = dict(variables["params"], b_dec=geometric_median(sample_NxD))
   return {"params": params}

@@ -36,7 +36,8 @@ OWN_FIELDS = ("out", "train.sae", "train.learning_rate", "train.b1", "train.b2",
               "train.clip_norm", "train.warmup_steps", "train.decay_fraction",
               "train.auxk_weight", "train.dead_tokens", "train.threshold_beta",
               "train.threshold_start", "train.max_bad_steps", "train.step", "train.layout",
-              "train.matryoshka_groups", "train.matryoshka_weights")
+              "train.matryoshka_groups", "train.matryoshka_weights", "train.target_l0",
+              "train.bandwidth", "train.sparsity_penalty", "train.sparsity_warmup_steps")
 
 
 def run(config: RunConfig, *, progress: bool = True,
@@ -317,11 +318,13 @@ def _described(config: RunConfig) -> str:
   """The run in a few words: its rule, sizes and data."""
   s = config.train.sae
   rule = (f"Sampled-SAE (l={s.l:g}, score {s.score})" if s.selection == "sampled" else
-          {"topk": "TopK", "batchtopk": "BatchTopK"}[s.selection])
+          {"topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU"}[s.selection])
   nested = config.train.nested
   if nested is not None:
     rule = f"Matryoshka {rule} (groups {'/'.join(map(str, nested.sizes))})"
-  return (f"{rule}, k={s.k}, F={s.n_latents}, D={s.d_model}, {config.train.total_steps} steps "
+  sparsity = (f"target L0 {config.train.target_l0:g}" if s.selection == "jumprelu" else
+              f"k={s.k}")
+  return (f"{rule}, {sparsity}, F={s.n_latents}, D={s.d_model}, {config.train.total_steps} steps "
           f"of {config.train.batch_size} tokens on --data {config.data}")
 
 

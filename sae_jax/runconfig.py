@@ -21,13 +21,19 @@ ADDED_FIELDS = {"stream": False, "stream_contexts": 512, "train.sae.ridge": 0.01
                 "train.sae.sketch": None, "train.sae.pool_every": 1, "synthetic.parents": 0,
                 "synthetic.children": 4, "synthetic.child_given_parent": 0.5,
                 "train.layout": "auto", "train.matryoshka_groups": None,
-                "train.matryoshka_weights": None, "synthetic.parent_rate": 1.0}
+                "train.matryoshka_weights": None, "synthetic.parent_rate": 1.0,
+                "train.target_l0": None, "train.bandwidth": 0.001,
+                "train.sparsity_penalty": 1.0, "train.sparsity_warmup_steps": None}
 # Fields that only change what is done after training: a finished run whose
 # saved config differs in one of them is finished again.
 END_FIELDS = ("inference", "calibration_tokens")
 INFERENCE_RULES = ("auto", "per-latent", "topk", "global")  # inference.py
 # The SAE's fields only Sampled-SAE reads.
 POOL_FIELDS = ("l", "score", "sample_pool", "pool_every", "ridge", "sketch")
+# The recipe's fields only JumpReLU reads, and those only the selection rules read.
+JUMPRELU_FIELDS = ("target_l0", "bandwidth", "sparsity_penalty", "sparsity_warmup_steps")
+SELECTION_FIELDS = ("auxk_weight", "auxk_latents", "threshold_beta", "threshold_start", "step",
+                    "layout")
 
 
 def unread(selection: str, score: str) -> tuple:
@@ -36,6 +42,11 @@ def unread(selection: str, score: str) -> tuple:
   if selection != "sampled":
     return POOL_FIELDS
   return () if score == "leverage" else ("ridge", "sketch")
+
+
+def unread_recipe(selection: str) -> tuple:
+  """The recipe's (TrainConfig's) fields a rule never reads."""
+  return SELECTION_FIELDS if selection == "jumprelu" else JUMPRELU_FIELDS
 # config.json's records beside the config: the data a run trains on, and
 # the numerics it was checkpointed under (`outdir.check_data`).
 FINGERPRINT = "data_fingerprint"
@@ -99,6 +110,9 @@ class RunConfig:
     # Jaccard compares two batches.
     validation.check_int_field("RunConfig", "eval_tokens", self.eval_tokens, minimum=2)
     validation.check_choice_field("RunConfig", "inference", self.inference, INFERENCE_RULES)
+    if self.train.sae.selection == "jumprelu" and self.inference != "auto":
+      raise ValueError(f"RunConfig.inference {self.inference!r}: a JumpReLU SAE is saved with "
+                       f"its learned thresholds; leave --inference at 'auto'")
     validation.check_int_field("RunConfig", "calibration_tokens", self.calibration_tokens)
     if self.calibration_tokens < self.train.batch_size:
       raise ValueError(f"RunConfig.calibration_tokens ({self.calibration_tokens}) must be at "
@@ -162,11 +176,14 @@ def differences(saved: dict, config: RunConfig) -> list:
   old = {k: v for k, v in saved.items() if k not in RECORDS}
   before, after = recorded(ADDED_FIELDS | flat(old)), flat(config.to_dict())
   # Fields that do nothing both then and now: --tokens while --steps is set,
-  # the SAE's fields neither rule reads, --cache-dir where no cache is made.
+  # the SAE's and the recipe's fields neither rule reads, --cache-dir where
+  # no cache is made.
   unused = ({"train.tokens"} if before.get("train.steps") is not None
             and before.get("train.steps") == after.get("train.steps") else set())
   rule = lambda d: unread(d.get("train.sae.selection"), d.get("train.sae.score"))
   unused |= {f"train.sae.{f}" for f in set(rule(before)) & set(rule(after))}
+  recipe = lambda d: unread_recipe(d.get("train.sae.selection"))
+  unused |= {f"train.{f}" for f in set(recipe(before)) & set(recipe(after))}
   if _one_path(before.get("data"), after.get("data")):
     unused.add("data")  # spelled otherwise; the data's fingerprint checks its content
   reads_cache = lambda d: d.get("data") == "pythia" and not d.get("stream")

@@ -7,7 +7,9 @@ b_dec / c, b_enc / c, θ_j / c, with W_enc and W_dec unchanged. Then
 normalize_activations is "none". BatchTopK and Sampled-SAE are saved as
 "jumprelu" with a threshold per latent (SAELens: relu(h) * (h > threshold),
 h = (x - b_dec) @ W_enc + b_enc); a latent that must never fire keeps the
-largest float32. TopK is saved as "topk" with its k.
+largest float32. TopK is saved as "topk" with its k. JumpReLU is saved as
+"jumprelu" with its learned thresholds and apply_b_dec_to_input false (its
+encoder reads x, not x - b_dec).
 
 The metadata say who trained the SAE: `sae_lens_training_version` is null
 (SAELens would otherwise fill in, and save back, its own version) and
@@ -77,7 +79,7 @@ def export_saelens(out, params: dict, threshold, input_scale: float, config: SAE
       "d_sae": config.n_latents,
       "dtype": "float32",
       "device": "cpu",
-      "apply_b_dec_to_input": True,
+      "apply_b_dec_to_input": config.selection != "jumprelu",
       "normalize_activations": "none",
       "reshape_activations": "none",
       "metadata": {**metadata, "sae_lens_version": SAE_LENS_VERSION,
@@ -139,9 +141,13 @@ def load(folder) -> tuple[dict, dict]:
 
 def encode(weights: dict, cfg: dict, x_NxD) -> np.ndarray:
   """Codes [N, F] of raw activations by SAELens' formulas for the saved
-  architectures: h = (x - b_dec) @ W_enc + b_enc, then relu(h) * (h > θ)
-  ("jumprelu") or each row's k largest of relu(h) ("topk")."""
-  h = (np.asarray(x_NxD, np.float32) - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
+  architectures: h = (x - b_dec) @ W_enc + b_enc (x @ W_enc + b_enc when
+  cfg's apply_b_dec_to_input is false), then relu(h) * (h > θ) ("jumprelu")
+  or each row's k largest of relu(h) ("topk")."""
+  x_NxD = np.asarray(x_NxD, np.float32)
+  if cfg.get("apply_b_dec_to_input", True):
+    x_NxD = x_NxD - weights["b_dec"]
+  h = x_NxD @ weights["W_enc"] + weights["b_enc"]
   if cfg["architecture"] == "jumprelu":
     return np.maximum(h, 0) * (h > weights["threshold"])
   z = np.zeros_like(h)

@@ -15,7 +15,7 @@ from sae_jax import run as run_lib
 from sae_jax import storage
 from sae_jax.runconfig import RunConfig
 
-BASELINES = ("topk", "batchtopk", "matryoshka")
+BASELINES = ("topk", "batchtopk", "matryoshka", "jumprelu")
 # Columns of results.csv, after variant, selection, score, l and groups (a
 # Matryoshka variant's group sizes, else empty): fvu and l0
 # are the saved SAE's (inference mode), batch_fvu and batch_l0 the training
@@ -43,7 +43,7 @@ def variants(ls: typing.Sequence[float], scores: typing.Sequence[str],
              baselines: typing.Sequence[str] = ("topk", "batchtopk"),
              nested: bool = False) -> list:
   """(name, selection, score, l, matryoshka): the baselines (TopK, BatchTopK,
-  Matryoshka BatchTopK), then Sampled-SAE per score and l, and with `nested`
+  Matryoshka BatchTopK, JumpReLU), then Sampled-SAE per score and l, and with `nested`
   (Matryoshka groups given) Matryoshka-Sampled per score and l."""
   for flag, values in (("--ls", [float(l) for l in ls]), ("--scores", list(scores)),
                        ("--baselines", list(baselines))):
@@ -71,7 +71,8 @@ def variant_configs(base: RunConfig, ls: typing.Sequence[float],
                     scores: typing.Sequence[str],
                     baselines: typing.Sequence[str] = ("topk", "batchtopk")) -> list:
   """(name, selection, score, l, config): each variant's run, in base.out/<name>.
-  base.train's Matryoshka groups go to the Matryoshka variants only."""
+  base.train's Matryoshka groups go to the Matryoshka variants only; JumpReLU
+  saves its learned thresholds whatever base.inference says of the others."""
   out = []
   nested = base.train.matryoshka_groups is not None
   for name, selection, score, l, matryoshka in variants(ls, scores, baselines, nested):
@@ -80,8 +81,9 @@ def variant_configs(base: RunConfig, ls: typing.Sequence[float],
                               l=l if selection == "sampled" else base.train.sae.l)
     train = dataclasses.replace(base.train, sae=sae) if matryoshka else dataclasses.replace(
         base.train, sae=sae, matryoshka_groups=None, matryoshka_weights=None)
+    inference = "auto" if selection == "jumprelu" else base.inference
     out.append((name, selection, score, l, dataclasses.replace(
-        base, out=str(storage.path(base.out) / name), train=train)))
+        base, out=str(storage.path(base.out) / name), train=train, inference=inference)))
   return out
 
 

@@ -22,6 +22,7 @@ from jax import lax
 from sae_jax import auxk
 from sae_jax import collectives
 from sae_jax import gradients
+from sae_jax import jumprelu
 from sae_jax import losses
 from sae_jax import model
 from sae_jax import optimizer
@@ -211,6 +212,10 @@ def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
         pool_P=pool_P, apply=finite)
     return params, opt_state, auxk_loss, optax.tree.norm(grads), finite
 
+  if c.sae.selection == "jumprelu":  # its own loss; `apply` checks the penalty as AuxK's
+    grads, out = jumprelu.gradients(state.params, x_BxD, state.step, AXIS, **jumprelu_rule(c))
+    mse = collectives.ordered_pmean(out.mse, AXIS)
+    return _jumprelu_step(state, x_BxD, out, mse, lr, apply(grads, out.sparsity, None))
   if c.step == "dense":
     grads, out = gradients.dense(state.params, x_BxD, silent_F, key, model.SAE(c.sae), AXIS,
                                  kept, **loss_rule(c))
@@ -266,6 +271,48 @@ def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
       "dead_soon": can_be_dead(state.steps_since_fired_F, c.dead_steps, 1),
       "auxk_loss": auxk_loss,
       "threshold": state.threshold,
+      "lr": lr,
+      "grad_norm": grad_norm,
+      "skipped_steps": state.skipped_steps,
+      "bad_streak": state.bad_streak,
+  }
+  return state, metrics
+
+
+def jumprelu_rule(config: TrainConfig) -> dict:
+  """`jumprelu.gradients`' keywords for this run."""
+  return dict(target_l0=config.target_l0, bandwidth=config.bandwidth,
+              sparsity_penalty=config.sparsity_penalty,
+              sparsity_warmup_steps=config.sparsity_warmup_steps,
+              compute_dtype=config.sae.compute_dtype)
+
+
+def _jumprelu_step(state: TrainState, x_BxD, out, mse, lr, applied) -> tuple[TrainState, dict]:
+  """The end of train_step for JumpReLU (`jumprelu.py`), given its outputs
+  and the optimiser's step: no AuxK and no threshold EMA (its thresholds
+  are parameters). "sparsity_loss" is the L0 penalty, "loss" the
+  reconstruction plus it, "threshold" the median θ."""
+  c = state.config
+  params, opt_state, _, grad_norm, finite = applied
+  since_F = jnp.where(out.fired_F, 0, jnp.minimum(state.steps_since_fired_F + 1, c.dead_steps))
+  silent_F = state.steps_since_fired_F
+  state = state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state,
+      steps_since_fired_F=jnp.where(finite, since_F, silent_F),
+      bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
+      dead_at_most=can_be_dead(silent_F, c.dead_steps, 1),
+      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+  n_tokens = scoring.global_tokens(x_BxD.shape[0], AXIS)
+  metrics = {
+      "loss": mse + out.sparsity,
+      "mse": mse,
+      "sparsity_loss": out.sparsity,
+      "fvu": losses.fvu(x_BxD, out.xhat_BxD, AXIS),
+      "l0": lax.psum(out.n_active, AXIS) / n_tokens,
+      "dead_fraction": jnp.mean(state.steps_since_fired_F >= c.dead_steps),
+      "most_silent_steps": jnp.max(state.steps_since_fired_F),
+      "dead_soon": can_be_dead(state.steps_since_fired_F, c.dead_steps, 1),
+      "threshold": jnp.median(state.params["threshold"]),
       "lr": lr,
       "grad_norm": grad_norm,
       "skipped_steps": state.skipped_steps,

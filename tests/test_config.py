@@ -68,8 +68,8 @@ def test_round_trip_through_json():
     (dict(d_model=8, n_latents=-3), r"SAEConfig.n_latents must be an integer >= 1; got -3"),
     (dict(d_model=8, n_latents=16, k=17), r"SAEConfig.k must be an integer in \[1, 16\]"),
     (dict(d_model=8, n_latents=16, k=0), r"SAEConfig.k must be an integer in \[1, 16\]"),
-    (dict(d_model=8, selection="jumprelu"),
-     r"SAEConfig.selection must be one of 'sampled', 'batchtopk', 'topk'; got 'jumprelu'"),
+    (dict(d_model=8, selection="gated"),
+     r"SAEConfig.selection must be one of 'sampled', 'batchtopk', 'topk', 'jumprelu'; got 'gated'"),
     (dict(d_model=8, l=0.5), r"SAEConfig.l must be a finite number >= 1; got 0.5"),
     (dict(d_model=8, l=float("nan")), r"SAEConfig.l must be a finite number >= 1"),
     (dict(d_model=8, score="l1"), r"SAEConfig.score must be one of 'l2', .*; got 'l1'"),
@@ -116,6 +116,32 @@ def test_bad_train_config(kwargs, message):
     TrainConfig(**kwargs)
 
 
+JUMP = SAEConfig(8, 16, k=2, selection="jumprelu")
+
+
+def test_jumprelu_defaults_are_resolved_for_it_alone():
+  short, long = TrainConfig(JUMP, steps=100), TrainConfig(JUMP, steps=10**5)
+  assert (short.target_l0, short.sparsity_warmup_steps) == (2.0, 20)  # k, 20% of the steps
+  assert long.sparsity_warmup_steps == 2000 and (long.bandwidth, long.sparsity_penalty) == (
+      0.001, 1.0)
+  assert TrainConfig(JUMP, steps=1).sparsity_warmup_steps == 0  # no threshold EMA to start
+  other = TrainConfig(SAE, steps=100)
+  assert (other.target_l0, other.sparsity_warmup_steps) == (None, None)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(target_l0=0.0), r"TrainConfig.target_l0 must be a number in \(0, 16\]; got 0.0"),
+    (dict(bandwidth=0.0), r"TrainConfig.bandwidth must be a number in \(0, inf\]; got 0.0"),
+    (dict(sparsity_penalty=-1.0), r"TrainConfig.sparsity_penalty must be a number in \[0, inf"),
+    (dict(steps=100, sparsity_warmup_steps=100),
+     r"TrainConfig.sparsity_warmup_steps must be an integer in \[0, 99\]; got 100"),
+    (dict(matryoshka_groups=(0.5, 0.5)), r"JumpReLU has none \(selection 'jumprelu'\)"),
+])
+def test_bad_jumprelu_config(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    TrainConfig(**{"sae": JUMP, **kwargs})
+
+
 def test_step_flag_reaches_the_config():
   from sae_jax import cli  # noqa: PLC0415
   parser = cli.parser("test")
@@ -132,7 +158,7 @@ def test_help_shows_every_default():
   text = " ".join(parser.format_help().split())  # argparse wraps at the terminal's width
   for flag, default in (("--k K", 64), ("--dict-size DICT_SIZE", 65536),
                         ("--batch-size BATCH_SIZE", 4096), ("--tokens TOKENS", 100_000_000),
-                        ("--selection {sampled,batchtopk,topk}", "sampled"),
+                        ("--selection {sampled,batchtopk,topk,jumprelu}", "sampled"),
                         ("--seed SEED", 0), ("--parents PARENTS", 0)):
     help_of = text[text.rindex(flag) + len(flag):].split(" --")[0]  # past the usage line
     assert f"default: {default}" in help_of, flag

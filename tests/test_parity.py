@@ -47,7 +47,7 @@ def train_both(config):
     x = SOURCE.sample(step, B)
     theirs = dl.update(trainer, step, x * scale, keep_init=True)  # the step scales by c too
     ours, metrics = train.p_train_step(ours, x[None])
-    losses.append((float(metrics["loss"]), theirs, float(metrics["auxk_loss"])))
+    losses.append((float(metrics["loss"]), theirs, float(metrics.get("auxk_loss", 0))))
   return train.unreplicate(ours), trainer, np.array(losses)
 
 
@@ -77,6 +77,43 @@ def test_training_equals_dictionary_learning(selection):
   np.testing.assert_array_equal(state.steps_since_fired_F,
                                 np.minimum(silent_steps, config.dead_steps))
   assert trainer.dead_features > 0 and np.any(state.steps_since_fired_F >= config.dead_steps)
+
+
+def jumprelu_recipe(**kwargs):
+  # Adam's b1 = 0, as dictionary_learning fixes it; a bandwidth wide enough
+  # that the straight-through estimators see many entries on every step, and
+  # a target L0 below the start's, so that the thresholds move.
+  return TrainConfig(SAEConfig(D, F, k=K, selection="jumprelu"), batch_size=B, steps=STEPS,
+                     lr=2e-3, b1=0.0, warmup_steps=5, sparsity_warmup_steps=10, bandwidth=0.05,
+                     dead_tokens=3 * B, seed=1, **kwargs)
+
+
+def test_jumprelu_training_equals_dictionary_learning():
+  config = jumprelu_recipe()
+  state, trainer, losses = train_both(config)
+  np.testing.assert_allclose(losses[:, 0], losses[:, 1], rtol=3e-5)
+  theirs = dl.get_params(trainer)
+  assert set(theirs) == set(state.params) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
+  for name, ours in state.params.items():
+    np.testing.assert_allclose(ours, theirs[name], rtol=1e-4, atol=1e-5, err_msg=name)
+  # The thresholds moved from their start, each its own way.
+  moved = np.abs(state.params["threshold"] - model.INITIAL_THRESHOLD)
+  assert np.mean(moved > 1e-3) > 0.5 and np.std(state.params["threshold"]) > 1e-3
+  silent_steps = trainer.num_tokens_since_fired.numpy() // B
+  np.testing.assert_array_equal(state.steps_since_fired_F,
+                                np.minimum(silent_steps, config.dead_steps))
+  # Both initialise the thresholds and b_dec alike (the rest is drawn).
+  start = train.create_train_state(config, SOURCE.sample(10**6, 1024)).params
+  fresh = dl.get_params(dl.make_trainer(config))
+  for name in ("threshold", "b_dec", "b_enc"):
+    np.testing.assert_array_equal(start[name], fresh[name], err_msg=name)
+  # The trained SAEs encode held-out tokens alike, by the learned thresholds.
+  x = SOURCE.sample(10**6 + 1, 256) * np.float32(state.input_scale)
+  ours = model.SAE(config.sae).apply({"params": state.params}, x, state.params["threshold"],
+                                     method=model.SAE.encode_inference)
+  codes = dl.encode(trainer, x)
+  assert np.mean((np.asarray(ours) > 0) == (codes > 0)) > 0.999 and np.mean(codes > 0) > 0.01
+  np.testing.assert_allclose(ours, codes, rtol=1e-3, atol=1e-4)
 
 
 def test_inference_codes_equal_dictionary_learning():

@@ -72,7 +72,8 @@ def ours(run, x):
     ("sampled", 2, ["--inference", "per-latent"]),
     ("sampled", 2, ["--sample-pool", "--inference", "topk"]),
     ("batchtopk", 4, ["--matryoshka-groups", "0.25", "0.25", "0.5", "--inference", "per-latent"]),
-    ("sampled", 2, ["--matryoshka-groups", "0.5", "0.5", "--inference", "per-latent"])])
+    ("sampled", 2, ["--matryoshka-groups", "0.5", "0.5", "--inference", "per-latent"]),
+    ("jumprelu", 4, ["--lr", "0.01", "--bandwidth", "0.05"])])
 def test_each_architecture_loads_and_matches_our_inference(tmp_path, selection, l, extra):
   npy = tmp_path / "acts.npy"
   source = synthetic.SyntheticSource(synthetic.SyntheticConfig(d_model=16, n_features=32))
@@ -82,7 +83,9 @@ def test_each_architecture_loads_and_matches_our_inference(tmp_path, selection, 
                             "--out", str(run), *extra]) == 0
   summary = json.loads((run / "summary.json").read_text())
   top = selection == "topk" or "topk" in extra  # a TopK SAE, or a Sampled-SAE saved as one
-  assert summary.get("inference", "topk") == ("topk" if top else "per-latent")
+  jump = selection == "jumprelu"  # saved with its learned thresholds, x not centred by b_dec
+  assert summary.get("inference", "topk") == ("topk" if top else "learned" if jump else
+                                              "per-latent")
   sae = load(run / "saelens")
   assert type(sae).__name__ == ("TopKSAE" if top else "JumpReLUSAE")
   if top:
@@ -101,7 +104,14 @@ def test_each_architecture_loads_and_matches_our_inference(tmp_path, selection, 
 
   log10 = load_file(str(run / "saelens" / "sparsity.safetensors"))["sparsity"]
   assert log10.shape == (64,) and log10.dtype == np.float32 and np.all(log10 <= 0)
-  if not top:  # a vector of thresholds, and latents that never fire
+  if jump:
+    assert sae.cfg.apply_b_dec_to_input is False
+    learned = checkpoint.Checkpointer(run / "checkpoints").restore(train.create_train_state(
+        RunConfig.from_dict(json.loads((run / "config.json").read_text())).train, x))
+    np.testing.assert_allclose(sae.threshold.detach().numpy() * learned.input_scale,
+                               learned.params["threshold"], rtol=1e-6)
+    assert len(np.unique(learned.params["threshold"])) > 10
+  elif not top:  # a vector of thresholds, and latents that never fire
     theta = sae.threshold.detach().numpy()
     assert len(np.unique(theta)) > 10
     never = theta == thresholds.NEVER

@@ -235,20 +235,27 @@ def test_a_variant_given_twice_is_refused(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_sweep_with_matryoshka_variants(tmp_path):
   """--matryoshka-groups: Matryoshka BatchTopK and Matryoshka-Sampled beside
-  the plain variants, which keep the plain loss, in one pass (which equals
-  the sequential sweep whatever the variants: the tests above)."""
+  the plain variants, which keep the plain loss, and JumpReLU, in one pass
+  (which equals the sequential sweep whatever the variants: the tests above)."""
   args = [*ARGS[:ARGS.index("--ls")], "--ls", "2", "--scores", "l2", "--baselines", "batchtopk",
-          "matryoshka", "--matryoshka-groups", "0.5", "0.5", "--no-progress"]
+          "matryoshka", "jumprelu", "--matryoshka-groups", "0.5", "0.5", "--no-progress"]
   one = tmp_path / "one"
   assert sweep_script.main([*args, "--one-pass", "--out", str(one)]) == 0
-  names = ["batchtopk", "matryoshka", "sampled-l2-l2", "matryoshka-sampled-l2-l2"]
+  names = ["batchtopk", "matryoshka", "jumprelu", "sampled-l2-l2", "matryoshka-sampled-l2-l2"]
   rows = read_rows(one)
   assert [r["variant"] for r in rows] == names
-  assert [r["groups"] for r in rows] == ["", "32/32", "", "32/32"]
+  assert [r["groups"] for r in rows] == ["", "32/32", "", "", "32/32"]
   for name in names:
     groups = outputs(one / name)["config"].train.matryoshka_groups
     assert groups == ((0.5, 0.5) if name.startswith("matryoshka") else None), name
-  assert rows[0]["fvu"] != rows[1]["fvu"] and rows[2]["fvu"] != rows[3]["fvu"]
+  assert rows[0]["fvu"] != rows[1]["fvu"] and rows[3]["fvu"] != rows[4]["fvu"]
+  # JumpReLU, with its learned thresholds, ends as when trained alone.
+  jump = outputs(one / "jumprelu")
+  assert jump["config"].train.target_l0 == 4.0 and jump["summary"]["inference"] == "learned"
+  alone = tmp_path / "alone"
+  flags = [a for a in args[:args.index("--ls")] if a != "--no-progress"]
+  assert cli(*flags, "--selection", "jumprelu", "--out", alone) == 0
+  assert outputs(alone)["bytes"] == jump["bytes"]
   assert (one / "plot_fvu.png").read_bytes()[:4] == b"\x89PNG"
   # Run again, the finished sweep is finished: nothing is refused or trained.
   stamps = {p: p.stat().st_mtime_ns for p in one.glob("*/summary.json")}

@@ -34,6 +34,9 @@ def config(selection, **sae_kwargs):
                      batch_size=B, steps=50, lr=1e-3, warmup_steps=0, threshold_start=0,
                      dead_tokens=2 * B, max_bad_steps=3)
 
+# JumpReLU with a bandwidth wide enough that its thresholds learn on every step.
+JUMPRELU = {"jumprelu": dataclasses.replace(config("jumprelu"), bandwidth=0.05, target_l0=2.0,
+                                            sparsity_warmup_steps=2)}
 
 # Shared by the tests below, so each compiles once.
 RULES = {
@@ -190,9 +193,9 @@ def test_threshold_ema_starts_after_threshold_start():
 # --- Devices -------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", list(RULES) + ["sampled_kept"])
+@pytest.mark.parametrize("rule", list(RULES) + ["sampled_kept", "jumprelu"])
 def test_four_devices_equal_one(rule, caplog):
-  c = (RULES | LEVERAGE)[rule]
+  c = (RULES | LEVERAGE | JUMPRELU)[rule]
   state = fresh_state(c)
   one, four = train.replicate(state, 1), train.replicate(state, 4)
   for step in range(5):
