@@ -1,5 +1,5 @@
-"""Our TopK, BatchTopK and Matryoshka BatchTopK next to dictionary_learning's
-trainers, on the same data.
+"""Our TopK, BatchTopK, Matryoshka BatchTopK and JumpReLU next to
+dictionary_learning's trainers, on the same data.
 
     python benchmarks/peers.py                  # the activation-lottery regime, seeds 0 1 2
     python benchmarks/peers.py --data acts.npy --dict-size 2048 --k 32 --batch-size 512 \\
@@ -8,15 +8,19 @@ trainers, on the same data.
 Both sides get the same batches in the same order, scaled by the same
 constant (E||x||² = D), and the same recipe: lr, warm-up, decay over the last
 20%, threshold start, dead-latent window, AuxK (D/2 latents, weight 1/32),
-clip 1.0. Each side keeps its own initialisation (ours: b_dec from a
-4096-row sample; theirs: from the first batch). By default the data are
+clip 1.0; JumpReLU: Adam's b1 = 0 (our default for it, and fixed by
+dictionary_learning), target L0
+k, its sparsity warm-up over the first 20% of the steps. Each side keeps its
+own initialisation (ours: b_dec from a 4096-row sample; theirs: from the
+first batch; JumpReLU's b_dec is 0 on both). By default the data are
 synthetic with a known dictionary (D=32, 128 directions, 13 rare ones firing
 20x less often with 8x the magnitude); `--data` takes any [N, D] .npy, whose
 last --eval-tokens rows are held out and the rest drawn in a seeded order.
 
 Prints a Markdown table per seed and the mean over seeds: held-out FVU and
 L0 in inference mode (BatchTopK by the global EMA threshold on both sides,
-dictionary_learning's rule, not train.py's per-latent one; TopK per token), recovered
+dictionary_learning's rule, not train.py's per-latent one; TopK per token;
+JumpReLU by its learned thresholds), recovered
 true directions (best decoder cosine >= 0.9; overall, frequent, rare) where
 the dictionary is known, and steady-state tokens/s (median over the windows
 of the second half of each run). Needs `pip install --no-deps
@@ -92,7 +96,8 @@ def run_ours(config: TrainConfig, data: Data) -> dict:
       log_every=WINDOW, progress=False,
       on_log=lambda step, m: rates.append(m["tokens_per_second"]))
   state = train.unreplicate(state)
-  z, xhat = evaluate.reconstruct(state.params, state.threshold, state.input_scale,
+  theta = state.params.get("threshold", state.threshold)  # JumpReLU's are learned
+  z, xhat = evaluate.reconstruct(state.params, theta, state.input_scale,
                                  data.held_out, model.SAE(config.sae))
   return summary(data, state.params["W_dec"], z, xhat, rates[:-1] or rates)
 
@@ -139,10 +144,15 @@ def main():
   parser.add_argument("--dead-tokens", type=int, default=51200)
   parser.add_argument("--eval-tokens", type=int, default=8192)
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  parser.add_argument("--rules", nargs="+", choices=("topk", "batchtopk", "matryoshka"),
-                      default=["batchtopk", "topk", "matryoshka"])
+  parser.add_argument("--rules", nargs="+",
+                      choices=("topk", "batchtopk", "matryoshka", "jumprelu"),
+                      default=["batchtopk", "topk", "matryoshka", "jumprelu"])
   parser.add_argument("--matryoshka-groups", type=float, nargs="+", default=[0.25, 0.25, 0.5],
                       help="the matryoshka rule's groups (fractions of --dict-size)")
+  parser.add_argument("--bandwidth", type=float, default=TrainConfig.bandwidth,
+                      help="the jumprelu rule's (dictionary_learning's default)")
+  parser.add_argument("--sparsity-penalty", type=float, default=TrainConfig.sparsity_penalty,
+                      help="the jumprelu rule's (dictionary_learning's default)")
   args = parser.parse_args()
 
   results = []
@@ -157,7 +167,8 @@ def main():
           batch_size=args.batch_size, steps=args.steps, lr=args.lr,
           warmup_steps=args.warmup_steps, threshold_start=args.threshold_start,
           dead_tokens=args.dead_tokens, seed=seed,
-          matryoshka_groups=tuple(args.matryoshka_groups) if nested else None)
+          matryoshka_groups=tuple(args.matryoshka_groups) if nested else None,
+          bandwidth=args.bandwidth, sparsity_penalty=args.sparsity_penalty)
       for side, fn in (("dictionary_learning", lambda: run_theirs(config, data, scale)),
                        ("sae_jax", lambda: run_ours(config, data))):
         row = dict(fn(), rule=rule, trainer=side, seed=seed)
@@ -168,8 +179,10 @@ def main():
   columns = ["rule", "trainer", "seed", "fvu", "l0", "recovered", "frequent", "rare",
              "tokens_per_second"]
   columns = [c for c in columns if any(c in r for r in results)]
+  jump = (f", jumprelu bandwidth {args.bandwidth:g}, sparsity penalty {args.sparsity_penalty:g}"
+          if "jumprelu" in args.rules else "")
   print(f"\n{jax.devices()[0].platform}, D={data.d_model}, F={args.dict_size}, "
-        f"k={args.k}, batch {args.batch_size}, {args.steps} steps, seeds {args.seeds}\n")
+        f"k={args.k}, batch {args.batch_size}, {args.steps} steps, seeds {args.seeds}{jump}\n")
   print(table(results, columns))
   means = []
   for rule in args.rules:

@@ -19,7 +19,8 @@ TopK, BatchTopK and AuxK run once per layout of their entries' gradients
 (`TrainConfig.layout`: entries, codes). The Matryoshka rows train BatchTopK
 and Sampled l=8 with `--matryoshka-groups` (nested prefixes: each group's
 share decoded apart); their last column is the ratio to the same rule's
-step without groups. `--quick` measures
+step without groups. The JumpReLU row is its autodiff step, against the
+dense BatchTopK step in the speed-up column. `--quick` measures
 only the fast steps, 3 repeats; `--compute-dtype both` prints a table for
 float32 and one for bfloat16.
 Runs unchanged on CPU, GPU and TPU.
@@ -163,6 +164,11 @@ def table(args, compute_dtype: str, x_1xBxD, W_DxF):
       measure(f"fast step, Matryoshka {name}{label} ({len(groups)} groups)",
               f"matryoshka {selection}", dataclasses.replace(config, layout=layout),
               alive=plain[f"fast step, {name}{label}"])
+  # JumpReLU: its codes are not a selection of k entries, so its one step is
+  # the autodiff one (dense decoder forward and backward); against BatchTopK's.
+  dense["jumprelu"] = dense.get("batchtopk")
+  measure("step, JumpReLU (autodiff; x: the dense BatchTopK step)", "jumprelu",
+          dataclasses.replace(base, sae=dataclasses.replace(base.sae, selection="jumprelu")))
   floor = statistics.median(row[3] for row in rows)
   rows.insert(0, ("encoder matmul x @ W_enc (floor, median over the run)", floor, None, floor,
                   None))
@@ -174,7 +180,7 @@ def table(args, compute_dtype: str, x_1xBxD, W_DxF):
         "(Matryoshka: x without groups) |")
   print("|---|---:|---:|---:|---:|---:|")
   for name, seconds, selection, _, alive in rows:
-    speedup = f"{dense[selection] / seconds:.2f}x" if selection in dense else ""
+    speedup = f"{dense[selection] / seconds:.2f}x" if dense.get(selection) else ""
     vs_alive = f"{seconds / alive:.2f}" if alive else ""
     print(f"| {name} | {seconds * 1e3:.1f} | {B / seconds:,.0f} | {seconds / floor:.2f} | "
           f"{speedup} | {vs_alive} |")

@@ -110,8 +110,9 @@ class TrainConfig:
   """Training steps; overrides `tokens` when set."""
   lr: typing.Optional[float] = None
   """Peak learning rate; None means 2e-4 / sqrt(F / 2^14)."""
-  b1: float = 0.9
-  """Adam beta1."""
+  b1: typing.Optional[float] = None
+  """Adam beta1; None means 0.9, or 0 for JumpReLU (the paper's and
+  dictionary_learning's)."""
   b2: float = 0.999
   """Adam beta2."""
   clip_norm: float = 1.0
@@ -177,6 +178,8 @@ class TrainConfig:
           f"(int32: at most {MAX_STEPS} steps); give fewer --steps or --tokens")
     if self.lr is not None:
       validation.check_real_field("TrainConfig", "lr", self.lr, 0, math.inf, lo_open=True)
+    if self.b1 is None:  # resolved here, so config.json records the value the run used
+      object.__setattr__(self, "b1", 0.0 if self.sae.selection == "jumprelu" else 0.9)
     validation.check_real_field("TrainConfig", "b1", self.b1, 0, 1, hi_open=True)
     validation.check_real_field("TrainConfig", "b2", self.b2, 0, 1, hi_open=True)
     validation.check_real_field("TrainConfig", "clip_norm", self.clip_norm, 0, math.inf, lo_open=True)

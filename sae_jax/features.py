@@ -15,6 +15,7 @@ import tqdm
 
 from sae_jax import evaluate
 from sae_jax import model
+from sae_jax import saelens
 
 # Histogram edges of a latent's activations: 4 per decade from 1e-3 to 1e3.
 EDGES = 10.0 ** np.arange(-3, 3.01, 0.25)
@@ -36,7 +37,8 @@ class Pass:
 
 
 def _encode_h(weights, x_nD):
-  return (x_nD - weights["b_dec"][None]) @ weights["W_enc"] + weights["b_enc"][None]
+  """Pre-activations; weights["offset"] is `saelens.input_offset`."""
+  return (x_nD - weights["offset"][None]) @ weights["W_enc"] + weights["b_enc"][None]
 
 
 def _mix(v):
@@ -127,6 +129,7 @@ def scan(weights: dict, cfg: dict, rows: typing.Callable[[int, int], np.ndarray]
   chunk_rows = chunk_rows or int(np.clip(2**25 // F, 64, 4096))
   k_arch = cfg["k"] if cfg["architecture"] == "topk" else 0
   device = {name: jnp.asarray(v) for name, v in weights.items() if name != "W_dec"}
+  device["offset"] = jnp.asarray(saelens.input_offset(weights, cfg))
   count, fired, total = np.zeros(F, np.int64), np.zeros(F, np.int64), np.zeros(F, np.float64)
   hist = np.zeros(F * (len(EDGES) + 1), np.int64)
   top, drawn = _Best(F, contexts), _Best(F, samples)
@@ -202,7 +205,8 @@ def activation(weights: dict, cfg: dict, latent: int, x_mD: np.ndarray,
   the row's k-th largest pre-activation `kth_m` for topk, which the pass
   computed on the device: a relative 1e-5 absorbs the last bits by which the
   two matmuls may round that same number differently)."""
-  h = (x_mD - weights["b_dec"]) @ weights["W_enc"][:, latent] + weights["b_enc"][latent]
+  h = (x_mD - saelens.input_offset(weights, cfg)) @ weights["W_enc"][:, latent] + \
+      weights["b_enc"][latent]
   if cfg["architecture"] == "topk":
     fires = h >= kth_m - 1e-5 * np.maximum(np.abs(kth_m), 1e-6)
   else:

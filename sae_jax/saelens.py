@@ -139,15 +139,20 @@ def load(folder) -> tuple[dict, dict]:
   return weights, cfg
 
 
+def input_offset(weights: dict, cfg: dict) -> np.ndarray:
+  """What SAELens subtracts from x before its encoder: b_dec, or zeros where
+  cfg's apply_b_dec_to_input is false (a JumpReLU SAE's)."""
+  b_dec = np.asarray(weights["b_dec"], np.float32)
+  return b_dec if cfg.get("apply_b_dec_to_input", True) else np.zeros_like(b_dec)
+
+
 def encode(weights: dict, cfg: dict, x_NxD) -> np.ndarray:
   """Codes [N, F] of raw activations by SAELens' formulas for the saved
   architectures: h = (x - b_dec) @ W_enc + b_enc (x @ W_enc + b_enc when
   cfg's apply_b_dec_to_input is false), then relu(h) * (h > θ) ("jumprelu")
   or each row's k largest of relu(h) ("topk")."""
-  x_NxD = np.asarray(x_NxD, np.float32)
-  if cfg.get("apply_b_dec_to_input", True):
-    x_NxD = x_NxD - weights["b_dec"]
-  h = x_NxD @ weights["W_enc"] + weights["b_enc"]
+  h = (np.asarray(x_NxD, np.float32) - input_offset(weights, cfg)) @ weights["W_enc"] + \
+      weights["b_enc"]
   if cfg["architecture"] == "jumprelu":
     return np.maximum(h, 0) * (h > weights["threshold"])
   z = np.zeros_like(h)

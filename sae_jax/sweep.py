@@ -13,9 +13,12 @@ import typing
 from sae_jax import outdir
 from sae_jax import run as run_lib
 from sae_jax import storage
+from sae_jax.config import SAEConfig
+from sae_jax.config import TrainConfig
 from sae_jax.runconfig import RunConfig
 
 BASELINES = ("topk", "batchtopk", "matryoshka", "jumprelu")
+DEFAULT_B1 = TrainConfig(SAEConfig(1, 1, k=1)).b1  # Adam's b1 of every rule but JumpReLU
 # Columns of results.csv, after variant, selection, score, l and groups (a
 # Matryoshka variant's group sizes, else empty): fvu and l0
 # are the saved SAE's (inference mode), batch_fvu and batch_l0 the training
@@ -81,6 +84,8 @@ def variant_configs(base: RunConfig, ls: typing.Sequence[float],
                               l=l if selection == "sampled" else base.train.sae.l)
     train = dataclasses.replace(base.train, sae=sae) if matryoshka else dataclasses.replace(
         base.train, sae=sae, matryoshka_groups=None, matryoshka_weights=None)
+    if selection == "jumprelu" and base.train.b1 == DEFAULT_B1:  # JumpReLU's own default
+      train = dataclasses.replace(train, b1=None)
     inference = "auto" if selection == "jumprelu" else base.inference
     out.append((name, selection, score, l, dataclasses.replace(
         base, out=str(storage.path(base.out) / name), train=train, inference=inference)))

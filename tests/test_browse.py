@@ -33,10 +33,15 @@ def random_sae(architecture: str, D=6, F=10, seed=0):
   return weights, cfg, rng.standard_normal((700, D)).astype(np.float32)
 
 
-@pytest.mark.parametrize("architecture", ["jumprelu", "topk"])
+@pytest.mark.parametrize("architecture", ["jumprelu", "topk", "jumprelu uncentred"])
 def test_scan_equals_numpy(architecture):
-  weights, cfg, x = random_sae(architecture)
+  weights, cfg, x = random_sae(architecture.split()[0])
   z = saelens.encode(weights, cfg, x)  # SAELens' formulas, the whole array at once
+  if architecture == "jumprelu uncentred":  # a JumpReLU SAE's: x @ W_enc + b_enc
+    cfg["apply_b_dec_to_input"] = False
+    h = x @ weights["W_enc"] + weights["b_enc"]
+    z = np.maximum(h, 0) * (h > weights["threshold"])
+    np.testing.assert_allclose(saelens.encode(weights, cfg, x), z, rtol=1e-6)
   held = (500, 650)
   p = features.scan(weights, cfg, lambda a, b: x[a:b], len(x), held, contexts=4, samples=3,
                   chunk_rows=128, progress=False)

@@ -125,8 +125,9 @@ def test_jumprelu_defaults_are_resolved_for_it_alone():
   assert long.sparsity_warmup_steps == 2000 and (long.bandwidth, long.sparsity_penalty) == (
       0.001, 1.0)
   assert TrainConfig(JUMP, steps=1).sparsity_warmup_steps == 0  # no threshold EMA to start
+  assert (short.b1, TrainConfig(JUMP, b1=0.5).b1) == (0.0, 0.5)  # Adam's b1: the paper's 0
   other = TrainConfig(SAE, steps=100)
-  assert (other.target_l0, other.sparsity_warmup_steps) == (None, None)
+  assert (other.target_l0, other.sparsity_warmup_steps, other.b1) == (None, None, 0.9)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -188,6 +188,26 @@ def test_a_kept_pool_resumes_exactly(tmp_path):
   assert outputs(tmp_path / "straight")["bytes"] == outputs(resumed)["bytes"]
 
 
+@pytest.mark.slow
+def test_a_jumprelu_run_resumes_exactly(tmp_path, capsys):
+  """JumpReLU's learned thresholds and their moments are in the checkpoint:
+  a run resumed inside the penalty's warm-up ends as the uninterrupted one."""
+  args = ["--data", "synthetic", "--steps", 20, "--selection", "jumprelu", "--bandwidth", 0.05,
+          "--sparsity-warmup-steps", 10, "--ckpt-every", 7]
+  assert cli(*args, "--out", tmp_path / "straight") == 0
+  resumed = tmp_path / "resumed"
+  assert cli(*args, "--out", resumed) == 0
+  for stale in ("summary.json", "saelens", "checkpoints/20", "checkpoints/20.meta.json",
+                "checkpoints/14", "checkpoints/14.meta.json"):
+    subprocess.run(["rm", "-r", str(resumed / stale)], check=True)
+  capsys.readouterr()
+  assert cli(*args, "--out", resumed) == 0
+  assert "resuming at step 7" in capsys.readouterr().out
+  straight = outputs(tmp_path / "straight")
+  assert straight["bytes"] == outputs(resumed)["bytes"]
+  assert straight["summary"]["inference"] == "learned"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--k", "65", "--dict-size", "64"], r"SAEConfig.k must be an integer in \[1, 64\]"),
     (["--pool-every", "0"], r"SAEConfig.pool_every must be an integer >= 1; got 0"),
