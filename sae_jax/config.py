@@ -97,6 +97,12 @@ class SAEConfig:
     return self.selection == "sampled" and self.pool_every > 1
 
 
+def default_b1(selection: str) -> float:
+  """Adam's b1 unless given: 0.9, or 0 for JumpReLU (the paper's and
+  dictionary_learning's)."""
+  return 0.0 if selection == "jumprelu" else 0.9
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """The training recipe."""
@@ -179,7 +185,7 @@ class TrainConfig:
     if self.lr is not None:
       validation.check_real_field("TrainConfig", "lr", self.lr, 0, math.inf, lo_open=True)
     if self.b1 is None:  # resolved here, so config.json records the value the run used
-      object.__setattr__(self, "b1", 0.0 if self.sae.selection == "jumprelu" else 0.9)
+      object.__setattr__(self, "b1", default_b1(self.sae.selection))
     validation.check_real_field("TrainConfig", "b1", self.b1, 0, 1, hi_open=True)
     validation.check_real_field("TrainConfig", "b2", self.b2, 0, 1, hi_open=True)
     validation.check_real_field("TrainConfig", "clip_norm", self.clip_norm, 0, math.inf, lo_open=True)

@@ -116,7 +116,7 @@ def gradients(params: dict, x_BxD: jax.Array, step_count: jax.Array, axis_name, 
     mse = losses.mse(x_BxD, xhat_BxD)
     on_BxF = step(f_BxF, params["threshold"], bandwidth)
     local_l0 = jnp.sum(on_BxF) / x_BxD.shape[0]
-    count = jnp.sum(lax.stop_gradient(on_BxF))
+    count = jnp.sum(lax.stop_gradient(on_BxF) > 0, dtype=jnp.int32)  # exact in any order
     l0 = (count if axis_name is None else lax.psum(count, axis_name)) / n_tokens
     # d/dθ of c·s·(L0/target - 1)² is this factor times dL0/dθ.
     factor = 2 * sparsity_penalty * scale * (l0 / target_l0 - 1) / target_l0

@@ -30,14 +30,16 @@ from sae_jax import loop
 from sae_jax import train
 from sae_jax.runconfig import RunConfig
 
-# What run_many's runs may set each their own way: the SAE (but its width)
-# and the recipe; everything that decides the batches is shared.
+# What run_many's runs may set each their own way: the SAE (but its width),
+# the recipe and the saved SAE's inference rule; everything that decides the
+# batches is shared.
 OWN_FIELDS = ("out", "train.sae", "train.learning_rate", "train.b1", "train.b2",
               "train.clip_norm", "train.warmup_steps", "train.decay_fraction",
               "train.auxk_weight", "train.dead_tokens", "train.threshold_beta",
               "train.threshold_start", "train.max_bad_steps", "train.step", "train.layout",
               "train.matryoshka_groups", "train.matryoshka_weights", "train.target_l0",
-              "train.bandwidth", "train.sparsity_penalty", "train.sparsity_warmup_steps")
+              "train.bandwidth", "train.sparsity_penalty", "train.sparsity_warmup_steps",
+              "inference")
 
 
 def run(config: RunConfig, *, progress: bool = True,

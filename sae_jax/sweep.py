@@ -13,12 +13,10 @@ import typing
 from sae_jax import outdir
 from sae_jax import run as run_lib
 from sae_jax import storage
-from sae_jax.config import SAEConfig
-from sae_jax.config import TrainConfig
+from sae_jax import config as config_lib
 from sae_jax.runconfig import RunConfig
 
 BASELINES = ("topk", "batchtopk", "matryoshka", "jumprelu")
-DEFAULT_B1 = TrainConfig(SAEConfig(1, 1, k=1)).b1  # Adam's b1 of every rule but JumpReLU
 # Columns of results.csv, after variant, selection, score, l and groups (a
 # Matryoshka variant's group sizes, else empty): fvu and l0
 # are the saved SAE's (inference mode), batch_fvu and batch_l0 the training
@@ -84,8 +82,8 @@ def variant_configs(base: RunConfig, ls: typing.Sequence[float],
                               l=l if selection == "sampled" else base.train.sae.l)
     train = dataclasses.replace(base.train, sae=sae) if matryoshka else dataclasses.replace(
         base.train, sae=sae, matryoshka_groups=None, matryoshka_weights=None)
-    if selection == "jumprelu" and base.train.b1 == DEFAULT_B1:  # JumpReLU's own default
-      train = dataclasses.replace(train, b1=None)
+    if base.train.b1 == config_lib.default_b1(base.train.sae.selection):
+      train = dataclasses.replace(train, b1=None)  # each rule's own default (JumpReLU's is 0)
     inference = "auto" if selection == "jumprelu" else base.inference
     out.append((name, selection, score, l, dataclasses.replace(
         base, out=str(storage.path(base.out) / name), train=train, inference=inference)))
@@ -202,7 +200,8 @@ def plot(rows: list, out: pathlib.PurePath) -> None:
         ax.plot(*zip(*line), marker=marker, label=f"{family} ({score})")
     for variant, style, color, label in (("batchtopk", "--", "black", "BatchTopK"),
                                          ("topk", ":", "gray", "TopK"),
-                                         ("matryoshka", "-.", "tab:red", "Matryoshka BatchTopK")):
+                                         ("matryoshka", "-.", "tab:red", "Matryoshka BatchTopK"),
+                                         ("jumprelu", (0, (5, 1)), "tab:green", "JumpReLU")):
       for r in rows:
         if r["variant"] == variant and not math.isnan(r[metric]):
           ax.axhline(r[metric], linestyle=style, color=color, label=label)

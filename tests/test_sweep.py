@@ -14,6 +14,10 @@ import numpy as np
 import pytest
 
 from sae_jax import outdir
+from sae_jax import sweep as sweep_lib
+from sae_jax.config import SAEConfig
+from sae_jax.config import TrainConfig
+from sae_jax.runconfig import RunConfig
 from tests import scripts
 from tests.helpers import LM_ARGS
 from tests.helpers import LM_NAMES
@@ -238,7 +242,8 @@ def test_a_sweep_with_matryoshka_variants(tmp_path):
   the plain variants, which keep the plain loss, and JumpReLU, in one pass
   (which equals the sequential sweep whatever the variants: the tests above)."""
   args = [*ARGS[:ARGS.index("--ls")], "--ls", "2", "--scores", "l2", "--baselines", "batchtopk",
-          "matryoshka", "jumprelu", "--matryoshka-groups", "0.5", "0.5", "--no-progress"]
+          "matryoshka", "jumprelu", "--matryoshka-groups", "0.5", "0.5", "--inference",
+          "per-latent", "--no-progress"]
   one = tmp_path / "one"
   assert sweep_script.main([*args, "--one-pass", "--out", str(one)]) == 0
   names = ["batchtopk", "matryoshka", "jumprelu", "sampled-l2-l2", "matryoshka-sampled-l2-l2"]
@@ -250,8 +255,10 @@ def test_a_sweep_with_matryoshka_variants(tmp_path):
     assert groups == ((0.5, 0.5) if name.startswith("matryoshka") else None), name
   assert rows[0]["fvu"] != rows[1]["fvu"] and rows[3]["fvu"] != rows[4]["fvu"]
   # JumpReLU, with its learned thresholds, ends as when trained alone.
-  jump = outputs(one / "jumprelu")
+  jump = outputs(one / "jumprelu")  # its own rule; the others per-latent, as asked
   assert jump["config"].train.target_l0 == 4.0 and jump["summary"]["inference"] == "learned"
+  assert outputs(one / "batchtopk")["summary"]["inference"] == "per-latent"
+  assert (jump["config"].train.b1, outputs(one / "batchtopk")["config"].train.b1) == (0.0, 0.9)
   alone = tmp_path / "alone"
   flags = [a for a in args[:args.index("--ls")] if a != "--no-progress"]
   assert cli(*flags, "--selection", "jumprelu", "--out", alone) == 0
@@ -261,6 +268,19 @@ def test_a_sweep_with_matryoshka_variants(tmp_path):
   stamps = {p: p.stat().st_mtime_ns for p in one.glob("*/summary.json")}
   assert sweep_script.main([*args, "--one-pass", "--out", str(one)]) == 0
   assert {p: p.stat().st_mtime_ns for p in one.glob("*/summary.json")} == stamps
+
+
+def test_each_variant_takes_its_own_rules_default_b1():
+  """Adam's b1 is each rule's own default (JumpReLU's is 0), whatever
+  --selection the sweep's flags name, unless it was given."""
+  for selection, b1, want in (("sampled", None, {"topk": 0.9, "jumprelu": 0.0}),
+                              ("jumprelu", None, {"topk": 0.9, "jumprelu": 0.0}),
+                              ("sampled", 0.5, {"topk": 0.5, "jumprelu": 0.5})):
+    base = RunConfig(TrainConfig(SAEConfig(64, 16, k=2, selection=selection), steps=10, b1=b1),
+                     out="sweep", data="synthetic")
+    runs = sweep_lib.variant_configs(base, [2], ["l2"], ["topk", "jumprelu"])
+    got = {name: config.train.b1 for name, *_, config in runs}
+    assert got == {**want, "sampled-l2-l2": want["topk"]}, (selection, b1)
 
 
 def test_a_sweep_and_a_single_run_keep_out_of_each_others_folders(tmp_path, capsys):
