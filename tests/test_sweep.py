@@ -224,7 +224,7 @@ def test_a_variant_given_twice_is_refused(tmp_path, capsys):
       (["--baselines", "topk", "topk"], "--baselines gives topk more than once; each value is "
        "one variant"),
       (["--baselines", "topk", "gated"], "--baselines gated: allowed are topk, batchtopk, "
-       "matryoshka"),
+       "matryoshka, jumprelu"),
       (["--baselines", "matryoshka"], "--baselines matryoshka needs --matryoshka-groups (the "
        "groups' fractions of --dict-size)")):
     args = [*ARGS[:ARGS.index("--ls")], *flags, "--l", "3", "--no-progress", "--out",
