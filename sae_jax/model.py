@@ -125,9 +125,7 @@ class SAE(nn.Module):
 
   def __call__(self, x_BxD):  # used by `init` only: touches every parameter
     a_BxF = jax.nn.relu(self.pre(x_BxD))
-    if self.config.selection == "jumprelu":
-      a_BxF = a_BxF * (a_BxF > self.threshold[None, :])
-    return self.decode(a_BxF)
+    return self.decode(self.select(a_BxF) if self.config.selection == "jumprelu" else a_BxF)
 
 
 def sampled_options(key, *, score: str, sample_pool: bool, ridge: float,

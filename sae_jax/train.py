@@ -169,6 +169,9 @@ def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
     l0: selected entries per token. grad_norm: the gradient's global norm
       before projection and clip. threshold: θ after the step. dead_fraction:
       latents dead after the step. most_silent_steps, lr, skipped_steps, bad_streak.
+    JumpReLU (`jumprelu.py`; no AuxK and no threshold EMA, its θ being
+      parameters): sparsity_loss, its L0 penalty, in place of auxk_loss;
+      loss: mse + sparsity_loss; threshold: the median θ.
     dead_soon: the most latents that can be dead on the step after next
       (`can_be_dead`); `loop.train_loop` picks that step's form by it.
 
@@ -212,11 +215,13 @@ def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
         pool_P=pool_P, apply=finite)
     return params, opt_state, auxk_loss, optax.tree.norm(grads), finite
 
-  if c.sae.selection == "jumprelu":  # its own loss; `apply` checks the penalty as AuxK's
+  jump = c.sae.selection == "jumprelu"
+  if jump:  # its own loss, no AuxK: `apply` checks its L0 penalty where AuxK's would be
     grads, out = jumprelu.gradients(state.params, x_BxD, state.step, AXIS, **jumprelu_rule(c))
     mse = collectives.ordered_pmean(out.mse, AXIS)
-    return _jumprelu_step(state, x_BxD, out, mse, lr, apply(grads, out.sparsity, None))
-  if c.step == "dense":
+    params, opt_state, _, grad_norm, finite = apply(grads, out.sparsity, None)
+    penalty = out.sparsity  # at the global L0: the same on every device
+  elif c.step == "dense":
     grads, out = gradients.dense(state.params, x_BxD, silent_F, key, model.SAE(c.sae), AXIS,
                                  kept, **loss_rule(c))
     mse = collectives.ordered_pmean(out.mse, AXIS)
@@ -241,15 +246,18 @@ def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
     else:  # AuxK runs only while some latent is dead (the same on every device).
       params, opt_state, auxk_loss, grad_norm, finite = lax.cond(
           jnp.any(out.dead_F), dense_with_auxk, lambda: apply(grads, out.auxk, pool_P))
-  loss = mse + c.auxk_weight * auxk_loss
+  loss = mse + (penalty if jump else c.auxk_weight * auxk_loss)
 
   since_F = jnp.where(out.fired_F, 0, jnp.minimum(silent_F + 1, c.dead_steps))
-  batch_theta = _batch_threshold(out.token_min_B, c.sae.selection)
-  ema = jnp.where(state.threshold > 0,
-                  c.threshold_beta * state.threshold + (1 - c.threshold_beta) * batch_theta,
-                  batch_theta)
-  threshold = jnp.where((state.step > c.threshold_start) & jnp.isfinite(batch_theta),
-                        ema, state.threshold)
+  if jump:  # its thresholds are parameters: no EMA
+    threshold = state.threshold
+  else:
+    batch_theta = _batch_threshold(out.token_min_B, c.sae.selection)
+    ema = jnp.where(state.threshold > 0,
+                    c.threshold_beta * state.threshold + (1 - c.threshold_beta) * batch_theta,
+                    batch_theta)
+    threshold = jnp.where((state.step > c.threshold_start) & jnp.isfinite(batch_theta),
+                          ema, state.threshold)
 
   state = state.replace(
       step=state.step + 1, params=params, opt_state=opt_state,
@@ -264,13 +272,14 @@ def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
   metrics = {
       "loss": loss,
       "mse": mse,
+      **({"sparsity_loss": penalty} if jump else {}),
       "fvu": losses.fvu(x_BxD, out.xhat_BxD, AXIS),
       "l0": lax.psum(out.n_active, AXIS) / n_tokens,
       "dead_fraction": jnp.mean(state.steps_since_fired_F >= c.dead_steps),
       "most_silent_steps": jnp.max(state.steps_since_fired_F),
       "dead_soon": can_be_dead(state.steps_since_fired_F, c.dead_steps, 1),
-      "auxk_loss": auxk_loss,
-      "threshold": state.threshold,
+      **({} if jump else {"auxk_loss": auxk_loss}),
+      "threshold": jnp.median(state.params["threshold"]) if jump else state.threshold,
       "lr": lr,
       "grad_norm": grad_norm,
       "skipped_steps": state.skipped_steps,
@@ -285,40 +294,6 @@ def jumprelu_rule(config: TrainConfig) -> dict:
               sparsity_penalty=config.sparsity_penalty,
               sparsity_warmup_steps=config.sparsity_warmup_steps,
               compute_dtype=config.sae.compute_dtype)
-
-
-def _jumprelu_step(state: TrainState, x_BxD, out, mse, lr, applied) -> tuple[TrainState, dict]:
-  """The end of train_step for JumpReLU (`jumprelu.py`), given its outputs
-  and the optimiser's step: no AuxK and no threshold EMA (its thresholds
-  are parameters). "sparsity_loss" is the L0 penalty, "loss" the
-  reconstruction plus it, "threshold" the median θ."""
-  c = state.config
-  params, opt_state, _, grad_norm, finite = applied
-  since_F = jnp.where(out.fired_F, 0, jnp.minimum(state.steps_since_fired_F + 1, c.dead_steps))
-  silent_F = state.steps_since_fired_F
-  state = state.replace(
-      step=state.step + 1, params=params, opt_state=opt_state,
-      steps_since_fired_F=jnp.where(finite, since_F, silent_F),
-      bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
-      dead_at_most=can_be_dead(silent_F, c.dead_steps, 1),
-      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
-  n_tokens = scoring.global_tokens(x_BxD.shape[0], AXIS)
-  metrics = {
-      "loss": mse + out.sparsity,
-      "mse": mse,
-      "sparsity_loss": out.sparsity,
-      "fvu": losses.fvu(x_BxD, out.xhat_BxD, AXIS),
-      "l0": lax.psum(out.n_active, AXIS) / n_tokens,
-      "dead_fraction": jnp.mean(state.steps_since_fired_F >= c.dead_steps),
-      "most_silent_steps": jnp.max(state.steps_since_fired_F),
-      "dead_soon": can_be_dead(state.steps_since_fired_F, c.dead_steps, 1),
-      "threshold": jnp.median(state.params["threshold"]),
-      "lr": lr,
-      "grad_norm": grad_norm,
-      "skipped_steps": state.skipped_steps,
-      "bad_streak": state.bad_streak,
-  }
-  return state, metrics
 
 
 @functools.lru_cache(maxsize=None)
