@@ -8,8 +8,10 @@ Once joined, each process beats
 in JAX's coordination service every second, and one whose beat stops for
 `timeout` seconds is taken for dead. The survivors then exit at once with
 one line, where they would otherwise wait in a collective, or in a barrier
-until JAX's own heartbeat timeout aborts them with a C++ stack trace (JAX's
-is set to twice ours, so ours comes first).
+until JAX's own heartbeat timeout aborts them with a C++ stack trace. JAX's
+is set to four times ours, so ours comes first: its client beats every half
+of its timeout, so it can take a process for dead half its timeout after the
+process died.
 """
 
 import os
