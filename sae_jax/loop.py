@@ -16,8 +16,9 @@ from sae_jax.config import TrainConfig
 
 def _step_for(config: TrainConfig, dead_at_most: int):
   """The cheapest step whose promise holds while at most `dead_at_most`
-  latents can be dead (see `train_step`)."""
-  if dead_at_most == 0:
+  latents can be dead (see `train_step`). JumpReLU has no AuxK: its one
+  step, whatever the count (compiled once)."""
+  if dead_at_most == 0 or config.sae.selection == "jumprelu":
     return train.p_train_step_all_alive
   if config.sae.selection != "sampled":
     return train.p_train_step

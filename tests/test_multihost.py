@@ -47,7 +47,9 @@ def data_args(lm, cache, tmp_path_factory):
   return {
       "synthetic": ["--data", "synthetic"],
       "npy": ["--data", npy],
-      "cache": ["--data", cache, "--batch-size", 32, "--eval-tokens", 64],
+      # JumpReLU here: its L0 penalty counts over every process's tokens.
+      "cache": ["--data", cache, "--batch-size", 32, "--eval-tokens", 64,
+                "--selection", "jumprelu"],
       "stream": ["--data", "pythia", "--stream", "--model", lm["model"], "--dataset", text,
                  "--hook", "blocks.1.hook_resid_post", "--context-length", 16, "--batch-size", 32,
                  "--stream-contexts", 16, "--eval-tokens", 64, "--downstream-contexts", 4,
