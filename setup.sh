@@ -13,7 +13,7 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null ||
 fi
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
-.venv/bin/pip install --quiet -e ".[activations,dev]"
+.venv/bin/pip install --quiet -e ".[activations,demo,dev]"
 # The reference trainer of tests/test_parity.py, without its heavy declared
 # dependencies (nnsight and more), which an extra cannot leave out.
 .venv/bin/pip install --quiet --no-deps dictionary-learning==0.1.0 einops

@@ -20,6 +20,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from sae_jax import contexts as contexts_lib  # noqa: E402
 from sae_jax import export  # noqa: E402
 from sae_jax import hooks  # noqa: E402
 from tests import tiny_lm  # noqa: E402
@@ -39,7 +40,7 @@ def reference(config: export.ExportConfig, n_rows: int) -> None:
   model = transformers.AutoModelForCausalLM.from_pretrained(config.model).eval()
   index = hooks.hidden_states_index(config.hook)
   batch, rows = [], 0
-  contexts = export.contexts(config, tok)
+  contexts = contexts_lib.contexts(config, tok)
   with torch.inference_mode():
     while rows < n_rows:
       batch = np.stack([next(contexts) for _ in range(config.batch_contexts)])

@@ -28,6 +28,7 @@ import typing
 import numpy as np
 import tqdm
 
+from sae_jax import contexts as contexts_lib
 from sae_jax import data as data_lib
 from sae_jax import export as export_lib
 from sae_jax import features
@@ -112,7 +113,7 @@ def _stream_source(config: dict, tokens: int, progress: bool) -> _Source:
   lm_config, params = neox.load(e.model, e.revision)
   layer = hooks.model_layer(e.hook, e.model, lm_config.n_layers)
   excluded = np.asarray(e.exclude_token_ids, np.int32)
-  located = export_lib.located_contexts(e, tokenizer)
+  located = contexts_lib.located_contexts(e, tokenizer)
   acts, ids, positions, got = [], [], [], 0
   bar = tqdm.tqdm(total=tokens, unit="tok", unit_scale=True, disable=not progress,
                   dynamic_ncols=True, desc="running the model")

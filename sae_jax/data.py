@@ -219,13 +219,21 @@ class Activations:
   def eval_tokens(self) -> typing.Optional[np.ndarray]:
     """The token ids [eval_rows] of the held-out rows (a cache's
     tokens-*.npy, checked against its sha256), or None for a .npy file."""
+    return self._eval_column("tokens")
+
+  def eval_positions(self) -> typing.Optional[np.ndarray]:
+    """The held-out rows' positions in their contexts [eval_rows] (a
+    cache's positions-*.npy, checked), or None for a .npy file."""
+    return self._eval_column("positions")
+
+  def _eval_column(self, kind: str) -> typing.Optional[np.ndarray]:
     if self.manifest is None:
       return None
 
     def read(index, start, stop):
       shard = self.manifest["shards"][index]
-      path = self.path / shard["files"]["tokens"]
-      if export.sha256(path) != shard["sha256"]["tokens"]:
+      path = self.path / shard["files"][kind]
+      if export.sha256(path) != shard["sha256"][kind]:
         raise ValueError(f"activation cache {self.path}: {path.name} is corrupted (sha256 does "
                          f"not match the manifest)")
       return np.asarray(open_npy(path)[start:stop])

@@ -9,19 +9,19 @@ them. Layout of a cache directory:
     tokens-00000.npy          [shard_rows] int32 token ids
     positions-00000.npy       [shard_rows] int32 positions in the context
 
-Texts are tokenized and concatenated with `<|endoftext|>` between documents,
-then cut into contexts of `context_length`. Position 0 of every context is
-left out (its activations are huge-norm outliers), and so is any token in
-`exclude_token_ids`. Hook names follow TransformerLens: the output of block N,
-`blocks.N.hook_resid_post`, is transformers' `hidden_states[N + 1]` — except
-for the top block, whose `hidden_states` entry has the final layer norm
-applied; the export reads the block's raw output, so it is right for every N.
+Texts are tokenized and cut into contexts of `context_length`
+(`sae_jax.contexts`: a causal model's documents joined by `<|endoftext|>`, an
+encoder's framed by [CLS] ... [SEP]). Position 0 of every context is left out
+(its activations are huge-norm outliers), and so is any token in
+`exclude_token_ids` and an encoder's special tokens. Hook names follow
+TransformerLens: the output of block N, `blocks.N.hook_resid_post`, is
+transformers' `hidden_states[N + 1]` — except for the top block, whose
+`hidden_states` entry has the final layer norm applied; the export reads
+the block's raw output, so it is right for every N.
 """
 
-import collections
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 import pathlib
@@ -30,6 +30,7 @@ import typing
 import numpy as np
 import tqdm
 
+from sae_jax import contexts as contexts_lib
 from sae_jax import hooks
 from sae_jax import storage, validation
 
@@ -164,82 +165,6 @@ def _stored(acts: np.ndarray, dtype: str) -> np.ndarray:
   return acts.astype(dtype)
 
 
-# --- Tokens ------------------------------------------------------------------
-
-def _texts(config: ExportConfig) -> typing.Iterator[str]:
-  import datasets
-  if isinstance(config.dataset, tuple):
-    kind = "text" if str(config.dataset[0]).endswith(".txt") else "json"
-    if any(str(p).endswith(".txt") != (kind == "text") for p in config.dataset):
-      raise ValueError("ExportConfig.dataset: mix of .txt and .jsonl files; use one kind")
-    records = datasets.load_dataset(kind, data_files=list(config.dataset), split="train",
-                                    streaming=True)
-    field = "text" if kind == "text" else config.text_field
-  else:
-    records = datasets.load_dataset(config.dataset, split=config.split, streaming=True)
-    field = config.text_field
-  for record in records:
-    if field not in record:
-      raise ValueError(f"dataset records have no field {field!r} (text_field); "
-                       f"fields: {sorted(record)}")
-    yield record[field]
-
-
-def contexts(config: ExportConfig, tokenizer) -> typing.Iterator[np.ndarray]:
-  """[context_length] int32 token ids: documents joined by end-of-text, cut in order."""
-  for context, _ in located_contexts(config, tokenizer):
-    yield context
-
-
-def located_contexts(config: ExportConfig, tokenizer, start: tuple = (0, 0)
-                     ) -> typing.Iterator[tuple[np.ndarray, tuple]]:
-  """`contexts` from a position in the text, each with the position after it.
-
-  A position is (record, offset): the next context starts `offset` tokens
-  into the record-th document (its tokens and end-of-text). Resuming from the
-  position after a context gives the contexts that followed it, and only one
-  document is tokenized again.
-  """
-  eos = tokenizer.eos_token_id
-  record, offset = start
-  # Documents not yet cut into contexts: [record index, tokens, tokens used].
-  pending: collections.deque = collections.deque()
-  have = 0
-  for index, text in enumerate(itertools.islice(_texts(config), record, None), start=record):
-    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if eos is not None:  # Pythia's <|endoftext|> is id 0: never test it for truth
-      tokens.append(eos)
-    used = offset if index == record else 0
-    pending.append([index, tokens, used])
-    have += len(tokens) - used
-    while have >= config.context_length:
-      context = []
-      while len(context) < config.context_length:
-        document = pending[0]
-        take = min(config.context_length - len(context), len(document[1]) - document[2])
-        context.extend(document[1][document[2]:document[2] + take])
-        document[2] += take
-        if document[2] == len(document[1]):
-          pending.popleft()
-      have -= config.context_length
-      after = (pending[0][0], pending[0][2]) if pending else (index + 1, 0)
-      yield np.asarray(context, np.int32), after
-
-
-def _batches(config: ExportConfig, tokenizer, start_batch: int):
-  """(batch index, [b, L] ids) from batch `start_batch` on; skipped batches are
-  tokenized but never run through the model."""
-  batch, index = [], 0
-  for context in contexts(config, tokenizer):
-    batch.append(context)
-    if len(batch) == config.batch_contexts:
-      if index >= start_batch:
-        yield index, np.stack(batch)
-      batch, index = [], index + 1
-  if batch and index >= start_batch:
-    yield index, np.stack(batch)
-
-
 # --- The model -----------------------------------------------------------------
 
 class _Stop(Exception):
@@ -267,6 +192,11 @@ class HookedModel:
     n_layers = self.model.config.num_hidden_layers
     layer = hooks.model_layer(config.hook, config.model, n_layers)
     self.d_model = self.model.config.hidden_size
+    self.encoder = hf.is_encoder(self.model.config)
+    limit = getattr(self.model.config, "max_position_embeddings", None)
+    if self.encoder and limit is not None and config.context_length > limit:
+      raise ValueError(f"--context-length {config.context_length}: {config.model!r} has "
+                       f"positions for {limit} tokens")
     self._out = None
     _blocks(self.model, n_layers)[layer].register_forward_hook(self._capture)
 
@@ -296,9 +226,13 @@ class JaxHookedModel:
     from sae_jax import hf  # noqa: PLC0415
     from sae_jax import neox  # noqa: PLC0415
     self.tokenizer = hf.tokenizer(config.model, config.revision)
-    self.config, params = neox.load(config.model, config.revision)
+    try:
+      self.config, params = neox.load(config.model, config.revision)
+    except ValueError as error:
+      raise ValueError(f"--backend jax: {error}; export it with --backend torch") from None
     self.layer = hooks.model_layer(config.hook, config.model, self.config.n_layers)
     self.d_model = self.config.hidden_size
+    self.encoder = False
     devices = jax.local_devices()
     n = len(devices) if config.batch_contexts % len(devices) == 0 else 1
     self.mesh = jax.sharding.Mesh(np.array(devices[:n]), ("contexts",))
@@ -364,15 +298,18 @@ def export_activations(config: ExportConfig, out, *, progress: bool = True,
   if manifest["complete"] and done + sum(
       s["rows"] for s in manifest["shards"][len(shards):]) >= config.tokens:
     return manifest
+  model = (JaxHookedModel if config.backend == "jax" else HookedModel)(config)
+  frame = contexts_lib.framing(model.tokenizer, model.encoder)
+  excluded = contexts_lib.excluded_ids(model.tokenizer, model.encoder, config.exclude_token_ids)
   out.mkdir(parents=True, exist_ok=True)
   for stale in [] if storage.is_remote(out) else out.glob(".*.tmp-*"):
     stale.unlink()  # left by an interrupted write (nothing is renamed on gs://)
-  model = (JaxHookedModel if config.backend == "jax" else HookedModel)(config)
   start_batch, skip_rows = (shards[-1]["next_batch"], shards[-1]["skip_rows"]) if shards else (0, 0)
   manifest.update(shards=shards, complete=False, total_tokens=done, d_model=model.d_model,
                   hidden_states_index=hooks.hidden_states_index(config.hook), prepend_bos=False,
-                  excluded_positions=[0], bfloat16_stored_as="uint16")
-  excluded = np.asarray(config.exclude_token_ids, np.int32)
+                  excluded_positions=[0], bfloat16_stored_as="uint16",
+                  attention="bidirectional" if model.encoder else "causal",
+                  excluded_token_ids=excluded.tolist())
   pending = {"acts": [], "tokens": [], "positions": []}
   n_pending = 0
 
@@ -399,7 +336,8 @@ def export_activations(config: ExportConfig, out, *, progress: bool = True,
   bar = tqdm.tqdm(total=config.tokens, initial=done, unit="tok", unit_scale=True,
                   disable=not progress, dynamic_ncols=True)
   with bar:
-    for batch_index, ids_BxL in _batches(config, model.tokenizer, start_batch):
+    for batch_index, ids_BxL in contexts_lib.batches(config, model.tokenizer, start_batch,
+                                                     frame):
       if done + n_pending >= config.tokens:
         break
       acts_BxLxD = model(ids_BxL)

@@ -223,6 +223,9 @@ def _downstream(config: RunConfig, state: train.TrainState, rule: inference.Rule
                 source: DataSource) -> dict:
   """The spliced-loss metrics (`downstream.py`) on contexts the run did not
   train on, with the model in JAX or torch as the data were made."""
+  if source.downstream_skipped is not None:
+    print(f"downstream loss skipped: {source.downstream_skipped}", flush=True)
+    return {"downstream_skipped": source.downstream_skipped}
   if source.downstream_ids is None:
     return {}
   ids_BxL = source.downstream_ids()

@@ -57,10 +57,15 @@ def tokenizer(model, revision: typing.Optional[str] = None):
   return transformers.AutoTokenizer.from_pretrained(model, revision=revision)
 
 
-def hidden_size(model, revision: typing.Optional[str] = None) -> int:
-  """The model's width D, from its config (any architecture transformers knows)."""
+def model_config(model, revision: typing.Optional[str] = None):
+  """The model's transformers config (any architecture transformers knows)."""
   import transformers  # noqa: PLC0415
-  return transformers.AutoConfig.from_pretrained(model, revision=revision).hidden_size
+  return transformers.AutoConfig.from_pretrained(model, revision=revision)
+
+
+def hidden_size(model, revision: typing.Optional[str] = None) -> int:
+  """The model's width D, from its config."""
+  return model_config(model, revision).hidden_size
 
 
 def base_model(model: str, revision: typing.Optional[str], dtype):
@@ -81,3 +86,12 @@ def causal_lm(model: str, revision: typing.Optional[str], dtype):
   import transformers  # noqa: PLC0415
   return transformers.AutoModelForCausalLM.from_pretrained(model, revision=revision,
                                                            dtype=dtype)
+
+
+def is_encoder(config) -> bool:
+  """Whether a transformers config is an encoder's (BERT's bidirectional
+  attention): a masked language model's type, not configured as a decoder.
+  Next-token loss and causal prompts do not apply to it."""
+  from transformers.models.auto import modeling_auto  # noqa: PLC0415
+  return (config.model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+          and not getattr(config, "is_decoder", False))

@@ -33,9 +33,10 @@ def memory_per_device(trains: typing.Sequence[TrainConfig], n_devices: int,
                       stream_rows: int = 0) -> dict:
   """A floor on the bytes each device needs to train SAEs together:
   "state", every SAE's parameters (JumpReLU's thresholds too), two Adam
-  moments and a gradient (4 copies); "activations", two [B / devices, F] float32 encoder arrays of the
-  widest SAE (the steps run one at a time); "stream", a --stream shuffle
-  buffer of `stream_rows` rows a device (the rows and their order)."""
+  moments and a gradient (4 copies); "activations", two [B / devices, F]
+  float32 encoder arrays of the widest SAE (the steps run one at a time);
+  "stream", a --stream shuffle buffer of `stream_rows` rows a device (the
+  rows and their order)."""
   state = sum(16 * (2 * c.sae.d_model * c.sae.n_latents + c.sae.n_latents + c.sae.d_model
                     + (c.sae.n_latents if c.sae.selection == "jumprelu" else 0))
               for c in trains)

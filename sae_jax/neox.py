@@ -53,7 +53,7 @@ class NeoXConfig:
     """From a config.json's contents, old (`rotary_pct`) or new
     (`rope_parameters`) style, with transformers' defaults."""
     if d.get("model_type") != "gpt_neox":
-      raise ValueError(f"model must be a GPT-NeoX (model_type 'gpt_neox'); got "
+      raise ValueError(f"sae_jax's JAX model is GPT-NeoX's (model_type 'gpt_neox'); got "
                        f"{d.get('model_type')!r}")
     act = d.get("hidden_act", "gelu")
     if act not in _GELU_APPROXIMATE:

@@ -7,6 +7,7 @@ import typing
 import jax
 import numpy as np
 
+from sae_jax import contexts as contexts_lib
 from sae_jax import data
 from sae_jax import export as export_lib
 from sae_jax import hf
@@ -24,6 +25,8 @@ SYNTHETIC_INIT_STEP, SYNTHETIC_EVAL_STEP, SYNTHETIC_CALIBRATION_STEP = (
     2**31 - 1, 2**31 - 2, 2**31 - 3)
 # The SAE saw raw transformers hidden states, not TransformerLens' centred ones.
 MODEL_KWARGS = {"model_from_pretrained_kwargs": {"center_writing_weights": False}}
+ENCODER_DOWNSTREAM = ("the model is an encoder (bidirectional attention): next-token loss "
+                      "does not apply to it")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,6 +56,8 @@ class DataSource:
   spliced loss: after the cache's rows, or reserved before --stream's."""
   language_model: typing.Optional[typing.Callable[[], tuple]] = None
   """--data pythia with the JAX model: (neox config, params); None with torch's."""
+  downstream_skipped: typing.Optional[str] = None
+  """--data pythia on an encoder: why the spliced loss does not apply."""
 
 
 def open_source(config: RunConfig, n_devices: int, *, verify: bool = False) -> DataSource:
@@ -111,10 +116,12 @@ def _disk(config: RunConfig, n_devices: int, verify: bool) -> DataSource:
 
   def letters():
     tokenizer = spelling.load_tokenizer(manifest["model"], manifest.get("revision"))
-    return None if tokenizer is None else _letters(tokenizer, acts.eval_tokens())
+    return None if tokenizer is None else _letters(tokenizer, acts.eval_tokens(),
+                                                   acts.eval_positions())
 
   e = config.export
   pythia = config.data == "pythia"
+  encoder = bool(manifest) and manifest.get("attention") == "bidirectional"
   return DataSource(
       batches=lambda start, position: acts.batches(c.batch_size, n_devices, seed=c.seed,
                                                    start_step=start),
@@ -123,9 +130,10 @@ def _disk(config: RunConfig, n_devices: int, verify: bool) -> DataSource:
       calibration=lambda n: acts.sample(min(n, train_rows), seed=c.seed + 1),
       metadata=metadata,
       letters=letters if manifest else None,
-      downstream_ids=(lambda: _contexts_after_cache(config)) if pythia else None,
+      downstream_ids=(lambda: _contexts_after_cache(config)) if pythia and not encoder else None,
       language_model=((lambda: neox.load(e.model, e.revision))
-                      if pythia and e.backend == "jax" else None))
+                      if pythia and e.backend == "jax" else None),
+      downstream_skipped=ENCODER_DOWNSTREAM if pythia and encoder else None)
 
 
 def _contexts_after_cache(config: RunConfig) -> np.ndarray:
@@ -137,7 +145,7 @@ def _contexts_after_cache(config: RunConfig) -> np.ndarray:
   used = export_lib.read_manifest(config.cache_dir)["total_tokens"]
   tokenizer = hf.tokenizer(e.model, e.revision)
   excluded, rows, after = set(e.exclude_token_ids), 0, []
-  for context in export_lib.contexts(e, tokenizer):
+  for context in contexts_lib.contexts(e, tokenizer):
     if rows < used:  # a training (or evaluation-row) context: skip it
       rows += sum(int(t) not in excluded for t in context[1:])
     elif len(after) < config.downstream_contexts:
@@ -167,9 +175,9 @@ def _stream(config: RunConfig) -> DataSource:
       language_model=lambda: (source.lm_config, source.lm_params))
 
 
-def _letters(tokenizer, tokens_N: np.ndarray) -> tuple:
+def _letters(tokenizer, tokens_N: np.ndarray, positions_N=None) -> tuple:
   """(token ids, first letters) of the held-out rows (`DataSource.letters`)."""
-  return tokens_N, spelling.token_letters(tokenizer, tokens_N)
+  return tokens_N, spelling.token_letters(tokenizer, tokens_N, positions_N)
 
 
 def finite(rows: np.ndarray, what: str) -> tuple:

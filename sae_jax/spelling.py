@@ -55,10 +55,36 @@ def token_texts(tokenizer, ids) -> dict:
           for i in np.unique(np.asarray(ids))}
 
 
-def token_letters(tokenizer, ids) -> np.ndarray:
-  """[N] first letter (0..25) of each token id's text, -1 when it is not a word."""
+def continuation_prefix(tokenizer) -> typing.Optional[str]:
+  """WordPiece's "##", which opens a token that continues a word (BERT's);
+  None where a token carries its word's start itself (BPE's leading space)."""
+  model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+  prefix = getattr(model, "continuing_subword_prefix", None)
+  return prefix if type(model).__name__ == "WordPiece" and prefix else None
+
+
+def token_letters(tokenizer, ids, positions=None) -> np.ndarray:
+  """[N] first letter (0..25) of each token id's text, -1 when it is not a word.
+
+  With WordPiece only whole-word tokens are labelled: a "##" piece is not a
+  word, nor is a token whose next row (given the rows' `positions` in their
+  contexts, in order) is its "##" continuation; the last row, whose next
+  is unknown, is not labelled. A row whose next position is not the next
+  row (a left-out [SEP], or the context's end) ends its word.
+  """
+  ids = np.asarray(ids).reshape(-1)
   letter_of = {i: first_letter(text) for i, text in token_texts(tokenizer, ids).items()}
-  return np.array([letter_of[int(i)] for i in np.asarray(ids).reshape(-1)], np.int64)
+  letters = np.array([letter_of[int(i)] for i in ids], np.int64)
+  prefix = continuation_prefix(tokenizer)
+  if prefix is None or positions is None:
+    return letters
+  continues = {int(i): tokenizer.convert_ids_to_tokens(int(i)).startswith(prefix)
+               for i in np.unique(ids)}
+  positions = np.asarray(positions).reshape(-1)
+  next_continues = np.ones(len(ids), bool)  # the last row: unknown
+  next_continues[:-1] = ((positions[1:] == positions[:-1] + 1)
+                         & np.array([continues[int(i)] for i in ids[1:]], bool))
+  return np.where(next_continues, -1, letters)
 
 
 def load_tokenizer(model: str, revision=None):
@@ -172,6 +198,10 @@ def evaluate_run(run_dir, *, n_words: typing.Optional[int] = 8000, seed: int = 0
   if tokenizer is None:
     raise ValueError(f"could not load {model!r}'s tokenizer; pass the model's directory with "
                      f"--model DIR")
+  if hf.is_encoder(hf.model_config(model, revision)):
+    raise ValueError(f"{model!r} is an encoder (bidirectional attention): SAEBench's prompts "
+                     f"ask a causal model for the next token; the run's summary.json holds its "
+                     f"first-letter probing and absorption on the cache's whole-word tokens")
   words = vocabulary(tokenizer, n_words, seed)
   x, ids = prompt_activations(model, hook, tokenizer, words, revision=revision, seed=seed,
                               batch=batch, progress=progress)

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sae_jax import data
+from sae_jax import contexts as contexts_lib
 from sae_jax import export
 from sae_jax import hf
 from sae_jax import hooks
@@ -123,7 +124,7 @@ class Stream:
         jax.random.fold_in(jax.random.key(seed), _KEY_SALT)))]
 
     # The reserved contexts at the start of the text.
-    located = export.located_contexts(config, self.tokenizer)
+    located = contexts_lib.located_contexts(config, self.tokenizer)
     self.eval_tokens = eval_tokens
     self.eval_contexts, after = self._contexts_for(located, eval_tokens, "the evaluation rows")
     downstream = [self._next(located, "the downstream contexts")
@@ -177,7 +178,7 @@ class Stream:
   def sample(self, n: int) -> np.ndarray:
     """The first n rows of the training contexts, in text order, or all rows
     of the first round if it has fewer (for the initialisation)."""
-    located = export.located_contexts(self.config, self.tokenizer, self.train_start)
+    located = contexts_lib.located_contexts(self.config, self.tokenizer, self.train_start)
     contexts, _ = self._contexts_for(located, n, "the first round of training contexts",
                                      limit=self.round_contexts)
     return self.rows(contexts)[:n]
@@ -186,7 +187,7 @@ class Stream:
 
   def _token_rounds(self, index: int, start: tuple):
     """(round index, [round_contexts, L] ids, start position, position after)."""
-    located = export.located_contexts(self.config, self.tokenizer, start)
+    located = contexts_lib.located_contexts(self.config, self.tokenizer, start)
     while True:
       got = list(itertools.islice(located, self.round_contexts))
       if len(got) < self.round_contexts:
@@ -213,7 +214,7 @@ class Stream:
     """Refuses, before any training, a run whose text ends before `steps`:
     the rounds from the start of the training text are tokenized (no model)
     and their steps counted, up to `steps`."""
-    located = export.located_contexts(self.config, self.tokenizer, self.train_start)
+    located = contexts_lib.located_contexts(self.config, self.tokenizer, self.train_start)
     have, index = 0, 0
     while have < steps:
       got = list(itertools.islice(located, self.round_contexts))

@@ -60,10 +60,10 @@ def test_downstream_loss_against_a_direct_computation(lm):
   import torch
   import transformers
   from sae_jax import downstream
-  from sae_jax import export
+  from sae_jax import contexts as contexts_lib
   from tests.tiny_lm import export_config
   tok = transformers.AutoTokenizer.from_pretrained(lm["model"])
-  ids = np.stack([c for c, _ in zip(export.contexts(export_config(lm), tok), range(6))]).astype(np.int64)
+  ids = np.stack([c for c, _ in zip(contexts_lib.contexts(export_config(lm), tok), range(6))]).astype(np.int64)
   hook = "blocks.1.hook_resid_post"
   same = downstream.downstream_loss(lm["model"], hook, ids, lambda h: h, batch_contexts=4)
   model = transformers.GPTNeoXForCausalLM.from_pretrained(lm["model"]).eval()
@@ -103,14 +103,14 @@ def test_downstream_loss_in_jax_equals_torch(lm):
   identity and for a real SAE's reconstruction."""
   import transformers
   from sae_jax import downstream
-  from sae_jax import export
+  from sae_jax import contexts as contexts_lib
   from sae_jax import neox
   from sae_jax import train
   from sae_jax.config import SAEConfig
   from sae_jax.config import TrainConfig
   from tests.tiny_lm import export_config
   tok = transformers.AutoTokenizer.from_pretrained(lm["model"])
-  ids = np.stack([c for c, _ in zip(export.contexts(export_config(lm), tok), range(6))])
+  ids = np.stack([c for c, _ in zip(contexts_lib.contexts(export_config(lm), tok), range(6))])
   hook = "blocks.1.hook_resid_post"
   config, params = neox.load(lm["model"])
   sae_config = SAEConfig(d_model=16, n_latents=32, k=3, selection="batchtopk")

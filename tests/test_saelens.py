@@ -60,7 +60,7 @@ def ours(run, x):
     sae = dataclasses.replace(sae, selection="topk", k=summary["inference_k"])
   elif config.sae.selection != "topk":
     raw = load_file(str(run / "saelens" / "sae_weights.safetensors"))["threshold"]
-    theta = np.where(raw == thresholds.NEVER, thresholds.NEVER, raw * scale)
+    theta = raw * np.where(raw == thresholds.NEVER, np.float32(1), scale)  # NEVER stays
   z, xhat = evaluate.reconstruct(state.params, theta, state.input_scale, x,
                                  model.SAE(sae))
   return z / scale, xhat

@@ -6,7 +6,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from sae_jax import export
+from sae_jax import contexts as contexts_lib
 from sae_jax import neox
 from sae_jax import stream as stream_lib
 from sae_jax import train
@@ -23,7 +23,7 @@ def tokenizer(lm):
 
 def test_contexts_resume_from_their_positions(lm, tokenizer):
   config = tiny_lm.export_config(lm, dataset=lm["texts"]["txt"])
-  located = list(export.located_contexts(config, tokenizer))
+  located = list(contexts_lib.located_contexts(config, tokenizer))
   # Directly: every document's tokens and end-of-text, joined, cut into contexts.
   joined = []
   for path in config.dataset:
@@ -36,7 +36,7 @@ def test_contexts_resume_from_their_positions(lm, tokenizer):
   positions = [after for _, after in located]
   assert positions == sorted(positions) and len(set(positions)) == len(positions)
   for i in (0, 1, 17, len(located) - 2):
-    rest = list(export.located_contexts(config, tokenizer, positions[i]))
+    rest = list(contexts_lib.located_contexts(config, tokenizer, positions[i]))
     assert len(rest) == len(located) - i - 1
     for (a, pa), (b, pb) in zip(rest, located[i + 1:]):
       assert np.array_equal(a, b) and pa == pb
@@ -61,7 +61,7 @@ def reference_rows(s: stream_lib.Stream, contexts_CxL):
 def test_each_round_serves_its_own_rows_shuffled_once_each(lm, tokenizer, excluded):
   s = make_stream(lm, exclude_token_ids=excluded)
   L = s.config.context_length
-  everything = [c for c, _ in export.located_contexts(s.config, tokenizer)]
+  everything = [c for c, _ in contexts_lib.located_contexts(s.config, tokenizer)]
   n_eval = len(s.eval_contexts)
   assert np.array_equal(np.stack(everything[:n_eval]), s.eval_contexts)
   assert np.array_equal(np.stack(everything[n_eval:n_eval + 2]), s.downstream_contexts)

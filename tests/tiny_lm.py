@@ -60,3 +60,31 @@ def export_config(lm: dict, **kwargs):
   base = dict(model=lm["model"], hook="blocks.1.hook_resid_post", dataset=lm["texts"]["txt"],
               context_length=L, tokens=700, shard_rows=128, batch_contexts=4)
   return export.ExportConfig(**{**base, **kwargs})
+
+
+def build_bert(directory: pathlib.Path, *, layers: int = 2, hidden: int = 16,
+               seed: int = 0) -> pathlib.Path:
+  """Saves a random BertModel (an encoder) and a WordPiece tokenizer with
+  BERT's special tokens, in which the words of "ef" are whole tokens and
+  the others split as their first letter, then "##" and the rest (so
+  "abab" is "a", "##ab")."""
+  import tokenizers
+  import torch
+  import transformers
+  special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+  whole = [w for w in WORDS if w[0] in "ef"]
+  pieces = sorted({w[0] for w in WORDS} | {"##" + w[1:] for w in WORDS if w not in whole})
+  vocab = {token: i for i, token in enumerate(special + whole + pieces)}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
+  tok.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+  tok.decoder = tokenizers.decoders.WordPiece()
+  transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+      pad_token="[PAD]", mask_token="[MASK]").save_pretrained(directory)
+  config = transformers.BertConfig(
+      vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+      num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=64)
+  torch.manual_seed(seed)
+  transformers.BertModel(config).save_pretrained(directory)
+  return directory
