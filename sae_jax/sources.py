@@ -11,6 +11,7 @@ from sae_jax import contexts as contexts_lib
 from sae_jax import data
 from sae_jax import export as export_lib
 from sae_jax import hf
+from sae_jax import hooks
 from sae_jax import neox
 from sae_jax import spelling
 from sae_jax import storage
@@ -236,8 +237,10 @@ def check_data_size(config: RunConfig) -> None:
 
 
 def d_model_of(data_arg: str, *, cache_dir: str, model: str, revision=None,
-               synthetic_d_model: int, stream: bool = False) -> int:
-  """The activation width D of a run's data, found without doing any work."""
+               synthetic_d_model: int, stream: bool = False,
+               hook: typing.Optional[str] = None) -> int:
+  """The activation width D of a run's data, found without doing any work
+  (and, for a model not yet exported, whether `hook` names its block outputs)."""
   if data_arg == "synthetic":
     return synthetic_d_model
   if data_arg == "pythia":
@@ -246,8 +249,15 @@ def d_model_of(data_arg: str, *, cache_dir: str, model: str, revision=None,
       return manifest["d_model"]
     directory = hf.reachable_model(model, revision)
     if stream:
-      return neox.load_config(str(directory)).hidden_size
-    return hf.hidden_size(directory)
+      try:
+        return neox.load_config(str(directory)).hidden_size
+      except ValueError as error:
+        raise ValueError(f"--stream runs the model in JAX: {error}; export a cache with "
+                         f"--backend torch instead (leave --stream out)") from None
+    config = hf.model_config(directory)
+    if hook is not None:
+      hooks.check_architecture(hook, model, hf.is_encoder(config))
+    return config.hidden_size
   path = storage.path(data_arg)
   if path.suffix == ".npy" and path.is_file():
     shape = data.open_npy(path).shape

@@ -4,7 +4,9 @@ al. 2024), on a real language model.
 Two sources of labelled activations:
 
 * tokens of an activation cache (`token_letters`): a token whose text is
-  letters only (after one leading space) is labelled with its first letter;
+  letters only (after one leading space) is labelled with its first letter
+  (with WordPiece, BERT's, only a whole word: no "##" piece, nor one that
+  a "##" piece continues);
   `finish.py` evaluates every run on a cache so, on its held-out rows.
 * SAEBench's prompts (`prompt_activations`): for each word of the
   vocabulary, ten in-context examples "{word} has the first letter: {X}",

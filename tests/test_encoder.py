@@ -19,7 +19,7 @@ from tests.test_saelens import load, ours
 
 demo_script = scripts.load("minilm_demo")
 absorption_script = scripts.load("absorption")
-HOOK = "blocks.1.hook_resid_post"
+HOOK = "blocks.1.hook_normalized_resid_post"  # a BERT block's output
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +68,42 @@ def test_an_encoder_export_frames_its_contexts_and_leaves_the_frame_out(bert, tm
   assert 0 < positions.min() and positions.max() < 15
 
 
-def test_an_encoder_context_must_fit_its_positions(bert, tmp_path):
-  with pytest.raises(ValueError, match=r"^--context-length 65: .* has positions for 64 tokens$"):
-    export.export_activations(bert_export(bert, context_length=65), tmp_path / "cache",
-                              progress=False)
+def test_an_encoder_export_resumes_byte_for_byte(bert, tmp_path):
+  """Stopped after its first shard (a shard boundary inside a forward batch),
+  then resumed: the same files as an uninterrupted export."""
+  config = bert_export(bert, shard_rows=100)
+
+  class Stop(Exception):
+    pass
+
+  def stop(manifest):
+    raise Stop
+
+  with pytest.raises(Stop):
+    export.export_activations(config, tmp_path / "stopped", progress=False, on_shard=stop)
+  export.export_activations(config, tmp_path / "stopped", progress=False)
+  export.export_activations(config, tmp_path / "straight", progress=False)
+  files = lambda d: {p.name: p.read_bytes() for p in d.iterdir()}
+  assert files(tmp_path / "stopped") == files(tmp_path / "straight")
+  assert export.read_manifest(tmp_path / "stopped")["shards"][1]["skip_rows"] > 0
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(context_length=65), r"^--context-length 65: .* has positions for 64 tokens$"),
+    (dict(context_length=2), r"^--context-length 2 leaves no text inside the model's 2 framing"),
+    (dict(hook="blocks.1.hook_resid_post"), r"^--hook 'blocks.1.hook_resid_post': .* is an "
+                                            r"encoder .*'blocks.1.hook_normalized_resid_post'$")])
+def test_an_encoder_export_refuses_what_does_not_fit_it(bert, tmp_path, change, message):
+  with pytest.raises(ValueError, match=message):
+    export.export_activations(bert_export(bert, **change), tmp_path / "cache", progress=False)
+  assert not (tmp_path / "cache").exists()
+
+
+def test_a_decoder_has_no_normalized_resid_post(lm, tmp_path):
+  with pytest.raises(ValueError, match=r"has no LayerNorm at the end of its blocks .* its block "
+                                       r"output is 'blocks.1.hook_resid_post'$"):
+    export.export_activations(tiny_lm.export_config(lm, hook="blocks.1.hook_normalized_resid_post"),
+                              tmp_path / "cache", progress=False)
   assert not (tmp_path / "cache").exists()
 
 
@@ -85,6 +117,9 @@ def test_wordpiece_letters_come_from_whole_words(bert):
   # A word's first piece is no whole word; the last row's next is unknown.
   np.testing.assert_array_equal(letters, [4, -1, -1, 4, -1, -1, 5, -1])
   np.testing.assert_array_equal(spelling.token_letters(tok, ids[:2], [1, 3]), [4, -1])
+  # A gap (a left-out row) ends a word even before a "##" piece.
+  np.testing.assert_array_equal(spelling.token_letters(tok, ids[1:4], [1, 3, 4]), [0, -1, -1])
+  np.testing.assert_array_equal(spelling.token_letters(tok, ids[1:4], [1, 2, 3]), [-1, -1, -1])
   # Without positions, each token by its own text ("a" and "d" would count).
   np.testing.assert_array_equal(spelling.token_letters(tok, ids), [4, 0, -1, 4, 3, -1, 5, 4])
 
@@ -108,7 +143,7 @@ def test_the_real_model_demo_end_to_end(tmp_path, capsys):
   manifest = export.read_manifest(cache)
   assert manifest["attention"] == "bidirectional" and manifest["d_model"] == 384
   cfg = json.loads((out / "saelens" / "cfg.json").read_text())
-  assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
+  assert cfg["metadata"]["hook_name"] == "blocks.3.hook_normalized_resid_post"
   x = np.load(cache / manifest["shards"][-1]["files"]["acts"])[-64:].astype(np.float32)
   sae = load(out / "saelens", expect_kwargs_warning=True)
   want, _ = ours(out, x)
@@ -121,3 +156,10 @@ def test_the_real_model_demo_end_to_end(tmp_path, capsys):
   assert absorption_script.main([str(out), "--no-progress"]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "is an encoder (bidirectional attention)" in err, err
+  # A corpus that is not JSON lines is refused before anything is written.
+  assert demo_script.main(["--corpus", str(tmp_path / "docs.txt"), "--out",
+                           str(tmp_path / "other")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == f"error: --corpus must end in .jsonl (the corpus is JSON lines); got " \
+                f"'{tmp_path / 'docs.txt'}'"
+  assert not (tmp_path / "docs.txt").exists() and not (tmp_path / "other").exists()
