@@ -10,6 +10,12 @@ above it (fewer only on ties), so on those tokens inference fires every
 latent exactly as often as the training rule. A latent the training rule
 never selects gets θ_j = the largest float32, so it never fires.
 
+It encodes the tokens twice: pass 1 counts n_j, pass 2 keeps each latent's
+n_j + 1 largest activations in a buffer of its own (`_tiers`: at most about
+twice the training rule's codes on those tokens). Until 2026-12-07 it
+bisected θ_j on its 31 bits, encoding the tokens 32 times; the tests keep
+that bisection as their reference, and the thresholds are the same bits.
+
 The alternative, each latent's EMA of its smallest selected activation, is
 measured against this in docs/inference-thresholds.md: inside a small pool
 the budget takes almost every positive entry, so that minimum sits near 0,
@@ -50,13 +56,20 @@ def batches(x_NxD, batch_size: int) -> np.ndarray:
       n_batches, batch_size, -1)
 
 
-@functools.partial(jax.jit, static_argnames=("sae", "per_latent"))
-def _calibrate(params, x_NxBxD, sae: model.SAE, per_latent: bool):
+def _activations(params, x_NxBxD, sae: model.SAE):
+  """i -> batch i's activations relu(pre) [B, F], as training computes them."""
+  return lambda i: jax.nn.relu(sae.apply({"params": params}, x_NxBxD[i], method=model.SAE.pre))
+
+
+@functools.partial(jax.jit, static_argnames=("sae",))
+def _count(params, x_NxBxD, sae: model.SAE):
+  """Pass 1: n_j, the tokens the training rule selects latent j on, and the
+  rule's squared error, batch by batch as in training."""
   config = sae.config
   variables = {"params": params}
   n_batches, _, _ = x_NxBxD.shape
   key = jax.random.key(CALIBRATION_KEY)
-  acts = lambda i: jax.nn.relu(sae.apply(variables, x_NxBxD[i], method=model.SAE.pre))
+  acts = _activations(params, x_NxBxD, sae)
 
   def count_selected(i, carry):
     """The counts and squared error with batch i's, and the pool kept for
@@ -76,29 +89,65 @@ def _calibrate(params, x_NxBxD, sae: model.SAE, per_latent: bool):
   counts_F, sse, _ = lax.fori_loop(
       0, n_batches, count_selected,
       (jnp.zeros(config.n_latents, jnp.int32), jnp.zeros((), jnp.float32), kept_P))
-  if not per_latent:
-    return counts_F, sse, jnp.zeros(config.n_latents, jnp.float32)
+  return counts_F, sse
 
-  def above(bits_F):
-    theta_F = lax.bitcast_convert_type(bits_F, jnp.float32)
-    return lax.fori_loop(0, n_batches, lambda i, total: total + jnp.sum(
-        acts(i) > theta_F[None, :], axis=0, dtype=jnp.int32), jnp.zeros(config.n_latents, jnp.int32))
 
-  # The smallest non-negative float θ_j with at most n_j activations above
-  # it, bisected on its bits (which order as the floats do): hi always
-  # qualifies (nothing is above +inf), lo = 0 is checked last.
-  def halve(_, bounds):
-    lo_F, hi_F = bounds
-    mid_F = lo_F + (hi_F - lo_F) // 2
-    ok_F = above(mid_F) <= counts_F
-    return jnp.where(ok_F, lo_F, mid_F), jnp.where(ok_F, mid_F, hi_F)
+@functools.partial(jax.jit, static_argnames=("sae", "widths"))
+def _largest(params, x_NxBxD, latents, sae: model.SAE, widths: tuple):
+  """Pass 2: for each tier t, the widths[t] largest activations of each of
+  its latents (latents[t], int32) over all tokens, in descending order,
+  -inf where there are fewer. A latent's buffer merges each batch's column
+  into it: top widths[t] of (buffer, column)."""
+  n_batches, _, _ = x_NxBxD.shape
+  acts = _activations(params, x_NxBxD, sae)
+  dtype = jax.eval_shape(acts, 0).dtype  # float64 under jax_enable_x64
 
-  inf_bits = lax.bitcast_convert_type(jnp.float32(jnp.inf), jnp.int32)
-  zero_F = jnp.zeros(config.n_latents, jnp.int32)
-  _, hi_F = lax.fori_loop(0, 31, halve, (zero_F, jnp.full_like(zero_F, inf_bits)))
-  theta_F = jnp.where(above(zero_F) <= counts_F, 0.0,
-                      lax.bitcast_convert_type(hi_F, jnp.float32))
-  return counts_F, sse, jnp.where(counts_F > 0, theta_F, NEVER)
+  def merge(i, buffers):
+    a_BxF = acts(i)
+    return tuple(lax.top_k(jnp.concatenate([buffer, a_BxF[:, index].T], axis=1), width)[0]
+                 for buffer, index, width in zip(buffers, latents, widths))
+
+  return lax.fori_loop(0, n_batches, merge, tuple(
+      jnp.full((len(index), width), -jnp.inf, dtype)
+      for index, width in zip(latents, widths)))
+
+
+def _tiers(counts_F: np.ndarray, tokens: int) -> tuple:
+  """The latents whose θ needs pass 2 (selected on some tokens, not all),
+  grouped by the buffer each needs, n_j + 1 rounded up to a power of two:
+  (widths, latents per tier, padded to a power of two by repeating its first
+  so that few shapes compile). At most twice Σ (n_j + 1) floats are kept, and
+  Σ n_j is at most tokens · k for every k-budget rule."""
+  needed = np.flatnonzero((counts_F > 0) & (counts_F < tokens))
+  width_F = 2 ** np.ceil(np.log2(counts_F[needed] + 1)).astype(np.int64)
+  widths, latents = [], []
+  for width in np.unique(width_F):
+    index = needed[width_F == width]
+    padded = 2 ** int(np.ceil(np.log2(len(index))))
+    widths.append(int(width))
+    latents.append(np.concatenate([index, np.full(padded - len(index), index[0])]).astype(np.int32))
+  return tuple(widths), latents
+
+
+def per_latent_thresholds(params, x_NxBxD, sae: model.SAE, counts_F: np.ndarray) -> np.ndarray:
+  """θ_j = latent j's (n_j + 1)-th largest activation on the tokens x, 0 where
+  n_j is every token or that activation is 0, NEVER where n_j = 0: the
+  smallest non-negative float with at most n_j activations above it, found
+  in one pass with a buffer per latent of its n_j + 1 largest."""
+  n_batches, batch_size, _ = x_NxBxD.shape
+  counts_F = np.asarray(counts_F, np.int64)
+  theta_F = np.where(counts_F > 0, 0.0, NEVER).astype(np.float32)
+  widths, latents = _tiers(counts_F, n_batches * batch_size)
+  if not widths:
+    return theta_F
+  buffers = _largest(params, x_NxBxD, [jnp.asarray(i) for i in latents], sae, widths)
+  for index, buffer in zip(latents, buffers):
+    value = np.asarray(buffer)[np.arange(len(index)), counts_F[index]]
+    # The float32 at or just above it: under x64 the activations are float64.
+    theta = value.astype(np.float32)
+    theta = np.where(theta < value, np.nextafter(theta, np.float32(np.inf)), theta)
+    theta_F[index] = np.where(value > 0, theta, np.float32(0.0))  # 0, never -0
+  return theta_F
 
 
 def calibrate(params, x_NxD, sae: model.SAE, *, batch_size: int,
@@ -126,11 +175,13 @@ def calibrate(params, x_NxD, sae: model.SAE, *, batch_size: int,
   >>> c.counts_F.tolist(), c.threshold_F[:2].tolist(), bool(c.threshold_F[2] == NEVER)
   ([3, 1, 0], [0.0, 1.0], True)
   """
-  x_NxBxD = batches(x_NxD, batch_size)
-  per_latent = per_latent and sae.config.selection != "topk"
-  counts_F, sse, theta_F = _calibrate(params, jnp.asarray(x_NxBxD), sae, per_latent)
-  return Calibration(np.asarray(theta_F), np.asarray(counts_F).astype(np.int64),
-                     x_NxBxD.shape[0] * batch_size, float(sse))
+  x_NxBxD = jnp.asarray(batches(x_NxD, batch_size))
+  counts_F, sse = _count(params, x_NxBxD, sae)
+  counts_F = np.asarray(counts_F).astype(np.int64)
+  theta_F = (per_latent_thresholds(params, x_NxBxD, sae, counts_F)
+             if per_latent and sae.config.selection != "topk"
+             else np.zeros(sae.config.n_latents, np.float32))
+  return Calibration(theta_F, counts_F, x_NxBxD.shape[0] * batch_size, float(sse))
 
 
 def log10_density(counts_F, tokens: int) -> np.ndarray:

@@ -1,6 +1,14 @@
-"""Slow, obviously-correct NumPy versions of the selection rules (float64)."""
+"""Slow, obviously-correct versions: the selection rules in NumPy (float64),
+and the calibration's thresholds as they were first computed (a bisection)."""
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from sae_jax import model
+from sae_jax import thresholds
 
 
 def tokens(a):
@@ -68,3 +76,34 @@ def topk_mask(a, k):
 def apply(a, mask):
   a = np.asarray(a)
   return np.where(mask.reshape(a.shape), a, 0).astype(a.dtype)
+
+
+def bisected_thresholds(params, x_NxBxD, sae, counts_F):
+  """The calibration's thresholds until 2026-12-07: per latent, the smallest
+  non-negative float θ with at most n_j activations above it, bisected on
+  its bits (which order as the floats do), 32 passes over the tokens."""
+  return np.asarray(_bisect(params, jnp.asarray(x_NxBxD), jnp.asarray(counts_F, jnp.int32), sae))
+
+
+@functools.partial(jax.jit, static_argnames=("sae",))
+def _bisect(params, x_NxBxD, counts_F, sae):
+  n_batches, F = x_NxBxD.shape[0], sae.config.n_latents
+  acts = lambda i: jax.nn.relu(sae.apply({"params": params}, x_NxBxD[i], method=model.SAE.pre))
+
+  def above(bits_F):
+    theta_F = jax.lax.bitcast_convert_type(bits_F, jnp.float32)
+    return jax.lax.fori_loop(0, n_batches, lambda i, total: total + jnp.sum(
+        acts(i) > theta_F[None, :], axis=0, dtype=jnp.int32), jnp.zeros(F, jnp.int32))
+
+  def halve(_, bounds):
+    lo_F, hi_F = bounds
+    mid_F = lo_F + (hi_F - lo_F) // 2
+    ok_F = above(mid_F) <= counts_F
+    return jnp.where(ok_F, lo_F, mid_F), jnp.where(ok_F, mid_F, hi_F)
+
+  inf_bits = jax.lax.bitcast_convert_type(jnp.float32(jnp.inf), jnp.int32)
+  zero_F = jnp.zeros(F, jnp.int32)
+  _, hi_F = jax.lax.fori_loop(0, 31, halve, (zero_F, jnp.full_like(zero_F, inf_bits)))
+  theta_F = jnp.where(above(zero_F) <= counts_F, 0.0,
+                      jax.lax.bitcast_convert_type(hi_F, jnp.float32))
+  return jnp.where(counts_F > 0, theta_F, thresholds.NEVER)

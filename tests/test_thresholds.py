@@ -53,6 +53,49 @@ def reference_calibration(params, x_NxD, config):
 
 
 @pytest.mark.parametrize("selection", ["batchtopk", "sampled"])
+def test_two_passes_give_the_bisections_bits_on_ties_and_edge_latents(selection):
+  """Every latent's θ equals the 32-pass bisection's, bit for bit: on tokens
+  repeated (ties at the threshold), latents never selected (NEVER), one
+  selected on every token (0), one selected on each token it is positive on
+  (its (n+1)-th largest is 0), and counts made up to hit every tier."""
+  config = sae(selection)
+  params = params_for(config)
+  x = SOURCE.sample(7, 6 * B)
+  x = np.concatenate([x, x[:2 * B]])  # every token of two batches twice: ties
+  # Latent 6 fires on every token, far above the others: selected on all.
+  # Latent 7 fires on half the tokens, far above the others: selected on each.
+  W_enc = np.array(params["W_enc"])
+  b_enc = np.array(params["b_enc"])
+  W_enc[:, 6], b_enc[6] = 0.0, 100.0
+  W_enc[:, 7], b_enc[7] = 0.0, 0.0
+  W_enc[0, 7] = 1e4
+  params = dict(params, W_enc=jnp.asarray(W_enc), b_enc=jnp.asarray(b_enc))
+  sae_module = model.SAE(config)
+  got = thresholds.calibrate(params, x, sae_module, batch_size=B)
+  x_NxBxD = jnp.asarray(thresholds.batches(x, B))
+  n = len(x)
+  assert got.counts_F[6] == n and 0 < got.counts_F[7] < n
+  assert got.threshold_F[6] == 0 and got.threshold_F[7] == 0
+  assert np.all(got.threshold_F[:N_WEAK] == thresholds.NEVER)
+  np.testing.assert_array_equal(got.threshold_F.view(np.int32),
+                                reference.bisected_thresholds(params, x_NxBxD, sae_module, got.counts_F).view(np.int32))
+  # Made-up counts, 0 to every token, reach every tier and every edge.
+  rng = np.random.default_rng(0)
+  made_up = np.concatenate([[0, 1, 2, 3, n - 1, n, n], rng.integers(0, n + 1, F - 7)])
+  np.testing.assert_array_equal(
+      thresholds.per_latent_thresholds(params, x_NxBxD, sae_module, made_up).view(np.int32),
+      reference.bisected_thresholds(params, x_NxBxD, sae_module, made_up).view(np.int32))
+  # Under x64 the activations are float64, and θ is the float32 at or just above.
+  with jax.enable_x64(True):
+    params64 = {name: jnp.asarray(np.asarray(p, np.float64)) for name, p in params.items()}
+    params64["b_enc"] = params64["b_enc"] + 1e-9 * rng.random(F)  # not float32 values
+    x64 = jnp.asarray(np.asarray(x_NxBxD, np.float64))
+    np.testing.assert_array_equal(
+        thresholds.per_latent_thresholds(params64, x64, sae_module, made_up).view(np.int32),
+        reference.bisected_thresholds(params64, x64, sae_module, made_up).view(np.int32))
+
+
+@pytest.mark.parametrize("selection", ["batchtopk", "sampled"])
 def test_calibration_matches_numpy_and_the_training_rule_on_its_tokens(selection):
   config = sae(selection)
   params = params_for(config)
