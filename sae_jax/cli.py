@@ -78,7 +78,10 @@ def parser(doc: str) -> argparse.ArgumentParser:
   dat.add_argument("--cache-dir", default="cache/pythia-160m")
   dat.add_argument("--model", default=export.ExportConfig.model)
   dat.add_argument("--revision", default=None)
-  dat.add_argument("--hook", default=export.ExportConfig.hook)
+  dat.add_argument("--hook", default=export.ExportConfig.hook,
+                   help="where in the model, by TransformerLens' name: blocks.N.hook_resid_pre, "
+                        "blocks.N.hook_attn_out, blocks.N.hook_mlp_out or blocks.N.hook_resid_post "
+                        "(an encoder's: blocks.N.hook_normalized_resid_post)")
   dat.add_argument("--dataset", nargs="+", default=[export.ExportConfig.dataset],
                    help="hub dataset, or local .txt/.jsonl files")
   dat.add_argument("--text-field", default="text")
@@ -177,7 +180,7 @@ def check_flags(args) -> None:
 
 
 def _run_config(args, d_model: int, backend: typing.Optional[str]) -> RunConfig:
-  runconfig.check_stream(args.stream, args.data, args.backend or "jax")
+  runconfig.check_stream(args.stream, args.data, args.backend or "jax", args.hook)
   sae_config = SAEConfig(d_model=d_model, n_latents=args.dict_size, k=args.k,
                          selection=args.selection, l=args.l, score=args.score,
                          sample_pool=args.sample_pool, ridge=args.ridge, sketch=args.sketch,

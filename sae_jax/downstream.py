@@ -2,12 +2,14 @@
 reconstruction spliced in at the hook, with the model in torch (transformers,
 imported lazily) or in JAX (`sae_jax.neox`, through its splice entry point).
 
-For contexts [b, L]: the output of block N at positions 1..L-1 is replaced by
-splice(output) (position 0 is left alone: the SAE never trained on it), and the
-model runs on. Reported, as means over the L - 1 predicted positions:
+For contexts [b, L]: the activation at the hook (`hooks.py`: a block's
+input, attention output, MLP output or output) at positions 1..L-1 is
+replaced by splice(activation) (position 0 is left alone: the SAE never
+trained on it), and the model runs on. Reported, as means over the L - 1
+predicted positions:
 
-- clean_ce, spliced_ce, zero_ce: next-token cross-entropy with the block
-  output untouched, replaced by the splice, and replaced by zeros;
+- clean_ce, spliced_ce, zero_ce: next-token cross-entropy with the
+  activation untouched, replaced by the splice, and replaced by zeros;
 - loss_recovered = (zero_ce - spliced_ce) / (zero_ce - clean_ce);
 - kl: KL(clean || spliced) of the next-token distributions.
 """
@@ -17,7 +19,7 @@ import typing
 
 import numpy as np
 
-from sae_jax import export
+from sae_jax import hook_points
 from sae_jax import hooks
 
 
@@ -29,9 +31,9 @@ def downstream_loss(model: str, hook: str, ids_BxL: np.ndarray,
 
   Args:
     model, revision: the causal language model.
-    hook: `blocks.N.hook_resid_post`.
+    hook: where the SAE reads and its reconstruction is put back (`hooks.py`).
     ids_BxL: int token ids.
-    splice: float32 [n, D] block outputs -> [n, D] replacements (raw units).
+    splice: float32 [n, D] activations at the hook -> [n, D] replacements (raw units).
     device: torch device; None picks cuda when available.
     batch_contexts: contexts per forward pass.
 
@@ -43,23 +45,22 @@ def downstream_loss(model: str, hook: str, ids_BxL: np.ndarray,
   from sae_jax import hf  # noqa: PLC0415
   device = hf.torch_device(device)
   lm = hf.causal_lm(model, revision, torch.float32).to(device).eval()
-  block = export._blocks(lm, lm.config.num_hidden_layers)[hooks.hook_layer(hook)]
+  hooks.model_layer(hook, model, lm.config.num_hidden_layers)
   mode = {"replace": None}
 
-  def replace(module, inputs, output):
+  def replace(hidden):  # position 0 (never trained on) is kept
     if mode["replace"] is None:
-      return output
-    hidden = output[0] if isinstance(output, tuple) else output
+      return None
     new = hidden.clone()
     rest = hidden[:, 1:]
     new[:, 1:] = mode["replace"](rest.reshape(-1, rest.shape[-1])).reshape(rest.shape)
-    return (new, *output[1:]) if isinstance(output, tuple) else new
+    return new
 
   def from_numpy(h):
     out = splice(h.detach().float().cpu().numpy())
     return torch.as_tensor(np.asarray(out, np.float32), device=h.device, dtype=h.dtype)
 
-  handle = block.register_forward_hook(replace)
+  handle = hook_points.replace(lm, hook, replace)
   sums = {"clean_ce": 0.0, "spliced_ce": 0.0, "zero_ce": 0.0, "kl": 0.0}
   n = 0
   try:
@@ -149,6 +150,7 @@ def downstream_loss_jax(params, config, hook: str, ids_BxL: np.ndarray,
   "blocks.6.hook_resid_post", ids, identity)` has kl 0 and spliced_ce = clean_ce.
   """
   layer = hooks.model_layer(hook, "the model", config.n_layers)
+  hooks.check_jax(hook, "downstream_loss_jax")
   ids_BxL = np.asarray(ids_BxL)
   if ids_BxL.ndim != 2 or ids_BxL.shape[1] < 2 or not np.issubdtype(ids_BxL.dtype, np.integer):
     raise ValueError(f"ids_BxL must be int token ids [contexts, length >= 2]; got "

@@ -1,4 +1,4 @@
-"""Activation export: a language model's residual stream to a sharded disk cache.
+"""Activation export: a language model's activations at a hook to a sharded disk cache.
 
 The model runs in torch (transformers) or in JAX (`sae_jax.neox`); torch and
 transformers are imported lazily, so the rest of the library never needs
@@ -14,10 +14,12 @@ Texts are tokenized and cut into contexts of `context_length`
 encoder's framed by [CLS] ... [SEP]). Position 0 of every context is left out
 (its activations are huge-norm outliers), and so is any token in
 `exclude_token_ids` and an encoder's special tokens. Hook names follow
-TransformerLens: the output of block N, `blocks.N.hook_resid_post`, is
-transformers' `hidden_states[N + 1]` — except for the top block, whose
-`hidden_states` entry has the final layer norm applied; the export reads
-the block's raw output, so it is right for every N.
+TransformerLens (`hooks.py`): a block's input, attention output, MLP output
+or output, read by a forward hook on that module (`hook_points.py`), after
+which the forward stops. The output of block N, `blocks.N.hook_resid_post`,
+is transformers' `hidden_states[N + 1]` — except for the top block, whose
+`hidden_states` entry has the final layer norm applied; the hook reads the
+block's raw output, so it is right for every N.
 """
 
 import dataclasses
@@ -31,6 +33,7 @@ import numpy as np
 import tqdm
 
 from sae_jax import contexts as contexts_lib
+from sae_jax import hook_points
 from sae_jax import hooks
 from sae_jax import storage, validation
 
@@ -44,11 +47,13 @@ IDENTITY = ("model", "revision", "hook", "dataset", "split", "text_field", "cont
 _LEGACY = {"backend": "torch"}
 
 
-def default_backend(model: typing.Optional[str] = None, revision=None) -> str:
-  """"jax" where JAX sees an accelerator (a TPU VM's only one) and `model`
-  is a GPT-NeoX (the JAX model's), else "torch"."""
+def default_backend(model: typing.Optional[str] = None, revision=None,
+                    hook: typing.Optional[str] = None) -> str:
+  """"jax" where JAX sees an accelerator (a TPU VM's only one), `model` is
+  a GPT-NeoX (the JAX model's) and `hook` a block output, else "torch"."""
   import jax  # noqa: PLC0415
-  if jax.default_backend() == "cpu":
+  if jax.default_backend() == "cpu" or (hook is not None and
+                                         hooks.parse(hook).point != "resid_post"):
     return "torch"
   if model is not None:
     from sae_jax import neox  # noqa: PLC0415
@@ -67,7 +72,8 @@ class ExportConfig:
   revision: typing.Optional[str] = None
   """Hub revision (branch, tag or commit); None is the default branch."""
   hook: str = "blocks.6.hook_resid_post"
-  """The residual stream after block N."""
+  """Where the activations are read, by TransformerLens' name (`hooks.py`):
+  blocks.N.hook_resid_pre, _attn_out, _mlp_out or _resid_post."""
   dataset: typing.Union[str, tuple] = "monology/pile-uncopyrighted"
   """A hub dataset (streamed), or a tuple of local .txt / .jsonl files."""
   split: str = "train"
@@ -102,8 +108,10 @@ class ExportConfig:
                                  minimum=2 if name == "context_length" else 1)
     validation.check_choice_field(owner, "dtype", self.dtype, DTYPES)
     if self.backend is None:
-      object.__setattr__(self, "backend", default_backend(self.model, self.revision))
+      object.__setattr__(self, "backend", default_backend(self.model, self.revision, self.hook))
     validation.check_choice_field(owner, "backend", self.backend, BACKENDS)
+    if self.backend == "jax":
+      hooks.check_jax(self.hook, "--backend jax")
     if isinstance(self.dataset, list):
       object.__setattr__(self, "dataset", tuple(self.dataset))
     if isinstance(self.exclude_token_ids, list):
@@ -176,20 +184,8 @@ def _stored(acts: np.ndarray, dtype: str) -> np.ndarray:
 
 # --- The model -----------------------------------------------------------------
 
-class _Stop(Exception):
-  """Raised by the hook: nothing above the hooked block is computed."""
-
-
-def _blocks(model, n_layers: int):
-  import torch
-  for module in model.modules():
-    if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
-      return module
-  raise ValueError(f"could not find the {n_layers} transformer blocks of {type(model).__name__}")
-
-
 class HookedModel:
-  """A transformers model run up to the output of block N, and no further."""
+  """A transformers model run up to the hook, and no further (`hook_points`)."""
 
   def __init__(self, config: ExportConfig):
     import torch
@@ -199,10 +195,11 @@ class HookedModel:
     self.model = hf.base_model(config.model, config.revision, torch.float32)
     self.model = self.model.to(self.device).eval()
     n_layers = self.model.config.num_hidden_layers
-    layer = hooks.model_layer(config.hook, config.model, n_layers)
+    hooks.model_layer(config.hook, config.model, n_layers)
     self.d_model = self.model.config.hidden_size
     self.encoder = hf.is_encoder(self.model.config)
-    hooks.check_architecture(config.hook, config.model, self.encoder)
+    hooks.check_architecture(config.hook, config.model, self.encoder,
+                             self.model.config.model_type)
     # RoBERTa's position ids start past its padding id: its tokenizer's
     # model_max_length (512 of 514 positions) is the one to trust there.
     limits = [getattr(self.model.config, "max_position_embeddings", None),
@@ -212,19 +209,18 @@ class HookedModel:
       raise ValueError(f"--context-length {config.context_length}: {config.model!r} has "
                        f"positions for {limit} tokens")
     self._out = None
-    _blocks(self.model, n_layers)[layer].register_forward_hook(self._capture)
+    hook_points.capture(self.model, config.hook, self._keep, self.encoder)
 
-  def _capture(self, module, inputs, output):
-    self._out = output[0] if isinstance(output, tuple) else output
-    raise _Stop
+  def _keep(self, activation):
+    self._out = activation
 
   def __call__(self, ids_BxL: np.ndarray) -> np.ndarray:
-    """Float32 [b, L, D] residual stream at the hook."""
+    """Float32 [b, L, D] activations at the hook."""
     import torch
     with torch.inference_mode():
       try:
         self.model(input_ids=torch.as_tensor(ids_BxL, device=self.device))
-      except _Stop:
+      except hook_points.Stop:
         pass
     return self._out.float().cpu().numpy()
 

@@ -249,6 +249,8 @@ def d_model_of(data_arg: str, *, cache_dir: str, model: str, revision=None,
       return manifest["d_model"]
     directory = hf.reachable_model(model, revision)
     if stream:
+      if hook is not None:
+        hooks.check_jax(hook, "--stream")
       try:
         return neox.load_config(str(directory)).hidden_size
       except ValueError as error:
@@ -256,7 +258,7 @@ def d_model_of(data_arg: str, *, cache_dir: str, model: str, revision=None,
                          f"--backend torch instead (leave --stream out)") from None
     config = hf.model_config(directory)
     if hook is not None:
-      hooks.check_architecture(hook, model, hf.is_encoder(config))
+      hooks.check_architecture(hook, model, hf.is_encoder(config), config.model_type)
     return config.hidden_size
   path = storage.path(data_arg)
   if path.suffix == ".npy" and path.is_file():

@@ -132,6 +132,7 @@ def prompt_activations(model: str, hook: str, tokenizer, words: list, *, revisio
   """
   config, params = neox.load(model, revision)
   layer = hooks.model_layer(hook, model, config.n_layers)
+  hooks.check_jax(hook, "SAEBench's absorption prompts")
   params = jax.device_put(params)
   rng = np.random.default_rng(seed)
   texts = [t for _, t in words]

@@ -118,6 +118,7 @@ class Stream:
     self.lm_config, params = neox.load(config.model, config.revision)
     self.layer = hooks.model_layer(config.hook, config.model, self.lm_config.n_layers)
     hooks.check_architecture(config.hook, config.model, encoder=False)
+    hooks.check_jax(config.hook, "--stream")
     self.d_model = self.lm_config.hidden_size
     self.lm_params = jax.device_put(params, NamedSharding(mesh, P()))
     self.excluded = np.asarray(config.exclude_token_ids, np.int32)

@@ -39,10 +39,10 @@ def test_hook_names():
   assert hooks.hook_layer("blocks.6.hook_resid_post") == 6
   assert hooks.hidden_states_index("blocks.6.hook_resid_post") == 7
   with pytest.raises(ValueError,
-                     match=r"hook must look like 'blocks.N.hook_resid_post' .*; got 'blocks.6'"):
+                     match=r"hook must be 'blocks.N.hook_resid_pre', .*; got 'blocks.6'"):
     hooks.hook_layer("blocks.6")
   for odd in ("blocks.\u0661.hook_resid_post", "blocks.1.hook_resid_post\n"):  # an Arabic-Indic 1
-    with pytest.raises(ValueError, match=r"hook must look like"):
+    with pytest.raises(ValueError, match=r"hook must be"):
       hooks.hook_layer(odd)
 
 
@@ -142,7 +142,7 @@ def test_low_precision_caches_read_back(lm, tmp_path, dtype, tolerance):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(hook="resid_post"), r"hook must look like"),
+    (dict(hook="resid_post"), r"hook must be"),
     (dict(hook="blocks.3.hook_resid_post"), None),  # caught when the model is known
     (dict(context_length=1), r"ExportConfig.context_length must be an integer >= 2; got 1"),
     (dict(dtype="int8"), r"ExportConfig.dtype must be one of 'float32', 'float16', 'bfloat16'"),

@@ -667,7 +667,7 @@ def test_what_cannot_fit_is_refused_before_allocating(tmp_path, flags, message):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--hook", "blocks.x"], "hook must look like 'blocks.N.hook_resid_post'"),
+    (["--hook", "blocks.x"], "hook must be 'blocks.N.hook_resid_pre'"),
     (["--dataset", "missing.txt"], "no such file"),
     (["--context-length", "0"], "context_length"),
     (["--backend", "torch", "--device", "cuda:99"], "--device 'cuda:99': torch "),

@@ -32,14 +32,9 @@ def build(directory: pathlib.Path, *, layers: int = 3, hidden: int = 16, rotary_
   <|endoftext|> is id 0, as Pythia's is. With `letters` > 0, each word's
   embedding also carries a direction of that norm for its first letter, for
   a first-letter probe to find."""
-  import tokenizers
   import torch
   import transformers
-  vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-  transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>").save_pretrained(directory)
+  vocab = _word_tokenizer(directory)
   config = transformers.GPTNeoXConfig(
       vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
       intermediate_size=2 * hidden, rotary_pct=rotary_pct, max_position_embeddings=128,
@@ -50,6 +45,51 @@ def build(directory: pathlib.Path, *, layers: int = 3, hidden: int = 16, rotary_
     letter_dirs = letters * torch.nn.functional.normalize(torch.randn(26, hidden), dim=1)
     for word in WORDS:
       model.gpt_neox.embed_in.weight[vocab[word]] += letter_dirs[ord(word[0]) - ord("a")]
+  model.save_pretrained(directory)
+  return directory
+
+
+# The causal families the export reads every hook of, beside GPT-NeoX
+# (`build`): their transformers config classes, at test size.
+FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "gemma2")
+
+
+def _word_tokenizer(directory: pathlib.Path) -> dict:
+  """The word-level tokenizer of `build`, saved in directory; its vocab."""
+  import tokenizers
+  import transformers
+  vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>").save_pretrained(directory)
+  return vocab
+
+
+def build_causal(directory: pathlib.Path, family: str, *, layers: int = 2, hidden: int = 16,
+                 seed: int = 0) -> pathlib.Path:
+  """Saves a random causal LM of `family` (one of FAMILIES: 4 heads, 2 of
+  them key-value heads where the family has grouped queries) with the
+  word-level tokenizer of `build`."""
+  import torch
+  import transformers
+  vocab = _word_tokenizer(directory)
+  common = dict(vocab_size=len(vocab), bos_token_id=0, eos_token_id=0)
+  if family == "gpt2":
+    config = transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=128,
+                                     **common)
+  else:
+    kind = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+            "mistral": transformers.MistralConfig, "gemma2": transformers.Gemma2Config}[family]
+    config = kind(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                  max_position_embeddings=128, pad_token_id=1, **common)
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config)
+  with torch.no_grad():  # random norms' weights, so that a norm left out shows
+    for name, p in model.named_parameters():
+      if "norm" in name or "ln" in name:
+        p.add_(0.5 * torch.randn_like(p))
   model.save_pretrained(directory)
   return directory
 

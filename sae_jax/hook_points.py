@@ -1,0 +1,80 @@
+"""TransformerLens hook points on a transformers (torch) model: the module a
+hook is read from (`hooks.py` says what each means), a forward hook that
+captures it and stops the forward there, and one that replaces it (the
+downstream loss's splice). torch is imported by the caller's model only."""
+
+import typing
+
+from sae_jax import hooks
+
+
+class Stop(Exception):
+  """Raised by a capture: nothing after the hooked module is computed."""
+
+
+def blocks(model, n_layers: int):
+  """The model's transformer blocks (its ModuleList of n_layers)."""
+  import torch  # noqa: PLC0415
+  for module in model.modules():
+    if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+      return module
+  raise ValueError(f"could not find the {n_layers} transformer blocks of {type(model).__name__}")
+
+
+def site(model, hook: str, encoder: bool = False) -> tuple:
+  """(module, before): the hook is that module's input (before) or output.
+  `encoder`: the model is one (BERT), whose hook is its block output."""
+  layer, point = hooks.parse(hook)
+  config = model.config
+  hooks.check_architecture(hook, getattr(config, "name_or_path", "the model"), encoder,
+                           config.model_type)
+  block = blocks(model, config.num_hidden_layers)[layer]
+  if point == "resid_pre":
+    return block, True
+  if point in ("resid_post", hooks.ENCODER_POINT):
+    return block, False
+  return getattr(block, hooks.SUBMODULES[config.model_type][point]), False
+
+
+def _hidden(args: tuple, kwargs: dict):
+  """A block's residual-stream input, given by position or by name."""
+  return args[0] if args else kwargs["hidden_states"]
+
+
+def _first(output):
+  return output[0] if isinstance(output, tuple) else output
+
+
+def capture(model, hook: str, keep: typing.Callable, encoder: bool = False) -> typing.Any:
+  """Registers keep(activation [b, L, D]) at the hook, after which the
+  forward stops (raises `Stop`). Returns the handle (`.remove()`)."""
+  module, before = site(model, hook, encoder)
+
+  def stop(value):
+    keep(value)
+    raise Stop
+
+  if before:
+    return module.register_forward_pre_hook(lambda m, args, kwargs: stop(_hidden(args, kwargs)),
+                                            with_kwargs=True)
+  return module.register_forward_hook(lambda m, inputs, output: stop(_first(output)))
+
+
+def replace(model, hook: str, fn: typing.Callable) -> typing.Any:
+  """Registers the activation at the hook to be replaced by fn(activation),
+  or kept where fn returns None. Returns the handle (`.remove()`)."""
+  module, before = site(model, hook)
+  if before:
+    def pre(m, args, kwargs):
+      new = fn(_hidden(args, kwargs))
+      if new is None:
+        return None
+      return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+    return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+  def post(m, inputs, output):
+    new = fn(_first(output))
+    if new is None:
+      return None
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+  return module.register_forward_hook(post)
