@@ -1,5 +1,5 @@
 """The inference-threshold calibration in two passes against the bisection it
-replaced (32 passes), side by side on the same SAE and tokens.
+replaced (the count, then 32 passes), side by side on the same SAE and tokens.
 
     python benchmarks/calibration.py                          # D=768, F=24576, k=64, 8 batches
     python benchmarks/calibration.py --d-model 384 --latents 4096 --k 32 --batch 256 --batches 32

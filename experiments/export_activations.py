@@ -23,7 +23,8 @@ def parse(argv=None) -> tuple[export.ExportConfig, str]:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default=d["model"].default, help="hub id or local directory")
   p.add_argument("--revision", default=None, help="hub revision: branch, tag or commit")
-  p.add_argument("--hook", default=d["hook"].default, help="blocks.N.hook_resid_pre, blocks.N.hook_attn_out, blocks.N.hook_mlp_out or "
+  p.add_argument("--hook", default=d["hook"].default,
+                 help="blocks.N.hook_resid_pre, blocks.N.hook_attn_out, blocks.N.hook_mlp_out or "
                       "blocks.N.hook_resid_post (an encoder's: blocks.N.hook_normalized_resid_post)")
   p.add_argument("--dataset", nargs="+", default=[d["dataset"].default],
                  help="a hub dataset name, or local .txt / .jsonl files")

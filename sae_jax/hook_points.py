@@ -1,7 +1,8 @@
 """TransformerLens hook points on a transformers (torch) model: the module a
 hook is read from (`hooks.py` says what each means), a forward hook that
 captures it and stops the forward there, and one that replaces it (the
-downstream loss's splice). torch is imported by the caller's model only."""
+downstream loss's splice). Part of the torch export and downstream loss
+(the `activations` extra): torch is imported where a model is hooked."""
 
 import typing
 
@@ -47,7 +48,18 @@ def _first(output):
 
 def capture(model, hook: str, keep: typing.Callable, encoder: bool = False) -> typing.Any:
   """Registers keep(activation [b, L, D]) at the hook, after which the
-  forward stops (raises `Stop`). Returns the handle (`.remove()`)."""
+  forward stops (raises `Stop`: catch it around the model's call).
+
+  Args:
+    model: a transformers model (torch); its config names its type.
+    hook: a TransformerLens hook name (`hooks.py`), refused in one line where
+      the model has no such point.
+    keep: called with the activation tensor.
+    encoder: the model is an encoder (BERT).
+
+  Returns:
+    The torch hook's handle (`.remove()` undoes it).
+  """
   module, before = site(model, hook, encoder)
 
   def stop(value):
@@ -61,8 +73,10 @@ def capture(model, hook: str, keep: typing.Callable, encoder: bool = False) -> t
 
 
 def replace(model, hook: str, fn: typing.Callable) -> typing.Any:
-  """Registers the activation at the hook to be replaced by fn(activation),
-  or kept where fn returns None. Returns the handle (`.remove()`)."""
+  """Registers the activation at the hook (a causal model's) to be replaced
+  by fn(activation [b, L, D]) -> the same shape, or kept where fn returns
+  None: a block's input as it goes in, an output as it comes out. Returns
+  the torch hook's handle (`.remove()` undoes it)."""
   module, before = site(model, hook)
   if before:
     def pre(m, args, kwargs):

@@ -50,6 +50,11 @@ class Hook(typing.NamedTuple):
 
 
 def parse(hook: str) -> Hook:
+  """The block and point a hook name means, or one line that lists the forms.
+
+  >>> parse("blocks.3.hook_mlp_out")
+  Hook(layer=3, point='mlp_out')
+  """
   match = _HOOK.fullmatch(hook) if isinstance(hook, str) else None
   if match is None:
     raise ValueError(f"hook must be {FORMS}; got {hook!r}")
@@ -95,7 +100,8 @@ def check_architecture(hook: str, model: str, encoder: bool,
 
 
 def check_jax(hook: str, what: str) -> None:
-  """The JAX model (`neox.py`) gives block outputs only, so far."""
+  """Refuses, in one line naming `what` asked for the JAX model, a hook the
+  JAX model (`neox.py`) does not give: it gives block outputs only, so far."""
   layer, point = parse(hook)
   if point != "resid_post":
     raise ValueError(f"{what} runs the model in JAX, which gives block outputs "

@@ -211,7 +211,7 @@ def check_stream(stream: bool, data_arg: str, backend: str, hook: str) -> None:
   if stream and data_arg != "pythia":
     raise ValueError(f"--stream makes activations with the language model: it needs "
                      f"--data pythia; got --data {data_arg!r}")
-  if stream and backend != "jax":
-    raise ValueError(f"--stream runs the model in JAX; got --backend {backend!r}")
   if stream:
     hooks.check_jax(hook, "--stream")
+  if stream and backend != "jax":
+    raise ValueError(f"--stream runs the model in JAX; got --backend {backend!r}")

@@ -130,9 +130,9 @@ def prompt_activations(model: str, hook: str, tokenizer, words: list, *, revisio
   Returns:
     (activations [N, D] float32, the ids of the words kept [N]).
   """
+  hooks.check_jax(hook, "SAEBench's absorption prompts")
   config, params = neox.load(model, revision)
   layer = hooks.model_layer(hook, model, config.n_layers)
-  hooks.check_jax(hook, "SAEBench's absorption prompts")
   params = jax.device_put(params)
   rng = np.random.default_rng(seed)
   texts = [t for _, t in words]
@@ -195,6 +195,7 @@ def evaluate_run(run_dir, *, n_words: typing.Optional[int] = 8000, seed: int = 0
   """
   run_dir = storage.path(run_dir)
   found, revision, hook = _run_model(run_dir)
+  hooks.check_jax(hook, "SAEBench's absorption prompts")
   weights, cfg = saelens.load(run_dir / "saelens")
   model = model or found
   tokenizer = load_tokenizer(model, revision)

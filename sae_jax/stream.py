@@ -114,11 +114,11 @@ class Stream:
           f"gives each step; use at least {-(-b // (config.context_length - 1)) * n}")
     self.config, self.mesh, self.b = config, mesh, b
     self.round_contexts, self.per_device = round_contexts, per_device
+    hooks.check_jax(config.hook, "--stream")
     self.tokenizer = hf.tokenizer(config.model, config.revision)
     self.lm_config, params = neox.load(config.model, config.revision)
     self.layer = hooks.model_layer(config.hook, config.model, self.lm_config.n_layers)
     hooks.check_architecture(config.hook, config.model, encoder=False)
-    hooks.check_jax(config.hook, "--stream")
     self.d_model = self.lm_config.hidden_size
     self.lm_params = jax.device_put(params, NamedSharding(mesh, P()))
     self.excluded = np.asarray(config.exclude_token_ids, np.int32)

@@ -12,9 +12,10 @@ never selects gets θ_j = the largest float32, so it never fires.
 
 It encodes the tokens twice: pass 1 counts n_j, pass 2 keeps each latent's
 n_j + 1 largest activations in a buffer of its own (`_tiers`: at most about
-twice the training rule's codes on those tokens). Until 2026-12-07 it
-bisected θ_j on its 31 bits, encoding the tokens 32 times; the tests keep
-that bisection as their reference, and the thresholds are the same bits.
+four times the training rule's codes on those tokens). Until 2026-12-07 it
+bisected θ_j on its float bits, encoding the tokens 32 times after the count
+(33 passes in all); the tests keep that bisection as their reference, and
+the thresholds are the same bits.
 
 The alternative, each latent's EMA of its smallest selected activation, is
 measured against this in docs/inference-thresholds.md: inside a small pool
@@ -104,6 +105,7 @@ def _largest(params, x_NxBxD, latents, sae: model.SAE, widths: tuple):
 
   def merge(i, buffers):
     a_BxF = acts(i)
+    a_BxF = jnp.where(jnp.isnan(a_BxF), -jnp.inf, a_BxF)  # never above θ, as in a count
     return tuple(lax.top_k(jnp.concatenate([buffer, a_BxF[:, index].T], axis=1), width)[0]
                  for buffer, index, width in zip(buffers, latents, widths))
 
@@ -116,8 +118,10 @@ def _tiers(counts_F: np.ndarray, tokens: int) -> tuple:
   """The latents whose θ needs pass 2 (selected on some tokens, not all),
   grouped by the buffer each needs, n_j + 1 rounded up to a power of two:
   (widths, latents per tier, padded to a power of two by repeating its first
-  so that few shapes compile). At most twice Σ (n_j + 1) floats are kept, and
-  Σ n_j is at most tokens · k for every k-budget rule."""
+  so that few shapes compile). The two roundings keep at most about four
+  times Σ (n_j + 1) floats, and Σ n_j is at most tokens · k for every
+  k-budget rule; each batch also gathers its [B, F] activations once more,
+  tier by tier."""
   needed = np.flatnonzero((counts_F > 0) & (counts_F < tokens))
   width_F = 2 ** np.ceil(np.log2(counts_F[needed] + 1)).astype(np.int64)
   widths, latents = [], []
@@ -132,8 +136,18 @@ def _tiers(counts_F: np.ndarray, tokens: int) -> tuple:
 def per_latent_thresholds(params, x_NxBxD, sae: model.SAE, counts_F: np.ndarray) -> np.ndarray:
   """θ_j = latent j's (n_j + 1)-th largest activation on the tokens x, 0 where
   n_j is every token or that activation is 0, NEVER where n_j = 0: the
-  smallest non-negative float with at most n_j activations above it, found
-  in one pass with a buffer per latent of its n_j + 1 largest."""
+  smallest non-negative float32 with at most n_j activations above it, found
+  in one pass with a buffer per latent of its n_j + 1 largest.
+
+  Args:
+    params: the SAE's parameters (scaled units).
+    x_NxBxD: the tokens as batches [n, B, D] (scaled units).
+    sae: the SAE module.
+    counts_F: n_j per latent (`calibrate`'s first pass), int.
+
+  Returns:
+    float32 θ [F].
+  """
   n_batches, batch_size, _ = x_NxBxD.shape
   counts_F = np.asarray(counts_F, np.int64)
   theta_F = np.where(counts_F > 0, 0.0, NEVER).astype(np.float32)

@@ -97,8 +97,8 @@ def test_the_forward_stops_at_the_hook(models):
 def test_an_export_at_the_mlp_records_its_hook_and_splices_there(models, tmp_path):
   texts = tiny_lm.write_texts(tmp_path / "texts")
   config = export.ExportConfig(model=models["gpt2"], hook="blocks.1.hook_mlp_out",
-                               dataset=[str(p) for p in texts["txt"]], context_length=tiny_lm.L, tokens=200,
-                               shard_rows=64, batch_contexts=4, backend="torch")
+                               dataset=[str(p) for p in texts["txt"]], context_length=tiny_lm.L,
+                               tokens=200, shard_rows=64, batch_contexts=4, backend="torch")
   manifest = export.export_activations(config, tmp_path / "cache", progress=False)
   assert manifest["hook"] == "blocks.1.hook_mlp_out" and manifest["hidden_states_index"] is None
   assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["complete"]
@@ -107,6 +107,22 @@ def test_an_export_at_the_mlp_records_its_hook_and_splices_there(models, tmp_pat
   zero = downstream.downstream_loss(models["gpt2"], "blocks.1.hook_mlp_out", ids, np.zeros_like)
   assert abs(same["kl"]) < 1e-6 and same["spliced_ce"] == pytest.approx(same["clean_ce"])
   assert zero["spliced_ce"] == pytest.approx(zero["zero_ce"]) and zero["kl"] > 1e-6
+  # The same ablation by hand: block 1's MLP output zeroed after position 0.
+  import torch
+  import transformers
+  lm = transformers.AutoModelForCausalLM.from_pretrained(models["gpt2"]).eval()
+
+  def zeroed(module, inputs, output):
+    output = output.clone()
+    output[:, 1:] = 0
+    return output
+
+  lm.get_submodule("transformer.h.1.mlp").register_forward_hook(zeroed)
+  with torch.inference_mode():
+    logits = lm(input_ids=torch.as_tensor(ids)).logits[:, :-1]
+  by_hand = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                              torch.as_tensor(ids[:, 1:]).reshape(-1))
+  assert zero["spliced_ce"] == pytest.approx(float(by_hand), rel=1e-5)
   # A block's input is replaced as it goes in: zeroing block 1's input at
   # positions 1.. is zeroing block 0's output there.
   before = downstream.downstream_loss(models["gpt2"], "blocks.1.hook_resid_pre", ids, np.zeros_like)
@@ -115,7 +131,8 @@ def test_an_export_at_the_mlp_records_its_hook_and_splices_there(models, tmp_pat
 
 
 @pytest.mark.parametrize("hook, config, words", [
-    ("blocks.0.hook_mlp", {}, ["hook must be", "blocks.N.hook_attn_out", "got 'blocks.0.hook_mlp'"]),
+    ("blocks.0.hook_mlp", {},
+     ["hook must be", "blocks.N.hook_attn_out", "got 'blocks.0.hook_mlp'"]),
     ("blocks.2.hook_attn_out", {}, ["needs block 2", "has blocks 0..1"]),
     ("blocks.0.hook_mlp_out", {"backend": "jax"},
      ["--backend jax runs the model in JAX", "blocks.0.hook_resid_post", "--backend torch"]),
@@ -129,6 +146,7 @@ def test_wrong_hooks_are_refused_in_one_line(models, hook, config, words):
 
 
 def test_inside_a_block_of_an_unknown_family_and_of_an_encoder_is_refused():
+  """And the JAX model's refusal, in one line."""
   with pytest.raises(ValueError, match=r"known only for gemma2, gpt2, gpt_neox, llama, mistral, "
                                        r"qwen2; its 'blocks.3.hook_resid_pre' and"):
     hooks.check_architecture("blocks.3.hook_attn_out", "m", False, "opt")
@@ -139,7 +157,15 @@ def test_inside_a_block_of_an_unknown_family_and_of_an_encoder_is_refused():
   with pytest.raises(ValueError, match=r"--stream runs the model in JAX"):
     hooks.check_jax("blocks.1.hook_resid_pre", "--stream")
   assert hooks.hidden_states_index("blocks.4.hook_resid_pre") == 4
-  assert export.default_backend("m", hook="blocks.4.hook_attn_out") == "torch"
+
+
+def test_on_an_accelerator_only_a_block_output_defaults_to_jax(models, monkeypatch):
+  import jax
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert export.default_backend(models["gpt_neox"], hook="blocks.1.hook_resid_post") == "jax"
+  for point in ("resid_pre", "attn_out", "mlp_out"):
+    assert export.default_backend(models["gpt_neox"], hook=f"blocks.1.hook_{point}") == "torch"
+  assert export.default_backend(models["gpt2"], hook="blocks.1.hook_resid_post") == "torch"
 
 
 @pytest.mark.slow

@@ -77,14 +77,19 @@ def test_two_passes_give_the_bisections_bits_on_ties_and_edge_latents(selection)
   assert got.counts_F[6] == n and 0 < got.counts_F[7] < n
   assert got.threshold_F[6] == 0 and got.threshold_F[7] == 0
   assert np.all(got.threshold_F[:N_WEAK] == thresholds.NEVER)
-  np.testing.assert_array_equal(got.threshold_F.view(np.int32),
-                                reference.bisected_thresholds(params, x_NxBxD, sae_module, got.counts_F).view(np.int32))
+  bisected = reference.bisected_thresholds(params, x_NxBxD, sae_module, got.counts_F)
+  np.testing.assert_array_equal(got.threshold_F.view(np.int32), bisected.view(np.int32))
   # Made-up counts, 0 to every token, reach every tier and every edge.
   rng = np.random.default_rng(0)
   made_up = np.concatenate([[0, 1, 2, 3, n - 1, n, n], rng.integers(0, n + 1, F - 7)])
   np.testing.assert_array_equal(
       thresholds.per_latent_thresholds(params, x_NxBxD, sae_module, made_up).view(np.int32),
       reference.bisected_thresholds(params, x_NxBxD, sae_module, made_up).view(np.int32))
+  # A token whose activations are NaN (x is) is never above a threshold.
+  x_nan = x_NxBxD.at[1, 3].set(jnp.nan)
+  np.testing.assert_array_equal(
+      thresholds.per_latent_thresholds(params, x_nan, sae_module, made_up).view(np.int32),
+      reference.bisected_thresholds(params, x_nan, sae_module, made_up).view(np.int32))
   # Under x64 the activations are float64, and θ is the float32 at or just above.
   with jax.enable_x64(True):
     params64 = {name: jnp.asarray(np.asarray(p, np.float64)) for name, p in params.items()}
