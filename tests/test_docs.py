@@ -18,6 +18,7 @@ from sae_jax import collectives
 from sae_jax import evaluate
 from sae_jax import loop
 from sae_jax import finish
+from sae_jax import hooks
 from sae_jax import inference
 from sae_jax import losses
 from sae_jax import matryoshka
@@ -26,15 +27,16 @@ from sae_jax import optimizer
 from sae_jax import pool
 from sae_jax import probing
 from sae_jax import scoring
+from sae_jax import seeds
 from sae_jax import selection
 from sae_jax import spelling
 from sae_jax import thresholds
 from tests import scripts
 
 
-@pytest.mark.parametrize("module", [auxk, collectives, evaluate, finish, inference,
+@pytest.mark.parametrize("module", [auxk, collectives, evaluate, finish, hooks, inference,
                                     pytest.param(loop, marks=pytest.mark.slow), losses, matryoshka,
-                                    model, optimizer, pool, probing, scoring, selection,
+                                    model, optimizer, pool, probing, scoring, seeds, selection,
                                     spelling, thresholds])
 def test_docstring_examples(module):
   result = doctest.testmod(module, extraglobs={"jax": jax, "jnp": jnp},
