@@ -45,7 +45,6 @@ def downstream_loss(model: str, hook: str, ids_BxL: np.ndarray,
   from sae_jax import hf  # noqa: PLC0415
   device = hf.torch_device(device)
   lm = hf.causal_lm(model, revision, torch.float32).to(device).eval()
-  hooks.model_layer(hook, model, lm.config.num_hidden_layers)
   mode = {"replace": None}
 
   def replace(hidden):  # position 0 (never trained on) is kept
@@ -60,7 +59,7 @@ def downstream_loss(model: str, hook: str, ids_BxL: np.ndarray,
     out = splice(h.detach().float().cpu().numpy())
     return torch.as_tensor(np.asarray(out, np.float32), device=h.device, dtype=h.dtype)
 
-  handle = hook_points.replace(lm, hook, replace)
+  handle = hook_points.replace(lm, hook, replace, model)
   sums = {"clean_ce": 0.0, "spliced_ce": 0.0, "zero_ce": 0.0, "kl": 0.0}
   n = 0
   try:

@@ -194,12 +194,10 @@ class HookedModel:
     self.tokenizer = hf.tokenizer(config.model, config.revision)
     self.model = hf.base_model(config.model, config.revision, torch.float32)
     self.model = self.model.to(self.device).eval()
-    n_layers = self.model.config.num_hidden_layers
-    hooks.model_layer(config.hook, config.model, n_layers)
     self.d_model = self.model.config.hidden_size
     self.encoder = hf.is_encoder(self.model.config)
-    hooks.check_architecture(config.hook, config.model, self.encoder,
-                             self.model.config.model_type)
+    self._out = None
+    hook_points.capture(self.model, config.hook, self._keep, config.model, self.encoder)
     # RoBERTa's position ids start past its padding id: its tokenizer's
     # model_max_length (512 of 514 positions) is the one to trust there.
     limits = [getattr(self.model.config, "max_position_embeddings", None),
@@ -208,8 +206,6 @@ class HookedModel:
     if self.encoder and limit is not None and config.context_length > limit:
       raise ValueError(f"--context-length {config.context_length}: {config.model!r} has "
                        f"positions for {limit} tokens")
-    self._out = None
-    hook_points.capture(self.model, config.hook, self._keep, self.encoder)
 
   def _keep(self, activation):
     self._out = activation

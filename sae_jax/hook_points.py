@@ -22,13 +22,14 @@ def blocks(model, n_layers: int):
   raise ValueError(f"could not find the {n_layers} transformer blocks of {type(model).__name__}")
 
 
-def site(model, hook: str, encoder: bool = False) -> tuple:
+def site(model, hook: str, name: str, encoder: bool = False) -> tuple:
   """(module, before): the hook is that module's input (before) or output.
-  `encoder`: the model is one (BERT), whose hook is its block output."""
-  layer, point = hooks.parse(hook)
+  A hook the model does not have is refused in one line naming the model
+  `name`; `encoder`: the model is one (BERT), whose hook is its block output."""
   config = model.config
-  hooks.check_architecture(hook, getattr(config, "name_or_path", "the model"), encoder,
-                           config.model_type)
+  layer = hooks.model_layer(hook, name, config.num_hidden_layers)
+  hooks.check_architecture(hook, name, encoder, config.model_type)
+  point = hooks.parse(hook).point
   block = blocks(model, config.num_hidden_layers)[layer]
   if point == "resid_pre":
     return block, True
@@ -46,7 +47,8 @@ def _first(output):
   return output[0] if isinstance(output, tuple) else output
 
 
-def capture(model, hook: str, keep: typing.Callable, encoder: bool = False) -> typing.Any:
+def capture(model, hook: str, keep: typing.Callable, name: str,
+            encoder: bool = False) -> typing.Any:
   """Registers keep(activation [b, L, D]) at the hook, after which the
   forward stops (raises `Stop`: catch it around the model's call).
 
@@ -55,12 +57,13 @@ def capture(model, hook: str, keep: typing.Callable, encoder: bool = False) -> t
     hook: a TransformerLens hook name (`hooks.py`), refused in one line where
       the model has no such point.
     keep: called with the activation tensor.
+    name: the model's name (hub id or directory) for those refusals.
     encoder: the model is an encoder (BERT).
 
   Returns:
     The torch hook's handle (`.remove()` undoes it).
   """
-  module, before = site(model, hook, encoder)
+  module, before = site(model, hook, name, encoder)
 
   def stop(value):
     keep(value)
@@ -72,12 +75,12 @@ def capture(model, hook: str, keep: typing.Callable, encoder: bool = False) -> t
   return module.register_forward_hook(lambda m, inputs, output: stop(_first(output)))
 
 
-def replace(model, hook: str, fn: typing.Callable) -> typing.Any:
+def replace(model, hook: str, fn: typing.Callable, name: str) -> typing.Any:
   """Registers the activation at the hook (a causal model's) to be replaced
   by fn(activation [b, L, D]) -> the same shape, or kept where fn returns
   None: a block's input as it goes in, an output as it comes out. Returns
-  the torch hook's handle (`.remove()` undoes it)."""
-  module, before = site(model, hook)
+  the torch hook's handle (`.remove()` undoes it); `name` as in `capture`."""
+  module, before = site(model, hook, name)
   if before:
     def pre(m, args, kwargs):
       new = fn(_hidden(args, kwargs))

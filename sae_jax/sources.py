@@ -249,8 +249,6 @@ def d_model_of(data_arg: str, *, cache_dir: str, model: str, revision=None,
       return manifest["d_model"]
     directory = hf.reachable_model(model, revision)
     if stream:
-      if hook is not None:
-        hooks.check_jax(hook, "--stream")
       try:
         return neox.load_config(str(directory)).hidden_size
       except ValueError as error:

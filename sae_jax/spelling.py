@@ -205,7 +205,6 @@ def evaluate_run(run_dir, *, n_words: typing.Optional[int] = 8000, seed: int = 0
     raise ValueError(f"{model!r} is an encoder (bidirectional attention): SAEBench's prompts "
                      f"ask a causal model for the next token; the run's summary.json holds its "
                      f"first-letter probing and absorption on the cache's whole-word tokens")
-  hooks.check_jax(hook, "SAEBench's absorption prompts")
   words = vocabulary(tokenizer, n_words, seed)
   x, ids = prompt_activations(model, hook, tokenizer, words, revision=revision, seed=seed,
                               batch=batch, progress=progress)
