@@ -1,13 +1,15 @@
-"""Strict JAX for every test, on 4 fake CPU devices, offline, with one
-persistent compilation cache for the session and the processes it launches."""
+"""Strict JAX for every test, on 4 fake CPU devices compiled fast
+(tests/xla.py), offline, with one persistent compilation cache for the
+session and the processes it launches."""
 
 import atexit
 import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
+from tests import xla
+
+os.environ["XLA_FLAGS"] = xla.flags(4)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tests' exports read local text files; offline, `datasets` does not ping
 # its download counter on s3.amazonaws.com for each (no address but 127.0.0.1).
@@ -33,6 +35,15 @@ jax.config.update("jax_threefry_partitionable", True)
 
 def pytest_configure(config):
   assert jax.device_count() == 4, "tests expect 4 fake CPU devices"
+
+
+def pytest_pyfunc_call(pyfuncitem):
+  """A test marked `xla_default` runs in a pytest process of its own under
+  XLA's default flags (tests/xla.py says why), unless this one already is."""
+  if xla.DEFAULT or pyfuncitem.get_closest_marker("xla_default") is None:
+    return None
+  xla.run_under_default_flags(pyfuncitem.nodeid, pyfuncitem.config.rootpath)
+  return True
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -2,7 +2,6 @@
 modules, launching and waiting for runs, and reading what they wrote."""
 
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -16,6 +15,7 @@ from safetensors.numpy import load_file
 
 from sae_jax.runconfig import RunConfig
 from tests import scripts
+from tests import xla
 
 SCRIPT = scripts.EXPERIMENTS / "train.py"
 
@@ -42,8 +42,7 @@ def outputs(out):
 
 
 def subprocess_run(out, steps, extra=()):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
+  env = xla.env(4)
   args = [sys.executable, str(SCRIPT), *SMALL, "--data", "synthetic", "--steps", str(steps),
           "--log-every", "1", "--out", str(out), *extra]
   return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -74,8 +73,7 @@ def free_port() -> int:
 
 def launch(args) -> list:
   """train.py as processes 0 and 1 of 2, each with 2 CPU devices."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = xla.env(2)
   port = free_port()
   return [subprocess.Popen([sys.executable, str(TRAIN), *SMALL, *map(str, args),
                             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",

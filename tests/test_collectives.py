@@ -2,7 +2,6 @@
 on every device, under shard_map and pmap, for any shape."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P

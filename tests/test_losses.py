@@ -1,7 +1,6 @@
 """Losses: NumPy references, and shares that average to the global value."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sae_jax import losses

@@ -109,6 +109,7 @@ def test_sampled_pool_is_drawn_only_when_configured():
   np.testing.assert_array_equal(top, sae_jax.sampled_select(a, 2, 2))
 
 
+@pytest.mark.xla_default
 def test_inference_keeps_entries_above_the_threshold_token_by_token():
   x, variables, pre = variables_and_pre()
   a = np.maximum(np.asarray(pre), 0)

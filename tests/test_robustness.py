@@ -29,6 +29,7 @@ from sae_jax import train
 from sae_jax.config import SAEConfig
 from sae_jax.config import TrainConfig
 from tests import scripts
+from tests import xla
 from tests.helpers import SMALL
 from tests.helpers import cli
 from tests.helpers import outputs
@@ -45,8 +46,7 @@ def run_args(out, steps=STEPS):
 
 
 def env():
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-              JAX_PLATFORMS="cpu")
+  return xla.env(4)
 
 
 def error_lines(stderr: str) -> list:

@@ -19,6 +19,7 @@ from sae_jax.config import SAEConfig
 from sae_jax.config import TrainConfig
 from sae_jax.runconfig import RunConfig
 from tests import scripts
+from tests import xla
 from tests.helpers import LM_ARGS
 from tests.helpers import LM_NAMES
 from tests.helpers import cli
@@ -182,8 +183,7 @@ def test_a_stopped_one_pass_resumes_exactly(tmp_path, straight_sweep, capsys):
   variant; another list of variants is refused; the last relaunch ends each
   variant as the uninterrupted sweep did."""
   out = tmp_path / "sweep"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
+  env = xla.env(4)
   saved = 0
   for how, past in (("sigterm", 120), ("kill", 60)):
     process = subprocess.Popen(

@@ -225,6 +225,7 @@ def test_four_devices_equal_one(rule, caplog):
 
 
 @pytest.mark.slow
+@pytest.mark.xla_default
 def test_pmap_runs_the_same_step():
   """train_step also runs under jax.pmap (every argument mapped), bit for bit."""
   c = RULES["sampled_drawn"]
