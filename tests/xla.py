@@ -39,8 +39,8 @@ def run_under_default_flags(nodeid: str, root) -> None:
   with tempfile.TemporaryDirectory() as tmp:
     report = pathlib.Path(tmp) / "report.xml"
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-n", "0", "-p", "no:cacheprovider", "-m", "",
-         f"--junitxml={report}", nodeid],
+        [sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "no:xdist", "-p",
+         "no:cacheprovider", "-m", "", f"--junitxml={report}", nodeid],
         env=dict(os.environ, XLA_FLAGS=_GIVEN, SAE_JAX_TEST_XLA="default"),
         cwd=root, capture_output=True, text=True, timeout=600)
     suite = ElementTree.parse(report).getroot().find("testsuite") if report.exists() else None
