@@ -7,8 +7,9 @@ Two properties belong to XLA's default compiler, not to our code alone: one
 token encoded alone gets the bits it gets inside a batch, and pmap runs the
 step shard_map runs, bit for bit. Unoptimised, XLA sums a one-row matmul in
 another order, so they do not hold there. The tests of such properties are
-marked `xla_default` and run under XLA's own flags, each in a pytest process
-of its own. `SAE_JAX_TEST_XLA=default` runs everything so."""
+marked `xla_default` and run under XLA's own flags (with any XLA_FLAGS the
+session was started with), each in a pytest process of its own.
+`SAE_JAX_TEST_XLA=default` runs everything so."""
 
 import os
 import pathlib
@@ -38,11 +39,17 @@ def run_under_default_flags(nodeid: str, root) -> None:
   with that process's report unless it ran and passed."""
   with tempfile.TemporaryDirectory() as tmp:
     report = pathlib.Path(tmp) / "report.xml"
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "no:xdist", "-p",
-         "no:cacheprovider", "-m", "", f"--junitxml={report}", nodeid],
-        env=dict(os.environ, XLA_FLAGS=_GIVEN, SAE_JAX_TEST_XLA="default"),
-        cwd=root, capture_output=True, text=True, timeout=600)
+    # Not PYTEST_ADDOPTS either: one test, here, whatever the session was given.
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    try:
+      done = subprocess.run(
+          [sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "no:xdist", "-p",
+           "no:cacheprovider", "-m", "", f"--junitxml={report}", nodeid],
+          env=dict(env, XLA_FLAGS=_GIVEN, SAE_JAX_TEST_XLA="default"),
+          cwd=root, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired as late:
+      raise AssertionError(f"{nodeid} under XLA's default flags: no end in 600 s:\n"
+                           f"{late.stdout}{late.stderr}") from None
     suite = ElementTree.parse(report).getroot().find("testsuite") if report.exists() else None
   counts = {} if suite is None else {k: int(suite.get(k)) for k in
                                      ("tests", "failures", "errors", "skipped")}
