@@ -5,8 +5,8 @@ docs/testing.md).
 
 Two properties belong to XLA's default compiler, not to our code alone: one
 token encoded alone gets the bits it gets inside a batch, and pmap runs the
-step shard_map runs, bit for bit. Unoptimised, XLA sums a one-row matmul in
-another order, so they do not hold there. The tests of such properties are
+step shard_map runs, bit for bit. Unoptimised, they do not hold (XLA sums a
+one-row matmul in another order). The tests of such properties are
 marked `xla_default` and run under XLA's own flags (with any XLA_FLAGS the
 session was started with), each in a pytest process of its own.
 `SAE_JAX_TEST_XLA=default` runs everything so."""
@@ -26,12 +26,13 @@ DEFAULT = os.environ.get("SAE_JAX_TEST_XLA") == "default"
 
 
 def flags(devices: int) -> str:
-  return f"{_GIVEN} {'' if DEFAULT else FAST} --xla_force_host_platform_device_count={devices}"
+  mine = [] if DEFAULT else [FAST]
+  return " ".join([*_GIVEN.split(), *mine, f"--xla_force_host_platform_device_count={devices}"])
 
 
 def env(devices: int = 4) -> dict:
   """os.environ for a launched process with `devices` CPU devices."""
-  return dict(os.environ, XLA_FLAGS=flags(devices).strip(), JAX_PLATFORMS="cpu")
+  return dict(os.environ, XLA_FLAGS=flags(devices), JAX_PLATFORMS="cpu")
 
 
 def run_under_default_flags(nodeid: str, root) -> None:
