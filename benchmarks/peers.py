@@ -22,8 +22,9 @@ L0 in inference mode (BatchTopK by the global EMA threshold on both sides,
 dictionary_learning's rule, not train.py's per-latent one; TopK per token;
 JumpReLU by its learned thresholds), recovered
 true directions (best decoder cosine >= 0.9; overall, frequent, rare) where
-the dictionary is known, and steady-state tokens/s (median over the windows
-of the second half of each run). Needs `pip install --no-deps
+the dictionary is known, and steady-state tokens/s (the median over the
+second half of each run's windows of 50 steps, or of a tenth of a shorter
+run, so that neither compilation nor warm-up counts). Needs `pip install --no-deps
 dictionary-learning==0.1.0 einops`. Runs unchanged on an accelerator (ours
 on JAX's default device; theirs on torch's CUDA device if there is one).
 """
@@ -47,7 +48,18 @@ from sae_jax.config import SAEConfig
 from sae_jax.config import TrainConfig
 
 EVAL_STEP = 2**31 - 2  # the synthetic batch index of the held-out rows
-WINDOW = 50  # steps per timing window
+
+
+def window(steps: int) -> int:
+  """Steps per timing window: 50, or a tenth of a short run, so that the
+  second half of the windows holds no compilation (ours) or warm-up (theirs)."""
+  return max(1, min(50, steps // 10))
+
+
+def steady_rate(rates: list, steps: int) -> float:
+  """The median tokens/s over the second half of the whole windows."""
+  whole = rates[:steps // window(steps)]  # a short last window left out
+  return statistics.median(whole[len(whole) // 2:])
 
 
 class Data:
@@ -78,13 +90,13 @@ class Data:
     return np.asarray(self.rows[np.sort(self.order[i:i + self.batch_size])], np.float32)
 
 
-def summary(data: Data, W_dec_FxD, z, xhat, rates: list) -> dict:
+def summary(data: Data, W_dec_FxD, z, xhat, rates: list, steps: int) -> dict:
   row = {k: evaluate.reconstruction_metrics(data.held_out, xhat, z)[k] for k in ("fvu", "l0")}
   if data.dictionary is not None:
     gt = evaluate.ground_truth_metrics(W_dec_FxD, data.dictionary, data.classes)
     row.update(recovered=gt["gt_recovered"], frequent=gt["gt_recovered_frequent"],
                rare=gt["gt_recovered_rare"])
-  row["tokens_per_second"] = statistics.median(rates[len(rates) // 2:])
+  row["tokens_per_second"] = steady_rate(rates, steps)
   return row
 
 
@@ -93,13 +105,13 @@ def run_ours(config: TrainConfig, data: Data) -> dict:
   rates = []
   state = loop.train_loop(
       train.replicate(state, 1), (data.batch(s)[None] for s in range(config.total_steps)),
-      log_every=WINDOW, progress=False,
+      log_every=window(config.total_steps), progress=False,
       on_log=lambda step, m: rates.append(m["tokens_per_second"]))
   state = train.unreplicate(state)
   theta = state.params.get("threshold", state.threshold)  # JumpReLU's are learned
   z, xhat = evaluate.reconstruct(state.params, theta, state.input_scale,
                                  data.held_out, model.SAE(config.sae))
-  return summary(data, state.params["W_dec"], z, xhat, rates[:-1] or rates)
+  return summary(data, state.params["W_dec"], z, xhat, rates, config.total_steps)
 
 
 def sample(data: Data) -> np.ndarray:
@@ -111,16 +123,19 @@ def sample(data: Data) -> np.ndarray:
 def run_theirs(config: TrainConfig, data: Data, scale: np.float32) -> dict:
   torch.manual_seed(config.seed)
   trainer = dl_reference.make_trainer(config)
-  rates, start = [], time.perf_counter()
+  rates, start, every = [], time.perf_counter(), window(config.total_steps)
   for step in range(config.total_steps):
     dl_reference.update(trainer, step, data.batch(step) * scale)
-    if (step + 1) % WINDOW == 0:
+    if (step + 1) % every == 0:
+      if torch.cuda.is_available():
+        torch.cuda.synchronize()
       now = time.perf_counter()
-      rates.append(WINDOW * config.batch_size / (now - start))
+      rates.append(every * config.batch_size / (now - start))
       start = now
   z = dl_reference.encode(trainer, data.held_out * scale)
   xhat = dl_reference.decode(trainer, z) / scale
-  return summary(data, dl_reference.get_params(trainer)["W_dec"], z / scale, xhat, rates)
+  return summary(data, dl_reference.get_params(trainer)["W_dec"], z / scale, xhat, rates,
+                 config.total_steps)
 
 
 def table(rows: list, columns: list) -> str:
