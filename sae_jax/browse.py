@@ -35,7 +35,7 @@ from sae_jax import features
 from sae_jax import hf
 from sae_jax import hooks
 from sae_jax import model
-from sae_jax import neox
+from sae_jax import lm
 from sae_jax import saelens
 from sae_jax import sources
 from sae_jax import storage
@@ -110,8 +110,8 @@ def _stream_source(config: dict, tokens: int, progress: bool) -> _Source:
   after them. They are kept in memory (tokens × d_model float32)."""
   e = export_lib.ExportConfig(**config["export"])
   tokenizer = hf.tokenizer(e.model, e.revision)
-  lm_config, params = neox.load(e.model, e.revision)
-  layer = hooks.model_layer(e.hook, e.model, lm_config.n_layers)
+  lm_config, params = lm.load(e.model, e.revision)
+  hooks.check_decoder(e.hook, e.model, lm_config.n_layers)
   excluded = np.asarray(e.exclude_token_ids, np.int32)
   located = contexts_lib.located_contexts(e, tokenizer)
   acts, ids, positions, got = [], [], [], 0
@@ -124,7 +124,7 @@ def _stream_source(config: dict, tokens: int, progress: bool) -> _Source:
         break  # the text ran out: the pass reads what there is
       ids_CxL = np.stack(batch + batch[-1:] * (e.batch_contexts - len(batch)))  # one shape
       valid_CxL = stream_lib.valid_rows(ids_CxL, excluded)[:len(batch)]
-      out = np.asarray(neox.resid_at(params, lm_config, ids_CxL, layer), np.float32)
+      out = np.asarray(lm.hook_at(params, lm_config, ids_CxL, e.hook), np.float32)
       acts.append(out[:len(batch)][valid_CxL])
       ids.append(ids_CxL[:len(batch)][valid_CxL])
       positions.append(np.broadcast_to(np.arange(ids_CxL.shape[1], dtype=np.int32),
@@ -311,11 +311,11 @@ def _vocabulary(model: str) -> tuple:
   vocab = [tokenizer.decode([i]) for i in range(len(tokenizer))]
   W_U = None
   try:
-    _, params = neox.load(str(directory))
+    _, params = lm.load(str(directory))
     W_U = np.asarray(params["unembed"], np.float32)
     vocab += [f"<{i}>" for i in range(len(vocab), W_U.shape[1])]  # padded vocabulary
   except (ValueError, KeyError, OSError) as error:
-    print(f"no logit lens: {model} is not a GPT-NeoX model sae_jax loads ({error})",
+    print(f"no logit lens: {model} is not a model sae_jax loads in JAX ({error})",
           flush=True)
   return vocab, W_U
 

@@ -180,7 +180,7 @@ def check_flags(args) -> None:
 
 
 def _run_config(args, d_model: int, backend: typing.Optional[str]) -> RunConfig:
-  runconfig.check_stream(args.stream, args.data, args.backend or "jax", args.hook)
+  runconfig.check_stream(args.stream, args.data, args.backend or "jax")
   sae_config = SAEConfig(d_model=d_model, n_latents=args.dict_size, k=args.k,
                          selection=args.selection, l=args.l, score=args.score,
                          sample_pool=args.sample_pool, ridge=args.ridge, sketch=args.sketch,

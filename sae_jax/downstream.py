@@ -1,6 +1,6 @@
 """Downstream loss: the language model's next-token loss with the SAE's
 reconstruction spliced in at the hook, with the model in torch (transformers,
-imported lazily) or in JAX (`sae_jax.neox`, through its splice entry point).
+imported lazily) or in JAX (`sae_jax.lm`, through its splice entry point).
 
 For contexts [b, L]: the activation at the hook (`hooks.py`: a block's
 input, attention output, MLP output or output) at positions 1..L-1 is
@@ -111,15 +111,15 @@ def _after_first(splice):
 def _sums_fn():
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
-  from sae_jax import neox  # noqa: PLC0415
+  from sae_jax import lm  # noqa: PLC0415
 
-  @functools.partial(jax.jit, static_argnames=("config", "layer", "fn"))
-  def sums(params, config, ids_BxL, layer, fn, fn_args):
+  @functools.partial(jax.jit, static_argnames=("config", "hook", "fn"))
+  def sums(params, config, ids_BxL, hook, fn, fn_args):
     target_BxL = ids_BxL[:, 1:]
     logp = lambda logits: jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    clean = logp(neox.logits(params, config, ids_BxL))
-    spliced = logp(neox.logits_with(params, config, ids_BxL, layer, fn, fn_args))
-    zero = logp(neox.logits_with(params, config, ids_BxL, layer, _zero_after_first))
+    clean = logp(lm.logits(params, config, ids_BxL))
+    spliced = logp(lm.logits_with(params, config, ids_BxL, hook, fn, fn_args))
+    zero = logp(lm.logits_with(params, config, ids_BxL, hook, _zero_after_first))
     nll = lambda lp: -jnp.sum(jnp.take_along_axis(lp, target_BxL[..., None], axis=-1))
     return {"clean_ce": nll(clean), "spliced_ce": nll(spliced), "zero_ce": nll(zero),
             "kl": jnp.sum(jnp.exp(clean) * (clean - spliced))}
@@ -130,12 +130,12 @@ def _sums_fn():
 def downstream_loss_jax(params, config, hook: str, ids_BxL: np.ndarray,
                         splice: typing.Callable, splice_args: tuple = (), *,
                         batch_contexts: int = 8) -> dict:
-  """`downstream_loss` with the model in JAX: `sae_jax.neox` params and config
-  (`neox.load`), spliced through `neox.logits_with`. No torch.
+  """`downstream_loss` with the model in JAX: `sae_jax.lm` params and config
+  (`lm.load`), spliced through `lm.logits_with`. No torch.
 
   Args:
-    params, config: the GPT-NeoX (`neox.load(model)`).
-    hook: `blocks.N.hook_resid_post`.
+    params, config: the model (`lm.load(model)`).
+    hook: where the splice replaces the activations (`hooks.POINTS`).
     ids_BxL: int token ids.
     splice: a JAX function (h [n, D], *splice_args) -> [n, D] replacements
       (raw units). It is static: pass the same function each time, and its
@@ -145,11 +145,10 @@ def downstream_loss_jax(params, config, hook: str, ids_BxL: np.ndarray,
   Returns:
     clean_ce, spliced_ce, zero_ce, loss_recovered, kl (floats).
 
-  For example, `downstream_loss_jax(*neox.load("EleutherAI/pythia-160m"),
+  For example, `downstream_loss_jax(*lm.load("EleutherAI/pythia-160m"),
   "blocks.6.hook_resid_post", ids, identity)` has kl 0 and spliced_ce = clean_ce.
   """
-  layer = hooks.model_layer(hook, "the model", config.n_layers)
-  hooks.check_jax(hook, "downstream_loss_jax")
+  hooks.check_decoder(hook, "the model", config.n_layers)
   ids_BxL = np.asarray(ids_BxL)
   if ids_BxL.ndim != 2 or ids_BxL.shape[1] < 2 or not np.issubdtype(ids_BxL.dtype, np.integer):
     raise ValueError(f"ids_BxL must be int token ids [contexts, length >= 2]; got "
@@ -158,6 +157,6 @@ def downstream_loss_jax(params, config, hook: str, ids_BxL: np.ndarray,
   sums = {"clean_ce": 0.0, "spliced_ce": 0.0, "zero_ce": 0.0, "kl": 0.0}
   for start in range(0, len(ids_BxL), batch_contexts):
     ids = ids_BxL[start:start + batch_contexts].astype(np.int32)
-    for name, value in sums_fn(params, config, ids, layer, fn, tuple(splice_args)).items():
+    for name, value in sums_fn(params, config, ids, hook, fn, tuple(splice_args)).items():
       sums[name] += float(value)
   return _summary(sums, ids_BxL.shape[0] * (ids_BxL.shape[1] - 1))

@@ -1,6 +1,6 @@
 """Activation export: a language model's activations at a hook to a sharded disk cache.
 
-The model runs in torch (transformers) or in JAX (`sae_jax.neox`); torch and
+The model runs in torch (transformers) or in JAX (`sae_jax.lm`); torch and
 transformers are imported lazily, so the rest of the library never needs
 them. Layout of a cache directory:
 
@@ -47,18 +47,16 @@ IDENTITY = ("model", "revision", "hook", "dataset", "split", "text_field", "cont
 _LEGACY = {"backend": "torch"}
 
 
-def default_backend(model: typing.Optional[str] = None, revision=None,
-                    hook: typing.Optional[str] = None) -> str:
-  """"jax" where JAX sees an accelerator (a TPU VM's only one), `model` is
-  a GPT-NeoX (the JAX model's) and `hook` a block output, else "torch"."""
+def default_backend(model: typing.Optional[str] = None, revision=None) -> str:
+  """"jax" where JAX sees an accelerator (a TPU VM's only one) and `model`
+  is of a family JAX runs (`lm.MODEL_TYPES`), else "torch"."""
   import jax  # noqa: PLC0415
-  if jax.default_backend() == "cpu" or (hook is not None and
-                                         hooks.parse(hook).point != "resid_post"):
+  if jax.default_backend() == "cpu":
     return "torch"
   if model is not None:
-    from sae_jax import neox  # noqa: PLC0415
+    from sae_jax import lm  # noqa: PLC0415
     try:
-      neox.load_config(model, revision)
+      lm.load_config(model, revision)
     except (OSError, ValueError):  # another architecture, or not reachable (said later)
       return "torch"
   return "jax"
@@ -96,7 +94,7 @@ class ExportConfig:
   device: typing.Optional[str] = None
   """torch device; None picks "cuda" when available, else "cpu"."""
   backend: typing.Optional[str] = None
-  """Runs the model: "jax" (sae_jax.neox, on JAX's default device) or "torch"
+  """Runs the model: "jax" (sae_jax.lm, on JAX's default device) or "torch"
   (transformers); None means `default_backend()`. The two agree to float
   rounding, so a cache is resumed only with the backend that started it."""
 
@@ -108,10 +106,8 @@ class ExportConfig:
                                  minimum=2 if name == "context_length" else 1)
     validation.check_choice_field(owner, "dtype", self.dtype, DTYPES)
     if self.backend is None:
-      object.__setattr__(self, "backend", default_backend(self.model, self.revision, self.hook))
+      object.__setattr__(self, "backend", default_backend(self.model, self.revision))
     validation.check_choice_field(owner, "backend", self.backend, BACKENDS)
-    if self.backend == "jax":
-      hooks.check_jax(self.hook, "--backend jax")
     if isinstance(self.dataset, list):
       object.__setattr__(self, "dataset", tuple(self.dataset))
     if isinstance(self.exclude_token_ids, list):
@@ -189,7 +185,7 @@ class HookedModel:
 
   def __init__(self, config: ExportConfig):
     import torch
-    from sae_jax import hf  # noqa: PLC0415 (hf imports neox, and so JAX)
+    from sae_jax import hf  # noqa: PLC0415
     self.device = hf.torch_device(config.device)
     self.tokenizer = hf.tokenizer(config.model, config.revision)
     self.model = hf.base_model(config.model, config.revision, torch.float32)
@@ -222,7 +218,7 @@ class HookedModel:
 
 
 class JaxHookedModel:
-  """The same as `HookedModel` with the model in JAX (`sae_jax.neox`): weights
+  """The same as `HookedModel` with the model in JAX (`sae_jax.lm`): weights
   from safetensors, only the blocks up to the hook. Each forward batch is
   split over this process's devices when `batch_contexts` divides evenly
   among them (a TPU VM's chips), else it runs on JAX's default device."""
@@ -230,14 +226,14 @@ class JaxHookedModel:
   def __init__(self, config: ExportConfig):
     import jax  # noqa: PLC0415
     from sae_jax import hf  # noqa: PLC0415
-    from sae_jax import neox  # noqa: PLC0415
+    from sae_jax import lm  # noqa: PLC0415
     self.tokenizer = hf.tokenizer(config.model, config.revision)
     try:
-      self.config, params = neox.load(config.model, config.revision)
+      self.config, params = lm.load(config.model, config.revision)
     except ValueError as error:
       raise ValueError(f"--backend jax: {error}; export it with --backend torch") from None
-    self.layer = hooks.model_layer(config.hook, config.model, self.config.n_layers)
-    hooks.check_architecture(config.hook, config.model, encoder=False)
+    hooks.check_decoder(config.hook, config.model, self.config.n_layers)
+    self.hook = config.hook
     self.d_model = self.config.hidden_size
     self.encoder = False
     devices = jax.local_devices()
@@ -248,13 +244,13 @@ class JaxHookedModel:
     self._split = jax.sharding.NamedSharding(self.mesh, spec("contexts"))
 
   def __call__(self, ids_BxL: np.ndarray) -> np.ndarray:
-    """Float32 [b, L, D] residual stream at the hook."""
+    """Float32 [b, L, D] activations at the hook."""
     import jax  # noqa: PLC0415
-    from sae_jax import neox  # noqa: PLC0415
+    from sae_jax import lm  # noqa: PLC0415
     b = len(ids_BxL)
     padded = np.pad(ids_BxL, ((0, -b % self.mesh.size), (0, 0)))  # a short last batch
-    acts = neox.resid_at(self.params, self.config, jax.device_put(padded, self._split),
-                         self.layer)
+    acts = lm.hook_at(self.params, self.config, jax.device_put(padded, self._split),
+                      self.hook)
     return np.asarray(acts)[:b]
 
 
@@ -296,7 +292,7 @@ def export_activations(config: ExportConfig, out, *, progress: bool = True,
   """
   storage.check_bucket(out, "--out")
   if config.backend == "torch":
-    from sae_jax import hf  # noqa: PLC0415 (hf imports neox, and so JAX)
+    from sae_jax import hf  # noqa: PLC0415
     hf.torch_device(config.device)  # before anything is written
   out = storage.path(out)
   manifest = _check_or_start(out, config)

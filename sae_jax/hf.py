@@ -9,7 +9,7 @@ free. Each function takes a hub id or a local directory.
 import pathlib
 import typing
 
-from sae_jax import neox
+from sae_jax import weights
 from sae_jax import validation
 
 
@@ -21,7 +21,7 @@ def reachable_model(model: str, revision=None) -> pathlib.Path:
     raise ValueError(f"--model {model!r}: there is no such directory (a local model is a "
                      f"directory with config.json and *.safetensors)")
   try:
-    return neox.model_dir(model, revision, ("config.json",))
+    return weights.model_dir(model, revision, ("config.json",))
   except (OSError, ValueError) as error:
     reason = validation.reason(error)
     raise ValueError(

@@ -99,14 +99,11 @@ def check_architecture(hook: str, model: str, encoder: bool,
                      f"can be read")
 
 
-def check_jax(hook: str, what: str) -> None:
-  """Refuses, in one line naming `what` asked for the JAX model, a hook the
-  JAX model (`neox.py`) does not give: it gives block outputs only, so far."""
-  layer, point = parse(hook)
-  if point != "resid_post":
-    raise ValueError(f"{what} runs the model in JAX, which gives block outputs "
-                     f"('blocks.{layer}.hook_resid_post') only; --hook {hook!r} is read with "
-                     f"--backend torch (an exported cache)")
+def check_decoder(hook: str, model: str, n_layers: int) -> None:
+  """The hook is one a decoder of n_layers blocks has (`model_layer`,
+  `check_architecture`); `model` names it in the refusal."""
+  model_layer(hook, model, n_layers)
+  check_architecture(hook, model, encoder=False)
 
 
 def hidden_states_index(hook: str) -> typing.Optional[int]:

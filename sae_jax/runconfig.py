@@ -4,7 +4,6 @@ import dataclasses
 import os
 
 from sae_jax import export as export_lib
-from sae_jax import hooks
 from sae_jax import storage
 from sae_jax import validation
 from sae_jax.config import SyntheticConfig
@@ -123,7 +122,7 @@ class RunConfig:
                                minimum=0)
     if not isinstance(self.stream, bool):
       raise ValueError(f"RunConfig.stream must be True or False; got {self.stream!r}")
-    check_stream(self.stream, self.data, self.export.backend, self.export.hook)
+    check_stream(self.stream, self.data, self.export.backend)
     if self.data not in ("pythia", "synthetic"):
       path = storage.path(self.data)
       if not (path.is_dir() or (path.suffix == ".npy" and path.is_file())):
@@ -206,12 +205,10 @@ def _one_path(saved, now) -> bool:
     return False
 
 
-def check_stream(stream: bool, data_arg: str, backend: str, hook: str) -> None:
-  """--stream needs --data pythia and the JAX model, and so a block output."""
+def check_stream(stream: bool, data_arg: str, backend: str) -> None:
+  """--stream needs --data pythia and the JAX model."""
   if stream and data_arg != "pythia":
     raise ValueError(f"--stream makes activations with the language model: it needs "
                      f"--data pythia; got --data {data_arg!r}")
-  if stream:
-    hooks.check_jax(hook, "--stream")
   if stream and backend != "jax":
     raise ValueError(f"--stream runs the model in JAX; got --backend {backend!r}")

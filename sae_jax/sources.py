@@ -12,7 +12,7 @@ from sae_jax import data
 from sae_jax import export as export_lib
 from sae_jax import hf
 from sae_jax import hooks
-from sae_jax import neox
+from sae_jax import lm
 from sae_jax import spelling
 from sae_jax import storage
 from sae_jax import stream as stream_lib
@@ -56,7 +56,7 @@ class DataSource:
   """--data pythia: token ids [contexts, L] the run did not train on, for the
   spliced loss: after the cache's rows, or reserved before --stream's."""
   language_model: typing.Optional[typing.Callable[[], tuple]] = None
-  """--data pythia with the JAX model: (neox config, params); None with torch's."""
+  """--data pythia with the JAX model: (lm config, params); None with torch's."""
   downstream_skipped: typing.Optional[str] = None
   """--data pythia on an encoder: why the spliced loss does not apply."""
 
@@ -132,7 +132,7 @@ def _disk(config: RunConfig, n_devices: int, verify: bool) -> DataSource:
       metadata=metadata,
       letters=letters if manifest else None,
       downstream_ids=(lambda: _contexts_after_cache(config)) if pythia and not encoder else None,
-      language_model=((lambda: neox.load(e.model, e.revision))
+      language_model=((lambda: lm.load(e.model, e.revision))
                       if pythia and e.backend == "jax" else None),
       downstream_skipped=ENCODER_DOWNSTREAM if pythia and encoder else None)
 
@@ -240,7 +240,7 @@ def d_model_of(data_arg: str, *, cache_dir: str, model: str, revision=None,
                synthetic_d_model: int, stream: bool = False,
                hook: typing.Optional[str] = None) -> int:
   """The activation width D of a run's data, found without doing any work
-  (and, for a model not yet exported, whether `hook` names its block outputs)."""
+  (and, for a model not yet exported, whether it has `hook`)."""
   if data_arg == "synthetic":
     return synthetic_d_model
   if data_arg == "pythia":
@@ -250,10 +250,13 @@ def d_model_of(data_arg: str, *, cache_dir: str, model: str, revision=None,
     directory = hf.reachable_model(model, revision)
     if stream:
       try:
-        return neox.load_config(str(directory)).hidden_size
+        lm_config = lm.load_config(str(directory))
       except ValueError as error:
         raise ValueError(f"--stream runs the model in JAX: {error}; export a cache with "
                          f"--backend torch instead (leave --stream out)") from None
+      if hook is not None:
+        hooks.check_decoder(hook, model, lm_config.n_layers)
+      return lm_config.hidden_size
     config = hf.model_config(directory)
     if hook is not None:
       hooks.check_architecture(hook, model, hf.is_encoder(config), config.model_type)

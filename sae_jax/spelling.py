@@ -11,7 +11,7 @@ Two sources of labelled activations:
 * SAEBench's prompts (`prompt_activations`): for each word of the
   vocabulary, ten in-context examples "{word} has the first letter: {X}",
   then "{word} has the first letter:", and the activation at the word.
-  `evaluate_run` runs them through the model in JAX (`sae_jax.neox`) and
+  `evaluate_run` runs them through the model in JAX (`sae_jax.lm`) and
   the run's saved SAE (saelens/), which is `experiments/absorption.py`.
 """
 
@@ -26,7 +26,7 @@ import tqdm
 from sae_jax import export
 from sae_jax import hf
 from sae_jax import hooks
-from sae_jax import neox
+from sae_jax import lm
 from sae_jax import outdir
 from sae_jax import probing
 from sae_jax import saelens
@@ -130,9 +130,8 @@ def prompt_activations(model: str, hook: str, tokenizer, words: list, *, revisio
   Returns:
     (activations [N, D] float32, the ids of the words kept [N]).
   """
-  hooks.check_jax(hook, "SAEBench's absorption prompts")
-  config, params = neox.load(model, revision)
-  layer = hooks.model_layer(hook, model, config.n_layers)
+  config, params = lm.load(model, revision)
+  hooks.check_decoder(hook, model, config.n_layers)
   params = jax.device_put(params)
   rng = np.random.default_rng(seed)
   texts = [t for _, t in words]
@@ -156,7 +155,7 @@ def prompt_activations(model: str, hook: str, tokenizer, words: list, *, revisio
     ids_BxL = np.zeros((batch, length), np.int32)  # padding after each prompt: causal, unseen
     for b, (ids, _) in enumerate(chunk):
       ids_BxL[b, :len(ids)] = ids
-    acts = np.asarray(neox.resid_at(params, config, ids_BxL, layer))
+    acts = np.asarray(lm.hook_at(params, config, ids_BxL, hook))
     out[start:start + len(chunk)] = acts[np.arange(len(chunk)), [p for _, p in chunk]]
     bar.update(len(chunk))
   bar.close()

@@ -1,5 +1,5 @@
 """Activations made on the fly (`train.py --data pythia --stream`): the JAX
-GPT-NeoX runs on the training devices, and its rows go through an on-device
+language model (`lm.py`) runs on the training devices, and its rows go through an on-device
 shuffle buffer. Nothing is written to disk.
 
 The text is cut into contexts as the export cuts it, and laid out as
@@ -36,7 +36,7 @@ from sae_jax import contexts as contexts_lib
 from sae_jax import export
 from sae_jax import hf
 from sae_jax import hooks
-from sae_jax import neox
+from sae_jax import lm
 from sae_jax.train import AXIS  # the training step's batch axis
 _KEY_SALT = 0x5354  # keeps the shuffle key apart from the SAE's own keys
 
@@ -48,7 +48,7 @@ def valid_rows(tokens_CxL: np.ndarray, excluded: np.ndarray) -> np.ndarray:
   return valid
 
 
-def device_functions(mesh: jax.sharding.Mesh, lm_config: neox.NeoXConfig, layer: int, *,
+def device_functions(mesh: jax.sharding.Mesh, lm_config: lm.Config, hook: str, *,
                      contexts_per_device: int, context_length: int, batch_contexts: int,
                      excluded: np.ndarray, rows_per_step: int):
   """The shuffle buffer's two jitted functions over `mesh` (axis "data"):
@@ -64,7 +64,7 @@ def device_functions(mesh: jax.sharding.Mesh, lm_config: neox.NeoXConfig, layer:
 
   def fill(lm_params, tokens_1xRxL, key_data, round_index):
     tokens_RxL = tokens_1xRxL[0]
-    acts = lax.map(lambda ids: neox.resid_at(lm_params, lm_config, ids, layer),
+    acts = lax.map(lambda ids: lm.hook_at(lm_params, lm_config, ids, hook),
                    tokens_RxL.reshape(R // chunk, chunk, L))
     acts_NxD = acts.reshape(R * L, -1)
     valid_RxL = (~jnp.isin(tokens_RxL, excluded)) & (jnp.arange(L) > 0)[None, :]
@@ -114,11 +114,9 @@ class Stream:
           f"gives each step; use at least {-(-b // (config.context_length - 1)) * n}")
     self.config, self.mesh, self.b = config, mesh, b
     self.round_contexts, self.per_device = round_contexts, per_device
-    hooks.check_jax(config.hook, "--stream")
     self.tokenizer = hf.tokenizer(config.model, config.revision)
-    self.lm_config, params = neox.load(config.model, config.revision)
-    self.layer = hooks.model_layer(config.hook, config.model, self.lm_config.n_layers)
-    hooks.check_architecture(config.hook, config.model, encoder=False)
+    self.lm_config, params = lm.load(config.model, config.revision)
+    hooks.check_decoder(config.hook, config.model, self.lm_config.n_layers)
     self.d_model = self.lm_config.hidden_size
     self.lm_params = jax.device_put(params, NamedSharding(mesh, P()))
     self.excluded = np.asarray(config.exclude_token_ids, np.int32)
@@ -136,7 +134,7 @@ class Stream:
     self.train_start = downstream[-1][1] if downstream else after
     self._rounds: list = []  # recent rounds: for `position`
     self._fill, self._take = device_functions(
-        mesh, self.lm_config, self.layer, contexts_per_device=per_device,
+        mesh, self.lm_config, config.hook, contexts_per_device=per_device,
         context_length=config.context_length, batch_contexts=config.batch_contexts,
         excluded=self.excluded, rows_per_step=b)
 
@@ -164,7 +162,7 @@ class Stream:
     out = []
     for start in range(0, len(contexts_CxL), self.config.batch_contexts):
       ids = contexts_CxL[start:start + self.config.batch_contexts]
-      acts = neox.resid_at(self.lm_params, self.lm_config, ids, self.layer)
+      acts = lm.hook_at(self.lm_params, self.lm_config, ids, self.config.hook)
       out.append(np.asarray(acts.addressable_data(0))[valid_rows(ids, self.excluded)])
     return np.concatenate(out) if out else np.zeros((0, self.d_model), np.float32)
 

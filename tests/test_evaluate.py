@@ -99,12 +99,12 @@ def test_downstream_loss_against_a_direct_computation(lm):
 
 @pytest.mark.slow
 def test_downstream_loss_in_jax_equals_torch(lm):
-  """The JAX path (neox.logits_with) gives the torch path's numbers, for the
+  """The JAX path (lm.logits_with) gives the torch path's numbers, for the
   identity and for a real SAE's reconstruction."""
   import transformers
   from sae_jax import downstream
   from sae_jax import contexts as contexts_lib
-  from sae_jax import neox
+  from sae_jax import lm as lm_jax
   from sae_jax import train
   from sae_jax.config import SAEConfig
   from sae_jax.config import TrainConfig
@@ -112,7 +112,7 @@ def test_downstream_loss_in_jax_equals_torch(lm):
   tok = transformers.AutoTokenizer.from_pretrained(lm["model"])
   ids = np.stack([c for c, _ in zip(contexts_lib.contexts(export_config(lm), tok), range(6))])
   hook = "blocks.1.hook_resid_post"
-  config, params = neox.load(lm["model"])
+  config, params = lm_jax.load(lm["model"])
   sae_config = SAEConfig(d_model=16, n_latents=32, k=3, selection="batchtopk")
   sample = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
   state = train.create_train_state(TrainConfig(sae_config, batch_size=8, steps=4, warmup_steps=0,

@@ -12,7 +12,7 @@ import transformers
 from sae_jax import data
 from sae_jax import export
 from sae_jax import hooks
-from sae_jax import neox
+from sae_jax import lm as lm_jax
 from tests.tiny_lm import L
 from tests.tiny_lm import export_config as config
 
@@ -189,8 +189,8 @@ def test_jax_backend_writes_the_same_cache(lm, cache, tmp_path):
   model = export.JaxHookedModel(c)
   assert model.mesh.size == 4  # each batch split over the 4 devices
   ids = expected_contexts(lm, c.dataset)[:7]  # not a multiple of 4: padded, then cut back
-  lm_config, params = neox.load(c.model)
-  np.testing.assert_allclose(model(ids), neox.resid_at(params, lm_config, ids, 1),
+  lm_config, params = lm_jax.load(c.model)
+  np.testing.assert_allclose(model(ids), lm_jax.hook_at(params, lm_config, ids, c.hook),
                              rtol=1e-5, atol=1e-5)
   manifest = export.export_activations(c, tmp_path / "jax", progress=False)
   want_manifest, want_acts, want_tokens, want_positions = read_cache(cache)

@@ -2,19 +2,37 @@
 tiny random GPT-NeoX, GPT-2, Llama, Qwen2, Mistral and Gemma-2 models: each
 hook's rows equal the model's own hidden states or a hook on the module
 the test names, the four add up as TransformerLens defines them, the
-forward stops at the hook, and every wrong name is refused in one line."""
+forward stops at the hook, and every wrong name is refused in one line.
+The JAX models (`lm.py`) give the same at every hook, and the same logits."""
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sae_jax import downstream
 from sae_jax import export
 from sae_jax import hooks
+from sae_jax import lm as lm_jax
 from tests import tiny_lm
 
 FAMILIES = ("gpt_neox",) + tiny_lm.FAMILIES
+JAX_FAMILIES = tuple(f for f in FAMILIES if lm_jax.family_of(f) is not None)
+# Config options the families' defaults leave out, each in a model of its own.
+VARIANTS = {
+    "llama3": ("llama", dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=500.0, factor=8.0, low_freq_factor=1.0,
+        high_freq_factor=4.0, original_max_position_embeddings=8), attention_bias=True,
+        mlp_bias=True, tie_word_embeddings=True)),
+    "qwen2_window": ("qwen2", dict(use_sliding_window=True, sliding_window=3,
+                                   max_window_layers=1)),
+    "gpt2_scaled": ("gpt2", dict(scale_attn_by_inverse_layer_idx=True,
+                                 activation_function="gelu")),
+    "gemma2_capped": ("gemma2", dict(sliding_window=3, attn_logit_softcapping=0.005,
+                                     query_pre_attn_scalar=1,
+                                     final_logit_softcapping=0.5)),
+}
 POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 # The module whose output is each point of block N, written out per family
 # (the library finds it another way: hooks.SUBMODULES on the block list).
@@ -37,6 +55,11 @@ def models(tmp_path_factory):
     (root / family).mkdir()
     out[family] = str(tiny_lm.build(root / family, layers=2) if family == "gpt_neox"
                       else tiny_lm.build_causal(root / family, family))
+  (root / "bert").mkdir()
+  out["bert"] = str(tiny_lm.build_bert(root / "bert"))
+  for name, (family, overrides) in VARIANTS.items():
+    (root / name).mkdir()
+    out[name] = str(tiny_lm.build_causal(root / name, family, **overrides))
   return out
 
 
@@ -49,17 +72,18 @@ def direct(model_dir, ids):
   import torch
   import transformers
   lm = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
-  outputs, handles = {}, []
+  outputs, handles = {"logits": None}, []
   for point, path in MODULE[lm.config.model_type].items():
     for layer in range(lm.config.num_hidden_layers):
       keep = lambda m, i, o, key=(point, layer): outputs.__setitem__(
           key, (o[0] if isinstance(o, tuple) else o).numpy())
       handles.append(lm.get_submodule(path.format(layer)).register_forward_hook(keep))
   with torch.inference_mode():
-    hidden = lm(input_ids=torch.as_tensor(ids), output_hidden_states=True).hidden_states
+    out = lm(input_ids=torch.as_tensor(ids), output_hidden_states=True)
   for handle in handles:
     handle.remove()
-  return [h.numpy() for h in hidden], outputs
+  outputs["logits"] = out.logits.numpy()
+  return [h.numpy() for h in out.hidden_states], outputs
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -80,6 +104,38 @@ def test_each_hook_is_the_models_own_activation_there(models, family):
   np.testing.assert_array_equal(got["resid_post", 0], hidden[1])
   np.testing.assert_array_equal(got["resid_post", 0], got["resid_pre", 1])
   assert not np.allclose(got["resid_post", 1], hidden[2], atol=1e-3)  # the final norm
+
+
+def close(got, want, rtol=1e-4):
+  """Equal within rtol relative to the array's scale."""
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("family", JAX_FAMILIES + tuple(VARIANTS))
+def test_the_jax_model_gives_each_hook_and_the_logits_as_transformers(models, family):
+  hidden, module_out = direct(models[family], IDS)
+  config, params = lm_jax.load(models[family])
+  names = tuple(f"blocks.{layer}.hook_{point}" for layer in (0, 1) for point in POINTS)
+  got = dict(zip(names, lm_jax.hooks_at(params, config, IDS, names)))
+  for layer in (0, 1):
+    close(got[f"blocks.{layer}.hook_resid_pre"], hidden[layer])
+    for point in ("attn_out", "mlp_out"):
+      close(got[f"blocks.{layer}.hook_{point}"], module_out[point, layer])
+  close(got["blocks.0.hook_resid_post"], hidden[1])
+  close(got["blocks.1.hook_resid_post"], got["blocks.1.hook_resid_pre"]
+        + got["blocks.1.hook_attn_out"] + got["blocks.1.hook_mlp_out"])
+  logits = np.asarray(lm_jax.logits(params, config, IDS))
+  close(logits, module_out["logits"])
+  # A splice at a point inside a block: the identity changes nothing, and
+  # zeroing it changes what follows.
+  same = lm_jax.logits_with(params, config, IDS, "blocks.0.hook_attn_out", _identity)
+  close(np.asarray(same), logits, 1e-6)
+  zero = lm_jax.logits_with(params, config, IDS, "blocks.0.hook_attn_out", jnp.zeros_like)
+  assert not np.allclose(np.asarray(zero), logits, atol=1e-3)
+
+
+def _identity(x):
+  return x
 
 
 def test_the_forward_stops_at_the_hook(models):
@@ -134,19 +190,22 @@ def test_an_export_at_the_mlp_records_its_hook_and_splices_there(models, tmp_pat
     ("blocks.0.hook_mlp", {},
      ["hook must be", "blocks.N.hook_attn_out", "got 'blocks.0.hook_mlp'"]),
     ("blocks.2.hook_attn_out", {}, ["needs block 2", "has blocks 0..1"]),
-    ("blocks.0.hook_mlp_out", {"backend": "jax"},
-     ["--backend jax runs the model in JAX", "blocks.0.hook_resid_post", "--backend torch"]),
+    ("blocks.0.hook_normalized_resid_post", {"backend": "jax", "model": "bert"},
+     ["--backend jax", "is a 'bert' model; sae_jax runs gemma2, gpt2, gpt_neox, llama, mistral, "
+      "qwen2 in JAX", "export it with --backend torch"]),
+    ("blocks.2.hook_attn_out", {"backend": "jax"}, ["needs block 2", "has blocks 0..1"]),
 ])
 def test_wrong_hooks_are_refused_in_one_line(models, hook, config, words):
   with pytest.raises(ValueError) as error:
-    hooked_config = dict(model=models["gpt2"], hook=hook, backend="torch") | config
-    export.HookedModel(export.ExportConfig(**hooked_config))
+    model = models[config.pop("model", "gpt2")]
+    hooked_config = dict(model=model, hook=hook, backend="torch") | config
+    kind = export.JaxHookedModel if config.get("backend") == "jax" else export.HookedModel
+    kind(export.ExportConfig(**hooked_config))
   message = str(error.value)
   assert "\n" not in message and all(w in message for w in words), message
 
 
 def test_inside_a_block_of_an_unknown_family_and_of_an_encoder_is_refused():
-  """And the JAX model's refusal, in one line."""
   with pytest.raises(ValueError, match=r"known only for gemma2, gpt2, gpt_neox, llama, mistral, "
                                        r"qwen2; its 'blocks.3.hook_resid_pre' and"):
     hooks.check_architecture("blocks.3.hook_attn_out", "m", False, "opt")
@@ -154,18 +213,20 @@ def test_inside_a_block_of_an_unknown_family_and_of_an_encoder_is_refused():
   with pytest.raises(ValueError, match=r"encoder \(BERT\), whose export reads only block "
                                        r"outputs, 'blocks.1.hook_normalized_resid_post'"):
     hooks.check_architecture("blocks.1.hook_mlp_out", "m", True, "bert")
-  with pytest.raises(ValueError, match=r"--stream runs the model in JAX"):
-    hooks.check_jax("blocks.1.hook_resid_pre", "--stream")
   assert hooks.hidden_states_index("blocks.4.hook_resid_pre") == 4
 
 
-def test_on_an_accelerator_only_a_block_output_defaults_to_jax(models, monkeypatch):
+def test_on_an_accelerator_the_families_jax_runs_default_to_jax(models, monkeypatch):
   import jax
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert export.default_backend(models["gpt_neox"], hook="blocks.1.hook_resid_post") == "jax"
-  for point in ("resid_pre", "attn_out", "mlp_out"):
-    assert export.default_backend(models["gpt_neox"], hook=f"blocks.1.hook_{point}") == "torch"
-  assert export.default_backend(models["gpt2"], hook="blocks.1.hook_resid_post") == "torch"
+  for family in JAX_FAMILIES:
+    assert export.default_backend(models[family]) == "jax", family
+    for point in POINTS:
+      config = export.ExportConfig(model=models[family], hook=f"blocks.1.hook_{point}")
+      assert config.backend == "jax", (family, point)
+  assert export.default_backend(models["bert"]) == "torch"
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert export.default_backend(models["llama"]) == "torch"
 
 
 @pytest.mark.slow
@@ -186,10 +247,85 @@ def test_a_run_at_the_mlp_of_a_llama_saves_its_hook_for_saelens(models, tmp_path
       / (s["downstream_zero_ce"] - s["downstream_clean_ce"]))
   sae = load(tmp_path / "run" / "saelens", expect_kwargs_warning=True)
   assert sae.cfg.metadata.hook_name == hook
-  # --stream runs the model in JAX, which gives block outputs only: refused
-  # in one line before anything is written.
-  capsys.readouterr()
-  assert cli(*args, "--stream", "--out", tmp_path / "stream") == 2
-  err = capsys.readouterr().err
-  assert err.count("\n") == 1 and "--stream runs the model in JAX" in err, err
-  assert not (tmp_path / "stream").exists()
+  # --stream runs the Llama in JAX to the same hook, and splices there.
+  assert cli(*args, "--stream", "--stream-contexts", 8, "--out", tmp_path / "stream") == 0
+  o = outputs(tmp_path / "stream")
+  assert o["cfg"]["metadata"]["hook_name"] == hook and o["config"].export.backend == "jax"
+  assert o["summary"]["downstream_kl"] > 0
+
+
+def test_weights_load_from_bfloat16_and_from_the_shards_an_index_names(models, tmp_path):
+  """Hub checkpoints of these families are bfloat16, often sharded beside
+  a copy in another layout (Mistral's consolidated.safetensors)."""
+  import torch
+  import transformers
+  model = transformers.AutoModelForCausalLM.from_pretrained(models["llama"])
+  model.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="4KB")
+  assert (tmp_path / "model.safetensors.index.json").is_file()
+  shards = sorted(tmp_path.glob("model-*.safetensors"))
+  assert len(shards) > 1
+  import safetensors.torch
+  safetensors.torch.save_file({"model.norm.weight": torch.zeros(16)},  # not in the index
+                              tmp_path / "consolidated.safetensors")
+  from sae_jax import weights
+  assert weights.files(tmp_path) == shards
+  config, params = lm_jax.load(str(tmp_path))
+  want = model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy().T
+  np.testing.assert_array_equal(params["layers"][1]["q_w"], want)
+  np.testing.assert_array_equal(params["final_norm_w"],
+                                model.model.norm.weight.detach().float().numpy())
+  assert lm_jax.hook_at(params, config, IDS, "blocks.0.hook_mlp_out").dtype == np.float32
+
+
+@pytest.mark.parametrize("config, windows", [
+    # Qwen2 written before layer_types: windows from max_window_layers on.
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2),
+     (None, None, 8, 8)),
+    (dict(model_type="qwen2", sliding_window=8), (None,) * 4),  # use_sliding_window is False
+    (dict(model_type="mistral"), (4096,) * 4),  # transformers' default window
+    (dict(model_type="mistral", sliding_window=None), (None,) * 4),
+    (dict(model_type="llama", sliding_window=8), (None,) * 4),  # Llama has none
+])
+def test_sliding_windows_are_read_as_transformers_reads_each_type(config, windows):
+  from sae_jax import llama
+  assert llama.windows(dict(config, num_hidden_layers=4)) == windows
+
+
+DROP = object()  # a key taken out of the config
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(rope_parameters=dict(rope_type="llama3", rope_theta=1e4, factor=8.0,
+                               low_freq_factor=1.0, high_freq_factor=4.0),
+          max_position_embeddings=None),
+     r"the llama3 rotary embedding needs original_max_position_embeddings"),
+    (dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=8.0)),
+     r"rope type must be one of \('default', 'linear', 'llama3'\); .* 'yarn'"),
+    (dict(vocab_size=DROP), r"its config.json lacks or mistypes a field its 'llama' model "
+                            r"needs \(KeyError\('vocab_size'\)\)"),
+])
+def test_configs_jax_cannot_run_are_refused_in_one_line(models, change, message):
+  import json
+  config = json.loads((tiny_lm.pathlib.Path(models["llama"]) / "config.json").read_text())
+  changed = {k: v for k, v in {**config, **change}.items() if v is not DROP}
+  with pytest.raises(ValueError, match=message) as error:
+    lm_jax.config_from_json(changed, "m")
+  assert "\n" not in str(error.value)
+  # Llama 3's trained context falls back to max_position_embeddings, as in transformers.
+  rope = dict(rope_type="llama3", rope_theta=1e4, factor=8.0, low_freq_factor=1.0,
+              high_freq_factor=4.0)
+  got = lm_jax.config_from_json({**config, "rope_parameters": rope,
+                                 "max_position_embeddings": 64}, "m")
+  assert dict(got.rope[3])["original_max_position_embeddings"] == 64
+
+
+def test_gpt2_contexts_past_its_positions_are_refused(models):
+  config, params = lm_jax.load(models["gpt2"])
+  with pytest.raises(ValueError, match=r"contexts of 129 tokens are longer than the model's 128 "
+                                       r"positions"):
+    lm_jax.hook_at(params, config, np.zeros((1, 129), np.int32), "blocks.0.hook_mlp_out")
+  with pytest.raises(ValueError, match="hooks must name at least one hook"):
+    lm_jax.hooks_at(params, config, IDS, [])
+  with pytest.raises(ValueError, match=r"dtype must be one of \('float32', 'bfloat16'\); got "
+                                       r"'fp8'"):
+    lm_jax.hook_at(params, config, IDS, "blocks.0.hook_mlp_out", dtype="fp8")

@@ -1,4 +1,5 @@
-"""The JAX GPT-NeoX against transformers' torch model, block by block."""
+"""The JAX GPT-NeoX (`lm.py` with `neox.py`) against transformers' torch model,
+block by block."""
 
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax import neox
+from sae_jax import lm as lm_jax
 from tests import tiny_lm
 
 # (rotary_pct, parallel residual, hidden): head sizes 4 and 6; 0.25 of 6
@@ -40,24 +41,25 @@ def close(got, want, rtol=1e-4):
 def test_matches_transformers(tmp_path, rotary_pct, parallel, hidden):
   directory = tiny_lm.build(tmp_path, layers=3, hidden=hidden, rotary_pct=rotary_pct,
                             parallel_residual=parallel, seed=hidden)
-  config, params = neox.load(str(directory))
+  config, params = lm_jax.load(str(directory))
   assert config.parallel_residual == parallel and config.n_layers == 3
   tokens = np.random.default_rng(0).integers(0, config.vocab_size, (3, 13))
   blocks, hidden_states, want_logits = torch_outputs(directory, tokens)
 
   for layer in range(3):
-    got = np.asarray(neox.resid_at(params, config, tokens, layer))
+    got = np.asarray(lm_jax.hook_at(params, config, tokens, f"blocks.{layer}.hook_resid_post"))
     close(got, blocks[layer])
     if layer < 2:  # hook convention: blocks.N.hook_resid_post = hidden_states[N + 1] ...
       close(got, hidden_states[layer + 1])
   # ... except the top block, whose hidden_states entry has the final layer norm.
   assert not np.allclose(blocks[2], hidden_states[3], atol=1e-3)
-  logits = np.asarray(neox.logits(params, config, tokens))
+  logits = np.asarray(lm_jax.logits(params, config, tokens))
   close(logits, want_logits)
   # The splice with the identity reproduces the clean logits.
-  close(np.asarray(neox.logits_with(params, config, tokens, 1, _identity)), logits, 1e-6)
+  same = lm_jax.logits_with(params, config, tokens, "blocks.1.hook_resid_post", _identity)
+  close(np.asarray(same), logits, 1e-6)
   # bfloat16 matmuls stay near the float32 logits.
-  bf16 = np.asarray(neox.logits(params, config, tokens, dtype="bfloat16"))
+  bf16 = np.asarray(lm_jax.logits(params, config, tokens, dtype="bfloat16"))
   assert np.abs(bf16 - logits).max() < 0.05 * np.abs(logits).max()
 
 
@@ -66,30 +68,35 @@ def _identity(x):
 
 
 def test_splice_changes_what_follows_the_hook(lm):
-  config, params = neox.load(lm["model"])
+  config, params = lm_jax.load(lm["model"])
   tokens = np.arange(2 * 10).reshape(2, 10) % config.vocab_size
-  clean = np.asarray(neox.logits(params, config, tokens))
-  zeroed = np.asarray(neox.logits_with(params, config, tokens, 1, jnp.zeros_like))
+  clean = np.asarray(lm_jax.logits(params, config, tokens))
+  zeroed = np.asarray(lm_jax.logits_with(params, config, tokens, "blocks.1.hook_resid_post",
+                                         jnp.zeros_like))
   assert not np.allclose(clean, zeroed)
   # Zeroing the top block's output leaves only the final layer norm's bias.
-  top = np.asarray(neox.logits_with(params, config, tokens, config.n_layers - 1, jnp.zeros_like))
+  top_hook = f"blocks.{config.n_layers - 1}.hook_resid_post"
+  top = np.asarray(lm_jax.logits_with(params, config, tokens, top_hook, jnp.zeros_like))
   close(top[0, 0], params["final_ln_b"] @ params["unembed"])
 
 
 def test_loading_imports_no_torch(lm):
-  code = ("import sys; from sae_jax import neox; c, p = neox.load(sys.argv[1]); "
-          "import numpy as np; neox.resid_at(p, c, np.zeros((1, 4), int), 0); "
+  code = ("import sys; from sae_jax import lm; c, p = lm.load(sys.argv[1]); "
+          "import numpy as np; lm.hook_at(p, c, np.zeros((1, 4), int), 'blocks.0.hook_mlp_out'); "
           "assert 'torch' not in sys.modules, 'torch was imported'")
   subprocess.run([sys.executable, "-c", code, lm["model"]], check=True)
 
 
 @pytest.mark.parametrize("call,message", [
-    (lambda c, p: neox.resid_at(p, c, np.zeros((1, 4), int), 3), r"layer must be an int in \[0, 2\]; got 3"),
-    (lambda c, p: neox.logits(p, c, np.zeros(4, int)), r"tokens must have shape \[contexts, length\]"),
-    (lambda c, p: neox.logits(p, c, np.zeros((1, 4), int), dtype="float16"), "dtype must be one of"),
+    (lambda c, p: lm_jax.hook_at(p, c, np.zeros((1, 4), int), "blocks.3.hook_resid_post"),
+     r"hook must name a point of blocks 0..2 \(resid_pre, .*\); got 'blocks.3.hook_resid_post'"),
+    (lambda c, p: lm_jax.logits(p, c, np.zeros(4, int)),
+     r"tokens must have shape \[contexts, length\]"),
+    (lambda c, p: lm_jax.logits(p, c, np.zeros((1, 4), int), dtype="float16"),
+     "dtype must be one of"),
 ])
 def test_bad_input_is_refused(lm, call, message):
-  config, params = neox.load(lm["model"])
+  config, params = lm_jax.load(lm["model"])
   with pytest.raises(ValueError, match=message):
     call(config, params)
 
@@ -98,4 +105,4 @@ def test_a_directory_without_safetensors_is_refused(tmp_path, lm):
   import shutil  # noqa: PLC0415
   shutil.copy(f"{lm['model']}/config.json", tmp_path / "config.json")
   with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
-    neox.load(str(tmp_path))
+    lm_jax.load(str(tmp_path))

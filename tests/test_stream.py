@@ -1,13 +1,17 @@
 """The --stream data source: positions in the text, the on-device shuffle
-buffer against the model's rows computed directly, and exact resumption."""
+buffer against the model's rows computed directly, and exact resumption;
+on each family the JAX model runs, at a hook inside a block, the rows it
+serves are those the torch export writes."""
 
+import dataclasses
 import pathlib
 
 import numpy as np
 import pytest
 
 from sae_jax import contexts as contexts_lib
-from sae_jax import neox
+from sae_jax import export
+from sae_jax import lm as lm_jax
 from sae_jax import stream as stream_lib
 from sae_jax import train
 from tests import tiny_lm
@@ -50,8 +54,8 @@ def make_stream(lm, **kwargs):
 
 def reference_rows(s: stream_lib.Stream, contexts_CxL):
   """The model's rows at drawable positions, computed directly: [C, L, D] and mask."""
-  config, params = neox.load(s.config.model)
-  acts = np.asarray(neox.resid_at(params, config, contexts_CxL, s.layer))
+  config, params = lm_jax.load(s.config.model)
+  acts = np.asarray(lm_jax.hook_at(params, config, contexts_CxL, s.config.hook))
   valid = ~np.isin(contexts_CxL, s.excluded)
   valid[:, 0] = False
   return acts, valid
@@ -116,6 +120,46 @@ def test_resuming_at_a_position_gives_the_same_batches(lm):
     next(s.batches(5, None))
   with pytest.raises(ValueError, match="saved on 8 devices and is resuming on 4"):
     next(s.batches(10, dict(positions[10], devices=8)))
+
+
+# Each family's module with a hook inside or before a block (resid_post is
+# the tests' above). Not Qwen2 (llama.py, as Llama and Mistral): transformers
+# 5 loads its tokenizer as Qwen2Tokenizer by the model type, not the
+# word-level one saved with it, and that reads the test text as nothing.
+FAMILY_HOOKS = [("gpt_neox", "blocks.1.hook_attn_out"), ("gpt2", "blocks.1.hook_mlp_out"),
+                ("llama", "blocks.1.hook_resid_pre"), ("mistral", "blocks.0.hook_mlp_out"),
+                ("gemma2", "blocks.1.hook_attn_out")]
+
+
+@pytest.mark.parametrize("family, hook", FAMILY_HOOKS)
+def test_each_family_streams_the_rows_the_torch_export_writes(lm, tmp_path, family, hook):
+  model = str(tiny_lm.build(tmp_path, layers=2) if family == "gpt_neox"
+              else tiny_lm.build_causal(tmp_path, family))
+  s = make_stream({**lm, "model": model}, hook=hook)
+  torch_model = export.HookedModel(dataclasses.replace(s.config, backend="torch"))
+
+  def torch_rows(contexts_CxL):
+    valid = stream_lib.valid_rows(contexts_CxL, s.excluded)
+    return torch_model(contexts_CxL)[valid], valid
+
+  want, _ = torch_rows(s.eval_contexts)
+  np.testing.assert_allclose(s.held_out(), want[:40], rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  # The first round: each served row is one of the torch rows of its
+  # device's contexts, at a drawable position, once.
+  batches = s.batches(0, None)
+  served = np.stack([np.asarray(next(batches)) for _ in range(3)])  # [steps, 4, b, D]
+  batches.close()
+  L = s.config.context_length
+  first = np.stack([c for c, _ in contexts_lib.located_contexts(s.config, s.tokenizer,
+                                                                 s.train_start)][:ROUND])
+  for d, contexts in enumerate(first.reshape(4, ROUND // 4, L)):
+    flat = torch_model(contexts).reshape(-1, s.d_model)
+    valid = stream_lib.valid_rows(contexts, s.excluded).reshape(-1)
+    rows = served[:, d].reshape(-1, s.d_model)
+    distance = np.linalg.norm(rows[:, None] - flat[None], axis=-1)
+    nearest = distance.argmin(1)
+    assert np.all(distance[np.arange(len(rows)), nearest] < 1e-4 * np.abs(flat).max())
+    assert valid[nearest].all() and len(set(nearest.tolist())) == len(rows)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -67,28 +67,31 @@ def _word_tokenizer(directory: pathlib.Path) -> dict:
 
 
 def build_causal(directory: pathlib.Path, family: str, *, layers: int = 2, hidden: int = 16,
-                 seed: int = 0) -> pathlib.Path:
+                 seed: int = 0, **overrides) -> pathlib.Path:
   """Saves a random causal LM of `family` (one of FAMILIES: 4 heads, 2 of
-  them key-value heads where the family has grouped queries) with the
-  word-level tokenizer of `build`."""
+  them key-value heads where the family has grouped queries; Mistral's
+  sliding window 4 positions) with the word-level tokenizer of `build`;
+  `overrides` go to its transformers config."""
   import torch
   import transformers
   vocab = _word_tokenizer(directory)
   common = dict(vocab_size=len(vocab), bos_token_id=0, eos_token_id=0)
   if family == "gpt2":
     config = transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=128,
-                                     **common)
+                                     **common, **overrides)
   else:
     kind = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
             "mistral": transformers.MistralConfig, "gemma2": transformers.Gemma2Config}[family]
+    window = {"sliding_window": 4} if family == "mistral" else {}
     config = kind(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-                  max_position_embeddings=128, pad_token_id=1, **common)
+                  max_position_embeddings=128, pad_token_id=1, **common,
+                  **{**window, **overrides})
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(config)
-  with torch.no_grad():  # random norms' weights, so that a norm left out shows
+  with torch.no_grad():  # random norms and biases, so that one left out shows
     for name, p in model.named_parameters():
-      if "norm" in name or "ln" in name:
+      if "norm" in name or "ln" in name or name.endswith("bias"):
         p.add_(0.5 * torch.randn_like(p))
   model.save_pretrained(directory)
   return directory
