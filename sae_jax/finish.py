@@ -2,6 +2,7 @@
 concept metrics (probing, absorption), the downstream loss and the SAELens
 export; summary.json last, which marks the run finished."""
 
+import contextlib
 import json
 import math
 import pathlib
@@ -31,28 +32,35 @@ def finish(config: RunConfig, out: pathlib.PurePath, state: train.TrainState,
   c = config.train
   began = time.perf_counter()
   say = lambda what: print(f"  {what} ({time.perf_counter() - began:.1f} s)", flush=True)
-  calibration, rule, counts_F = _inference_rule(config, state, source)
+  seconds = {}
+  with _timed(seconds, "calibration"):
+    calibration, rule, counts_F = _inference_rule(config, state, source)
   say(f"inference rule ({_described(rule)}) from {calibration.tokens} calibration tokens")
-  summary = _evaluate(config, state, source, rule, calibration)
+  with _timed(seconds, "evaluation"):
+    summary = _evaluate(config, state, source, rule, calibration, seconds)
+  for part in ("probing", "downstream"):  # timed inside the evaluation
+    seconds["evaluation"] -= seconds.get(part, 0.0)
   say(f"evaluated on {summary['eval_rows']} held-out tokens")
   summary.update(tokens=int(state.step) * c.batch_size, steps=int(state.step),
                  tokens_per_second=tokens_per_second)
   summary.update(inference_gap(summary))
   if not outdir.writes():
-    return summary
+    return dict(summary, end_seconds=_parts(seconds, began))
   metadata = dict(source.metadata)
   if c.nested is not None:  # the prefixes' ends, as SAELens' Matryoshka config names them
     metadata["matryoshka_widths"] = np.cumsum(c.nested.sizes).tolist()
   try:
-    saelens.export_saelens(
-        out / "saelens", state.params, rule.threshold_F, float(state.input_scale),
-        rule.sae(c.sae), metadata,
-        log10_density=thresholds.log10_density(counts_F, calibration.tokens))
+    with _timed(seconds, "export"):
+      saelens.export_saelens(
+          out / "saelens", state.params, rule.threshold_F, float(state.input_scale),
+          rule.sae(c.sae), metadata,
+          log10_density=thresholds.log10_density(counts_F, calibration.tokens))
   except (OSError, safetensors.SafetensorError) as error:
     reason = getattr(error, "strerror", None) or str(error)
     raise ValueError(f"could not write {out / 'saelens'} ({reason}); nothing was left "
                      f"half-written, and a saelens/ written before is as it was: free space "
                      f"and re-run to finish") from None
+  summary["end_seconds"] = _parts(seconds, began)
   outdir.write_json(out / "summary.json", summary)  # last: the run is finished once it exists
   say("exported to saelens/")
   print(json.dumps(outdir.strict(summary)), flush=True)
@@ -61,6 +69,27 @@ def finish(config: RunConfig, out: pathlib.PurePath, state: train.TrainState,
   if "inference_warning" in summary:
     print(f"warning: {summary['inference_warning']}", flush=True)
   return summary
+
+
+TIMINGS = ("tokens_per_second", "end_seconds")
+"""summary.json's fields that are timings: equal runs differ only there."""
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict, part: str):
+  """Adds the block's wall time to seconds[part]."""
+  began = time.perf_counter()
+  try:
+    yield
+  finally:
+    seconds[part] = seconds.get(part, 0.0) + time.perf_counter() - began
+
+
+def _parts(seconds: dict, began: float) -> dict:
+  """summary.json's end_seconds: each part of the end of the run, and the
+  whole (which also holds the little between them)."""
+  return {**{part: round(value, 3) for part, value in seconds.items()},
+          "total": round(time.perf_counter() - began, 3)}
 
 
 # How much worse than its own training rule, on the same held-out tokens, a
@@ -118,9 +147,7 @@ def _inference_rule(config: RunConfig, state: train.TrainState, source: DataSour
   rule = inference.choose(config.inference, state.params,
                           thresholds.batches(scaled, c.batch_size), sae, theta_F,
                           calibration.training_sse)
-  if rule.name != "topk":
-    return calibration, rule, calibration.counts_F
-  return calibration, rule, _counts(state, rows[:calibration.tokens], theta_F, rule.sae(c.sae))
+  return calibration, rule, calibration.counts_F if rule.name != "topk" else rule.counts_F
 
 
 def _counts(state: train.TrainState, rows, theta_F, sae_config) -> np.ndarray:
@@ -143,7 +170,7 @@ def _described(rule: inference.Rule) -> str:
 
 
 def _evaluate(config: RunConfig, state: train.TrainState, source: DataSource,
-              rule: inference.Rule, calibration: thresholds.Calibration) -> dict:
+              rule: inference.Rule, calibration: thresholds.Calibration, seconds: dict) -> dict:
   """summary.json: the held-out tokens in inference mode (the saved SAE) and
   in batch mode (the training rule on shuffled batches of the same tokens)."""
   c = config.train
@@ -152,7 +179,8 @@ def _evaluate(config: RunConfig, state: train.TrainState, source: DataSource,
   theta_F = rule.threshold_F
   z, xhat = evaluate.reconstruct(state.params, theta_F, state.input_scale, held_out,
                                  model.SAE(rule.sae(c.sae)))
-  concepts = _concepts(config, state, source, held_out, z, np.isfinite(raw).all(axis=1))
+  with _timed(seconds, "probing"):
+    concepts = _concepts(config, state, source, held_out, z, np.isfinite(raw).all(axis=1))
   summary = evaluate.reconstruction_metrics(held_out, xhat, z)
   sparsity = evaluate.sparsity_metrics(z)
   counts, never = evaluate.density_histogram(sparsity.pop("density_F"))
@@ -186,7 +214,8 @@ def _evaluate(config: RunConfig, state: train.TrainState, source: DataSource,
     summary.update(evaluate.ground_truth_metrics(state.params["W_dec"], source.dictionary,
                                                  config.synthetic.feature_class()))
   summary.update(concepts)
-  summary.update(_downstream(config, state, rule, source))
+  with _timed(seconds, "downstream"):
+    summary.update(_downstream(config, state, rule, source))
   return summary
 
 

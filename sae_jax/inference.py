@@ -40,6 +40,9 @@ class Rule(typing.NamedTuple):
   threshold_F: np.ndarray  # θ per latent (scaled units); what "topk" ignores
   k: int  # latents per token ("topk"); the training k otherwise
   fvu: dict  # FVU on the calibration tokens: training rule, per-latent, best topk
+  # "topk": each latent's firings under it on the calibration tokens (the
+  # pass that chose it counts them); None for the others.
+  counts_F: typing.Optional[np.ndarray] = None
 
   def sae(self, config: SAEConfig) -> SAEConfig:
     """The SAE config that encodes by this rule (`model.SAE.encode_inference`)."""
@@ -51,7 +54,10 @@ class Rule(typing.NamedTuple):
 @functools.partial(jax.jit, static_argnames=("sae",))
 def _errors(params, x_NxBxD, theta_F, sae: model.SAE):
   """Σ‖x − x̂‖² over every batch: with the thresholds θ_F, and with each
-  token's k′ largest codes for k′ = 1..k ([k])."""
+  token's k′ largest codes for k′ = 1..k ([k]); and [k, F], how often each
+  latent is a token's i-th largest positive code, whose cumulative sums over
+  i < k′ count the firings of the topk rule with k′ (`selection.topk`'s
+  order: larger first, equal ones lower latent first)."""
   k = sae.config.k
   variables = {"params": params}
   W_dec_FxD = params["W_dec"].astype(jnp.float32)
@@ -68,11 +74,15 @@ def _errors(params, x_NxBxD, theta_F, sae: model.SAE):
       return error_BxD, jnp.sum(jnp.square(error_BxD))
 
     _, top_K = lax.scan(peel, x_BxD - params["b_dec"][None, :], jnp.arange(k))
-    totals = totals[0] + thresholded.astype(jnp.float32), totals[1] + top_K.astype(jnp.float32)
+    counts_KxF = totals[2].at[jnp.arange(k)[None, :], latents_BxK].add(
+        (values_BxK > 0).astype(jnp.int32))
+    totals = (totals[0] + thresholded.astype(jnp.float32),
+              totals[1] + top_K.astype(jnp.float32), counts_KxF)
     return totals, None
 
   zero = jnp.zeros((), jnp.float32)
-  totals, _ = lax.scan(one, (zero, jnp.zeros(k, jnp.float32)), x_NxBxD)
+  counts = jnp.zeros((k, sae.config.n_latents), jnp.int32)
+  totals, _ = lax.scan(one, (zero, jnp.zeros(k, jnp.float32), counts), x_NxBxD)
   return totals
 
 
@@ -104,8 +114,8 @@ def choose(asked: str, params, x_NxBxD, sae: model.SAE, threshold_F,
   x_NxBxD = np.asarray(x_NxBxD, np.float32)
   mean_D = x_NxBxD.mean(axis=(0, 1), dtype=np.float64)
   variance = sum(float(np.square(x_BxD - mean_D).sum()) for x_BxD in x_NxBxD)
-  thresholded, top_K = _errors(params, jnp.asarray(x_NxBxD, jnp.float32),
-                               jnp.asarray(threshold_F, jnp.float32), sae)
+  thresholded, top_K, counts_KxF = _errors(params, jnp.asarray(x_NxBxD, jnp.float32),
+                                           jnp.asarray(threshold_F, jnp.float32), sae)
   top_K = np.asarray(top_K, np.float64)
   best = int(np.argmin(top_K))
   thresholds = "global" if asked == "global" else "per-latent"
@@ -116,5 +126,7 @@ def choose(asked: str, params, x_NxBxD, sae: model.SAE, threshold_F,
   use_topk = asked == "topk" or (asked == "auto" and fvu[thresholds] > GAP * fvu["training_rule"]
                                  and fvu["topk"] < fvu[thresholds])
   threshold_F = np.asarray(threshold_F, np.float32)
-  return Rule("topk", threshold_F, best + 1, fvu) if use_topk else Rule(
-      thresholds, threshold_F, sae.config.k, fvu)
+  if use_topk:
+    counts_F = np.asarray(counts_KxF)[:best + 1].sum(axis=0, dtype=np.int64)
+    return Rule("topk", threshold_F, best + 1, fvu, counts_F)
+  return Rule(thresholds, threshold_F, sae.config.k, fvu)

@@ -41,8 +41,8 @@ def reference_errors(params, x_NxD, theta_F):
 
 def test_errors_match_numpy():
   params, x, theta_F = setup()
-  thresholded, top_K = inference._errors(params, jnp.asarray(x), jnp.asarray(theta_F),
-                                       model.SAE(CONFIG))
+  thresholded, top_K, _ = inference._errors(params, jnp.asarray(x), jnp.asarray(theta_F),
+                                          model.SAE(CONFIG))
   want_thresholded, want_top = reference_errors(params, np.asarray(x, np.float64).reshape(-1, D),
                                                 theta_F)
   np.testing.assert_allclose(float(thresholded), want_thresholded, rtol=1e-4)
@@ -76,6 +76,33 @@ def test_the_choice():
   assert choose("global", thresholded / 10).name == "global"
   assert "global" in choose("global", 1.0).fvu
   assert (choose("topk", thresholded).name, choose("topk", thresholded).k) == ("topk", best)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_a_topk_rule_counts_what_the_saved_sae_fires(ties):
+  """The pass that chooses k′ counts each latent's firings under it: the
+  counts a pass of the saved SAE's own encoder (`selection.topk`) gives,
+  with ties (repeated tokens, activations rounded to a coarse grid, tokens
+  with fewer than k positive codes) broken as it breaks them."""
+  from sae_jax import evaluate
+  params, x, theta_F = setup()
+  if ties:  # coarse weights: many equal activations, and many zeros
+    params = dict(params, W_enc=jnp.round(params["W_enc"] * 4) / 4,
+                  b_enc=jnp.full(F, -0.5, jnp.float32), b_dec=jnp.zeros(D, jnp.float32))
+    x = np.round(x * 2) / 2
+    x[:, ::2] = x[:, 1::2]  # each token twice
+  rule = inference.choose("topk", params, x, model.SAE(CONFIG), theta_F, 1.0)
+  z, _ = evaluate.reconstruct(params, theta_F, 1.0, x.reshape(-1, D), model.SAE(rule.sae(CONFIG)))
+  np.testing.assert_array_equal(rule.counts_F, np.sum(z > 0, axis=0))
+  assert rule.counts_F.sum() > 0
+  if ties:
+    a = np.maximum(np.asarray(model.SAE(CONFIG).apply({"params": params}, jnp.asarray(
+        x.reshape(-1, D)), method=model.SAE.pre)), 0)
+    kth = -np.sort(-a, axis=1)[:, rule.k - 1:rule.k + 1]
+    assert np.any((kth[:, 0] == kth[:, 1]) & (kth[:, 0] > 0))  # a tie at the k′-th
+    assert np.any(np.sum(a > 0, axis=1) < rule.k)  # fewer positive than k′
+  assert inference.choose("per-latent", params, x, model.SAE(CONFIG), theta_F, 1.0).counts_F \
+      is None
 
 
 @pytest.mark.slow

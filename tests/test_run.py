@@ -39,6 +39,11 @@ def test_synthetic_run_writes_every_output(tmp_path, capsys):
   assert o["summary"]["explained_variance"] == pytest.approx(1 - o["summary"]["fvu"])
   assert [m["step"] for m in o["metrics"]] == [10, 20, 30, 40]
   assert all(m["tokens_per_second"] > 0 for m in o["metrics"])
+  # The end of the run, part by part; the whole holds them all.
+  parts = o["summary"]["end_seconds"]
+  assert set(parts) == {"calibration", "evaluation", "probing", "downstream", "export", "total"}
+  assert all(v >= 0 for v in parts.values()) and parts["calibration"] > 0
+  assert sum(v for k, v in parts.items() if k != "total") <= parts["total"] + 0.01
   assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
       "15", "15.meta.json", "30", "30.meta.json", "40", "40.meta.json"]
   assert o["config"].train.sae.k == 4 and o["config"].data == "synthetic"

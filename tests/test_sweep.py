@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from sae_jax import finish
 from sae_jax import outdir
 from sae_jax import sweep as sweep_lib
 from sae_jax.config import SAEConfig
@@ -47,7 +48,7 @@ def same_runs(a, b, names):
     x, y = outputs(a / name), outputs(b / name)
     assert x["bytes"] == y["bytes"], name
     assert [m["loss"] for m in x["metrics"]] == [m["loss"] for m in y["metrics"]], name
-    drop = lambda summary: {k: v for k, v in summary.items() if k != "tokens_per_second"}
+    drop = lambda summary: {k: v for k, v in summary.items() if k not in finish.TIMINGS}
     assert drop(x["summary"]) == drop(y["summary"]), name
 
 
