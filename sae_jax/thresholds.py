@@ -33,6 +33,7 @@ import numpy as np
 from jax import lax
 
 from sae_jax import model
+from sae_jax import selection
 
 NEVER = float(np.finfo(np.float32).max)  # θ of a latent that must never fire
 # The Sampled-SAE pools of `sample_pool` runs, drawn during calibration.
@@ -81,10 +82,18 @@ def _count(params, x_NxBxD, sae: model.SAE):
     pool_P = model.step_pool(a_BxF, key_i,
                              None if pool_P is None else (pool_P, i % config.pool_every == 0),
                              **config.pool_rule)
-    z_BxF = sae.apply(variables, a_BxF, key=key_i, pool=pool_P, method=model.SAE.select)
-    error = x_NxBxD[i] - sae.apply(variables, z_BxF, method=model.SAE.decode)
-    return (total_F + jnp.sum(z_BxF > 0, axis=0, dtype=jnp.int32),
-            sse + jnp.sum(jnp.square(error)).astype(sse.dtype), pool_P)
+    if config.selection == "sampled":  # the selection in the pool's P columns, as training
+      rule = config.pool_rule
+      chosen = selection.sampled_select_pooled(a_BxF, rule.pop("k"), rule.pop("l"), pool=pool_P,
+                                               **model.sampled_options(key_i, **rule))
+      xhat_BxD = sae.apply(variables, chosen.values, chosen.pool, method=model.SAE.decode_pooled)
+      total_F = total_F.at[chosen.pool].add(jnp.sum(chosen.values > 0, axis=0, dtype=jnp.int32))
+    else:
+      z_BxF = sae.apply(variables, a_BxF, key=key_i, pool=pool_P, method=model.SAE.select)
+      xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode)
+      total_F = total_F + jnp.sum(z_BxF > 0, axis=0, dtype=jnp.int32)
+    error = x_NxBxD[i] - xhat_BxD
+    return total_F, sse + jnp.sum(jnp.square(error)).astype(sse.dtype), pool_P
 
   kept_P = jnp.zeros(config.pool_size, jnp.int32) if config.keeps_pool else None
   counts_F, sse, _ = lax.fori_loop(

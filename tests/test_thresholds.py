@@ -118,6 +118,32 @@ def test_calibration_matches_numpy_and_the_training_rule_on_its_tokens(selection
   np.testing.assert_array_equal(np.sum(np.asarray(z) > 0, axis=0), counts)
 
 
+@pytest.mark.parametrize("options", [dict(pool_every=3), dict(sample_pool=True),
+                                     dict(score="leverage")])
+def test_the_count_pass_selects_in_the_pool_as_the_sae_selects(options):
+  """The count pass selects a Sampled-SAE's codes in the pool's columns
+  (`sampled_select_pooled`): the SAE module's dense selection's, with pools
+  kept between batches, drawn, or scored by leverage."""
+  config = sae("sampled", **options)
+  params, module = params_for(config), model.SAE(config)
+  x = jnp.asarray(thresholds.batches(SOURCE.sample(7, 8 * B), B))
+  counts_F, sse = thresholds._count(params, x, module)
+  key, want_F, want_sse, pool_P = jax.random.key(thresholds.CALIBRATION_KEY), 0, 0.0, None
+  for i in range(len(x)):
+    a = jax.nn.relu(module.apply({"params": params}, x[i], method=model.SAE.pre))
+    key_i = jax.random.fold_in(key, i)
+    if config.keeps_pool:
+      kept = (jnp.zeros(config.pool_size, jnp.int32) if pool_P is None else pool_P,
+              i % config.pool_every == 0)
+      pool_P = model.step_pool(a, key_i, kept, **config.pool_rule)
+    z = module.apply({"params": params}, a, key=key_i, pool=pool_P, method=model.SAE.select)
+    want_F = want_F + np.sum(np.asarray(z) > 0, axis=0)
+    want_sse += float(jnp.sum(jnp.square(
+        x[i] - module.apply({"params": params}, z, method=model.SAE.decode))))
+  np.testing.assert_array_equal(np.asarray(counts_F), want_F)
+  np.testing.assert_allclose(float(sse), want_sse, rtol=1e-5)
+
+
 def test_fresh_tokens_fire_each_latent_as_the_training_rule_does():
   """On tokens the calibration never saw, each latent's inference firing
   count n' is within sampling error of the training rule's count n on the
