@@ -24,8 +24,12 @@ def parse(argv=None) -> tuple[export.ExportConfig, str]:
   p.add_argument("--model", default=d["model"].default, help="hub id or local directory")
   p.add_argument("--revision", default=None, help="hub revision: branch, tag or commit")
   p.add_argument("--hook", default=d["hook"].default,
-                 help="blocks.N.hook_resid_pre, blocks.N.hook_attn_out, blocks.N.hook_mlp_out or "
-                      "blocks.N.hook_resid_post (an encoder's: blocks.N.hook_normalized_resid_post)")
+                 help="blocks.N.hook_resid_pre, blocks.N.hook_attn_out, blocks.N.hook_mlp_out, "
+                      "blocks.N.hook_resid_post or blocks.N.ln2.hook_normalized (an encoder's: "
+                      "blocks.N.hook_normalized_resid_post)")
+  p.add_argument("--target-hook", default=None,
+                 help="a transcoder's target: each row holds --hook's and this later hook's "
+                      "activations, [rows, 2, D] (docs/transcoders.md)")
   p.add_argument("--dataset", nargs="+", default=[d["dataset"].default],
                  help="a hub dataset name, or local .txt / .jsonl files")
   p.add_argument("--split", default=d["split"].default)

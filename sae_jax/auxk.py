@@ -69,14 +69,15 @@ class _Setup(typing.NamedTuple):
   weight: jax.Array  # ê's cotangent is weight·(e - ê)
   scale: jax.Array  # turns Σ||e - ê||² into this device's share of the loss
   layout: str  # `TrainConfig.layout`
+  centre: bool  # the encoder read x - b_dec (`SAEConfig.centred`)
 
 
 def _setup(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux: int, weight: float,
-           axis_name, layout: str) -> _Setup:
+           axis_name, layout: str, centre: bool) -> _Setup:
   residual_BxD = lax.stop_gradient(residual_BxD)
   scale = losses.auxk_scale(residual_BxD, axis_name)  # collectives stay outside conds
   return _Setup(params, centred_BxD, residual_BxD, lax.stop_gradient(pre_BxF), dead_F,
-                min(k_aux, pre_BxF.shape[1]), -2 * weight * scale, scale, layout)
+                min(k_aux, pre_BxF.shape[1]), -2 * weight * scale, scale, layout, centre)
 
 
 # AuxK's TopK runs by bisection on the bits (`selection.topk_by_bits`)
@@ -121,7 +122,9 @@ def _auxk_on(s: _Setup, a_BxC, W_dec_CxD, W_enc_DxC):
     rows_M = jnp.repeat(jnp.arange(n_rows, dtype=jnp.int32), values_BxK.shape[1])
     grads = layouts.entry_grads(rows_M, cols_BxK.reshape(-1), values_BxK.reshape(-1), dehat_BxD,
                          dpre_BxK.reshape(-1), s.centred_BxD, n_cols)
-  grads["b_dec"] = -(W_enc_DxC @ grads["b_enc"])
+  # ê has no b_dec: b_dec's gradient is the encoder's centring term alone.
+  grads["b_dec"] = (-(W_enc_DxC @ grads["b_enc"]) if s.centre
+                    else jnp.zeros(W_enc_DxC.shape[0], jnp.float32))
   return grads, jnp.sum(jnp.square(error_BxD))
 
 
@@ -142,16 +145,16 @@ def _packed(s: _Setup, capacity: int):
 
 
 def dense_grads(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux: int, weight: float,
-                axis_name, into=None, *, layout: str = "auto"):
+                axis_name, into=None, *, layout: str = "auto", centre: bool = True):
   """AuxK's value (this device's share, `losses.auxk_loss`) and `into` (dense
   gradients; zeros when None) plus the gradients of auxk_weight times it.
 
   Its selection is each token's top k_aux among the dead latents, taken from
   the dead latents' columns packed into the smallest of `auxk_capacities`
   that holds them (`_packed`), or from all F columns; by entries or codes
-  as `layout` (`TrainConfig.layout`) says."""
+  as `layout` (`TrainConfig.layout`) says; `centre` as `SAEConfig.centred`."""
   s = _setup(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux, weight, axis_name,
-             layout)
+             layout, centre)
   if into is None:
     into = jax.tree.map(jnp.zeros_like, params)
 
@@ -177,7 +180,8 @@ def dense_grads(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux: int, 
 
 
 def rows(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux: int, weight: float,
-         axis_name, pooled, pool_P, capacity: int, *, layout: str = "auto"):
+         axis_name, pooled, pool_P, capacity: int, *, layout: str = "auto",
+         centre: bool = True):
   """The pooled gradients plus AuxK's, as gradients at rows [P + C] (W_enc
   [D, P + C], b_enc [P + C], W_dec [P + C, D], b_dec [D]), for a step on which
   at most C = `capacity` latents are dead (the caller's promise):
@@ -187,7 +191,7 @@ def rows(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux: int, weight:
   AuxK's. The rows are distinct; those past the last latent are left out
   (`optimizer.update`), and while none is dead AuxK's C rows are all such."""
   s = _setup(params, centred_BxD, residual_BxD, pre_BxF, dead_F, k_aux, weight, axis_name,
-             layout)
+             layout, centre)
   n_latents = pre_BxF.shape[1]
 
   # No cond on whether any latent is dead: a conditional that reads the

@@ -94,7 +94,8 @@ def _source(run_dir: pathlib.Path, config: dict, cfg: dict, tokens: int,
         parts.append(kind_open(index, lo - bounds[index], hi - bounds[index]))
     return np.concatenate(parts)
 
-  rows = lambda a, b: read(acts.read, a, b)
+  # A transcoder's features fire on its input: the first half of a pair.
+  rows = lambda a, b: read(acts.read, a, b)[:, :acts.d_model]
   if manifest is None:
     return _Source(rows, n, (held_from, n), None, None, None)
   ids = lambda kind: read(lambda i, a, b: np.asarray(data_lib.open_npy(

@@ -236,9 +236,10 @@ class Checkpointer:
     either."""
     many = isinstance(like, (list, tuple))
     states = list(like) if many else [like]
-    # Their fields by name (orbax matches the saved tree by names).
+    # Their fields by name (orbax matches the saved tree by names); those
+    # versions trained no transcoders (target_scale None).
     target = [{f.name: getattr(s, f.name) for f in dataclasses.fields(s)
-               if f.name not in ("config", "dead_at_most")} for s in states]
+               if f.name not in ("config", "dead_at_most", "target_scale")} for s in states]
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                             jax.tree.map(np.asarray, target if many else target[0]))
     try:

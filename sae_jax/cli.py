@@ -81,7 +81,13 @@ def parser(doc: str) -> argparse.ArgumentParser:
   dat.add_argument("--hook", default=export.ExportConfig.hook,
                    help="where in the model, by TransformerLens' name: blocks.N.hook_resid_pre, "
                         "blocks.N.hook_attn_out, blocks.N.hook_mlp_out or blocks.N.hook_resid_post "
-                        "(an encoder's: blocks.N.hook_normalized_resid_post)")
+                        "(an encoder's: blocks.N.hook_normalized_resid_post), or the MLP's "
+                        "input, blocks.N.ln2.hook_normalized")
+  dat.add_argument("--target-hook", default=None,
+                   help="--data pythia: train a transcoder that reads --hook and reconstructs "
+                        "this later hook (e.g. --hook blocks.N.ln2.hook_normalized "
+                        "--target-hook blocks.N.hook_mlp_out); a cache or an [N, 2, D] .npy of "
+                        "(input, target) pairs trains one by itself")
   dat.add_argument("--dataset", nargs="+", default=[export.ExportConfig.dataset],
                    help="hub dataset, or local .txt/.jsonl files")
   dat.add_argument("--text-field", default="text")
@@ -167,8 +173,9 @@ def config_from(args) -> RunConfig:
   from sae_jax import sources  # noqa: PLC0415 (JAX and the hub's libraries: the run starts here)
   d_model = sources.d_model_of(args.data, cache_dir=args.cache_dir, model=args.model,
                                revision=args.revision, synthetic_d_model=args.synthetic_d_model,
-                               stream=args.stream, hook=args.hook)
-  return _run_config(args, d_model, args.backend)
+                               stream=args.stream, hook=args.hook, target_hook=args.target_hook)
+  return _run_config(args, d_model, args.backend,
+                     sources.transcoder_data(args.data, args.target_hook))
 
 
 def check_flags(args) -> None:
@@ -176,15 +183,18 @@ def check_flags(args) -> None:
   finding D: the scripts run it before JAX starts (whose devices pick the
   default export backend, and whose multi-process runtime must start first)."""
   d_model = args.synthetic_d_model if args.data == "synthetic" else 1
-  _run_config(args, d_model, args.backend or ("jax" if args.stream else "torch"))
+  _run_config(args, d_model, args.backend or ("jax" if args.stream else "torch"),
+              args.target_hook is not None)
 
 
-def _run_config(args, d_model: int, backend: typing.Optional[str]) -> RunConfig:
+def _run_config(args, d_model: int, backend: typing.Optional[str],
+                transcoder: bool) -> RunConfig:
   runconfig.check_stream(args.stream, args.data, args.backend or "jax")
   sae_config = SAEConfig(d_model=d_model, n_latents=args.dict_size, k=args.k,
                          selection=args.selection, l=args.l, score=args.score,
                          sample_pool=args.sample_pool, ridge=args.ridge, sketch=args.sketch,
-                         pool_every=args.pool_every, compute_dtype=args.compute_dtype)
+                         pool_every=args.pool_every, compute_dtype=args.compute_dtype,
+                         transcoder=transcoder)
   train_config = TrainConfig(
       sae_config, batch_size=args.batch_size, tokens=args.tokens,
       steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
@@ -198,6 +208,7 @@ def _run_config(args, d_model: int, backend: typing.Optional[str]) -> RunConfig:
   local = all(x.endswith((".txt", ".jsonl")) for x in args.dataset)
   export_config = export.ExportConfig(
       model=args.model, revision=args.revision, hook=args.hook,
+      target_hook=args.target_hook if args.data == "pythia" else None,
       dataset=tuple(args.dataset) if local else args.dataset[0], text_field=args.text_field,
       context_length=args.context_length,
       backend="jax" if args.stream and backend is None else backend)

@@ -58,6 +58,10 @@ class SAEConfig:
   between (the authors' sampling_update_freq); 1 chooses it on every batch."""
   compute_dtype: str = "float32"
   """Dtype of the encoder matmul ("float32" or "bfloat16"); it accumulates in float32."""
+  transcoder: bool = False
+  """A transcoder (`transcoder.py`): it encodes one hook's activations, not
+  centred by b_dec, and reconstructs another's; its rows are (input, target)
+  pairs, [2, D] each."""
 
   def __post_init__(self):
     validation.check_int_field("SAEConfig", "d_model", self.d_model)
@@ -78,6 +82,8 @@ class SAEConfig:
     validation.check_choice_field("SAEConfig", "compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
     validation.check_leverage(self.ridge, self.sketch, prefix="SAEConfig.")
     validation.check_int_field("SAEConfig", "pool_every", self.pool_every)
+    if not isinstance(self.transcoder, bool):
+      raise ValueError(f"SAEConfig.transcoder must be True or False; got {self.transcoder!r}")
 
   @property
   def pool_size(self) -> int:
@@ -90,6 +96,18 @@ class SAEConfig:
     `model.step_pool` (k, l, and `model.sampled_options`'s keywords)."""
     return dict(k=self.k, l=self.l, score=self.score, sample_pool=self.sample_pool,
                 ridge=self.ridge, sketch=self.sketch)
+
+  @property
+  def centred(self) -> bool:
+    """Whether the encoder reads x - b_dec (the SAEs trained by rule), not x
+    (JumpReLU, as dictionary_learning's, and transcoders, whose b_dec is the
+    target's)."""
+    return self.selection != "jumprelu" and not self.transcoder
+
+  @property
+  def row_width(self) -> int:
+    """Columns of a data row: D, or 2·D for a transcoder's (input, target) pair."""
+    return 2 * self.d_model if self.transcoder else self.d_model
 
   @property
   def keeps_pool(self) -> bool:

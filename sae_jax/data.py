@@ -1,9 +1,11 @@
 """Reading activations for training: a cache directory or a plain .npy file.
 
 No torch here. Batches come shaped for `p_train_step`: [devices, B / devices, D]
-float32. The order is a pure function of (seed, step, process), so a run that
-resumes at step s gets exactly the batches steps s, s+1, ... would have seen,
-without reading anything before them.
+float32. A transcoder's rows are (input, target) pairs, [N, 2, D] on disk,
+read as rows of 2·D (`transcoder.py`). The order is a pure function of
+(seed, step, process), so a run that resumes at step s gets exactly the
+batches steps s, s+1, ... would have seen, without reading anything before
+them.
 
 How rows are shuffled: the training rows are cut into segments (the cache's
 shards; 65536-row pieces of a .npy file). Each epoch the segments are
@@ -90,7 +92,7 @@ class Activations:
 
   Args:
     path: a cache directory written by `export_activations`, or a .npy file
-      [N, D] made by any tool.
+      [N, D] made by any tool ([N, 2, D]: a transcoder's (input, target) pairs).
     eval_rows: rows at the end held out for evaluation.
     verify: check every shard's sha256 now (a full read of the cache).
   """
@@ -108,6 +110,7 @@ class Activations:
                          f"run the export again to finish it")
       self.manifest = manifest
       self.dtype, self.d_model = manifest["dtype"], manifest["d_model"]
+      self.pairs = manifest.get("target_hook") is not None
       self._files = _shards(self.path, manifest)
       for index, (name, _, rows) in enumerate(self._files):
         self._check_shard(index, name, rows)
@@ -118,15 +121,18 @@ class Activations:
                          f"{_DAMAGED}")
     elif self.path.suffix == ".npy" and self.path.is_file():
       array = open_npy(self.path)
-      if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"{self.path} must hold a float array [N, D]; got {array.dtype} "
-                         f"{array.shape}")
+      if (array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[1] != 2)
+          or not np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"{self.path} must hold a float array [N, D] (or [N, 2, D]: "
+                         f"(input, target) pairs); got {array.dtype} {array.shape}")
       self.manifest = None
       self.dtype = str(array.dtype)
-      self.d_model = array.shape[1]
+      self.d_model = array.shape[-1]
+      self.pairs = array.ndim == 3
       self._files = [(self.path.name, None, array.shape[0])]
     else:
       raise ValueError(f"activations must be a cache directory or a .npy file; got {str(path)!r}")
+    self.width = 2 * self.d_model if self.pairs else self.d_model  # a row's columns
     self.n_rows = sum(rows for _, _, rows in self._files)
     if not isinstance(eval_rows, int) or not 0 <= eval_rows < self.n_rows:
       raise ValueError(f"eval_rows must be an integer in [0, {self.n_rows}) (rows in "
@@ -138,13 +144,14 @@ class Activations:
         self._verify(index)
 
   def _check_shard(self, index: int, name: str, rows: int) -> None:
-    """Shard `index` exists and holds the [rows, D] the manifest says, in full."""
+    """Shard `index` exists and holds the [rows, D] (pairs: [rows, 2, D]) the
+    manifest says, in full."""
     where = f"activation cache {self.path}: shard {index} ({name})"
     path = self.path / name
     if not path.is_file():
       raise ValueError(f"{where} is missing")
     array = open_npy(path)
-    want = (rows, self.d_model)
+    want = (rows, 2, self.d_model) if self.pairs else (rows, self.d_model)
     if array.shape != want:
       raise ValueError(f"{where} holds shape {array.shape}; the manifest says {want}")
     if array.offset + array.nbytes != storage.size(path):
@@ -174,8 +181,13 @@ class Activations:
     return segments
 
   def read(self, file_index: int, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of one file as float32, checking its sha256 the first time."""
-    return _to_float32(np.asarray(self._open(file_index)[start:stop]), self.dtype)
+    """Rows [start, stop) of one file as float32 [n, width], checking its
+    sha256 the first time."""
+    return self._float32_rows(self._open(file_index)[start:stop])
+
+  def _float32_rows(self, stored) -> np.ndarray:
+    rows = _to_float32(np.asarray(stored), self.dtype)
+    return rows.reshape(len(rows), self.width)
 
   def _open(self, file_index: int) -> np.ndarray:
     name, _, _ = self._files[file_index]
@@ -187,7 +199,7 @@ class Activations:
 
   def _gather(self, segments: list, index_N: np.ndarray) -> np.ndarray:
     """Rows `index_N` of the segments' rows laid end to end, reading only those."""
-    out = np.empty((len(index_N), self.d_model), np.float32)
+    out = np.empty((len(index_N), self.width), np.float32)
     first = 0
     for file_index, start, stop in segments:
       here_N = (index_N >= first) & (index_N < first + stop - start)
@@ -195,7 +207,7 @@ class Activations:
         rows = index_N[here_N] - first + start
         order = np.argsort(rows)  # read in storage order
         taken = np.empty_like(out[:len(rows)])
-        taken[order] = _to_float32(np.asarray(self._open(file_index)[rows[order]]), self.dtype)
+        taken[order] = self._float32_rows(self._open(file_index)[rows[order]])
         out[here_N] = taken
       first += stop - start
     return out
@@ -212,9 +224,9 @@ class Activations:
     return parts
 
   def eval_batch(self) -> np.ndarray:
-    """The held-out rows [eval_rows, D], float32, in storage order."""
+    """The held-out rows [eval_rows, width], float32, in storage order."""
     parts = self._held_out(self.read)
-    return np.concatenate(parts) if parts else np.zeros((0, self.d_model), np.float32)
+    return np.concatenate(parts) if parts else np.zeros((0, self.width), np.float32)
 
   def eval_tokens(self) -> typing.Optional[np.ndarray]:
     """The token ids [eval_rows] of the held-out rows (a cache's
@@ -322,7 +334,7 @@ class Activations:
         have, start = have + take, start + take
         if have == local:
           flat = np.concatenate(parts) if len(parts) > 1 else parts[0]
-          yield flat.reshape(n_devices, local // n_devices, self.d_model)
+          yield flat.reshape(n_devices, local // n_devices, self.width)
           parts, have = [], 0
 
 

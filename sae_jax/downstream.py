@@ -26,7 +26,7 @@ from sae_jax import hooks
 def downstream_loss(model: str, hook: str, ids_BxL: np.ndarray,
                     splice: typing.Callable[[np.ndarray], np.ndarray], *,
                     revision: typing.Optional[str] = None, device: typing.Optional[str] = None,
-                    batch_contexts: int = 8) -> dict:
+                    batch_contexts: int = 8, read: typing.Optional[str] = None) -> dict:
   """Runs `model` (hub id or directory) on token ids [b, L] three ways.
 
   Args:
@@ -36,6 +36,8 @@ def downstream_loss(model: str, hook: str, ids_BxL: np.ndarray,
     splice: float32 [n, D] activations at the hook -> [n, D] replacements (raw units).
     device: torch device; None picks cuda when available.
     batch_contexts: contexts per forward pass.
+    read: a transcoder's input hook, before `hook`: splice gets the
+      activations there, and its output replaces those at `hook`.
 
   Returns:
     clean_ce, spliced_ce, zero_ce, loss_recovered, kl (floats).
@@ -56,9 +58,15 @@ def downstream_loss(model: str, hook: str, ids_BxL: np.ndarray,
     return new
 
   def from_numpy(h):
-    out = splice(h.detach().float().cpu().numpy())
+    source = h if read is None else held["read"][:, 1:].reshape(h.shape)
+    out = splice(source.detach().float().cpu().numpy())
     return torch.as_tensor(np.asarray(out, np.float32), device=h.device, dtype=h.dtype)
 
+  held = {}
+  if read is not None:
+    hooks.check_target(read, hook)
+    reading = hook_points.capture(lm, read, lambda h: held.__setitem__("read", h), model,
+                                  stop=False)
   handle = hook_points.replace(lm, hook, replace, model)
   sums = {"clean_ce": 0.0, "spliced_ce": 0.0, "zero_ce": 0.0, "kl": 0.0}
   n = 0
@@ -80,6 +88,8 @@ def downstream_loss(model: str, hook: str, ids_BxL: np.ndarray,
         n += ids[:, 1:].numel()
   finally:
     handle.remove()
+    if read is not None:
+      reading.remove()
   return _summary(sums, n)
 
 
@@ -101,10 +111,18 @@ def _splice_after_first(x_BxLxD, *args, splice):
   return x_BxLxD.at[:, 1:].set(new.astype(x_BxLxD.dtype))
 
 
+def _transcode_after_first(y_BxLxD, x_BxLxD, *args, splice):
+  """A transcoder's splice: y at positions 1.. from x's there."""
+  rest = x_BxLxD[:, 1:]
+  new = splice(rest.reshape(-1, rest.shape[-1]), *args).reshape(y_BxLxD[:, 1:].shape)
+  return y_BxLxD.at[:, 1:].set(new.astype(y_BxLxD.dtype))
+
+
 @functools.lru_cache(maxsize=None)
-def _after_first(splice):
+def _after_first(splice, transcoder: bool = False):
   """The same hashable function for the same splice, so its compilation is reused."""
-  return functools.partial(_splice_after_first, splice=splice)
+  return functools.partial(_transcode_after_first if transcoder else _splice_after_first,
+                           splice=splice)
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,12 +131,12 @@ def _sums_fn():
   import jax.numpy as jnp  # noqa: PLC0415
   from sae_jax import lm  # noqa: PLC0415
 
-  @functools.partial(jax.jit, static_argnames=("config", "hook", "fn"))
-  def sums(params, config, ids_BxL, hook, fn, fn_args):
+  @functools.partial(jax.jit, static_argnames=("config", "hook", "fn", "read"))
+  def sums(params, config, ids_BxL, hook, fn, fn_args, read):
     target_BxL = ids_BxL[:, 1:]
     logp = lambda logits: jax.nn.log_softmax(logits[:, :-1], axis=-1)
     clean = logp(lm.logits(params, config, ids_BxL))
-    spliced = logp(lm.logits_with(params, config, ids_BxL, hook, fn, fn_args))
+    spliced = logp(lm.logits_with(params, config, ids_BxL, hook, fn, fn_args, read=read))
     zero = logp(lm.logits_with(params, config, ids_BxL, hook, _zero_after_first))
     nll = lambda lp: -jnp.sum(jnp.take_along_axis(lp, target_BxL[..., None], axis=-1))
     return {"clean_ce": nll(clean), "spliced_ce": nll(spliced), "zero_ce": nll(zero),
@@ -129,7 +147,7 @@ def _sums_fn():
 
 def downstream_loss_jax(params, config, hook: str, ids_BxL: np.ndarray,
                         splice: typing.Callable, splice_args: tuple = (), *,
-                        batch_contexts: int = 8) -> dict:
+                        batch_contexts: int = 8, read: typing.Optional[str] = None) -> dict:
   """`downstream_loss` with the model in JAX: `sae_jax.lm` params and config
   (`lm.load`), spliced through `lm.logits_with`. No torch.
 
@@ -141,6 +159,7 @@ def downstream_loss_jax(params, config, hook: str, ids_BxL: np.ndarray,
       (raw units). It is static: pass the same function each time, and its
       arrays (an SAE's parameters) in `splice_args`.
     batch_contexts: contexts per forward pass.
+    read: a transcoder's input hook, as for `downstream_loss`.
 
   Returns:
     clean_ce, spliced_ce, zero_ce, loss_recovered, kl (floats).
@@ -153,10 +172,10 @@ def downstream_loss_jax(params, config, hook: str, ids_BxL: np.ndarray,
   if ids_BxL.ndim != 2 or ids_BxL.shape[1] < 2 or not np.issubdtype(ids_BxL.dtype, np.integer):
     raise ValueError(f"ids_BxL must be int token ids [contexts, length >= 2]; got "
                      f"{ids_BxL.dtype} {ids_BxL.shape}")
-  sums_fn, fn = _sums_fn(), _after_first(splice)
+  sums_fn, fn = _sums_fn(), _after_first(splice, read is not None)
   sums = {"clean_ce": 0.0, "spliced_ce": 0.0, "zero_ce": 0.0, "kl": 0.0}
   for start in range(0, len(ids_BxL), batch_contexts):
     ids = ids_BxL[start:start + batch_contexts].astype(np.int32)
-    for name, value in sums_fn(params, config, ids, hook, fn, tuple(splice_args)).items():
+    for name, value in sums_fn(params, config, ids, hook, fn, tuple(splice_args), read).items():
       sums[name] += float(value)
   return _summary(sums, ids_BxL.shape[0] * (ids_BxL.shape[1] - 1))

@@ -17,31 +17,39 @@ MODES = ("inference", "batch")
 BATCH_MODE_KEY = 0xBA7C  # draws the pools of `sample_pool` SAEs in batch mode
 
 
+def _scales(input_scale) -> jax.Array:
+  """(c_in, c_out) [2] float32 from one scale (an SAE's) or a transcoder's
+  two (`train.scales`)."""
+  return jnp.broadcast_to(jnp.asarray(input_scale, jnp.float32), (2,))
+
+
 @functools.partial(jax.jit, static_argnames=("sae",))
-def _reconstruct(params, threshold, input_scale, x_BxD, sae: model.SAE):
+def _reconstruct(params, threshold, scales, x_BxD, sae: model.SAE):
   variables = {"params": params}
-  z_BxF = sae.apply(variables, x_BxD * input_scale, threshold, method=model.SAE.encode_inference)
-  xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode) / input_scale
+  z_BxF = sae.apply(variables, x_BxD * scales[0], threshold, method=model.SAE.encode_inference)
+  xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode) / scales[1]
   return z_BxF, xhat_BxD
 
 
 @functools.partial(jax.jit, static_argnames=("sae",))
-def _reconstruct_batch(params, input_scale, x_BxD, key, sae: model.SAE, pool_P=None):
+def _reconstruct_batch(params, scales, x_BxD, key, sae: model.SAE, pool_P=None):
   variables = {"params": params}
-  z_BxF = sae.apply(variables, x_BxD * input_scale, key=key, pool=pool_P,
+  z_BxF = sae.apply(variables, x_BxD * scales[0], key=key, pool=pool_P,
                     method=model.SAE.encode)
-  return z_BxF, sae.apply(variables, z_BxF, method=model.SAE.decode) / input_scale
+  return z_BxF, sae.apply(variables, z_BxF, method=model.SAE.decode) / scales[1]
 
 
 def reconstruct(params, threshold, input_scale, x_BxD, sae: model.SAE,
                 chunk: int = 4096, *, mode: str = "inference",
                 batch_size: typing.Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
   """Codes [B, F] (scaled units) and reconstructions [B, D] (raw units) of
-  raw activations.
+  raw activations (a transcoder's inputs; its reconstructions are of the
+  target).
 
   Args:
-    sae: the SAE module (`model.SAE(config)`).
     threshold: θ, one per latent [F] or one for all (inference mode only).
+    input_scale: c, or a transcoder's (c_in, c_out) (`train.scales`).
+    sae: the SAE module (`model.SAE(config)`).
     mode: "inference": token by token, a_j > θ_j (TopK: each token's top k),
       `chunk` tokens at a time; what the saved SAE does in SAELens, and what
       splicing, probing or reading single tokens needs. "batch": the training
@@ -57,17 +65,17 @@ def reconstruct(params, threshold, input_scale, x_BxD, sae: model.SAE,
     raise ValueError(f"mode='batch' needs batch_size, an integer >= 1; got {batch_size!r}")
   step = chunk if mode == "inference" else batch_size
   key = jax.random.key(BATCH_MODE_KEY)
+  scales = _scales(input_scale)
   codes, recon = [], []
   for i, start in enumerate(range(0, len(x_BxD), step)):
     x = jnp.asarray(x_BxD[start:start + step], jnp.float32)
     if mode == "inference":
-      z, xhat = _reconstruct(params, jnp.asarray(threshold, jnp.float32),
-                             jnp.float32(input_scale), x, sae)
+      z, xhat = _reconstruct(params, jnp.asarray(threshold, jnp.float32), scales, x, sae)
     else:
       key_i = jax.random.fold_in(key, i)
       if sae.config.keeps_pool and i % sae.config.pool_every == 0:
-        pool_P = pool(params, jnp.float32(input_scale), x, key_i, sae)
-      z, xhat = _reconstruct_batch(params, jnp.float32(input_scale), x, key_i, sae,
+        pool_P = pool(params, scales[0], x, key_i, sae)
+      z, xhat = _reconstruct_batch(params, scales, x, key_i, sae,
                                    pool_P if sae.config.keeps_pool else None)
     codes.append(np.asarray(z))
     recon.append(np.asarray(xhat))
@@ -82,7 +90,8 @@ def splice(sae: model.SAE, chunk: int = 2048):
   module gives the same function, so compilations are reused."""
 
   def reconstruction(x_NxD, params, threshold, input_scale):
-    one = lambda x_D: _reconstruct(params, threshold, input_scale, x_D[None], sae)[1][0]
+    scales = _scales(input_scale)
+    one = lambda x_D: _reconstruct(params, threshold, scales, x_D[None], sae)[1][0]
     return jax.lax.map(one, x_NxD, batch_size=chunk)
 
   return reconstruction

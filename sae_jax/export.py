@@ -5,7 +5,8 @@ transformers are imported lazily, so the rest of the library never needs
 them. Layout of a cache directory:
 
     manifest.json             what was exported and how; "complete" is written last
-    acts-00000.npy            [shard_rows, D] activations (bfloat16 stored as uint16 bits)
+    acts-00000.npy            [shard_rows, D] activations (bfloat16 stored as uint16 bits);
+                              [shard_rows, 2, D] (hook, target_hook) pairs for a transcoder
     tokens-00000.npy          [shard_rows] int32 token ids
     positions-00000.npy       [shard_rows] int32 positions in the context
 
@@ -23,6 +24,7 @@ block's raw output, so it is right for every N.
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -41,10 +43,11 @@ MANIFEST = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16")
 BACKENDS = ("jax", "torch")
 # Fields that make two caches different: a resume must agree on all of them.
-IDENTITY = ("model", "revision", "hook", "dataset", "split", "text_field", "context_length",
-            "dtype", "shard_rows", "batch_contexts", "exclude_token_ids", "backend")
+IDENTITY = ("model", "revision", "hook", "target_hook", "dataset", "split", "text_field",
+            "context_length", "dtype", "shard_rows", "batch_contexts", "exclude_token_ids",
+            "backend")
 # What a manifest written before a field existed meant by it.
-_LEGACY = {"backend": "torch"}
+_LEGACY = {"backend": "torch", "target_hook": None}
 
 
 def default_backend(model: typing.Optional[str] = None, revision=None) -> str:
@@ -71,7 +74,11 @@ class ExportConfig:
   """Hub revision (branch, tag or commit); None is the default branch."""
   hook: str = "blocks.6.hook_resid_post"
   """Where the activations are read, by TransformerLens' name (`hooks.py`):
-  blocks.N.hook_resid_pre, _attn_out, _mlp_out or _resid_post."""
+  blocks.N.hook_resid_pre, _attn_out, _mlp_out or _resid_post, or
+  blocks.N.ln2.hook_normalized."""
+  target_hook: typing.Optional[str] = None
+  """A transcoder's target (`transcoder.py`): each row holds the activations
+  at `hook` and at this hook, at the same token; None: `hook` alone."""
   dataset: typing.Union[str, tuple] = "monology/pile-uncopyrighted"
   """A hub dataset (streamed), or a tuple of local .txt / .jsonl files."""
   split: str = "train"
@@ -100,6 +107,7 @@ class ExportConfig:
 
   def __post_init__(self):
     hooks.hook_layer(self.hook)
+    hooks.check_target(self.hook, self.target_hook)
     owner = "ExportConfig"
     for name in ("context_length", "tokens", "shard_rows", "batch_contexts"):
       validation.check_int_field(owner, name, getattr(self, name),
@@ -181,7 +189,8 @@ def _stored(acts: np.ndarray, dtype: str) -> np.ndarray:
 # --- The model -----------------------------------------------------------------
 
 class HookedModel:
-  """A transformers model run up to the hook, and no further (`hook_points`)."""
+  """A transformers model run up to the hook (and the target hook), and no
+  further (`hook_points`)."""
 
   def __init__(self, config: ExportConfig):
     import torch
@@ -192,8 +201,11 @@ class HookedModel:
     self.model = self.model.to(self.device).eval()
     self.d_model = self.model.config.hidden_size
     self.encoder = hf.is_encoder(self.model.config)
-    self._out = None
-    hook_points.capture(self.model, config.hook, self._keep, config.model, self.encoder)
+    self._hooks = (config.hook,) + ((config.target_hook,) if config.target_hook else ())
+    self._out = {}
+    for hook in self._hooks:  # the forward stops once every hook has been seen
+      hook_points.capture(self.model, hook, functools.partial(self._keep, hook), config.model,
+                          self.encoder, stop=False)
     # RoBERTa's position ids start past its padding id: its tokenizer's
     # model_max_length (512 of 514 positions) is the one to trust there.
     limits = [getattr(self.model.config, "max_position_embeddings", None),
@@ -203,18 +215,21 @@ class HookedModel:
       raise ValueError(f"--context-length {config.context_length}: {config.model!r} has "
                        f"positions for {limit} tokens")
 
-  def _keep(self, activation):
-    self._out = activation
+  def _keep(self, hook, activation):
+    self._out[hook] = activation
+    if len(self._out) == len(self._hooks):
+      raise hook_points.Stop
 
   def __call__(self, ids_BxL: np.ndarray) -> np.ndarray:
-    """Float32 [b, L, D] activations at the hook."""
+    """Float32 [b, L, D] activations at the hook ([b, L, 2, D] with the target's)."""
     import torch
+    self._out = {}
     with torch.inference_mode():
       try:
         self.model(input_ids=torch.as_tensor(ids_BxL, device=self.device))
       except hook_points.Stop:
         pass
-    return self._out.float().cpu().numpy()
+    return _joined([self._out[hook].float().cpu().numpy() for hook in self._hooks])
 
 
 class JaxHookedModel:
@@ -232,8 +247,9 @@ class JaxHookedModel:
       self.config, params = lm.load(config.model, config.revision)
     except ValueError as error:
       raise ValueError(f"--backend jax: {error}; export it with --backend torch") from None
-    hooks.check_decoder(config.hook, config.model, self.config.n_layers)
-    self.hook = config.hook
+    self.hooks = (config.hook,) + ((config.target_hook,) if config.target_hook else ())
+    for hook in self.hooks:
+      hooks.check_decoder(hook, config.model, self.config.n_layers)
     self.d_model = self.config.hidden_size
     self.encoder = False
     devices = jax.local_devices()
@@ -244,14 +260,19 @@ class JaxHookedModel:
     self._split = jax.sharding.NamedSharding(self.mesh, spec("contexts"))
 
   def __call__(self, ids_BxL: np.ndarray) -> np.ndarray:
-    """Float32 [b, L, D] activations at the hook."""
+    """Float32 [b, L, D] activations at the hook ([b, L, 2, D] with the target's)."""
     import jax  # noqa: PLC0415
     from sae_jax import lm  # noqa: PLC0415
     b = len(ids_BxL)
     padded = np.pad(ids_BxL, ((0, -b % self.mesh.size), (0, 0)))  # a short last batch
-    acts = lm.hook_at(self.params, self.config, jax.device_put(padded, self._split),
-                      self.hook)
-    return np.asarray(acts)[:b]
+    acts = lm.hooks_at(self.params, self.config, jax.device_put(padded, self._split),
+                       self.hooks)
+    return _joined([np.asarray(a)[:b] for a in acts])
+
+
+def _joined(acts: list) -> np.ndarray:
+  """One hook's [b, L, D], or a transcoder's pairs [b, L, 2, D]."""
+  return acts[0] if len(acts) == 1 else np.stack(acts, axis=2)
 
 
 # --- Export ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ from sae_jax import saelens
 from sae_jax import spelling
 from sae_jax import thresholds
 from sae_jax import train
+from sae_jax import transcoder
 from sae_jax.runconfig import RunConfig
 from sae_jax.sources import DataSource
 from sae_jax.sources import finite
@@ -52,7 +53,7 @@ def finish(config: RunConfig, out: pathlib.PurePath, state: train.TrainState,
   try:
     with _timed(seconds, "export"):
       saelens.export_saelens(
-          out / "saelens", state.params, rule.threshold_F, float(state.input_scale),
+          out / "saelens", state.params, rule.threshold_F, train.scales(state),
           rule.sae(c.sae), metadata,
           log10_density=thresholds.log10_density(counts_F, calibration.tokens))
   except (OSError, safetensors.SafetensorError) as error:
@@ -132,30 +133,32 @@ def _inference_rule(config: RunConfig, state: train.TrainState, source: DataSour
   rows = rows[np.random.default_rng(c.seed).permutation(len(rows))]
   if c.sae.selection == "jumprelu":
     theta_F = np.asarray(state.params["threshold"], np.float32)
-    counts_F = _counts(state, rows, theta_F, c.sae)
+    counts_F = _counts(state, transcoder.sides(rows, c.sae)[0], theta_F, c.sae)
     return (thresholds.Calibration(theta_F, counts_F, len(rows), math.nan),
             inference.Rule("learned", theta_F, c.sae.k, {}), counts_F)
-  scaled = rows * np.float32(state.input_scale)
+  scaled = transcoder.scaled(rows, c.sae, train.scales(state))
   sae = model.SAE(c.sae)
   calibration = thresholds.calibrate(state.params, scaled, sae, batch_size=c.batch_size,
                                      per_latent=config.inference != "global")
-  if c.sae.selection == "topk":
+  if c.sae.selection == "topk" and not c.sae.transcoder:
     return calibration, inference.Rule("topk", calibration.threshold_F, c.sae.k, {}), \
         calibration.counts_F
   theta_F = calibration.threshold_F if config.inference != "global" else np.full(
       c.sae.n_latents, np.float32(state.threshold))
-  rule = inference.choose(config.inference, state.params,
+  # SAELens has no TopK transcoder: a transcoder keeps thresholds.
+  asked = "per-latent" if c.sae.transcoder and config.inference == "auto" else config.inference
+  rule = inference.choose(asked, state.params,
                           thresholds.batches(scaled, c.batch_size), sae, theta_F,
                           calibration.training_sse)
   return calibration, rule, calibration.counts_F if rule.name != "topk" else rule.counts_F
 
 
 def _counts(state: train.TrainState, rows, theta_F, sae_config) -> np.ndarray:
-  """Each latent's firings on `rows` (raw) under the inference rule of
-  `sae_config` with thresholds θ_F."""
+  """Each latent's firings on `rows` (raw encoder inputs) under the
+  inference rule of `sae_config` with thresholds θ_F."""
   counts_F = np.zeros(sae_config.n_latents, np.int64)
   for start in range(0, len(rows), COUNT_CHUNK):  # never all [tokens, F] codes at once
-    z, _ = evaluate.reconstruct(state.params, theta_F, state.input_scale,
+    z, _ = evaluate.reconstruct(state.params, theta_F, train.scales(state),
                                 rows[start:start + COUNT_CHUNK], model.SAE(sae_config),
                                 chunk=COUNT_CHUNK)
     counts_F += np.sum(z > 0, axis=0)
@@ -176,29 +179,32 @@ def _evaluate(config: RunConfig, state: train.TrainState, source: DataSource,
   c = config.train
   raw = source.held_out()
   held_out, dropped = finite(raw, "the held-out rows")
-  theta_F = rule.threshold_F
-  z, xhat = evaluate.reconstruct(state.params, theta_F, state.input_scale, held_out,
-                                 model.SAE(rule.sae(c.sae)))
+  theta_F, scales = rule.threshold_F, train.scales(state)
+  x, y = transcoder.sides(held_out, c.sae)  # a transcoder reads x and reconstructs y
+  z, yhat = evaluate.reconstruct(state.params, theta_F, scales, x, model.SAE(rule.sae(c.sae)))
   with _timed(seconds, "probing"):
-    concepts = _concepts(config, state, source, held_out, z, np.isfinite(raw).all(axis=1))
-  summary = evaluate.reconstruction_metrics(held_out, xhat, z)
+    concepts = _concepts(config, state, source, x, z, np.isfinite(raw).all(axis=1))
+  summary = evaluate.reconstruction_metrics(y, yhat, z)
   sparsity = evaluate.sparsity_metrics(z)
   counts, never = evaluate.density_histogram(sparsity.pop("density_F"))
   summary.update({f"eval_{k}" if k == "dead_fraction" else k: v for k, v in sparsity.items()},
                  density_histogram_log10=counts.tolist(), density_never_fired=never)
   shuffled = held_out[np.random.default_rng(c.seed).permutation(len(held_out))]
-  z, xhat = evaluate.reconstruct(state.params, theta_F, state.input_scale, shuffled,
+  x_shuffled, y_shuffled = transcoder.sides(shuffled, c.sae)
+  z, yhat = evaluate.reconstruct(state.params, theta_F, scales, x_shuffled,
                                  model.SAE(c.sae), mode="batch", batch_size=c.batch_size)
-  batch = evaluate.reconstruction_metrics(shuffled, xhat, z)
+  batch = evaluate.reconstruction_metrics(y_shuffled, yhat, z)
   summary.update(batch_fvu=batch["fvu"], batch_l0=batch["l0"])
   if c.sae.selection == "sampled":
     size = min(c.batch_size, len(held_out) // 2)
     summary["pool_jaccard"] = evaluate.pool_jaccard(
-        evaluate.pools(state.params, state.input_scale, held_out, model.SAE(c.sae), size))
+        evaluate.pools(state.params, state.input_scale, x, model.SAE(c.sae), size))
   summary.update(
       dead_fraction=float(np.mean(state.steps_since_fired_F >= c.dead_steps)),
       skipped_steps=int(state.skipped_steps), input_scale=float(state.input_scale),
       calibration_tokens=calibration.tokens, eval_rows=len(held_out), eval_rows_dropped=dropped)
+  if c.sae.transcoder:
+    summary["target_scale"] = float(state.target_scale)
   if c.sae.selection != "jumprelu":  # the EMA θ (JumpReLU's are learned: threshold_median)
     summary["threshold"] = float(state.threshold)
   if rule.name == "topk" and c.sae.selection != "topk":
@@ -245,6 +251,8 @@ def _concepts(config: RunConfig, state: train.TrainState, source: DataSource, x_
   out = drop(probing.sparse_probing(
       codes, letter[:, None] == np.arange(len(spelling.LETTERS))[None, :], dense_NxD=x_NxD),
       "per_task")
+  if config.train.sae.transcoder:  # its decoder rows live in the target's space, not x's
+    return out | {"absorption_skipped": transcoder.NO_ABSORPTION}
   return out | drop(probing.letter_absorption(x_NxD, codes, W_dec, letter, tokens), "per_letter")
 
 
@@ -264,14 +272,16 @@ def _downstream(config: RunConfig, state: train.TrainState, rule: inference.Rule
                f"{config.downstream_contexts}: downstream loss skipped", flush=True)
     return {}
   e, sae, theta_F = config.export, model.SAE(rule.sae(state.config.sae)), rule.threshold_F
+  scales = np.asarray(train.scales(state), np.float32)
+  # A transcoder's reconstruction replaces its target, from its input there.
+  at, read = (e.target_hook, e.hook) if e.target_hook else (e.hook, None)
   if source.language_model is not None:
     lm_config, lm_params = source.language_model()
     result = downstream.downstream_loss_jax(
-        lm_params, lm_config, e.hook, ids_BxL, evaluate.splice(sae),
-        (state.params, np.asarray(theta_F, np.float32), np.float32(state.input_scale)))
+        lm_params, lm_config, at, ids_BxL, evaluate.splice(sae),
+        (state.params, np.asarray(theta_F, np.float32), scales), read=read)
   else:
-    splice = lambda h: evaluate.reconstruct(state.params, theta_F, state.input_scale, h,
-                                            sae)[1]
-    result = downstream.downstream_loss(e.model, e.hook, ids_BxL, splice,
-                                        revision=e.revision, device=e.device)
+    splice = lambda h: evaluate.reconstruct(state.params, theta_F, scales, h, sae)[1]
+    result = downstream.downstream_loss(e.model, at, ids_BxL, splice, revision=e.revision,
+                                        device=e.device, read=read)
   return {f"downstream_{k}": v for k, v in result.items()}

@@ -12,6 +12,7 @@ unembedding is tied.
 """
 
 import dataclasses
+import functools
 import math
 import typing
 
@@ -79,18 +80,20 @@ def context(config: Gemma2Config, length: int):
   return layers.rotary_tables(config.rope, length)
 
 
-def _norm(x, w, config):
-  return layers.rms_norm(x, w, config.rms_norm_eps, offset=1.0)
+def _norm(x, w, config, normalized=None):
+  return layers.rms_norm(x, w, config.rms_norm_eps, offset=1.0, normalized=normalized)
 
 
 def block(p, x, config: Gemma2Config, rotary, layer: int, dtype, edit):
   """Block `layer` on the residual stream x; edit(point, value) -> value at
-  "attn_out" and "mlp_out" (after their post-norms)."""
+  "attn_out", "ln2_normalized" (the MLP's norm, before its weight) and
+  "mlp_out" (after their post-norms)."""
   attn = llama.attention(p, _norm(x, p["input_layernorm"], config), config, rotary,
                          config.windows[layer], dtype, config.attention_softcap,
                          config.attention_scale)
   x = x + edit("attn_out", _norm(attn, p["post_attention_layernorm"], config))
-  mlp = llama.gated_mlp(p, _norm(x, p["pre_feedforward_layernorm"], config), config.act, dtype)
+  h = _norm(x, p["pre_feedforward_layernorm"], config, functools.partial(edit, "ln2_normalized"))
+  mlp = llama.gated_mlp(p, h, config.act, dtype)
   return x + edit("mlp_out", _norm(mlp, p["post_feedforward_layernorm"], config))
 
 

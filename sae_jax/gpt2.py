@@ -7,6 +7,7 @@ embeddings are added to the token's.
 """
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 
@@ -79,7 +80,8 @@ def context(config: GPT2Config, length: int):
 
 def block(p, x, config: GPT2Config, unused, layer: int, dtype, edit):
   """Block `layer` on the residual stream x; edit(point, value) -> value at
-  "attn_out" and "mlp_out"."""
+  "attn_out", "ln2_normalized" (the MLP's norm, before its weight) and
+  "mlp_out"."""
   B, L, D = x.shape
   H, hs, eps = config.n_heads, config.head_size, config.layer_norm_eps
   qkv = layers.linear(layers.layer_norm(x, p["ln1_w"], p["ln1_b"], eps), p["qkv_w"],
@@ -89,8 +91,9 @@ def block(p, x, config: GPT2Config, unused, layer: int, dtype, edit):
       layer + 1 if config.scale_by_layer else 1)
   attn = layers.linear(layers.attention(q, k, v, scale, dtype), p["out_w"], p["out_b"], dtype)
   x = x + edit("attn_out", attn)
+  h = layers.layer_norm(x, p["ln2_w"], p["ln2_b"], eps, functools.partial(edit, "ln2_normalized"))
   h = layers.activation(config.act, "activation_function")(layers.linear(
-      layers.layer_norm(x, p["ln2_w"], p["ln2_b"], eps), p["fc_in_w"], p["fc_in_b"], dtype))
+      h, p["fc_in_w"], p["fc_in_b"], dtype))
   return x + edit("mlp_out", layers.linear(h, p["fc_out_w"], p["fc_out_b"], dtype))
 
 

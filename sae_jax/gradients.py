@@ -83,8 +83,11 @@ def _fired_and_dead(silent_F, fired_F, dead_steps: int, axis_name):
 
 
 def dense(params, x_BxD, silent_F, key, sae: model.SAE, axis_name, kept=None, *,
-          dead_steps: int, auxk_k: int, auxk_weight: float, nested=None):
+          dead_steps: int, auxk_k: int, auxk_weight: float, nested=None, target_BxD=None):
   """Gradients by autodiff through the SAE module as written: the reference.
+
+  x_BxD is what the encoder reads, and `target_BxD` what the decoder
+  reconstructs (a transcoder's; None: x itself).
 
   `silent_F` holds the steps each latent went without firing before this
   one; a latent silent for `dead_steps` after this step is dead, and AuxK
@@ -93,6 +96,8 @@ def dense(params, x_BxD, silent_F, key, sae: model.SAE, axis_name, kept=None, *,
   (`model.step_pool`). With `nested` (`matryoshka.Nested`) the
   reconstruction loss is Matryoshka's (`matryoshka.loss`).
   """
+
+  y_BxD = x_BxD if target_BxD is None else target_BxD
 
   def loss_fn(params):
     variables = {"params": params}
@@ -103,12 +108,12 @@ def dense(params, x_BxD, silent_F, key, sae: model.SAE, axis_name, kept=None, *,
                       pool=pool_P, method=model.SAE.select)
     if nested is None:
       xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode)
-      mse = losses.mse(x_BxD, xhat_BxD)
+      mse = losses.mse(y_BxD, xhat_BxD)
     else:
-      mse, xhat_BxD = matryoshka.loss(x_BxD, z_BxF, params["W_dec"], params["b_dec"], nested)
+      mse, xhat_BxD = matryoshka.loss(y_BxD, z_BxF, params["W_dec"], params["b_dec"], nested)
     n_active, fired_F, token_min_B = _codes_stats(z_BxF)
     fired_F, dead_F = _fired_and_dead(silent_F, fired_F, dead_steps, axis_name)
-    auxk_value = losses.auxk_loss(pre_BxF, dead_F, x_BxD - xhat_BxD, params["W_dec"], auxk_k,
+    auxk_value = losses.auxk_loss(pre_BxF, dead_F, y_BxD - xhat_BxD, params["W_dec"], auxk_k,
                                   axis_name)
     return mse + auxk_weight * auxk_value, Outputs(mse, auxk_value, xhat_BxD, n_active,
                                                      fired_F, token_min_B, dead_F, pool_P)
@@ -125,10 +130,11 @@ def _mse_cotangent(x_BxD, xhat_BxD):
 
 
 def _through_codes(x_BxD, centred_BxD, z_BxP, W_enc_DxP, W_dec_PxD, b_dec_D, nested=None,
-                   pool_P=None):
+                   pool_P=None, centre=True):
   """The MSE's gradients when the codes z are given on P columns (all of
   them, or the pool `pool_P`), each selected where it is positive; with
-  `nested` (`matryoshka.Nested`), the nested loss's.
+  `nested` (`matryoshka.Nested`), the nested loss's. x is the target, and
+  `centred_BxD` what the encoder read: x - b_dec when `centre`.
 
   Returns:
     xhat_BxD, mse, and the gradients (W_enc [D, P], b_enc [P], W_dec [P, D],
@@ -137,19 +143,19 @@ def _through_codes(x_BxD, centred_BxD, z_BxP, W_enc_DxP, W_dec_PxD, b_dec_D, nes
   if nested is not None:
     group_P = None if pool_P is None else matryoshka.group_of(pool_P, nested.sizes)
     return matryoshka.through_codes(x_BxD, centred_BxD, z_BxP, W_enc_DxP, W_dec_PxD, b_dec_D,
-                                    nested, group_P)
+                                    nested, group_P, centre)
   xhat_BxD = z_BxP @ W_dec_PxD + b_dec_D[None, :]
   mse, dxhat_BxD = _mse_cotangent(x_BxD, xhat_BxD)
   dpre_BxP = jnp.where(z_BxP > 0, dxhat_BxD @ W_dec_PxD.T, 0)
   db_enc_P = jnp.sum(dpre_BxP, axis=0)
   grads = {"W_enc": centred_BxD.T @ dpre_BxP, "b_enc": db_enc_P,
            "W_dec": z_BxP.T @ dxhat_BxD,
-           "b_dec": jnp.sum(dxhat_BxD, axis=0) - W_enc_DxP @ db_enc_P}
+           "b_dec": layouts.b_dec_grad(dxhat_BxD, W_enc_DxP, db_enc_P, centre)}
   return xhat_BxD, mse, grads
 
 
 def _through_entries(x_BxD, centred_BxD, entries: cut_lib.Entries, params, sorted_rows: bool,
-                     nested=None):
+                     nested=None, centre=True):
   """The MSE's (or with `nested` the nested loss's) gradients when the codes
   are a list of selected entries."""
   n_rows, _ = x_BxD.shape
@@ -157,7 +163,7 @@ def _through_entries(x_BxD, centred_BxD, entries: cut_lib.Entries, params, sorte
   rows_M, cols_M, values_M = entries.rows, entries.cols, entries.values
   if nested is not None:
     xhat_BxD, mse, grads = matryoshka.through_entries(x_BxD, centred_BxD, rows_M, cols_M,
-                                                      values_M, params, nested)
+                                                      values_M, params, nested, centre)
   else:
     W_dec_MxD = params["W_dec"].at[cols_M].get(mode="promise_in_bounds")
     xhat_BxD = jax.ops.segment_sum(values_M[:, None] * W_dec_MxD, rows_M, n_rows,
@@ -167,7 +173,7 @@ def _through_entries(x_BxD, centred_BxD, entries: cut_lib.Entries, params, sorte
     dpre_M = jnp.where(values_M > 0, jnp.sum(dxhat_MxD * W_dec_MxD, axis=1), 0)
     grads = layouts.entry_grads(rows_M, cols_M, values_M, dxhat_BxD, dpre_M, centred_BxD,
                                 n_latents)
-    grads["b_dec"] = jnp.sum(dxhat_BxD, axis=0) - params["W_enc"] @ grads["b_enc"]
+    grads["b_dec"] = layouts.b_dec_grad(dxhat_BxD, params["W_enc"], grads["b_enc"], centre)
   active_M = values_M > 0
   fired_F = jnp.zeros(n_latents, jnp.int32).at[cols_M].add(active_M.astype(jnp.int32)) > 0
   token_min_B = jax.ops.segment_min(jnp.where(active_M, values_M, jnp.inf), rows_M, n_rows,
@@ -183,8 +189,8 @@ def _codes_stats(z_BxF):
           jnp.min(jnp.where(active_BxF, z_BxF, jnp.inf), axis=1))
 
 
-def _sampled(params, x_BxD, centred_BxD, product_BxF, a_BxF, key, axis_name, kept, nested, *,
-             k: int, l: float, **options):
+def _sampled(params, x_BxD, centred_BxD, product_BxF, a_BxF, key, axis_name, kept, nested,
+             centre, *, k: int, l: float, **options):
   """Gradients of W_enc, b_enc and W_dec at the pool only (see
   `optimizer.dense_grads`); `options` are `model.sampled_options`'s."""
   # The pool is scored from the encoder's product and b_enc, the same bits:
@@ -197,35 +203,37 @@ def _sampled(params, x_BxD, centred_BxD, product_BxF, a_BxF, key, axis_name, kep
       a_BxF, k, l, axis_name=axis_name, pool=pool, **model.sampled_options(key, **options))
   xhat_BxD, mse, grads = _through_codes(
       x_BxD, centred_BxD, z_BxP, selection.take_columns(params["W_enc"], pool_P),
-      params["W_dec"][pool_P], params["b_dec"], nested, pool_P)
+      params["W_dec"][pool_P], params["b_dec"], nested, pool_P, centre)
   n_active, fired_P, token_min_B = _codes_stats(z_BxP)
   fired_F = jnp.zeros(a_BxF.shape[1], bool).at[pool_P].set(fired_P)
   return xhat_BxD, mse, grads, pool_P, (n_active, fired_F, token_min_B)
 
 
-def _topk(params, x_BxD, centred_BxD, a_BxF, k: int, layout: str, nested):
+def _topk(params, x_BxD, centred_BxD, a_BxF, k: int, layout: str, nested, centre):
   n_rows, n_latents = a_BxF.shape
   if layouts.layout(n_latents, k, layout) == "codes":
     z_BxF = selection.topk(a_BxF, k)
     xhat_BxD, mse, grads = _through_codes(x_BxD, centred_BxD, z_BxF, params["W_enc"],
-                                          params["W_dec"], params["b_dec"], nested)
+                                          params["W_dec"], params["b_dec"], nested, None, centre)
     return xhat_BxD, mse, grads, _codes_stats(z_BxF)
   values_BxK, cols_BxK = cut_lib.top_k(lax.stop_gradient(a_BxF), k)
   # lax.top_k breaks ties by the lower index, as `selection.topk` does.
   rows_BxK = jnp.broadcast_to(jnp.arange(n_rows, dtype=jnp.int32)[:, None], (n_rows, k))
   entries = cut_lib.Entries(rows_BxK.reshape(-1), cols_BxK.reshape(-1),
                               jnp.maximum(values_BxK, 0).reshape(-1), jnp.bool_(True))
-  return _through_entries(x_BxD, centred_BxD, entries, params, sorted_rows=True, nested=nested)
+  return _through_entries(x_BxD, centred_BxD, entries, params, sorted_rows=True, nested=nested,
+                          centre=centre)
 
 
-def _batchtopk(params, x_BxD, centred_BxD, a_BxF, k: int, axis_name, layout: str, nested):
+def _batchtopk(params, x_BxD, centred_BxD, a_BxF, k: int, axis_name, layout: str, nested,
+               centre):
   n_rows, n_latents = a_BxF.shape
 
   def from_dense_codes(cut):
     offset = 0 if axis_name is None else lax.axis_index(axis_name) * n_rows
     z_BxF = jnp.where(cut_lib.selected(a_BxF, cut, offset), a_BxF, 0)
     xhat_BxD, mse, grads = _through_codes(x_BxD, centred_BxD, z_BxF, params["W_enc"],
-                                          params["W_dec"], params["b_dec"], nested)
+                                          params["W_dec"], params["b_dec"], nested, None, centre)
     return xhat_BxD, mse, grads, _codes_stats(z_BxF)
 
   if layouts.layout(n_latents, k, layout) == "codes":
@@ -234,20 +242,21 @@ def _batchtopk(params, x_BxD, centred_BxD, a_BxF, k: int, axis_name, layout: str
 
   def from_entries():
     return _through_entries(x_BxD, centred_BxD, entries, params, sorted_rows=False,
-                            nested=nested)
+                            nested=nested, centre=centre)
 
   return lax.cond(entries.complete, from_entries, lambda: from_dense_codes(cut))
 
 
 def fast(params, x_BxD, silent_F, key, axis_name, kept=None, *, selection: str, k: int,
          pool_rule: dict, compute_dtype: str, layout: str, dead_steps: int, auxk_k: int,
-         auxk_weight: float, nested=None):
+         auxk_weight: float, nested=None, target_BxD=None, centre: bool = True):
   """The same gradients and outputs as `dense`, with only the encoder
   forward dense.
 
   The SAE is given by its `selection`, `k`, `pool_rule`
-  (`SAEConfig.pool_rule`, Sampled-SAE only) and `compute_dtype`; `layout`
-  is `TrainConfig.layout`, the rest as for `dense`.
+  (`SAEConfig.pool_rule`, Sampled-SAE only), `compute_dtype` and `centre`
+  (`SAEConfig.centred`); `layout` is `TrainConfig.layout`, the rest as for
+  `dense`.
 
   Returns:
     (grads, pool_P, outputs, with_auxk). For Sampled-SAE, `grads` of W_enc,
@@ -261,7 +270,8 @@ def fast(params, x_BxD, silent_F, key, axis_name, kept=None, *, selection: str, 
     `auxk.auxk_capacities(F, k_aux)`) latents are dead.
   """
   params = varying(params, axis_name)
-  centred_BxD, product_BxF = model.encoder_product(params, x_BxD, compute_dtype)
+  centred_BxD, product_BxF = model.encoder_product(params, x_BxD, compute_dtype, centre)
+  x_BxD = x_BxD if target_BxD is None else target_BxD  # what xhat reconstructs
   pre_BxF = product_BxF + params["b_enc"][None, :]  # as `model.encoder` adds it
   centred_BxD = centred_BxD.astype(jnp.float32)
   # AuxK, like the rest, only looks at positive pre-activations, and has the
@@ -272,20 +282,22 @@ def fast(params, x_BxD, silent_F, key, axis_name, kept=None, *, selection: str, 
   if selection == "sampled":
     xhat_BxD, mse, grads, pool_P, stats = _sampled(params, x_BxD, centred_BxD, product_BxF,
                                                    a_BxF, key, axis_name, kept, nested,
-                                                   **pool_rule)
+                                                   centre, **pool_rule)
   elif selection == "topk":
-    xhat_BxD, mse, grads, stats = _topk(params, x_BxD, centred_BxD, a_BxF, k, layout, nested)
+    xhat_BxD, mse, grads, stats = _topk(params, x_BxD, centred_BxD, a_BxF, k, layout, nested,
+                                        centre)
   else:
     xhat_BxD, mse, grads, stats = _batchtopk(params, x_BxD, centred_BxD, a_BxF, k,
-                                             axis_name, layout, nested)
+                                             axis_name, layout, nested, centre)
   n_active, fired_F, token_min_B = stats
   fired_F, dead_F = _fired_and_dead(silent_F, fired_F, dead_steps, axis_name)
 
   residual_BxD = x_BxD - xhat_BxD
   aux = (params, centred_BxD, residual_BxD, pre_BxF, dead_F, auxk_k, auxk_weight, axis_name)
-  with_auxk = auxk.AuxK(lambda grads: auxk.dense_grads(*aux, grads, layout=layout),
+  options = dict(layout=layout, centre=centre)
+  with_auxk = auxk.AuxK(lambda grads: auxk.dense_grads(*aux, grads, **options),
                         lambda pooled, pool_P, capacity: auxk.rows(*aux, pooled, pool_P, capacity,
-                                                                   layout=layout))
+                                                                   **options))
 
   # A sum over no tokens: zero, and under shard_map it varies as the data does.
   no_auxk = jnp.sum(x_BxD[:0])

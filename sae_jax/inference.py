@@ -27,6 +27,7 @@ import numpy as np
 from jax import lax
 
 from sae_jax import model
+from sae_jax import transcoder
 from sae_jax.config import SAEConfig
 
 # How much worse than the training rule, on the calibration tokens, the
@@ -46,8 +47,9 @@ class Rule(typing.NamedTuple):
 
   def sae(self, config: SAEConfig) -> SAEConfig:
     """The SAE config that encodes by this rule (`model.SAE.encode_inference`)."""
-    if self.name != "topk":
-      return config
+    if self.name != "topk":  # thresholds: a TopK transcoder's too
+      return config if config.selection != "topk" else dataclasses.replace(
+          config, selection="batchtopk")
     return dataclasses.replace(config, selection="topk", k=self.k)
 
 
@@ -62,10 +64,11 @@ def _errors(params, x_NxBxD, theta_F, sae: model.SAE):
   variables = {"params": params}
   W_dec_FxD = params["W_dec"].astype(jnp.float32)
 
-  def one(totals, x_BxD):
+  def one(totals, rows_BxW):
+    x_BxD, y_BxD = transcoder.sides(rows_BxW, sae.config)
     a_BxF = jax.nn.relu(sae.apply(variables, x_BxD, method=model.SAE.pre)).astype(jnp.float32)
     z_BxF = jnp.where(a_BxF > theta_F[None, :], a_BxF, 0)
-    thresholded = jnp.sum(jnp.square(x_BxD - sae.apply(variables, z_BxF,
+    thresholded = jnp.sum(jnp.square(y_BxD - sae.apply(variables, z_BxF,
                                                        method=model.SAE.decode)))
     values_BxK, latents_BxK = lax.top_k(a_BxF, k)
 
@@ -73,7 +76,7 @@ def _errors(params, x_NxBxD, theta_F, sae: model.SAE):
       error_BxD = error_BxD - values_BxK[:, i, None] * W_dec_FxD[latents_BxK[:, i]]
       return error_BxD, jnp.sum(jnp.square(error_BxD))
 
-    _, top_K = lax.scan(peel, x_BxD - params["b_dec"][None, :], jnp.arange(k))
+    _, top_K = lax.scan(peel, y_BxD - params["b_dec"][None, :], jnp.arange(k))
     counts_KxF = totals[2].at[jnp.arange(k)[None, :], latents_BxK].add(
         (values_BxK > 0).astype(jnp.int32))
     totals = (totals[0] + thresholded.astype(jnp.float32),
@@ -112,8 +115,9 @@ def choose(asked: str, params, x_NxBxD, sae: model.SAE, threshold_F,
   ('topk', 1, 0.1)
   """
   x_NxBxD = np.asarray(x_NxBxD, np.float32)
-  mean_D = x_NxBxD.mean(axis=(0, 1), dtype=np.float64)
-  variance = sum(float(np.square(x_BxD - mean_D).sum()) for x_BxD in x_NxBxD)
+  y_NxBxD = transcoder.sides(x_NxBxD, sae.config)[1]  # what the SAE reconstructs
+  mean_D = y_NxBxD.mean(axis=(0, 1), dtype=np.float64)
+  variance = sum(float(np.square(y_BxD - mean_D).sum()) for y_BxD in y_NxBxD)
   thresholded, top_K, counts_KxF = _errors(params, jnp.asarray(x_NxBxD, jnp.float32),
                                            jnp.asarray(threshold_F, jnp.float32), sae)
   top_K = np.asarray(top_K, np.float64)

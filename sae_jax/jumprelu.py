@@ -104,16 +104,18 @@ def encode(params: dict, x_BxD: jax.Array, bandwidth: float, compute_dtype: str 
 
 def gradients(params: dict, x_BxD: jax.Array, step_count: jax.Array, axis_name, *,
               target_l0: float, bandwidth: float, sparsity_penalty: float,
-              sparsity_warmup_steps: int, compute_dtype: str = "float32"):
+              sparsity_warmup_steps: int, compute_dtype: str = "float32", target_BxD=None):
   """This device's gradient of its share of the loss (`pmean` over the
-  devices gives the global one), and the step's `Outputs`."""
+  devices gives the global one), and the step's `Outputs`; xhat reconstructs
+  `target_BxD` (a transcoder's), or x_BxD itself when None."""
+  y_BxD = x_BxD if target_BxD is None else target_BxD
   n_tokens = scoring.global_tokens(x_BxD.shape[0], axis_name)
   scale = sparsity_scale(step_count, sparsity_warmup_steps)
 
   def loss_fn(params):
     _, f_BxF = encode(params, x_BxD, bandwidth, compute_dtype)
     xhat_BxD = f_BxF @ params["W_dec"] + params["b_dec"][None, :]
-    mse = losses.mse(x_BxD, xhat_BxD)
+    mse = losses.mse(y_BxD, xhat_BxD)
     on_BxF = step(f_BxF, params["threshold"], bandwidth)
     local_l0 = jnp.sum(on_BxF) / x_BxD.shape[0]
     count = jnp.sum(lax.stop_gradient(on_BxF) > 0, dtype=jnp.int32)  # exact in any order

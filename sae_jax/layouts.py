@@ -43,3 +43,10 @@ def entry_grads(rows_M, cols_M, values_M, dxhat_BxD, dpre_M, centred_BxD, n_late
       updates_Mx2D, mode="promise_in_bounds")
   db_enc_F = jnp.zeros(n_latents, jnp.float32).at[cols_M].add(dpre_M, mode="promise_in_bounds")
   return {"W_enc": both_Fx2D[:, D:].T, "b_enc": db_enc_F, "W_dec": both_Fx2D[:, :D]}
+
+
+def b_dec_grad(dxhat_BxD, W_enc_DxP, db_enc_P, centre: bool = True):
+  """b_dec's gradient [D]: Σ dxhat over the tokens, less W_enc @ db_enc when
+  the encoder reads x - b_dec (`centre`; on P columns, those db_enc covers)."""
+  total_D = jnp.sum(dxhat_BxD, axis=0)
+  return total_D - W_enc_DxP @ db_enc_P if centre else total_D

@@ -11,6 +11,7 @@ a tied unembedding. A bias is read where the weights have one.
 """
 
 import dataclasses
+import functools
 import typing
 
 import jax.numpy as jnp
@@ -132,11 +133,12 @@ def gated_mlp(p, h, act: str, dtype):
 
 def block(p, x, config: LlamaConfig, rotary, layer: int, dtype, edit):
   """Block `layer` on the residual stream x; edit(point, value) -> value at
-  "attn_out" and "mlp_out"."""
+  "attn_out", "ln2_normalized" (the MLP's norm, before its weight) and
+  "mlp_out"."""
   eps = config.rms_norm_eps
   x = x + edit("attn_out", attention(p, layers.rms_norm(x, p["ln1_w"], eps), config, rotary,
                                      config.windows[layer], dtype))
-  h = layers.rms_norm(x, p["ln2_w"], eps)
+  h = layers.rms_norm(x, p["ln2_w"], eps, normalized=functools.partial(edit, "ln2_normalized"))
   return x + edit("mlp_out", gated_mlp(p, h, config.act, dtype))
 
 

@@ -152,15 +152,28 @@ def logits(params, config: Config, tokens_BxL, dtype="float32"):
   return _family(config).head(params, config, x, np.dtype(dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "hook", "fn", "dtype"))
+@functools.partial(jax.jit, static_argnames=("config", "hook", "fn", "dtype", "read"))
 def logits_with(params, config: Config, tokens_BxL, hook: str,
-                fn: typing.Callable[..., jax.Array], fn_args=(), dtype="float32"):
+                fn: typing.Callable[..., jax.Array], fn_args=(), dtype="float32",
+                read: typing.Optional[str] = None):
   """Logits with the activations at `hook` replaced by fn(them, *fn_args)
   ([B, L, D] -> [B, L, D]; e.g. an SAE's reconstruction). `fn` is static, so
   it must be hashable and is best kept the same between calls; arrays it
-  needs (an SAE's parameters) go in `fn_args`, which are traced."""
-  dtype = _check(config, tokens_BxL, (hook,), dtype)
+  needs (an SAE's parameters) go in `fn_args`, which are traced. With
+  `read`, an earlier hook (a transcoder's input), they are replaced by
+  fn(them, the activations at `read`, *fn_args)."""
+  dtype = _check(config, tokens_BxL, (hook,) + ((read,) if read else ()), dtype)
   at = hooks_lib.parse(hook)
-  edit = lambda i, point, v: fn(v, *fn_args) if (i, point) == at else v
+  if read is not None:
+    hooks_lib.check_target(read, hook)
+  source, seen = (at if read is None else hooks_lib.parse(read)), {}
+
+  def edit(i, point, v):
+    if (i, point) == source:
+      seen["read"] = v
+    if (i, point) != at:
+      return v
+    return fn(v, *fn_args) if read is None else fn(v, seen["read"], *fn_args)
+
   x = _forward(params, config, tokens_BxL, config.n_layers - 1, edit, np.dtype(dtype))
   return _family(config).head(params, config, x, np.dtype(dtype))

@@ -24,18 +24,24 @@ def along_last(v, x):
   return jnp.reshape(v, (1,) * (x.ndim - 1) + (-1,))
 
 
-def layer_norm(x, w, b, eps):
+def layer_norm(x, w, b, eps, normalized=None):
+  """LayerNorm; `normalized` (a hook: TransformerLens' hook_normalized) maps
+  the normalized x before the weight and bias are applied."""
   x = x.astype(jnp.float32)
   mean = jnp.mean(x, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps) * along_last(w, x) + along_last(b, x)
+  n = (x - mean) * jax.lax.rsqrt(var + eps)
+  n = n if normalized is None else normalized(n)
+  return n * along_last(w, x) + along_last(b, x)
 
 
-def rms_norm(x, w, eps, offset=0.0):
-  """Llama's RMSNorm (Gemma's scales by offset + w, offset 1)."""
+def rms_norm(x, w, eps, offset=0.0, normalized=None):
+  """Llama's RMSNorm (Gemma's scales by offset + w, offset 1); `normalized`
+  as for `layer_norm`."""
   x = x.astype(jnp.float32)
-  x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
-  return x * (offset + along_last(w, x))
+  n = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+  n = n if normalized is None else normalized(n)
+  return n * (offset + along_last(w, x))
 
 
 def linear(x, w, b, dtype):

@@ -132,14 +132,14 @@ def train_many(states: typing.Sequence[train.TrainState], batches: typing.Iterab
   c = states[0].config
   mesh = states[0].step.sharding.mesh
   steps = [int(train.host(s.step)) for s in states]
-  shared = lambda s: (s.config.batch_size, s.config.sae.d_model, s.config.total_steps)
+  shared = lambda s: (s.config.batch_size, s.config.sae.row_width, s.config.total_steps)
   for name, s, step in zip(names, states, steps):
     if (shared(s), step, s.step.sharding.mesh) != (shared(states[0]), steps[0], mesh):
       raise ValueError(
-          f"train_many's states must share the batch (batch_size, d_model), the total steps, "
+          f"train_many's states must share the batch (batch_size, row width), the total steps, "
           f"the step they are at and the mesh: {name} has {shared(s)} at step {step}, "
           f"{names[0]} {shared(states[0])} at step {steps[0]}")
-  want = (len(mesh.local_devices), c.batch_size // mesh.size, c.sae.d_model)
+  want = (len(mesh.local_devices), c.batch_size // mesh.size, c.sae.row_width)
   if c.batch_size % mesh.size:
     raise ValueError(
         f"batch_size {c.batch_size} must be divisible by the {mesh.size} devices")
@@ -193,7 +193,7 @@ def train_many(states: typing.Sequence[train.TrainState], batches: typing.Iterab
       if shape != expected:
         raise ValueError(
             f"batch for step {step} must have shape {expected} ([devices, batch_size / devices, "
-            f"d_model]); got {shape}")
+            f"d_model, or 2·d_model for a transcoder's pairs]); got {shape}")
       batch = train.global_batch(batch, mesh)  # once, for every state
       metrics = []
       for i, state in enumerate(states):

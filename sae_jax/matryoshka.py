@@ -123,7 +123,7 @@ def _cotangents(x_BxD, partial_GxBxD, b_dec_D, weights: tuple) -> tuple:
 
 
 def through_codes(x_BxD, centred_BxD, z_BxP, W_enc_DxP, W_dec_PxD, b_dec_D, nested: Nested,
-                  group_P=None):
+                  group_P=None, centre=True):
   """`gradients._through_codes` for the nested loss: codes on P columns,
   either all F in order (`group_P` None: the groups are slices) or a pool
   whose columns' groups are `group_P`.
@@ -150,11 +150,12 @@ def through_codes(x_BxD, centred_BxD, z_BxP, W_enc_DxP, W_dec_PxD, b_dec_D, nest
   dpre_BxP = jnp.where(z_BxP > 0, dz_BxP, 0)
   db_enc_P = jnp.sum(dpre_BxP, axis=0)
   grads = {"W_enc": centred_BxD.T @ dpre_BxP, "b_enc": db_enc_P, "W_dec": dW_dec_PxD,
-           "b_dec": jnp.sum(R_GxBxD[0], axis=0) - W_enc_DxP @ db_enc_P}
+           "b_dec": layouts.b_dec_grad(R_GxBxD[0], W_enc_DxP, db_enc_P, centre)}
   return xhat_BxD, value, grads
 
 
-def through_entries(x_BxD, centred_BxD, rows_M, cols_M, values_M, params, nested: Nested):
+def through_entries(x_BxD, centred_BxD, rows_M, cols_M, values_M, params, nested: Nested,
+                    centre=True):
   """`gradients._through_entries`' reconstruction and gradients for the
   nested loss: each entry is decoded into its (group, token) slot.
 
@@ -172,5 +173,5 @@ def through_entries(x_BxD, centred_BxD, rows_M, cols_M, values_M, params, nested
   dpre_M = jnp.where(values_M > 0, jnp.sum(R_MxD * W_dec_MxD, axis=1), 0)
   grads = layouts.entry_grads(slot_M, cols_M, values_M, R_SxD, dpre_M,
                               jnp.tile(centred_BxD, (G, 1)), n_latents)
-  grads["b_dec"] = jnp.sum(R_GxBxD[0], axis=0) - params["W_enc"] @ grads["b_enc"]
+  grads["b_dec"] = layouts.b_dec_grad(R_GxBxD[0], params["W_enc"], grads["b_enc"], centre)
   return xhat_BxD, value, grads

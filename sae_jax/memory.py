@@ -43,7 +43,7 @@ def memory_per_device(trains: typing.Sequence[TrainConfig], n_devices: int,
   tokens = max(trains[0].batch_size // n_devices, 1)
   activations = max(2 * 4 * tokens * c.sae.n_latents for c in trains)
   return {"state": state, "activations": activations,
-          "stream": stream_rows * 4 * (trains[0].sae.d_model + 1)}
+          "stream": stream_rows * 4 * (trains[0].sae.row_width + 1)}
 
 
 def _gib(n: int) -> str:

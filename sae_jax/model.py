@@ -7,7 +7,8 @@
              = relu(pre_BxF) > theta_F     inference: a threshold per latent (TopK: per token)
 
 JumpReLU (`jumprelu.py`) does not subtract b_dec, and learns its thresholds
-theta_F as a parameter.
+theta_F as a parameter. Nor does a transcoder (`transcoder.py`), whose
+xhat reconstructs another hook than the x it reads.
 
 The selection rules themselves live in `selection.py`; losses, optimisation
 and I/O live elsewhere.
@@ -76,8 +77,7 @@ class SAE(nn.Module):
   def pre(self, x_BxD: jax.Array) -> jax.Array:
     """Encoder pre-activations [B, F], accumulated in float32."""
     params = {"W_enc": self.W_enc, "b_enc": self.b_enc, "b_dec": self.b_dec}
-    return encoder(params, x_BxD, self.config.compute_dtype,
-                   centre=self.config.selection != "jumprelu")[1]
+    return encoder(params, x_BxD, self.config.compute_dtype, centre=self.config.centred)[1]
 
   def select(self, a_BxF: jax.Array, *, key=None, axis_name=None, pool=None) -> jax.Array:
     """The training selection of non-negative activations [B, F].
@@ -175,13 +175,15 @@ def geometric_median(x_NxD: jax.Array, n_iter: int = 100, eps: float = 1e-8) -> 
   return lax.fori_loop(0, n_iter, step, jnp.mean(x_NxD, axis=0))
 
 
-def init_params(key: jax.Array, sae: SAE, sample_NxD: jax.Array) -> dict:
+def init_params(key: jax.Array, sae: SAE, sample_NxD: jax.Array, target_NxD=None) -> dict:
   """SAE parameters as the recipe initialises them.
 
   Args:
     key: PRNG key for the decoder directions.
     sae: the SAE module, for its sizes (init does not use its rule).
     sample_NxD: activations (already scaled) whose geometric median is b_dec.
+    target_NxD: a transcoder's targets for those rows (already scaled): b_dec
+      is their geometric median instead.
 
   Returns:
     A Flax variables dict {"params": {...}} for `sae`.
@@ -194,5 +196,6 @@ def init_params(key: jax.Array, sae: SAE, sample_NxD: jax.Array) -> dict:
   variables = sae.init(key, sample_NxD[:1])
   if sae.config.selection == "jumprelu":
     return {"params": dict(variables["params"])}
-  params = dict(variables["params"], b_dec=geometric_median(sample_NxD))
+  params = dict(variables["params"],
+                b_dec=geometric_median(sample_NxD if target_NxD is None else target_NxD))
   return {"params": params}

@@ -7,6 +7,7 @@ attn_out + mlp_out, as TransformerLens defines the hooks for it.
 """
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 
@@ -105,16 +106,18 @@ def _mlp(p, x, config: NeoXConfig, dtype):
 
 def block(p, x, config: NeoXConfig, rotary, layer: int, dtype, edit):
   """Block `layer` on the residual stream x; edit(point, value) -> value at
-  "attn_out" and "mlp_out"."""
+  "attn_out", "ln2_normalized" (the MLP's norm, before its weight) and
+  "mlp_out"."""
   eps = config.layer_norm_eps
+  ln2 = functools.partial(edit, "ln2_normalized")
   attn = edit("attn_out", _attention(p, layers.layer_norm(x, p["ln1_w"], p["ln1_b"], eps),
                                      config, rotary, dtype))
   if config.parallel_residual:
-    mlp = _mlp(p, layers.layer_norm(x, p["ln2_w"], p["ln2_b"], eps), config, dtype)
+    mlp = _mlp(p, layers.layer_norm(x, p["ln2_w"], p["ln2_b"], eps, ln2), config, dtype)
     return x + attn + edit("mlp_out", mlp)
   x = x + attn
-  return x + edit("mlp_out", _mlp(p, layers.layer_norm(x, p["ln2_w"], p["ln2_b"], eps),
-                                  config, dtype))
+  h = layers.layer_norm(x, p["ln2_w"], p["ln2_b"], eps, ln2)
+  return x + edit("mlp_out", _mlp(p, h, config, dtype))
 
 
 def head(params, config: NeoXConfig, x, dtype):

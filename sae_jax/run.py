@@ -97,8 +97,9 @@ def run_many(configs: typing.Sequence[RunConfig], out, *, progress: bool = True,
     other = runconfig.flat(config.to_dict())
     differ = [k for k in sorted(set(first) | set(other))
               if not k.startswith(OWN_FIELDS) and first.get(k) != other.get(k)]
-    if configs[0].train.sae.d_model != config.train.sae.d_model:
-      differ.append("train.sae.d_model")
+    for field in ("d_model", "transcoder"):  # the batches' rows
+      if getattr(configs[0].train.sae, field) != getattr(config.train.sae, field):
+        differ.append(f"train.sae.{field}")
     if differ:
       raise ValueError(f"run_many trains runs on one stream of batches: {config.out} and "
                        f"{configs[0].out} differ in {', '.join(differ)}")

@@ -23,7 +23,8 @@ ADDED_FIELDS = {"stream": False, "stream_contexts": 512, "train.sae.ridge": 0.01
                 "train.layout": "auto", "train.matryoshka_groups": None,
                 "train.matryoshka_weights": None, "synthetic.parent_rate": 1.0,
                 "train.target_l0": None, "train.bandwidth": 0.001,
-                "train.sparsity_penalty": 1.0, "train.sparsity_warmup_steps": None}
+                "train.sparsity_penalty": 1.0, "train.sparsity_warmup_steps": None,
+                "train.sae.transcoder": False, "export.target_hook": None}
 # Fields that only change what is done after training: a finished run whose
 # saved config differs in one of them is finished again.
 END_FIELDS = ("inference", "calibration_tokens")
@@ -113,6 +114,10 @@ class RunConfig:
     if self.train.sae.selection == "jumprelu" and self.inference != "auto":
       raise ValueError(f"RunConfig.inference {self.inference!r}: a JumpReLU SAE is saved with "
                        f"its learned thresholds; leave --inference at 'auto'")
+    if self.train.sae.transcoder and self.inference == "topk":
+      raise ValueError("RunConfig.inference 'topk': a transcoder is saved with a threshold per "
+                       "latent (SAELens has no TopK transcoder); use --inference per-latent, "
+                       "global or auto")
     validation.check_int_field("RunConfig", "calibration_tokens", self.calibration_tokens)
     if self.calibration_tokens < self.train.batch_size:
       raise ValueError(f"RunConfig.calibration_tokens ({self.calibration_tokens}) must be at "
@@ -128,6 +133,14 @@ class RunConfig:
       if not (path.is_dir() or (path.suffix == ".npy" and path.is_file())):
         raise ValueError(f"--data must be 'pythia', 'synthetic', a cache directory or a .npy "
                          f"file; {self.data!r} is none of these")
+    if self.data == "pythia" and self.train.sae.transcoder != (self.export.target_hook is not None):
+      raise ValueError(f"--data pythia: a transcoder (SAEConfig.transcoder "
+                       f"{self.train.sae.transcoder}) goes with --target-hook, an SAE without "
+                       f"it; got --target-hook {self.export.target_hook!r}")
+    if self.data == "synthetic" and self.train.sae.transcoder:
+      raise ValueError("--data synthetic makes SAE data, not a transcoder's (input, target) "
+                       "pairs: train a transcoder on a model's hooks (--target-hook) or on "
+                       "pairs in a cache or an [N, 2, D] .npy")
     if self.data == "synthetic" and self.synthetic.d_model != self.train.sae.d_model:
       raise ValueError(f"d_model {self.train.sae.d_model} differs from the synthetic data's "
                        f"{self.synthetic.d_model}")

@@ -11,6 +11,12 @@ largest float32. TopK is saved as "topk" with its k. JumpReLU is saved as
 "jumprelu" with its learned thresholds and apply_b_dec_to_input false (its
 encoder reads x, not x - b_dec).
 
+A transcoder (`transcoder.py`) is saved as "jumprelu_transcoder" (SAELens
+has no TopK transcoder: a TopK one keeps calibrated thresholds too), with
+d_out. It saw c_in·x and reconstructed c_out·y, so on raw x its codes are
+1/c_in of the trained ones (b_enc / c_in, θ_j / c_in) and its raw
+reconstruction is W_dec · c_in / c_out and b_dec / c_out.
+
 The metadata say who trained the SAE: `sae_lens_training_version` is null
 (SAELens would otherwise fill in, and save back, its own version) and
 `sae_jax_version` is ours.
@@ -31,16 +37,18 @@ from sae_jax.config import SAEConfig
 SAE_LENS_VERSION = "6.0.0"
 
 
-def folded_weights(params: dict, threshold, input_scale: float, selection: str) -> dict:
+def folded_weights(params: dict, threshold, input_scale, selection: str) -> dict:
   """float32 arrays W_enc [D,F], W_dec [F,D], b_enc [F], b_dec [D] (and
   threshold [F] unless TopK) acting on raw activations; `threshold` is one
-  per latent or one for all (scaled units)."""
-  c = float(input_scale)
+  per latent or one for all (scaled units); `input_scale` c, or a
+  transcoder's (c_in, c_out)."""
+  c, c_out = np.broadcast_to(np.asarray(input_scale, np.float64), (2,))
+  W_dec = np.asarray(params["W_dec"], np.float32)
   weights = {
       "W_enc": np.asarray(params["W_enc"], np.float32),
-      "W_dec": np.asarray(params["W_dec"], np.float32),
+      "W_dec": W_dec if c == c_out else (W_dec * (c / c_out)).astype(np.float32),
       "b_enc": np.asarray(params["b_enc"], np.float32) / np.float32(c),
-      "b_dec": np.asarray(params["b_dec"], np.float32) / np.float32(c),
+      "b_dec": np.asarray(params["b_dec"], np.float32) / np.float32(c_out),
   }
   if selection != "topk":
     theta_F = np.broadcast_to(np.asarray(threshold, np.float32), weights["b_enc"].shape)
@@ -50,7 +58,7 @@ def folded_weights(params: dict, threshold, input_scale: float, selection: str) 
   return weights
 
 
-def export_saelens(out, params: dict, threshold, input_scale: float, config: SAEConfig,
+def export_saelens(out, params: dict, threshold, input_scale, config: SAEConfig,
                    metadata: typing.Mapping[str, typing.Any], *,
                    log10_density=None) -> pathlib.PurePath:
   """Writes the folder `out` (replacing it whole, never leaving half of it).
@@ -59,7 +67,8 @@ def export_saelens(out, params: dict, threshold, input_scale: float, config: SAE
     out: the folder to write.
     params: the SAE's parameters (scaled units, as trained).
     threshold: the inference thresholds θ_j [F], or one for all (scaled units).
-    input_scale: the constant c the inputs were multiplied by.
+    input_scale: the constant c the inputs were multiplied by, or a
+      transcoder's (c_in, c_out) (`train.scales`).
     config: the SAE's config.
     metadata: SAELens metadata: model_name, hook_name, context_size,
       prepend_bos, dataset_path and, for activations of a transformers
@@ -72,14 +81,19 @@ def export_saelens(out, params: dict, threshold, input_scale: float, config: SAE
   """
   from safetensors.numpy import save_file
   out = storage.path(out)
+  if config.transcoder and config.selection == "topk":
+    raise ValueError("a transcoder is saved with thresholds (SAELens has no TopK transcoder); "
+                     "export it with its calibrated thresholds")
   weights = folded_weights(params, threshold, input_scale, config.selection)
   cfg = {
-      "architecture": "topk" if config.selection == "topk" else "jumprelu",
+      "architecture": ("jumprelu_transcoder" if config.transcoder else
+                       "topk" if config.selection == "topk" else "jumprelu"),
       "d_in": config.d_model,
+      **({"d_out": config.d_model} if config.transcoder else {}),
       "d_sae": config.n_latents,
       "dtype": "float32",
       "device": "cpu",
-      "apply_b_dec_to_input": config.selection != "jumprelu",
+      "apply_b_dec_to_input": config.centred,
       "normalize_activations": "none",
       "reshape_activations": "none",
       "metadata": {**metadata, "sae_lens_version": SAE_LENS_VERSION,
@@ -127,8 +141,9 @@ def load(folder) -> tuple[dict, dict]:
                      f"run finished?")
   weights, cfg = load(paths[1].read_bytes()), json.loads(paths[0].read_text())
   D, F = cfg.get("d_in"), cfg.get("d_sae")
-  want = {"W_enc": (D, F), "W_dec": (F, D), "b_enc": (F,), "b_dec": (D,)}
-  if cfg.get("architecture") == "jumprelu":
+  D_out = cfg.get("d_out", D)
+  want = {"W_enc": (D, F), "W_dec": (F, D_out), "b_enc": (F,), "b_dec": (D_out,)}
+  if cfg.get("architecture") in ("jumprelu", "jumprelu_transcoder"):
     want["threshold"] = (F,)
   for name, shape in want.items():
     got = weights[name].shape if name in weights else "missing"
@@ -153,7 +168,7 @@ def encode(weights: dict, cfg: dict, x_NxD) -> np.ndarray:
   or each row's k largest of relu(h) ("topk")."""
   h = (np.asarray(x_NxD, np.float32) - input_offset(weights, cfg)) @ weights["W_enc"] + \
       weights["b_enc"]
-  if cfg["architecture"] == "jumprelu":
+  if cfg["architecture"] in ("jumprelu", "jumprelu_transcoder"):
     return np.maximum(h, 0) * (h > weights["threshold"])
   z = np.zeros_like(h)
   top = np.argpartition(-h, cfg["k"] - 1, axis=1)[:, :cfg["k"]]

@@ -26,6 +26,12 @@ SYNTHETIC_INIT_STEP, SYNTHETIC_EVAL_STEP, SYNTHETIC_CALIBRATION_STEP = (
     2**31 - 1, 2**31 - 2, 2**31 - 3)
 # The SAE saw raw transformers hidden states, not TransformerLens' centred ones.
 MODEL_KWARGS = {"model_from_pretrained_kwargs": {"center_writing_weights": False}}
+
+
+def _hook_metadata(hook: str, target_hook: typing.Optional[str]) -> dict:
+  """cfg.json's hook fields: hook_name, and a transcoder's target as
+  hook_name_out (SAELens' transcoder config names it so, in a comment)."""
+  return {"hook_name": hook, **({"hook_name_out": target_hook} if target_hook else {})}
 ENCODER_DOWNSTREAM = ("the model is an encoder (bidirectional attention): next-token loss "
                       "does not apply to it")
 
@@ -107,8 +113,10 @@ def _disk(config: RunConfig, n_devices: int, verify: bool) -> DataSource:
   if verify:
     print(f"verifying every shard of {path} against its sha256", flush=True)
   acts = data.Activations(path, eval_rows=eval_rows, verify=verify)
+  target = manifest.get("target_hook") if manifest else None
   metadata = {"model_name": manifest["model"] if manifest else "unknown",
-              "hook_name": manifest["hook"] if manifest else "unknown",
+              **(_hook_metadata(manifest["hook"], target) if manifest
+                 else {"hook_name": "unknown"}),
               "context_size": manifest["context_length"] if manifest else None,
               "prepend_bos": False,
               "dataset_path": manifest["dataset"] if manifest else str(path),
@@ -167,8 +175,8 @@ def _stream(config: RunConfig) -> DataSource:
   return DataSource(
       batches=source.batches, sample=source.sample(INIT_SAMPLE), held_out=source.held_out,
       calibration=source.sample, position=source.position,
-      metadata={"model_name": e.model, "hook_name": e.hook, "context_size": e.context_length,
-                "prepend_bos": False,
+      metadata={"model_name": e.model, **_hook_metadata(e.hook, e.target_hook),
+                "context_size": e.context_length, "prepend_bos": False,
                 "dataset_path": list(e.dataset) if isinstance(e.dataset, tuple) else e.dataset,
                 **MODEL_KWARGS},
       letters=lambda: _letters(source.tokenizer, source.held_out_tokens()),
@@ -236,11 +244,34 @@ def check_data_size(config: RunConfig) -> None:
         f"tenth of the data, at most --eval-tokens), so at least {need} rows")
 
 
+def transcoder_data(data_arg: str, target_hook: typing.Optional[str]) -> bool:
+  """Whether a run's data are a transcoder's (input, target) pairs: with
+  --data pythia, as --target-hook asks; a cache or .npy holds pairs or
+  not, which --target-hook must agree with (or be left out)."""
+  if data_arg in ("pythia", "synthetic"):
+    return target_hook is not None
+  acts = data.Activations(data_arg)
+  saved = acts.manifest.get("target_hook") if acts.manifest else None
+  if target_hook is None or (saved is not None and saved == target_hook):
+    return acts.pairs
+  if acts.manifest is None:
+    raise ValueError(f"--target-hook {target_hook!r}: --data {data_arg} is a .npy, whose "
+                     f"{'pairs say' if acts.pairs else 'rows say'} nothing of hooks; leave "
+                     f"--target-hook out (an [N, 2, D] .npy of (input, target) pairs trains a "
+                     f"transcoder by itself)")
+  raise ValueError(f"--target-hook {target_hook!r}: the cache --data {data_arg} holds "
+                   + (f"pairs whose target is {saved!r}" if saved else
+                      f"the activations of {acts.manifest['hook']!r} alone")
+                   + "; leave --target-hook out, or export the pairs it names")
+
+
 def d_model_of(data_arg: str, *, cache_dir: str, model: str, revision=None,
                synthetic_d_model: int, stream: bool = False,
-               hook: typing.Optional[str] = None) -> int:
+               hook: typing.Optional[str] = None, target_hook: typing.Optional[str] = None
+               ) -> int:
   """The activation width D of a run's data, found without doing any work
-  (and, for a model not yet exported, whether it has `hook`)."""
+  (and, for a model not yet exported, whether it has `hook` and `target_hook`)."""
+  wanted = [h for h in (hook, target_hook) if h is not None]
   if data_arg == "synthetic":
     return synthetic_d_model
   if data_arg == "pythia":
@@ -254,19 +285,20 @@ def d_model_of(data_arg: str, *, cache_dir: str, model: str, revision=None,
       except ValueError as error:
         raise ValueError(f"--stream runs the model in JAX: {error}; export a cache with "
                          f"--backend torch instead (leave --stream out)") from None
-      if hook is not None:
-        hooks.check_decoder(hook, model, lm_config.n_layers)
+      for h in wanted:
+        hooks.check_decoder(h, model, lm_config.n_layers)
       return lm_config.hidden_size
     config = hf.model_config(directory)
-    if hook is not None:
-      hooks.check_architecture(hook, model, hf.is_encoder(config), config.model_type)
+    for h in wanted:
+      hooks.check_architecture(h, model, hf.is_encoder(config), config.model_type)
     return config.hidden_size
   path = storage.path(data_arg)
   if path.suffix == ".npy" and path.is_file():
     shape = data.open_npy(path).shape
-    if len(shape) != 2:
-      raise ValueError(f"{data_arg} must hold activations [N, D] (2 dimensions); got shape {shape}")
-    return shape[1]
+    if len(shape) != 2 and (len(shape) != 3 or shape[1] != 2):
+      raise ValueError(f"{data_arg} must hold activations [N, D] (or a transcoder's pairs "
+                       f"[N, 2, D]); got shape {shape}")
+    return shape[-1]
   manifest = export_lib.read_manifest(path) if path.is_dir() else None
   if manifest is None or "d_model" not in manifest:
     raise ValueError(f"--data {data_arg!r} is not 'pythia', 'synthetic', an activation cache "

@@ -31,6 +31,7 @@ from sae_jax import outdir
 from sae_jax import probing
 from sae_jax import saelens
 from sae_jax import storage
+from sae_jax import transcoder
 from sae_jax import validation
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -212,7 +213,10 @@ def evaluate_run(run_dir, *, n_words: typing.Optional[int] = 8000, seed: int = 0
                      f"{weights['W_dec'].shape[1]}")
   codes = saelens.encode(weights, cfg, x)
   letter = token_letters(tokenizer, ids)
-  absorbed = probing.letter_absorption(x, codes, weights["W_dec"], letter, ids, seed=seed)
+  if cfg.get("architecture", "").endswith("transcoder"):  # as finish.py: no absorption
+    absorbed = {"absorption_skipped": transcoder.NO_ABSORPTION, "per_letter": {}}
+  else:
+    absorbed = probing.letter_absorption(x, codes, weights["W_dec"], letter, ids, seed=seed)
   probes = probing.sparse_probing(codes, letter[:, None] == np.arange(len(LETTERS))[None, :],
                                   dense_NxD=x, seed=seed)
   per_letter = {LETTERS[i]: r for i, r in absorbed.pop("per_letter").items()}

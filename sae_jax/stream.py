@@ -48,14 +48,20 @@ def valid_rows(tokens_CxL: np.ndarray, excluded: np.ndarray) -> np.ndarray:
   return valid
 
 
-def device_functions(mesh: jax.sharding.Mesh, lm_config: lm.Config, hook: str, *,
+def _rows_at(lm_params, lm_config: lm.Config, ids, hook_names: tuple):
+  """[b, L, W]: the activations at each hook, side by side (a transcoder's
+  (input, target) pair is W = 2·D)."""
+  return jnp.concatenate(lm.hooks_at(lm_params, lm_config, ids, hook_names), axis=-1)
+
+
+def device_functions(mesh: jax.sharding.Mesh, lm_config: lm.Config, hook_names: tuple, *,
                      contexts_per_device: int, context_length: int, batch_contexts: int,
                      excluded: np.ndarray, rows_per_step: int):
   """The shuffle buffer's two jitted functions over `mesh` (axis "data"):
 
     fill(lm_params, tokens [devices, R, L], key_data, round) -> (acts, order):
       each device runs the model on its R contexts, `batch_contexts` at a
-      time, and keeps acts [R·L, D] and a shuffled order of its rows, the
+      time, and keeps acts [R·L, W] (`_rows_at`) and a shuffled order of its rows, the
       drawable ones (not position 0, not `excluded`) first;
     take(acts, order, j) -> [devices, rows_per_step, D]: batch j of the round.
   """
@@ -64,7 +70,7 @@ def device_functions(mesh: jax.sharding.Mesh, lm_config: lm.Config, hook: str, *
 
   def fill(lm_params, tokens_1xRxL, key_data, round_index):
     tokens_RxL = tokens_1xRxL[0]
-    acts = lax.map(lambda ids: lm.hook_at(lm_params, lm_config, ids, hook),
+    acts = lax.map(lambda ids: _rows_at(lm_params, lm_config, ids, hook_names),
                    tokens_RxL.reshape(R // chunk, chunk, L))
     acts_NxD = acts.reshape(R * L, -1)
     valid_RxL = (~jnp.isin(tokens_RxL, excluded)) & (jnp.arange(L) > 0)[None, :]
@@ -116,8 +122,11 @@ class Stream:
     self.round_contexts, self.per_device = round_contexts, per_device
     self.tokenizer = hf.tokenizer(config.model, config.revision)
     self.lm_config, params = lm.load(config.model, config.revision)
-    hooks.check_decoder(config.hook, config.model, self.lm_config.n_layers)
+    self.hooks = (config.hook,) + ((config.target_hook,) if config.target_hook else ())
+    for hook in self.hooks:
+      hooks.check_decoder(hook, config.model, self.lm_config.n_layers)
     self.d_model = self.lm_config.hidden_size
+    self.width = self.d_model * len(self.hooks)  # a row's columns
     self.lm_params = jax.device_put(params, NamedSharding(mesh, P()))
     self.excluded = np.asarray(config.exclude_token_ids, np.int32)
     self.key = [int(k) for k in np.asarray(jax.random.key_data(
@@ -134,7 +143,7 @@ class Stream:
     self.train_start = downstream[-1][1] if downstream else after
     self._rounds: list = []  # recent rounds: for `position`
     self._fill, self._take = device_functions(
-        mesh, self.lm_config, config.hook, contexts_per_device=per_device,
+        mesh, self.lm_config, self.hooks, contexts_per_device=per_device,
         context_length=config.context_length, batch_contexts=config.batch_contexts,
         excluded=self.excluded, rows_per_step=b)
 
@@ -158,13 +167,13 @@ class Stream:
   # --- Rows on the host's view (evaluation, initialisation) ------------------
 
   def rows(self, contexts_CxL: np.ndarray) -> np.ndarray:
-    """Float32 [rows, D]: the valid rows of these contexts, in order."""
+    """Float32 [rows, W]: the valid rows of these contexts, in order."""
     out = []
     for start in range(0, len(contexts_CxL), self.config.batch_contexts):
       ids = contexts_CxL[start:start + self.config.batch_contexts]
-      acts = lm.hook_at(self.lm_params, self.lm_config, ids, self.config.hook)
+      acts = _rows_at(self.lm_params, self.lm_config, ids, self.hooks)
       out.append(np.asarray(acts.addressable_data(0))[valid_rows(ids, self.excluded)])
-    return np.concatenate(out) if out else np.zeros((0, self.d_model), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, self.width), np.float32)
 
   def held_out(self) -> np.ndarray:
     """The evaluation rows [eval_tokens, D], from the first contexts."""

@@ -34,6 +34,7 @@ from jax import lax
 
 from sae_jax import model
 from sae_jax import selection
+from sae_jax import transcoder
 
 NEVER = float(np.finfo(np.float32).max)  # θ of a latent that must never fire
 # The Sampled-SAE pools of `sample_pool` runs, drawn during calibration.
@@ -59,8 +60,10 @@ def batches(x_NxD, batch_size: int) -> np.ndarray:
 
 
 def _activations(params, x_NxBxD, sae: model.SAE):
-  """i -> batch i's activations relu(pre) [B, F], as training computes them."""
-  return lambda i: jax.nn.relu(sae.apply({"params": params}, x_NxBxD[i], method=model.SAE.pre))
+  """i -> batch i's activations relu(pre) [B, F], as training computes them
+  (a transcoder's from the input half of its rows)."""
+  inputs = lambda i: transcoder.sides(x_NxBxD[i], sae.config)[0]
+  return lambda i: jax.nn.relu(sae.apply({"params": params}, inputs(i), method=model.SAE.pre))
 
 
 @functools.partial(jax.jit, static_argnames=("sae",))
@@ -92,7 +95,7 @@ def _count(params, x_NxBxD, sae: model.SAE):
       z_BxF = sae.apply(variables, a_BxF, key=key_i, pool=pool_P, method=model.SAE.select)
       xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode)
       total_F = total_F + jnp.sum(z_BxF > 0, axis=0, dtype=jnp.int32)
-    error = x_NxBxD[i] - xhat_BxD
+    error = transcoder.sides(x_NxBxD[i], config)[1] - xhat_BxD
     return total_F, sse + jnp.sum(jnp.square(error)).astype(sse.dtype), pool_P
 
   kept_P = jnp.zeros(config.pool_size, jnp.int32) if config.keeps_pool else None
@@ -179,10 +182,12 @@ def calibrate(params, x_NxD, sae: model.SAE, *, batch_size: int,
 
   Args:
     params: the SAE's parameters (scaled units).
-    x_NxD: calibration tokens, already multiplied by the input scale; cut
-      into floor(N / batch_size) batches of `batch_size`, the training batch
-      (the rule's budget is batch_size · k).
-    sae: the SAE module; TopK needs no thresholds (its counts are still found).
+    x_NxD: calibration tokens, already multiplied by the input scale (a
+      transcoder's pairs by theirs, `transcoder.scaled`); cut into
+      floor(N / batch_size) batches of `batch_size`, the training batch (the
+      rule's budget is batch_size · k).
+    sae: the SAE module; TopK needs no thresholds (its counts are still
+      found), but a TopK transcoder does (`saelens.py`).
     batch_size: tokens per batch, as in training.
     per_latent: False only counts (for `--inference global`); threshold_F is 0.
 
@@ -202,7 +207,7 @@ def calibrate(params, x_NxD, sae: model.SAE, *, batch_size: int,
   counts_F, sse = _count(params, x_NxBxD, sae)
   counts_F = np.asarray(counts_F).astype(np.int64)
   theta_F = (per_latent_thresholds(params, x_NxBxD, sae, counts_F)
-             if per_latent and sae.config.selection != "topk"
+             if per_latent and (sae.config.selection != "topk" or sae.config.transcoder)
              else np.zeros(sae.config.n_latents, np.float32))
   return Calibration(theta_F, counts_F, x_NxBxD.shape[0] * batch_size, float(sse))
 

@@ -27,6 +27,7 @@ from sae_jax import losses
 from sae_jax import model
 from sae_jax import optimizer
 from sae_jax import scoring
+from sae_jax import transcoder
 from sae_jax.config import TrainConfig
 
 AXIS = "data"
@@ -52,6 +53,9 @@ class TrainState(struct.PyTreeNode):
   # int32 [P]: the Sampled-SAE pool kept between renewals; None unless the
   # config keeps pools (sae.pool_every > 1), so other states are unchanged.
   pool_P: typing.Optional[jax.Array] = None
+  # float32 c_out with E||c_out·y||² = D for a transcoder's targets y
+  # (`transcoder.py`); None for an SAE, whose target is its input.
+  target_scale: typing.Optional[jax.Array] = None
 
 
 class NonFiniteError(RuntimeError):
@@ -82,16 +86,20 @@ def _learning_rate(config: TrainConfig, step):
 
 def create_train_state(config: TrainConfig, sample_NxD) -> TrainState:
   """A fresh state (on one device): input scale and b_dec come from `sample_NxD`,
-  raw activations [N, D]."""
-  D = config.sae.d_model
+  raw activations [N, D] (a transcoder's pairs: [N, 2·D])."""
+  D, W = config.sae.d_model, config.sae.row_width
   sample_NxD = np.asarray(sample_NxD)
-  if sample_NxD.ndim != 2 or sample_NxD.shape[1] != D:
+  if sample_NxD.ndim != 2 or sample_NxD.shape[1] != W:
+    what = "(input, target) pairs of width 2·d_model" if config.sae.transcoder else "width d_model"
     raise ValueError(
-        f"sample_NxD must have shape [N, {D}] (N tokens of width d_model); got {sample_NxD.shape}")
-  scale = estimate_input_scale(sample_NxD)
+        f"sample_NxD must have shape [N, {W}] (N tokens of {what}); got {sample_NxD.shape}")
+  x_NxD, y_NxD = transcoder.split(sample_NxD, D) if config.sae.transcoder else (sample_NxD,) * 2
+  scale = estimate_input_scale(x_NxD)
+  target_scale = estimate_input_scale(y_NxD) if config.sae.transcoder else None
   init_key, pool_key = jax.random.split(jax.random.key(config.seed))
-  params = model.init_params(init_key, model.SAE(config.sae),
-                             jnp.asarray(sample_NxD * scale, jnp.float32))
+  params = model.init_params(
+      init_key, model.SAE(config.sae), jnp.asarray(x_NxD * scale, jnp.float32),
+      None if target_scale is None else jnp.asarray(y_NxD * target_scale, jnp.float32))
   params = params["params"]
   return TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -106,7 +114,26 @@ def create_train_state(config: TrainConfig, sample_NxD) -> TrainState:
       dead_at_most=jnp.asarray(can_be_dead(np.zeros(config.sae.n_latents, np.int32),
                                            config.dead_steps, 0)),
       config=config,
-      pool_P=jnp.zeros(config.sae.pool_size, jnp.int32) if config.sae.keeps_pool else None)
+      pool_P=jnp.zeros(config.sae.pool_size, jnp.int32) if config.sae.keeps_pool else None,
+      target_scale=None if target_scale is None else jnp.asarray(target_scale, jnp.float32))
+
+
+def scales(state: TrainState) -> tuple:
+  """(c_in, c_out), the scales of what the encoder reads and of what the
+  decoder reconstructs, as floats: an SAE's input scale twice."""
+  c_in = float(np.asarray(state.input_scale))
+  return c_in, c_in if state.target_scale is None else float(np.asarray(state.target_scale))
+
+
+def scaled(state: TrainState, rows_BxW) -> tuple:
+  """(what the encoder reads, what xhat reconstructs) of raw rows, each in
+  its scaled units: for an SAE the same array, c·x."""
+  rows_BxW = rows_BxW.astype(jnp.float32)
+  if state.target_scale is None:
+    x_BxD = rows_BxW * state.input_scale
+    return x_BxD, x_BxD
+  x_BxD, y_BxD = transcoder.split(rows_BxW, state.config.sae.d_model)
+  return x_BxD * state.input_scale, y_BxD * state.target_scale
 
 
 def _batch_threshold(token_min_B: jax.Array, selection: str) -> jax.Array:
@@ -144,7 +171,7 @@ def fast_rule(config: TrainConfig) -> dict:
   """`gradients.fast`'s keywords for this run."""
   sae = config.sae
   return dict(loss_rule(config), selection=sae.selection, k=sae.k, pool_rule=sae.pool_rule,
-              compute_dtype=sae.compute_dtype, layout=config.layout)
+              compute_dtype=sae.compute_dtype, layout=config.layout, centre=sae.centred)
 
 
 def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
@@ -197,7 +224,7 @@ def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
     raise ValueError(f"form must be one of {FORMS}; got {form!r}")
   if form == "packed" and capacity is None:  # the smallest (F for an SAE too small to pack)
     capacity = (packed_capacities(c) or (c.sae.n_latents,))[0]
-  x_BxD = x_BxD.astype(jnp.float32) * state.input_scale
+  x_BxD, y_BxD = scaled(state, x_BxD)
   silent_F = state.steps_since_fired_F
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   lr = _learning_rate(c, state.step)
@@ -217,18 +244,19 @@ def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
 
   jump = c.sae.selection == "jumprelu"
   if jump:  # its own loss, no AuxK: `apply` checks its L0 penalty where AuxK's would be
-    grads, out = jumprelu.gradients(state.params, x_BxD, state.step, AXIS, **jumprelu_rule(c))
+    grads, out = jumprelu.gradients(state.params, x_BxD, state.step, AXIS, target_BxD=y_BxD,
+                                    **jumprelu_rule(c))
     mse = collectives.ordered_pmean(out.mse, AXIS)
     params, opt_state, _, grad_norm, finite = apply(grads, out.sparsity, None)
     penalty = out.sparsity  # at the global L0: the same on every device
   elif c.step == "dense":
     grads, out = gradients.dense(state.params, x_BxD, silent_F, key, model.SAE(c.sae), AXIS,
-                                 kept, **loss_rule(c))
+                                 kept, target_BxD=y_BxD, **loss_rule(c))
     mse = collectives.ordered_pmean(out.mse, AXIS)
     params, opt_state, auxk_loss, grad_norm, finite = apply(grads, out.auxk, None)
   else:
     grads, pool_P, out, with_auxk = gradients.fast(state.params, x_BxD, silent_F, key, AXIS,
-                                                   kept, **fast_rule(c))
+                                                   kept, target_BxD=y_BxD, **fast_rule(c))
     mse = collectives.ordered_pmean(out.mse, AXIS)
 
     def dense_with_auxk():
@@ -273,7 +301,7 @@ def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
       "loss": loss,
       "mse": mse,
       **({"sparsity_loss": penalty} if jump else {}),
-      "fvu": losses.fvu(x_BxD, out.xhat_BxD, AXIS),
+      "fvu": losses.fvu(y_BxD, out.xhat_BxD, AXIS),
       "l0": lax.psum(out.n_active, AXIS) / n_tokens,
       "dead_fraction": jnp.mean(state.steps_since_fired_F >= c.dead_steps),
       "most_silent_steps": jnp.max(state.steps_since_fired_F),

@@ -31,13 +31,14 @@ from sae_jax import seeds
 from sae_jax import selection
 from sae_jax import spelling
 from sae_jax import thresholds
+from sae_jax import transcoder
 from tests import scripts
 
 
 @pytest.mark.parametrize("module", [auxk, collectives, evaluate, finish, hooks, inference,
                                     pytest.param(loop, marks=pytest.mark.slow), losses, matryoshka,
                                     model, optimizer, pool, probing, scoring, seeds, selection,
-                                    spelling, thresholds])
+                                    spelling, thresholds, transcoder])
 def test_docstring_examples(module):
   result = doctest.testmod(module, extraglobs={"jax": jax, "jnp": jnp},
                            optionflags=doctest.NORMALIZE_WHITESPACE)

@@ -33,9 +33,11 @@ VARIANTS = {
                                      query_pre_attn_scalar=1,
                                      final_logit_softcapping=0.5)),
 }
-POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post", "ln2_normalized")
 # The module whose output is each point of block N, written out per family
 # (the library finds it another way: hooks.SUBMODULES on the block list).
+# ln2_normalized, TransformerLens' ln2.hook_normalized, is checked through
+# the MLP's input: the MLP's norm's weight and bias (NORM) applied to it.
 MODULE = {
     "gpt_neox": {"attn_out": "gpt_neox.layers.{}.attention", "mlp_out": "gpt_neox.layers.{}.mlp"},
     "gpt2": {"attn_out": "transformer.h.{}.attn", "mlp_out": "transformer.h.{}.mlp"},
@@ -44,6 +46,9 @@ MODULE = {
     **{f: {"attn_out": "model.layers.{}.self_attn", "mlp_out": "model.layers.{}.mlp"}
        for f in ("llama", "qwen2", "mistral")},
 }
+NORM = {"gpt_neox": "gpt_neox.layers.{}.post_attention_layernorm", "gpt2": "transformer.h.{}.ln_2",
+        "gemma2": "model.layers.{}.pre_feedforward_layernorm",
+        **{f: "model.layers.{}.post_attention_layernorm" for f in ("llama", "qwen2", "mistral")}}
 IDS = np.random.default_rng(0).integers(2, 2 + len(tiny_lm.WORDS), (3, 9))
 
 
@@ -53,7 +58,8 @@ def models(tmp_path_factory):
   out = {}
   for family in FAMILIES:
     (root / family).mkdir()
-    out[family] = str(tiny_lm.build(root / family, layers=2) if family == "gpt_neox"
+    out[family] = str(tiny_lm.build(root / family, layers=2, random_norms=True)
+                      if family == "gpt_neox"
                       else tiny_lm.build_causal(root / family, family))
   (root / "bert").mkdir()
   out["bert"] = str(tiny_lm.build_bert(root / "bert"))
@@ -68,7 +74,9 @@ def hooked(model, hook):
 
 
 def direct(model_dir, ids):
-  """The causal LM's hidden states and the outputs of the modules MODULE names."""
+  """The causal LM's hidden states, the outputs of the modules MODULE names,
+  each MLP's input ("mlp_in"), its norm's input ("ln2_in") and the norm's
+  (scale, shift, eps) ("ln2_affine")."""
   import torch
   import transformers
   lm = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -78,6 +86,18 @@ def direct(model_dir, ids):
       keep = lambda m, i, o, key=(point, layer): outputs.__setitem__(
           key, (o[0] if isinstance(o, tuple) else o).numpy())
       handles.append(lm.get_submodule(path.format(layer)).register_forward_hook(keep))
+      if point == "mlp_out":
+        mlp = path.format(layer).replace("post_feedforward_layernorm", "mlp")
+        keep_in = lambda m, i, key=("mlp_in", layer): outputs.__setitem__(key, i[0].numpy())
+        handles.append(lm.get_submodule(mlp).register_forward_pre_hook(keep_in))
+        norm = lm.get_submodule(NORM[lm.config.model_type].format(layer))
+        keep_norm_in = lambda m, i, key=("ln2_in", layer): outputs.__setitem__(key, i[0].numpy())
+        handles.append(norm.register_forward_pre_hook(keep_norm_in))
+        w, b = norm.weight.detach().numpy(), getattr(norm, "bias", None)
+        outputs["ln2_affine", layer] = (
+            1 + w if lm.config.model_type == "gemma2" else w,
+            0 if b is None else b.detach().numpy(),
+            getattr(norm, "variance_epsilon", getattr(norm, "eps", None)))
   with torch.inference_mode():
     out = lm(input_ids=torch.as_tensor(ids), output_hidden_states=True)
   for handle in handles:
@@ -89,12 +109,13 @@ def direct(model_dir, ids):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_hook_is_the_models_own_activation_there(models, family):
   hidden, module_out = direct(models[family], IDS)
-  got = {(point, layer): hooked(models[family], f"blocks.{layer}.hook_{point}")(IDS)
+  got = {(point, layer): hooked(models[family], hooks.name(layer, point))(IDS)
          for point in POINTS for layer in (0, 1)}
   for layer in (0, 1):
     np.testing.assert_array_equal(got["resid_pre", layer], hidden[layer])
     for point in ("attn_out", "mlp_out"):
       np.testing.assert_array_equal(got[point, layer], module_out[point, layer])
+    check_ln2(got["ln2_normalized", layer], module_out, layer, family)
     # TransformerLens' residual stream: each block adds its attention's and
     # its MLP's outputs (GPT-NeoX's parallel residual too; Gemma-2's after
     # their norms), and the top block's output is before the final norm.
@@ -111,16 +132,30 @@ def close(got, want, rtol=1e-4):
   np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
 
 
+def check_ln2(n, module_out, layer, family):
+  """ln2.hook_normalized is the MLP's norm's input normalized as
+  TransformerLens' LayerNorm (centred, over sqrt(variance + eps)) or RMSNorm
+  (over sqrt(mean square + eps)) normalizes it, in NumPy float64; and the
+  norm's weight and bias make it the MLP's input."""
+  n, (scale, shift, eps) = np.asarray(n), module_out["ln2_affine", layer]
+  x = module_out["ln2_in", layer].astype(np.float64)
+  if family.startswith(("gpt_neox", "gpt2")):  # LayerNorm
+    x = x - x.mean(-1, keepdims=True)
+  close(n, x / np.sqrt(np.mean(np.square(x), -1, keepdims=True) + eps))
+  close(n * scale + shift, module_out["mlp_in", layer])
+
+
 @pytest.mark.parametrize("family", JAX_FAMILIES + tuple(VARIANTS))
 def test_the_jax_model_gives_each_hook_and_the_logits_as_transformers(models, family):
   hidden, module_out = direct(models[family], IDS)
   config, params = lm_jax.load(models[family])
-  names = tuple(f"blocks.{layer}.hook_{point}" for layer in (0, 1) for point in POINTS)
+  names = tuple(hooks.name(layer, point) for layer in (0, 1) for point in POINTS)
   got = dict(zip(names, lm_jax.hooks_at(params, config, IDS, names)))
   for layer in (0, 1):
     close(got[f"blocks.{layer}.hook_resid_pre"], hidden[layer])
     for point in ("attn_out", "mlp_out"):
-      close(got[f"blocks.{layer}.hook_{point}"], module_out[point, layer])
+      close(got[hooks.name(layer, point)], module_out[point, layer])
+    check_ln2(got[hooks.name(layer, "ln2_normalized")], module_out, layer, family)
   close(got["blocks.0.hook_resid_post"], hidden[1])
   close(got["blocks.1.hook_resid_post"], got["blocks.1.hook_resid_pre"]
         + got["blocks.1.hook_attn_out"] + got["blocks.1.hook_mlp_out"])
@@ -140,11 +175,13 @@ def _identity(x):
 
 def test_the_forward_stops_at_the_hook(models):
   for point in POINTS:
-    model = hooked(models["llama"], f"blocks.0.hook_{point}")
+    model = hooked(models["llama"], hooks.name(0, point))
     ran = []
     model.model.layers[1].register_forward_pre_hook(lambda *_: ran.append(1))
-    later = {"resid_pre": model.model.layers[0].self_attn, "attn_out": model.model.layers[0].mlp,
-             "mlp_out": model.model.layers[1], "resid_post": model.model.layers[1]}[point]
+    mlp = model.model.layers[0].mlp
+    later = {"resid_pre": model.model.layers[0].self_attn, "attn_out": mlp,
+             "mlp_out": model.model.layers[1], "resid_post": model.model.layers[1],
+             "ln2_normalized": mlp}[point]
     later.register_forward_pre_hook(lambda *_: ran.append(point))
     model(IDS)
     assert ran == [], point
@@ -222,7 +259,7 @@ def test_on_an_accelerator_the_families_jax_runs_default_to_jax(models, monkeypa
   for family in JAX_FAMILIES:
     assert export.default_backend(models[family]) == "jax", family
     for point in POINTS:
-      config = export.ExportConfig(model=models[family], hook=f"blocks.1.hook_{point}")
+      config = export.ExportConfig(model=models[family], hook=hooks.name(1, point))
       assert config.backend == "jax", (family, point)
   assert export.default_backend(models["bert"]) == "torch"
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")

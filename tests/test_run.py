@@ -220,7 +220,8 @@ def test_a_jumprelu_run_resumes_exactly(tmp_path, capsys):
     (["--l", "0.5"], r"SAEConfig.l must be a finite number >= 1; got 0.5"),
     (["--data", "missing/acts.npy"],
      r"--data must be 'pythia', .*; 'missing/acts.npy' is none of these"),
-    (["--data", "RANK3"], r"must hold activations \[N, D\] \(2 dimensions\); got shape \(4, 4, 16\)"),
+    (["--data", "RANK3"], r"must hold activations \[N, D\] \(or a transcoder's pairs "
+                          r"\[N, 2, D\]\); got shape \(4, 4, 16\)"),
     (["--batch-size", "30"], r"--batch-size 30 must be divisible by the 4 devices"),
     (["--calibration-tokens", "10"],
      r"RunConfig.calibration_tokens \(10\) must be at least one batch \(64 tokens\)"),

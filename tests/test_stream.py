@@ -128,19 +128,23 @@ def test_resuming_at_a_position_gives_the_same_batches(lm):
 # word-level one saved with it, and that reads the test text as nothing.
 FAMILY_HOOKS = [("gpt_neox", "blocks.1.hook_attn_out"), ("gpt2", "blocks.1.hook_mlp_out"),
                 ("llama", "blocks.1.hook_resid_pre"), ("mistral", "blocks.0.hook_mlp_out"),
-                ("gemma2", "blocks.1.hook_attn_out")]
+                ("gemma2", "blocks.1.hook_attn_out"),
+                # A transcoder's pairs: the MLP's input and its output, side by side.
+                ("llama", ("blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"))]
 
 
 @pytest.mark.parametrize("family, hook", FAMILY_HOOKS)
 def test_each_family_streams_the_rows_the_torch_export_writes(lm, tmp_path, family, hook):
   model = str(tiny_lm.build(tmp_path, layers=2) if family == "gpt_neox"
               else tiny_lm.build_causal(tmp_path, family))
-  s = make_stream({**lm, "model": model}, hook=hook)
+  hook, target = (hook, None) if isinstance(hook, str) else hook
+  s = make_stream({**lm, "model": model}, hook=hook, target_hook=target)
+  assert s.width == (2 if target else 1) * s.d_model
   torch_model = export.HookedModel(dataclasses.replace(s.config, backend="torch"))
 
   def torch_rows(contexts_CxL):
     valid = stream_lib.valid_rows(contexts_CxL, s.excluded)
-    return torch_model(contexts_CxL)[valid], valid
+    return torch_model(contexts_CxL)[valid].reshape(-1, s.width), valid
 
   want, _ = torch_rows(s.eval_contexts)
   np.testing.assert_allclose(s.held_out(), want[:40], rtol=1e-4, atol=1e-4 * np.abs(want).max())
@@ -153,9 +157,9 @@ def test_each_family_streams_the_rows_the_torch_export_writes(lm, tmp_path, fami
   first = np.stack([c for c, _ in contexts_lib.located_contexts(s.config, s.tokenizer,
                                                                  s.train_start)][:ROUND])
   for d, contexts in enumerate(first.reshape(4, ROUND // 4, L)):
-    flat = torch_model(contexts).reshape(-1, s.d_model)
+    flat = torch_model(contexts).reshape(-1, s.width)
     valid = stream_lib.valid_rows(contexts, s.excluded).reshape(-1)
-    rows = served[:, d].reshape(-1, s.d_model)
+    rows = served[:, d].reshape(-1, s.width)
     distance = np.linalg.norm(rows[:, None] - flat[None], axis=-1)
     nearest = distance.argmin(1)
     assert np.all(distance[np.arange(len(rows)), nearest] < 1e-4 * np.abs(flat).max())

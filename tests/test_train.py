@@ -65,10 +65,10 @@ def batch(seed, n=B):
   return (3 * rng.standard_normal((n, D)) + 1).astype(np.float32)
 
 
-def fresh_state(c):
+def fresh_state(c, sample=None):
   """A new state whose first N_DEAD latents count as dead: silent for
   dead_steps, and with weak encoder columns so that they rarely fire now."""
-  state = train.create_train_state(c, batch(100, 4 * B))
+  state = train.create_train_state(c, batch(100, 4 * B) if sample is None else sample)
   dead_F = np.arange(F) < N_DEAD
   weak = np.where(dead_F, 0.05, 1.0).astype(np.float32)[None, :]
   return state.replace(params=dict(state.params, W_enc=state.params["W_enc"] * weak),
@@ -83,10 +83,14 @@ def tree_equal(a, b):
 # --- One step against a NumPy float64 reference -------------------------------
 
 def reference_step(state, x_raw, c):
-  """Forward, loss, hand-derived gradients and metrics of one step."""
+  """Forward, loss, hand-derived gradients and metrics of one step; a
+  transcoder's rows are (input, target) pairs, its input not centred."""
   p = {k: np.asarray(v, np.float64) for k, v in state.params.items()}
-  x = np.asarray(x_raw, np.float64) * float(state.input_scale)
-  centred = x - p["b_dec"]
+  x = np.asarray(x_raw, np.float64)[:, :D] * float(state.input_scale)
+  if c.sae.transcoder:
+    y, centred = np.asarray(x_raw, np.float64)[:, D:] * float(state.target_scale), x
+  else:
+    y, centred = x, x - p["b_dec"]
   a = np.maximum(centred @ p["W_enc"] + p["b_enc"], 0)
   if c.sae.selection == "topk":
     mask = reference.topk_mask(a, K)
@@ -97,7 +101,7 @@ def reference_step(state, x_raw, c):
     mask = reference.batch_topk_mask(a, K, cols=pool)
   z = a * mask
   xhat = z @ p["W_dec"] + p["b_dec"]
-  e = x - xhat
+  e = y - xhat
   fired = mask.any(0)
   # Dead as dictionary_learning counts it: silent dead_steps steps, this one included.
   silent = np.asarray(state.steps_since_fired_F)
@@ -116,7 +120,7 @@ def reference_step(state, x_raw, c):
       "W_dec": z.T @ g_xhat + (a_dead * aux_mask).T @ g_ehat,
       "W_enc": centred.T @ g_pre,
       "b_enc": g_pre.sum(0),
-      "b_dec": g_xhat.sum(0) - (g_pre @ p["W_enc"].T).sum(0),
+      "b_dec": g_xhat.sum(0) - (0 if c.sae.transcoder else (g_pre @ p["W_enc"].T).sum(0)),
   }
   since = np.where(fired, 0, np.minimum(silent + 1, c.dead_steps))
   # The threshold's target: the smallest selected value (TopK: of each token, averaged).
@@ -124,7 +128,7 @@ def reference_step(state, x_raw, c):
   theta = z_min.min(1).mean() if c.sae.selection == "topk" else z_min.min()
   metrics = {
       "loss": mse + c.auxk_weight * auxk_value, "mse": mse, "auxk_loss": auxk_value,
-      "fvu": (e ** 2).sum() / ((x - x.mean(0)) ** 2).sum(),
+      "fvu": (e ** 2).sum() / ((y - y.mean(0)) ** 2).sum(),
       "l0": mask.sum() / B, "threshold": theta,
       "grad_norm": np.sqrt(sum((g ** 2).sum() for g in grads.values())),
       "dead_fraction": (since >= c.dead_steps).mean(), "lr": c.learning_rate,
@@ -136,8 +140,11 @@ def reference_step(state, x_raw, c):
 def test_one_step_matches_numpy(rule):
   c = (RULES | LEVERAGE)[rule]
   # Step 1, the first after threshold_start = 0: the threshold EMA starts here.
-  state = fresh_state(c).replace(step=jnp.int32(1))
-  x = batch(1)
+  check_one_step(c, fresh_state(c).replace(step=jnp.int32(1)), batch(1))
+
+
+def check_one_step(c, state, x):
+  """One step from `state` on x against `reference_step`."""
   grads, since, dead, want = reference_step(state, x, c)
   assert dead.any() and not dead.all()
   new, metrics = train.p_train_step(train.replicate(state, 1), x[None])
@@ -374,11 +381,14 @@ def test_auxk_layouts_equal_autodiff_on_four_devices(layout, monkeypatch):
         "sampled_drawn", "sampled_kept", "matryoshka_batchtopk", "matryoshka_entries",
         "matryoshka_sampled")])
 def test_fast_step_equals_dense_step_on_four_devices(rule):
+  check_fast_step_equals_dense((RULES | LEVERAGE | MATRYOSHKA)[rule], batch)
+
+
+def check_fast_step_equals_dense(fast_config, batch, start=None):
   """Three steps: the first two with no dead latent (Sampled-SAE's pooled
   update), the third with N_DEAD latents dead (AuxK)."""
-  fast_config = (RULES | LEVERAGE | MATRYOSHKA)[rule]
   dense_config = dataclasses.replace(fast_config, step="dense")
-  start = fresh_state(fast_config)
+  start = fresh_state(fast_config) if start is None else start
   states = {c.step: train.replicate(start.replace(config=c), 4) for c in (fast_config, dense_config)}
   for step in range(3):
     silent_F = np.where((np.arange(F) < N_DEAD) & (step == 2), fast_config.dead_steps, 0)

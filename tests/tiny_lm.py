@@ -27,11 +27,14 @@ def write_texts(directory: pathlib.Path, seed: int = 0) -> dict:
 
 
 def build(directory: pathlib.Path, *, layers: int = 3, hidden: int = 16, rotary_pct: float = 0.25,
-          parallel_residual: bool = True, letters: float = 0.0, seed: int = 0) -> pathlib.Path:
+          parallel_residual: bool = True, letters: float = 0.0, seed: int = 0,
+          random_norms: bool = False) -> pathlib.Path:
   """Saves a random GPTNeoXForCausalLM and a word-level tokenizer whose
   <|endoftext|> is id 0, as Pythia's is. With `letters` > 0, each word's
   embedding also carries a direction of that norm for its first letter, for
-  a first-letter probe to find."""
+  a first-letter probe to find; with `random_norms`, the norms' weights and
+  biases are not 1 and 0 (`_randomize`; the linear maps' biases stay 0, so
+  that their outputs are not one constant)."""
   import torch
   import transformers
   vocab = _word_tokenizer(directory)
@@ -45,6 +48,8 @@ def build(directory: pathlib.Path, *, layers: int = 3, hidden: int = 16, rotary_
     letter_dirs = letters * torch.nn.functional.normalize(torch.randn(26, hidden), dim=1)
     for word in WORDS:
       model.gpt_neox.embed_in.weight[vocab[word]] += letter_dirs[ord(word[0]) - ord("a")]
+  if random_norms:
+    _randomize(model, biases=False)
   model.save_pretrained(directory)
   return directory
 
@@ -89,12 +94,18 @@ def build_causal(directory: pathlib.Path, family: str, *, layers: int = 2, hidde
                   **{**window, **overrides})
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(config)
-  with torch.no_grad():  # random norms and biases, so that one left out shows
-    for name, p in model.named_parameters():
-      if "norm" in name or "ln" in name or name.endswith("bias"):
-        p.add_(0.5 * torch.randn_like(p))
+  _randomize(model)
   model.save_pretrained(directory)
   return directory
+
+
+def _randomize(model, biases: bool = True) -> None:
+  """Random norms (and biases), so that one left out shows."""
+  import torch
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name or "ln" in name or (biases and name.endswith("bias")):
+        p.add_(0.5 * torch.randn_like(p))
 
 
 def export_config(lm: dict, **kwargs):
