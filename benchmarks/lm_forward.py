@@ -112,7 +112,7 @@ def stream_row(family, args, config, params, tokens, got) -> tuple:
   """A --stream round on the same contexts, checked to serve the forward's rows."""
   mesh = train.make_mesh(1)
   fill, take = stream.device_functions(
-      mesh, config, args.hook, contexts_per_device=args.contexts, context_length=args.context,
+      mesh, config, (args.hook,), contexts_per_device=args.contexts, context_length=args.context,
       batch_contexts=args.contexts, excluded=np.zeros(0, np.int32), rows_per_step=args.batch)
   stream_params = jax.device_put(params, jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec()))
