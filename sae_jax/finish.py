@@ -139,7 +139,7 @@ def _inference_rule(config: RunConfig, state: train.TrainState, source: DataSour
   scaled = transcoder.scaled(rows, c.sae, train.scales(state))
   sae = model.SAE(c.sae)
   calibration = thresholds.calibrate(state.params, scaled, sae, batch_size=c.batch_size,
-                                     per_latent=config.inference != "global")
+                                     per_latent=config.inference != "global", rule_errors=True)
   if c.sae.selection == "topk" and not c.sae.transcoder:
     return calibration, inference.Rule("topk", calibration.threshold_F, c.sae.k, {}), \
         calibration.counts_F
@@ -149,7 +149,7 @@ def _inference_rule(config: RunConfig, state: train.TrainState, source: DataSour
   asked = "per-latent" if c.sae.transcoder and config.inference == "auto" else config.inference
   rule = inference.choose(asked, state.params,
                           thresholds.batches(scaled, c.batch_size), sae, theta_F,
-                          calibration.training_sse)
+                          calibration.training_sse, calibration.errors)
   return calibration, rule, calibration.counts_F if rule.name != "topk" else rule.counts_F
 
 

@@ -53,16 +53,33 @@ class Rule(typing.NamedTuple):
     return dataclasses.replace(config, selection="topk", k=self.k)
 
 
+def top_k_errors(params, a_BxF, y_BxD, k: int) -> tuple:
+  """One batch's Σ‖y − ŷ‖² with each token's k′ largest codes of the
+  activations a, for k′ = 1..k ([k]), and [k, F], how often each latent is
+  a token's i-th largest positive code, whose cumulative sums over i < k′
+  count the firings of the topk rule with k′ (`selection.topk`'s order:
+  larger first, equal ones lower latent first)."""
+  W_dec_FxD = params["W_dec"].astype(jnp.float32)
+  a_BxF = a_BxF.astype(jnp.float32)
+  values_BxK, latents_BxK = lax.top_k(a_BxF, k)
+
+  def peel(error_BxD, i):  # the error once each token's i+1 largest codes are decoded
+    error_BxD = error_BxD - values_BxK[:, i, None] * W_dec_FxD[latents_BxK[:, i]]
+    return error_BxD, jnp.sum(jnp.square(error_BxD))
+
+  _, top_K = lax.scan(peel, y_BxD - params["b_dec"][None, :], jnp.arange(k))
+  counts_KxF = jnp.zeros((k, a_BxF.shape[1]), jnp.int32).at[
+      jnp.arange(k)[None, :], latents_BxK].add((values_BxK > 0).astype(jnp.int32))
+  return top_K.astype(jnp.float32), counts_KxF
+
+
 @functools.partial(jax.jit, static_argnames=("sae",))
 def _errors(params, x_NxBxD, theta_F, sae: model.SAE):
   """Σ‖x − x̂‖² over every batch: with the thresholds θ_F, and with each
-  token's k′ largest codes for k′ = 1..k ([k]); and [k, F], how often each
-  latent is a token's i-th largest positive code, whose cumulative sums over
-  i < k′ count the firings of the topk rule with k′ (`selection.topk`'s
-  order: larger first, equal ones lower latent first)."""
+  token's k′ largest codes for k′ = 1..k ([k]); and the topk rules'
+  firings [k, F] (`top_k_errors`)."""
   k = sae.config.k
   variables = {"params": params}
-  W_dec_FxD = params["W_dec"].astype(jnp.float32)
 
   def one(totals, rows_BxW):
     x_BxD, y_BxD = transcoder.sides(rows_BxW, sae.config)
@@ -70,18 +87,9 @@ def _errors(params, x_NxBxD, theta_F, sae: model.SAE):
     z_BxF = jnp.where(a_BxF > theta_F[None, :], a_BxF, 0)
     thresholded = jnp.sum(jnp.square(y_BxD - sae.apply(variables, z_BxF,
                                                        method=model.SAE.decode)))
-    values_BxK, latents_BxK = lax.top_k(a_BxF, k)
-
-    def peel(error_BxD, i):  # the error once each token's i+1 largest codes are decoded
-      error_BxD = error_BxD - values_BxK[:, i, None] * W_dec_FxD[latents_BxK[:, i]]
-      return error_BxD, jnp.sum(jnp.square(error_BxD))
-
-    _, top_K = lax.scan(peel, y_BxD - params["b_dec"][None, :], jnp.arange(k))
-    counts_KxF = totals[2].at[jnp.arange(k)[None, :], latents_BxK].add(
-        (values_BxK > 0).astype(jnp.int32))
-    totals = (totals[0] + thresholded.astype(jnp.float32),
-              totals[1] + top_K.astype(jnp.float32), counts_KxF)
-    return totals, None
+    top_K, counts_KxF = top_k_errors(params, a_BxF, y_BxD, k)
+    return (totals[0] + thresholded.astype(jnp.float32), totals[1] + top_K,
+            totals[2] + counts_KxF), None
 
   zero = jnp.zeros((), jnp.float32)
   counts = jnp.zeros((k, sae.config.n_latents), jnp.int32)
@@ -90,7 +98,7 @@ def _errors(params, x_NxBxD, theta_F, sae: model.SAE):
 
 
 def choose(asked: str, params, x_NxBxD, sae: model.SAE, threshold_F,
-           training_sse: float) -> Rule:
+           training_sse: float, errors=None) -> Rule:
   """The rule to save, from the calibration batches x (scaled units).
 
   Args:
@@ -100,6 +108,9 @@ def choose(asked: str, params, x_NxBxD, sae: model.SAE, threshold_F,
       more than `GAP` times worse than the training rule.
     threshold_F: the per-latent thresholds, or the global one for every latent.
     training_sse: Σ‖x − x̂‖² of the training rule on the same batches.
+    errors: (Σ‖x − x̂‖² with threshold_F, the top-k′ errors [k], their
+      firings [k, F]) on those batches, found by the calibration's passes
+      (`thresholds.Calibration.errors`); None: a pass over x finds them.
 
   Returns:
     Rule (for BatchTopK and Sampled-SAE; a TopK SAE keeps its own rule).
@@ -118,8 +129,10 @@ def choose(asked: str, params, x_NxBxD, sae: model.SAE, threshold_F,
   y_NxBxD = transcoder.sides(x_NxBxD, sae.config)[1]  # what the SAE reconstructs
   mean_D = y_NxBxD.mean(axis=(0, 1), dtype=np.float64)
   variance = sum(float(np.square(y_BxD - mean_D).sum()) for y_BxD in y_NxBxD)
-  thresholded, top_K, counts_KxF = _errors(params, jnp.asarray(x_NxBxD, jnp.float32),
-                                           jnp.asarray(threshold_F, jnp.float32), sae)
+  if errors is None:
+    errors = _errors(params, jnp.asarray(x_NxBxD, jnp.float32),
+                     jnp.asarray(threshold_F, jnp.float32), sae)
+  thresholded, top_K, counts_KxF = errors
   top_K = np.asarray(top_K, np.float64)
   best = int(np.argmin(top_K))
   thresholds = "global" if asked == "global" else "per-latent"

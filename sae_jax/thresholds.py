@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from sae_jax import inference
 from sae_jax import model
 from sae_jax import selection
 from sae_jax import transcoder
@@ -47,6 +48,10 @@ class Calibration(typing.NamedTuple):
   counts_F: np.ndarray  # int64 n_j: tokens the training rule selected latent j on
   tokens: int  # calibration tokens
   training_sse: float  # Σ‖x − x̂‖² of the training rule on them (scaled units)
+  # `inference.choose`'s errors of the thresholds and of each top k′ (and
+  # the latter's firings) on them, found by these passes (`calibrate`'s
+  # rule_errors); None where they were not.
+  errors: typing.Optional[tuple] = None
 
 
 def batches(x_NxD, batch_size: int) -> np.ndarray:
@@ -66,10 +71,12 @@ def _activations(params, x_NxBxD, sae: model.SAE):
   return lambda i: jax.nn.relu(sae.apply({"params": params}, inputs(i), method=model.SAE.pre))
 
 
-@functools.partial(jax.jit, static_argnames=("sae",))
-def _count(params, x_NxBxD, sae: model.SAE):
+@functools.partial(jax.jit, static_argnames=("sae", "rule_errors"))
+def _count(params, x_NxBxD, sae: model.SAE, rule_errors: bool = False):
   """Pass 1: n_j, the tokens the training rule selects latent j on, and the
-  rule's squared error, batch by batch as in training."""
+  rule's squared error, batch by batch as in training; with `rule_errors`
+  also each top k′'s error and firings (`inference.top_k_errors`), else
+  None."""
   config = sae.config
   variables = {"params": params}
   n_batches, _, _ = x_NxBxD.shape
@@ -79,8 +86,11 @@ def _count(params, x_NxBxD, sae: model.SAE):
   def count_selected(i, carry):
     """The counts and squared error with batch i's, and the pool kept for
     the next (`pool_every`)."""
-    total_F, sse, pool_P = carry
+    total_F, sse, pool_P, top = carry
     a_BxF, key_i = acts(i), jax.random.fold_in(key, i)
+    y_BxD = transcoder.sides(x_NxBxD[i], config)[1]
+    if rule_errors:
+      top = jax.tree.map(jnp.add, top, inference.top_k_errors(params, a_BxF, y_BxD, config.k))
     # Renewed on every pool_every-th batch, as in training.
     pool_P = model.step_pool(a_BxF, key_i,
                              None if pool_P is None else (pool_P, i % config.pool_every == 0),
@@ -95,34 +105,44 @@ def _count(params, x_NxBxD, sae: model.SAE):
       z_BxF = sae.apply(variables, a_BxF, key=key_i, pool=pool_P, method=model.SAE.select)
       xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode)
       total_F = total_F + jnp.sum(z_BxF > 0, axis=0, dtype=jnp.int32)
-    error = transcoder.sides(x_NxBxD[i], config)[1] - xhat_BxD
-    return total_F, sse + jnp.sum(jnp.square(error)).astype(sse.dtype), pool_P
+    error = y_BxD - xhat_BxD
+    return total_F, sse + jnp.sum(jnp.square(error)).astype(sse.dtype), pool_P, top
 
   kept_P = jnp.zeros(config.pool_size, jnp.int32) if config.keeps_pool else None
-  counts_F, sse, _ = lax.fori_loop(
+  top = (jnp.zeros(config.k, jnp.float32),
+         jnp.zeros((config.k, config.n_latents), jnp.int32)) if rule_errors else None
+  counts_F, sse, _, top = lax.fori_loop(
       0, n_batches, count_selected,
-      (jnp.zeros(config.n_latents, jnp.int32), jnp.zeros((), jnp.float32), kept_P))
-  return counts_F, sse
+      (jnp.zeros(config.n_latents, jnp.int32), jnp.zeros((), jnp.float32), kept_P, top))
+  return counts_F, sse, top
 
 
 @functools.partial(jax.jit, static_argnames=("sae", "widths"))
 def _largest(params, x_NxBxD, latents, sae: model.SAE, widths: tuple):
   """Pass 2: for each tier t, the widths[t] largest activations of each of
   its latents (latents[t], int32) over all tokens, in descending order,
-  -inf where there are fewer. A latent's buffer merges each batch's column
-  into it: top widths[t] of (buffer, column)."""
-  n_batches, _, _ = x_NxBxD.shape
+  -inf where there are fewer, and the tokens they are at (their index in
+  x's rows, -1 for none). A latent's buffer merges each batch's column into
+  it: top widths[t] of (buffer, column)."""
+  n_batches, batch_size, _ = x_NxBxD.shape
   acts = _activations(params, x_NxBxD, sae)
   dtype = jax.eval_shape(acts, 0).dtype  # float64 under jax_enable_x64
 
   def merge(i, buffers):
     a_BxF = acts(i)
     a_BxF = jnp.where(jnp.isnan(a_BxF), -jnp.inf, a_BxF)  # never above θ, as in a count
-    return tuple(lax.top_k(jnp.concatenate([buffer, a_BxF[:, index].T], axis=1), width)[0]
-                 for buffer, index, width in zip(buffers, latents, widths))
+    tokens_B = i * batch_size + jnp.arange(batch_size, dtype=jnp.int32)
+    out = []
+    for (values, tokens), index, width in zip(buffers, latents, widths):
+      values = jnp.concatenate([values, a_BxF[:, index].T], axis=1)
+      tokens = jnp.concatenate([tokens, jnp.broadcast_to(tokens_B, (len(index), batch_size))],
+                               axis=1)
+      values, top = lax.top_k(values, width)
+      out.append((values, jnp.take_along_axis(tokens, top, axis=1)))
+    return tuple(out)
 
   return lax.fori_loop(0, n_batches, merge, tuple(
-      jnp.full((len(index), width), -jnp.inf, dtype)
+      (jnp.full((len(index), width), -jnp.inf, dtype), jnp.full((len(index), width), -1))
       for index, width in zip(latents, widths)))
 
 
@@ -145,7 +165,8 @@ def _tiers(counts_F: np.ndarray, tokens: int) -> tuple:
   return tuple(widths), latents
 
 
-def per_latent_thresholds(params, x_NxBxD, sae: model.SAE, counts_F: np.ndarray) -> np.ndarray:
+def per_latent_thresholds(params, x_NxBxD, sae: model.SAE, counts_F: np.ndarray,
+                          entries: bool = False):
   """θ_j = latent j's (n_j + 1)-th largest activation on the tokens x, 0 where
   n_j is every token or that activation is 0, NEVER where n_j = 0: the
   smallest non-negative float32 with at most n_j activations above it, found
@@ -156,28 +177,85 @@ def per_latent_thresholds(params, x_NxBxD, sae: model.SAE, counts_F: np.ndarray)
     x_NxBxD: the tokens as batches [n, B, D] (scaled units).
     sae: the SAE module.
     counts_F: n_j per latent (`calibrate`'s first pass), int.
+    entries: also return the codes the thresholds give on x, from the
+      buffers (every entry above θ_j is among latent j's n_j + 1 largest).
 
   Returns:
-    float32 θ [F].
+    float32 θ [F]; with `entries`, (θ, (tokens, latents, values) of every
+    activation above its θ, float32 as the saved SAE compares them, or None
+    where some latent is selected on every token: its θ is 0 and its
+    codes are not in a buffer).
   """
   n_batches, batch_size, _ = x_NxBxD.shape
   counts_F = np.asarray(counts_F, np.int64)
   theta_F = np.where(counts_F > 0, 0.0, NEVER).astype(np.float32)
   widths, latents = _tiers(counts_F, n_batches * batch_size)
-  if not widths:
-    return theta_F
-  buffers = _largest(params, x_NxBxD, [jnp.asarray(i) for i in latents], sae, widths)
-  for index, buffer in zip(latents, buffers):
-    value = np.asarray(buffer)[np.arange(len(index)), counts_F[index]]
+  buffers = (_largest(params, x_NxBxD, [jnp.asarray(i) for i in latents], sae, widths)
+             if widths else ())
+  found = []
+  for index, (values, tokens) in zip(latents, buffers):
+    values = np.asarray(values)
+    value = values[np.arange(len(index)), counts_F[index]]
     # The float32 at or just above it: under x64 the activations are float64.
     theta = value.astype(np.float32)
     theta = np.where(theta < value, np.nextafter(theta, np.float32(np.inf)), theta)
     theta_F[index] = np.where(value > 0, theta, np.float32(0.0))  # 0, never -0
-  return theta_F
+    if entries:
+      rows = np.unique(index, return_index=True)[1]  # not the tier's padding
+      values32 = values[rows].astype(np.float32)
+      fired = values32 > theta_F[index[rows]][:, None]
+      found.append((np.asarray(tokens)[rows][fired],
+                    np.broadcast_to(index[rows][:, None], fired.shape)[fired], values32[fired]))
+  if not entries:
+    return theta_F
+  if np.any(counts_F == n_batches * batch_size):
+    return theta_F, None
+  joined = [np.concatenate(parts) for parts in zip(*found)] if found else [
+      np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)]
+  return theta_F, tuple(joined)
+
+
+def thresholded_sse(params, x_NxBxD, sae: model.SAE, entries: tuple) -> float:
+  """Σ‖x − x̂‖² over x's rows (a transcoder's targets) of the codes
+  `entries` (tokens, latents, values; `per_latent_thresholds`), decoded
+  batch by batch as the saved SAE decodes them, without an encoder pass."""
+  n_batches, batch_size, _ = x_NxBxD.shape
+  tokens, latents, values = entries
+  order = np.argsort(tokens, kind="stable")
+  tokens, latents, values = tokens[order], latents[order], values[order]
+  per_batch = np.bincount(tokens // batch_size, minlength=n_batches)
+  width = max(int(per_batch.max(initial=0)), 1)
+  # Each batch's entries, padded with value-0 entries on its last token (sorted).
+  slot = np.arange(len(tokens)) - np.repeat(np.cumsum(per_batch) - per_batch, per_batch)
+  shape = (n_batches, width)
+  padded = [np.full(shape, batch_size - 1, np.int32), np.zeros(shape, np.int32),
+            np.zeros(shape, np.float32)]
+  where = (tokens // batch_size, slot)
+  for array, column in zip(padded, (tokens % batch_size, latents, values)):
+    array[where] = column
+  y_NxBxD = transcoder.sides(jnp.asarray(x_NxBxD, jnp.float32), sae.config)[1]
+  return float(_decoded_sse(params, y_NxBxD, *map(jnp.asarray, padded)))
+
+
+@jax.jit
+def _decoded_sse(params, y_NxBxD, rows_NxM, latents_NxM, values_NxM):
+  W_dec_FxD = params["W_dec"].astype(jnp.float32)
+  n_rows = y_NxBxD.shape[1]
+
+  def one(total, batch):
+    y_BxD, rows_M, latents_M, values_M = batch
+    decoded = jax.ops.segment_sum(values_M[:, None] * W_dec_FxD[latents_M], rows_M, n_rows,
+                                  indices_are_sorted=True)
+    error_BxD = y_BxD - decoded - params["b_dec"][None, :].astype(jnp.float32)
+    return total + jnp.sum(jnp.square(error_BxD)), None
+
+  total, _ = lax.scan(one, jnp.zeros((), jnp.float32),
+                      (y_NxBxD, rows_NxM, latents_NxM, values_NxM))
+  return total
 
 
 def calibrate(params, x_NxD, sae: model.SAE, *, batch_size: int,
-              per_latent: bool = True) -> Calibration:
+              per_latent: bool = True, rule_errors: bool = False) -> Calibration:
   """Per-latent inference thresholds from the training rule on x.
 
   Args:
@@ -190,9 +268,12 @@ def calibrate(params, x_NxD, sae: model.SAE, *, batch_size: int,
       found), but a TopK transcoder does (`saelens.py`).
     batch_size: tokens per batch, as in training.
     per_latent: False only counts (for `--inference global`); threshold_F is 0.
+    rule_errors: also find `inference.choose`'s errors (`Calibration.errors`)
+      in these two passes: the top k′ ones in the first, the thresholds'
+      from the second's buffers (None where those cannot give them).
 
   Returns:
-    Calibration(threshold_F, counts_F, tokens, training_sse).
+    Calibration(threshold_F, counts_F, tokens, training_sse, errors).
 
   >>> from sae_jax import SAEConfig
   >>> sae = model.SAE(SAEConfig(2, 3, k=1, selection="batchtopk"))
@@ -204,12 +285,21 @@ def calibrate(params, x_NxD, sae: model.SAE, *, batch_size: int,
   ([3, 1, 0], [0.0, 1.0], True)
   """
   x_NxBxD = jnp.asarray(batches(x_NxD, batch_size))
-  counts_F, sse = _count(params, x_NxBxD, sae)
+  per_latent = per_latent and (sae.config.selection != "topk" or sae.config.transcoder)
+  rule_errors = rule_errors and per_latent
+  counts_F, sse, top = _count(params, x_NxBxD, sae, rule_errors)
   counts_F = np.asarray(counts_F).astype(np.int64)
-  theta_F = (per_latent_thresholds(params, x_NxBxD, sae, counts_F)
-             if per_latent and (sae.config.selection != "topk" or sae.config.transcoder)
-             else np.zeros(sae.config.n_latents, np.float32))
-  return Calibration(theta_F, counts_F, x_NxBxD.shape[0] * batch_size, float(sse))
+  tokens = x_NxBxD.shape[0] * batch_size
+  if not per_latent:
+    return Calibration(np.zeros(sae.config.n_latents, np.float32), counts_F, tokens, float(sse))
+  if not rule_errors:
+    return Calibration(per_latent_thresholds(params, x_NxBxD, sae, counts_F), counts_F, tokens,
+                       float(sse))
+  theta_F, entries = per_latent_thresholds(params, x_NxBxD, sae, counts_F, entries=True)
+  errors = None
+  if entries is not None:
+    errors = (thresholded_sse(params, x_NxBxD, sae, entries), *map(np.asarray, top))
+  return Calibration(theta_F, counts_F, tokens, float(sse), errors)
 
 
 def log10_density(counts_F, tokens: int) -> np.ndarray:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sae_jax import evaluate
+from sae_jax import inference
 from sae_jax import model
 from sae_jax import saelens
 from sae_jax import synthetic
@@ -127,7 +128,8 @@ def test_the_count_pass_selects_in_the_pool_as_the_sae_selects(options):
   config = sae("sampled", **options)
   params, module = params_for(config), model.SAE(config)
   x = jnp.asarray(thresholds.batches(SOURCE.sample(7, 8 * B), B))
-  counts_F, sse = thresholds._count(params, x, module)
+  counts_F, sse, none = thresholds._count(params, x, module)
+  assert none is None  # no top-k′ errors unless asked for
   key, want_F, want_sse, pool_P = jax.random.key(thresholds.CALIBRATION_KEY), 0, 0.0, None
   for i in range(len(x)):
     a = jax.nn.relu(module.apply({"params": params}, x[i], method=model.SAE.pre))
@@ -218,3 +220,32 @@ def test_batch_mode_is_the_training_rule_and_refuses_a_missing_batch_size():
     evaluate.reconstruct(params, 0.0, 1.0, x, model.SAE(config), mode="batch")
   with pytest.raises(ValueError, match=r"mode must be one of 'inference', 'batch'; got 'train'"):
     evaluate.reconstruct(params, 0.0, 1.0, x, model.SAE(config), mode="train")
+
+
+@pytest.mark.parametrize("selection", ["batchtopk", "sampled", "transcoder"])
+def test_the_rule_choices_errors_come_from_the_two_passes(selection):
+  """`calibrate`'s errors for `inference.choose` (the thresholds' from the
+  second pass's buffers, the top k′ ones and their firings from the first
+  pass) are those a third pass over the tokens (`inference._errors`)
+  finds, with every token of two batches twice (ties); none where a latent
+  is selected on every token, whose codes no buffer holds."""
+  config = sae("batchtopk" if selection == "transcoder" else selection,
+               transcoder=selection == "transcoder")
+  params = params_for(config)
+  x = SOURCE.sample(7, 6 * B)
+  x = np.concatenate([x, x[:2 * B]])
+  if config.transcoder:  # (input, target) pairs
+    x = np.concatenate([x, 3 * np.tanh(x) + 1], axis=1)
+  module = model.SAE(config)
+  got = thresholds.calibrate(params, x, module, batch_size=B, rule_errors=True)
+  want = inference._errors(params, jnp.asarray(thresholds.batches(x, B)),
+                           jnp.asarray(got.threshold_F), module)
+  assert got.errors is not None and got.errors[2].sum() > 0
+  np.testing.assert_allclose(got.errors[0], float(want[0]), rtol=1e-5)
+  np.testing.assert_allclose(got.errors[1], np.asarray(want[1]), rtol=1e-6)
+  np.testing.assert_array_equal(got.errors[2], np.asarray(want[2]))
+  assert got.errors[0] != pytest.approx(got.training_sse, rel=1e-3)  # not the rule's own
+  everywhere = dict(params, b_enc=params["b_enc"].at[N_WEAK].set(100.0))
+  selected = thresholds.calibrate(everywhere, x, module, batch_size=B, rule_errors=True)
+  assert selected.counts_F[N_WEAK] == len(x) and selected.errors is None
+  assert thresholds.calibrate(params, x, module, batch_size=B).errors is None
