@@ -179,6 +179,15 @@ def test_a_transcoder_trains_on_the_neox_and_loads_in_saelens(neox, tmp_path):
       / (s["downstream_zero_ce"] - s["downstream_clean_ce"]))
   # The training FVU is against the target: the metrics' last line is the step's.
   assert 0 < o["metrics"][-1]["fvu"] < 10
+  # The browser reads the inputs of the cache's pairs: its held-out firing
+  # rates are SAELens' codes of the held-out inputs.
+  from sae_jax import browse
+  browse.build(run, progress=False)
+  index = json.loads((run / "browser" / "data" / "index.js").read_text()[len("SAE.index("):-3])
+  held = data.Activations(tmp_path / "cache", eval_rows=64).eval_batch()[:, :D]
+  with torch.no_grad():
+    codes = load(run / "saelens", expect_kwargs_warning=True).encode(torch.as_tensor(held))
+  np.testing.assert_allclose(index["density"], (codes.numpy() > 0).mean(0), atol=1e-3)
 
 
 @pytest.mark.slow
