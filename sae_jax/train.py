@@ -87,13 +87,13 @@ def _learning_rate(config: TrainConfig, step):
 def create_train_state(config: TrainConfig, sample_NxD) -> TrainState:
   """A fresh state (on one device): input scale and b_dec come from `sample_NxD`,
   raw activations [N, D] (a transcoder's pairs: [N, 2·D])."""
-  D, W = config.sae.d_model, config.sae.row_width
+  W = config.sae.row_width
   sample_NxD = np.asarray(sample_NxD)
   if sample_NxD.ndim != 2 or sample_NxD.shape[1] != W:
     what = "(input, target) pairs of width 2·d_model" if config.sae.transcoder else "width d_model"
     raise ValueError(
         f"sample_NxD must have shape [N, {W}] (N tokens of {what}); got {sample_NxD.shape}")
-  x_NxD, y_NxD = transcoder.split(sample_NxD, D) if config.sae.transcoder else (sample_NxD,) * 2
+  x_NxD, y_NxD = transcoder.sides(sample_NxD, config.sae)
   scale = estimate_input_scale(x_NxD)
   target_scale = estimate_input_scale(y_NxD) if config.sae.transcoder else None
   init_key, pool_key = jax.random.split(jax.random.key(config.seed))
@@ -132,7 +132,7 @@ def scaled(state: TrainState, rows_BxW) -> tuple:
   if state.target_scale is None:
     x_BxD = rows_BxW * state.input_scale
     return x_BxD, x_BxD
-  x_BxD, y_BxD = transcoder.split(rows_BxW, state.config.sae.d_model)
+  x_BxD, y_BxD = transcoder.sides(rows_BxW, state.config.sae)
   return x_BxD * state.input_scale, y_BxD * state.target_scale
 
 

@@ -53,7 +53,3 @@ def scaled(rows_NxW, config, scales) -> np.ndarray:
   x_NxD, y_NxD = split(rows_NxW, config.d_model)
   return np.concatenate([x_NxD * c_in, y_NxD * c_out], axis=-1)
 
-
-def rows(pairs_Nx2xD) -> np.ndarray:
-  """Pairs [N, 2, D] as rows [N, 2·D] (a view when contiguous)."""
-  return pairs_Nx2xD.reshape(pairs_Nx2xD.shape[0], -1)
