@@ -143,6 +143,10 @@ def parser(doc: str) -> argparse.ArgumentParser:
                    help="several processes started by hand: process 0's address (implies "
                         "--distributed; needs --num-processes and --process-id)")
   run.add_argument("--num-processes", type=int, default=None)
+  run.add_argument("--latent-shards", type=int, default=RunConfig.latent_shards, metavar="M",
+                   help="split every F-sized array (W_enc, W_dec, b_enc, Adam's moments) over "
+                        "M devices of each process, for SAEs wider than one device holds; "
+                        "the batch is split over the others (docs/meshes.md)")
   run.add_argument("--process-id", type=int, default=None)
   run.add_argument("--heartbeat-timeout", type=int, default=100,
                    help="seconds after which the processes give up on one that stopped "
@@ -223,7 +227,7 @@ def _run_config(args, d_model: int, backend: typing.Optional[str],
                    export=export_config, synthetic=synthetic_config, eval_tokens=args.eval_tokens,
                    downstream_contexts=args.downstream_contexts, inference=args.inference,
                    calibration_tokens=args.calibration_tokens, stream=args.stream,
-                   stream_contexts=args.stream_contexts,
+                   stream_contexts=args.stream_contexts, latent_shards=args.latent_shards,
                    log_every=args.log_every, ckpt_every=args.ckpt_every, wandb=args.wandb,
                    tensorboard=args.tensorboard)
 

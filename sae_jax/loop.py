@@ -10,14 +10,19 @@ import jax
 import numpy as np
 import tqdm
 
+from sae_jax import latent_step
+from sae_jax import mesh as mesh_lib
 from sae_jax import train
 from sae_jax.config import TrainConfig
 
 
-def _step_for(config: TrainConfig, dead_at_most: int):
+def _step_for(config: TrainConfig, dead_at_most: int, latent_shards: int = 1):
   """The cheapest step whose promise holds while at most `dead_at_most`
   latents can be dead (see `train_step`). JumpReLU has no AuxK: its one
-  step, whatever the count (compiled once)."""
+  step, whatever the count (compiled once); nor has a state whose latents
+  are split over a mesh axis (`latent_step.py`)."""
+  if latent_shards > 1:
+    return latent_step.p_train_step
   if dead_at_most == 0 or config.sae.selection == "jumprelu":
     return train.p_train_step_all_alive
   if config.sae.selection != "sampled":
@@ -139,10 +144,11 @@ def train_many(states: typing.Sequence[train.TrainState], batches: typing.Iterab
           f"train_many's states must share the batch (batch_size, row width), the total steps, "
           f"the step they are at and the mesh: {name} has {shared(s)} at step {step}, "
           f"{names[0]} {shared(states[0])} at step {steps[0]}")
-  want = (len(mesh.local_devices), c.batch_size // mesh.size, c.sae.row_width)
-  if c.batch_size % mesh.size:
+  latent_shards, n_data = mesh_lib.latent_shards(mesh), mesh_lib.data_shards(mesh)
+  want = (len(mesh.local_devices) // latent_shards, c.batch_size // n_data, c.sae.row_width)
+  if c.batch_size % n_data:
     raise ValueError(
-        f"batch_size {c.batch_size} must be divisible by the {mesh.size} devices")
+        f"batch_size {c.batch_size} must be divisible by the {n_data} data shards")
   step = steps[0]
   bar = tqdm.tqdm(total=c.total_steps * c.batch_size, initial=step * c.batch_size,
                   unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
@@ -187,17 +193,17 @@ def train_many(states: typing.Sequence[train.TrainState], batches: typing.Iterab
       if batch is None:
         break
       if isinstance(batch, jax.Array) and batch.sharding == on_mesh:
-        shape, expected = batch.shape, (mesh.size,) + want[1:]
+        shape, expected = batch.shape, (n_data,) + want[1:]
       else:
         shape, expected = np.shape(batch), want
       if shape != expected:
         raise ValueError(
-            f"batch for step {step} must have shape {expected} ([devices, batch_size / devices, "
-            f"d_model, or 2·d_model for a transcoder's pairs]); got {shape}")
+            f"batch for step {step} must have shape {expected} ([data shards, batch_size / data "
+            f"shards, d_model, or 2·d_model for a transcoder's pairs]); got {shape}")
       batch = train.global_batch(batch, mesh)  # once, for every state
       metrics = []
       for i, state in enumerate(states):
-        states[i], m = _step_for(state.config, bounds[i])(state, batch)
+        states[i], m = _step_for(state.config, bounds[i], latent_shards)(state, batch)
         metrics.append(m)
         bounds[i] = second[i]
       step += 1

@@ -7,6 +7,7 @@ import typing
 
 import jax
 
+from sae_jax import mesh
 from sae_jax.config import TrainConfig
 from sae_jax.runconfig import RunConfig
 
@@ -30,18 +31,21 @@ def host_memory() -> int:
 
 
 def memory_per_device(trains: typing.Sequence[TrainConfig], n_devices: int,
-                      stream_rows: int = 0) -> dict:
+                      stream_rows: int = 0, latent_shards: int = 1) -> dict:
   """A floor on the bytes each device needs to train SAEs together:
   "state", every SAE's parameters (JumpReLU's thresholds too), two Adam
-  moments and a gradient (4 copies); "activations", two [B / devices, F]
-  float32 encoder arrays of the widest SAE (the steps run one at a time);
-  "stream", a --stream shuffle buffer of `stream_rows` rows a device (the
-  rows and their order)."""
-  state = sum(16 * (2 * c.sae.d_model * c.sae.n_latents + c.sae.n_latents + c.sae.d_model
+  moments and a gradient (4 copies); "activations", two [B / data shards,
+  F] float32 encoder arrays of the widest SAE (the steps run one at a
+  time); "stream", a --stream shuffle buffer of `stream_rows` rows a
+  device (the rows and their order). With `latent_shards` M, a device
+  holds F / M latents of each, and sees the tokens of one of the
+  n_devices / M data shards."""
+  state = sum(16 * (2 * c.sae.d_model * c.sae.n_latents // latent_shards
+                    + c.sae.n_latents // latent_shards + c.sae.d_model
                     + (c.sae.n_latents if c.sae.selection == "jumprelu" else 0))
               for c in trains)
-  tokens = max(trains[0].batch_size // n_devices, 1)
-  activations = max(2 * 4 * tokens * c.sae.n_latents for c in trains)
+  tokens = max(trains[0].batch_size * latent_shards // n_devices, 1)
+  activations = max(2 * 4 * tokens * c.sae.n_latents // latent_shards for c in trains)
   return {"state": state, "activations": activations,
           "stream": stream_rows * 4 * (trains[0].sae.row_width + 1)}
 
@@ -50,26 +54,32 @@ def _gib(n: int) -> str:
   return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
-def check_devices(c: TrainConfig) -> None:
-  """The batch must split evenly over every device of every process."""
-  n = jax.local_device_count() * jax.process_count()
+def check_devices(c: TrainConfig, latent_shards: int = 1) -> None:
+  """The latent groups must be whole devices of one process, and the batch
+  must split evenly over the data shards of every process."""
+  mesh.check_latent_shards(latent_shards, jax.local_device_count())
+  n = jax.local_device_count() * jax.process_count() // latent_shards
   if c.batch_size % n:
-    raise ValueError(f"--batch-size {c.batch_size} must be divisible by the {n} devices")
+    shards = "devices" if latent_shards == 1 else "data shards (devices / --latent-shards)"
+    raise ValueError(f"--batch-size {c.batch_size} must be divisible by the {n} {shards}")
 
 
-def check_memory(c: TrainConfig, n_devices: int) -> None:
+def check_memory(c: TrainConfig, n_devices: int, latent_shards: int = 1) -> None:
   """Refuses an SAE that cannot fit, before anything is allocated (the floor
   of `memory_per_device`)."""
-  need = memory_per_device([c], n_devices)
+  need = memory_per_device([c], n_devices, latent_shards=latent_shards)
   have = device_memory()
   if need["state"] + need["activations"] > have:
-    tokens = max(c.batch_size // n_devices, 1)
+    tokens = max(c.batch_size * latent_shards // n_devices, 1)
+    split = f" (its latents split over {latent_shards})" if latent_shards > 1 else ""
     raise ValueError(
         f"--dict-size {c.sae.n_latents} and --batch-size {c.batch_size} need at least "
         f"{_gib(need['state'] + need['activations'])} on each device ({_gib(need['state'])} of "
         f"parameters, Adam moments and gradients, {_gib(need['activations'])} of encoder "
-        f"activations for {tokens} tokens); each of the {jax.local_device_count()} "
-        f"{jax.local_devices()[0].platform} devices has {_gib(have)}")
+        f"activations for {tokens} tokens){split}; each of the {jax.local_device_count()} "
+        f"{jax.local_devices()[0].platform} devices has {_gib(have)}"
+        + ("" if latent_shards > 1 else ": split its latents over devices with --latent-shards"
+           if jax.local_device_count() > 1 else ""))
 
 
 def check_evaluation(configs: typing.Sequence[RunConfig], rows: typing.Sequence[int]) -> None:
@@ -95,11 +105,14 @@ def check_memory_many(configs: typing.Sequence[RunConfig], n_devices: int) -> No
   first = configs[0]
   rows = (math.ceil(first.stream_contexts / n_devices) * first.export.context_length
           if first.stream else 0)
-  need = memory_per_device([config.train for config in configs], n_devices, rows)
+  m = first.latent_shards
+  need = memory_per_device([config.train for config in configs], n_devices, rows, m)
   have = device_memory()
   total = sum(need.values())
   what = (f"{_gib(total)} on each device: {_gib(need['state'])} of parameters, Adam moments and "
-          f"gradients of {len(configs)} SAEs, {_gib(need['activations'])} of encoder "
+          f"gradients of {len(configs)} SAEs" + (f" (their latents split over {m})" if m > 1
+                                                  else "") +
+          f", {_gib(need['activations'])} of encoder "
           f"activations" + (f", {_gib(need['stream'])} of stream buffer and the language "
                             f"model's weights" if first.stream else ""))
   if total > have:

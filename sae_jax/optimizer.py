@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from sae_jax import collectives
+
 
 def default_learning_rate(n_latents: int) -> float:
   """lr = 2e-4 / sqrt(F / 2^14), the recipe's scaling with dictionary size."""
@@ -171,9 +173,20 @@ def _by_row_blocks(fn, p_FxD, *others_FxD):
   return p_FxD
 
 
+def global_norm(grads: dict, latent_axis=None):
+  """The gradients' global norm; with `latent_axis`, all but b_dec's are
+  split over that mapped axis (`mesh.py`), and their squares are summed
+  over it in one order."""
+  if latent_axis is None:
+    return optax.tree.norm(grads)
+  split = sum(jnp.sum(jnp.square(g)) for name, g in grads.items() if name != "b_dec")
+  return jnp.sqrt(collectives.ordered_psum(split, latent_axis)
+                  + jnp.sum(jnp.square(grads["b_dec"])))
+
+
 def update(params: dict, grads: dict, opt_state, learning_rate, *, b1: float = 0.9,
            b2: float = 0.999, clip_norm: float = 1.0, pool_P=None, apply=True,
-           eps: float = 1e-8):
+           eps: float = 1e-8, latent_axis=None):
   """One step of `make_optimizer` followed by `normalize_rows`, written out
   so that XLA updates parameters and moments in place.
 
@@ -188,6 +201,8 @@ def update(params: dict, grads: dict, opt_state, learning_rate, *, b1: float = 0
       index past the last latent is left out (its gradient must be zero).
     apply: bool scalar; where False, params and state come back unchanged
       (non-finite gradients are ignored).
+    latent_axis: the mapped axis every F-sized array is split over, if any
+      (the clip's norm is then summed over it: `global_norm`).
 
   Returns:
     (params, opt_state), as `make_optimizer` and `normalize_rows` give them.
@@ -199,7 +214,7 @@ def update(params: dict, grads: dict, opt_state, learning_rate, *, b1: float = 0
   w_PxD = _rows_unit(params["W_dec"] if pool_P is None else
                      params["W_dec"].at[pool_P].get(mode="clip"))
   grads["W_dec"] = grads["W_dec"] - jnp.sum(grads["W_dec"] * w_PxD, -1, keepdims=True) * w_PxD
-  norm = optax.tree.norm(grads)
+  norm = global_norm(grads, latent_axis)
   count = optax.safe_int32_increment(adam.count)
   correct1 = 1 - b1**count.astype(jnp.float32)
   correct2 = 1 - b2**count.astype(jnp.float32)

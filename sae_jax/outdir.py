@@ -184,18 +184,21 @@ def data_fingerprint(config: RunConfig) -> typing.Optional[dict]:
           "sha256_ends": ends.hexdigest()}
 
 
-def numerics() -> dict:
+def numerics(latent_shards: int = 1) -> dict:
   """What a run's numbers depend on beyond its config and data: 64-bit
-  mode (JAX_ENABLE_X64 changes the synthetic data and the step's dtypes)
-  and the device count (the order of the sums over devices)."""
-  return {"x64": bool(jax.config.jax_enable_x64), "devices": jax.device_count()}
+  mode (JAX_ENABLE_X64 changes the synthetic data and the step's dtypes),
+  the device count and the latent shards (the order of the sums over
+  devices)."""
+  return {"x64": bool(jax.config.jax_enable_x64), "devices": jax.device_count(),
+          "latent_shards": latent_shards}
 
 
-def check_numerics(out: pathlib.PurePath) -> None:
+def check_numerics(out: pathlib.PurePath, latent_shards: int = 1) -> None:
   """Before a checkpoint is restored (orbax would cast its arrays, which
   then fail their checksum): refuses to resume a run checkpointed under the
-  other 64-bit mode, and says so when it resumes on another device count."""
-  path, now = out / "config.json", numerics()
+  other 64-bit mode, and says so when it resumes on another device count
+  or another split of the latents."""
+  path, now = out / "config.json", numerics(latent_shards)
   saved = _read_config(path).get(NUMERICS) if path.exists() else None
   if saved is None:  # a run saved before sae_jax recorded them
     return
@@ -209,6 +212,11 @@ def check_numerics(out: pathlib.PurePath) -> None:
     print(f"resuming on {now['devices']} devices a run checkpointed on {saved.get('devices')}: "
           f"the same batches, but summed over devices in another order, so the weights may "
           f"differ from an uninterrupted run's by float rounding (3.6e-7 measured)", flush=True)
+  if saved.get("latent_shards", 1) != now["latent_shards"]:
+    print(f"resuming with --latent-shards {now['latent_shards']} a run checkpointed with "
+          f"{saved.get('latent_shards', 1)}: its SAE is split anew over the devices; the same "
+          f"batches, but its sums over latents are added in another order, so the weights may "
+          f"differ from an uninterrupted run's by float rounding", flush=True)
 
 
 def check_data(out: pathlib.PurePath, config: RunConfig, resuming: bool, *,
@@ -234,7 +242,7 @@ def check_data(out: pathlib.PurePath, config: RunConfig, resuming: bool, *,
             f"and last MiB are the same: resuming", flush=True)
   if not trains:
     return
-  records = {NUMERICS: numerics()} | ({} if new is None else {FINGERPRINT: new})
+  records = {NUMERICS: numerics(config.latent_shards)} | ({} if new is None else {FINGERPRINT: new})
   if any(saved.get(k) != v for k, v in records.items()):
     write_json(path, saved | records)
 

@@ -59,8 +59,8 @@ def run(config: RunConfig, *, progress: bool = True,
   Raises:
     KeyboardInterrupt: Ctrl-C stopped the run (after a checkpoint).
   """
-  memory.check_devices(config.train)
-  memory.check_memory(config.train, jax.device_count())
+  memory.check_devices(config.train, config.latent_shards)
+  memory.check_memory(config.train, jax.device_count(), config.latent_shards)
   sources.check_data_size(config)
   memory.check_evaluation([config], [sources.eval_rows(config)])
   summaries = _pass([config], storage.path(config.out), progress=progress, verify=verify)
@@ -107,7 +107,7 @@ def run_many(configs: typing.Sequence[RunConfig], out, *, progress: bool = True,
   if len(set(homes)) != len(homes) or _absolute(out) in homes:
     raise ValueError(f"run_many's runs need an out each, apart from the sweep's {out}; got "
                      f"{[config.out for config in configs]}")
-  memory.check_devices(configs[0].train)
+  memory.check_devices(configs[0].train, configs[0].latent_shards)
   memory.check_memory_many(configs, jax.device_count())
   sources.check_data_size(configs[0])
   memory.check_evaluation(configs, [sources.eval_rows(config) for config in configs])
@@ -185,7 +185,7 @@ def _pass(configs: list, out: pathlib.PurePath, *, progress: bool,
       same = outdir.check_resume(home, config, trained=outdir.trained(home, checkpointed))
       done.append(same and outdir.finished(home))
       if not done[-1] and checkpointed:
-        outdir.check_numerics(home)
+        outdir.check_numerics(home, config.latent_shards)
     return done
 
   try:
@@ -228,7 +228,8 @@ def _train(configs: list, homes: list, out: pathlib.PurePath, *, progress: bool,
   """(the trained states, the data source, tokens/s), or None when a signal
   stopped the pass before the last step (a checkpoint saved)."""
   c, first = configs[0].train, configs[0]
-  n_devices = jax.local_device_count()
+  shards = first.latent_shards
+  n_devices = jax.local_device_count() // shards  # this process's data shards
   with contextlib.ExitStack() as stack:
     # --- Metric sinks.
     optional = []
@@ -237,8 +238,11 @@ def _train(configs: list, homes: list, out: pathlib.PurePath, *, progress: bool,
       optional.append(more)
       for close in closers:
         stack.callback(close)
-    print(f"devices: {jax.device_count()} ({n_devices} local, {jax.devices()[0].platform}); "
-          f"batch {c.batch_size} tokens, {c.batch_size // jax.device_count()} per device; "
+    split = (f", the latents split over {shards} devices ({c.sae.n_latents // shards} each)"
+             if shards > 1 else "")
+    print(f"devices: {jax.device_count()} ({jax.local_device_count()} local, "
+          f"{jax.devices()[0].platform}); batch {c.batch_size} tokens, "
+          f"{c.batch_size * shards // jax.device_count()} per device{split}; "
           f"{c.total_steps} steps" + (f"; {len(configs)} SAEs in one pass"
                                       if len(configs) > 1 else ""), flush=True)
     for home, config in zip(homes, configs):
@@ -274,7 +278,8 @@ def _train(configs: list, homes: list, out: pathlib.PurePath, *, progress: bool,
 
       began = time.perf_counter()
       replicated = loop.train_many(
-          [train.replicate(state) for state in states], source.batches(start, position),
+          [train.replicate(state, latent_shards=shards) for state in states],
+          source.batches(start, position),
           log_every=first.log_every, on_log=lambda i, step, m: logs[i](step, m),
           on_step=on_step, should_stop=stop, progress=progress,
           names=[home.name for home in homes])

@@ -15,7 +15,8 @@ from sae_jax.config import TrainConfig
 # out is where the run is, not what it is: a run found under another spelling
 # of its path (or moved) resumes.
 RESUMABLE_FIELDS = ("log_every", "ckpt_every", "keep_checkpoints", "wandb", "tensorboard",
-                    "train.step", "export.backend", "inference", "calibration_tokens", "out")
+                    "train.step", "export.backend", "inference", "calibration_tokens", "out",
+                    "latent_shards")
 # Fields added after runs were saved without them: what those runs meant.
 ADDED_FIELDS = {"stream": False, "stream_contexts": 512, "train.sae.ridge": 0.01,
                 "train.sae.sketch": None, "train.sae.pool_every": 1, "synthetic.parents": 0,
@@ -24,7 +25,7 @@ ADDED_FIELDS = {"stream": False, "stream_contexts": 512, "train.sae.ridge": 0.01
                 "train.matryoshka_weights": None, "synthetic.parent_rate": 1.0,
                 "train.target_l0": None, "train.bandwidth": 0.001,
                 "train.sparsity_penalty": 1.0, "train.sparsity_warmup_steps": None,
-                "train.sae.transcoder": False, "export.target_hook": None}
+                "train.sae.transcoder": False, "export.target_hook": None, "latent_shards": 1}
 # Fields that only change what is done after training: a finished run whose
 # saved config differs in one of them is finished again.
 END_FIELDS = ("inference", "calibration_tokens")
@@ -93,6 +94,9 @@ class RunConfig:
   training devices, through an on-device shuffle buffer (no cache)."""
   stream_contexts: int = 512
   """--stream: contexts whose rows are shuffled together (over all devices)."""
+  latent_shards: int = 1
+  """M, the devices every F-sized array is split over (`mesh.py`); the
+  batch is split over the devices / M others."""
   log_every: int = 100
   """Steps between lines of metrics.jsonl."""
   ckpt_every: int = 1000
@@ -128,6 +132,7 @@ class RunConfig:
     if not isinstance(self.stream, bool):
       raise ValueError(f"RunConfig.stream must be True or False; got {self.stream!r}")
     check_stream(self.stream, self.data, self.export.backend)
+    check_latent_shards(self)
     if self.data not in ("pythia", "synthetic"):
       path = storage.path(self.data)
       if not (path.is_dir() or (path.suffix == ".npy" and path.is_file())):
@@ -216,6 +221,30 @@ def _one_path(saved, now) -> bool:
     return os.path.samefile(saved, now)
   except OSError:  # either is missing here, or remote (gs://)
     return False
+
+
+def check_latent_shards(config: RunConfig) -> None:
+  """What --latent-shards splits: TopK, BatchTopK and Sampled-SAE SAEs (and
+  transcoders), F into equal parts, batches from a cache, a .npy or
+  synthetic data."""
+  m, train = config.latent_shards, config.train
+  validation.check_int_field("RunConfig", "latent_shards", m)
+  if m == 1:
+    return
+  if train.sae.selection == "jumprelu" or train.matryoshka_groups is not None:
+    rule = "JumpReLU" if train.sae.selection == "jumprelu" else "Matryoshka"
+    raise ValueError(f"--latent-shards {m}: {rule} SAEs are not split over latent shards yet "
+                     f"(TopK, BatchTopK and Sampled-SAE are); use --latent-shards 1")
+  if train.sae.n_latents % m:
+    raise ValueError(f"--latent-shards {m} must divide --dict-size {train.sae.n_latents}")
+  if config.stream:
+    raise ValueError(f"--latent-shards {m}: --stream makes its batches on a mesh without a "
+                     f"latent axis; export a cache first (drop --stream), or use "
+                     f"--latent-shards 1")
+  if train.step != "fast" or train.layout != "auto":
+    raise ValueError(f"--latent-shards {m} trains with its own step (dense codes within each "
+                     f"shard): --step {train.step} and --layout {train.layout} do not apply; "
+                     f"leave them at fast and auto")
 
 
 def check_stream(stream: bool, data_arg: str, backend: str) -> None:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sae_jax import collectives
 from sae_jax import validation
 
 # Columns whose largest value is below 2**_MIN_EXPONENT are summed at that
@@ -186,12 +187,16 @@ def count_sketch(a_BxF: jax.Array, size: int, key, axis_name=None) -> jax.Array:
   return sums_SxF.astype(jnp.float32) * unit_1xF
 
 
-def ridge_leverage(r_MxF: jax.Array, ridge: float) -> jax.Array:
+def ridge_leverage(r_MxF: jax.Array, ridge: float, latent_axis=None) -> jax.Array:
   """s_j = r_jᵀ (r rᵀ + ridge·I)⁻¹ r_j for every column j of r [M, F],
   through the M×M side: ||L⁻¹ r_j||² with L the Cholesky factor of
-  r rᵀ + ridge·I. In [0, 1); 0 exactly for a zero column."""
+  r rᵀ + ridge·I. In [0, 1); 0 exactly for a zero column. With
+  `latent_axis`, r's columns are split over that mapped axis, and r rᵀ is
+  summed over it (in one order)."""
   eye_MxM = jnp.eye(r_MxF.shape[0], dtype=jnp.float32)
   gram_MxM = jnp.matmul(r_MxF, r_MxF.T, precision=lax.Precision.HIGHEST)
+  if latent_axis is not None:
+    gram_MxM = collectives.ordered_psum(gram_MxM, latent_axis)
   chol_MxM = jnp.linalg.cholesky(gram_MxM + ridge * eye_MxM)
   # L⁻¹ once (M×M), then a matmul: faster on CPU than a triangular solve
   # with F right-hand sides (docs/speed.md), and as accurate here (tested).
@@ -210,10 +215,11 @@ def shared_key(key, axis_name):
   return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key)) if typed else data
 
 
-@functools.partial(jax.jit, static_argnames=("method", "axis_name", "ridge", "sketch"))
+@functools.partial(jax.jit,
+                   static_argnames=("method", "axis_name", "ridge", "sketch", "latent_axis"))
 def column_scores(a: jax.Array, method: str = "l2", *, axis_name=None,
                   ridge: float = LEVERAGE_RIDGE, sketch: typing.Optional[int] = None,
-                  key=None, bias=None) -> jax.Array:
+                  key=None, bias=None, latent_axis=None) -> jax.Array:
   """Scores every latent (column) of `a` over all tokens.
 
   Negative entries count as zero. Methods (see SPEC.md):
@@ -243,6 +249,9 @@ def column_scores(a: jax.Array, method: str = "l2", *, axis_name=None,
       encoder's x @ W_enc and b_enc). The same bits as scoring the sum; on
       CPU the block sums then read the product where it lies instead of a
       copy of the sum written out for them.
+    latent_axis: mapped axis the columns are split over (`latent_select`),
+      if any: the scores of this device's columns. Only "leverage" looks
+      across columns (its Gram matrix is summed over the axis).
 
   Returns:
     [F] float32 scores.
@@ -267,9 +276,10 @@ def column_scores(a: jax.Array, method: str = "l2", *, axis_name=None,
       rows_MxF = positive(a_BxF)  # gathered after the bias: no device's bias stays in them
       if axis_name is not None:
         rows_MxF = lax.all_gather(rows_MxF, axis_name, tiled=True, to="invarying")
-      return ridge_leverage(rows_MxF, ridge)
+      return ridge_leverage(rows_MxF, ridge, latent_axis)
     key = jax.random.key(0) if key is None else shared_key(key, axis_name)
-    return ridge_leverage(count_sketch(positive(a_BxF), sketch, key, axis_name), ridge)
+    return ridge_leverage(count_sketch(positive(a_BxF), sketch, key, axis_name), ridge,
+                          latent_axis)
   if method in ("l2", "squared_l2"):
     sq_F = exact_column_sum(a_BxF, lambda x: jnp.square(positive(x)), axis_name)
     return jnp.sqrt(sq_F) if method == "l2" else sq_F

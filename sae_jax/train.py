@@ -6,7 +6,8 @@ state replicated and the batch split on axis "data" (under `jax.pmap` the
 same function runs unchanged). Through that axis, BatchTopK and Sampled-SAE
 select over the global batch, gradients are averaged, and the threshold and
 dead-latent counters come out identical on every device. The loop that runs
-it is `loop.py`.
+it is `loop.py`. With the latents split over a second mesh axis
+(`--latent-shards`), `latent_step.py` steps the state instead.
 """
 
 import functools
@@ -24,13 +25,15 @@ from sae_jax import collectives
 from sae_jax import gradients
 from sae_jax import jumprelu
 from sae_jax import losses
+from sae_jax import mesh as mesh_lib
 from sae_jax import model
 from sae_jax import optimizer
 from sae_jax import scoring
 from sae_jax import transcoder
 from sae_jax.config import TrainConfig
 
-AXIS = "data"
+AXIS = mesh_lib.DATA
+global_batch = mesh_lib.global_batch
 
 
 class TrainState(struct.PyTreeNode):
@@ -336,14 +339,12 @@ def _mapped_step(mesh: jax.sharding.Mesh, form: str, capacity: typing.Optional[i
                                out_specs=(spec(), spec())), donate_argnums=0)
 
 
-def global_batch(batch, mesh: jax.sharding.Mesh) -> jax.Array:
-  """This process's [local devices, b, D] as the global [devices, b, D] array."""
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-  if isinstance(batch, jax.Array) and batch.sharding == sharding:
-    return batch
-  batch = np.asarray(batch)
-  return jax.make_array_from_process_local_data(sharding, batch,
-                                                (mesh.size,) + batch.shape[1:])
+def _mesh(state: TrainState) -> jax.sharding.Mesh:
+  mesh = state.step.sharding.mesh
+  if mesh_lib.LATENT in mesh.axis_names:
+    raise ValueError("this state's latents are split over a mesh axis: step it with "
+                     "latent_step.p_train_step (loop.train_loop picks it)")
+  return mesh
 
 
 def p_train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
@@ -356,14 +357,14 @@ def p_train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
   Returns:
     The new replicated state and the step's metrics (replicated scalars).
   """
-  mesh = state.step.sharding.mesh
+  mesh = _mesh(state)
   return _mapped_step(mesh, "general")(state, global_batch(batch, mesh))
 
 
 def p_train_step_all_alive(state: TrainState, batch) -> tuple[TrainState, dict]:
   """`p_train_step` while no latent can be dead (see `train_step`);
   `loop.train_loop` picks it when it may."""
-  mesh = state.step.sharding.mesh
+  mesh = _mesh(state)
   return _mapped_step(mesh, "all_alive")(state, global_batch(batch, mesh))
 
 
@@ -373,7 +374,7 @@ def p_train_step_packed(state: TrainState, batch, capacity: typing.Optional[int]
   `auxk.auxk_capacities(F, auxk_k)` (by default the smallest) or F
   (see `train_step`); `loop.train_loop` picks it for Sampled-SAE while any
   latent can be dead (any other rule runs `p_train_step` here)."""
-  mesh = state.step.sharding.mesh
+  mesh = _mesh(state)
   return _mapped_step(mesh, "packed", capacity)(state, global_batch(batch, mesh))
 
 
@@ -383,36 +384,29 @@ def packed_capacities(config: TrainConfig) -> tuple:
   return auxk.auxk_capacities(n_latents, min(config.auxk_k, n_latents))
 
 
-def make_mesh(n_devices: typing.Optional[int] = None) -> jax.sharding.Mesh:
-  """The 1-D mesh over axis "data": all devices, or the first `n_devices` local ones."""
-  if n_devices is None:
-    return jax.sharding.Mesh(np.array(jax.devices()), (AXIS,))
-  devices = jax.local_devices()
-  if jax.process_count() > 1 or not 1 <= n_devices <= len(devices):
-    raise ValueError(f"n_devices must be in [1, {len(devices)}] (local devices) on a "
-                     f"single process, or None (all devices); got {n_devices}")
-  return jax.sharding.Mesh(np.array(devices[:n_devices]), (AXIS,))
+def make_mesh(n_devices: typing.Optional[int] = None, latent_shards: int = 1
+              ) -> jax.sharding.Mesh:
+  """The mesh over all devices, or the first `n_devices` local ones
+  (`mesh.make_mesh`; with `latent_shards` > 1, the latents' axis too)."""
+  return mesh_lib.make_mesh(n_devices, latent_shards)
 
 
-def replicate(state: TrainState, n_devices: typing.Optional[int] = None) -> TrainState:
+def replicate(state: TrainState, n_devices: typing.Optional[int] = None,
+              latent_shards: int = 1) -> TrainState:
   """`state` on every device of a mesh (all devices, or the first `n_devices`
-  local ones), laid out as `p_train_step` returns it."""
-  sharding = jax.sharding.NamedSharding(make_mesh(n_devices), jax.sharding.PartitionSpec())
-
-  def put(x):  # every process passes the same value (works across hosts)
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-  return jax.tree.map(put, jax.device_get(state))
+  local ones), laid out as `p_train_step` returns it; with `latent_shards`
+  M > 1, its F-sized arrays split over M devices (`mesh.py`), as
+  `latent_step.p_train_step` takes it."""
+  return mesh_lib.place(state, make_mesh(n_devices, latent_shards))
 
 
 def host(x) -> np.ndarray:
-  """A replicated array's value, read from this process's first copy."""
-  return np.asarray(x.addressable_data(0))
+  """A state array's value on the host, read from this process's devices."""
+  return mesh_lib.host(x)
 
 
 def unreplicate(state: TrainState) -> TrainState:
-  """A replicated state's value, on the host."""
+  """A replicated (or latent-sharded) state's value, on the host."""
   return jax.tree.map(host, state)
 
 

@@ -250,7 +250,8 @@ def test_the_same_data_spelled_otherwise_resumes(tmp_path, monkeypatch):
 def test_a_resume_under_other_numerics_is_refused_or_reported(tmp_path, capsys):
   """JAX_ENABLE_X64 changes the synthetic data and the step: a run
   checkpointed under one setting refuses to resume under the other. Another
-  device count only reorders the sums over devices: said, not refused.
+  device count or latent split only reorders the sums over devices: said,
+  not refused.
   (tests/test_robustness.py resumes a real run under the other setting.)"""
   train = TrainConfig(SAEConfig(16, 64, k=4), batch_size=64, steps=10)
   config = RunConfig(train=train, out=str(tmp_path), data="synthetic",
@@ -259,7 +260,7 @@ def test_a_resume_under_other_numerics_is_refused_or_reported(tmp_path, capsys):
   outdir.check_numerics(tmp_path)  # none recorded yet (a run of the previous version)
   outdir.check_data(tmp_path, config, resuming=False)
   recorded = json.loads((tmp_path / "config.json").read_text())[runconfig.NUMERICS]
-  assert recorded == {"x64": False, "devices": jax.device_count()}
+  assert recorded == {"x64": False, "devices": jax.device_count(), "latent_shards": 1}
   outdir.check_numerics(tmp_path)  # the same: silent
   assert capsys.readouterr().out == ""
   with jax.enable_x64(True):
@@ -274,8 +275,11 @@ def test_a_resume_under_other_numerics_is_refused_or_reported(tmp_path, capsys):
   saved[runconfig.NUMERICS] = {"x64": False, "devices": 2}
   (tmp_path / "config.json").write_text(json.dumps(saved))
   outdir.check_numerics(tmp_path)
-  assert f"resuming on {jax.device_count()} devices a run checkpointed on 2" in (
-      capsys.readouterr().out)
+  said = capsys.readouterr().out
+  assert f"resuming on {jax.device_count()} devices a run checkpointed on 2" in said
+  assert "--latent-shards" not in said  # recorded without: split over 1, as now
+  outdir.check_numerics(tmp_path, latent_shards=2)
+  assert "resuming with --latent-shards 2 a run checkpointed with 1" in capsys.readouterr().out
   outdir.check_data(tmp_path, config, resuming=True)
   assert outdir.check_resume(tmp_path, config)  # the records are not part of the config
   assert json.loads((tmp_path / "config.json").read_text())[runconfig.NUMERICS]["devices"] == (

@@ -1,0 +1,171 @@
+"""The training step when the latents are split over mesh axis "latent" as
+well as the batch over "data" (`--latent-shards M`; `mesh.py`).
+
+Each device holds its F / M latents' columns of W_enc, rows of W_dec, b_enc,
+their Adam moments and dead-latent counters, and sees its data shard's
+tokens. It encodes them against its own latents; the selection is global
+over both axes (`latent_select.py`); the decoder's partial sums are added
+over the latent shards in one order; and autodiff through that gives each
+device its latents' gradients, with b_dec's encoder term summed over the
+shards in one order too. The gradients are then averaged over "data" as in
+`train.train_step`, whose recipe this follows: the same loss, AuxK,
+threshold, dead-latent counters, skipped steps and metrics.
+
+The codes are dense within a shard ([b, F / M], as the fast step's "codes"
+layout), so a step costs five [b, D] x [D, F / M] matmuls a device. It
+trains TopK, BatchTopK and Sampled-SAE (every score, kept pools too), SAEs
+and transcoders; Matryoshka and JumpReLU are refused
+(`runconfig.check_latent_shards`).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sae_jax import collectives
+from sae_jax import gradients
+from sae_jax import latent_select
+from sae_jax import losses
+from sae_jax import mesh as mesh_lib
+from sae_jax import optimizer
+from sae_jax import scoring
+from sae_jax import train
+from sae_jax.config import TrainConfig
+from sae_jax.mesh import DATA
+from sae_jax.mesh import LATENT
+
+P = jax.sharding.PartitionSpec
+
+
+def _auxk(a_BxF, dead_F, residual_BxD, W_dec_FxD, k_aux: int):
+  """This device's share of AuxK (`losses.auxk_loss`), the dead latents'
+  top k_aux per token chosen over all F."""
+  residual_BxD = lax.stop_gradient(residual_BxD)
+  any_dead = lax.psum(jnp.any(dead_F).astype(jnp.int32), LATENT) > 0
+
+  def error():
+    a_dead_BxF = jnp.where(dead_F[None, :], a_BxF, 0)
+    keep_BxF = latent_select.topk_mask(lax.stop_gradient(a_dead_BxF), k_aux)
+    ehat_BxD = latent_select.latent_sum(jnp.where(keep_BxF, a_dead_BxF, 0) @ W_dec_FxD)
+    return jnp.sum(jnp.square(residual_BxD - ehat_BxD))
+
+  error = lax.cond(any_dead, error, lambda: jnp.sum(residual_BxD[:0]))
+  return losses.auxk_scale(residual_BxD, DATA) * error
+
+
+def _gradients(params, x_BxD, y_BxD, silent_F, key, kept, c: TrainConfig):
+  """(this device's gradients, `gradients.Outputs`) of the loss on its
+  tokens, for its latents (b_dec's whole)."""
+  sae = c.sae
+  dtype = jnp.dtype(sae.compute_dtype)
+
+  def loss_fn(p):
+    centred_BxD = (x_BxD - p["b_dec"][None, :] if sae.centred else x_BxD).astype(dtype)
+    centred_BxD = latent_select.to_latent_shards(centred_BxD)
+    pre_BxF = jnp.matmul(centred_BxD, p["W_enc"].astype(dtype),
+                         preferred_element_type=jnp.float32) + p["b_enc"][None, :]
+    a_BxF = jax.nn.relu(pre_BxF)
+    seen_BxF = lax.stop_gradient(a_BxF).astype(jnp.float32)
+    pool_P = None
+    if sae.selection == "topk":
+      keep_BxF = latent_select.topk_mask(seen_BxF, sae.k)
+    elif sae.selection == "batchtopk":
+      keep_BxF = latent_select.batchtopk_mask(seen_BxF, sae.k)
+    else:
+      new = lambda: latent_select.sampled_pool(seen_BxF, key, **sae.pool_rule)
+      pool_P = new() if kept is None else lax.cond(kept[1], new, lambda: kept[0])
+      keep_BxF = latent_select.sampled_mask(seen_BxF, sae.k, pool_P)
+    z_BxF = jnp.where(keep_BxF, a_BxF, 0)
+    xhat_BxD = latent_select.latent_sum(z_BxF @ p["W_dec"]) + p["b_dec"][None, :]
+    mse = losses.mse(y_BxD, xhat_BxD)
+    fired_F = lax.psum(jnp.any(keep_BxF, axis=0).astype(jnp.int32), DATA) > 0
+    dead_F = losses.dead_latents(silent_F, fired_F, c.dead_steps)
+    auxk = _auxk(a_BxF, dead_F, y_BxD - xhat_BxD, p["W_dec"], c.auxk_k)
+    token_min_B = lax.pmin(jnp.min(jnp.where(keep_BxF, seen_BxF, jnp.inf), axis=1), LATENT)
+    n_active = lax.psum(jnp.sum(keep_BxF, dtype=jnp.int32), LATENT)
+    return mse + c.auxk_weight * auxk, gradients.Outputs(
+        mse, auxk, xhat_BxD, n_active, fired_F, token_min_B, dead_F, pool_P)
+
+  (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(gradients.varying(params, DATA))
+  return grads, out
+
+
+def step(state: train.TrainState, x_BxD: jax.Array) -> tuple:
+  """`train.train_step` on a ("data", "latent") mesh: this device's tokens
+  x_BxD (raw activations) and latents; the same recipe and metrics."""
+  c = state.config
+  x_BxD, y_BxD = train.scaled(state, x_BxD)
+  silent_F = state.steps_since_fired_F
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  lr = train._learning_rate(c, state.step)
+  kept = (state.pool_P, state.step % c.sae.pool_every == 0) if c.sae.keeps_pool else None
+
+  grads, out = _gradients(state.params, x_BxD, y_BxD, silent_F, key, kept, c)
+  grads, mse, auxk_loss = collectives.ordered_pmean((grads, out.mse, out.auxk), DATA)
+  finite = jnp.isfinite(mse + c.auxk_weight * auxk_loss)
+  for g in jax.tree.leaves(grads):
+    finite &= jnp.all(jnp.isfinite(g))
+  finite = lax.psum((~finite).astype(jnp.int32), LATENT) == 0  # the same on every shard
+  params, opt_state = optimizer.update(
+      state.params, grads, state.opt_state, lr, b1=c.b1, b2=c.b2, clip_norm=c.clip_norm,
+      apply=finite, latent_axis=LATENT)
+
+  since_F = jnp.where(out.fired_F, 0, jnp.minimum(silent_F + 1, c.dead_steps))
+  batch_theta = train._batch_threshold(out.token_min_B, c.sae.selection)
+  ema = jnp.where(state.threshold > 0,
+                  c.threshold_beta * state.threshold + (1 - c.threshold_beta) * batch_theta,
+                  batch_theta)
+  threshold = jnp.where((state.step > c.threshold_start) & jnp.isfinite(batch_theta),
+                        ema, state.threshold)
+  all_latents = lambda n: lax.psum(n, LATENT)
+  state = state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state,
+      threshold=jnp.where(finite, threshold, state.threshold),
+      steps_since_fired_F=jnp.where(finite, since_F, state.steps_since_fired_F),
+      bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
+      dead_at_most=all_latents(train.can_be_dead(silent_F, c.dead_steps, 1)),
+      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+      pool_P=None if kept is None else jnp.where(finite, out.pool_P, state.pool_P))
+
+  since_F = state.steps_since_fired_F
+  metrics = {
+      "loss": mse + c.auxk_weight * auxk_loss,
+      "mse": mse,
+      "fvu": losses.fvu(y_BxD, out.xhat_BxD, DATA),
+      "l0": lax.psum(out.n_active, DATA) / scoring.global_tokens(x_BxD.shape[0], DATA),
+      "dead_fraction": all_latents(jnp.sum(since_F >= c.dead_steps, dtype=jnp.int32))
+                       / c.sae.n_latents,
+      "most_silent_steps": lax.pmax(jnp.max(since_F), LATENT),
+      "dead_soon": all_latents(train.can_be_dead(since_F, c.dead_steps, 1)),
+      "auxk_loss": auxk_loss,
+      "threshold": state.threshold,
+      "lr": lr,
+      "grad_norm": optimizer.global_norm(grads, LATENT),
+      "skipped_steps": state.skipped_steps,
+      "bad_streak": state.bad_streak,
+  }
+  return state, metrics
+
+
+@functools.lru_cache(maxsize=None)
+def _mapped(mesh: jax.sharding.Mesh, treedef, leaf_specs: tuple):
+  """`step` over `mesh`: the state laid out by `mesh.specs`, the batch split on "data"."""
+  state_specs = jax.tree.unflatten(treedef, leaf_specs)
+
+  def local(state, x_1xbxD):
+    return step(state, x_1xbxD[0])
+
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(state_specs, P(DATA)),
+                               out_specs=(state_specs, P())), donate_argnums=0)
+
+
+def p_train_step(state: train.TrainState, batch) -> tuple:
+  """`step` on every device of the state's ("data", "latent") mesh
+  (`train.replicate` with latent_shards > 1); `batch` is this process's
+  [local data shards, b, D]. The state is donated."""
+  mesh = state.step.sharding.mesh
+  specs = mesh_lib.specs(state, mesh)
+  leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda s: isinstance(s, P))
+  return _mapped(mesh, treedef, tuple(leaves))(state, mesh_lib.global_batch(batch, mesh))

@@ -1,0 +1,209 @@
+"""Latents split over a mesh axis (`--latent-shards`): each rule's selection
+on [b, F / M] blocks equals the single-device one on the whole [B, F], bit
+for bit, ties included; the step equals the replicated one up to rounding;
+the memory a device needs falls with M; the flags that cannot apply are
+refused."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sae_jax import latent_select
+from sae_jax import latent_step
+from sae_jax import memory
+from sae_jax import model
+from sae_jax import mesh as mesh_lib
+from sae_jax import scoring
+from sae_jax import selection
+from sae_jax import train
+from sae_jax.config import SAEConfig
+from sae_jax.config import TrainConfig
+from tests import test_train
+from tests.helpers import activations
+from tests.helpers import cli
+
+P = jax.sharding.PartitionSpec
+B, F, K = 16, 24, 3
+GRIDS = [(4, 1), (2, 2), (1, 4)]  # (data shards, latent shards)
+
+
+def blocks(fn, a_BxF, grid):
+  """fn on each device's [b, F / M] block of a_BxF, the [B, F] result put back."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(grid), latent_select.BOTH)
+  spec = P(mesh_lib.DATA, mesh_lib.LATENT)
+  mapped = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec))
+  return np.asarray(mapped(jnp.asarray(a_BxF)))
+
+
+RULES = {
+    "topk": (lambda a: latent_select.topk_mask(a, K), lambda a: selection.topk(a, K) > 0),
+    "batchtopk": (lambda a: latent_select.batchtopk_mask(a, K),
+                  lambda a: selection.batch_topk(a, K) > 0),
+}
+POOLED = {  # (the pool rule, the single-device selection)
+    "l2": dict(score="l2", sample_pool=False),
+    "entropy_drawn": dict(score="entropy", sample_pool=True),
+    "uniform_drawn_l1": dict(score="uniform", sample_pool=True),
+}
+
+
+def pool_rule(k, l, score, sample_pool, ridge=0.01, sketch=None):
+  return dict(k=k, l=l, score=score, sample_pool=sample_pool, ridge=ridge, sketch=sketch)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("levels", [None, 3])  # continuous values, and many ties
+def test_topk_and_batchtopk_masks_equal_one_device(grid, levels):
+  a = activations((B, F), 5, levels=levels)
+  for name, (split, whole) in RULES.items():
+    np.testing.assert_array_equal(blocks(split, a, grid), np.asarray(whole(jnp.asarray(a))),
+                                  err_msg=name)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("name", POOLED)
+def test_sampled_masks_and_pools_equal_one_device(grid, name):
+  a = activations((B, F), 7, levels=3)  # many equal scores: the pool's ties too
+  key = jax.random.key(3)
+  l = 1.0 if name.endswith("_l1") else 2.0
+  rule = pool_rule(K, l, **POOLED[name])
+
+  def split(a):
+    pool_P = latent_select.sampled_pool(a, key, **rule)
+    return latent_select.sampled_mask(a, K, pool_P)
+
+  options = {k: v for k, v in rule.items() if k not in ("k", "l")}
+  want = selection.sampled_select(jnp.asarray(a), K, l, **model.sampled_options(key, **options))
+  np.testing.assert_array_equal(blocks(split, a, grid), np.asarray(want) > 0)
+
+
+@pytest.mark.parametrize("sketch", [None, 8])
+def test_leverage_scores_over_latent_shards_equal_one_device(sketch):
+  """The Gram matrix is summed over the latent shards: the same scores up
+  to rounding, and the same pool."""
+  a = activations((B, F), 9)
+  key = jax.random.key(4)
+  want = scoring.column_scores(jnp.asarray(a), "leverage", sketch=sketch, key=key)
+
+  def split(a):
+    scores = scoring.column_scores(a, "leverage", axis_name=mesh_lib.DATA, sketch=sketch,
+                                   key=key, latent_axis=mesh_lib.LATENT)
+    return jnp.broadcast_to(scores[None, :], a.shape)
+
+  for grid in GRIDS:
+    got = blocks(split, a, grid)
+    np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=2e-6, atol=1e-7)
+
+
+def test_a_tie_cut_inside_a_row_split_over_shards():
+  """BatchTopK's budget ends among ties that one token holds in several
+  latent shards: the lower global latents win."""
+  a = np.zeros((B, F), np.float32)
+  a[:, 0] = 5.0  # B entries above everything
+  a[3, :] = np.where(np.arange(F) > 0, 1.0, 5.0)  # token 3 holds 23 ties, in every shard
+  a[9, 2:] = 1.0  # and token 9 more
+  split = lambda x: latent_select.batchtopk_mask(x, 2)
+  want = np.asarray(selection.batch_topk(jnp.asarray(a), 2)) > 0
+  assert want[3].sum() == 1 + B  # the budget (2·B) ends inside token 3's row
+  for grid in GRIDS:
+    np.testing.assert_array_equal(blocks(split, a, grid), want)
+
+
+# --- The step ------------------------------------------------------------------
+
+STEP_RULES = test_train.RULES | test_train.LEVERAGE | {
+    "transcoder": dataclasses.replace(
+        test_train.config("batchtopk"),
+        sae=dataclasses.replace(test_train.config("batchtopk").sae, transcoder=True))}
+
+
+def pairs(seed):
+  x = test_train.batch(seed)
+  return np.concatenate([x, 0.5 * x[:, ::-1] + 1], axis=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", STEP_RULES)
+def test_steps_over_latent_shards_equal_the_replicated_step(rule):
+  """Four steps with dead latents (AuxK runs) at M = 2 and 4 against
+  the replicated step on 4 devices: the same selections, dead latents and
+  L0, the same parameters up to rounding (their sums over latents are
+  added in another order: 1e-6 relative here)."""
+  c = STEP_RULES[rule]
+  transcoder = c.sae.transcoder
+  rows = (lambda seed: pairs(seed)) if transcoder else test_train.batch
+  state = (test_train.fresh_state(c, pairs(100)) if transcoder else test_train.fresh_state(c))
+  want = train.replicate(state, 4)
+  got = {m: train.replicate(state, 4, latent_shards=m) for m in (2, 4)}
+  for step in range(4):
+    x = rows(20 + step)
+    want, w = train.p_train_step(want, train.shard_batch(x, 4))
+    for m in got:
+      got[m], g = latent_step.p_train_step(got[m], train.shard_batch(x, 4 // m))
+      for name in ("l0", "dead_fraction", "most_silent_steps", "skipped_steps"):
+        assert float(g[name]) == float(w[name]), (m, step, name)
+      for name in ("loss", "fvu", "auxk_loss", "grad_norm", "threshold"):
+        np.testing.assert_allclose(float(g[name]), float(w[name]), rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+  assert float(w["auxk_loss"]) > 0
+  want = train.unreplicate(want)
+  for m, state in got.items():
+    # Each shard is on its devices, and the replicated leaves agree everywhere.
+    assert state.params["W_enc"].sharding.spec == P(None, mesh_lib.LATENT)
+    for leaf in jax.tree.leaves(state):
+      if leaf.is_fully_replicated:
+        copies = [np.asarray(s.data) for s in leaf.addressable_shards]
+        assert all(np.array_equal(x, copies[0]) for x in copies)
+    state = train.unreplicate(state)
+    np.testing.assert_array_equal(state.steps_since_fired_F, want.steps_since_fired_F)
+    if want.pool_P is not None:
+      np.testing.assert_array_equal(state.pool_P, want.pool_P)
+    for a, b in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(want.opt_state)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8)
+    for name in want.params:
+      np.testing.assert_allclose(state.params[name], want.params[name], rtol=1e-5, atol=1e-6,
+                                 err_msg=f"M={m} {name}")
+
+
+def test_a_latent_sharded_state_refuses_the_replicated_step():
+  c = test_train.RULES["topk"]
+  state = train.replicate(test_train.fresh_state(c), 4, latent_shards=2)
+  with pytest.raises(ValueError, match="latent_step.p_train_step"):
+    train.p_train_step(state, train.shard_batch(test_train.batch(0), 2))
+  host = train.unreplicate(state)  # put back together whole
+  assert host.params["W_enc"].shape == (c.sae.d_model, c.sae.n_latents)
+
+
+# --- Memory and flags ----------------------------------------------------------
+
+def test_memory_a_device_needs_falls_with_the_latent_shards(monkeypatch):
+  wide = TrainConfig(SAEConfig(2304, 2**20, k=64), batch_size=4096, steps=10)
+  need = {m: memory.memory_per_device([wide], 8, latent_shards=m) for m in (1, 2, 4, 8)}
+  for m in (2, 4, 8):
+    assert need[m]["state"] == pytest.approx(need[1]["state"] / m, rel=1e-3)
+    assert need[m]["activations"] == need[1]["activations"]  # more tokens, fewer latents
+  limit = need[1]["state"] + need[1]["activations"] - 1
+  monkeypatch.setattr(memory, "device_memory", lambda: limit)
+  with pytest.raises(ValueError, match="--latent-shards"):
+    memory.check_memory(wide, 8)
+  memory.check_memory(wide, 8, latent_shards=4)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--selection", "jumprelu"], "JumpReLU SAEs are not split"),
+    (["--selection", "batchtopk", "--matryoshka-groups", "0.5", "0.5"], "Matryoshka SAEs"),
+    (["--dict-size", "66", "--latent-shards", "4"], "must divide --dict-size 66"),
+    (["--step", "dense"], "--step dense and --layout auto do not apply"),
+    (["--latent-shards", "3", "--dict-size", "96"], "must divide the 4 devices of each process"),
+    (["--batch-size", "63"], "the 2 data shards"),
+])
+def test_what_latent_shards_cannot_split_is_refused(tmp_path, capsys, flags, says):
+  args = ["--data", "synthetic", "--steps", 20, "--latent-shards", 2, *flags,
+          "--out", tmp_path / "run"]
+  assert cli(*args) == 2
+  err = capsys.readouterr().err
+  assert says in err and "Traceback" not in err, err
+  assert not (tmp_path / "run" / "checkpoints").exists()
