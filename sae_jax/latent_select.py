@@ -13,11 +13,13 @@ device, ties broken by global latent index (SPEC.md, "Mesh invariance"):
 * Sampled-SAE: column scores are local to a latent shard and summed over
   "data" (the leverage score's Gram matrix also over "latent"); the [F]
   scores are gathered and every device draws the same global pool; the
-  budget is BatchTopK's over the pool's entries.
+  pool's [b, P] columns are gathered on every shard (`at_pool`), and the
+  budget among them is found over "data" as on one device.
 
 What crosses devices: per token k offers (TopK, AuxK), a few scalars per
-bisection step (BatchTopK), F scores (Sampled-SAE). The decoder's partial
-sums over latent shards are added in one order (`latent_sum`).
+bisection step (BatchTopK), F scores and the pool's columns (Sampled-SAE).
+The decoder's partial sums over latent shards are added in one order
+(`latent_sum`).
 """
 
 import jax
@@ -149,6 +151,10 @@ def batch_cut(a_BxF, k: int) -> cut_lib.Cut:
   """BatchTopK's exact cut of the global batch: its B·k largest positive
   entries (`cut.batch_topk_cut` on the whole [B, F])."""
   n_rows, n_cols = a_BxF.shape
+  if n_rows * n_cols >= 2**31:
+    raise ValueError(
+        f"a holds {n_rows} x {n_cols} entries per device; at most 2**31 - 1 are supported "
+        f"(int32 counts): split the batch or the latents further")
   rows = n_rows * lax.axis_size(DATA)
   if k >= n_cols * lax.axis_size(LATENT):
     return cut_lib.Cut(jnp.float32(0), jnp.int32(rows), jnp.int32(0))
@@ -186,12 +192,29 @@ def sampled_pool(a_BxF, key, *, k: int, l: float, score: str, sample_pool: bool,
   return pool_lib.candidate_pool(scores_F, size, key=scoring.shared_key(options["key"], DATA))
 
 
-def sampled_mask(a_BxF, k: int, pool_P):
-  """Sampled-SAE's mask: BatchTopK's budget among the entries of the pool
-  [P] (`selection.sampled_select` with `pool`)."""
-  n_cols = a_BxF.shape[1]
+def local_index(pool_P, n_cols: int):
+  """Each global latent of pool_P as a column of this shard's n_cols, or
+  n_cols (one past the last, left out by scatters) where another shard holds it."""
   first = _first_col(n_cols)
   here_P = (pool_P >= first) & (pool_P < first + n_cols)
-  in_pool_F = jnp.zeros(n_cols, bool).at[jnp.where(here_P, pool_P - first, n_cols)].set(
-      True, mode="drop")
-  return batchtopk_mask(jnp.where(in_pool_F[None, :], a_BxF, 0), k) & in_pool_F[None, :]
+  return jnp.where(here_P, pool_P - first, n_cols)
+
+
+def sampled_mask(a_BxF, k: int, pool_P):
+  """Sampled-SAE's mask on this device's block: the pool's [b, P] columns
+  gathered on every shard, then BatchTopK's budget among them over "data"
+  as on one device (`selection.sampled_select` with `pool`)."""
+  n_rows, n_cols = a_BxF.shape
+  a_BxP = at_pool(a_BxF, pool_P, axis=1)
+  cut = cut_lib.batch_topk_cut(a_BxP, k, DATA)
+  keep_BxP = cut_lib.selected(a_BxP, cut, cut_lib.row_offset(n_rows, DATA))
+  return jnp.zeros((n_rows, n_cols), bool).at[:, local_index(pool_P, n_cols)].set(
+      keep_BxP, mode="drop")
+
+
+def at_pool(x, pool_P, axis: int):
+  """x's entries at the global latents pool_P along its latent `axis`
+  (W_enc's columns, W_dec's rows), the same on every shard: each from the
+  shard that holds it, summed with the others' zeros (exact)."""
+  index_P = local_index(pool_P, x.shape[axis])
+  return lax.psum(jnp.take(x, index_P, axis=axis, mode="fill", fill_value=0), LATENT)

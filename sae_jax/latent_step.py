@@ -3,18 +3,25 @@ well as the batch over "data" (`--latent-shards M`; `mesh.py`).
 
 Each device holds its F / M latents' columns of W_enc, rows of W_dec, b_enc,
 their Adam moments and dead-latent counters, and sees its data shard's
-tokens. It encodes them against its own latents; the selection is global
-over both axes (`latent_select.py`); the decoder's partial sums are added
-over the latent shards in one order; and autodiff through that gives each
-device its latents' gradients, with b_dec's encoder term summed over the
-shards in one order too. The gradients are then averaged over "data" as in
-`train.train_step`, whose recipe this follows: the same loss, AuxK,
-threshold, dead-latent counters, skipped steps and metrics.
+tokens. It encodes them against its own latents, and the selection is
+global over both axes (`latent_select.py`). Then:
 
-The codes are dense within a shard ([b, F / M], as the fast step's "codes"
-layout), so a step costs five [b, D] x [D, F / M] matmuls a device. It
-trains TopK, BatchTopK and Sampled-SAE (every score, kept pools too), SAEs
-and transcoders; Matryoshka and JumpReLU are refused
+* TopK and BatchTopK keep dense codes within a shard ([b, F / M], as the
+  fast step's "codes" layout: five [b, D] x [D, F / M] matmuls a device);
+  the decoder's partial sums are added over the latent shards in one order,
+  and autodiff through that gives each device its latents' gradients, with
+  b_dec's encoder term summed over the shards in one order too.
+* Sampled-SAE gathers its pool's P columns of the activations and of W_enc
+  and P rows of W_dec on every shard, and decodes and differentiates those,
+  as the fast step does (`gradients._sampled`); each shard keeps the pooled
+  gradients of its own latents.
+
+AuxK, while latents are dead, adds dense gradients written out
+(`_auxk_grads`). The gradients are then averaged over "data" as in
+`train.train_step`, whose recipe this follows: the same loss, AuxK,
+threshold, dead-latent counters, skipped steps and metrics. It trains TopK,
+BatchTopK and Sampled-SAE (every score, kept pools too), SAEs and
+transcoders; Matryoshka and JumpReLU are refused
 (`runconfig.check_latent_shards`).
 """
 
@@ -25,10 +32,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from sae_jax import collectives
+from sae_jax import cut as cut_lib
 from sae_jax import gradients
 from sae_jax import latent_select
 from sae_jax import losses
 from sae_jax import mesh as mesh_lib
+from sae_jax import model
 from sae_jax import optimizer
 from sae_jax import scoring
 from sae_jax import train
@@ -55,9 +64,9 @@ def _auxk(a_BxF, dead_F, residual_BxD, W_dec_FxD, k_aux: int):
   return losses.auxk_scale(residual_BxD, DATA) * error
 
 
-def _gradients(params, x_BxD, y_BxD, silent_F, key, kept, c: TrainConfig):
-  """(this device's gradients, `gradients.Outputs`) of the loss on its
-  tokens, for its latents (b_dec's whole)."""
+def _gradients(params, x_BxD, y_BxD, silent_F, c: TrainConfig):
+  """TopK's and BatchTopK's (this device's gradients, `gradients.Outputs`)
+  of the loss on its tokens, for its latents (b_dec's whole), by autodiff."""
   sae = c.sae
   dtype = jnp.dtype(sae.compute_dtype)
 
@@ -68,15 +77,8 @@ def _gradients(params, x_BxD, y_BxD, silent_F, key, kept, c: TrainConfig):
                          preferred_element_type=jnp.float32) + p["b_enc"][None, :]
     a_BxF = jax.nn.relu(pre_BxF)
     seen_BxF = lax.stop_gradient(a_BxF).astype(jnp.float32)
-    pool_P = None
-    if sae.selection == "topk":
-      keep_BxF = latent_select.topk_mask(seen_BxF, sae.k)
-    elif sae.selection == "batchtopk":
-      keep_BxF = latent_select.batchtopk_mask(seen_BxF, sae.k)
-    else:
-      new = lambda: latent_select.sampled_pool(seen_BxF, key, **sae.pool_rule)
-      pool_P = new() if kept is None else lax.cond(kept[1], new, lambda: kept[0])
-      keep_BxF = latent_select.sampled_mask(seen_BxF, sae.k, pool_P)
+    select = latent_select.topk_mask if sae.selection == "topk" else latent_select.batchtopk_mask
+    keep_BxF = select(seen_BxF, sae.k)
     z_BxF = jnp.where(keep_BxF, a_BxF, 0)
     xhat_BxD = latent_select.latent_sum(z_BxF @ p["W_dec"]) + p["b_dec"][None, :]
     mse = losses.mse(y_BxD, xhat_BxD)
@@ -86,15 +88,95 @@ def _gradients(params, x_BxD, y_BxD, silent_F, key, kept, c: TrainConfig):
     token_min_B = lax.pmin(jnp.min(jnp.where(keep_BxF, seen_BxF, jnp.inf), axis=1), LATENT)
     n_active = lax.psum(jnp.sum(keep_BxF, dtype=jnp.int32), LATENT)
     return mse + c.auxk_weight * auxk, gradients.Outputs(
-        mse, auxk, xhat_BxD, n_active, fired_F, token_min_B, dead_F, pool_P)
+        mse, auxk, xhat_BxD, n_active, fired_F, token_min_B, dead_F)
 
   (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(gradients.varying(params, DATA))
   return grads, out
 
 
-def step(state: train.TrainState, x_BxD: jax.Array) -> tuple:
+def _auxk_grads(params, centred_BxD, pre_BxF, dead_F, residual_BxD, k_aux: int, centre: bool):
+  """AuxK's gradients (dense, this device's latents; b_dec's whole) and this
+  device's share of its value (`losses.auxk_loss`), written out."""
+  residual_BxD = lax.stop_gradient(residual_BxD)
+  a_dead_BxF = jnp.where(dead_F[None, :], jax.nn.relu(pre_BxF), 0)
+  keep_BxF = latent_select.topk_mask(a_dead_BxF, k_aux)
+  z_BxF = jnp.where(keep_BxF, a_dead_BxF, 0)
+  error_BxD = residual_BxD - latent_select.latent_sum(z_BxF @ params["W_dec"])
+  scale = losses.auxk_scale(residual_BxD, DATA)
+  dehat_BxD = -2 * scale * error_BxD
+  dpre_BxF = jnp.where(keep_BxF, dehat_BxD @ params["W_dec"].T, 0)
+  db_enc_F = jnp.sum(dpre_BxF, axis=0)
+  b_dec_D = (-collectives.ordered_psum(params["W_enc"] @ db_enc_F, LATENT) if centre
+             else jnp.zeros_like(params["b_dec"]))
+  grads = {"W_enc": centred_BxD.T @ dpre_BxF, "b_enc": db_enc_F, "W_dec": z_BxF.T @ dehat_BxD,
+           "b_dec": b_dec_D}
+  return grads, scale * jnp.sum(jnp.square(error_BxD))
+
+
+def _pooled(params, x_BxD, y_BxD, silent_F, key, kept, c: TrainConfig):
+  """Sampled-SAE's gradients at its pool only, as the fast step takes them
+  (`gradients._sampled`): the pool's P columns of the activations, W_enc and
+  W_dec gathered on every shard, then decoder, loss and backward on those.
+
+  Returns:
+    (the pooled gradients, zero at the pool's latents other shards hold;
+    the pool as this shard's columns (`latent_select.local_index`);
+    `gradients.Outputs`; AuxK, a function () -> its dense gradients and value).
+  """
+  sae = c.sae
+  params = gradients.varying(params, DATA)
+  centred_BxD, product_BxF = model.encoder_product(params, x_BxD, sae.compute_dtype,
+                                                   sae.centred)
+  pre_BxF = product_BxF + params["b_enc"][None, :]
+  a_BxF = jax.nn.relu(pre_BxF)
+  centred_BxD = centred_BxD.astype(jnp.float32)
+  new = lambda: latent_select.sampled_pool(a_BxF, key, **sae.pool_rule)
+  pool_P = new() if kept is None else lax.cond(kept[1], new, lambda: kept[0])
+  # The pool's columns on every shard, then the budget among them as on
+  # one device (`selection.sampled_select_pooled`).
+  a_BxP = latent_select.at_pool(a_BxF, pool_P, axis=1)
+  cut = cut_lib.batch_topk_cut(a_BxP, sae.k, DATA)
+  keep_BxP = cut_lib.selected(a_BxP, cut, cut_lib.row_offset(x_BxD.shape[0], DATA))
+  z_BxP = jnp.where(keep_BxP, a_BxP, 0)
+  xhat_BxD, mse, grads = gradients._through_codes(
+      y_BxD, centred_BxD, z_BxP, latent_select.at_pool(params["W_enc"], pool_P, axis=1),
+      latent_select.at_pool(params["W_dec"], pool_P, axis=0), params["b_dec"], None, pool_P,
+      sae.centred)
+
+  n_latents = a_BxF.shape[1]
+  local_P = latent_select.local_index(pool_P, n_latents)
+  mine_P = local_P < n_latents
+  grads = {"W_enc": jnp.where(mine_P[None, :], grads["W_enc"], 0),
+           "b_enc": jnp.where(mine_P, grads["b_enc"], 0),
+           "W_dec": jnp.where(mine_P[:, None], grads["W_dec"], 0), "b_dec": grads["b_dec"]}
+  fired_P = lax.psum(jnp.any(keep_BxP, axis=0).astype(jnp.int32), DATA) > 0
+  fired_F = jnp.zeros(n_latents, bool).at[local_P].set(fired_P, mode="drop")
+  dead_F = losses.dead_latents(silent_F, fired_F, c.dead_steps)
+  out = gradients.Outputs(
+      mse, jnp.sum(y_BxD[:0]), xhat_BxD, jnp.sum(keep_BxP, dtype=jnp.int32), fired_F,
+      jnp.min(jnp.where(keep_BxP, a_BxP, jnp.inf), axis=1), dead_F, pool_P)
+  auxk = lambda: _auxk_grads(params, centred_BxD, pre_BxF, dead_F, y_BxD - xhat_BxD,
+                             c.auxk_k, sae.centred)
+  return grads, local_P, out, auxk
+
+
+FORMS = ("general", "all_alive")
+"""The compiled forms of the step (see `step`)."""
+
+
+def step(state: train.TrainState, x_BxD: jax.Array, form: str = "general") -> tuple:
   """`train.train_step` on a ("data", "latent") mesh: this device's tokens
-  x_BxD (raw activations) and latents; the same recipe and metrics."""
+  x_BxD (raw activations) and latents; the same recipe and metrics.
+
+  `form` (static), for Sampled-SAE: "general" makes the pool's gradients
+  dense and adds AuxK's (skipped while no latent is dead); "all_alive", a
+  promise that no latent can be dead on this step, updates the pool's
+  latents alone, without AuxK (`loop.train_loop` picks it from the state's
+  `dead_at_most`). The same numbers up to rounding. TopK and BatchTopK have
+  one form.
+  """
+  if form not in FORMS:
+    raise ValueError(f"form must be one of {FORMS}; got {form!r}")
   c = state.config
   x_BxD, y_BxD = train.scaled(state, x_BxD)
   silent_F = state.steps_since_fired_F
@@ -102,15 +184,38 @@ def step(state: train.TrainState, x_BxD: jax.Array) -> tuple:
   lr = train._learning_rate(c, state.step)
   kept = (state.pool_P, state.step % c.sae.pool_every == 0) if c.sae.keeps_pool else None
 
-  grads, out = _gradients(state.params, x_BxD, y_BxD, silent_F, key, kept, c)
-  grads, mse, auxk_loss = collectives.ordered_pmean((grads, out.mse, out.auxk), DATA)
-  finite = jnp.isfinite(mse + c.auxk_weight * auxk_loss)
-  for g in jax.tree.leaves(grads):
-    finite &= jnp.all(jnp.isfinite(g))
-  finite = lax.psum((~finite).astype(jnp.int32), LATENT) == 0  # the same on every shard
-  params, opt_state = optimizer.update(
-      state.params, grads, state.opt_state, lr, b1=c.b1, b2=c.b2, clip_norm=c.clip_norm,
-      apply=finite, latent_axis=LATENT)
+  def apply(grads, auxk_loss, local_P):
+    """The mean over "data" (in one order), then the optimiser (at the pool's
+    latents only with `local_P`); a non-finite step on any shard changes
+    nothing on every shard."""
+    grads, auxk_loss = collectives.ordered_pmean((grads, auxk_loss), DATA)
+    finite = jnp.isfinite(mse + c.auxk_weight * auxk_loss)
+    for g in jax.tree.leaves(grads):
+      finite &= jnp.all(jnp.isfinite(g))
+    finite = lax.psum((~finite).astype(jnp.int32), LATENT) == 0
+    params, opt_state = optimizer.update(
+        state.params, grads, state.opt_state, lr, b1=c.b1, b2=c.b2, clip_norm=c.clip_norm,
+        pool_P=local_P, apply=finite, latent_axis=LATENT)
+    return params, opt_state, auxk_loss, optimizer.global_norm(grads, LATENT), finite
+
+  if c.sae.selection == "sampled":
+    pooled, local_P, out, auxk = _pooled(state.params, x_BxD, y_BxD, silent_F, key, kept, c)
+    mse = collectives.ordered_pmean(out.mse, DATA)
+
+    if form == "all_alive":
+      params, opt_state, auxk_loss, grad_norm, finite = apply(pooled, out.auxk, local_P)
+    else:  # dense gradients, AuxK's added while some latent is dead
+      any_dead = lax.psum(jnp.any(out.dead_F).astype(jnp.int32), LATENT) > 0
+      zeros = jax.tree.map(jnp.zeros_like, gradients.varying(state.params, DATA))
+      none = lambda: (zeros, out.auxk)
+      grads, value = lax.cond(any_dead, auxk, none)
+      dense = optimizer.dense_grads(pooled, local_P, state.params)
+      params, opt_state, auxk_loss, grad_norm, finite = apply(
+          jax.tree.map(lambda g, a: g + c.auxk_weight * a, dense, grads), value, None)
+  else:
+    grads, out = _gradients(state.params, x_BxD, y_BxD, silent_F, c)
+    mse = collectives.ordered_pmean(out.mse, DATA)
+    params, opt_state, auxk_loss, grad_norm, finite = apply(grads, out.auxk, None)
 
   since_F = jnp.where(out.fired_F, 0, jnp.minimum(silent_F + 1, c.dead_steps))
   batch_theta = train._batch_threshold(out.token_min_B, c.sae.selection)
@@ -142,7 +247,7 @@ def step(state: train.TrainState, x_BxD: jax.Array) -> tuple:
       "auxk_loss": auxk_loss,
       "threshold": state.threshold,
       "lr": lr,
-      "grad_norm": optimizer.global_norm(grads, LATENT),
+      "grad_norm": grad_norm,
       "skipped_steps": state.skipped_steps,
       "bad_streak": state.bad_streak,
   }
@@ -150,22 +255,23 @@ def step(state: train.TrainState, x_BxD: jax.Array) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def _mapped(mesh: jax.sharding.Mesh, treedef, leaf_specs: tuple):
+def _mapped(mesh: jax.sharding.Mesh, treedef, leaf_specs: tuple, form: str):
   """`step` over `mesh`: the state laid out by `mesh.specs`, the batch split on "data"."""
   state_specs = jax.tree.unflatten(treedef, leaf_specs)
 
   def local(state, x_1xbxD):
-    return step(state, x_1xbxD[0])
+    return step(state, x_1xbxD[0], form)
 
   return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(state_specs, P(DATA)),
                                out_specs=(state_specs, P())), donate_argnums=0)
 
 
-def p_train_step(state: train.TrainState, batch) -> tuple:
-  """`step` on every device of the state's ("data", "latent") mesh
+def p_train_step(state: train.TrainState, batch, form: str = "general") -> tuple:
+  """`step`'s `form` on every device of the state's ("data", "latent") mesh
   (`train.replicate` with latent_shards > 1); `batch` is this process's
   [local data shards, b, D]. The state is donated."""
   mesh = state.step.sharding.mesh
   specs = mesh_lib.specs(state, mesh)
   leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda s: isinstance(s, P))
-  return _mapped(mesh, treedef, tuple(leaves))(state, mesh_lib.global_batch(batch, mesh))
+  form = form if state.config.sae.selection == "sampled" else "general"  # (one compile)
+  return _mapped(mesh, treedef, tuple(leaves), form)(state, mesh_lib.global_batch(batch, mesh))

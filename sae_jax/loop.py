@@ -16,13 +16,14 @@ from sae_jax import train
 from sae_jax.config import TrainConfig
 
 
-def _step_for(config: TrainConfig, dead_at_most: int, latent_shards: int = 1):
+def _step_for(config: TrainConfig, dead_at_most: int, latent_axis: bool = False):
   """The cheapest step whose promise holds while at most `dead_at_most`
   latents can be dead (see `train_step`). JumpReLU has no AuxK: its one
-  step, whatever the count (compiled once); nor has a state whose latents
-  are split over a mesh axis (`latent_step.py`)."""
-  if latent_shards > 1:
-    return latent_step.p_train_step
+  step, whatever the count (compiled once). A state whose latents are split
+  over a mesh axis takes `latent_step.p_train_step`'s forms."""
+  if latent_axis:
+    return functools.partial(latent_step.p_train_step,
+                             form="all_alive" if dead_at_most == 0 else "general")
   if dead_at_most == 0 or config.sae.selection == "jumprelu":
     return train.p_train_step_all_alive
   if config.sae.selection != "sampled":
@@ -145,6 +146,7 @@ def train_many(states: typing.Sequence[train.TrainState], batches: typing.Iterab
           f"the step they are at and the mesh: {name} has {shared(s)} at step {step}, "
           f"{names[0]} {shared(states[0])} at step {steps[0]}")
   latent_shards, n_data = mesh_lib.latent_shards(mesh), mesh_lib.data_shards(mesh)
+  latent_axis = mesh_lib.LATENT in mesh.axis_names
   want = (len(mesh.local_devices) // latent_shards, c.batch_size // n_data, c.sae.row_width)
   if c.batch_size % n_data:
     raise ValueError(
@@ -203,7 +205,7 @@ def train_many(states: typing.Sequence[train.TrainState], batches: typing.Iterab
       batch = train.global_batch(batch, mesh)  # once, for every state
       metrics = []
       for i, state in enumerate(states):
-        states[i], m = _step_for(state.config, bounds[i], latent_shards)(state, batch)
+        states[i], m = _step_for(state.config, bounds[i], latent_axis)(state, batch)
         metrics.append(m)
         bounds[i] = second[i]
       step += 1

@@ -78,8 +78,9 @@ def check_memory(c: TrainConfig, n_devices: int, latent_shards: int = 1) -> None
         f"parameters, Adam moments and gradients, {_gib(need['activations'])} of encoder "
         f"activations for {tokens} tokens){split}; each of the {jax.local_device_count()} "
         f"{jax.local_devices()[0].platform} devices has {_gib(have)}"
-        + ("" if latent_shards > 1 else ": split its latents over devices with --latent-shards"
-           if jax.local_device_count() > 1 else ""))
+        + ("" if latent_shards == jax.local_device_count() else
+           f": split its latents over {'more ' if latent_shards > 1 else ''}devices with "
+           f"--latent-shards"))
 
 
 def check_evaluation(configs: typing.Sequence[RunConfig], rows: typing.Sequence[int]) -> None:

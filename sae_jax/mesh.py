@@ -43,6 +43,11 @@ def make_mesh(n_devices: typing.Optional[int] = None, latent_shards: int = 1
     return jax.sharding.Mesh(np.array(devices), (DATA,))
   check_latent_shards(latent_shards, len(devices) // jax.process_count())
   grid = np.array(devices).reshape(-1, latent_shards)
+  for row in grid:
+    if len({device.process_index for device in row}) > 1:
+      raise ValueError(f"--latent-shards {latent_shards}: the devices {list(row)} of one "
+                       f"latent group belong to several processes; each group must be one "
+                       f"process's")
   return jax.sharding.Mesh(grid, (DATA, LATENT))
 
 

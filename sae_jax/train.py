@@ -342,7 +342,7 @@ def _mapped_step(mesh: jax.sharding.Mesh, form: str, capacity: typing.Optional[i
 def _mesh(state: TrainState) -> jax.sharding.Mesh:
   mesh = state.step.sharding.mesh
   if mesh_lib.LATENT in mesh.axis_names:
-    raise ValueError("this state's latents are split over a mesh axis: step it with "
+    raise ValueError("this state lies on a mesh with a latent axis: step it with "
                      "latent_step.p_train_step (loop.train_loop picks it)")
   return mesh
 

@@ -114,10 +114,16 @@ def test_a_tie_cut_inside_a_row_split_over_shards():
 
 # --- The step ------------------------------------------------------------------
 
+def transcoder(selection):
+  c = test_train.config(selection)
+  return dataclasses.replace(c, sae=dataclasses.replace(c.sae, transcoder=True))
+
+
 STEP_RULES = test_train.RULES | test_train.LEVERAGE | {
-    "transcoder": dataclasses.replace(
-        test_train.config("batchtopk"),
-        sae=dataclasses.replace(test_train.config("batchtopk").sae, transcoder=True))}
+    "batchtopk_transcoder": transcoder("batchtopk"),
+    "sampled_transcoder": transcoder("sampled"),
+    # No latent dead on any step: the pooled step without AuxK's dense gradients.
+    "sampled_alive": dataclasses.replace(test_train.config("sampled"), dead_tokens=10**6)}
 
 
 def pairs(seed):
@@ -131,26 +137,30 @@ def test_steps_over_latent_shards_equal_the_replicated_step(rule):
   """Four steps with dead latents (AuxK runs) at M = 2 and 4 against
   the replicated step on 4 devices: the same selections, dead latents and
   L0, the same parameters up to rounding (their sums over latents are
-  added in another order: 1e-6 relative here)."""
+  added in another order: 1e-6 relative here). With none dead, Sampled-SAE's
+  two forms (pooled updates, or dense gradients without AuxK) both."""
   c = STEP_RULES[rule]
-  transcoder = c.sae.transcoder
-  rows = (lambda seed: pairs(seed)) if transcoder else test_train.batch
-  state = (test_train.fresh_state(c, pairs(100)) if transcoder else test_train.fresh_state(c))
+  rows = pairs if c.sae.transcoder else test_train.batch
+  sample = pairs(100) if c.sae.transcoder else test_train.batch(100, 4 * test_train.B)
+  state = (train.create_train_state(c, sample) if rule.endswith("_alive") else
+           test_train.fresh_state(c, sample))
   want = train.replicate(state, 4)
-  got = {m: train.replicate(state, 4, latent_shards=m) for m in (2, 4)}
+  forms = ("general", "all_alive") if rule.endswith("_alive") else ("general",)
+  got = {(m, form): train.replicate(state, 4, latent_shards=m) for m in (2, 4) for form in forms}
   for step in range(4):
     x = rows(20 + step)
     want, w = train.p_train_step(want, train.shard_batch(x, 4))
-    for m in got:
-      got[m], g = latent_step.p_train_step(got[m], train.shard_batch(x, 4 // m))
+    for (m, form) in got:
+      got[m, form], g = latent_step.p_train_step(got[m, form], train.shard_batch(x, 4 // m),
+                                                 form)
       for name in ("l0", "dead_fraction", "most_silent_steps", "skipped_steps"):
         assert float(g[name]) == float(w[name]), (m, step, name)
       for name in ("loss", "fvu", "auxk_loss", "grad_norm", "threshold"):
         np.testing.assert_allclose(float(g[name]), float(w[name]), rtol=1e-5, atol=1e-7,
                                    err_msg=name)
-  assert float(w["auxk_loss"]) > 0
+  assert (float(w["auxk_loss"]) > 0) == (not rule.endswith("_alive"))
   want = train.unreplicate(want)
-  for m, state in got.items():
+  for (m, form), state in got.items():
     # Each shard is on its devices, and the replicated leaves agree everywhere.
     assert state.params["W_enc"].sharding.spec == P(None, mesh_lib.LATENT)
     for leaf in jax.tree.leaves(state):
@@ -165,7 +175,7 @@ def test_steps_over_latent_shards_equal_the_replicated_step(rule):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8)
     for name in want.params:
       np.testing.assert_allclose(state.params[name], want.params[name], rtol=1e-5, atol=1e-6,
-                                 err_msg=f"M={m} {name}")
+                                 err_msg=f"M={m} {form} {name}")
 
 
 def test_a_latent_sharded_state_refuses_the_replicated_step():

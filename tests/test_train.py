@@ -506,8 +506,8 @@ def recorded_forms(monkeypatch):
   each form's promise on the state it is given."""
   picked = []
 
-  def step_for(config, dead_at_most, latent_shards=1):
-    fn = pick(config, dead_at_most, latent_shards)
+  def step_for(config, dead_at_most, latent_axis=False):
+    fn = pick(config, dead_at_most, latent_axis)
     name = form_name(fn)
     limits = {"all_alive": 0, "general": F}
     limit = limits[name] if name in limits else fn.keywords["capacity"]
