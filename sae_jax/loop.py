@@ -145,9 +145,9 @@ def train_many(states: typing.Sequence[train.TrainState], batches: typing.Iterab
           f"train_many's states must share the batch (batch_size, row width), the total steps, "
           f"the step they are at and the mesh: {name} has {shared(s)} at step {step}, "
           f"{names[0]} {shared(states[0])} at step {steps[0]}")
-  latent_shards, n_data = mesh_lib.latent_shards(mesh), mesh_lib.data_shards(mesh)
+  n_data = mesh_lib.data_shards(mesh)
   latent_axis = mesh_lib.LATENT in mesh.axis_names
-  want = (len(mesh.local_devices) // latent_shards, c.batch_size // n_data, c.sae.row_width)
+  want = (mesh_lib.local_data_shards(mesh), c.batch_size // n_data, c.sae.row_width)
   if c.batch_size % n_data:
     raise ValueError(
         f"batch_size {c.batch_size} must be divisible by the {n_data} data shards")

@@ -55,9 +55,9 @@ def _gib(n: int) -> str:
 
 
 def check_devices(c: TrainConfig, latent_shards: int = 1) -> None:
-  """The latent groups must be whole devices of one process, and the batch
-  must split evenly over the data shards of every process."""
-  mesh.check_latent_shards(latent_shards, jax.local_device_count())
+  """A latent group must be some of one process's devices or whole
+  processes, and the batch must split evenly over the data shards."""
+  mesh.check_latent_shards(latent_shards, jax.local_device_count(), jax.device_count())
   n = jax.local_device_count() * jax.process_count() // latent_shards
   if c.batch_size % n:
     shards = "devices" if latent_shards == 1 else "data shards (devices / --latent-shards)"

@@ -4,15 +4,18 @@ The mesh has axis "data", over which the batch is split, and with
 `--latent-shards M` > 1 a second axis "latent" of M devices, over which
 every F-sized array is split: W_enc's columns, b_enc, W_dec's rows, their
 Adam moments and the dead-latent counters (`latent_spec`). Everything else
-is replicated. The M devices of a latent group belong to one process, so
-each process holds whole SAEs and reads them back without a collective
-(`host`). The step over such a mesh is `latent_step.py`.
+is replicated. A row of M devices (a latent group) is some of one
+process's devices, or all the devices of M / (local devices) processes,
+which then feed it the same tokens (`process_data`). A process whose
+groups lie within it reads the SAE back by itself; otherwise the processes
+gather it together (`host`). The step over such a mesh is `latent_step.py`.
 """
 
 import typing
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 DATA = "data"
 LATENT = "latent"
@@ -30,7 +33,8 @@ def make_mesh(n_devices: typing.Optional[int] = None, latent_shards: int = 1
               ) -> jax.sharding.Mesh:
   """All devices, or the first `n_devices` local ones: a 1-D mesh over
   "data", or with `latent_shards` M > 1 a ("data", "latent") mesh of
-  devices / M rows, each row M consecutive devices of one process."""
+  devices / M rows, each row M consecutive devices: of one process, or all
+  the devices of M / (local devices) processes."""
   if n_devices is None:
     devices = jax.devices()
   else:
@@ -41,21 +45,37 @@ def make_mesh(n_devices: typing.Optional[int] = None, latent_shards: int = 1
     devices = local[:n_devices]
   if latent_shards == 1:
     return jax.sharding.Mesh(np.array(devices), (DATA,))
-  check_latent_shards(latent_shards, len(devices) // jax.process_count())
+  check_latent_shards(latent_shards, len(devices) // jax.process_count(), len(devices))
   grid = np.array(devices).reshape(-1, latent_shards)
   for row in grid:
-    if len({device.process_index for device in row}) > 1:
+    processes = {device.process_index for device in row}
+    whole = all(device.process_index not in processes or device in row for device in devices)
+    if len(processes) > 1 and not whole:
       raise ValueError(f"--latent-shards {latent_shards}: the devices {list(row)} of one "
-                       f"latent group belong to several processes; each group must be one "
-                       f"process's")
+                       f"latent group hold only part of each of processes {sorted(processes)}; "
+                       f"a group must lie within one process or be whole processes")
   return jax.sharding.Mesh(grid, (DATA, LATENT))
 
 
-def check_latent_shards(latent_shards: int, local_devices: int) -> None:
-  """A latent group must be whole devices of one process."""
-  if not isinstance(latent_shards, int) or latent_shards < 1 or local_devices % latent_shards:
+def check_latent_shards(latent_shards: int, local_devices: int, devices: int) -> None:
+  """A latent group must be some of one process's devices or whole processes."""
+  if (not isinstance(latent_shards, int) or latent_shards < 1 or devices % latent_shards
+      or (local_devices % latent_shards and latent_shards % local_devices)):
     raise ValueError(f"--latent-shards must divide the {local_devices} devices of each "
-                     f"process; got {latent_shards}")
+                     f"process, or be a multiple of them that divides all {devices} devices; "
+                     f"got {latent_shards}")
+
+
+def process_data(latent_shards: int) -> tuple:
+  """(this process's data shards, the share of each batch it reads, the
+  shares): its own share with its local devices / M data shards, or, when
+  a latent group spans M / (local devices) processes, one data shard whose
+  tokens every process of the group reads alike."""
+  local, p, n = jax.local_device_count(), jax.process_index(), jax.process_count()
+  if latent_shards <= local:
+    return local // latent_shards, p, n
+  spanned = latent_shards // local
+  return 1, p // spanned, n // spanned
 
 
 def latent_shards(mesh: jax.sharding.Mesh) -> int:
@@ -66,6 +86,11 @@ def latent_shards(mesh: jax.sharding.Mesh) -> int:
 def data_shards(mesh: jax.sharding.Mesh) -> int:
   """The devices the batch is split over."""
   return dict(mesh.shape)[DATA]
+
+
+def local_data_shards(mesh: jax.sharding.Mesh) -> int:
+  """The data shards this process feeds (`process_data`)."""
+  return max(1, len(mesh.local_devices) // latent_shards(mesh))
 
 
 def latent_spec(path, leaf) -> P:
@@ -103,7 +128,9 @@ def place(tree, mesh: jax.sharding.Mesh):
 
 def host(x) -> np.ndarray:
   """An array's value, read from this process's devices: the first copy of a
-  replicated array, or a latent-sharded one put together from its parts."""
+  replicated array, or a latent-sharded one put together from its parts;
+  gathered from every process (all must call this together) when its
+  latent groups span processes."""
   if x.is_fully_replicated:
     return np.asarray(x.addressable_data(0))
   whole, seen, covered = np.empty(x.shape, x.dtype), set(), 0
@@ -113,9 +140,8 @@ def host(x) -> np.ndarray:
       seen.add(key)
       whole[shard.index] = np.asarray(shard.data)
       covered += shard.data.size
-  if covered != x.size:
-    raise ValueError(f"an array of shape {x.shape} is not whole on process "
-                     f"{jax.process_index()}: its latent groups must lie on one process")
+  if covered != x.size:  # latent groups across processes: gathered together
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return whole
 
 

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from sae_jax import checkpoint
 from sae_jax import finish
 from sae_jax import memory
+from sae_jax import mesh
 from sae_jax import outdir
 from sae_jax import runconfig
 from sae_jax import sinks
@@ -229,7 +230,7 @@ def _train(configs: list, homes: list, out: pathlib.PurePath, *, progress: bool,
   stopped the pass before the last step (a checkpoint saved)."""
   c, first = configs[0].train, configs[0]
   shards = first.latent_shards
-  n_devices = jax.local_device_count() // shards  # this process's data shards
+  n_devices, *share = mesh.process_data(shards)  # this process's data shards
   with contextlib.ExitStack() as stack:
     # --- Metric sinks.
     optional = []
@@ -249,7 +250,7 @@ def _train(configs: list, homes: list, out: pathlib.PurePath, *, progress: bool,
       print(f"{home}: {_described(config)}; every flag in {home / 'config.json'}", flush=True)
 
     # --- Data (Ctrl-C while it is exported: the export resumes).
-    source = sources.open_source(first, n_devices, verify=verify)
+    source = sources.open_source(first, n_devices, verify=verify, share=tuple(share))
     stop = stack.enter_context(Stopper())
 
     # --- State: new, or the latest checkpoint's.

@@ -67,20 +67,25 @@ class DataSource:
   """--data pythia on an encoder: why the spliced loss does not apply."""
 
 
-def open_source(config: RunConfig, n_devices: int, *, verify: bool = False) -> DataSource:
+def open_source(config: RunConfig, n_devices: int, *, verify: bool = False,
+                share: typing.Optional[tuple] = None) -> DataSource:
   """The run's data: made from the config, read from disk (exported first
-  for --data pythia), or made by the model on the devices (--stream)."""
+  for --data pythia), or made by the model on the devices (--stream).
+  Batches come as [n_devices, B / all data shards, D]: share (i, n) of each
+  batch, by default (this process, the processes); processes that feed one
+  latent group read the same share (`mesh.process_data`)."""
+  share = (jax.process_index(), jax.process_count()) if share is None else share
   if config.data == "synthetic":
-    return _synthetic(config, n_devices)
+    return _synthetic(config, n_devices, share)
   if config.stream:
     return _stream(config)
-  return _disk(config, n_devices, verify)
+  return _disk(config, n_devices, verify, share)
 
 
-def _synthetic(config: RunConfig, n_devices: int) -> DataSource:
+def _synthetic(config: RunConfig, n_devices: int, share: tuple) -> DataSource:
   c = config.train
   source = synthetic_lib.SyntheticSource(config.synthetic)
-  p, n_proc = jax.process_index(), jax.process_count()
+  p, n_proc = share
 
   def batches(start, position):
     for step in range(start, 2**31 - 2):
@@ -97,7 +102,7 @@ def _synthetic(config: RunConfig, n_devices: int) -> DataSource:
       true_codes=lambda: source.sample_with_codes(SYNTHETIC_EVAL_STEP, config.eval_tokens)[1])
 
 
-def _disk(config: RunConfig, n_devices: int, verify: bool) -> DataSource:
+def _disk(config: RunConfig, n_devices: int, verify: bool, share: tuple) -> DataSource:
   c = config.train
   path = config.data
   if config.data == "pythia":
@@ -133,7 +138,8 @@ def _disk(config: RunConfig, n_devices: int, verify: bool) -> DataSource:
   encoder = bool(manifest) and manifest.get("attention") == "bidirectional"
   return DataSource(
       batches=lambda start, position: acts.batches(c.batch_size, n_devices, seed=c.seed,
-                                                   start_step=start),
+                                                   start_step=start, process_index=share[0],
+                                                   process_count=share[1]),
       sample=acts.sample(min(INIT_SAMPLE, train_rows), seed=c.seed),
       held_out=acts.eval_batch,
       calibration=lambda n: acts.sample(min(n, train_rows), seed=c.seed + 1),

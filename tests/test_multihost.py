@@ -1,7 +1,8 @@
 """Two processes x 2 CPU devices, started here with --coordinator on
 127.0.0.1 (gloo collectives), against one process with 4 devices: the same
 bits on a .npy, a cache, --stream, synthetic data and with the latents split
-over each process's devices (--latent-shards 2); only process 0 writes
+over each process's devices (--latent-shards 2) or over both processes'
+(--latent-shards 4); only process 0 writes
 the run's files; SIGTERM then a relaunch ends as an uninterrupted run; a
 process killed with -9 stops the other with one line, and the relaunch
 resumes from the last complete checkpoint."""
@@ -54,6 +55,9 @@ def data_args(lm, cache, tmp_path_factory):
       # The latents split over each process's 2 devices, the batch over the processes.
       "latent": ["--data", npy, "--latent-shards", 2, "--score", "leverage",
                  "--dead-tokens", 128],
+      # One latent group of both processes' 4 devices: they read the same tokens.
+      "latent_rows": ["--data", npy, "--latent-shards", 4, "--selection", "batchtopk",
+                      "--dead-tokens", 128],
       "stream": ["--data", "pythia", "--stream", "--model", lm["model"], "--dataset", text,
                  "--hook", "blocks.1.hook_resid_post", "--context-length", 16, "--batch-size", 32,
                  "--stream-contexts", 16, "--eval-tokens", 64, "--downstream-contexts", 4,
@@ -75,7 +79,7 @@ def only_process_0_wrote(results, out, steps: int) -> None:
 
 # Synthetic data on two processes: test_stopped_three_ways_and_relaunched_a_run_ends_exactly.
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["npy", "cache", "stream", "latent"])
+@pytest.mark.parametrize("kind", ["npy", "cache", "stream", "latent", "latent_rows"])
 def test_two_processes_equal_one(data_args, tmp_path, kind):
   args = [*data_args[kind], "--steps", 12, "--log-every", 1, "--ckpt-every", 5]
   one = tmp_path / "one"
