@@ -88,22 +88,39 @@ def _first_row(n_rows: int):
   return lax.axis_index(DATA) * n_rows
 
 
-def topk_mask(a_BxF, k: int):
-  """TopK's mask: each token's k largest positive entries over all F, ties
-  to the lower latent (`selection.topk` on the whole row)."""
-  n_rows, n_cols = a_BxF.shape
-  offered_BxK, cols_BxK = cut_lib.top_k(a_BxF, min(k, n_cols))
+def _kth(offered_BxK, cols_BxK, k: int, n_cols: int):
+  """Each token's k-th value over all F and its global column, from each
+  shard's offers (its min(k, F / M) largest, lower column first among equals)."""
   # In shard order, each shard's equal entries lower column first: among
   # equal offers, the earlier has the lower global column.
   offered_BxMK = lax.all_gather(offered_BxK, LATENT, axis=1, tiled=True, to="invarying")
   cols_BxMK = lax.all_gather(cols_BxK + _first_col(n_cols), LATENT, axis=1, tiled=True,
                              to="invarying")
   values_BxK, at_BxK = lax.top_k(offered_BxMK, k)
-  kth_Bx1 = values_BxK[:, -1:]
-  kth_col_Bx1 = jnp.take_along_axis(cols_BxMK, at_BxK[:, -1:], axis=1)
+  return values_BxK[:, -1:], jnp.take_along_axis(cols_BxMK, at_BxK[:, -1:], axis=1)
+
+
+def topk_mask(a_BxF, k: int):
+  """TopK's mask: each token's k largest positive entries over all F, ties
+  to the lower latent (`selection.topk` on the whole row)."""
+  n_rows, n_cols = a_BxF.shape
+  kth_Bx1, kth_col_Bx1 = _kth(*cut_lib.top_k(a_BxF, min(k, n_cols)), k, n_cols)
   col_1xF = _cols(n_cols)[None, :]
   keep_BxF = (a_BxF > kth_Bx1) | ((a_BxF == kth_Bx1) & (col_1xF <= kth_col_Bx1))
   return keep_BxF & (a_BxF > 0)
+
+
+def topk_entries(a_BxF, k: int) -> tuple:
+  """TopK's selection on this shard as entries: each token's offers (its
+  min(k, F / M) largest here, [b, k'], values and local columns), those
+  `topk_mask` does not keep set to 0. Every kept entry is an offer: a
+  shard's share of a token's top k is a prefix of its own order."""
+  n_rows, n_cols = a_BxF.shape
+  offered_BxK, cols_BxK = cut_lib.top_k(a_BxF, min(k, n_cols))
+  kth_Bx1, kth_col_Bx1 = _kth(offered_BxK, cols_BxK, k, n_cols)
+  keep_BxK = (offered_BxK > kth_Bx1) | ((offered_BxK == kth_Bx1)
+                                        & (cols_BxK + _first_col(n_cols) <= kth_col_Bx1))
+  return jnp.where(keep_BxK & (offered_BxK > 0), offered_BxK, 0), cols_BxK
 
 
 def _saturating_cumsum(counts_B, cap: int):

@@ -6,11 +6,14 @@ their Adam moments and dead-latent counters, and sees its data shard's
 tokens. It encodes them against its own latents, and the selection is
 global over both axes (`latent_select.py`). Then:
 
-* TopK and BatchTopK keep dense codes within a shard ([b, F / M], as the
-  fast step's "codes" layout: five [b, D] x [D, F / M] matmuls a device);
-  the decoder's partial sums are added over the latent shards in one order,
-  and autodiff through that gives each device its latents' gradients, with
-  b_dec's encoder term summed over the shards in one order too.
+* BatchTopK, and TopK in the "codes" layout (`TrainConfig.layout`, chosen
+  by F / M), keep dense codes within a shard ([b, F / M]: five
+  [b, D] x [D, F / M] matmuls a device); the decoder's partial sums are
+  added over the latent shards in one order, and autodiff through that
+  gives each device its latents' gradients, with b_dec's encoder term
+  summed over the shards in one order too.
+* TopK in the "entries" layout decodes and differentiates each shard's
+  selected entries, as the fast step does (`_topk_entries`).
 * Sampled-SAE gathers its pool's P columns of the activations and of W_enc
   and P rows of W_dec on every shard, and decodes and differentiates those,
   as the fast step does (`gradients._sampled`); each shard keeps the pooled
@@ -35,6 +38,7 @@ from sae_jax import collectives
 from sae_jax import cut as cut_lib
 from sae_jax import gradients
 from sae_jax import latent_select
+from sae_jax import layouts
 from sae_jax import losses
 from sae_jax import mesh as mesh_lib
 from sae_jax import model
@@ -113,6 +117,58 @@ def _auxk_grads(params, centred_BxD, pre_BxF, dead_F, residual_BxD, k_aux: int, 
   return grads, scale * jnp.sum(jnp.square(error_BxD))
 
 
+def _encoded(params, x_BxD, sae):
+  """(params varying over "data", the encoder's input in float32, pre, relu(pre)
+  [b, F / M]) on this device's tokens and latents, as the fast step has them."""
+  params = gradients.varying(params, DATA)
+  centred_BxD, product_BxF = model.encoder_product(params, x_BxD, sae.compute_dtype,
+                                                   sae.centred)
+  pre_BxF = product_BxF + params["b_enc"][None, :]
+  return params, centred_BxD.astype(jnp.float32), pre_BxF, jax.nn.relu(pre_BxF)
+
+
+def _topk_entries(params, x_BxD, y_BxD, silent_F, c: TrainConfig):
+  """TopK's gradients by its selected entries, as the fast step's "entries"
+  layout (`gradients._through_entries`): each shard decodes and
+  differentiates its own entries; the partial reconstructions are added
+  over the shards in one order, and so is b_dec's encoder term.
+
+  Returns:
+    (this device's dense gradients, `gradients.Outputs`, AuxK: a function
+    () -> its dense gradients and value).
+  """
+  sae = c.sae
+  params, centred_BxD, pre_BxF, a_BxF = _encoded(params, x_BxD, sae)
+  n_rows, n_cols = a_BxF.shape
+  values_BxK, cols_BxK = latent_select.topk_entries(a_BxF, sae.k)
+  rows_M = jnp.broadcast_to(jnp.arange(n_rows, dtype=jnp.int32)[:, None],
+                            cols_BxK.shape).reshape(-1)
+  cols_M, values_M = cols_BxK.reshape(-1), values_BxK.reshape(-1)
+  W_dec_MxD = params["W_dec"].at[cols_M].get(mode="promise_in_bounds")
+  part_BxD = jax.ops.segment_sum(values_M[:, None] * W_dec_MxD, rows_M, n_rows,
+                                 indices_are_sorted=True)
+  xhat_BxD = latent_select.latent_sum(part_BxD) + params["b_dec"][None, :]
+  mse, dxhat_BxD = gradients._mse_cotangent(y_BxD, xhat_BxD)
+  dxhat_MxD = dxhat_BxD.at[rows_M].get(mode="promise_in_bounds")
+  dpre_M = jnp.where(values_M > 0, jnp.sum(dxhat_MxD * W_dec_MxD, axis=1), 0)
+  grads = layouts.entry_grads(rows_M, cols_M, values_M, dxhat_BxD, dpre_M, centred_BxD, n_cols)
+  total_D = jnp.sum(dxhat_BxD, axis=0)
+  grads["b_dec"] = (total_D - collectives.ordered_psum(params["W_enc"] @ grads["b_enc"], LATENT)
+                    if sae.centred else total_D)
+
+  active_BxK = values_BxK > 0
+  fired_F = jnp.zeros(n_cols, jnp.int32).at[cols_M].add(active_BxK.reshape(-1).astype(jnp.int32))
+  fired_F = lax.psum(fired_F, DATA) > 0
+  dead_F = losses.dead_latents(silent_F, fired_F, c.dead_steps)
+  out = gradients.Outputs(
+      mse, jnp.sum(y_BxD[:0]), xhat_BxD,
+      lax.psum(jnp.sum(active_BxK, dtype=jnp.int32), LATENT), fired_F,
+      lax.pmin(jnp.min(jnp.where(active_BxK, values_BxK, jnp.inf), axis=1), LATENT), dead_F)
+  auxk = lambda: _auxk_grads(params, centred_BxD, pre_BxF, dead_F, y_BxD - xhat_BxD,
+                             c.auxk_k, sae.centred)
+  return grads, out, auxk
+
+
 def _pooled(params, x_BxD, y_BxD, silent_F, key, kept, c: TrainConfig):
   """Sampled-SAE's gradients at its pool only, as the fast step takes them
   (`gradients._sampled`): the pool's P columns of the activations, W_enc and
@@ -124,12 +180,7 @@ def _pooled(params, x_BxD, y_BxD, silent_F, key, kept, c: TrainConfig):
     `gradients.Outputs`; AuxK, a function () -> its dense gradients and value).
   """
   sae = c.sae
-  params = gradients.varying(params, DATA)
-  centred_BxD, product_BxF = model.encoder_product(params, x_BxD, sae.compute_dtype,
-                                                   sae.centred)
-  pre_BxF = product_BxF + params["b_enc"][None, :]
-  a_BxF = jax.nn.relu(pre_BxF)
-  centred_BxD = centred_BxD.astype(jnp.float32)
+  params, centred_BxD, pre_BxF, a_BxF = _encoded(params, x_BxD, sae)
   new = lambda: latent_select.sampled_pool(a_BxF, key, **sae.pool_rule)
   pool_P = new() if kept is None else lax.cond(kept[1], new, lambda: kept[0])
   # The pool's columns on every shard, then the budget among them as on
@@ -198,20 +249,27 @@ def step(state: train.TrainState, x_BxD: jax.Array, form: str = "general") -> tu
         pool_P=local_P, apply=finite, latent_axis=LATENT)
     return params, opt_state, auxk_loss, optimizer.global_norm(grads, LATENT), finite
 
+  def with_auxk(dense, out, auxk):
+    """Dense gradients with AuxK's added while some latent is dead."""
+    any_dead = lax.psum(jnp.any(out.dead_F).astype(jnp.int32), LATENT) > 0
+    zeros = jax.tree.map(jnp.zeros_like, gradients.varying(state.params, DATA))
+    grads, value = lax.cond(any_dead, auxk, lambda: (zeros, out.auxk))
+    return apply(jax.tree.map(lambda g, a: g + c.auxk_weight * a, dense, grads), value, None)
+
+  local_latents = state.params["W_enc"].shape[1]
   if c.sae.selection == "sampled":
     pooled, local_P, out, auxk = _pooled(state.params, x_BxD, y_BxD, silent_F, key, kept, c)
     mse = collectives.ordered_pmean(out.mse, DATA)
-
     if form == "all_alive":
       params, opt_state, auxk_loss, grad_norm, finite = apply(pooled, out.auxk, local_P)
-    else:  # dense gradients, AuxK's added while some latent is dead
-      any_dead = lax.psum(jnp.any(out.dead_F).astype(jnp.int32), LATENT) > 0
-      zeros = jax.tree.map(jnp.zeros_like, gradients.varying(state.params, DATA))
-      none = lambda: (zeros, out.auxk)
-      grads, value = lax.cond(any_dead, auxk, none)
-      dense = optimizer.dense_grads(pooled, local_P, state.params)
-      params, opt_state, auxk_loss, grad_norm, finite = apply(
-          jax.tree.map(lambda g, a: g + c.auxk_weight * a, dense, grads), value, None)
+    else:
+      params, opt_state, auxk_loss, grad_norm, finite = with_auxk(
+          optimizer.dense_grads(pooled, local_P, state.params), out, auxk)
+  elif (c.sae.selection == "topk"
+        and layouts.layout(local_latents, c.sae.k, c.layout) == "entries"):
+    grads, out, auxk = _topk_entries(state.params, x_BxD, y_BxD, silent_F, c)
+    mse = collectives.ordered_pmean(out.mse, DATA)
+    params, opt_state, auxk_loss, grad_norm, finite = with_auxk(grads, out, auxk)
   else:
     grads, out = _gradients(state.params, x_BxD, y_BxD, silent_F, c)
     mse = collectives.ordered_pmean(out.mse, DATA)

@@ -241,10 +241,13 @@ def check_latent_shards(config: RunConfig) -> None:
     raise ValueError(f"--latent-shards {m}: --stream makes its batches on a mesh without a "
                      f"latent axis; export a cache first (drop --stream), or use "
                      f"--latent-shards 1")
-  if train.step != "fast" or train.layout != "auto":
-    raise ValueError(f"--latent-shards {m} trains with its own step (dense codes within each "
-                     f"shard): --step {train.step} and --layout {train.layout} do not apply; "
-                     f"leave them at fast and auto")
+  if train.step != "fast":
+    raise ValueError(f"--latent-shards {m} trains with its own step: --step {train.step} does "
+                     f"not apply; leave it at fast")
+  if train.layout != "auto" and train.sae.selection != "topk":
+    raise ValueError(f"--latent-shards {m}: --layout {train.layout} applies to TopK's "
+                     f"gradients only (BatchTopK's are dense codes within each shard, "
+                     f"Sampled-SAE's its pool's); leave it at auto")
 
 
 def check_stream(stream: bool, data_arg: str, backend: str) -> None:

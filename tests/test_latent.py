@@ -20,7 +20,9 @@ from sae_jax import scoring
 from sae_jax import selection
 from sae_jax import train
 from sae_jax.config import SAEConfig
+from sae_jax.config import SyntheticConfig
 from sae_jax.config import TrainConfig
+from sae_jax.runconfig import RunConfig
 from tests import test_train
 from tests.helpers import activations
 from tests.helpers import cli
@@ -38,8 +40,16 @@ def blocks(fn, a_BxF, grid):
   return np.asarray(mapped(jnp.asarray(a_BxF)))
 
 
+def entries_mask(a):
+  """`latent_select.topk_entries` scattered back into this block's mask."""
+  values, cols = latent_select.topk_entries(a, K)
+  rows = jnp.broadcast_to(jnp.arange(a.shape[0])[:, None], cols.shape)
+  return jnp.zeros(a.shape, bool).at[rows, cols].max(values > 0)
+
+
 RULES = {
     "topk": (lambda a: latent_select.topk_mask(a, K), lambda a: selection.topk(a, K) > 0),
+    "topk_entries": (entries_mask, lambda a: selection.topk(a, K) > 0),
     "batchtopk": (lambda a: latent_select.batchtopk_mask(a, K),
                   lambda a: selection.batch_topk(a, K) > 0),
 }
@@ -122,6 +132,9 @@ def transcoder(selection):
 STEP_RULES = test_train.RULES | test_train.LEVERAGE | {
     "batchtopk_transcoder": transcoder("batchtopk"),
     "sampled_transcoder": transcoder("sampled"),
+    # TopK's entries (each shard's selected entries) in place of dense codes.
+    "topk_entries": dataclasses.replace(test_train.config("topk"), layout="entries"),
+    "topk_entries_transcoder": dataclasses.replace(transcoder("topk"), layout="entries"),
     # No latent dead on any step: the pooled step without AuxK's dense gradients.
     "sampled_alive": dataclasses.replace(test_train.config("sampled"), dead_tokens=10**6)}
 
@@ -206,7 +219,7 @@ def test_memory_a_device_needs_falls_with_the_latent_shards(monkeypatch):
     (["--selection", "jumprelu"], "JumpReLU SAEs are not split"),
     (["--selection", "batchtopk", "--matryoshka-groups", "0.5", "0.5"], "Matryoshka SAEs"),
     (["--dict-size", "66", "--latent-shards", "4"], "must divide --dict-size 66"),
-    (["--step", "dense"], "--step dense and --layout auto do not apply"),
+    (["--step", "dense"], "--step dense does not apply"),
     (["--latent-shards", "3", "--dict-size", "96"], "must divide the 4 devices of each process"),
     (["--batch-size", "63"], "the 2 data shards"),
 ])
@@ -217,3 +230,17 @@ def test_what_latent_shards_cannot_split_is_refused(tmp_path, capsys, flags, say
   err = capsys.readouterr().err
   assert says in err and "Traceback" not in err, err
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_layout_applies_to_topk_alone_over_latent_shards():
+  """TrainConfig.layout (no flag: the Python API's) picks TopK's gradients
+  in the split step; the other rules have one way, and refuse another."""
+  def run_config(rule):
+    train_config = dataclasses.replace(test_train.config(rule), layout="entries")
+    return RunConfig(train=train_config, out="unused", data="synthetic", latent_shards=2,
+                     synthetic=SyntheticConfig(d_model=test_train.D))
+
+  assert run_config("topk").latent_shards == 2
+  for rule in ("batchtopk", "sampled"):
+    with pytest.raises(ValueError, match="applies to TopK's gradients only"):
+      run_config(rule)
