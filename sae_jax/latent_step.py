@@ -52,25 +52,10 @@ from sae_jax.mesh import LATENT
 P = jax.sharding.PartitionSpec
 
 
-def _auxk(a_BxF, dead_F, residual_BxD, W_dec_FxD, k_aux: int):
-  """This device's share of AuxK (`losses.auxk_loss`), the dead latents'
-  top k_aux per token chosen over all F."""
-  residual_BxD = lax.stop_gradient(residual_BxD)
-  any_dead = lax.psum(jnp.any(dead_F).astype(jnp.int32), LATENT) > 0
-
-  def error():
-    a_dead_BxF = jnp.where(dead_F[None, :], a_BxF, 0)
-    keep_BxF = latent_select.topk_mask(lax.stop_gradient(a_dead_BxF), k_aux)
-    ehat_BxD = latent_select.latent_sum(jnp.where(keep_BxF, a_dead_BxF, 0) @ W_dec_FxD)
-    return jnp.sum(jnp.square(residual_BxD - ehat_BxD))
-
-  error = lax.cond(any_dead, error, lambda: jnp.sum(residual_BxD[:0]))
-  return losses.auxk_scale(residual_BxD, DATA) * error
-
-
 def _gradients(params, x_BxD, y_BxD, silent_F, c: TrainConfig):
-  """TopK's and BatchTopK's (this device's gradients, `gradients.Outputs`)
-  of the loss on its tokens, for its latents (b_dec's whole), by autodiff."""
+  """TopK's and BatchTopK's reconstruction gradients by autodiff through
+  dense codes: (this device's, for its latents and b_dec's whole;
+  `gradients.Outputs`; AuxK, a function () -> its dense gradients and value)."""
   sae = c.sae
   dtype = jnp.dtype(sae.compute_dtype)
 
@@ -88,14 +73,17 @@ def _gradients(params, x_BxD, y_BxD, silent_F, c: TrainConfig):
     mse = losses.mse(y_BxD, xhat_BxD)
     fired_F = lax.psum(jnp.any(keep_BxF, axis=0).astype(jnp.int32), DATA) > 0
     dead_F = losses.dead_latents(silent_F, fired_F, c.dead_steps)
-    auxk = _auxk(a_BxF, dead_F, y_BxD - xhat_BxD, p["W_dec"], c.auxk_k)
     token_min_B = lax.pmin(jnp.min(jnp.where(keep_BxF, seen_BxF, jnp.inf), axis=1), LATENT)
     n_active = lax.psum(jnp.sum(keep_BxF, dtype=jnp.int32), LATENT)
-    return mse + c.auxk_weight * auxk, gradients.Outputs(
-        mse, auxk, xhat_BxD, n_active, fired_F, token_min_B, dead_F)
+    out = gradients.Outputs(mse, jnp.sum(y_BxD[:0]), xhat_BxD, n_active, fired_F, token_min_B,
+                            dead_F)
+    return mse, (out, centred_BxD, pre_BxF)
 
-  (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(gradients.varying(params, DATA))
-  return grads, out
+  params = gradients.varying(params, DATA)
+  (_, (out, centred_BxD, pre_BxF)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  auxk = lambda: _auxk_grads(params, centred_BxD.astype(jnp.float32), pre_BxF, out.dead_F,
+                             y_BxD - out.xhat_BxD, c.auxk_k, sae.centred)
+  return grads, out, auxk
 
 
 def _auxk_grads(params, centred_BxD, pre_BxF, dead_F, residual_BxD, k_aux: int, centre: bool):
@@ -271,17 +259,12 @@ def step(state: train.TrainState, x_BxD: jax.Array, form: str = "general") -> tu
     mse = collectives.ordered_pmean(out.mse, DATA)
     params, opt_state, auxk_loss, grad_norm, finite = with_auxk(grads, out, auxk)
   else:
-    grads, out = _gradients(state.params, x_BxD, y_BxD, silent_F, c)
+    grads, out, auxk = _gradients(state.params, x_BxD, y_BxD, silent_F, c)
     mse = collectives.ordered_pmean(out.mse, DATA)
-    params, opt_state, auxk_loss, grad_norm, finite = apply(grads, out.auxk, None)
+    params, opt_state, auxk_loss, grad_norm, finite = with_auxk(grads, out, auxk)
 
   since_F = jnp.where(out.fired_F, 0, jnp.minimum(silent_F + 1, c.dead_steps))
-  batch_theta = train._batch_threshold(out.token_min_B, c.sae.selection)
-  ema = jnp.where(state.threshold > 0,
-                  c.threshold_beta * state.threshold + (1 - c.threshold_beta) * batch_theta,
-                  batch_theta)
-  threshold = jnp.where((state.step > c.threshold_start) & jnp.isfinite(batch_theta),
-                        ema, state.threshold)
+  threshold = train.next_threshold(state, out.token_min_B)
   all_latents = lambda n: lax.psum(n, LATENT)
   state = state.replace(
       step=state.step + 1, params=params, opt_state=opt_state,

@@ -151,6 +151,19 @@ def _batch_threshold(token_min_B: jax.Array, selection: str) -> jax.Array:
   return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.inf)
 
 
+def next_threshold(state: TrainState, token_min_B: jax.Array) -> jax.Array:
+  """θ after a step whose tokens' smallest selected values are token_min_B
+  (inf: none): the EMA of `_batch_threshold`, started by its first value
+  after threshold_start (dictionary_learning's)."""
+  c = state.config
+  batch_theta = _batch_threshold(token_min_B, c.sae.selection)
+  ema = jnp.where(state.threshold > 0,
+                  c.threshold_beta * state.threshold + (1 - c.threshold_beta) * batch_theta,
+                  batch_theta)
+  return jnp.where((state.step > c.threshold_start) & jnp.isfinite(batch_theta),
+                   ema, state.threshold)
+
+
 def can_be_dead(silent_F, dead_steps: int, later: int):
   """How many latents can be dead `later` steps after the next step of a
   state whose steps_since_fired_F is silent_F (`losses.dead_latents`);
@@ -280,15 +293,8 @@ def train_step(state: TrainState, x_BxD: jax.Array, form: str = "general",
   loss = mse + (penalty if jump else c.auxk_weight * auxk_loss)
 
   since_F = jnp.where(out.fired_F, 0, jnp.minimum(silent_F + 1, c.dead_steps))
-  if jump:  # its thresholds are parameters: no EMA
-    threshold = state.threshold
-  else:
-    batch_theta = _batch_threshold(out.token_min_B, c.sae.selection)
-    ema = jnp.where(state.threshold > 0,
-                    c.threshold_beta * state.threshold + (1 - c.threshold_beta) * batch_theta,
-                    batch_theta)
-    threshold = jnp.where((state.step > c.threshold_start) & jnp.isfinite(batch_theta),
-                          ema, state.threshold)
+  # JumpReLU's thresholds are parameters: no EMA.
+  threshold = state.threshold if jump else next_threshold(state, out.token_min_B)
 
   state = state.replace(
       step=state.step + 1, params=params, opt_state=opt_state,
