@@ -60,7 +60,7 @@ def main(argv=None) -> int:
   bisect = lambda: reference.bisected_thresholds(params, x_NxBxD, sae, count())
   counts_F = count()
   rows = []
-  for name, fn in (("two passes (count, then each latent's n_j + 1 largest)", calibrate),
+  for name, fn in (("two passes (count, then each batch's few largest per latent)", calibrate),
                    ("bisection on the float bits (count, then 32 passes)", bisect)):
     _, first = seconds(fn)
     theta_F, again = seconds(fn)

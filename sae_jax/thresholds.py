@@ -10,12 +10,16 @@ above it (fewer only on ties), so on those tokens inference fires every
 latent exactly as often as the training rule. A latent the training rule
 never selects gets θ_j = the largest float32, so it never fires.
 
-It encodes the tokens twice: pass 1 counts n_j, pass 2 keeps each latent's
-n_j + 1 largest activations in a buffer of its own (`_tiers`: at most about
-four times the training rule's codes on those tokens). Until 2026-12-07 it
-bisected θ_j on its float bits, encoding the tokens 32 times after the count
-(33 passes in all); the tests keep that bisection as their reference, and
-the thresholds are the same bits.
+It encodes the tokens twice. Pass 1 counts n_j. Pass 2 keeps, of every
+batch's column of latent j, its few largest activations (`_capture_width`:
+enough, unless shuffled tokens crowd a batch beyond odds of 1e-7), and
+θ_j is the (n_j + 1)-th largest of those wherever it is at least every
+activation a batch left out. A latent where one may have (rows given unshuffled) goes
+to a third pass, which merges each batch's whole column into a buffer of
+its n_j + 1 largest (`_largest`). Until 2026-12-07 it bisected θ_j on its
+float bits, encoding the tokens 32 times after the count (33 passes in
+all); the tests keep that bisection as their reference, and the thresholds
+are the same bits.
 
 The alternative, each latent's EMA of its smallest selected activation, is
 measured against this in docs/inference-thresholds.md: inside a small pool
@@ -25,6 +29,7 @@ its positive activations at inference.
 """
 
 import functools
+import math
 import typing
 
 import jax
@@ -119,8 +124,9 @@ def _count(params, x_NxBxD, sae: model.SAE, rule_errors: bool = False):
 
 @functools.partial(jax.jit, static_argnames=("sae", "widths"))
 def _largest(params, x_NxBxD, latents, sae: model.SAE, widths: tuple):
-  """Pass 2: for each tier t, the widths[t] largest activations of each of
-  its latents (latents[t], int32) over all tokens, in descending order,
+  """The third pass, for the latents `_captured` cannot be sure of: for each
+  tier t, the widths[t] largest activations of each of its latents
+  (latents[t], int32) over all tokens, in descending order,
   -inf where there are fewer, and the tokens they are at (their index in
   x's rows, -1 for none). A latent's buffer merges each batch's column into
   it: top widths[t] of (buffer, column)."""
@@ -146,23 +152,101 @@ def _largest(params, x_NxBxD, latents, sae: model.SAE, widths: tuple):
       for index, width in zip(latents, widths)))
 
 
-def _tiers(counts_F: np.ndarray, tokens: int) -> tuple:
-  """The latents whose θ needs pass 2 (selected on some tokens, not all),
-  grouped by the buffer each needs, n_j + 1 rounded up to a power of two:
-  (widths, latents per tier, padded to a power of two by repeating its first
-  so that few shapes compile). The two roundings keep at most about four
-  times Σ (n_j + 1) floats, and Σ n_j is at most tokens · k for every
-  k-budget rule; each batch also gathers its [B, F] activations once more,
-  tier by tier."""
-  needed = np.flatnonzero((counts_F > 0) & (counts_F < tokens))
-  width_F = 2 ** np.ceil(np.log2(counts_F[needed] + 1)).astype(np.int64)
+# Capture widths a batch may keep per latent, each at most 1.25 times the
+# last (top_k's time grows with the width).
+CAPTURE_WIDTHS = tuple(sorted({int(round(m * 2 ** e)) for e in range(1, 11)
+                               for m in (1, 1.25, 1.5, 1.75)}))
+# The chance, bounded per latent, that shuffled tokens put more of its
+# n_j + 1 largest activations in one batch than that batch keeps, which
+# sends the latent to the merge (`_largest`).
+MISS = 1e-7
+
+
+def _capture_width(needed_F: np.ndarray, n_batches: int, batch_size: int) -> np.ndarray:
+  """Per latent, how many activations each batch keeps of its column
+  (`_captured`): the least width in `CAPTURE_WIDTHS` (or the whole batch)
+  that holds every one of the latent's m = n_j + 1 largest a batch has,
+  with probability at least 1 − MISS were the tokens shuffled. A batch holds
+  X of them, hypergeometric, whose tail is under the binomial's (p = 1 / n
+  batches); over c the binomial's terms shrink faster than their first
+  ratio r, so P(X > c) ≤ P(X = c + 1) / (1 − r), and n · that ≤ MISS.
+  Always width · n ≥ m.
+
+  >>> _capture_width(np.array([2, 145, 1468]), 54, 1024).tolist()
+  [2, 20, 64]
+  """
+  distinct, back = np.unique(np.asarray(needed_F, np.int64), return_inverse=True)
+  m_F = distinct.astype(np.float64)
+  p = 1.0 / n_batches
+  out = np.full(len(m_F), batch_size, np.int64)
+  for width in reversed([w for w in CAPTURE_WIDTHS if w < batch_size]):
+    x = width + 1.0  # more than `width` of them in one batch
+    with np.errstate(divide="ignore", invalid="ignore"):
+      log_term = (_log_choose(m_F, x) + x * np.log(p) + (m_F - x) * np.log1p(-p))
+      ratio = (m_F - x) / (x + 1) * p / (1 - p)
+      log_tail = np.where(m_F < x, -np.inf, log_term - np.log1p(-np.minimum(ratio, 1.0)))
+    fits = (np.log(n_batches) + log_tail <= np.log(MISS)) & (width * n_batches >= m_F)
+    out = np.where(fits, width, out)
+  return out[back]
+
+
+def _log_choose(n, k):
+  """log C(n, k), elementwise (k ≤ n; -inf-free nonsense elsewhere, masked by the caller)."""
+  lgamma = np.vectorize(math.lgamma, otypes=[np.float64])
+  safe = np.maximum(n - k, 0) + 1
+  return lgamma(n + 1) - lgamma(k + 1) - lgamma(safe)
+
+
+@functools.partial(jax.jit, static_argnames=("sae", "widths", "keeps"))
+def _captured(params, x_NxBxD, latents, sae: model.SAE, widths: tuple, keeps: tuple):
+  """Pass 2: for each tier t, the widths[t] largest activations of each of
+  its latents (latents[t], int32) in every batch; of all those, the keeps[t]
+  largest, in descending order, with their tokens (index in x's rows); and
+  per latent the largest activation a batch may have left out (the least it
+  kept of one batch: -inf where a batch kept its whole column)."""
+  n_batches, batch_size, _ = x_NxBxD.shape
+  acts = _activations(params, x_NxBxD, sae)
+
+  def one(i):
+    a_FxB = acts(i).T
+    a_FxB = jnp.where(jnp.isnan(a_FxB), -jnp.inf, a_FxB)  # never above θ, as in a count
+    out = []
+    for index, width in zip(latents, widths):
+      values, rows = lax.top_k(a_FxB[index], width)
+      out.append((values, rows + i * batch_size))
+    return tuple(out)
+
+  kept = lax.map(one, jnp.arange(n_batches))
+  out = []
+  for (values, tokens), width, keep in zip(kept, widths, keeps):
+    left_out = (jnp.max(values[:, :, -1], axis=0) if width < batch_size
+                else jnp.full(values.shape[1], -jnp.inf, values.dtype))
+    join = lambda v: jnp.moveaxis(v, 0, 1).reshape(v.shape[1], -1)
+    values, top = lax.top_k(join(values), keep)
+    out.append((values, jnp.take_along_axis(join(tokens), top, axis=1), left_out))
+  return tuple(out)
+
+
+def _tiers(needed, width_F: np.ndarray) -> tuple:
+  """`needed` latents grouped by width_F, each group padded (`_rounded_up`)
+  by repeating its first so that few shapes compile: (widths, latents)."""
   widths, latents = [], []
   for width in np.unique(width_F):
     index = needed[width_F == width]
-    padded = 2 ** int(np.ceil(np.log2(len(index))))
+    padded = _rounded_up(len(index))
     widths.append(int(width))
     latents.append(np.concatenate([index, np.full(padded - len(index), index[0])]).astype(np.int32))
   return tuple(widths), latents
+
+
+def _rounded_up(n: int) -> int:
+  """n rounded up to m · 2^e with 8 ≤ m < 16: at most 1/8 more, few values."""
+  step = 2 ** max(int(np.log2(n)) - 3, 0)
+  return -(-n // step) * step
+
+
+def _power_of_two(n) -> np.ndarray:
+  return 2 ** np.ceil(np.log2(n)).astype(np.int64)
 
 
 def per_latent_thresholds(params, x_NxBxD, sae: model.SAE, counts_F: np.ndarray,
@@ -170,7 +254,8 @@ def per_latent_thresholds(params, x_NxBxD, sae: model.SAE, counts_F: np.ndarray,
   """θ_j = latent j's (n_j + 1)-th largest activation on the tokens x, 0 where
   n_j is every token or that activation is 0, NEVER where n_j = 0: the
   smallest non-negative float32 with at most n_j activations above it, found
-  in one pass with a buffer per latent of its n_j + 1 largest.
+  in one pass (`_captured`), and a second for the latents whose largest
+  crowd a batch (`_largest`).
 
   Args:
     params: the SAE's parameters (scaled units).
@@ -189,30 +274,58 @@ def per_latent_thresholds(params, x_NxBxD, sae: model.SAE, counts_F: np.ndarray,
   n_batches, batch_size, _ = x_NxBxD.shape
   counts_F = np.asarray(counts_F, np.int64)
   theta_F = np.where(counts_F > 0, 0.0, NEVER).astype(np.float32)
-  widths, latents = _tiers(counts_F, n_batches * batch_size)
-  buffers = (_largest(params, x_NxBxD, [jnp.asarray(i) for i in latents], sae, widths)
-             if widths else ())
-  found = []
-  for index, (values, tokens) in zip(latents, buffers):
-    values = np.asarray(values)
+  needed = np.flatnonzero((counts_F > 0) & (counts_F < n_batches * batch_size))
+  found, left = [], np.zeros(0, np.int64)
+  if len(needed):
+    found, left = _from_batches(params, x_NxBxD, sae, counts_F, needed)
+  if len(left):  # more of their largest in one batch than it kept: the merge
+    widths, latents = _tiers(left, _power_of_two(counts_F[left] + 1))
+    merged = _largest(params, x_NxBxD, [jnp.asarray(i) for i in latents], sae, widths)
+    found += [_unpadded(index, values, tokens) for index, (values, tokens) in zip(latents, merged)]
+  fired = []
+  for index, values, tokens in found:
     value = values[np.arange(len(index)), counts_F[index]]
     # The float32 at or just above it: under x64 the activations are float64.
     theta = value.astype(np.float32)
     theta = np.where(theta < value, np.nextafter(theta, np.float32(np.inf)), theta)
     theta_F[index] = np.where(value > 0, theta, np.float32(0.0))  # 0, never -0
-    if entries:
-      rows = np.unique(index, return_index=True)[1]  # not the tier's padding
-      values32 = values[rows].astype(np.float32)
-      fired = values32 > theta_F[index[rows]][:, None]
-      found.append((np.asarray(tokens)[rows][fired],
-                    np.broadcast_to(index[rows][:, None], fired.shape)[fired], values32[fired]))
+    values32 = values.astype(np.float32)
+    above = values32 > theta_F[index][:, None]
+    fired.append((tokens[above], np.broadcast_to(index[:, None], above.shape)[above],
+                  values32[above]))
   if not entries:
     return theta_F
   if np.any(counts_F == n_batches * batch_size):
     return theta_F, None
-  joined = [np.concatenate(parts) for parts in zip(*found)] if found else [
+  joined = [np.concatenate(parts) for parts in zip(*fired)] if fired else [
       np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)]
   return theta_F, tuple(joined)
+
+
+def _unpadded(index, *arrays) -> tuple:
+  """A tier's latents and their rows of `arrays`, without its padding."""
+  rows = np.unique(index, return_index=True)[1]
+  return (index[rows], *(np.asarray(array)[rows] for array in arrays))
+
+
+def _from_batches(params, x_NxBxD, sae: model.SAE, counts_F, needed) -> tuple:
+  """Pass 2 (`_captured`): (latents, buffers, tokens) per tier for the
+  latents whose n_j + 1 largest activations it holds for certain, and the
+  others: those a batch may have left one of out (`_capture_width`)."""
+  n_batches, batch_size, _ = x_NxBxD.shape
+  widths, latents = _tiers(needed, _capture_width(counts_F[needed] + 1, n_batches, batch_size))
+  keeps = tuple(int(min(width * n_batches, _power_of_two(counts_F[index].max() + 1)))
+                for width, index in zip(widths, latents))
+  found, left = [], []
+  captured = _captured(params, x_NxBxD, [jnp.asarray(i) for i in latents], sae, widths, keeps)
+  for index, (values, tokens, left_out) in zip(latents, captured):
+    index, values, tokens, left_out = _unpadded(index, values, tokens, left_out)
+    # Held for certain where the (n_j + 1)-th largest kept is at least every
+    # activation left out: then it is the (n_j + 1)-th largest of all.
+    sure = values[np.arange(len(index)), counts_F[index]] >= left_out
+    found.append((index[sure], values[sure], tokens[sure]))
+    left.append(index[~sure])
+  return found, np.concatenate(left)
 
 
 def thresholded_sse(params, x_NxBxD, sae: model.SAE, entries: tuple) -> float:

@@ -101,6 +101,30 @@ def test_two_passes_give_the_bisections_bits_on_ties_and_edge_latents(selection)
         reference.bisected_thresholds(params64, x64, sae_module, made_up).view(np.int32))
 
 
+def test_a_latent_whose_largest_crowd_one_batch_goes_to_the_merge(monkeypatch):
+  """Rows sorted by one latent's activation put all its largest in the first
+  batches, more than a batch keeps of a column (`_capture_width` assumes
+  shuffled rows): that latent, and only such, is found by the merge, and
+  every θ is still the bisection's, bit for bit."""
+  config = sae("batchtopk")
+  params, module = params_for(config), model.SAE(config)
+  x = SOURCE.sample(7, 8 * B)
+  pre = np.asarray(module.apply({"params": params}, jnp.asarray(x), method=model.SAE.pre))
+  crowded = int(np.argmax(np.sum(pre > 0, axis=0)))
+  x_NxBxD = jnp.asarray(thresholds.batches(x[np.argsort(-pre[:, crowded], kind="stable")], B))
+  counts = np.full(F, 40)  # a width of 10 or so a batch, against 40 in the first
+  merged = []
+  merge = thresholds._largest
+  monkeypatch.setattr(thresholds, "_largest", lambda params, x, latents, *rest: (
+      merged.extend(np.concatenate([np.asarray(i) for i in latents]).tolist()),
+      merge(params, x, latents, *rest))[1])
+  got = thresholds.per_latent_thresholds(params, x_NxBxD, module, counts)
+  assert crowded in merged and len(set(merged)) < F - N_WEAK
+  np.testing.assert_array_equal(
+      got.view(np.int32),
+      reference.bisected_thresholds(params, x_NxBxD, module, counts).view(np.int32))
+
+
 @pytest.mark.parametrize("selection", ["batchtopk", "sampled"])
 def test_calibration_matches_numpy_and_the_training_rule_on_its_tokens(selection):
   config = sae(selection)
