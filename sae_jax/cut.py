@@ -2,8 +2,8 @@
 keeps, found without sorting all B·F entries, ties broken by position.
 
 Each token offers its 2k largest entries as candidates (a per-row top-k,
-cheap on every backend), and the few tokens whose 2k-th entry is largest
-offer 8k. The N-th largest offer t is the answer whenever no token could hold
+cheap on every backend), and the eighth of the tokens whose 2k-th entry is
+largest offer 8k. The N-th largest offer t is the answer whenever no token could hold
 an entry above t that it did not offer — checked exactly, for every token.
 Then the tie counts also come from the offers, and no further pass over the
 B·F activations is needed. Only when a token is more concentrated than that
@@ -22,12 +22,19 @@ from sae_jax import scoring
 from sae_jax import validation
 
 
-# Entries each token offers as a candidate, in units of k; the few most
-# concentrated tokens offer WIDE_FACTOR * k.
+# Entries each token offers as a candidate, in units of k; the 1/WIDE_SHARE
+# most concentrated tokens offer WIDE_FACTOR * k. An eighth, not a 32nd as
+# until 2026-12-08: on synthetic D=768 rows (8192 true directions, 32 active)
+# at F=24576, k=64, 111 of 1024 tokens held more than 2k entries above the
+# cut, the offers could not certify it, and the bisection over all B·F
+# entries and the dense step ran (docs/speed.md).
 CANDIDATE_FACTOR = 2
 
 
 WIDE_FACTOR = 8
+
+
+WIDE_SHARE = 8
 
 
 # Up to this many entries per device, ~31 counting passes over `a` cost less
@@ -107,8 +114,9 @@ class Offers(typing.NamedTuple):
 def offers_of(a_BxF, k: int) -> Offers:
   """The entries each token offers as candidates, largest first.
 
-  Every token offers its 2k largest entries; the few tokens whose 2k-th entry
-  is largest (those most likely to need more) offer their 8k largest.
+  Every token offers its 2k largest entries; the 1/WIDE_SHARE of the tokens
+  whose 2k-th entry is largest (those most likely to need more) offer their
+  8k largest.
   """
   n_rows, n_cols = a_BxF.shape
   c = min(n_cols, CANDIDATE_FACTOR * k)
@@ -116,7 +124,7 @@ def offers_of(a_BxF, k: int) -> Offers:
   rows_BxC = jnp.broadcast_to(jnp.arange(n_rows, dtype=jnp.int32)[:, None], (n_rows, c))
   floor_B = offers_BxC[:, -1] if c < n_cols else jnp.zeros(n_rows, jnp.float32)
   c_wide = min(n_cols, WIDE_FACTOR * k)
-  n_wide = min(n_rows, max(4, -(-n_rows // 32))) if c_wide > c else 0
+  n_wide = min(n_rows, max(4, -(-n_rows // WIDE_SHARE))) if c_wide > c else 0
   if not n_wide:
     return Offers(offers_BxC.reshape(-1), rows_BxC.reshape(-1), cols_BxC.reshape(-1), floor_B,
                   lambda v: jnp.sum(offers_BxC == v, axis=1, dtype=jnp.int32))

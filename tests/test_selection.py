@@ -162,7 +162,7 @@ def offers_certify(a, k):
 
 def test_offers_certify_unless_a_token_is_too_concentrated():
   rng = np.random.default_rng(5)
-  k = 2  # every token offers 2k = 4 entries; the 4 widest tokens offer 8k = 16
+  k = 2  # every token offers 2k = 4 entries; the 8 widest (an eighth) offer 8k = 16
 
   def tokens(concentrated, wants):
     """Each token has 2 entries in [2, 3); `concentrated` ones have `wants`
@@ -181,7 +181,9 @@ def test_offers_certify_unless_a_token_is_too_concentrated():
   assert offers_certify(a, k) == (want(a), True)
   a = tokens(1, 60)  # 1 token needs all 60: more than 8k
   assert offers_certify(a, k) == (want(a), False)
-  a = tokens(8, 10)  # 8 tokens need 10: more than the 4 widest can cover
+  a = tokens(8, 10)  # 8 tokens need 10: the 8 widest cover them
+  assert offers_certify(a, k) == (want(a), True)
+  a = tokens(9, 10)  # 9 tokens need 10: more than the 8 widest can cover
   assert offers_certify(a, k) == (want(a), False)
 
 
