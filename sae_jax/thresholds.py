@@ -14,12 +14,13 @@ It encodes the tokens twice. Pass 1 counts n_j. Pass 2 keeps, of every
 batch's column of latent j, its few largest activations (`_capture_width`:
 enough, unless shuffled tokens crowd a batch beyond odds of 1e-7), and
 θ_j is the (n_j + 1)-th largest of those wherever it is at least every
-activation a batch left out. A latent where one may have (rows given unshuffled) goes
-to a third pass, which merges each batch's whole column into a buffer of
-its n_j + 1 largest (`_largest`). Until 2026-12-07 it bisected θ_j on its
-float bits, encoding the tokens 32 times after the count (33 passes in
-all); the tests keep that bisection as their reference, and the thresholds
-are the same bits.
+activation a batch left out. A latent where one may be larger (rows given
+in an order that crowds its largest into a batch) goes to a third pass,
+which merges each batch's whole column into a buffer of its n_j + 1
+largest (`_largest`). Until 2026-12-07 it bisected θ_j on its float bits,
+encoding the tokens 32 times after the count (33 passes in all); the tests
+keep that bisection as their reference, and the thresholds are the same
+bits.
 
 The alternative, each latent's EMA of its smallest selected activation, is
 measured against this in docs/inference-thresholds.md: inside a small pool
@@ -191,7 +192,7 @@ def _capture_width(needed_F: np.ndarray, n_batches: int, batch_size: int) -> np.
 
 
 def _log_choose(n, k):
-  """log C(n, k), elementwise (k ≤ n; -inf-free nonsense elsewhere, masked by the caller)."""
+  """log C(n, k), elementwise; where k > n a finite value the caller masks."""
   lgamma = np.vectorize(math.lgamma, otypes=[np.float64])
   safe = np.maximum(n - k, 0) + 1
   return lgamma(n + 1) - lgamma(k + 1) - lgamma(safe)
