@@ -290,10 +290,11 @@ def per_latent_thresholds(params, x_NxBxD, sae: model.SAE, counts_F: np.ndarray,
     theta = value.astype(np.float32)
     theta = np.where(theta < value, np.nextafter(theta, np.float32(np.inf)), theta)
     theta_F[index] = np.where(value > 0, theta, np.float32(0.0))  # 0, never -0
-    values32 = values.astype(np.float32)
-    above = values32 > theta_F[index][:, None]
-    fired.append((tokens[above], np.broadcast_to(index[:, None], above.shape)[above],
-                  values32[above]))
+    if entries:
+      values32 = values.astype(np.float32)
+      above = values32 > theta_F[index][:, None]
+      fired.append((tokens[above], np.broadcast_to(index[:, None], above.shape)[above],
+                    values32[above]))
   if not entries:
     return theta_F
   if np.any(counts_F == n_batches * batch_size):
