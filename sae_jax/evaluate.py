@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sae_jax import cut as cut_lib
 from sae_jax import model
+from sae_jax import selection
 
 MODES = ("inference", "batch")
 BATCH_MODE_KEY = 0xBA7C  # draws the pools of `sample_pool` SAEs in batch mode
@@ -82,6 +84,72 @@ def reconstruct(params, threshold, input_scale, x_BxD, sae: model.SAE,
   return np.concatenate(codes), np.concatenate(recon)
 
 
+class Modes(typing.NamedTuple):
+  """`both_modes`' codes and reconstructions, in x's order."""
+  z_inference: np.ndarray  # [N, F] scaled units
+  xhat_inference: np.ndarray  # [N, D] raw units
+  xhat_batch: np.ndarray  # [N, D]
+  l0_batch: np.ndarray  # [N] the batch mode's codes per token
+  pools: list  # Sampled-SAE: each batch's pool of top scores (`pool`'s top=True); else []
+
+
+@functools.partial(jax.jit, static_argnames=("sae", "inference_sae"))
+def _both(params, threshold, scales, x_BxD, key, sae: model.SAE, inference_sae: model.SAE,
+          pool_P=None):
+  """One batch in both modes, from one encoding; each mode decoded from its
+  selected columns where it has few (a topk rule's k, a Sampled-SAE's pool)."""
+  variables = {"params": params}
+  a_BxF = jax.nn.relu(sae.apply(variables, x_BxD * scales[0], method=model.SAE.pre))
+  z_BxF = inference_sae.apply(variables, a_BxF, threshold, method=model.SAE.select_inference)
+  if inference_sae.config.selection == "topk":
+    # Every code topk keeps is among the k columns cut.top_k gives it.
+    _, index_BxK = cut_lib.top_k(a_BxF.astype(jnp.float32), inference_sae.config.k)
+    values_BxK = jnp.take_along_axis(z_BxF, index_BxK, axis=1)
+    xhat_BxD = (jnp.einsum("bk,bkd->bd", values_BxK, params["W_dec"][index_BxK])
+                + params["b_dec"][None, :])
+  else:
+    xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode)
+  config, top = sae.config, None
+  if config.selection == "sampled":  # the selection in the pool's P columns, as training
+    rule = config.pool_rule
+    chosen = selection.sampled_select_pooled(a_BxF, rule.pop("k"), rule.pop("l"), pool=pool_P,
+                                             **model.sampled_options(key, **rule))
+    xhat_batch_BxD = sae.apply(variables, chosen.values, chosen.pool,
+                               method=model.SAE.decode_pooled)
+    l0_B = jnp.sum(chosen.values != 0, axis=1)
+    # The pool of top scores, even for a `sample_pool` SAE (drawn for "uniform").
+    top = model.new_pool(a_BxF, key, **(config.pool_rule | {
+        "sample_pool": config.sample_pool and config.score == "uniform"}))
+  else:
+    zb_BxF = sae.apply(variables, a_BxF, key=key, pool=pool_P, method=model.SAE.select)
+    xhat_batch_BxD = sae.apply(variables, zb_BxF, method=model.SAE.decode)
+    l0_B = jnp.sum(zb_BxF != 0, axis=1)
+  return z_BxF, xhat_BxD / scales[1], xhat_batch_BxD / scales[1], l0_B, top
+
+
+def both_modes(params, threshold, input_scale, x_BxD, sae: model.SAE,
+               inference_sae: model.SAE, batch_size: int) -> Modes:
+  """The inference mode (`inference_sae`'s rule, token by token) and the
+  batch mode (`sae`'s training rule on consecutive batches of `batch_size`)
+  of raw activations x, from one encoding of each batch, and the
+  Sampled-SAE pools of `pools`, of these batches.
+  """
+  key = jax.random.key(BATCH_MODE_KEY)
+  scales = _scales(input_scale)
+  threshold = jnp.asarray(threshold, jnp.float32)
+  parts, pools, pool_P = [], [], None
+  for i, start in enumerate(range(0, len(x_BxD), batch_size)):
+    x = jnp.asarray(x_BxD[start:start + batch_size], jnp.float32)
+    key_i = jax.random.fold_in(key, i)
+    if sae.config.keeps_pool and i % sae.config.pool_every == 0:
+      pool_P = pool(params, scales[0], x, key_i, sae)
+    *out, top = _both(params, threshold, scales, x, key_i, sae, inference_sae, pool_P)
+    parts.append([np.asarray(array) for array in out])
+    if top is not None:
+      pools.append(np.asarray(top))
+  return Modes(*(np.concatenate(arrays) for arrays in zip(*parts)), pools)
+
+
 @functools.lru_cache(maxsize=None)
 def splice(sae: model.SAE, chunk: int = 2048):
   """The SAE module as a JAX splice for `downstream.downstream_loss_jax`:
@@ -111,14 +179,24 @@ def reconstruction_metrics(x_BxD, xhat_BxD, z_BxF) -> dict:
   x = np.asarray(x_BxD, np.float64)
   xhat = np.asarray(xhat_BxD, np.float64)
   error = np.square(x - xhat)
-  variance = np.square(x - x.mean(0)).sum()
-  fvu = float(error.sum() / variance) if variance > 0 else math.nan  # constant x: no FVU
+  fvu = _fvu(x, error)
   norm_x, norm_xhat = np.linalg.norm(x, axis=1), np.linalg.norm(xhat, axis=1)
   cosine = np.sum(x * xhat, axis=1) / np.maximum(norm_x * norm_xhat, 1e-30)
   return {"fvu": fvu, "explained_variance": 1 - fvu, "mse": float(error.sum(1).mean()),
           "l0": float(np.mean(np.sum(np.asarray(z_BxF) != 0, axis=1))),
           "cosine": float(cosine.mean()),
           "norm_ratio": float(np.mean(norm_xhat / np.maximum(norm_x, 1e-30)))}
+
+
+def fvu(x_BxD, xhat_BxD) -> float:
+  """Σ||x - xhat||² / Σ||x - mean x||² (`reconstruction_metrics`' fvu)."""
+  x = np.asarray(x_BxD, np.float64)
+  return _fvu(x, np.square(x - np.asarray(xhat_BxD, np.float64)))
+
+
+def _fvu(x, error) -> float:
+  variance = np.square(x - x.mean(0)).sum()
+  return float(error.sum() / variance) if variance > 0 else math.nan  # constant x: no FVU
 
 
 def sparsity_metrics(z_BxF, *, dense_density: float = 0.1, top_fraction: float = 0.1) -> dict:

@@ -180,8 +180,15 @@ def _evaluate(config: RunConfig, state: train.TrainState, source: DataSource,
   raw = source.held_out()
   held_out, dropped = finite(raw, "the held-out rows")
   theta_F, scales = rule.threshold_F, train.scales(state)
+  # Shuffled batches, as in training, for the batch mode; each encoded once
+  # for both modes, and the inference mode's codes put back in x's order.
+  order = np.random.default_rng(c.seed).permutation(len(held_out))
+  x_shuffled, y_shuffled = transcoder.sides(held_out[order], c.sae)
+  modes = evaluate.both_modes(state.params, theta_F, scales, x_shuffled, model.SAE(c.sae),
+                              model.SAE(rule.sae(c.sae)), c.batch_size)
+  back = np.argsort(order)
   x, y = transcoder.sides(held_out, c.sae)  # a transcoder reads x and reconstructs y
-  z, yhat = evaluate.reconstruct(state.params, theta_F, scales, x, model.SAE(rule.sae(c.sae)))
+  z, yhat = modes.z_inference[back], modes.xhat_inference[back]
   with _timed(seconds, "probing"):
     concepts = _concepts(config, state, source, x, z, np.isfinite(raw).all(axis=1))
   summary = evaluate.reconstruction_metrics(y, yhat, z)
@@ -189,16 +196,14 @@ def _evaluate(config: RunConfig, state: train.TrainState, source: DataSource,
   counts, never = evaluate.density_histogram(sparsity.pop("density_F"))
   summary.update({f"eval_{k}" if k == "dead_fraction" else k: v for k, v in sparsity.items()},
                  density_histogram_log10=counts.tolist(), density_never_fired=never)
-  shuffled = held_out[np.random.default_rng(c.seed).permutation(len(held_out))]
-  x_shuffled, y_shuffled = transcoder.sides(shuffled, c.sae)
-  z, yhat = evaluate.reconstruct(state.params, theta_F, scales, x_shuffled,
-                                 model.SAE(c.sae), mode="batch", batch_size=c.batch_size)
-  batch = evaluate.reconstruction_metrics(y_shuffled, yhat, z)
-  summary.update(batch_fvu=batch["fvu"], batch_l0=batch["l0"])
+  summary.update(batch_fvu=evaluate.fvu(y_shuffled, modes.xhat_batch),
+                 batch_l0=float(np.mean(modes.l0_batch)))
   if c.sae.selection == "sampled":
-    size = min(c.batch_size, len(held_out) // 2)
-    summary["pool_jaccard"] = evaluate.pool_jaccard(
-        evaluate.pools(state.params, state.input_scale, x, model.SAE(c.sae), size))
+    pools = modes.pools
+    if len(pools) < 2:  # one batch: two halves of it, as pools of its own
+      size = len(held_out) // 2
+      pools = evaluate.pools(state.params, state.input_scale, x_shuffled, model.SAE(c.sae), size)
+    summary["pool_jaccard"] = evaluate.pool_jaccard(pools)
   summary.update(
       dead_fraction=float(np.mean(state.steps_since_fired_F >= c.dead_steps)),
       skipped_steps=int(state.skipped_steps), input_scale=float(state.input_scale),

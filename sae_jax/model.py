@@ -109,7 +109,10 @@ class SAE(nn.Module):
     latent [F] (`thresholds.calibrate`) or one for all; TopK keeps each
     token's k largest (and ignores `threshold`).
     """
-    a_BxF = jax.nn.relu(self.pre(x_BxD))
+    return self.select_inference(jax.nn.relu(self.pre(x_BxD)), threshold)
+
+  def select_inference(self, a_BxF: jax.Array, threshold: jax.Array) -> jax.Array:
+    """`encode_inference`'s rule on non-negative activations [B, F]."""
     if self.config.selection == "topk":
       return selection.topk(a_BxF, self.config.k)
     threshold_F = jnp.broadcast_to(threshold, a_BxF.shape[-1:])

@@ -165,3 +165,44 @@ def test_a_saved_sae_worse_than_its_training_rule_is_said():
       "the saved SAE reconstructs worse than its training rule on the same held-out tokens: "
       "FVU 2.1300 in inference mode (what SAELens computes) against 0.8000 (2.66x)")
   assert finish.inference_gap({"fvu": 0.5, "batch_fvu": None}) == {}
+
+
+@pytest.mark.parametrize("selection, options, inference", [
+    ("sampled", {}, "topk"), ("sampled", dict(pool_every=2), "thresholds"),
+    ("sampled", dict(score="uniform", sample_pool=True), "topk"),
+    ("batchtopk", {}, "thresholds"), ("topk", {}, "topk"), ("jumprelu", {}, "thresholds")])
+def test_both_modes_from_one_encoding_are_the_two_passes(selection, options, inference):
+  """`both_modes` gives, from one encoding per batch, what `reconstruct`
+  gives in each mode on the same batches: the inference codes bit for bit
+  (the encoder's rounding can depend on the rows it multiplies), the batch mode's
+  codes per token, both reconstructions within rounding (each decoded from
+  its few columns where it can be), and the pools `pools` finds on the
+  same batches. A last batch shorter than the others is a batch of its own."""
+  import dataclasses  # noqa: PLC0415
+
+  x = synthetic.SyntheticSource(synthetic.SyntheticConfig(d_model=8, n_features=16)).sample(1, 80)
+  config = SAEConfig(8, 32, k=3, l=2.0, selection=selection, **options)
+  params = model.init_params(jax.random.key(0), model.SAE(config), x)["params"]
+  rng = np.random.default_rng(0)
+  if inference == "topk":
+    inference_config, threshold = dataclasses.replace(config, selection="topk", k=2), 0.0
+  else:
+    inference_config = config if selection != "topk" else dataclasses.replace(
+        config, selection="batchtopk")
+    threshold = rng.uniform(0.0, 0.3, 32).astype(np.float32)
+  sae, inference_sae, scale = model.SAE(config), model.SAE(inference_config), 1.7
+  got = evaluate.both_modes(params, threshold, scale, x, sae, inference_sae, batch_size=32)
+  z, xhat = evaluate.reconstruct(params, threshold, scale, x, inference_sae, chunk=32)
+  np.testing.assert_array_equal(got.z_inference, z)
+  np.testing.assert_allclose(got.xhat_inference, xhat, rtol=1e-5, atol=1e-5)
+  z, xhat = evaluate.reconstruct(params, threshold, scale, x, sae, mode="batch", batch_size=32)
+  np.testing.assert_array_equal(got.l0_batch, np.sum(z != 0, axis=1))
+  np.testing.assert_allclose(got.xhat_batch, xhat, rtol=1e-5, atol=1e-5)
+  assert np.any(got.l0_batch > 0) and np.any(got.z_inference > 0)
+  if selection != "sampled":
+    assert got.pools == []
+  else:
+    want = evaluate.pools(params, scale, x, sae, 32)  # whole batches only
+    assert len(got.pools) == 3 and len(want) == 2
+    for mine, theirs in zip(got.pools, want):
+      np.testing.assert_array_equal(np.sort(mine), np.sort(theirs))
