@@ -83,6 +83,35 @@ def check_memory(c: TrainConfig, n_devices: int, latent_shards: int = 1) -> None
            f"--latent-shards"))
 
 
+def end_of_run(c: TrainConfig) -> dict:
+  """A floor on the bytes the end of a run (calibration, evaluation) needs
+  on the one device it runs on, whatever --latent-shards: "parameters", the
+  whole SAE's (no Adam moments); "activations", one [B, F] float32 batch of
+  its encoder activations (the calibration selects by the training rule on
+  whole batches)."""
+  F, D = c.sae.n_latents, c.sae.d_model
+  params = 4 * (2 * D * F + F + D + (F if c.sae.selection == "jumprelu" else 0))
+  return {"parameters": params, "activations": 4 * c.batch_size * F}
+
+
+def check_end_of_run(trains: typing.Sequence[TrainConfig]) -> None:
+  """Refuses, before training, SAEs whose end of run cannot fit on one
+  device (`end_of_run`): it gathers the whole SAE there, its latents not
+  split, so a run that only fits split would train and then fail."""
+  have = device_memory()
+  for c in trains:
+    need = end_of_run(c)
+    if sum(need.values()) > have:
+      raise ValueError(
+          f"--dict-size {c.sae.n_latents} at D={c.sae.d_model} with --batch-size "
+          f"{c.batch_size} needs at least {_gib(sum(need.values()))} on one device at the end "
+          f"of the run ({_gib(need['parameters'])} of parameters, "
+          f"{_gib(need['activations'])} of encoder activations for one batch), which "
+          f"calibrates and evaluates the whole SAE on one device, its latents not split; each "
+          f"of the {jax.local_device_count()} {jax.local_devices()[0].platform} devices has "
+          f"{_gib(have)}: use fewer latents or a smaller --batch-size")
+
+
 def check_evaluation(configs: typing.Sequence[RunConfig], rows: typing.Sequence[int]) -> None:
   """Refuses, before training, an evaluation whose held-out codes cannot fit
   in the host's memory at the end of the run: a floor of two [rows, F]

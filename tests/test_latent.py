@@ -215,6 +215,28 @@ def test_memory_a_device_needs_falls_with_the_latent_shards(monkeypatch):
   memory.check_memory(wide, 8, latent_shards=4)
 
 
+def test_an_end_of_run_that_cannot_fit_one_device_is_refused_before_training(
+    tmp_path, capsys, monkeypatch):
+  """The end of a run calibrates and evaluates the whole SAE on one device
+  (`memory.end_of_run`): a run whose training fits only with its latents
+  split is refused before anything is trained, in one line that says why."""
+  D, F, B = 16, 4096, 256  # the D of tests.helpers.SMALL
+  c = TrainConfig(SAEConfig(D, F, k=4), batch_size=B, steps=2)
+  floor = sum(memory.end_of_run(c).values())
+  assert floor == 4 * (2 * D * F + F + D) + 4 * B * F
+  assert sum(memory.memory_per_device([c], 4, latent_shards=4).values()) < floor
+  monkeypatch.setattr(memory, "device_memory", lambda: floor - 1)
+  args = ["--data", "synthetic", "--steps", 20, "--dict-size", F, "--batch-size", B, "--k", 4,
+          "--latent-shards", 4, "--out", tmp_path / "run"]
+  assert cli(*args) == 2
+  err = capsys.readouterr().err
+  assert "on one device at the end of the run" in err and "Traceback" not in err, err
+  assert "its latents not split" in err and "--dict-size 4096 at D=16" in err, err
+  assert not (tmp_path / "run" / "checkpoints").exists()
+  monkeypatch.setattr(memory, "device_memory", lambda: floor)  # just enough
+  memory.check_end_of_run([c])
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--selection", "jumprelu"], "JumpReLU SAEs are not split"),
     (["--selection", "batchtopk", "--matryoshka-groups", "0.5", "0.5"], "Matryoshka SAEs"),
