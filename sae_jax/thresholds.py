@@ -285,11 +285,7 @@ def per_latent_thresholds(params, x_NxBxD, sae: model.SAE, counts_F: np.ndarray,
     found += [_unpadded(index, values, tokens) for index, (values, tokens) in zip(latents, merged)]
   fired = []
   for index, values, tokens in found:
-    value = values[np.arange(len(index)), counts_F[index]]
-    # The float32 at or just above it: under x64 the activations are float64.
-    theta = value.astype(np.float32)
-    theta = np.where(theta < value, np.nextafter(theta, np.float32(np.inf)), theta)
-    theta_F[index] = np.where(value > 0, theta, np.float32(0.0))  # 0, never -0
+    theta_F[index] = threshold_of(values[np.arange(len(index)), counts_F[index]])
     if entries:
       values32 = values.astype(np.float32)
       above = values32 > theta_F[index][:, None]
@@ -302,6 +298,16 @@ def per_latent_thresholds(params, x_NxBxD, sae: model.SAE, counts_F: np.ndarray,
   joined = [np.concatenate(parts) for parts in zip(*fired)] if fired else [
       np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)]
   return theta_F, tuple(joined)
+
+
+def threshold_of(value) -> np.ndarray:
+  """θ from latents' (n_j + 1)-th largest activations: the float32 at or just
+  above each (under x64 the activations are float64), 0 (never -0) where
+  it is not positive."""
+  value = np.asarray(value)
+  theta = value.astype(np.float32)
+  theta = np.where(theta < value, np.nextafter(theta, np.float32(np.inf)), theta)
+  return np.where(value > 0, theta, np.float32(0.0))
 
 
 def _unpadded(index, *arrays) -> tuple:

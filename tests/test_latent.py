@@ -266,3 +266,99 @@ def test_a_layout_applies_to_topk_alone_over_latent_shards():
   for rule in ("batchtopk", "sampled"):
     with pytest.raises(ValueError, match="applies to TopK's gradients only"):
       run_config(rule)
+
+
+# --- The end of a run over the latent groups ---------------------------------
+
+@pytest.mark.parametrize("rule", ["topk", "batchtopk", "sampled", "leverage", "kept_pool"])
+def test_the_count_pass_over_latent_shards_equals_one_device(rule):
+  """`latent_calibration.count` on 2 × 2 and 1 × 4 meshes: the counts n_j of
+  the one-device count pass (`thresholds.calibrate`), and its squared error
+  up to rounding; the SAE never put together on one device."""
+  from sae_jax import latent_calibration  # noqa: PLC0415
+  from sae_jax import synthetic  # noqa: PLC0415
+  from sae_jax import thresholds  # noqa: PLC0415
+
+  options = {"topk": dict(selection="topk"), "batchtopk": dict(selection="batchtopk"),
+             "sampled": {}, "leverage": dict(score="leverage"), "kept_pool": dict(pool_every=2)}
+  config = SAEConfig(16, 64, k=3, l=4.0, **options[rule])
+  x = synthetic.SyntheticSource(SyntheticConfig(d_model=16, n_features=32)).sample(12, 4 * 32)
+  sae = model.SAE(config)
+  params = model.init_params(jax.random.key(0), sae, x)["params"]
+  want = thresholds.calibrate(params, x, sae, batch_size=32, per_latent=False)
+  assert 0 < want.counts_F.sum() == 4 * 32 * 3 or rule != "topk"
+  for m in (2, 4):
+    counts_F, sse = latent_calibration.count(params, x, sae, batch_size=32,
+                                             mesh=mesh_lib.make_mesh(4, m))
+    np.testing.assert_array_equal(counts_F, want.counts_F)
+    np.testing.assert_allclose(sse, want.training_sse, rtol=1e-5)
+
+
+def _mesh_activations(params, x_NxBxD, sae, mesh):
+  """relu(pre) [n, B, F] as the mesh computes it, each device its block."""
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+  specs = mesh_lib.specs(params, mesh)
+  local = lambda p, x: jax.lax.map(lambda x_bxD: latent_step._encoded(p, x_bxD, sae.config)[3], x)
+  mapped = jax.shard_map(local, mesh=mesh, in_specs=(specs, P(None, mesh_lib.DATA)),
+                         out_specs=P(None, mesh_lib.DATA, mesh_lib.LATENT))
+  return np.asarray(jax.jit(mapped)(mesh_lib.place(params, mesh), x_NxBxD))
+
+
+def _largest_reference(a_NxF, counts_F):
+  """θ by NumPy: each latent's (n_j + 1)-th largest activation (`threshold_of`)."""
+  from sae_jax import thresholds  # noqa: PLC0415
+
+  ranked = -np.sort(-a_NxF, axis=0)
+  value = ranked[np.minimum(counts_F, len(a_NxF) - 1), np.arange(a_NxF.shape[1])]
+  theta = np.where(counts_F < len(a_NxF), thresholds.threshold_of(value), np.float32(0))
+  return np.where(counts_F > 0, theta, thresholds.NEVER).astype(np.float32)
+
+
+@pytest.mark.parametrize("rule", ["batchtopk", "sampled"])
+def test_thresholds_over_latent_shards_are_exact_on_their_activations(rule, monkeypatch):
+  """`latent_calibration.per_latent_thresholds` on 2 × 2 and 1 × 4 meshes:
+  θ_j is, bit for bit, the (n_j + 1)-th largest of the activations as the
+  mesh computes them (NumPy on those), from the split count pass's n_j,
+  from made-up counts from 0 to every token, and on rows sorted by one
+  latent, which crowds its largest into the first batches and sends it to
+  the whole-column capture. Against one device, θ is within the rounding
+  of a D-term sum: a device's matmul over its block rounds in its own order."""
+  from sae_jax import latent_calibration  # noqa: PLC0415
+  from sae_jax import synthetic  # noqa: PLC0415
+  from sae_jax import thresholds  # noqa: PLC0415
+
+  config = SAEConfig(16, 64, k=3, l=4.0, selection=rule)
+  x = synthetic.SyntheticSource(SyntheticConfig(d_model=16, n_features=32)).sample(12, 8 * 32)
+  sae = model.SAE(config)
+  params = model.init_params(jax.random.key(0), sae, x)["params"]
+  one_device = thresholds.calibrate(params, x, sae, batch_size=32)
+  rng = np.random.default_rng(0)
+  made_up = np.concatenate([[0, 1, 2, 255, 256], rng.integers(0, 257, 59)])
+  pre = np.asarray(sae.apply({"params": params}, jnp.asarray(x), method=model.SAE.pre))
+  crowded = x[np.argsort(-pre[:, 9], kind="stable")]  # latent 9's largest first
+  lots = np.full(64, 20)  # widths of 12 or 14 a group, against 21 in the first
+  calls = []
+  capture = latent_calibration._captured
+  monkeypatch.setattr(latent_calibration, "_captured",
+                      lambda *args: (calls.append(len(args[4])), capture(*args))[1])
+  for m in (2, 4):
+    mesh = mesh_lib.make_mesh(4, m)
+    for rows, counts in ((x, None), (x, made_up), (crowded, lots)):
+      if counts is None:
+        counts, _ = latent_calibration.count(params, rows, sae, batch_size=32, mesh=mesh)
+        np.testing.assert_array_equal(counts, one_device.counts_F)
+      calls.clear()
+      got = latent_calibration.per_latent_thresholds(params, rows, sae, counts,
+                                                     batch_size=32, mesh=mesh)
+      if rows is crowded:  # a second capture, of the latents crowded into a group
+        assert len(calls) == 2 and 0 < calls[1] < 64, calls
+      a_NxF = _mesh_activations(params, jnp.asarray(thresholds.batches(rows, 32)), sae, mesh)
+      np.testing.assert_array_equal(got.view(np.int32),
+                                    _largest_reference(a_NxF.reshape(-1, 64), counts).view(np.int32))
+    theta = latent_calibration.per_latent_thresholds(params, x, sae, one_device.counts_F,
+                                                     batch_size=32, mesh=mesh)
+    # A pre-activation is a sum of D products; summed in another order it
+    # moves by at most about D float32 epsilons of the largest.
+    bound = 16 * np.finfo(np.float32).eps * np.abs(pre).max()
+    np.testing.assert_allclose(theta, one_device.threshold_F, rtol=0, atol=bound)
