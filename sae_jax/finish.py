@@ -3,6 +3,7 @@ concept metrics (probing, absorption), the downstream loss and the SAELens
 export; summary.json last, which marks the run finished."""
 
 import contextlib
+import functools
 import json
 import math
 import pathlib
@@ -14,6 +15,10 @@ import safetensors
 from sae_jax import downstream
 from sae_jax import evaluate
 from sae_jax import inference
+from sae_jax import latent_calibration
+from sae_jax import latent_evaluate
+from sae_jax import memory
+from sae_jax import mesh as mesh_lib
 from sae_jax import model
 from sae_jax import outdir
 from sae_jax import probing
@@ -138,8 +143,13 @@ def _inference_rule(config: RunConfig, state: train.TrainState, source: DataSour
             inference.Rule("learned", theta_F, c.sae.k, {}), counts_F)
   scaled = transcoder.scaled(rows, c.sae, train.scales(state))
   sae = model.SAE(c.sae)
-  calibration = thresholds.calibrate(state.params, scaled, sae, batch_size=c.batch_size,
-                                     per_latent=config.inference != "global", rule_errors=True)
+  calibrate = thresholds.calibrate
+  if memory.splits_end(config):  # over the latent groups, the SAE never whole on a device
+    calibrate = functools.partial(latent_calibration.calibrate,
+                                  mesh=mesh_lib.make_mesh(latent_shards=config.latent_shards),
+                                  global_threshold=float(state.threshold))
+  calibration = calibrate(state.params, scaled, sae, batch_size=c.batch_size,
+                          per_latent=config.inference != "global", rule_errors=True)
   if c.sae.selection == "topk" and not c.sae.transcoder:
     return calibration, inference.Rule("topk", calibration.threshold_F, c.sae.k, {}), \
         calibration.counts_F
@@ -179,18 +189,29 @@ def _evaluate(config: RunConfig, state: train.TrainState, source: DataSource,
   c = config.train
   raw = source.held_out()
   held_out, dropped = finite(raw, "the held-out rows")
+  kept_N = np.isfinite(raw).all(axis=1)  # the rows of raw evaluated
   theta_F, scales = rule.threshold_F, train.scales(state)
+  both, shards = evaluate.both_modes, 1
+  if memory.splits_end(config):  # over the latent groups, as the calibration
+    mesh = mesh_lib.make_mesh(latent_shards=config.latent_shards)
+    both = functools.partial(latent_evaluate.both_modes, mesh=mesh)
+    shards = mesh_lib.data_shards(mesh)
+    # The last batch's rows past a whole number per data shard are left out.
+    extra = len(held_out) % c.batch_size % shards
+    if extra:
+      held_out = held_out[:-extra]
+      kept_N[np.flatnonzero(kept_N)[-extra:]] = False
   # Shuffled batches, as in training, for the batch mode; each encoded once
   # for both modes, and the inference mode's codes put back in x's order.
   order = np.random.default_rng(c.seed).permutation(len(held_out))
   x_shuffled, y_shuffled = transcoder.sides(held_out[order], c.sae)
-  modes = evaluate.both_modes(state.params, theta_F, scales, x_shuffled, model.SAE(c.sae),
-                              model.SAE(rule.sae(c.sae)), c.batch_size)
+  modes = both(state.params, theta_F, scales, x_shuffled, model.SAE(c.sae),
+               model.SAE(rule.sae(c.sae)), c.batch_size)
   back = np.argsort(order)
   x, y = transcoder.sides(held_out, c.sae)  # a transcoder reads x and reconstructs y
   z, yhat = modes.z_inference[back], modes.xhat_inference[back]
   with _timed(seconds, "probing"):
-    concepts = _concepts(config, state, source, x, z, np.isfinite(raw).all(axis=1))
+    concepts = _concepts(config, state, source, x, z, kept_N)
   summary = evaluate.reconstruction_metrics(y, yhat, z)
   sparsity = evaluate.sparsity_metrics(z)
   counts, never = evaluate.density_histogram(sparsity.pop("density_F"))
@@ -201,8 +222,11 @@ def _evaluate(config: RunConfig, state: train.TrainState, source: DataSource,
   if c.sae.selection == "sampled":
     pools = modes.pools
     if len(pools) < 2:  # one batch: two halves of it, as pools of its own
-      size = len(held_out) // 2
-      pools = evaluate.pools(state.params, state.input_scale, x_shuffled, model.SAE(c.sae), size)
+      size = len(held_out) // 2 // shards * shards
+      pools = (evaluate.pools(state.params, state.input_scale, x_shuffled, model.SAE(c.sae),
+                              size) if shards == 1 else
+               both(state.params, theta_F, scales, x_shuffled[:2 * size], model.SAE(c.sae),
+                    model.SAE(rule.sae(c.sae)), size).pools)
     summary["pool_jaccard"] = evaluate.pool_jaccard(pools)
   summary.update(
       dead_fraction=float(np.mean(state.steps_since_fired_F >= c.dead_steps)),

@@ -1,20 +1,21 @@
-"""The calibration's two passes with the latents split (`--latent-shards`):
+"""The calibration's passes with the latents split (`--latent-shards`):
 each device encodes its tokens of every calibration batch for its F / M
 latents, and selects them by the training rule exactly as the training
 step does over the ("data", "latent") mesh (`latent_select.py`), so the
 SAE is never put together on one device.
 
-The first part of the end of a run over the latent groups (issue 41): n_j
-and the training rule's squared error (`count`, as `thresholds._count`
-finds them on one device), and θ_j from them (`per_latent_thresholds`):
-each device keeps, of each of its latents' columns in its tokens of each
-batch, the few largest (`thresholds._capture_width`, with every (batch,
-data shard) a group of its own), joins them over its batches and then over
-"data", and θ_j is the (n_j + 1)-th largest wherever that is at least
-every activation a group left out; the latents where it may not be are
-found again with each group's whole column kept. Not split yet, so still
-run on the whole SAE by `finish.py`: the top-k′ errors, the choice of
-rule and the evaluation.
+The calibration of the end of a run over the latent groups (issue 41),
+where the whole SAE's cannot fit on one device (`memory.splits_end`): n_j
+and the training rule's squared error, with each top k′'s error and
+firings (`count`, as `thresholds._count` finds them on one device), and θ_j
+from them (`per_latent_thresholds`): each device keeps, of each of its
+latents' columns in its tokens of each batch, the few largest
+(`thresholds._capture_width`, with every (batch, data shard) a group of
+its own), joins them over its batches and then over "data", and θ_j is the
+(n_j + 1)-th largest wherever that is at least every activation a group
+left out; the latents where it may not be are found again with each
+group's whole column kept. The thresholds' error comes from a third pass
+that decodes the codes above θ on each shard (`calibrate`).
 """
 
 import functools
@@ -26,6 +27,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from sae_jax import collectives
+from sae_jax import cut as cut_lib
 from sae_jax import latent_select
 from sae_jax import latent_step
 from sae_jax import mesh as mesh_lib
@@ -36,19 +38,23 @@ from sae_jax.mesh import DATA
 from sae_jax.mesh import LATENT
 
 
-def _count_local(params, x_NxbxD, sae: model.SAE):
+def _count_local(params, x_NxbxD, sae: model.SAE, rule_errors: bool):
   """This device's part of the count pass: its tokens [n, b, D] of every
   batch, its latents; the counts [F / M] of its latents and the squared
-  error, both summed over the mesh."""
+  error, both summed over the mesh; with `rule_errors`, each top k′'s
+  error [k] and its firings of this device's latents [k, F / M]
+  (`_top_k_errors`), else None."""
   config = sae.config
   key = jax.random.key(thresholds.CALIBRATION_KEY)
   n_cols = params["b_enc"].shape[0]
 
   def one(carry, i):
-    counts_F, sse, pool_P = carry
+    counts_F, sse, pool_P, top = carry
     x_bxD, y_bxD = transcoder.sides(x_NxbxD[i], config)
     local, _, _, a_bxF = latent_step._encoded(params, x_bxD, config)
     key_i = jax.random.fold_in(key, i)
+    if rule_errors:
+      top = jax.tree.map(jnp.add, top, _top_k_errors(local, a_bxF, y_bxD, config.k))
     if config.selection == "topk":
       mask_bxF = latent_select.topk_mask(a_bxF, config.k)
     elif config.selection == "batchtopk":
@@ -64,31 +70,68 @@ def _count_local(params, x_NxbxD, sae: model.SAE):
     xhat_bxD = latent_select.latent_sum(z_bxF @ local["W_dec"]) + local["b_dec"][None, :]
     counts_F = counts_F + lax.psum(jnp.sum(mask_bxF, axis=0, dtype=jnp.int32), DATA)
     error = collectives.ordered_psum(jnp.sum(jnp.square(y_bxD - xhat_bxD)), DATA)
-    return (counts_F, sse + error.astype(sse.dtype), pool_P), None
+    return (counts_F, sse + error.astype(sse.dtype), pool_P, top), None
 
   kept_P = jnp.zeros(config.pool_size, jnp.int32) if config.keeps_pool else None
-  counts_F = lax.pcast(jnp.zeros(n_cols, jnp.int32), LATENT, to="varying")  # each its latents'
-  (counts_F, sse, _), _ = lax.scan(one, (counts_F, jnp.zeros((), jnp.float32), kept_P),
-                                   jnp.arange(x_NxbxD.shape[0]))
-  return counts_F, sse
+  by_latent = lambda shape: lax.pcast(jnp.zeros(shape, jnp.int32), LATENT, to="varying")
+  top = ((jnp.zeros(config.k, jnp.float32), by_latent((config.k, n_cols))) if rule_errors
+         else None)
+  (counts_F, sse, _, top), _ = lax.scan(
+      one, (by_latent(n_cols), jnp.zeros((), jnp.float32), kept_P, top),
+      jnp.arange(x_NxbxD.shape[0]))
+  return counts_F, sse, top
+
+
+def _top_k_errors(params, a_bxF, y_bxD, k: int) -> tuple:
+  """`inference.top_k_errors` over the mesh: Σ‖y − ŷ‖² over the batch with
+  each token's k′ largest codes over all F, for k′ = 1..k (the same on
+  every device), and [k, F / M], how often each of this device's latents
+  is a token's i-th largest positive code. Each token's k largest come
+  from every shard's offers, ties to the lower latent; their decoder rows
+  are gathered from the shards that hold them, and the errors peeled off
+  in that order, as on one device."""
+  n_rows, n_cols = a_bxF.shape
+  offered, cols = cut_lib.top_k(a_bxF.astype(jnp.float32), min(k, n_cols))
+  first = lax.axis_index(LATENT) * n_cols
+  gather = lambda v: lax.all_gather(v, LATENT, axis=1, tiled=True, to="invarying")
+  values_bxK, at_bxK = lax.top_k(gather(offered), k)
+  local_bxK = jnp.take_along_axis(gather(cols + first), at_bxK, axis=1) - first
+  mine_bxK = (local_bxK >= 0) & (local_bxK < n_cols)
+  W_dec_FxD = params["W_dec"].astype(jnp.float32)
+  rows_bxKxD = lax.psum(jnp.where(mine_bxK[..., None],
+                                  W_dec_FxD[jnp.clip(local_bxK, 0, n_cols - 1)], 0), LATENT)
+
+  def peel(error_bxD, i):  # the error once each token's i+1 largest codes are decoded
+    error_bxD = error_bxD - values_bxK[:, i, None] * rows_bxKxD[:, i]
+    return error_bxD, collectives.ordered_psum(jnp.sum(jnp.square(error_bxD)), DATA)
+
+  _, top_K = lax.scan(peel, y_bxD - params["b_dec"][None, :], jnp.arange(k))
+  fired_bxK = ((values_bxK > 0) & mine_bxK).astype(jnp.int32)
+  counts_KxF = jnp.zeros((k, n_cols), jnp.int32).at[
+      jnp.arange(k)[None, :], local_bxK].add(fired_bxK, mode="drop")
+  return top_K.astype(jnp.float32), lax.psum(counts_KxF, DATA)
 
 
 @functools.lru_cache(maxsize=None)
-def _mapped(mesh: jax.sharding.Mesh, sae: model.SAE, treedef, leaf_specs: tuple):
+def _mapped(mesh: jax.sharding.Mesh, sae: model.SAE, rule_errors: bool, treedef,
+            leaf_specs: tuple):
   specs = jax.tree.unflatten(treedef, leaf_specs)
+  top = (P(), P(None, LATENT)) if rule_errors else None
   return jax.jit(jax.shard_map(
-      functools.partial(_count_local, sae=sae), mesh=mesh,
-      in_specs=(specs, P(None, DATA)), out_specs=(P(LATENT), P())))
+      functools.partial(_count_local, sae=sae, rule_errors=rule_errors), mesh=mesh,
+      in_specs=(specs, P(None, DATA)), out_specs=(P(LATENT), P(), top)))
 
 
-def _check(sae: model.SAE, batch_size: int, mesh: jax.sharding.Mesh) -> None:
+def _check(sae: model.SAE, batch_size, mesh: jax.sharding.Mesh) -> None:
+  """Refuses a mesh without a latent axis, a rule not split, and (unless
+  None) a batch that does not split over "data"."""
   if LATENT not in mesh.axis_names:
     raise ValueError(f"mesh must have a {LATENT!r} axis (mesh.make_mesh with "
                      f"latent_shards > 1); got axes {mesh.axis_names}")
   if sae.config.selection not in ("topk", "batchtopk", "sampled"):
     raise ValueError(f"the split calibration takes TopK, BatchTopK and Sampled-SAE; got "
                      f"selection {sae.config.selection!r}")
-  if batch_size % mesh.shape[DATA]:
+  if batch_size is not None and batch_size % mesh.shape[DATA]:
     raise ValueError(f"batch_size {batch_size} must be divisible by the mesh's "
                      f"{mesh.shape[DATA]} data shards")
 
@@ -109,11 +152,13 @@ def _rows(x_NxBxD, mesh: jax.sharding.Mesh) -> jax.Array:
   return jax.make_array_from_callback(x_NxBxD.shape, sharding, lambda index: x_NxBxD[index])
 
 
-def count(params, x_NxD, sae: model.SAE, *, batch_size: int, mesh: jax.sharding.Mesh):
+def count(params, x_NxD, sae: model.SAE, *, batch_size: int, mesh: jax.sharding.Mesh,
+          rule_errors: bool = False):
   """`thresholds.calibrate`'s first pass over a ("data", "latent") mesh: n_j
   per latent (int64 [F]) and the training rule's Σ‖x − x̂‖² on x, cut into
   batches of `batch_size` as on one device, each batch's rows split over
-  "data" in order.
+  "data" in order; with `rule_errors` also each top k′'s error [k] and
+  firings [k, F] (`inference.choose`'s), else None.
 
   Args:
     params: the SAE's parameters (scaled units), on the host or laid out
@@ -129,8 +174,10 @@ def count(params, x_NxD, sae: model.SAE, *, batch_size: int, mesh: jax.sharding.
   specs = mesh_lib.specs(params, mesh)
   leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda s: isinstance(s, P))
   x = _rows(x_NxBxD, mesh)
-  counts_F, sse = _mapped(mesh, sae, treedef, tuple(leaves))(params, x)
-  return mesh_lib.host(counts_F).astype(np.int64), float(mesh_lib.host(sse))
+  counts_F, sse, top = _mapped(mesh, sae, rule_errors, treedef, tuple(leaves))(params, x)
+  if top is not None:
+    top = tuple(mesh_lib.host(part) for part in top)
+  return mesh_lib.host(counts_F).astype(np.int64), float(mesh_lib.host(sse)), top
 
 
 @functools.lru_cache(maxsize=None)
@@ -252,3 +299,61 @@ def _captured(params, x, sae: model.SAE, counts_F, needed, width_L, mesh) -> tup
     found.append((index[sure], values[sure]))
     left.append(index[~sure])
   return found, np.concatenate(left)
+
+
+@functools.lru_cache(maxsize=None)
+def _thresholded_mapped(mesh: jax.sharding.Mesh, sae: model.SAE, treedef, leaf_specs: tuple):
+  specs = jax.tree.unflatten(treedef, leaf_specs)
+  return jax.jit(jax.shard_map(
+      functools.partial(_thresholded_local, sae=sae), mesh=mesh,
+      in_specs=(specs, P(None, DATA), P(LATENT)), out_specs=P()))
+
+
+def _thresholded_local(params, x_NxbxD, theta_F, sae: model.SAE):
+  """Σ‖x − x̂‖² over every batch of the codes above θ (float32, as the saved
+  SAE compares and decodes them), each shard decoding its latents'."""
+
+  def one(sse, x_bxW):
+    x_bxD, y_bxD = transcoder.sides(x_bxW, sae.config)
+    local, _, _, a_bxF = latent_step._encoded(params, x_bxD, sae.config)
+    a_bxF = a_bxF.astype(jnp.float32)
+    z_bxF = jnp.where(a_bxF > theta_F[None, :], a_bxF, 0)
+    xhat_bxD = (latent_select.latent_sum(z_bxF @ local["W_dec"].astype(jnp.float32))
+                + local["b_dec"][None, :].astype(jnp.float32))
+    return sse + collectives.ordered_psum(jnp.sum(jnp.square(y_bxD - xhat_bxD)), DATA), None
+
+  sse, _ = lax.scan(one, jnp.zeros((), jnp.float32), x_NxbxD)
+  return sse
+
+
+def calibrate(params, x_NxD, sae: model.SAE, *, batch_size: int, mesh: jax.sharding.Mesh,
+              per_latent: bool = True, rule_errors: bool = False,
+              global_threshold=None) -> thresholds.Calibration:
+  """`thresholds.calibrate` over a ("data", "latent") mesh: the counts
+  (`count`), the thresholds (`per_latent_thresholds`) and with
+  `rule_errors` `inference.choose`'s errors, the thresholds' from a third
+  pass that decodes the codes above θ on each shard. Without `per_latent`
+  (--inference global), `global_threshold`, the one θ for every latent,
+  is the one the errors judge (on one device `inference.choose` finds
+  them in a pass of its own, over the whole SAE)."""
+  can = sae.config.selection != "topk" or sae.config.transcoder
+  per_latent = per_latent and can
+  rule_errors = rule_errors and can and (per_latent or global_threshold is not None)
+  params = _on(params, mesh)
+  counts_F, sse, top = count(params, x_NxD, sae, batch_size=batch_size, mesh=mesh,
+                             rule_errors=rule_errors)
+  tokens = len(x_NxD) // batch_size * batch_size
+  theta_F = (per_latent_thresholds(params, x_NxD, sae, counts_F, batch_size=batch_size,
+                                   mesh=mesh)
+             if per_latent else np.zeros(sae.config.n_latents, np.float32))
+  if not rule_errors:
+    return thresholds.Calibration(theta_F, counts_F, tokens, sse)
+  judged_F = theta_F if per_latent else np.full(theta_F.shape, global_threshold, np.float32)
+  specs = mesh_lib.specs(params, mesh)
+  leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda spec: isinstance(spec, P))
+  judged = jax.make_array_from_callback(judged_F.shape, jax.sharding.NamedSharding(mesh, P(LATENT)),
+                                        lambda index: judged_F[index])
+  thresholded = _thresholded_mapped(mesh, sae, treedef, tuple(leaves))(
+      params, _rows(thresholds.batches(x_NxD, batch_size), mesh), judged)
+  return thresholds.Calibration(theta_F, counts_F, tokens, sse,
+                                (float(mesh_lib.host(thresholded)), *top))

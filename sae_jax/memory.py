@@ -1,6 +1,7 @@
 """What a run needs of each device, refused before anything is allocated
 when it cannot fit."""
 
+import dataclasses
 import math
 import os
 import typing
@@ -83,33 +84,62 @@ def check_memory(c: TrainConfig, n_devices: int, latent_shards: int = 1) -> None
            f"--latent-shards"))
 
 
-def end_of_run(c: TrainConfig) -> dict:
-  """A floor on the bytes the end of a run (calibration, evaluation) needs
-  on the one device it runs on, whatever --latent-shards: "parameters", the
-  whole SAE's (no Adam moments); "activations", one [B, F] float32 batch of
-  its encoder activations (the calibration selects by the training rule on
-  whole batches)."""
+# Tokens the downstream loss splices at once (`evaluate.splice`'s chunk).
+SPLICE_TOKENS = 2048
+
+
+def end_of_run(config: RunConfig) -> dict:
+  """A floor on the bytes the end of a run needs on one device, for what it
+  puts there whole. Whole (`splits_end` False), the calibration and
+  evaluation: "parameters" (the whole SAE's, no Adam moments) and
+  "activations" (one [B, F] float32 batch: the calibration selects by the
+  training rule on whole batches). Split over the latent groups
+  (`latent_calibration.py`, `latent_evaluate.py`), only the downstream loss
+  (--data pythia) puts the whole SAE on a device, splicing
+  [SPLICE_TOKENS, F] at a time; {} where nothing is whole."""
+  c = config.train
   F, D = c.sae.n_latents, c.sae.d_model
   params = 4 * (2 * D * F + F + D + (F if c.sae.selection == "jumprelu" else 0))
-  return {"parameters": params, "activations": 4 * c.batch_size * F}
+  if not splits_end(config):
+    return {"parameters": params, "activations": 4 * c.batch_size * F}
+  if config.data == "pythia" and config.downstream_contexts:
+    return {"parameters": params, "activations": 4 * SPLICE_TOKENS * F}
+  return {}
 
 
-def check_end_of_run(trains: typing.Sequence[TrainConfig]) -> None:
+def splits_end(config: RunConfig) -> bool:
+  """Whether the end of a run splits its calibration and evaluation over the
+  latent groups: with --latent-shards M > 1, where the whole SAE's cannot
+  fit on one device. Where it can, the end runs whole, the same bits
+  whatever the mesh (split, the encoder's sums round per shard, and a
+  Sampled-SAE pool of near-equal scores can come out otherwise)."""
+  if config.latent_shards == 1:
+    return False
+  whole = dataclasses.replace(config, latent_shards=1)
+  return sum(end_of_run(whole).values()) > device_memory()
+
+
+def check_end_of_run(configs: typing.Sequence[RunConfig]) -> None:
   """Refuses, before training, SAEs whose end of run cannot fit on one
-  device (`end_of_run`): it gathers the whole SAE there, its latents not
-  split, so a run that only fits split would train and then fail."""
+  device (`end_of_run`), rather than failing after their training."""
   have = device_memory()
-  for c in trains:
-    need = end_of_run(c)
+  for config in configs:
+    c, need = config.train, end_of_run(config)
     if sum(need.values()) > have:
+      split = splits_end(config)
+      what = ("calibrates and evaluates the whole SAE on one device" if not split
+              else f"splices the whole SAE into the model for the downstream loss "
+                   f"({SPLICE_TOKENS} tokens at a time)")
+      cure = ("split its latents over devices with --latent-shards" if not split
+              else "use --downstream-contexts 0")
       raise ValueError(
-          f"--dict-size {c.sae.n_latents} at D={c.sae.d_model} with --batch-size "
-          f"{c.batch_size} needs at least {_gib(sum(need.values()))} on one device at the end "
+          f"--dict-size {c.sae.n_latents} at D={c.sae.d_model}"
+          + (f" with --batch-size {c.batch_size}" if not split else "") +
+          f" needs at least {_gib(sum(need.values()))} on one device at the end "
           f"of the run ({_gib(need['parameters'])} of parameters, "
-          f"{_gib(need['activations'])} of encoder activations for one batch), which "
-          f"calibrates and evaluates the whole SAE on one device, its latents not split; each "
-          f"of the {jax.local_device_count()} {jax.local_devices()[0].platform} devices has "
-          f"{_gib(have)}: use fewer latents or a smaller --batch-size")
+          f"{_gib(need['activations'])} of encoder activations), which {what}; each of the "
+          f"{jax.local_device_count()} {jax.local_devices()[0].platform} devices has "
+          f"{_gib(have)}: {cure}, or use fewer latents")
 
 
 def check_evaluation(configs: typing.Sequence[RunConfig], rows: typing.Sequence[int]) -> None:

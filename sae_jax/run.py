@@ -62,7 +62,7 @@ def run(config: RunConfig, *, progress: bool = True,
   """
   memory.check_devices(config.train, config.latent_shards)
   memory.check_memory(config.train, jax.device_count(), config.latent_shards)
-  memory.check_end_of_run([config.train])
+  memory.check_end_of_run([config])
   sources.check_data_size(config)
   memory.check_evaluation([config], [sources.eval_rows(config)])
   summaries = _pass([config], storage.path(config.out), progress=progress, verify=verify)
@@ -111,7 +111,7 @@ def run_many(configs: typing.Sequence[RunConfig], out, *, progress: bool = True,
                      f"{[config.out for config in configs]}")
   memory.check_devices(configs[0].train, configs[0].latent_shards)
   memory.check_memory_many(configs, jax.device_count())
-  memory.check_end_of_run([config.train for config in configs])
+  memory.check_end_of_run(configs)
   sources.check_data_size(configs[0])
   memory.check_evaluation(configs, [sources.eval_rows(config) for config in configs])
   return _pass(configs, out, progress=progress, verify=verify)

@@ -217,24 +217,32 @@ def test_memory_a_device_needs_falls_with_the_latent_shards(monkeypatch):
 
 def test_an_end_of_run_that_cannot_fit_one_device_is_refused_before_training(
     tmp_path, capsys, monkeypatch):
-  """The end of a run calibrates and evaluates the whole SAE on one device
-  (`memory.end_of_run`): a run whose training fits only with its latents
-  split is refused before anything is trained, in one line that says why."""
-  D, F, B = 16, 4096, 256  # the D of tests.helpers.SMALL
-  c = TrainConfig(SAEConfig(D, F, k=4), batch_size=B, steps=2)
-  floor = sum(memory.end_of_run(c).values())
+  """With --latent-shards 1 the end of a run calibrates and evaluates the
+  whole SAE on one device, a whole batch's [B, F] activations at once
+  (`memory.end_of_run`): a data-parallel run whose training fits on each of
+  4 devices but whose end does not is refused before anything is trained,
+  in one line that says why; split over latent shards, its end is split
+  too, and the same run is accepted."""
+  D, F, B = 16, 4096, 1024  # the D of tests.helpers.SMALL
+  config = RunConfig(train=TrainConfig(SAEConfig(D, F, k=4), batch_size=B, steps=20),
+                     data="synthetic", synthetic=SyntheticConfig(d_model=D),
+                     out=str(tmp_path / "unused"))
+  floor = sum(memory.end_of_run(config).values())
   assert floor == 4 * (2 * D * F + F + D) + 4 * B * F
-  assert sum(memory.memory_per_device([c], 4, latent_shards=4).values()) < floor
+  assert sum(memory.memory_per_device([config.train], 4).values()) < floor
   monkeypatch.setattr(memory, "device_memory", lambda: floor - 1)
   args = ["--data", "synthetic", "--steps", 20, "--dict-size", F, "--batch-size", B, "--k", 4,
-          "--latent-shards", 4, "--out", tmp_path / "run"]
+          "--out", tmp_path / "run"]
   assert cli(*args) == 2
   err = capsys.readouterr().err
   assert "on one device at the end of the run" in err and "Traceback" not in err, err
-  assert "its latents not split" in err and "--dict-size 4096 at D=16" in err, err
+  assert "--dict-size 4096 at D=16 with --batch-size 1024" in err and "--latent-shards" in err
   assert not (tmp_path / "run" / "checkpoints").exists()
-  monkeypatch.setattr(memory, "device_memory", lambda: floor)  # just enough
-  memory.check_end_of_run([c])
+  split = dataclasses.replace(config, latent_shards=4)
+  assert memory.end_of_run(split) == {}  # nothing whole
+  memory.check_end_of_run([split])
+  pythia = dataclasses.replace(split, data="pythia")  # but the downstream loss splices it whole
+  assert sum(memory.end_of_run(pythia).values()) == 4 * (2 * D * F + F + D) + 4 * 2048 * F
 
 
 @pytest.mark.parametrize("flags, says", [
@@ -288,8 +296,8 @@ def test_the_count_pass_over_latent_shards_equals_one_device(rule):
   want = thresholds.calibrate(params, x, sae, batch_size=32, per_latent=False)
   assert 0 < want.counts_F.sum() == 4 * 32 * 3 or rule != "topk"
   for m in (2, 4):
-    counts_F, sse = latent_calibration.count(params, x, sae, batch_size=32,
-                                             mesh=mesh_lib.make_mesh(4, m))
+    counts_F, sse, _ = latent_calibration.count(params, x, sae, batch_size=32,
+                                                mesh=mesh_lib.make_mesh(4, m))
     np.testing.assert_array_equal(counts_F, want.counts_F)
     np.testing.assert_allclose(sse, want.training_sse, rtol=1e-5)
 
@@ -346,7 +354,7 @@ def test_thresholds_over_latent_shards_are_exact_on_their_activations(rule, monk
     mesh = mesh_lib.make_mesh(4, m)
     for rows, counts in ((x, None), (x, made_up), (crowded, lots)):
       if counts is None:
-        counts, _ = latent_calibration.count(params, rows, sae, batch_size=32, mesh=mesh)
+        counts, _, _ = latent_calibration.count(params, rows, sae, batch_size=32, mesh=mesh)
         np.testing.assert_array_equal(counts, one_device.counts_F)
       calls.clear()
       got = latent_calibration.per_latent_thresholds(params, rows, sae, counts,
@@ -354,11 +362,98 @@ def test_thresholds_over_latent_shards_are_exact_on_their_activations(rule, monk
       if rows is crowded:  # a second capture, of the latents crowded into a group
         assert len(calls) == 2 and 0 < calls[1] < 64, calls
       a_NxF = _mesh_activations(params, jnp.asarray(thresholds.batches(rows, 32)), sae, mesh)
-      np.testing.assert_array_equal(got.view(np.int32),
-                                    _largest_reference(a_NxF.reshape(-1, 64), counts).view(np.int32))
+      want = _largest_reference(a_NxF.reshape(-1, 64), counts)
+      np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
     theta = latent_calibration.per_latent_thresholds(params, x, sae, one_device.counts_F,
                                                      batch_size=32, mesh=mesh)
     # A pre-activation is a sum of D products; summed in another order it
     # moves by at most about D float32 epsilons of the largest.
     bound = 16 * np.finfo(np.float32).eps * np.abs(pre).max()
     np.testing.assert_allclose(theta, one_device.threshold_F, rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize("rule", ["batchtopk", "sampled", "kept_pool"])
+def test_the_calibration_over_latent_shards_is_one_devices(rule):
+  """`latent_calibration.calibrate` with `inference.choose`'s errors on 2 × 2
+  and 1 × 4 meshes: one device's counts, each top k′'s firings, and its
+  errors up to rounding (θ up to a D-term sum's, as above); and the rule
+  `inference.choose` makes of them is the same."""
+  from sae_jax import inference  # noqa: PLC0415
+  from sae_jax import latent_calibration  # noqa: PLC0415
+  from sae_jax import synthetic  # noqa: PLC0415
+  from sae_jax import thresholds  # noqa: PLC0415
+
+  options = {"batchtopk": dict(selection="batchtopk"), "sampled": {},
+             "kept_pool": dict(pool_every=2)}
+  config = SAEConfig(16, 64, k=3, l=4.0, **options[rule])
+  x = synthetic.SyntheticSource(SyntheticConfig(d_model=16, n_features=32)).sample(12, 8 * 32)
+  sae = model.SAE(config)
+  params = model.init_params(jax.random.key(0), sae, x)["params"]
+  want = thresholds.calibrate(params, x, sae, batch_size=32, rule_errors=True)
+  x_NxBxD = thresholds.batches(x, 32)
+  rule = lambda c: inference.choose("auto", params, x_NxBxD, sae, c.threshold_F,
+                                    c.training_sse, c.errors)
+  for m in (2, 4):
+    got = latent_calibration.calibrate(params, x, sae, batch_size=32,
+                                       mesh=mesh_lib.make_mesh(4, m), rule_errors=True)
+    assert got.tokens == want.tokens == 256
+    np.testing.assert_array_equal(got.counts_F, want.counts_F)
+    np.testing.assert_allclose(got.threshold_F, want.threshold_F, rtol=1e-5)
+    np.testing.assert_allclose(got.training_sse, want.training_sse, rtol=1e-5)
+    np.testing.assert_allclose(got.errors[0], want.errors[0], rtol=1e-5)
+    np.testing.assert_allclose(got.errors[1], want.errors[1], rtol=1e-5)
+    np.testing.assert_array_equal(got.errors[2], want.errors[2])
+    mine, theirs = rule(got), rule(want)
+    assert (mine.name, mine.k) == (theirs.name, theirs.k)
+    # --inference global: the errors judge the one θ given, as inference._errors does.
+    got = latent_calibration.calibrate(params, x, sae, batch_size=32, per_latent=False,
+                                       mesh=mesh_lib.make_mesh(4, m), rule_errors=True,
+                                       global_threshold=0.3)
+    errors = inference._errors(params, jnp.asarray(x_NxBxD), jnp.full(64, 0.3, jnp.float32), sae)
+    assert np.all(got.threshold_F == 0)
+    np.testing.assert_array_equal(got.counts_F, want.counts_F)
+    np.testing.assert_allclose(got.errors[0], errors[0], rtol=1e-5)
+    np.testing.assert_allclose(got.errors[1], errors[1], rtol=1e-5)
+    np.testing.assert_array_equal(got.errors[2], errors[2])
+
+
+@pytest.mark.parametrize("selection, options, inference", [
+    ("sampled", {}, "topk"), ("sampled", dict(pool_every=2), "thresholds"),
+    ("sampled", dict(score="leverage"), "thresholds"), ("batchtopk", {}, "thresholds"),
+    ("topk", {}, "topk")])
+def test_both_modes_over_latent_shards_are_one_devices(selection, options, inference):
+  """`latent_evaluate.both_modes` on 2 × 2 and 1 × 4 meshes against
+  `evaluate.both_modes` on one device: the same codes in both modes (the
+  same entries, their values up to a D-term sum's rounding), the
+  reconstructions up to rounding, the same pools; a last batch of 16 rows
+  splits over the data shards, one of 17 is refused."""
+  from sae_jax import evaluate  # noqa: PLC0415
+  from sae_jax import latent_evaluate  # noqa: PLC0415
+  from sae_jax import synthetic  # noqa: PLC0415
+
+  x = synthetic.SyntheticSource(SyntheticConfig(d_model=16, n_features=32)).sample(3, 81)
+  config = SAEConfig(16, 64, k=3, l=4.0, selection=selection, **options)
+  with pytest.raises(ValueError, match="must split over the mesh's 2 data shards; got batches "
+                                       "of 32 and a last one of 17"):
+    latent_evaluate.both_modes({}, 0.0, 1.0, x, model.SAE(config), model.SAE(config),
+                               batch_size=32, mesh=mesh_lib.make_mesh(4, 2))
+  x = x[:80]
+  sae = model.SAE(config)
+  params = model.init_params(jax.random.key(0), sae, x)["params"]
+  if inference == "topk":
+    inference_sae, threshold = model.SAE(dataclasses.replace(config, selection="topk", k=2)), 0.0
+  else:
+    inference_sae = sae
+    threshold = np.random.default_rng(0).uniform(0.0, 0.3, 64).astype(np.float32)
+  want = evaluate.both_modes(params, threshold, 1.7, x, sae, inference_sae, batch_size=32)
+  for m in (2, 4):
+    got = latent_evaluate.both_modes(params, threshold, 1.7, x, sae, inference_sae,
+                                     batch_size=32, mesh=mesh_lib.make_mesh(4, m))
+    np.testing.assert_array_equal(got.z_inference != 0, want.z_inference != 0)
+    np.testing.assert_allclose(got.z_inference, want.z_inference, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.xhat_inference, want.xhat_inference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got.l0_batch, want.l0_batch)
+    np.testing.assert_allclose(got.xhat_batch, want.xhat_batch, rtol=1e-5, atol=1e-5)
+    assert len(got.pools) == len(want.pools) == (3 if selection == "sampled" else 0)
+    for mine, theirs in zip(got.pools, want.pools):
+      np.testing.assert_array_equal(np.sort(mine), np.sort(theirs))

@@ -92,3 +92,53 @@ def test_a_run_checkpointed_at_two_latent_shards_resumes_at_one(tmp_path, capsys
   for key, w in a["weights"].items():
     np.testing.assert_allclose(b["weights"][key], w, rtol=RTOL, atol=ATOL, err_msg=key)
   assert [m["l0"] for m in a["metrics"]] == [m["l0"] for m in b["metrics"]]
+
+
+@pytest.mark.slow
+def test_an_end_of_run_too_big_for_one_device_runs_split(tmp_path, monkeypatch):
+  """Where the whole SAE's end of run cannot fit on one device
+  (`memory.splits_end`, here a device made small), a --latent-shards run
+  calibrates and evaluates over the latent groups, and saves the SAE the
+  whole end saves: the same parameters, θ and metrics up to the rounding of
+  the encoder's sums per shard."""
+  from sae_jax import inference  # noqa: PLC0415
+  from sae_jax import latent_calibration  # noqa: PLC0415
+  from sae_jax import latent_evaluate  # noqa: PLC0415
+  from sae_jax import memory  # noqa: PLC0415
+
+  args = ["--data", "synthetic", "--selection", "batchtopk", "--steps", 20, "--batch-size", 256,
+          "--latent-shards", 2]
+  assert cli(*args, "--out", tmp_path / "whole") == 0
+  assert cli(*args, "--inference", "global", "--out", tmp_path / "whole-global") == 0
+  used = []
+  for module, name in ((latent_calibration, "calibrate"), (latent_evaluate, "both_modes")):
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k: (
+        used.append(name), real(*a, **k))[1])
+  # Training needs about 49 KiB a device here; the whole end 72 KiB.
+  monkeypatch.setattr(memory, "device_memory", lambda: 60 * 2**10)
+  def whole_sae_pass(*args):
+    raise AssertionError("the choice of rule ran a pass over the whole SAE")
+  monkeypatch.setattr(inference, "_errors", whole_sae_pass)
+  assert cli(*args, "--out", tmp_path / "split") == 0
+  assert used == ["calibrate", "both_modes"]
+  used.clear()
+  whole, split = outputs(tmp_path / "whole"), outputs(tmp_path / "split")
+  for key, w in whole["weights"].items():
+    np.testing.assert_allclose(split["weights"][key], w, rtol=1e-5, err_msg=key)
+  assert split["cfg"] == whole["cfg"]
+  for key in ("fvu", "batch_fvu", "calibration_fvu_per_latent", "calibration_fvu_training_rule"):
+    assert split["summary"][key] == pytest.approx(whole["summary"][key], rel=1e-5), key
+  assert split["summary"]["l0"] == pytest.approx(whole["summary"]["l0"], rel=1e-3)
+  # --inference global: the EMA threshold judged over the mesh too.
+  assert cli(*args, "--inference", "global", "--out", tmp_path / "split-global") == 0
+  read = lambda name: json.loads((tmp_path / name / "summary.json").read_text())
+  got, want = read("split-global"), read("whole-global")
+  assert used == ["calibrate", "both_modes"]  # split again
+  assert got["inference"] == want["inference"] == "global"
+  for key in ("fvu", "calibration_fvu_global", "calibration_fvu_topk"):
+    assert got[key] == pytest.approx(want[key], rel=1e-5), key
+  # 515 held-out rows: the last batch's odd row does not split over 2 data shards.
+  assert cli(*args, "--eval-tokens", 515, "--out", tmp_path / "odd") == 0
+  odd = json.loads((tmp_path / "odd" / "summary.json").read_text())
+  assert odd["eval_rows"] == 514 and odd["fvu"] == pytest.approx(split["summary"]["fvu"], rel=0.2)
