@@ -2,7 +2,8 @@
 127.0.0.1 (gloo collectives), against one process with 4 devices: the same
 bits on a .npy, a cache, --stream, synthetic data and with the latents split
 over each process's devices (--latent-shards 2) or over both processes'
-(--latent-shards 4); only process 0 writes
+(--latent-shards 4), with the end of the run whole or split over the
+latent groups; only process 0 writes
 the run's files; SIGTERM then a relaunch ends as an uninterrupted run; a
 process killed with -9 stops the other with one line, and the relaunch
 resumes from the last complete checkpoint."""
@@ -234,3 +235,34 @@ def test_a_process_whose_peers_never_join_says_so_then_gives_up(tmp_path):
       f"to join; start every process with the same --coordinator and --num-processes, and a "
       f"--process-id each"]
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shards", [2, 4])
+def test_a_split_end_on_two_processes_equals_one(tmp_path, monkeypatch, shards):
+  """An end of run split over the latent groups (each device made too small
+  for the whole end: `memory.splits_end`) on 2 processes x 2 devices, the
+  groups within each process (M = 2) or across both (M = 4), ends as one
+  process with 4 devices: the same bits. The launched processes get the
+  small device from a sitecustomize on their PYTHONPATH."""
+  from sae_jax import memory  # noqa: PLC0415
+
+  small = 60 * 2**10  # training needs about 49 KiB a device at M = 2; the whole end 72 KiB
+  site = tmp_path / "site"
+  site.mkdir()
+  (site / "sitecustomize.py").write_text(
+      f"import sae_jax.memory\nsae_jax.memory.device_memory = lambda: {small}\n")
+  args = ["--data", "synthetic", "--selection", "batchtopk", "--steps", 12, "--batch-size", 256,
+          "--eval-tokens", 511, "--latent-shards", shards]
+  monkeypatch.setattr(memory, "device_memory", lambda: small)
+  one = tmp_path / "one"
+  assert train_script.main([*SMALL, *map(str, args), "--out", str(one)]) == 0
+  path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+  monkeypatch.setenv("PYTHONPATH", path)
+  two = tmp_path / "two"
+  results = finish(launch([*args, "--out", two]))
+  no_traceback(results)
+  assert [code for code, _, _ in results] == [0, 0], results[1][2][-2000:]
+  same_run(one, two)
+  summary = json.loads((two / "summary.json").read_text())
+  assert summary["eval_rows"] == 511 - 511 % 256 % (4 // shards)  # whole rows per data shard
