@@ -5,11 +5,12 @@ Each token offers its 2k largest entries as candidates (a per-row top-k,
 cheap on every backend), and the eighth of the tokens whose 2k-th entry is
 largest offer 8k. The N-th largest offer t is the answer whenever no token
 could hold an entry above t that it did not offer — checked exactly, for
-every token. Then the tie counts also come from the offers, and no further
-pass over the B·F activations is needed. Only when a token is more concentrated than that
-does an exact bisection on the float bits run (and always, under
-`search="bisect"` or on small inputs). Across devices only the offers and a
-few scalars travel (O(B·k) values), never the B·F activations.
+every token. Then the tie counts also come from the offers, and no
+further pass over the B·F activations is needed. Only when a token is more
+concentrated than that does an exact bisection on the float bits run (and
+always, under `search="bisect"` or on small inputs). Across devices only
+the offers and a few scalars travel (O(B·k) values), never the B·F
+activations.
 """
 
 import typing

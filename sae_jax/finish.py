@@ -39,11 +39,14 @@ def finish(config: RunConfig, out: pathlib.PurePath, state: train.TrainState,
   began = time.perf_counter()
   say = lambda what: print(f"  {what} ({time.perf_counter() - began:.1f} s)", flush=True)
   seconds = {}
+  # Where the whole SAE's end cannot fit on one device, over the latent groups.
+  mesh = (mesh_lib.make_mesh(latent_shards=config.latent_shards) if memory.splits_end(config)
+          else None)
   with _timed(seconds, "calibration"):
-    calibration, rule, counts_F = _inference_rule(config, state, source)
+    calibration, rule, counts_F = _inference_rule(config, state, source, mesh)
   say(f"inference rule ({_described(rule)}) from {calibration.tokens} calibration tokens")
   with _timed(seconds, "evaluation"):
-    summary = _evaluate(config, state, source, rule, calibration, seconds)
+    summary = _evaluate(config, state, source, rule, calibration, seconds, mesh)
   for part in ("probing", "downstream"):  # timed inside the evaluation
     seconds["evaluation"] -= seconds.get(part, 0.0)
   say(f"evaluated on {summary['eval_rows']} held-out tokens")
@@ -128,11 +131,12 @@ def inference_gap(summary: dict) -> dict:
       f"offers")}
 
 
-def _inference_rule(config: RunConfig, state: train.TrainState, source: DataSource):
+def _inference_rule(config: RunConfig, state: train.TrainState, source: DataSource, mesh):
   """The calibration pass over training rows (shuffled, whole batches), the
   inference rule it chooses (`inference.py`), and each latent's firing count
   under that rule on the calibration tokens (sparsity.safetensors).
-  JumpReLU keeps its learned thresholds: its pass only counts."""
+  JumpReLU keeps its learned thresholds: its pass only counts. Over
+  `mesh`'s latent groups where it is not None."""
   c = config.train
   rows, _ = finite(source.calibration(config.calibration_tokens), "the calibration rows")
   rows = rows[np.random.default_rng(c.seed).permutation(len(rows))]
@@ -144,9 +148,8 @@ def _inference_rule(config: RunConfig, state: train.TrainState, source: DataSour
   scaled = transcoder.scaled(rows, c.sae, train.scales(state))
   sae = model.SAE(c.sae)
   calibrate = thresholds.calibrate
-  if memory.splits_end(config):  # over the latent groups, the SAE never whole on a device
-    calibrate = functools.partial(latent_calibration.calibrate,
-                                  mesh=mesh_lib.make_mesh(latent_shards=config.latent_shards),
+  if mesh is not None:  # over the latent groups, the SAE never whole on a device
+    calibrate = functools.partial(latent_calibration.calibrate, mesh=mesh,
                                   global_threshold=float(state.threshold))
   calibration = calibrate(state.params, scaled, sae, batch_size=c.batch_size,
                           per_latent=config.inference != "global", rule_errors=True)
@@ -183,17 +186,18 @@ def _described(rule: inference.Rule) -> str:
 
 
 def _evaluate(config: RunConfig, state: train.TrainState, source: DataSource,
-              rule: inference.Rule, calibration: thresholds.Calibration, seconds: dict) -> dict:
+              rule: inference.Rule, calibration: thresholds.Calibration, seconds: dict,
+              mesh) -> dict:
   """summary.json: the held-out tokens in inference mode (the saved SAE) and
-  in batch mode (the training rule on shuffled batches of the same tokens)."""
+  in batch mode (the training rule on shuffled batches of the same tokens);
+  over `mesh`'s latent groups where it is not None."""
   c = config.train
   raw = source.held_out()
   held_out, dropped = finite(raw, "the held-out rows")
   kept_N = np.isfinite(raw).all(axis=1)  # the rows of raw evaluated
   theta_F, scales = rule.threshold_F, train.scales(state)
   both, shards = evaluate.both_modes, 1
-  if memory.splits_end(config):  # over the latent groups, as the calibration
-    mesh = mesh_lib.make_mesh(latent_shards=config.latent_shards)
+  if mesh is not None:  # over the latent groups, as the calibration
     both = functools.partial(latent_evaluate.both_modes, mesh=mesh)
     shards = mesh_lib.data_shards(mesh)
     # The last batch's rows past a whole number per data shard are left out.

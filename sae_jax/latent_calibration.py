@@ -145,11 +145,25 @@ def _on(params, mesh: jax.sharding.Mesh):
   return mesh_lib.place(params, mesh)
 
 
+def laid_out(array, mesh: jax.sharding.Mesh, spec: P) -> jax.Array:
+  """A host array laid out on `mesh` by `spec` (every process holds it whole,
+  as every process runs the end of a run)."""
+  array = np.asarray(array)
+  sharding = jax.sharding.NamedSharding(mesh, spec)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
 def _rows(x_NxBxD, mesh: jax.sharding.Mesh) -> jax.Array:
-  """The batches [n, B, D] on `mesh`, each batch's rows split over "data" in
-  order (every process holds them all, as every process calibrates)."""
-  sharding = jax.sharding.NamedSharding(mesh, P(None, DATA))
-  return jax.make_array_from_callback(x_NxBxD.shape, sharding, lambda index: x_NxBxD[index])
+  """The batches [n, B, D] on `mesh`, each batch's rows split over "data" in order."""
+  return laid_out(x_NxBxD, mesh, P(None, DATA))
+
+
+def flat_specs(params, mesh: jax.sharding.Mesh) -> tuple:
+  """(treedef, leaves) of the parameters' specs on `mesh`: hashable, for the
+  compiled functions' caches."""
+  leaves, treedef = jax.tree.flatten(mesh_lib.specs(params, mesh),
+                                     is_leaf=lambda spec: isinstance(spec, P))
+  return treedef, tuple(leaves)
 
 
 def count(params, x_NxD, sae: model.SAE, *, batch_size: int, mesh: jax.sharding.Mesh,
@@ -169,12 +183,13 @@ def count(params, x_NxD, sae: model.SAE, *, batch_size: int, mesh: jax.sharding.
     mesh: `mesh.make_mesh(latent_shards=M)`, M > 1.
   """
   _check(sae, batch_size, mesh)
-  x_NxBxD = thresholds.batches(x_NxD, batch_size)
-  params = _on(params, mesh)
-  specs = mesh_lib.specs(params, mesh)
-  leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda s: isinstance(s, P))
-  x = _rows(x_NxBxD, mesh)
-  counts_F, sse, top = _mapped(mesh, sae, rule_errors, treedef, tuple(leaves))(params, x)
+  return _count(_on(params, mesh), _rows(thresholds.batches(x_NxD, batch_size), mesh), sae,
+                mesh, rule_errors)
+
+
+def _count(params, x, sae: model.SAE, mesh: jax.sharding.Mesh, rule_errors: bool) -> tuple:
+  """`count` of the parameters and batches laid out on `mesh`."""
+  counts_F, sse, top = _mapped(mesh, sae, rule_errors, *flat_specs(params, mesh))(params, x)
   if top is not None:
     top = tuple(mesh_lib.host(part) for part in top)
   return mesh_lib.host(counts_F).astype(np.int64), float(mesh_lib.host(sse)), top
@@ -202,22 +217,12 @@ def _capture_local(params, x_NxbxD, latents, sae: model.SAE, widths: tuple, keep
 
   def one(i):
     x_bxD = transcoder.sides(x_NxbxD[i], sae.config)[0]
-    a_FxB = latent_step._encoded(params, x_bxD, sae.config)[3].T
-    a_FxB = jnp.where(jnp.isnan(a_FxB), -jnp.inf, a_FxB)  # never above θ, as in a count
-    out = []
-    for index, width in zip(latents, widths):
-      values, rows = lax.top_k(a_FxB[index], width)
-      out.append((values, rows + i * batch_size + first_row))
-    return tuple(out)
+    a_bxF = latent_step._encoded(params, x_bxD, sae.config)[3]
+    return thresholds.kept_columns(a_bxF, i * batch_size + first_row, latents, widths)
 
   out = []
   for (values, tokens), width, keep in zip(lax.map(one, jnp.arange(n_batches)), widths, keeps):
-    n_latents = values.shape[1]
-    left_out = (jnp.max(values[:, :, -1], axis=0) if width < n_rows
-                else jnp.full(n_latents, -jnp.inf, values.dtype))
-    join = lambda v: jnp.moveaxis(v, 0, 1).reshape(n_latents, -1)
-    values, top = lax.top_k(join(values), min(keep, n_batches * width))
-    tokens = jnp.take_along_axis(join(tokens), top, axis=1)
+    values, tokens, left_out = thresholds.joined(values, tokens, keep, width == n_rows)
     gather = lambda v: lax.all_gather(v, DATA, axis=1, tiled=True, to="invarying")
     values, top = lax.top_k(gather(values), min(keep, values.shape[1] * lax.axis_size(DATA)))
     out.append((values, jnp.take_along_axis(gather(tokens), top, axis=1),
@@ -239,16 +244,19 @@ def per_latent_thresholds(params, x_NxD, sae: model.SAE, counts_F, *, batch_size
     float32 θ [F].
   """
   _check(sae, batch_size, mesh)
-  x_NxBxD = thresholds.batches(x_NxD, batch_size)
-  n_batches, _, _ = x_NxBxD.shape
+  return _thresholds(_on(params, mesh), _rows(thresholds.batches(x_NxD, batch_size), mesh), sae,
+                     counts_F, mesh)
+
+
+def _thresholds(params, x, sae: model.SAE, counts_F, mesh: jax.sharding.Mesh) -> np.ndarray:
+  """`per_latent_thresholds` of the parameters and batches laid out on `mesh`."""
+  n_batches, batch_size, _ = x.shape
   rows = batch_size // mesh.shape[DATA]
   counts_F = np.asarray(counts_F, np.int64)
   theta_F = np.where(counts_F > 0, 0.0, thresholds.NEVER).astype(np.float32)
   needed = np.flatnonzero((counts_F > 0) & (counts_F < n_batches * batch_size))
   if not len(needed):
     return theta_F
-  params = _on(params, mesh)
-  x = _rows(x_NxBxD, mesh)
   groups = n_batches * mesh.shape[DATA]
   widths = thresholds._capture_width(counts_F[needed] + 1, groups, rows)
   found, left = _captured(params, x, sae, counts_F, needed, widths, mesh)
@@ -281,21 +289,14 @@ def _captured(params, x, sae: model.SAE, counts_F, needed, width_L, mesh) -> tup
     keeps.append(int(min(width * groups, thresholds._power_of_two(counts_F[index].max() + 1))))
     latents.append(local.reshape(-1))
     where.append(global_.reshape(-1))
-  specs = mesh_lib.specs(params, mesh)
-  leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda spec: isinstance(spec, P))
-  run = _capture_mapped(mesh, sae, treedef, tuple(leaves), tuple(widths), tuple(keeps))
-  sharding = jax.sharding.NamedSharding(mesh, P(LATENT))
-  placed = [jax.make_array_from_callback(i.shape, sharding, lambda index, i=i: i[index])
-            for i in latents]
+  run = _capture_mapped(mesh, sae, *flat_specs(params, mesh), tuple(widths), tuple(keeps))
+  placed = [laid_out(i, mesh, P(LATENT)) for i in latents]
   found, left = [], []
   for index, (values, _, left_out) in zip(where, run(params, x, placed)):
     values, left_out = mesh_lib.host(values), mesh_lib.host(left_out)
     real = index >= 0
     index, values, left_out = index[real], values[real], left_out[real]
-    n_L, keep = counts_F[index], values.shape[1]
-    # Held for certain where the (n_j + 1)-th largest kept is at least every
-    # activation a group left out: then it is the (n_j + 1)-th largest of all.
-    sure = (n_L < keep) & (values[np.arange(len(index)), np.minimum(n_L, keep - 1)] >= left_out)
+    sure = thresholds.held_for_certain(values, left_out, counts_F[index])
     found.append((index[sure], values[sure]))
     left.append(index[~sure])
   return found, np.concatenate(left)
@@ -339,21 +340,17 @@ def calibrate(params, x_NxD, sae: model.SAE, *, batch_size: int, mesh: jax.shard
   can = sae.config.selection != "topk" or sae.config.transcoder
   per_latent = per_latent and can
   rule_errors = rule_errors and can and (per_latent or global_threshold is not None)
+  _check(sae, batch_size, mesh)
   params = _on(params, mesh)
-  counts_F, sse, top = count(params, x_NxD, sae, batch_size=batch_size, mesh=mesh,
-                             rule_errors=rule_errors)
-  tokens = len(x_NxD) // batch_size * batch_size
-  theta_F = (per_latent_thresholds(params, x_NxD, sae, counts_F, batch_size=batch_size,
-                                   mesh=mesh)
-             if per_latent else np.zeros(sae.config.n_latents, np.float32))
+  x = _rows(thresholds.batches(x_NxD, batch_size), mesh)  # laid out once for every pass
+  counts_F, sse, top = _count(params, x, sae, mesh, rule_errors)
+  tokens = x.shape[0] * batch_size
+  theta_F = (_thresholds(params, x, sae, counts_F, mesh) if per_latent
+             else np.zeros(sae.config.n_latents, np.float32))
   if not rule_errors:
     return thresholds.Calibration(theta_F, counts_F, tokens, sse)
   judged_F = theta_F if per_latent else np.full(theta_F.shape, global_threshold, np.float32)
-  specs = mesh_lib.specs(params, mesh)
-  leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda spec: isinstance(spec, P))
-  judged = jax.make_array_from_callback(judged_F.shape, jax.sharding.NamedSharding(mesh, P(LATENT)),
-                                        lambda index: judged_F[index])
-  thresholded = _thresholded_mapped(mesh, sae, treedef, tuple(leaves))(
-      params, _rows(thresholds.batches(x_NxD, batch_size), mesh), judged)
+  thresholded = _thresholded_mapped(mesh, sae, *flat_specs(params, mesh))(
+      params, x, laid_out(judged_F, mesh, P(LATENT)))
   return thresholds.Calibration(theta_F, counts_F, tokens, sse,
                                 (float(mesh_lib.host(thresholded)), *top))

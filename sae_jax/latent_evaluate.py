@@ -101,27 +101,19 @@ def both_modes(params, threshold, input_scale, x_BxD, sae: model.SAE,
   if batch_size % shards or last % shards:
     raise ValueError(f"every batch must split over the mesh's {shards} data shards; got "
                      f"batches of {batch_size}" + (f" and a last one of {last}" if last else ""))
-  placed, specs = _placed(params, theta_F, mesh)
-  leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda spec: isinstance(spec, P))
-  run = _mapped(mesh, sae, inference_sae, treedef, tuple(leaves), sae.config.keeps_pool)
+  params = latent_calibration._on(params, mesh)
+  theta = latent_calibration.laid_out(theta_F, mesh, P(LATENT))
+  specs = latent_calibration.flat_specs(params, mesh)
+  run = _mapped(mesh, sae, inference_sae, *specs, sae.config.keeps_pool)
   parts, pools, pool_P = [], [], None
   for i, start in enumerate(range(0, len(x_BxD), batch_size)):
-    x = np.asarray(x_BxD[start:start + batch_size], np.float32)
-    rows = jax.make_array_from_callback(x.shape, jax.sharding.NamedSharding(mesh, P(DATA)),
-                                        lambda index: x[index])
+    rows = latent_calibration.laid_out(
+        np.asarray(x_BxD[start:start + batch_size], np.float32), mesh, P(DATA))
     key_i = jax.random.fold_in(key, i)
     if sae.config.keeps_pool and i % sae.config.pool_every == 0:
-      pool_P = _pool_mapped(mesh, sae, treedef, tuple(leaves))(placed[0], scales, rows, key_i)
-    *out, top = run(*placed, scales, rows, key_i, pool_P)
+      pool_P = _pool_mapped(mesh, sae, *specs)(params, scales, rows, key_i)
+    *out, top = run(params, theta, scales, rows, key_i, pool_P)
     parts.append([mesh_lib.host(array) for array in out])
     if top is not None:
       pools.append(mesh_lib.host(top))
   return evaluate.Modes(*(np.concatenate(arrays) for arrays in zip(*parts)), pools)
-
-
-def _placed(params, theta_F, mesh: jax.sharding.Mesh) -> tuple:
-  """(parameters, θ) laid out on `mesh`, and the parameters' specs."""
-  params = latent_calibration._on(params, mesh)
-  theta = jax.make_array_from_callback(theta_F.shape, jax.sharding.NamedSharding(mesh, P(LATENT)),
-                                       lambda index: theta_F[index])
-  return (params, theta), mesh_lib.specs(params, mesh)

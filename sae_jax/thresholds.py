@@ -201,31 +201,53 @@ def _log_choose(n, k):
 @functools.partial(jax.jit, static_argnames=("sae", "widths", "keeps"))
 def _captured(params, x_NxBxD, latents, sae: model.SAE, widths: tuple, keeps: tuple):
   """Pass 2: for each tier t, the widths[t] largest activations of each of
-  its latents (latents[t], int32) in every batch; of all those, the keeps[t]
-  largest, in descending order, with their tokens (index in x's rows); and
-  per latent the largest activation a batch may have left out (the least it
-  kept of one batch: -inf where a batch kept its whole column)."""
+  its latents (latents[t], int32) in every batch (`kept_columns`); of all
+  those, the keeps[t] largest with their tokens, and per latent the largest
+  activation a batch may have left out (`joined`)."""
   n_batches, batch_size, _ = x_NxBxD.shape
   acts = _activations(params, x_NxBxD, sae)
+  kept = lax.map(lambda i: kept_columns(acts(i), i * batch_size, latents, widths),
+                 jnp.arange(n_batches))
+  return tuple(joined(values, tokens, keep, width == batch_size)
+               for (values, tokens), width, keep in zip(kept, widths, keeps))
 
-  def one(i):
-    a_FxB = acts(i).T
-    a_FxB = jnp.where(jnp.isnan(a_FxB), -jnp.inf, a_FxB)  # never above θ, as in a count
-    out = []
-    for index, width in zip(latents, widths):
-      values, rows = lax.top_k(a_FxB[index], width)
-      out.append((values, rows + i * batch_size))
-    return tuple(out)
 
-  kept = lax.map(one, jnp.arange(n_batches))
+def kept_columns(a_BxF, first_token, latents, widths: tuple) -> tuple:
+  """One group of tokens' capture (pass 2): for each tier t, the widths[t]
+  largest activations of each of its latents (latents[t], columns of a),
+  in descending order, and their tokens (the group's first is
+  `first_token`). NaN activations count as -inf: never above θ, as in a
+  count."""
+  a_FxB = a_BxF.T
+  a_FxB = jnp.where(jnp.isnan(a_FxB), -jnp.inf, a_FxB)
   out = []
-  for (values, tokens), width, keep in zip(kept, widths, keeps):
-    left_out = (jnp.max(values[:, :, -1], axis=0) if width < batch_size
-                else jnp.full(values.shape[1], -jnp.inf, values.dtype))
-    join = lambda v: jnp.moveaxis(v, 0, 1).reshape(v.shape[1], -1)
-    values, top = lax.top_k(join(values), keep)
-    out.append((values, jnp.take_along_axis(join(tokens), top, axis=1), left_out))
+  for index, width in zip(latents, widths):
+    values, rows = lax.top_k(a_FxB[index], width)
+    out.append((values, rows + first_token))
   return tuple(out)
+
+
+def joined(values_NxLxW, tokens_NxLxW, keep: int, whole: bool) -> tuple:
+  """One tier's `kept_columns` over its n groups, joined: of each latent's
+  kept activations, the `keep` largest (at most all n · W), in descending
+  order, with their tokens; and per latent the largest activation a group
+  may have left out (the least it kept of one group; -inf where each kept
+  its `whole` column)."""
+  n_groups, n_latents, width = values_NxLxW.shape
+  left_out_L = (jnp.full(n_latents, -jnp.inf, values_NxLxW.dtype) if whole
+                else jnp.max(values_NxLxW[:, :, -1], axis=0))
+  join = lambda v: jnp.moveaxis(v, 0, 1).reshape(n_latents, n_groups * width)
+  values, top = lax.top_k(join(values_NxLxW), min(keep, n_groups * width))
+  return values, jnp.take_along_axis(join(tokens_NxLxW), top, axis=1), left_out_L
+
+
+def held_for_certain(values_LxK, left_out_L, counts_L) -> np.ndarray:
+  """Where the kept activations give θ_j for certain: the (n_j + 1)-th
+  largest kept is at least every activation left out, so it is the
+  (n_j + 1)-th largest of all."""
+  keep = values_LxK.shape[1]
+  nth = values_LxK[np.arange(len(counts_L)), np.minimum(counts_L, keep - 1)]
+  return (counts_L < keep) & (nth >= left_out_L)
 
 
 def _tiers(needed, width_F: np.ndarray) -> tuple:
@@ -328,9 +350,7 @@ def _from_batches(params, x_NxBxD, sae: model.SAE, counts_F, needed) -> tuple:
   captured = _captured(params, x_NxBxD, [jnp.asarray(i) for i in latents], sae, widths, keeps)
   for index, (values, tokens, left_out) in zip(latents, captured):
     index, values, tokens, left_out = _unpadded(index, values, tokens, left_out)
-    # Held for certain where the (n_j + 1)-th largest kept is at least every
-    # activation left out: then it is the (n_j + 1)-th largest of all.
-    sure = values[np.arange(len(index)), counts_F[index]] >= left_out
+    sure = held_for_certain(values, left_out, counts_F[index])
     found.append((index[sure], values[sure], tokens[sure]))
     left.append(index[~sure])
   return found, np.concatenate(left)
