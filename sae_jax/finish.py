@@ -39,9 +39,10 @@ def finish(config: RunConfig, out: pathlib.PurePath, state: train.TrainState,
   began = time.perf_counter()
   say = lambda what: print(f"  {what} ({time.perf_counter() - began:.1f} s)", flush=True)
   seconds = {}
-  # Where the whole SAE's end cannot fit on one device, over the latent groups.
-  mesh = (mesh_lib.make_mesh(latent_shards=config.latent_shards) if memory.splits_end(config)
-          else None)
+  # Where the whole SAE's end cannot fit on one device (of any process), over
+  # the latent groups.
+  mesh = (mesh_lib.make_mesh(latent_shards=config.latent_shards)
+          if memory.splits_end_agreed(config) else None)
   with _timed(seconds, "calibration"):
     calibration, rule, counts_F = _inference_rule(config, state, source, mesh)
   say(f"inference rule ({_described(rule)}) from {calibration.tokens} calibration tokens")

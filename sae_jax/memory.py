@@ -7,6 +7,8 @@ import os
 import typing
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from sae_jax import mesh
 from sae_jax.config import TrainConfig
@@ -117,6 +119,16 @@ def splits_end(config: RunConfig) -> bool:
     return False
   whole = dataclasses.replace(config, latent_shards=1)
   return sum(end_of_run(whole).values()) > device_memory()
+
+
+def splits_end_agreed(config: RunConfig) -> bool:
+  """`splits_end`, agreed by every process (all must call this together):
+  split where any one's devices cannot hold the whole end, so that no
+  process runs it whole while the others wait for it over the mesh."""
+  split = splits_end(config)
+  if jax.process_count() == 1:
+    return split
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(split))))
 
 
 def check_end_of_run(configs: typing.Sequence[RunConfig]) -> None:

@@ -240,18 +240,20 @@ def test_a_process_whose_peers_never_join_says_so_then_gives_up(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("shards", [2, 4])
 def test_a_split_end_on_two_processes_equals_one(tmp_path, monkeypatch, shards):
-  """An end of run split over the latent groups (each device made too small
-  for the whole end: `memory.splits_end`) on 2 processes x 2 devices, the
+  """An end of run split over the latent groups (devices made too small for
+  the whole end: `memory.splits_end`) on 2 processes x 2 devices, the
   groups within each process (M = 2) or across both (M = 4), ends as one
-  process with 4 devices: the same bits. The launched processes get the
-  small device from a sitecustomize on their PYTHONPATH."""
+  process with 4 devices: the same bits. Only the second process's
+  devices are small, from a sitecustomize on the launched processes'
+  PYTHONPATH: the first splits its end too (`memory.splits_end_agreed`)."""
   from sae_jax import memory  # noqa: PLC0415
 
   small = 60 * 2**10  # training needs about 49 KiB a device at M = 2; the whole end 72 KiB
   site = tmp_path / "site"
   site.mkdir()
   (site / "sitecustomize.py").write_text(
-      f"import sae_jax.memory\nsae_jax.memory.device_memory = lambda: {small}\n")
+      "import jax\nimport sae_jax.memory\nwhole = sae_jax.memory.device_memory\n"
+      f"sae_jax.memory.device_memory = lambda: {small} if jax.process_index() == 1 else whole()\n")
   args = ["--data", "synthetic", "--selection", "batchtopk", "--steps", 12, "--batch-size", 256,
           "--eval-tokens", 511, "--latent-shards", shards]
   monkeypatch.setattr(memory, "device_memory", lambda: small)
