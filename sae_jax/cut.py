@@ -90,14 +90,56 @@ def selected(a_BxF, cut: Cut, first_row, col_F=None):
   return selected_at(a_BxF, row_Bx1, col_1xF, cut)
 
 
+# A long row's top k is taken among the columns of its k groups of GROUP
+# columns with the largest maxima, where F ≥ GROUP · LONG · k.
+GROUP = 16
+LONG = 16
+
+
 def top_k(x, k: int):
-  """lax.top_k behind an optimization barrier.
+  """lax.top_k over x's last axis, the same values and indices (larger first,
+  equal ones lower index first), behind an optimization barrier.
 
   XLA:CPU rewrites a top_k whose result feeds several ops into a full sort
   of every row, many times slower (docs/speed.md); the barrier keeps it a
   top_k. It costs nothing on any backend.
+
+  A long float32 row (F ≥ GROUP · LONG · k, a multiple of GROUP) first
+  takes its k groups of GROUP consecutive entries with the largest maxima
+  (equal maxima, lower group first), then its top k among their k · GROUP
+  entries, in column order. Every entry of the row's top k is there: one in a group
+  left out has, in each of the k groups taken, a maximum that comes before
+  it (larger, or equal and at a lower column). On the CPU it takes 2.3x less
+  time at B = 4096, F = 65536, k = 64 (docs/speed.md).
+
+  >>> x = jnp.tile(jnp.array([0., 2., 1., 2.] * 64), (2, 1)).at[1, 100].set(3.)
+  >>> [a.tolist() for a in top_k(x, 3)]
+  [[[2.0, 2.0, 2.0], [3.0, 2.0, 2.0]], [[1, 3, 5], [100, 1, 3]]]
   """
-  values, indices = lax.top_k(x, k)
+  n = x.shape[-1]
+  if x.dtype != jnp.float32 or k < 1 or n % GROUP or n < GROUP * LONG * k:
+    return _barrier(*lax.top_k(x, k))
+  *rows, _ = x.shape
+  # The groups' maxima in lax.top_k's order of floats (NaN first, 0 before
+  # -0), taken on integers (XLA:CPU's max does not always keep a NaN) and
+  # ranked as floats (its top_k of integers is a sort, 5x slower).
+  maxima = jnp.max(_total_order(x).reshape(*rows, n // GROUP, GROUP), axis=-1)
+  maxima = lax.bitcast_convert_type(_total_order(maxima), jnp.float32)
+  groups = jnp.sort(_barrier(*lax.top_k(maxima, k))[1], axis=-1)
+  within = jnp.arange(GROUP, dtype=groups.dtype).reshape((1,) * groups.ndim + (GROUP,))
+  columns = (groups[..., None] * GROUP + within).reshape(*rows, k * GROUP)
+  values, at = _barrier(*lax.top_k(jnp.take_along_axis(x, columns, axis=-1), k))
+  return values, jnp.take_along_axis(columns, at, axis=-1)
+
+
+def _total_order(x):
+  """float32 x as int32 in the total order of floats: -NaN < -inf < ... < -0
+  < 0 < ... < inf < NaN; and such int32 back to their floats' bits."""
+  bits = lax.bitcast_convert_type(x, jnp.int32) if x.dtype == jnp.float32 else x
+  return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _barrier(values, indices):
   # One barrier per array: a barrier over the (values, indices) tuple crashes
   # XLA:CPU's TopkDecomposer under pmap.
   return lax.optimization_barrier(values), lax.optimization_barrier(indices)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from sae_jax import cut
 from sae_jax import model
 from sae_jax import transcoder
 from sae_jax.config import SAEConfig
@@ -61,7 +62,7 @@ def top_k_errors(params, a_BxF, y_BxD, k: int) -> tuple:
   larger first, equal ones lower latent first)."""
   W_dec_FxD = params["W_dec"].astype(jnp.float32)
   a_BxF = a_BxF.astype(jnp.float32)
-  values_BxK, latents_BxK = lax.top_k(a_BxF, k)
+  values_BxK, latents_BxK = cut.top_k(a_BxF, k)
 
   def peel(error_BxD, i):  # the error once each token's i+1 largest codes are decoded
     error_BxD = error_BxD - values_BxK[:, i, None] * W_dec_FxD[latents_BxK[:, i]]

@@ -73,6 +73,50 @@ def test_take_columns_is_indexing():
   assert np.isnan(take(x, padded)[:, 1]).all()
 
 
+def _top_k_reference(x, k):
+  """Each row's k first entries in the floats' total order (NaN first, 0
+  before -0), equal ones lower column first: NumPy, one row at a time."""
+  bits = x.view(np.int32).astype(np.int64)
+  key = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+  rows = [np.lexsort((np.arange(x.shape[-1]), -row))[:k] for row in key.reshape(-1, x.shape[-1])]
+  at = np.array(rows, np.int32).reshape(*x.shape[:-1], k)
+  return np.take_along_axis(x, at, axis=-1), at
+
+
+# (shape, k): long rows (F ≥ 256 k, a multiple of 16) take two stages; the
+# last two do not.
+TOP_K_CASES = [((6, 256), 1), ((5, 768), 3), ((2, 3, 512), 2), ((4, 1024), 4),
+               ((4, 512), 4), ((3, 520), 2)]
+
+
+@pytest.mark.parametrize("shape,k", TOP_K_CASES)
+def test_top_k_is_lax_top_k(shape, k):
+  """`cut.top_k` gives lax.top_k's values and indices, bit for bit, against
+  a NumPy reference: on ReLU-like rows, on rows of few levels (ties within
+  and across groups), with ±inf, NaN and -NaN, -0 beside 0, all-zero and
+  all-negative-zero rows, and on a tie across groups of unequal maxima;
+  long rows by way of the groups' maxima."""
+  rng = np.random.default_rng(zlib.crc32(repr(shape).encode()))
+  top = jax.jit(cut_lib.top_k, static_argnums=1)
+  stages = str(jax.make_jaxpr(cut_lib.top_k, static_argnums=1)(np.zeros(shape, np.float32), k))
+  assert stages.count("top_k[") == (2 if shape[-1] >= 256 * k and shape[-1] % 16 == 0 else 1)
+  odd = activations(shape, seed=1, zeros=0.5)
+  specials = np.array([np.inf, -np.inf, np.nan, -np.nan, -0.0, 0.0], np.float32)
+  odd[rng.random(shape) < 0.02] = rng.choice(specials, size=1)
+  odd.reshape(-1, shape[-1])[0] = 0.0
+  odd.reshape(-1, shape[-1])[1] = -0.0
+  # A tie at the k-th entry between a group of larger maximum and one of a
+  # lower column: the latter comes first.
+  tie = np.zeros(shape, np.float32)
+  tie[..., [200, 201, 40]] = [5.0, 2.0, 2.0]
+  for x in (activations(shape, seed=0, zeros=0.3), activations(shape, seed=2, levels=3), odd,
+            tie):
+    got, want, reference = top(x, k), jax.lax.top_k(x, k), _top_k_reference(x, k)
+    for a, b, c in zip(got, want, reference):
+      np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
+      np.testing.assert_array_equal(np.asarray(a).view(np.int32), c.view(np.int32))
+
+
 @pytest.mark.parametrize("rows_per_block", [None, 3])
 def test_topk_by_bits_is_topk(rows_per_block, monkeypatch):
   """AuxK's TopK by bisection on the bits against the NumPy reference, with
