@@ -94,6 +94,8 @@ def selected(a_BxF, cut: Cut, first_row, col_F=None):
 # columns with the largest maxima, where F ≥ GROUP · LONG · k.
 GROUP = 16
 LONG = 16
+# Where it was measured faster (`benchmarks/accelerator.py` can tell on others).
+TWO_STAGE_BACKENDS = ("cpu",)
 
 
 def top_k(x, k: int):
@@ -110,14 +112,16 @@ def top_k(x, k: int):
   entries, in column order. Every entry of the row's top k is there: one in a group
   left out has, in each of the k groups taken, a maximum that comes before
   it (larger, or equal and at a lower column). On the CPU it takes 2.3x less
-  time at B = 4096, F = 65536, k = 64 (docs/speed.md).
+  time at B = 4096, F = 65536, k = 64 (docs/speed.md); other backends,
+  where it is not measured yet, keep one stage (TWO_STAGE_BACKENDS).
 
-  >>> x = jnp.tile(jnp.array([0., 2., 1., 2.] * 64), (2, 1)).at[1, 100].set(3.)
+  >>> x = jnp.tile(jnp.array([0., 2., 1., 2.] * 256), (2, 1)).at[1, 100].set(3.)
   >>> [a.tolist() for a in top_k(x, 3)]
   [[[2.0, 2.0, 2.0], [3.0, 2.0, 2.0]], [[1, 3, 5], [100, 1, 3]]]
   """
   n = x.shape[-1]
-  if x.dtype != jnp.float32 or k < 1 or n % GROUP or n < GROUP * LONG * k:
+  if (jax.default_backend() not in TWO_STAGE_BACKENDS or x.dtype != jnp.float32 or k < 1
+      or n % GROUP or n < GROUP * LONG * k):
     return _barrier(*lax.top_k(x, k))
   *rows, _ = x.shape
   # The groups' maxima in lax.top_k's order of floats (NaN first, 0 before

@@ -86,7 +86,7 @@ def _top_k_reference(x, k):
 # (shape, k): long rows (F ≥ 256 k, a multiple of 16) take two stages; the
 # last two do not.
 TOP_K_CASES = [((6, 256), 1), ((5, 768), 3), ((2, 3, 512), 2), ((4, 1024), 4),
-               ((4, 512), 4), ((3, 520), 2)]
+               ((4, 512), 4), ((4, 520), 2)]
 
 
 @pytest.mark.parametrize("shape,k", TOP_K_CASES)
@@ -94,17 +94,24 @@ def test_top_k_is_lax_top_k(shape, k):
   """`cut.top_k` gives lax.top_k's values and indices, bit for bit, against
   a NumPy reference: on ReLU-like rows, on rows of few levels (ties within
   and across groups), with ±inf, NaN and -NaN, -0 beside 0, all-zero and
-  all-negative-zero rows, and on a tie across groups of unequal maxima;
-  long rows by way of the groups' maxima."""
+  all-negative-zero rows, a row whose top k is all negative and one whose
+  top k reaches -0, and on a tie across groups of unequal maxima; long
+  rows by way of the groups' maxima. The values' gradient is lax.top_k's."""
   rng = np.random.default_rng(zlib.crc32(repr(shape).encode()))
   top = jax.jit(cut_lib.top_k, static_argnums=1)
   stages = str(jax.make_jaxpr(cut_lib.top_k, static_argnums=1)(np.zeros(shape, np.float32), k))
   assert stages.count("top_k[") == (2 if shape[-1] >= 256 * k and shape[-1] % 16 == 0 else 1)
   odd = activations(shape, seed=1, zeros=0.5)
   specials = np.array([np.inf, -np.inf, np.nan, -np.nan, -0.0, 0.0], np.float32)
-  odd[rng.random(shape) < 0.02] = rng.choice(specials, size=1)
-  odd.reshape(-1, shape[-1])[0] = 0.0
-  odd.reshape(-1, shape[-1])[1] = -0.0
+  special = rng.random(shape) < 0.02
+  odd[special] = rng.choice(specials, size=special.sum())
+  rows = odd.reshape(-1, shape[-1])
+  rows[0] = 0.0
+  rows[1] = -0.0
+  rows[2] = -np.abs(rows[2]) - 1.0  # the top k all negative
+  # -0 everywhere, 0 in fewer than k columns: one late, one in an early group.
+  rows[3] = -0.0
+  rows[3, [shape[-1] - 1, 5]] = 0.0
   # A tie at the k-th entry between a group of larger maximum and one of a
   # lower column: the latter comes first.
   tie = np.zeros(shape, np.float32)
@@ -115,6 +122,12 @@ def test_top_k_is_lax_top_k(shape, k):
     for a, b, c in zip(got, want, reference):
       np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
       np.testing.assert_array_equal(np.asarray(a).view(np.int32), c.view(np.int32))
+  # The gradient of the values flows to the same entries.
+  x = activations(shape, seed=3, zeros=0.3)
+  weights = np.arange(1, k + 1, dtype=np.float32).reshape((1,) * (len(shape) - 1) + (k,))
+  grads = [jax.grad(lambda x, f=f: jnp.sum(f(x, k)[0] * weights))(x)
+           for f in (cut_lib.top_k, jax.lax.top_k)]
+  np.testing.assert_array_equal(*grads)
 
 
 @pytest.mark.parametrize("rows_per_block", [None, 3])
