@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import cut as cut_lib
 from sae_jax import model
 from sae_jax import selection
 
@@ -100,14 +99,13 @@ def _both(params, threshold, scales, x_BxD, key, sae: model.SAE, inference_sae: 
   selected columns where it has few (a topk rule's k, a Sampled-SAE's pool)."""
   variables = {"params": params}
   a_BxF = jax.nn.relu(sae.apply(variables, x_BxD * scales[0], method=model.SAE.pre))
-  z_BxF = inference_sae.apply(variables, a_BxF, threshold, method=model.SAE.select_inference)
-  if inference_sae.config.selection == "topk":
-    # Every code topk keeps is among the k columns cut.top_k gives it.
-    _, index_BxK = cut_lib.top_k(a_BxF.astype(jnp.float32), inference_sae.config.k)
+  if inference_sae.config.selection == "topk":  # `select_inference`'s codes, with their columns
+    z_BxF, index_BxK = selection.topk_columns(a_BxF, inference_sae.config.k)
     values_BxK = jnp.take_along_axis(z_BxF, index_BxK, axis=1)
     xhat_BxD = (jnp.einsum("bk,bkd->bd", values_BxK, params["W_dec"][index_BxK])
                 + params["b_dec"][None, :])
   else:
+    z_BxF = inference_sae.apply(variables, a_BxF, threshold, method=model.SAE.select_inference)
     xhat_BxD = sae.apply(variables, z_BxF, method=model.SAE.decode)
   config, top = sae.config, None
   if config.selection == "sampled":  # the selection in the pool's P columns, as training

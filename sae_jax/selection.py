@@ -65,6 +65,12 @@ def topk(a: jax.Array, k: int) -> jax.Array:
   Array([[0., 3., 2.],
          [0., 0., 5.]], dtype=float32)
   """
+  return topk_columns(a, k)[0]
+
+
+def topk_columns(a: jax.Array, k: int) -> tuple:
+  """`topk`'s codes, and each token's k columns that hold them ([..., k],
+  int32, the order of `cut.top_k`): every code it keeps is in one."""
   a_BxF = _tokens_by_latents(a)
   k = validation.check_k(k, a.shape[-1])
   x_BxF = _f32(a_BxF)
@@ -75,7 +81,8 @@ def topk(a: jax.Array, k: int) -> jax.Array:
   # kept are exactly those up to the column of the k-th.
   keep_BxF = (x_BxF > kth_Bx1) | ((x_BxF == kth_Bx1) & (col_1xF <= kth_col_Bx1))
   keep_BxF &= x_BxF > 0
-  return jnp.where(keep_BxF, a_BxF, 0).reshape(a.shape)
+  return (jnp.where(keep_BxF, a_BxF, 0).reshape(a.shape),
+          index_BxK.reshape(*a.shape[:-1], k))
 
 
 # Bytes of float32 rows one block of `topk_by_bits` takes on CPU: its
